@@ -1,0 +1,147 @@
+"""Small shared helpers: errors for user mistakes, device/dtype choice, atomic writes, safe loads.
+
+Every stage script imports from here instead of re-implementing these ten-line pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("xmodal_sd")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, wrong file, bad flag). Printed as one line, no traceback."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the root logger once: `LEVEL message` lines on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_cli(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
+    """Run `main(parse_args())`; a `UserError` becomes one `error: ...` line and exit code 2."""
+    setup_logging()
+    try:
+        result = main(parse_args())
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(result, int) and result != 0:
+        sys.exit(result)
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """Pick the compute device once and log why. `auto` prefers CUDA, then CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+            log.info("device: cuda (%s), because a CUDA GPU is visible", torch.cuda.get_device_name(0))
+        else:
+            device = torch.device("cpu")
+            log.info("device: cpu, because no CUDA GPU is visible")
+        return device
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} was requested but no CUDA GPU is visible; use --device cpu")
+    log.info("device: %s, as requested", requested)
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """Map `auto|fp32|fp16|bf16` to a dtype; `auto` is bf16 on CUDA (fp16 if bf16 is missing), fp32 on CPU."""
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if requested in table:
+        return table[requested]
+    if requested != "auto":
+        raise UserError(f"unknown dtype {requested!r}; choose one of auto, fp32, fp16, bf16")
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        log.info("dtype: %s, the fastest exact-enough type on this GPU", dtype)
+        return dtype
+    log.info("dtype: float32, because half precision is slow and inexact on CPU")
+    return torch.float32
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary file in the same folder, then rename: readers never see half a file."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON (indented, sorted keys kept as given) atomically."""
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write raw bytes atomically."""
+    _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def safe_torch_load(path: str | os.PathLike, what: str, fix: str, map_location: Any = "cpu") -> Any:
+    """`torch.load(weights_only=True)` that turns a missing or corrupt file into one `UserError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path} ({fix})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read {what} {path}: {first[:200]} ({fix})") from err
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """Read a JSON file, turning a missing or malformed file into one `UserError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path} ({fix})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {path} is not valid JSON: {err} ({fix})") from err
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A padded markdown table (numbers right-aligned by the caller's formatting)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])

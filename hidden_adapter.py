@@ -1,0 +1,736 @@
+"""The adapter zoo: small networks that map drafter (EventGPT) hidden states into the target's
+(Video-LLaVA) hidden space, plus the losses and the checkpoint format every stage shares.
+
+Levels (see docs/ADAPTER_ARCHITECTURES.md for the full table):
+
+    L1  bottleneck                 drafter -> target, same position      ~2.1M at width 4096
+    L2  3 stacked bottlenecks      drafter -> target, same position      ~6.3M
+    L3  2 wide (1024) bottlenecks  drafter -> target, same position      ~16.8M
+    L4  bidirectional attention    drafter -> target, same position      ~101M
+    L5  EAGLE-style causal         drafter -> target, next position      ~103M
+    B1  L5 trained target->target  target  -> target, next position      ~103M
+    L5F gated fusion, causal       drafter + target -> target, next      ~170M
+
+Usage:
+    python hidden_adapter.py --summary                       # parameter table at width 4096
+    python hidden_adapter.py --summary --hidden_dim 64       # the toy world's width
+
+    >>> from hidden_adapter import create_adapter
+    >>> adapter = create_adapter("L1", hidden_dim=64)
+    >>> aligned = adapter(h_egpt, mask)                       # [B, T, 64] -> [B, T, 64]
+
+Every adapter takes `forward(x, mask=None, *, h_target=None, token_ids=None)`: `x` is the state it
+consumes first (drafter states; target states for B1), `h_target` the verified target states (L5F
+only), `mask` [B, T] bool marks valid positions. `adapter.consumes` / `adapter.predicts` say which
+states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next").
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common import UserError, atomic_torch_save, safe_torch_load
+
+CHECKPOINT_FORMAT = "xmodal_sd.adapter"
+CHECKPOINT_VERSION = 1
+
+# Canonical names; level numbers follow the reference (`--adapter_level 1..6`, 6 = L5F, B1 = 5 + vlm_only).
+ADAPTER_NAMES = ("L1", "L2", "L3", "L4", "L5", "B1", "L5F")
+LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F"}
+
+
+def canonical_name(level: int | str, vlm_only: bool = False) -> str:
+    """Normalise `1..6`, `"3"`, `"l5f"`, `"B1"` ... to one of ADAPTER_NAMES; raise ValueError otherwise."""
+    name: str | None = None
+    if isinstance(level, bool):
+        name = None
+    elif isinstance(level, int):
+        name = LEVEL_TO_NAME.get(level)
+    elif isinstance(level, str):
+        text = level.strip().upper()
+        if text.isdigit():
+            name = LEVEL_TO_NAME.get(int(text))
+        elif text in ADAPTER_NAMES:
+            name = text
+    if name is None:
+        valid = ", ".join(ADAPTER_NAMES)
+        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-6 (6 = L5F)")
+    if vlm_only:
+        if name not in ("L5", "B1"):
+            raise ValueError(f"vlm_only (target->target training) applies to the EAGLE level L5 only, not {name}")
+        name = "B1"
+    return name
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild an adapter; stored in every checkpoint (plain types only)."""
+
+    name: str
+    drafter_dim: int = 4096
+    target_dim: int = 4096
+    bottleneck_dim: int = 256
+    num_blocks: int = 1
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    num_layers: int = 1
+    max_seq_len: int = 512
+    dropout: float = 0.1
+    alpha_init: float = 0.1
+    use_token_embed: bool = False
+    vocab_size: int = 32000
+    prediction_weight: float = 0.5
+
+    @property
+    def consumes(self) -> str:
+        return {"B1": "target", "L5F": "both"}.get(self.name, "drafter")
+
+    @property
+    def predicts(self) -> str:
+        return "next" if self.name in ("L5", "B1", "L5F") else "same"
+
+    @property
+    def in_dim(self) -> int:
+        """Width of the primary input `x`."""
+        return self.target_dim if self.consumes == "target" else self.drafter_dim
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "L1": {"bottleneck_dim": 256, "num_blocks": 1},
+    "L2": {"bottleneck_dim": 256, "num_blocks": 3},
+    "L3": {"bottleneck_dim": 1024, "num_blocks": 2},
+    "L4": {"ffn_dim": 2048, "num_heads": 8},
+    "L5": {"ffn_dim": 2048, "num_heads": 8},
+    "B1": {"ffn_dim": 2048, "num_heads": 8},
+    "L5F": {"ffn_dim": 2048, "num_heads": 8},
+}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _input_projection(in_dim: int, out_dim: int) -> nn.Module:
+    """Identity when widths match (so counts at 4096 equal the spec); a bias-free Linear otherwise."""
+    if in_dim == out_dim:
+        return nn.Identity()
+    proj = nn.Linear(in_dim, out_dim, bias=False)
+    nn.init.xavier_uniform_(proj.weight)
+    return proj
+
+
+class BottleneckBlock(nn.Module):
+    """LoRA-style residual block: x + alpha * up(dropout(gelu(down(LN(x))))). [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, dim: int, bottleneck: int, dropout: float, alpha_init: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down_proj = nn.Linear(dim, bottleneck, bias=False)
+        self.up_proj = nn.Linear(bottleneck, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        nn.init.kaiming_uniform_(self.down_proj.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.up_proj.weight)  # the block starts as the identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.alpha * self.up_proj(self.dropout(F.gelu(self.down_proj(self.norm(x)))))
+
+
+class WideBlock(nn.Module):
+    """L3 block: x + alpha * dropout(up(dropout(gelu(LN_mid(down(x)))))), bottleneck 1024."""
+
+    def __init__(self, dim: int, bottleneck: int, dropout: float, alpha_init: float):
+        super().__init__()
+        self.down_proj = nn.Linear(dim, bottleneck, bias=False)
+        self.mid_norm = nn.LayerNorm(bottleneck)
+        self.up_proj = nn.Linear(bottleneck, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        nn.init.kaiming_uniform_(self.down_proj.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.up_proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dropout(F.gelu(self.mid_norm(self.down_proj(x))))
+        return x + self.alpha * self.dropout(self.up_proj(h))
+
+
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter layout (fused in_proj with
+    bias, out_proj with bias) but on scaled_dot_product_attention, so it can also run one decode
+    step against cached keys/values."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, T, D]; attn_mask bool [B, 1, T, S] (True = may attend) or None; returns out, (k, v)."""
+        b, t, d = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), (k, v)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(LN(x)), then + FFN(LN(.)) with FFN dim -> ffn_dim -> dim."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        a, kv = self.attn(self.attn_norm(x), attn_mask, past)
+        x = x + a
+        return x + self.ffn(self.ffn_norm(x)), kv
+
+
+def attention_mask(mask: Tensor | None, t: int, causal: bool, device: torch.device, past_len: int = 0) -> Tensor | None:
+    """Boolean [B or 1, 1, T, past_len + T] mask (True = may attend).
+
+    Padded keys are hidden from every query, so padding never changes valid outputs. Each query may
+    always attend to itself, so a padded query never sees an empty row (which would give NaN).
+    """
+    s = past_len + t
+    allowed: Tensor | None = None
+    if causal:
+        q_pos = torch.arange(past_len, s, device=device)[:, None]
+        allowed = (torch.arange(s, device=device)[None, :] <= q_pos)[None, None]
+    if mask is not None:
+        keys = mask.bool()
+        if keys.shape[1] != s:
+            raise ValueError(f"mask covers {keys.shape[1]} positions but attention spans {s}")
+        keys = keys[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    if allowed is None:
+        return None
+    self_pos = torch.zeros(t, s, dtype=torch.bool, device=device)
+    self_pos[torch.arange(t), torch.arange(past_len, s)] = True
+    return allowed | self_pos[None, None]
+
+
+# ----------------------------------------------------------------------------- the adapters
+
+
+class BaseAdapter(nn.Module):
+    """Shared plumbing: config, what goes in/out, width checks."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def consumes(self) -> str:
+        """ "drafter", "target" or "both": which hidden states the adapter reads."""
+        return self.config.consumes
+
+    @property
+    def predicts(self) -> str:
+        """ "same": output[t] estimates target state t; "next": output[t] estimates target state t+1."""
+        return self.config.predicts
+
+    def _check(self, x: Tensor, dim: int, what: str) -> None:
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(
+                f"{self.config.name} expects {what} of shape [B, T, {dim}], got {tuple(x.shape)}; "
+                "was the adapter built for another model width?"
+            )
+
+
+class HiddenStateAdapter(BaseAdapter):
+    """L1: one bottleneck block plus a final LayerNorm, applied at every position independently."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        self.input_proj = _input_projection(config.drafter_dim, config.target_dim)
+        self.blocks = nn.ModuleList(
+            BottleneckBlock(config.target_dim, config.bottleneck_dim, config.dropout, config.alpha_init)
+            for _ in range(config.num_blocks)
+        )
+        self.final_norm = nn.LayerNorm(config.target_dim)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> Tensor:
+        self._check(x, self.config.drafter_dim, "drafter states")
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.final_norm(h)
+
+
+class MultiLayerBottleneckAdapter(HiddenStateAdapter):
+    """L2: three stacked L1 blocks (each with its own alpha) and one final LayerNorm."""
+
+
+class WideBottleneckAdapter(BaseAdapter):
+    """L3: input LayerNorm, two wide (1024) residual blocks with a mid LayerNorm, final LayerNorm."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        dim = config.target_dim
+        self.input_proj = _input_projection(config.drafter_dim, dim)
+        self.input_norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(
+            WideBlock(dim, config.bottleneck_dim, config.dropout, config.alpha_init) for _ in range(config.num_blocks)
+        )
+        self.final_norm = nn.LayerNorm(dim)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> Tensor:
+        self._check(x, self.config.drafter_dim, "drafter states")
+        h = self.input_norm(self.input_proj(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.final_norm(h)
+
+
+class AttentionAdapter(BaseAdapter):
+    """L4: one bidirectional transformer layer over the whole sequence, an identity-initialised output
+    projection, alpha, and a residual from the input. Padded positions are hidden from attention."""
+
+    causal = False
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        dim = config.target_dim
+        self.input_proj = _input_projection(config.in_dim, dim)
+        self.layers = nn.ModuleList(
+            TransformerLayer(dim, config.num_heads, config.ffn_dim, config.dropout) for _ in range(config.num_layers)
+        )
+        self.output_norm = nn.LayerNorm(dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.alpha = nn.Parameter(torch.tensor(float(config.alpha_init)))
+        self._init_output()
+
+    def _init_output(self) -> None:
+        nn.init.eye_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def _encode(
+        self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None, h_target: Tensor | None, offset: int
+    ) -> tuple[Tensor, Tensor]:
+        """Return (transformer input, residual) for positions offset..offset+T-1."""
+        self._check(x, self.config.drafter_dim, "drafter states")
+        h = self.input_proj(x)
+        return h, h
+
+    def _run(
+        self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None, past: KVCache | None
+    ) -> tuple[Tensor, KVCache]:
+        past_len = past[0][0].shape[2] if past else 0
+        h, residual = self._encode(x, mask, token_ids, h_target, past_len)
+        if mask is not None and past_len:
+            mask = torch.cat([mask.new_ones(mask.shape[0], past_len), mask], dim=1)
+        attn_mask = attention_mask(mask, h.shape[1], self.causal, h.device, past_len)
+        new_past: KVCache = []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, attn_mask, past[i] if past else None)
+            new_past.append(kv)
+        out = residual + self.alpha * self.output_proj(self.output_norm(h))
+        return out, new_past
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> Tensor:
+        """x [B, T, D_in], mask [B, T] bool (True = valid) -> [B, T, D_target]."""
+        return self._run(x, mask, h_target, token_ids, None)[0]
+
+
+class EAGLEStyleAdapter(AttentionAdapter):
+    """L5 (and B1): LayerNorm, learned positions, a causal transformer layer, output LayerNorm and a
+    zero-initialised output projection scaled by alpha, plus a residual from the input. Output[t]
+    sees inputs 0..t only; it is trained to match the target state at t and (weighted) at t+1.
+
+    Optional EAGLE token fusion concatenates the embedding of the token at each position before the
+    transformer (`use_token_embed=True`; needs `token_ids`).
+    """
+
+    causal = True
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        dim = config.target_dim
+        if config.consumes != "both":  # L5F normalises after its fusion instead
+            self.input_norm = nn.LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.max_seq_len, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if config.use_token_embed:
+            self.token_embed = nn.Embedding(config.vocab_size, dim)
+            self.token_fusion = nn.Linear(2 * dim, dim)
+
+    def _init_output(self) -> None:
+        # Zero output projection: the adapter starts as the identity (L5, B1) or as h_target (L5F).
+        nn.init.zeros_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def _positions(self, h: Tensor, offset: int) -> Tensor:
+        end = offset + h.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"{self.config.name} has learned positions for {self.config.max_seq_len} steps, got {end}; "
+                "rebuild with a larger max_seq_len"
+            )
+        return h + self.pos_embed[:, offset:end]
+
+    def _fuse_tokens(self, h: Tensor, token_ids: Tensor | None) -> Tensor:
+        if not self.config.use_token_embed:
+            return h
+        if token_ids is None:
+            raise ValueError(f"{self.config.name} was built with use_token_embed=True and needs token_ids [B, T]")
+        return self.token_fusion(torch.cat([h, self.token_embed(token_ids)], dim=-1))
+
+    def _encode(self, x, mask, token_ids, h_target, offset):
+        self._check(x, self.config.in_dim, f"{self.consumes} states")
+        residual = self.input_proj(x)
+        h = self._fuse_tokens(self.input_norm(residual), token_ids)
+        return self._positions(h, offset), residual
+
+    @torch.no_grad()
+    def step(
+        self, x: Tensor, past: KVCache | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> tuple[Tensor, KVCache]:
+        """Incremental forward for drafting: x [B, T_new, D] continues a sequence whose keys/values
+        are in `past`; returns outputs for the new positions and the extended cache. Equals
+        `forward` over the whole sequence at those positions (no padding inside a drafting batch)."""
+        return self._run(x, None, h_target, token_ids, past)
+
+
+class FusedEAGLEAdapter(EAGLEStyleAdapter):
+    """L5F: gated fusion of drafter and verified target states, then the L5 causal stack, with the
+    residual taken from the target states.
+
+        gate  = sigmoid(W_g [e; v]);  fused = gate * e + (1 - gate) * v
+        x     = LN(fused + W_p [e; v])
+    where e is the drafter state (projected when widths differ) and v the target state. Output[t]
+    estimates the target state at t+1 from inputs 0..t. Because the target state at t is only known
+    once the target has verified position t, a drafting window longer than one token must feed the
+    adapter's own outputs back in as the target states of the still-unverified positions.
+    """
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        de, dv = config.drafter_dim, config.target_dim
+        self.gate = nn.Linear(de + dv, dv)
+        self.fusion_proj = nn.Linear(de + dv, dv)
+        self.fusion_norm = nn.LayerNorm(dv)
+
+    def _encode(self, x, mask, token_ids, h_target, offset):
+        self._check(x, self.config.drafter_dim, "drafter states")
+        if h_target is None:
+            raise ValueError("L5F fuses drafter and target states: pass h_target=[B, T, D_target]")
+        self._check(h_target, self.config.target_dim, "target states (h_target)")
+        if h_target.shape[:2] != x.shape[:2]:
+            raise ValueError(f"h_target {tuple(h_target.shape)} and drafter states {tuple(x.shape)} differ in [B, T]")
+        both = torch.cat([x, h_target], dim=-1)
+        gate = torch.sigmoid(self.gate(both))
+        fused = gate * self.input_proj(x) + (1 - gate) * h_target
+        h = self._fuse_tokens(self.fusion_norm(fused + self.fusion_proj(both)), token_ids)
+        return self._positions(h, offset), h_target
+
+
+_CLASSES: dict[str, type[BaseAdapter]] = {
+    "L1": HiddenStateAdapter,
+    "L2": MultiLayerBottleneckAdapter,
+    "L3": WideBottleneckAdapter,
+    "L4": AttentionAdapter,
+    "L5": EAGLEStyleAdapter,
+    "B1": EAGLEStyleAdapter,
+    "L5F": FusedEAGLEAdapter,
+}
+
+
+def create_adapter(
+    level: int | str,
+    hidden_dim: int = 4096,
+    *,
+    drafter_dim: int | None = None,
+    target_dim: int | None = None,
+    vlm_only: bool = False,
+    **overrides: Any,
+) -> BaseAdapter:
+    """Build an adapter by level (1-6) or name (L1..L5, B1, L5F; any case).
+
+    `hidden_dim` sets both widths; `drafter_dim` / `target_dim` override them separately when the
+    two models differ. Other keyword arguments override AdapterConfig fields (e.g. `dropout=0.0`,
+    `use_token_embed=True`); an unknown one raises ValueError.
+    """
+    name = canonical_name(level, vlm_only)
+    known = {f.name for f in fields(AdapterConfig)} - {"name", "drafter_dim", "target_dim"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown adapter option(s) {unknown}; valid: {sorted(known)}")
+    params = {**_DEFAULTS[name], **overrides}
+    config = AdapterConfig(
+        name=name,
+        drafter_dim=drafter_dim or hidden_dim,
+        target_dim=target_dim or hidden_dim,
+        **params,
+    )
+    return build_adapter(config)
+
+
+def build_adapter(config: AdapterConfig) -> BaseAdapter:
+    """Instantiate the class for `config.name`."""
+    return _CLASSES[canonical_name(config.name)](config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _valid(mask: Tensor | None, like: Tensor) -> Tensor:
+    if mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return mask.bool()
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean squared error over valid positions only ([B, T, D], mask [B, T]); padded positions
+    contribute exactly zero, even when they hold NaN or inf."""
+    valid = _valid(mask, pred)
+    if not valid.any():
+        return pred.new_zeros(())
+    diff = (pred[valid].float() - target[valid].float()).pow(2)
+    return diff.mean()
+
+
+def masked_cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of (1 - cos(pred_t, target_t)) over valid positions."""
+    valid = _valid(mask, pred)
+    if not valid.any():
+        return pred.new_zeros(())
+    cos = F.cosine_similarity(pred[valid].float(), target[valid].float(), dim=-1, eps=1e-6)
+    return (1 - cos).mean()
+
+
+def alignment_loss(pred: Tensor, target: Tensor, mask: Tensor | None, cos_weight: float = 0.5) -> Tensor:
+    """MSE + cos_weight * (1 - cos), both masked."""
+    return masked_mse(pred, target, mask) + cos_weight * masked_cosine_loss(pred, target, mask)
+
+
+def shifted(pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pair output[t] with target[t+1]: returns (pred[:, :-1], target[:, 1:], mask valid at both t and t+1)."""
+    valid = _valid(mask, pred)
+    return pred[:, :-1], target[:, 1:], valid[:, :-1] & valid[:, 1:]
+
+
+def adapter_loss(
+    adapter: BaseAdapter | AdapterConfig, pred: Tensor, target: Tensor, mask: Tensor | None
+) -> tuple[Tensor, dict[str, float]]:
+    """Training loss shared by training and evaluation.
+
+    Alignment: output[t] vs target[t]. EAGLE levels (L5, B1, L5F) add the prediction term, output[t]
+    vs target[t+1], weighted by `prediction_weight`. Returns (loss, {"align": .., "pred": ..}).
+    """
+    config = adapter.config if isinstance(adapter, BaseAdapter) else adapter
+    align = alignment_loss(pred, target, mask)
+    parts = {"align": float(align.detach())}
+    loss = align
+    if config.predicts == "next":
+        pred_loss = alignment_loss(*shifted(pred, target, mask))
+        parts["pred"] = float(pred_loss.detach())
+        loss = align + config.prediction_weight * pred_loss
+    return loss, parts
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _plain(obj: Any, where: str = "extra") -> Any:
+    """Convert to types `torch.load(weights_only=True)` accepts; Paths become strings."""
+    if obj is None or isinstance(obj, bool | int | float | str | Tensor):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, list | tuple):
+        return [_plain(v, where) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, argparse.Namespace):
+        return _plain(vars(obj), where)
+    raise TypeError(f"{where}: {type(obj).__name__} cannot be stored in a checkpoint (plain types only)")
+
+
+def save_adapter(path: str | Path, adapter: BaseAdapter, **extra: Any) -> None:
+    """Write a self-describing checkpoint: format tag, adapter config, weights, and `extra` (e.g.
+    the training args and metrics; plain types only). Atomic."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "config": asdict(adapter.config),
+        "state_dict": {k: v.detach().cpu() for k, v in adapter.state_dict().items()},
+        "extra": _plain(extra),
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_adapter(
+    path: str | Path,
+    *,
+    expected_level: int | str | None = None,
+    drafter_dim: int | None = None,
+    target_dim: int | None = None,
+    map_location: Any = "cpu",
+) -> tuple[BaseAdapter, dict[str, Any]]:
+    """Rebuild an adapter from its checkpoint; returns (adapter in eval mode, the `extra` dict).
+
+    Any problem (missing, corrupt, not an adapter checkpoint, another level or width than expected)
+    raises UserError with one line naming the file.
+    """
+    fix = "pass a best_model.pt written by train_hidden_adapter.py"
+    ckpt = safe_torch_load(path, "adapter checkpoint", fix, map_location=map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an adapter checkpoint (no '{CHECKPOINT_FORMAT}' tag); {fix}")
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path} has adapter format version {ckpt.get('format_version')}, "
+            f"this code reads version {CHECKPOINT_VERSION}; retrain or use a matching release"
+        )
+    try:
+        config = AdapterConfig(**ckpt["config"])
+        adapter = build_adapter(config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"{path} holds an unusable adapter config: {err}") from err
+    if expected_level is not None and canonical_name(expected_level) != config.name:
+        raise UserError(
+            f"{path} is a {config.name} adapter but {canonical_name(expected_level)} was expected; "
+            "pass the checkpoint of the right level"
+        )
+    for what, want, have in (("drafter", drafter_dim, config.drafter_dim), ("target", target_dim, config.target_dim)):
+        if want is not None and want != have:
+            raise UserError(
+                f"{path} was trained for {what} width {have} but the data/model has width {want}; "
+                "use an adapter trained on hidden states of these models"
+            )
+    try:
+        adapter.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise UserError(f"{path}: weights do not match its own config ({str(err).splitlines()[0]})") from err
+    adapter.eval()
+    return adapter, ckpt.get("extra", {})
+
+
+# ----------------------------------------------------------------------------- summary CLI
+
+
+def summary_rows(hidden_dim: int = 4096) -> list[dict[str, Any]]:
+    """One row per level, built on the meta device (no memory), with exact parameter counts."""
+    rows = []
+    for name in ADAPTER_NAMES:
+        with torch.device("meta"):
+            adapter = create_adapter(name, hidden_dim)
+        attn = "none"
+        if isinstance(adapter, AttentionAdapter):
+            attn = "causal" if adapter.causal else "bidirectional"
+        rows.append(
+            {
+                "level": name,
+                "class": type(adapter).__name__,
+                "params": count_parameters(adapter),
+                "consumes": adapter.consumes,
+                "predicts": adapter.predicts,
+                "attention": attn,
+            }
+        )
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    cols = f"| {'level':5} | {'class':28} | {'params':>12} | {'consumes':8} | {'output[t] estimates':19} "
+    head = cols + "| attention     |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        est = "target state t" if r["predicts"] == "same" else "target state t+1"
+        lines.append(
+            f"| {r['level']:5} | {r['class']:28} | {r['params']:>12,} | {r['consumes']:8} | {est:19} "
+            f"| {r['attention']:13} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--summary", action="store_true", help="print the parameter table of every level")
+    parser.add_argument(
+        "--hidden_dim", type=int, default=4096, help="hidden width used for the table (4096 = Vicuna-7B, both models)"
+    )
+    args = parser.parse_args(argv)
+    if not args.summary:
+        parser.error("nothing to do: pass --summary")
+    if args.hidden_dim <= 0 or args.hidden_dim % 8:
+        parser.error("--hidden_dim must be a positive multiple of 8 (8 attention heads)")
+    return args
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = summary_rows(args.hidden_dim)
+    print(f"Adapters at hidden width {args.hidden_dim} (drafter = target width):")
+    print(format_summary(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    from common import run_cli
+
+    run_cli(main, parse_args)
+
+
+__all__ = [
+    "ADAPTER_NAMES",
+    "AdapterConfig",
+    "AttentionAdapter",
+    "BaseAdapter",
+    "EAGLEStyleAdapter",
+    "FusedEAGLEAdapter",
+    "HiddenStateAdapter",
+    "MultiLayerBottleneckAdapter",
+    "WideBottleneckAdapter",
+    "adapter_loss",
+    "alignment_loss",
+    "canonical_name",
+    "count_parameters",
+    "create_adapter",
+    "load_adapter",
+    "masked_cosine_loss",
+    "masked_mse",
+    "save_adapter",
+    "shifted",
+]

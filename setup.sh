@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned requirements (idempotent: skipped when requirements are unchanged).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+stamp=.venv/.requirements.sha256
+want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import torch, transformers" 2>/dev/null; then
+  exit 0
+fi
+echo "setup: installing requirements into .venv (first run takes a few minutes)"
+"$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+echo "$want" > "$stamp"
+.venv/bin/python -c "import torch, torchvision, transformers; print('setup: torch', torch.__version__, '| torchvision', torchvision.__version__, '| transformers', transformers.__version__)"

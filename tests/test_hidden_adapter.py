@@ -1,0 +1,328 @@
+"""Adapter zoo: parameter counts, shapes, initial behaviour, causality, padding, checkpoints, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+from hidden_adapter import (
+    ADAPTER_NAMES,
+    adapter_loss,
+    alignment_loss,
+    canonical_name,
+    count_parameters,
+    create_adapter,
+    load_adapter,
+    masked_cosine_loss,
+    masked_mse,
+    save_adapter,
+    summary_rows,
+)
+
+D = 32  # toy width: divisible by 8 heads
+
+
+def make(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    adapter = create_adapter(name, D, dropout=0.0, **kw)
+    return adapter.eval()
+
+
+def randomize(adapter: torch.nn.Module) -> None:
+    """Move away from the (partly zero) initialisation so behaviour tests are not trivially true."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def call(adapter, x, mask=None, h_target=None):
+    return adapter(x, mask, h_target=h_target if adapter.consumes == "both" else None)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+def test_parameter_counts_at_4096_match_spec():
+    counts = {r["level"]: r["params"] for r in summary_rows(4096)}
+    assert counts["L1"] == 2_113_537
+    assert counts["L2"] == 6_324_227
+    for name, spec in (("L3", 16.8e6), ("L4", 101e6), ("L5", 103e6), ("L5F", 170e6)):
+        assert abs(counts[name] - spec) / spec < 0.01, (name, counts[name])
+    assert counts["B1"] == counts["L5"]
+
+
+def test_optional_token_fusion_adds_spec_sized_modules():
+    with torch.device("meta"):
+        plain = count_parameters(create_adapter("L5"))
+        fused = count_parameters(create_adapter("L5", use_token_embed=True))
+    assert fused - plain == 131_072_000 + 33_558_528
+
+
+def test_summary_reports_inputs_and_outputs():
+    rows = {r["level"]: r for r in summary_rows(64)}
+    assert rows["L1"]["consumes"] == "drafter" and rows["L1"]["predicts"] == "same"
+    assert rows["L4"]["attention"] == "bidirectional"
+    assert rows["B1"]["consumes"] == "target" and rows["B1"]["predicts"] == "next"
+    assert rows["L5F"]["consumes"] == "both" and rows["L5F"]["attention"] == "causal"
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+@pytest.mark.parametrize(
+    "level,name",
+    [(1, "L1"), ("2", "L2"), ("l3", "L3"), (4, "L4"), ("L5", "L5"), ("b1", "B1"), (6, "L5F"), ("l5f", "L5F")],
+)
+def test_factory_accepts_levels_and_names(level, name):
+    assert create_adapter(level, D).config.name == name
+
+
+@pytest.mark.parametrize("bad", ["L7", 0, 7, "foo", "", None, True, 2.0])
+def test_factory_rejects_unknown_levels_and_lists_valid_names(bad):
+    with pytest.raises(ValueError, match="L1, L2, L3, L4, L5, B1, L5F"):
+        create_adapter(bad)
+
+
+def test_factory_rejects_unknown_option_and_bad_vlm_only():
+    with pytest.raises(ValueError, match="unknown adapter option"):
+        create_adapter("L1", D, bottleneck=3)
+    with pytest.raises(ValueError, match="vlm_only"):
+        create_adapter("L2", D, vlm_only=True)
+    assert canonical_name(5, vlm_only=True) == "B1"
+
+
+# ----------------------------------------------------------------------------- shapes and widths
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_shapes_with_different_drafter_and_target_widths(name):
+    adapter = create_adapter(name, drafter_dim=24, target_dim=D).eval()
+    b, t = 2, 7
+    x = torch.randn(b, t, D if adapter.consumes == "target" else 24)
+    out = adapter(x, torch.ones(b, t, dtype=torch.bool), h_target=torch.randn(b, t, D))
+    assert out.shape == (b, t, D)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_wrong_width_is_a_clear_error(name):
+    adapter = make(name)
+    with pytest.raises(ValueError, match="another model width"):
+        call(adapter, torch.randn(1, 3, D + 8), h_target=torch.randn(1, 3, D))
+
+
+def test_l5f_requires_target_states():
+    with pytest.raises(ValueError, match="h_target"):
+        make("L5F")(torch.randn(1, 3, D))
+
+
+def test_positions_beyond_learned_range_are_rejected():
+    adapter = create_adapter("L5", D, max_seq_len=8).eval()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        adapter(torch.randn(1, 9, D))
+
+
+# ----------------------------------------------------------------------------- initial behaviour
+
+
+def test_bottleneck_levels_start_as_their_layer_norms():
+    x = torch.randn(2, 5, D) * 3 + 1
+    for name in ("L1", "L2"):
+        assert torch.allclose(make(name)(x), F.layer_norm(x, (D,)), atol=1e-5)
+    # L3: input LayerNorm then identity blocks then final LayerNorm.
+    assert torch.allclose(make("L3")(x), F.layer_norm(F.layer_norm(x, (D,)), (D,)), atol=1e-5)
+
+
+def test_initial_alphas_and_projections():
+    l1 = make("L1")
+    assert l1.blocks[0].alpha.item() == pytest.approx(0.1)
+    assert torch.count_nonzero(l1.blocks[0].up_proj.weight) == 0
+    assert len(make("L2").blocks) == 3 and len(make("L3").blocks) == 2
+    l4 = make("L4")
+    assert torch.equal(l4.output_proj.weight, torch.eye(D)) and l4.alpha.item() == pytest.approx(0.1)
+    assert make("L5").pos_embed.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_eagle_levels_start_as_identity_of_their_residual():
+    x, v = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    assert torch.equal(make("L5")(x), x)
+    assert torch.equal(make("B1")(v), v)
+    assert torch.equal(make("L5F")(x, h_target=v), v)
+
+
+# ----------------------------------------------------------------------------- causality and padding
+
+
+@pytest.mark.parametrize("name", ["L5", "B1", "L5F"])
+def test_causal_levels_ignore_the_future(name):
+    adapter = make(name)
+    randomize(adapter)
+    x, v = torch.randn(2, 10, D), torch.randn(2, 10, D)
+    base = call(adapter, x, h_target=v)
+    t = 4
+    x2, v2 = x.clone(), v.clone()
+    x2[:, t + 1 :] += torch.randn_like(x2[:, t + 1 :]) * 5
+    v2[:, t + 1 :] += torch.randn_like(v2[:, t + 1 :]) * 5
+    changed = call(adapter, x2, h_target=v2)
+    assert torch.allclose(base[:, : t + 1], changed[:, : t + 1], atol=1e-5)
+    assert not torch.allclose(base[:, t + 1 :], changed[:, t + 1 :], atol=1e-3)
+
+
+def test_bidirectional_l4_sees_the_future():
+    adapter = make("L4")
+    randomize(adapter)
+    x = torch.randn(1, 8, D)
+    x2 = x.clone()
+    x2[:, -1] += 5 * torch.randn(D)  # not a constant: LayerNorm would remove that
+    assert not torch.allclose(adapter(x)[:, 0], adapter(x2)[:, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["L4", "L5", "L5F"])
+def test_padding_never_changes_valid_outputs(name):
+    adapter = make(name)
+    randomize(adapter)
+    x, v = torch.randn(1, 6, D), torch.randn(1, 6, D)
+    alone = call(adapter, x, torch.ones(1, 6, dtype=torch.bool), h_target=v)
+    pad = 4
+    xp = torch.cat([x, 1e3 * torch.randn(1, pad, D)], dim=1)
+    vp = torch.cat([v, 1e3 * torch.randn(1, pad, D)], dim=1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, pad)], dim=1).bool()
+    padded = call(adapter, xp, mask, h_target=vp)
+    assert torch.allclose(alone, padded[:, :6], atol=1e-5)
+    assert torch.isfinite(padded).all()
+
+
+def test_fully_padded_row_gives_finite_outputs():
+    adapter = make("L4")
+    out = adapter(torch.randn(2, 5, D), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]).bool())
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["L5", "B1", "L5F"])
+def test_incremental_step_matches_full_forward(name):
+    adapter = make(name)
+    randomize(adapter)
+    x, v = torch.randn(2, 9, D), torch.randn(2, 9, D)
+    full = call(adapter, x, h_target=v)
+    hv = (lambda s: v[:, s]) if adapter.consumes == "both" else (lambda s: None)
+    out, past = adapter.step(x[:, :5], h_target=hv(slice(0, 5)))
+    outs = [out]
+    for t in range(5, 9):
+        o, past = adapter.step(x[:, t : t + 1], past, h_target=hv(slice(t, t + 1)))
+        outs.append(o)
+    assert torch.allclose(torch.cat(outs, dim=1), full, atol=1e-5)
+
+
+def test_token_fusion_uses_token_ids():
+    adapter = create_adapter("L5", D, use_token_embed=True, vocab_size=50, dropout=0.0).eval()
+    randomize(adapter)
+    x = torch.randn(1, 4, D)
+    a = adapter(x, token_ids=torch.tensor([[1, 2, 3, 4]]))
+    b = adapter(x, token_ids=torch.tensor([[1, 2, 3, 5]]))
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6) and not torch.allclose(a[:, 3], b[:, 3])
+    with pytest.raises(ValueError, match="token_ids"):
+        adapter(x)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_save_load_round_trip_is_exact(tmp_path, name):
+    adapter = make(name)
+    randomize(adapter)
+    path = tmp_path / f"{name}.pt"
+    save_adapter(path, adapter, args={"lr": 1e-3, "out": tmp_path}, epoch=3)
+    loaded, extra = load_adapter(path, expected_level=name, drafter_dim=D, target_dim=D)
+    assert extra["epoch"] == 3 and extra["args"]["out"] == str(tmp_path)
+    x, v = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    assert torch.equal(call(adapter, x, h_target=v), call(loaded, x, h_target=v))
+    assert not loaded.training
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    path = tmp_path / "a.pt"
+    save_adapter(path, make("L1"))
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["name"] == "L1" and payload["format"] == "xmodal_sd.adapter"
+
+
+def test_checkpoint_errors_are_one_clear_line(tmp_path):
+    good = tmp_path / "l2.pt"
+    save_adapter(good, make("L2"))
+    with pytest.raises(UserError, match="is a L2 adapter but L5F was expected"):
+        load_adapter(good, expected_level="L5F")
+    with pytest.raises(UserError, match="target width 32 but the data/model has width 4096"):
+        load_adapter(good, target_dim=4096)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"cannot read adapter checkpoint .*trunc\.pt"):
+        load_adapter(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(UserError, match="not an adapter checkpoint"):
+        load_adapter(other)
+    with pytest.raises(UserError, match="not found"):
+        load_adapter(tmp_path / "missing.pt")
+    with pytest.raises(TypeError, match="plain types"):
+        save_adapter(tmp_path / "x.pt", make("L1"), bad=object())
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_losses_ignore_padding_even_nan():
+    pred, target = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    ref = alignment_loss(pred, target, mask)
+    pred2 = pred.clone()
+    pred2[0, 4:] = float("nan")
+    target2 = target.clone()
+    target2[0, 4:] = 1e6
+    assert torch.equal(alignment_loss(pred2, target2, mask), ref)
+    valid = mask.reshape(-1)
+    p, t = pred.reshape(-1, D)[valid], target.reshape(-1, D)[valid]
+    expected = ((p - t) ** 2).mean() + 0.5 * (1 - F.cosine_similarity(p, t, dim=-1)).mean()
+    assert torch.allclose(ref, expected, atol=1e-6)
+
+
+def test_losses_are_zero_for_perfect_prediction_and_empty_masks():
+    x = torch.randn(2, 4, D)
+    assert masked_mse(x, x, None) == 0
+    assert masked_cosine_loss(x, x, None).abs() < 1e-6
+    assert alignment_loss(x, torch.randn_like(x), torch.zeros(2, 4, dtype=torch.bool)) == 0
+
+
+def test_eagle_loss_adds_weighted_next_position_term():
+    pred, target = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    same, parts = adapter_loss(make("L2"), pred, target, mask)
+    assert set(parts) == {"align"} and torch.allclose(same, alignment_loss(pred, target, mask))
+    eagle, parts = adapter_loss(make("L5"), pred, target, mask)
+    shifted_mask = mask[:, :-1] & mask[:, 1:]
+    expected = alignment_loss(pred, target, mask) + 0.5 * alignment_loss(pred[:, :-1], target[:, 1:], shifted_mask)
+    assert torch.allclose(eagle, expected, atol=1e-6) and set(parts) == {"align", "pred"}
+    # output[t] == target[t+1] makes the prediction term vanish.
+    ahead = torch.cat([target[:, 1:], target[:, -1:]], dim=1)
+    _, parts = adapter_loss(make("B1"), ahead, target, mask)
+    assert parts["pred"] < 1e-6
+
+
+def test_training_step_moves_the_loss():
+    torch.manual_seed(0)
+    adapter = create_adapter("L1", D).train()
+    x, target = torch.randn(16, 5, D), torch.randn(16, 5, D)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss, _ = adapter_loss(adapter, adapter(x), target, None)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.9
