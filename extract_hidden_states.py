@@ -1,0 +1,384 @@
+"""Extract paired last-layer hidden states of EventGPT (drafter) and Video-LLaVA (target).
+
+For every (clip, question) both models answer greedily; for each generated position t we keep the
+post-norm last-layer state that produced token t, both models' tokens and their valid masks (up to
+and including EOS). With `--teacher_forced` EventGPT is also run on Video-LLaVA's answer, so that
+drafter and target states at t share the same text prefix, as in live speculative decoding.
+
+    # toy world, CPU (minutes)
+    python extract_hidden_states.py --split train --chunked --quant none \\
+        --dataset_dir data/toy/dataset --egpt_model data/toy/models/eventgpt \\
+        --vl_model data/toy/models/video_llava --output_dir data/toy/hidden/train \\
+        --teacher_forced --batch_size 16 --chunk_size 64
+    # real models on one 24 GB GPU
+    python extract_hidden_states.py --split train --chunked --quant 4bit --dataset_dir DSEC_DIR \\
+        --egpt_model EventGPT-7b --vl_model LanguageBind/Video-LLaVA-7B-hf --output_dir data/chunked_train_1s_4bit
+    # several GPUs: one shard per process, chunks tied together by the manifest
+    accelerate launch --num_processes 4 extract_hidden_states.py --split train --chunked ...
+
+Reruns resume: finished chunks (recorded in the shard file) are skipped and only unfinished ones are
+redone. Writes are atomic. A missing or corrupt video or event frame is named, counted and skipped;
+the run stops with exit code 1 once more than `--max_failures` clips failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common import UserError, atomic_write_json, read_json, run_cli, set_seed
+from hidden_data import (
+    CHUNK_KEYS,
+    FORMAT_VERSION,
+    TEACHER_FORCED_KEY,
+    chunk_name,
+    merge_manifest,
+    shard_name,
+    write_chunk,
+)
+
+log = logging.getLogger("xmodal_sd.extract")
+
+# Facts that must match between a rerun and the data already in --output_dir.
+RUN_IDENTITY = (
+    "split",
+    "dataset_dir",
+    "questions",
+    "max_new_tokens",
+    "teacher_forced",
+    "chunk_size",
+    "num_shards",
+    "max_samples",
+    "quant",
+    "num_event_frames",
+    "num_frames",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split of the data set")
+    p.add_argument("--dataset_dir", required=True, help="data set root holding {split}/index.json and questions.json")
+    p.add_argument("--output_dir", default=None, help="where chunks and manifest go (default data/hidden/{split})")
+    p.add_argument("--questions_file", default=None, help="questions JSON (default DATASET_DIR/questions.json)")
+    p.add_argument("--max_questions", type=int, default=10, help="use the first N (most frequent) questions per clip")
+    p.add_argument("--max_samples", type=int, default=None, help="stop after this many (clip, question) samples")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="generated positions per answer (T)")
+    p.add_argument(
+        "--chunked",
+        action="store_true",
+        help="write chunk files of --chunk_size samples (without it: one chunk holding every sample)",
+    )
+    p.add_argument("--chunk_size", type=int, default=1000, help="samples per chunk file")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="samples generated together (left padding); a clip's vision features are shared",
+    )
+    p.add_argument("--egpt_model", required=True, help="EventGPT checkpoint folder (release layout)")
+    p.add_argument("--vl_model", required=True, help="Video-LLaVA folder or hub id (transformers format)")
+    p.add_argument(
+        "--quant",
+        default="none",
+        choices=["4bit", "8bit", "none"],
+        help="bitsandbytes quantisation of both language models (4bit/8bit need CUDA)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (ignored under accelerate launch)")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 for non-quantised weights")
+    p.add_argument("--num_event_frames", type=int, default=1, help="event frames given to EventGPT (first N)")
+    p.add_argument("--num_frames", type=int, default=8, help="video frames sampled uniformly for Video-LLaVA")
+    p.add_argument(
+        "--teacher_forced",
+        action="store_true",
+        help="also store EventGPT states on Video-LLaVA's tokens (key egpt_hidden_tf)",
+    )
+    p.add_argument(
+        "--num_shards",
+        type=int,
+        default=None,
+        help="split clips over this many processes (default: accelerate's process count, else 1)",
+    )
+    p.add_argument("--shard_index", type=int, default=None, help="this process's shard (default: accelerate rank)")
+    p.add_argument("--max_failures", type=int, default=10, help="stop (exit 1) once more clips than this failed")
+    p.add_argument("--seed", type=int, default=0, help="random seed (generation is greedy; affects nothing else)")
+    args = p.parse_args(argv)
+    for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_event_frames", "num_frames"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        p.error("--max_samples must be >= 1")
+    if (args.num_shards is None) != (args.shard_index is None):
+        p.error("--num_shards and --shard_index go together")
+    if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
+        p.error("--shard_index must be in [0, --num_shards)")
+    args.output_dir = Path(args.output_dir or f"data/hidden/{args.split}")
+    args.dataset_dir = Path(args.dataset_dir)
+    return args
+
+
+def plan_samples(num_clips: int, num_questions: int, max_samples: int | None) -> list[tuple[int, int]]:
+    """Global sample order: clip-major, questions in file order, capped at max_samples."""
+    plan = [(c, q) for c in range(num_clips) for q in range(num_questions)]
+    return plan[:max_samples] if max_samples else plan
+
+
+def shard_samples(plan: list[tuple[int, int]], num_shards: int, shard: int) -> list[tuple[int, int]]:
+    """Shard by clip, so a clip's vision features are computed by one process only."""
+    return [s for s in plan if s[0] % num_shards == shard]
+
+
+def resolve_shard(args: argparse.Namespace) -> tuple[int, int, Any]:
+    """(num_shards, shard_index, accelerate state or None). Under `accelerate launch` the process
+    rank and count decide; explicit flags win (e.g. several machines without a launcher)."""
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        from accelerate import PartialState
+
+        state = PartialState()
+    if args.num_shards is not None:
+        return args.num_shards, args.shard_index, state
+    if state is not None:
+        return state.num_processes, state.process_index, state
+    return 1, 0, None
+
+
+def model_facts(runner: Any) -> dict[str, Any]:
+    return {
+        "name": runner.name,
+        "path": str(runner.model_path),
+        "config_hash": runner.config_hash,
+        "hidden_size": runner.hidden_size,
+        "vocab_size": runner.vocab_size,
+    }
+
+
+def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse to mix data from different settings in one folder."""
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return
+    old = read_json(path, "hidden-state manifest", "delete the folder or pick a new --output_dir")
+    for key in keys:
+        if key in base and old.get(key) != base[key]:
+            raise UserError(
+                f"{out_dir} holds data extracted with a different {key} ({old.get(key)!r} vs "
+                f"{base[key]!r}); use a new --output_dir or delete that folder"
+            )
+
+
+def run_models(
+    egpt: Any,
+    vl: Any,
+    batch: list[tuple[int, int]],
+    questions: list[str],
+    feats: dict[tuple[str, int], torch.Tensor],
+    teacher_forced: bool,
+    max_new_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """Generate one batch with both models from cached clip features; returns CPU tensors keyed like a chunk."""
+    out: dict[str, torch.Tensor] = {}
+    qs = [questions[q] for _, q in batch]
+    egpt_inputs = None
+    for key, runner in (("egpt", egpt), ("vl", vl)):
+        inputs = runner.build_inputs([feats[(key, c)] for c, _ in batch], qs)
+        gen = runner.generate(inputs, max_new_tokens)
+        if key == "egpt":
+            egpt_inputs = inputs
+        out[f"{key}_hidden"] = pad_to(gen.hidden.float(), max_new_tokens).half().cpu()
+        out[f"{key}_tokens"] = pad_to(gen.tokens, max_new_tokens, runner.pad_token_id).int().cpu()
+        out[f"{key}_mask"] = pad_to(gen.mask, max_new_tokens, False).cpu()
+    if teacher_forced:
+        tokens, mask = out["vl_tokens"].long(), out["vl_mask"]
+        # The target may emit ids the drafter's vocabulary lacks (image/video/pad tokens): map them to 0.
+        tokens = torch.where(tokens < egpt.vocab_size, tokens, torch.zeros_like(tokens))
+        hidden = egpt.teacher_forced_hidden(egpt_inputs, tokens.to(egpt.device), mask.to(egpt.device))
+        hidden = torch.where(mask[..., None].to(hidden.device), hidden, torch.zeros_like(hidden))
+        out[TEACHER_FORCED_KEY] = hidden.float().half().cpu()
+    return out
+
+
+def pad_to(x: torch.Tensor, length: int, value: Any = 0) -> torch.Tensor:
+    """Right-pad dim 1 to `length` (generation stops early when every row hit EOS)."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    pad = torch.full((x.shape[0], length - x.shape[1], *x.shape[2:]), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
+
+
+def main(args: argparse.Namespace) -> int:
+    from model_loaders import ClipReadError, load_eventgpt, load_video_llava
+    from toy_dataset import load_index, load_questions
+
+    set_seed(args.seed)
+    num_shards, shard, state = resolve_shard(args)
+    split_dir = args.dataset_dir / args.split
+    clips = load_index(args.dataset_dir, args.split)
+    questions = load_questions(args.questions_file or args.dataset_dir, args.max_questions)
+    plan = plan_samples(len(clips), len(questions), args.max_samples)
+    chunk_size = args.chunk_size if args.chunked else max(len(plan), 1)
+    mine = shard_samples(plan, num_shards, shard)
+    chunks = [mine[i : i + chunk_size] for i in range(0, len(mine), chunk_size)]
+
+    out_dir = args.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = {
+        "split": args.split,
+        "dataset_dir": str(args.dataset_dir.resolve()),
+        "questions": questions,
+        "max_new_tokens": args.max_new_tokens,
+        "teacher_forced": args.teacher_forced,
+        "chunk_size": chunk_size,
+        "num_shards": num_shards,
+        "max_samples": args.max_samples,
+        "quant": args.quant,
+        "num_event_frames": args.num_event_frames,
+        "num_frames": args.num_frames,
+        "num_clips": len(clips),
+        "num_planned_samples": len(plan),
+        "dtypes": {k: str(d).removeprefix("torch.") for k, (d, _) in CHUNK_KEYS.items()},
+        "shapes": {k: s for k, (_, s) in CHUNK_KEYS.items()},
+        "hidden_is": "last decoder layer after the final norm; logits = hidden @ lm_head.T",
+    }
+    if args.teacher_forced:
+        base["dtypes"][TEACHER_FORCED_KEY] = "float16"
+        base["shapes"][TEACHER_FORCED_KEY] = "[N, T, D_drafter]"
+    check_same_run(out_dir, base, RUN_IDENTITY)
+
+    shard_file = out_dir / shard_name(shard, num_shards)
+    progress = (
+        read_json(shard_file, "shard progress file", "delete it to restart this shard")
+        if shard_file.is_file()
+        else {"chunks": [], "failed": [], "done": False}
+    )
+    finished = {
+        c["file"]: c
+        for c in progress["chunks"]
+        if (out_dir / c["file"]).is_file() and (out_dir / c["file"]).stat().st_size == c["bytes"]
+    }
+    todo = [j for j in range(len(chunks)) if chunk_name(shard, j) not in finished]
+    skipped = sum(len(chunks[j]) for j in range(len(chunks)) if j not in todo)
+    if skipped:
+        log.info("resuming: %d of %d chunks of shard %d already finished", len(chunks) - len(todo), len(chunks), shard)
+
+    egpt = vl = None
+    if todo:
+        device = str(state.device) if state is not None else args.device
+        egpt = load_eventgpt(
+            args.egpt_model, quant=args.quant, device=device, dtype=args.dtype, num_event_frames=args.num_event_frames
+        )
+        vl = load_video_llava(
+            args.vl_model, quant=args.quant, device=device, dtype=args.dtype, num_frames=args.num_frames
+        )
+        base["models"] = {"drafter": model_facts(egpt), "target": model_facts(vl)}
+        base["widths"] = {"drafter": egpt.hidden_size, "target": vl.hidden_size}
+        old = out_dir / "manifest.json"
+        if old.is_file():
+            prev = read_json(old, "hidden-state manifest", "delete the folder").get("models")
+            if prev and {k: v["config_hash"] for k, v in prev.items()} != {
+                k: v["config_hash"] for k, v in base["models"].items()
+            }:
+                raise UserError(
+                    f"{out_dir} holds states of other models (config hashes differ); use a new --output_dir"
+                )
+    else:
+        prev = (
+            read_json(out_dir / "manifest.json", "hidden-state manifest", "rerun")
+            if (out_dir / "manifest.json").is_file()
+            else {}
+        )
+        base["models"], base["widths"] = prev.get("models"), prev.get("widths")
+
+    failed_clips = {f["clip"] for f in progress["failed"]}
+    written = 0
+    start = time.perf_counter()
+    bar = tqdm(
+        total=sum(len(chunks[j]) for j in todo),
+        unit="sample",
+        desc=f"extract {args.split} s{shard}",
+        dynamic_ncols=True,
+        disable=None,
+    )
+    status = 0
+    for j in todo:
+        rows: dict[str, list[torch.Tensor]] = {}
+        ids, clip_ids, q_idx = [], [], []
+        feats: dict[tuple[str, int], torch.Tensor] = {}
+        samples = [s for s in chunks[j] if clips[s[0]]["id"] not in failed_clips]
+        bar.update(len(chunks[j]) - len(samples))
+        for b in range(0, len(samples), args.batch_size):
+            batch = samples[b : b + args.batch_size]
+            for c in dict.fromkeys(c for c, _ in batch):  # each clip once, in order
+                cid = clips[c]["id"]
+                try:
+                    for key, runner in (("egpt", egpt), ("vl", vl)):
+                        if (key, c) not in feats:
+                            feats[(key, c)] = runner.clip_features(split_dir, clips[c])
+                except ClipReadError as err:
+                    log.error("skipping clip %s: %s", cid, err)
+                    progress["failed"].append({"clip": cid, "error": str(err)})
+                    failed_clips.add(cid)
+            kept = [s for s in batch if clips[s[0]]["id"] not in failed_clips]
+            bar.update(len(batch) - len(kept))
+            batch = kept
+            if len(failed_clips) > args.max_failures:
+                status = 1
+                break
+            if not batch:
+                continue
+            out = run_models(egpt, vl, batch, questions, feats, args.teacher_forced, args.max_new_tokens)
+            # Samples are clip-major: features of clips before this batch's last one are no longer needed.
+            last = batch[-1][0]
+            feats = {k: v for k, v in feats.items() if k[1] == last}
+            for k, v in out.items():
+                rows.setdefault(k, []).append(v)
+            ids += [f"{clips[c]['id']}#q{q}" for c, q in batch]
+            clip_ids += [clips[c]["id"] for c, _ in batch]
+            q_idx += [q for _, q in batch]
+            bar.update(len(batch))
+            bar.set_postfix(failed=len(failed_clips))
+        if status:
+            break
+        tensors = {k: torch.cat(v) for k, v in rows.items()}
+        if not ids:  # every clip of this chunk failed: an empty chunk keeps the bookkeeping simple
+            continue
+        tensors["question_idx"] = torch.tensor(q_idx, dtype=torch.int32)
+        entry = write_chunk(out_dir / chunk_name(shard, j), tensors, ids, clip_ids)
+        entry.update({"shard": shard, "index": j})
+        progress["chunks"] = [c for c in progress["chunks"] if c["file"] != entry["file"]] + [entry]
+        atomic_write_json(progress, shard_file)
+        written += len(ids)
+    bar.close()
+    progress["done"] = status == 0
+    atomic_write_json(progress, shard_file)
+    if state is not None:
+        state.wait_for_everyone()
+    manifest = merge_manifest(out_dir, {**base, "format_version": FORMAT_VERSION})
+    elapsed = time.perf_counter() - start
+    rate = written / elapsed if elapsed > 0 and written else 0.0
+    print(
+        f"extract {args.split} shard {shard}/{num_shards}: wrote {written} samples in {elapsed:.1f}s "
+        f"({rate:.2f} samples/s), {skipped} already done, {len(failed_clips)} clips failed; "
+        f"manifest: {manifest['num_samples']} samples, complete={manifest['complete']} -> {out_dir}"
+    )
+    for f in progress["failed"]:
+        print(f"  failed clip {f['clip']}: {f['error']}")
+    if status:
+        print(
+            f"error: more than --max_failures={args.max_failures} clips failed; fix the data and rerun "
+            "(finished chunks are kept)"
+        )
+    return status
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,112 @@
+"""Save the target's (Video-LLaVA's) LM head for offline token-level metrics.
+
+Stored hidden states are taken after the final norm, so token logits are simply `h @ weight.T`.
+
+    # toy world (seconds)
+    python extract_vl_lm_head.py --vl_model data/toy/models/video_llava --output data/toy/vl_lm_head.pt
+    # the real model: read straight from its safetensors when local, else load it (4-bit is dequantised)
+    python extract_vl_lm_head.py --vl_model LanguageBind/Video-LLaVA-7B-hf --output data/vl_lm_head.pt
+
+Output: {"weight": [V, D] fp16, "vocab_size": V, "hidden_dim": D, "model": path, "config_hash": str}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import UserError, atomic_torch_save, run_cli, safe_torch_load
+
+log = logging.getLogger("xmodal_sd.lm_head")
+LM_HEAD_FORMAT = "xmodal_sd.lm_head"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--vl_model", required=True, help="Video-LLaVA folder or hub id (transformers format)")
+    p.add_argument("--output", default="data/vl_lm_head.pt", help="where to write the LM head .pt")
+    p.add_argument(
+        "--quant",
+        default="none",
+        choices=["4bit", "8bit", "none"],
+        help="only used when the model has to be loaded (no local safetensors): bitsandbytes mode",
+    )
+    p.add_argument("--device", default="auto", help="device used when the model has to be loaded")
+    p.add_argument("--overwrite", action="store_true", help="rewrite the output even if it exists")
+    return p.parse_args(argv)
+
+
+def config_hash(folder: Path) -> str:
+    return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def read_from_safetensors(folder: Path) -> torch.Tensor | None:
+    """The LM head straight from local safetensors shards (no model build); None if not found."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                if key.endswith("lm_head.weight"):
+                    log.info("read %s from %s", key, f.name)
+                    return st.get_tensor(key)
+    return None
+
+
+def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[str, Any]:
+    folder = Path(vl_model)
+    weight = read_from_safetensors(folder) if folder.is_dir() else None
+    if weight is not None:
+        chash = config_hash(folder)
+    else:
+        from model_loaders import load_video_llava
+
+        runner = load_video_llava(vl_model, quant=quant, device=device)
+        weight = runner.lm_head_weight()
+        chash = runner.config_hash
+    return {
+        "format": LM_HEAD_FORMAT,
+        "weight": weight.detach().float().cpu().half().contiguous(),
+        "vocab_size": int(weight.shape[0]),
+        "hidden_dim": int(weight.shape[1]),
+        "model": str(vl_model),
+        "config_hash": chash,
+    }
+
+
+def load_lm_head(path: str | Path, hidden_dim: int | None = None) -> dict[str, Any]:
+    """Read an LM head file written here; checks the tag and (optionally) the width."""
+    fix = "write it with extract_vl_lm_head.py --vl_model ... --output ..."
+    head = safe_torch_load(path, "LM head", fix)
+    if not isinstance(head, dict) or head.get("format") != LM_HEAD_FORMAT:
+        raise UserError(f"{path} is not an LM head file; {fix}")
+    if hidden_dim is not None and head["hidden_dim"] != hidden_dim:
+        raise UserError(
+            f"{path} has width {head['hidden_dim']} but the hidden states have width {hidden_dim}; "
+            "extract the LM head of the model that produced the states"
+        )
+    return head
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output)
+    if out.is_file() and not args.overwrite:
+        head = load_lm_head(out)
+        print(f"{out} exists (vocab {head['vocab_size']}, width {head['hidden_dim']}); pass --overwrite to redo")
+        return head
+    head = extract(args.vl_model, args.quant, args.device)
+    atomic_torch_save(head, out)
+    print(f"wrote {out}: weight [{head['vocab_size']}, {head['hidden_dim']}] fp16 from {head['model']}")
+    return head
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

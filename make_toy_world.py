@@ -1,0 +1,406 @@
+"""Write the toy world: a synthetic DSEC-like data set plus tiny EventGPT and Video-LLaVA checkpoints
+in the real formats, briefly trained on CPU so that their answers depend on the scene.
+
+    python make_toy_world.py --output_dir data/toy            # a few minutes on 2 CPU cores
+    python make_toy_world.py --output_dir /tmp/t --quick      # seconds: tiny data, few steps (tests)
+
+Writes
+    DIR/dataset/       event .npy + mp4 per clip, index.json per split, questions.json (toy_dataset.py)
+    DIR/models/eventgpt/       EventGPT release layout (model_type EventChat_llama)
+    DIR/models/video_llava/    transformers' VideoLlavaForConditionalGeneration + processor
+    DIR/models/toy_world.json  settings, training losses, and how often the two models agree
+
+How the pair is made (it should behave like EventGPT and Video-LLaVA, which both descend from
+Vicuna-7B): one small Llama is pre-trained on the toy world's text (questions, answers, captions);
+both VLMs start from it (EventGPT's copy slightly perturbed), then each language model is
+fine-tuned on its own modality (one event frame / eight video frames) to answer the toy questions,
+with its random vision tower and projector frozen. Events carry no colour, so the drafter gets
+colour words wrong while motion and shape words often agree: it agrees with the target often but
+not always. Everything is seeded and single-process, so the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import UserError, atomic_write_json, markdown_table, read_json, run_cli, set_seed
+
+log = logging.getLogger("xmodal_sd.toy")
+WORLD_VERSION = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--output_dir", required=True, help="folder of the toy world (e.g. data/toy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything: data, weights, training order")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny data set and few training steps (for tests; answers are poor)"
+    )
+    p.add_argument("--hidden_size", type=int, default=64, help="width of both toy language models")
+    p.add_argument("--num_layers", type=int, default=2, help="decoder layers of both toy language models")
+    p.add_argument("--pretrain_steps", type=int, default=None, help="text pre-training steps of the shared base")
+    p.add_argument("--finetune_steps", type=int, default=None, help="fine-tuning steps of each VLM on its modality")
+    p.add_argument("--batch_size", type=int, default=16, help="training batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine decay)")
+    p.add_argument(
+        "--perturbation", type=float, default=0.05, help="EventGPT's base copy = base + this x (per-tensor std) x noise"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, so results are repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="retrain the models even if they are up to date")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else (20 if quick else 600)
+    args.finetune_steps = args.finetune_steps if args.finetune_steps is not None else (10 if quick else 800)
+    if min(args.pretrain_steps, args.finetune_steps) < 0 or args.batch_size < 1:
+        p.error("steps must be >= 0 and --batch_size >= 1")
+    args.output_dir = Path(args.output_dir)
+    return args
+
+
+def dataset_settings(quick: bool) -> dict[str, Any]:
+    """Sizes of the generated data set (`--quick`: one sequence per split, three clips each)."""
+    # The full world needs a few hundred training clips: with fewer, the toy Video-LLaVA memorises
+    # its training scenes and answers unseen ones with word salad.
+    if quick:
+        return {"num_sequences": (1, 1, 1), "clips_per_sequence": 3}
+    return {"num_sequences": (20, 3, 3), "clips_per_sequence": 12}
+
+
+# ----------------------------------------------------------------------------- text side
+
+
+def qa_texts(metas: list[dict], questions: list[str]) -> list[tuple[str, str]]:
+    """(question, reference answer) for every scene and question."""
+    from toy_dataset import scene_answer
+
+    return [(q, scene_answer(m, q)) for m in metas for q in questions]
+
+
+def pretrain_base(
+    llm: Any, tokenizer: Any, texts: list[str], steps: int, batch_size: int, lr: float, rng: random.Random
+) -> list[float]:
+    """Causal-LM pre-training of the shared base on plain text; returns the loss curve."""
+    llm.train().requires_grad_(True)
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    losses = []
+    for _ in tqdm(range(steps), desc="pre-train base LM", unit="step", disable=None):
+        batch = [texts[rng.randrange(len(texts))] + tokenizer.eos_token for _ in range(batch_size)]
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        out = llm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+    llm.eval().requires_grad_(False)
+    return losses
+
+
+def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """A copy of `state` with Gaussian noise of `scale` x each tensor's std (the drafter's start)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sorted(state.items()):
+        noise = torch.randn(v.shape, generator=gen)
+        out[k] = v + scale * (v.float().std() if v.numel() > 1 else 0.0) * noise
+    return out
+
+
+# ----------------------------------------------------------------------------- visual side
+
+
+def first_event_frame(split_dir: Path, clip: dict) -> np.ndarray:
+    """The first of 5 time-split event frames, exactly as preprocess_event_images.py renders it."""
+    from preprocess_event_images import load_events, render_event_frames
+
+    ev = load_events(split_dir / clip["event_npy"], allow_pickle=True)  # our own file
+    frames = render_event_frames(
+        ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5, height=clip["height"], width=clip["width"], split_mode="time"
+    )
+    return frames[0]
+
+
+def clip_features(runner: Any, split_dir: Path, clip: dict) -> torch.Tensor:
+    if runner.name == "eventgpt":
+        return runner.encode_event_images([first_event_frame(split_dir, clip)])
+    return runner.clip_features(split_dir, clip)
+
+
+def finetune_vlm(
+    runner: Any,
+    samples: list[tuple[torch.Tensor, str, str]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    rng: random.Random,
+) -> list[float]:
+    """Teacher-forced answer loss through the runner's own prompt building; trains the language model
+    (decoder + LM head), keeps the visual front end frozen. Returns the loss curve."""
+    params = [*runner._decoder.parameters(), *runner._lm_head.parameters()]
+    for prm in params:
+        prm.requires_grad_(True)
+    runner._decoder.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    tok, eos = runner.tokenizer, runner.eos_token_id
+    losses = []
+    for _ in tqdm(range(steps), desc=f"fine-tune {runner.name}", unit="step", disable=None):
+        batch = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+        prompt = runner.build_inputs([f for f, _, _ in batch], [q for _, q, _ in batch])
+        answers = [[*tok(" " + a, add_special_tokens=False).input_ids, eos] for _, _, a in batch]
+        length = max(map(len, answers))
+        ids = torch.full((len(batch), length), runner.pad_token_id, dtype=torch.long)
+        amask = torch.zeros(len(batch), length, dtype=torch.long)
+        for i, a in enumerate(answers):
+            ids[i, : len(a)] = torch.tensor(a)
+            amask[i, : len(a)] = 1
+        embeds = torch.cat([prompt.inputs_embeds, runner._embed(ids)], dim=1)
+        mask = torch.cat([prompt.attention_mask, amask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = runner._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        plen = prompt.inputs_embeds.shape[1]
+        logits = runner._lm_head(hidden[:, plen - 1 : plen - 1 + length]).float()
+        labels = ids.masked_fill(amask == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    runner._decoder.eval()
+    for prm in params:
+        prm.requires_grad_(False)
+    return losses
+
+
+def save_eventgpt_llm(ckpt_dir: Path, llm: Any) -> None:
+    """Replace the language-model tensors of an EventGPT release checkpoint (vision keys untouched)."""
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    for key, value in llm.state_dict().items():
+        if key not in tensors:
+            raise RuntimeError(f"trained key {key} is not in {path}")
+        tensors[key] = value.detach().to(torch.float32).contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file({k: tensors[k] for k in sorted(tensors)}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- agreement report
+
+
+def answer_stats(
+    egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
+) -> dict[str, Any]:
+    """Greedy answers of both models on every (clip, question): degeneracy, accuracy and agreement."""
+    from toy_dataset import scene_answer
+
+    rows = []
+    for clip in tqdm(clips, desc="agreement", unit="clip", disable=None):
+        fe = clip_features(egpt, split_dir, clip)
+        fv = clip_features(vl, split_dir, clip)
+        ei = egpt.build_inputs([fe] * len(questions), questions)
+        vi = vl.build_inputs([fv] * len(questions), questions)
+        ge, gv = egpt.generate(ei, max_new_tokens), vl.generate(vi, max_new_tokens)
+        # Drafter's next-token guess on the target's own prefix: what speculative decoding accepts.
+        tf_tokens = torch.where(gv.tokens < egpt.vocab_size, gv.tokens, torch.zeros_like(gv.tokens))
+        tf = egpt.teacher_forced_hidden(ei, tf_tokens, gv.mask)
+        tf_pred = (tf @ egpt.lm_head_weight().T).argmax(-1)
+        for i, q in enumerate(questions):
+            n = int(gv.mask[i].sum())
+            vt, et = gv.tokens[i, :n], ge.tokens[i, :n]
+            rows.append(
+                {
+                    "vl": vl.tokenizer.decode(vt, skip_special_tokens=True).strip(),
+                    "egpt": egpt.tokenizer.decode(
+                        ge.tokens[i, : int(ge.mask[i].sum())], skip_special_tokens=True
+                    ).strip(),
+                    "ref": scene_answer(clip["meta"], q),
+                    "free_agree": float((vt == et).float().mean()) if n else 0.0,
+                    "tf_agree": float((tf_pred[i, :n] == vt).float().mean()) if n else 0.0,
+                    "degenerate": n > 2 and bool((vt[: n - 1] == vt[0]).all()),
+                }
+            )
+    n = max(len(rows), 1)
+    return {
+        "samples": len(rows),
+        "distinct_vl_answers": len({r["vl"] for r in rows}),
+        "distinct_egpt_answers": len({r["egpt"] for r in rows}),
+        "degenerate_fraction": sum(r["degenerate"] for r in rows) / n,
+        "vl_exact_match_reference": sum(r["vl"] == r["ref"] for r in rows) / n,
+        "egpt_exact_match_reference": sum(r["egpt"] == r["ref"] for r in rows) / n,
+        "token_agreement_free_running": sum(r["free_agree"] for r in rows) / n,
+        "token_agreement_teacher_forced": sum(r["tf_agree"] for r in rows) / n,
+        "identical_answers": sum(r["vl"] == r["egpt"] for r in rows) / n,
+        "examples": rows[:: max(1, len(rows) // 6)][:6],
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "seed",
+        "quick",
+        "hidden_size",
+        "num_layers",
+        "pretrain_steps",
+        "finetune_steps",
+        "batch_size",
+        "lr",
+        "perturbation",
+        "threads",
+    )
+    return {"world_version": WORLD_VERSION, **{k: getattr(args, k) for k in keys}}
+
+
+def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> dict[str, Any]:
+    from model_loaders import load_eventgpt, load_video_llava
+    from toy_dataset import load_index, load_questions, scene_description, toy_text_corpus
+    from toy_models import build_toy_tokenizer, make_base_llm, write_eventgpt_checkpoint, write_video_llava_checkpoint
+
+    rng = random.Random(args.seed)
+    questions = load_questions(data_dir)
+    train = load_index(data_dir, "train")
+    metas = [c["meta"] for c in train]
+    corpus = toy_text_corpus(seed=args.seed)
+    tokenizer = build_toy_tokenizer(corpus)
+    heads = max(1, args.hidden_size // 16)
+    dims = {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.num_layers,
+        "num_heads": heads,
+        "intermediate_size": 2 * args.hidden_size,
+    }
+
+    texts = [f"USER: {q} ASSISTANT: {a}" for q, a in qa_texts(metas, questions)]
+    texts += [scene_description(m) for m in metas] + corpus[:2000]
+    base = make_base_llm(tokenizer, seed=args.seed, **dims)
+    pre_losses = pretrain_base(base, tokenizer, texts, args.pretrain_steps, args.batch_size * 2, args.lr, rng)
+
+    tmp = {name: models_dir / f".{name}.tmp" for name in ("eventgpt", "video_llava")}
+    for d in tmp.values():
+        shutil.rmtree(d, ignore_errors=True)
+    base_state = base.state_dict()
+    write_video_llava_checkpoint(tmp["video_llava"], base_state, tokenizer, seed=args.seed, **dims)
+    write_eventgpt_checkpoint(
+        tmp["eventgpt"], perturbed(base_state, args.perturbation, args.seed + 7), tokenizer, seed=args.seed, **dims
+    )
+
+    runners = {
+        "eventgpt": load_eventgpt(tmp["eventgpt"], device="cpu", dtype="fp32"),
+        "video_llava": load_video_llava(tmp["video_llava"], device="cpu", dtype="fp32"),
+    }
+    split_dir = data_dir / "train"
+    losses = {"pretrain": pre_losses}
+    for name, runner in runners.items():
+        feats = [clip_features(runner, split_dir, c) for c in train]
+        samples = [(f, q, a) for f, c in zip(feats, train, strict=True) for q, a in qa_texts([c["meta"]], questions)]
+        losses[name] = finetune_vlm(runner, samples, args.finetune_steps, args.batch_size, args.lr, rng)
+    runners["video_llava"].model.save_pretrained(tmp["video_llava"])
+    save_eventgpt_llm(tmp["eventgpt"], runners["eventgpt"].llm)
+    for name, d in tmp.items():
+        final = models_dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(d, final)
+    return {
+        "losses": {
+            k: {"first": v[0] if v else None, "last": float(np.mean(v[-10:])) if v else None} for k, v in losses.items()
+        },
+        "tokenizer_vocab": len(tokenizer),
+        "questions": questions,
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from model_loaders import load_eventgpt, load_video_llava
+    from toy_dataset import load_index, load_questions, write_toy_dataset
+
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    start = time.perf_counter()
+    out = args.output_dir
+    data_dir, models_dir = out / "dataset", out / "models"
+    summary = write_toy_dataset(data_dir, seed=args.seed, progress=True, **dataset_settings(args.quick))
+    models_dir.mkdir(parents=True, exist_ok=True)
+    report_path = models_dir / "toy_world.json"
+    want = settings(args)
+    report = read_json(report_path, "toy world report", "rerun with --overwrite") if report_path.is_file() else None
+    up_to_date = (
+        report is not None
+        and report.get("settings") == want
+        and not args.overwrite
+        and all((models_dir / n / "config.json").is_file() for n in ("eventgpt", "video_llava"))
+    )
+    if up_to_date:
+        log.info("models in %s are up to date (same settings); pass --overwrite to retrain", models_dir)
+    else:
+        trained = build_models(args, data_dir, models_dir)
+        # Reload from disk: the report describes the files, through the loaders every stage uses.
+        egpt = load_eventgpt(models_dir / "eventgpt", device="cpu", dtype="fp32")
+        vl = load_video_llava(models_dir / "video_llava", device="cpu", dtype="fp32")
+        split = "test" if load_index(data_dir, "test") else "train"
+        stats = answer_stats(egpt, vl, data_dir / split, load_index(data_dir, split), load_questions(data_dir))
+        report = {
+            "settings": want,
+            "dataset": {k: summary[k] for k in ("clips_total", "events_total", "codec")},
+            "training": trained,
+            "agreement_split": split,
+            "agreement": stats,
+        }
+        degenerate = stats["degenerate_fraction"] > 0.1 or stats["distinct_vl_answers"] < 3
+        if degenerate and args.quick:
+            log.warning("--quick models give degenerate answers (expected with so few steps)")
+        elif degenerate:
+            atomic_write_json(report, report_path.with_suffix(".failed.json"))
+            raise UserError(
+                f"toy Video-LLaVA answers are degenerate ({stats['distinct_vl_answers']} distinct, "
+                f"{stats['degenerate_fraction']:.0%} one-token loops); train longer "
+                "(--finetune_steps) and see toy_world.failed.json"
+            )
+        atomic_write_json(report, report_path)
+    stats = report["agreement"]
+    rows = [
+        [k, f"{stats[k]:.3f}" if isinstance(stats[k], float) else str(stats[k])]
+        for k in (
+            "samples",
+            "distinct_vl_answers",
+            "distinct_egpt_answers",
+            "degenerate_fraction",
+            "vl_exact_match_reference",
+            "egpt_exact_match_reference",
+            "token_agreement_free_running",
+            "token_agreement_teacher_forced",
+            "identical_answers",
+        )
+    ]
+    print(
+        f"toy world in {out} ({time.perf_counter() - start:.0f}s); two models on the {report['agreement_split']} split:"
+    )
+    print(markdown_table(["measure", "value"], rows))
+    for ex in stats["examples"][:3]:
+        print(f"  ref : {ex['ref']}\n  VL  : {ex['vl']}\n  EGPT: {ex['egpt']}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

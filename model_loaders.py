@@ -1,0 +1,892 @@
+"""EventGPT and Video-LLaVA behind one step-by-step interface (`VLMRunner`).
+
+Later stages (hidden-state extraction, live speculative decoding) drive either model through the
+same calls without knowing which one it is, or whether it is a toy or a 7B checkpoint:
+
+    runner = load_eventgpt("checkpoints/EventGPT-7b", quant="4bit")      # or load_video_llava(...)
+    feats = runner.clip_features(split_dir, clip)                       # [P, D], once per clip
+    inputs = runner.build_inputs([feats, feats], ["Q1?", "Q2?"])         # left-padded batch
+    out = runner.generate(inputs, max_new_tokens=50)                    # tokens, hidden, mask
+
+Low-level steps: `prefill`, `decode` (KV cache), `crop_cache`, `lm_head_weight`,
+`teacher_forced_hidden`. Hidden states are always the last decoder layer AFTER the final RMSNorm,
+so `logits = hidden @ lm_head_weight().T` (transformers' `LlamaModel.last_hidden_state`).
+
+Video-LLaVA loads with transformers' own `VideoLlavaForConditionalGeneration`/`VideoLlavaProcessor`.
+EventGPT (model_type `EventChat_llama`, not registered in transformers) loads its language model
+with `LlamaForCausalLM.from_pretrained` (so 4-bit/8-bit quantisation works unchanged) and assembles
+the CLIP tower, projector and feature adaptor around it from the checkpoint's tensors. See
+docs/MODELS.md for the release semantics this follows.
+
+Example (tiny CPU smoke run on the toy checkpoints that make_toy_world.py writes):
+    python -c "import model_loaders as m; r = m.load_video_llava('data/toy/models/video_llava', \
+device='cpu'); print(r.name, r.hidden_size, r.vocab_size, r.config_hash)"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from common import UserError, read_json, resolve_device, resolve_dtype
+
+log = logging.getLogger("xmodal_sd.model_loaders")
+
+QUANT_CHOICES = ("none", "4bit", "8bit")
+RUNNER_NAMES = ("eventgpt", "video_llava")
+
+# --- EventGPT release constants (dataset/constants.py, dataset/conversation.py of the release) ---
+EVENTGPT_MODEL_TYPE = "EventChat_llama"
+EVENT_TOKEN_INDEX = -200  # the release's in-sequence marker for "splice event features here"
+EVENTGPT_EVENT_TOKEN = "<event>"
+EVENTGPT_EV_START = "<ev_start>"
+EVENTGPT_EV_END = "<ev_end>"
+EVENTGPT_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+EVENTGPT_TOWER_PREFIX = "model.visual_tower.visual_tower."
+EVENTGPT_PROJECTOR_PREFIX = "model.visual_projector."
+EVENTGPT_ADAPTOR_PREFIX = "model.feature_adaptor."
+
+# --- Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf model card) ---
+VIDEO_LLAVA_MODEL_TYPE = "video_llava"
+VIDEO_LLAVA_PROMPT = "USER: <video>\n{question} ASSISTANT:"
+
+
+class ClipReadError(ValueError):
+    """A clip's video or event image is missing or unreadable; the message names the file."""
+
+
+def eventgpt_prompt(question: str) -> str:
+    """The release's `eventgpt_v1` (Vicuna-v1, sep " " / "</s>") prompt for one question.
+
+    The release always wraps the placeholder as `<ev_start><event><ev_end>`; with
+    `mm_use_im_start_end` false those two markers are plain text to the tokenizer.
+    """
+    message = f"{EVENTGPT_EV_START}{EVENTGPT_EVENT_TOKEN}{EVENTGPT_EV_END}\n{question}"
+    return f"{EVENTGPT_SYSTEM} USER: {message} ASSISTANT:"
+
+
+def video_llava_prompt(question: str) -> str:
+    """Video-LLaVA's documented single-turn prompt."""
+    return VIDEO_LLAVA_PROMPT.format(question=question)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data classes of the interface
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLMInputs:
+    """A left-padded batch of prompts with the visual features merged in."""
+
+    inputs_embeds: Tensor  # [B, L, D] model dtype
+    attention_mask: Tensor  # [B, L] long, 0 on left padding
+
+
+@dataclass
+class StepOutput:
+    logits: Tensor  # [B, T, V] float32 (T=1 when only the last position was asked for)
+    hidden: Tensor  # [B, T, D] float32, last decoder layer after the final norm
+    cache: Any  # transformers Cache (DynamicCache)
+
+
+@dataclass
+class GenerationOutput:
+    tokens: Tensor  # [B, N] long, pad_token_id after EOS (N = max_new_tokens)
+    hidden: Tensor  # [B, N, D] float32; hidden[t] produced the logits that chose tokens[t]; 0 where masked
+    mask: Tensor  # [B, N] bool, True up to and including EOS
+
+
+# ----------------------------------------------------------------------------------------------
+# Small shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def config_hash(path: str | os.PathLike) -> str:
+    """First 16 hex characters of the sha256 of a config.json file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def bnb_config(quant: str, device: torch.device) -> Any:
+    """`BitsAndBytesConfig` for `quant` (None for "none"); raises `UserError` off CUDA."""
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    if quant == "none":
+        return None
+    if device.type != "cuda":
+        raise UserError(f"{quant[0]}-bit needs a CUDA GPU; use --quant none on CPU")
+    try:
+        import bitsandbytes  # noqa: F401  (imported only to fail early with a clear message)
+    except ImportError as err:
+        raise UserError(f"--quant {quant} needs the bitsandbytes package: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _resolve(device: str, dtype: str, quant: str) -> tuple[torch.device, torch.dtype, Any]:
+    dev = resolve_device(device)
+    quant_cfg = bnb_config(quant, dev)
+    dt = resolve_dtype(dtype, dev)
+    if quant == "4bit" and dt != torch.bfloat16:
+        log.info("dtype: bfloat16 for --quant 4bit (the 4-bit compute dtype), not %s", dt)
+        dt = torch.bfloat16
+    return dev, dt, quant_cfg
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports (expected unexpected-key notes) for one block."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def sample_video_frames(path: str | os.PathLike, num_frames: int = 8) -> np.ndarray:
+    """Decode every frame of an mp4 with PyAV and pick `num_frames` uniformly.
+
+    Indices are `round(linspace(0, n-1, num_frames))` over the n decoded frames (repeats when the
+    video is shorter). Returns uint8 [num_frames, H, W, 3] RGB. Raises `ClipReadError` naming the
+    file when it is missing, unreadable or has no frames.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipReadError(f"video not found: {path}")
+    try:
+        # Pass 1 counts decoded frames (container headers can disagree with what decodes); pass 2
+        # converts only the chosen ones, so a long video never sits in memory as RGB.
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ClipReadError(f"video {path} has no video stream")
+            total = sum(1 for _ in container.decode(video=0))
+        if total == 0:
+            raise ClipReadError(f"video {path} decoded to zero frames")
+        idx = np.rint(np.linspace(0, total - 1, num_frames)).astype(int)
+        wanted = set(idx.tolist())
+        picked: dict[int, np.ndarray] = {}
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    picked[i] = frame.to_ndarray(format="rgb24")
+                if i >= idx[-1]:
+                    break
+    except ClipReadError:
+        raise
+    except Exception as err:  # PyAV raises many error types for truncated or non-video files
+        raise ClipReadError(f"cannot decode video {path}: {type(err).__name__}: {err}") from err
+    if len(picked) != len(wanted):
+        raise ClipReadError(f"video {path}: second decode gave fewer than {total} frames")
+    return np.stack([picked[i] for i in idx])
+
+
+def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 [H, W, 3] RGB (the release's `load_image(...).convert('RGB')`)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipReadError(f"event image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except Exception as err:  # PIL raises several types for truncated/corrupt files
+        raise ClipReadError(f"cannot read event image {path}: {type(err).__name__}: {err}") from err
+
+
+def spatio_temporal_pool(features: Tensor) -> Tensor:
+    """EventGPT's aggregator: [T, S, D] -> [T + S, D].
+
+    The first T rows are per-frame means over the S tokens (temporal tokens), the next S rows are
+    per-token means over the T frames (spatial tokens). The release pads the temporal part only
+    when asked for more temporal tokens than frames; its default asks for exactly T, so no padding.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"expected features [T, S, D], got {tuple(features.shape)}")
+    return torch.cat([features.mean(dim=1), features.mean(dim=0)], dim=0)
+
+
+def checkpoint_tensors(ckpt_dir: str | os.PathLike, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    """Load only the tensors whose names start with one of `prefixes` from a HF checkpoint folder.
+
+    Handles a single `model.safetensors`/`pytorch_model.bin` and sharded ones with an
+    `*.index.json`; only the shards that hold matching keys are opened.
+    """
+    ckpt = Path(ckpt_dir)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = ckpt / index_name
+        if index.is_file():
+            weight_map = read_json(index, "checkpoint index", "re-download the checkpoint")["weight_map"]
+            files = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (ckpt / n).is_file()][:1]
+        if not files:
+            raise UserError(
+                f"no weights in {ckpt}: expected model.safetensors, pytorch_model.bin or a sharded index "
+                "(point --checkpoint at the downloaded model folder)"
+            )
+    out: dict[str, Tensor] = {}
+    for name in files:
+        file = ckpt / name
+        if not file.is_file():
+            raise UserError(f"checkpoint shard {file} listed in the index is missing (re-download it)")
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118  (safe_open is not a dict)
+                    if key.startswith(prefixes):
+                        out[key] = handle.get_tensor(key)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
+    return out
+
+
+def _check_model_dir(path: str | os.PathLike, model_type: str, what: str, fix: str) -> tuple[Path, dict]:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{what} checkpoint folder not found: {folder} ({fix})")
+    cfg = read_json(folder / "config.json", f"{what} config", fix)
+    found = cfg.get("model_type")
+    if found != model_type:
+        raise UserError(
+            f"{folder / 'config.json'} has model_type {found!r}, but a {what} checkpoint has {model_type!r} "
+            f"({fix})"
+        )
+    return folder, cfg
+
+
+def _weight_is_quantized(weight: Tensor) -> bool:
+    return type(weight).__name__ in ("Params4bit", "Int8Params") or weight.dtype in (torch.uint8, torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared runner
+# ----------------------------------------------------------------------------------------------
+
+
+class VLMRunner:
+    """Step-by-step greedy driver of a LLaMA-decoder VLM; subclasses add the visual front end.
+
+    Subclasses set `_decoder` (a `LlamaModel`: embed_tokens, layers, final norm) and `_lm_head`.
+    """
+
+    name: str = "base"
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        decoder: nn.Module,
+        lm_head: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_path: str,
+        config_hash: str,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self._decoder = decoder.eval()
+        self._lm_head = lm_head.eval()
+        self._embed = decoder.get_input_embeddings()
+        self.device = device
+        self.dtype = dtype
+        self.model_path = model_path
+        self.config_hash = config_hash
+        self.hidden_size = int(decoder.config.hidden_size)
+        self.vocab_size = int(lm_head.out_features)
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = int(pad)
+        self._lm_head_cache: Tensor | None = None
+        self._lm_head_version: tuple[int, int] | None = None
+
+    # -- visual front end (subclasses) ---------------------------------------------------------
+    def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
+        """Visual embeddings of one clip, [P, D] in model dtype on the model device."""
+        raise NotImplementedError
+
+    def build_inputs(self, features: list[Tensor], questions: list[str]) -> VLMInputs:
+        """One prompt per (features, question) pair, visual embeddings spliced in, left padded."""
+        raise NotImplementedError
+
+    # -- text helpers --------------------------------------------------------------------------
+    def embed_ids(self, ids: Tensor | list[int]) -> Tensor:
+        """Token embeddings [..., D] in model dtype."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self._embed(ids).to(self.dtype)
+
+    def _left_pad(self, sequences: list[Tensor]) -> VLMInputs:
+        """Stack [L_i, D] embedding sequences into a left-padded batch (pad = pad token embedding)."""
+        if not sequences:
+            raise ValueError("build_inputs needs at least one prompt")
+        length = max(s.shape[0] for s in sequences)
+        pad = self.embed_ids([self.pad_token_id])[0]
+        embeds = pad.expand(len(sequences), length, -1).clone()
+        mask = torch.zeros(len(sequences), length, dtype=torch.long, device=self.device)
+        for row, seq in enumerate(sequences):
+            embeds[row, length - seq.shape[0]:] = seq.to(self.device, self.dtype)
+            mask[row, length - seq.shape[0]:] = 1
+        return VLMInputs(inputs_embeds=embeds, attention_mask=mask)
+
+    # -- the decoder steps -----------------------------------------------------------------------
+    def _forward(
+        self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any, logits_for: str
+    ) -> StepOutput:
+        out = self._decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None or logits_for != "none",
+        )
+        hidden = out.last_hidden_state  # post final norm (LlamaModel applies self.norm)
+        if logits_for == "all":
+            logits = self._lm_head(hidden).float()
+        elif logits_for == "last":
+            logits = self._lm_head(hidden[:, -1:]).float()
+        else:
+            logits = hidden.new_zeros(hidden.shape[0], 0, self.vocab_size, dtype=torch.float32)
+        return StepOutput(logits=logits, hidden=hidden.float(), cache=out.past_key_values)
+
+    @staticmethod
+    def _positions(attention_mask: Tensor) -> Tensor:
+        # Left padding: the first real token of every row sits at position 0.
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @torch.no_grad()
+    def prefill(self, inputs: VLMInputs, logits_for: str = "all") -> StepOutput:
+        """Run the whole prompt; logits/hidden for all positions (`logits_for="last"`: last only)."""
+        if logits_for not in ("all", "last"):
+            raise ValueError(f"logits_for must be 'all' or 'last', got {logits_for!r}")
+        from transformers import DynamicCache
+
+        mask = inputs.attention_mask.to(self.device)
+        cache = DynamicCache(config=self._decoder.config)
+        return self._forward(inputs.inputs_embeds.to(self.device, self.dtype), mask,
+                             self._positions(mask), cache, logits_for)
+
+    @torch.no_grad()
+    def decode(self, token_ids: Tensor, cache: Any, attention_mask: Tensor) -> StepOutput:
+        """Feed `token_ids` [B, T] after the cached positions; `attention_mask` [B, cache+T]."""
+        token_ids = token_ids.to(self.device)
+        mask = attention_mask.to(self.device)
+        expected = cache.get_seq_length() + token_ids.shape[1]
+        if mask.shape[1] != expected:
+            raise ValueError(f"attention_mask covers {mask.shape[1]} positions, cache+new is {expected}")
+        positions = self._positions(mask)[:, -token_ids.shape[1]:]
+        return self._forward(self.embed_ids(token_ids), mask, positions, cache, "all")
+
+    def crop_cache(self, cache: Any, length: int) -> None:
+        """Drop cached positions >= `length` (in place)."""
+        current = cache.get_seq_length()
+        if not 0 <= length <= current:
+            raise ValueError(f"cannot crop a cache of length {current} to {length}")
+        if length < current:
+            cache.crop(length - current)  # negative = number of positions to remove (transformers 5.x)
+
+    @torch.no_grad()
+    def lm_head_weight(self) -> Tensor:
+        """The LM head as a dense float32 [V, D] matrix on the model device (dequantised if needed).
+
+        Built once and kept (about 0.5 GB for a 32k x 4096 head), so callers may call it freely.
+        """
+        weight = self._lm_head.weight
+        version = (weight.data_ptr(), weight._version)  # rebuilt if the head is trained in place
+        if self._lm_head_cache is None or self._lm_head_version != version:
+            self._lm_head_version = version
+            if _weight_is_quantized(weight):
+                # Multiplying the identity through the quantised layer returns W^T exactly as the
+                # layer itself uses it, for any bitsandbytes format.
+                rows = []
+                for start in range(0, self.hidden_size, 1024):
+                    stop = min(start + 1024, self.hidden_size)
+                    eye = torch.zeros(stop - start, self.hidden_size, device=self.device, dtype=self.dtype)
+                    eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                    rows.append(self._lm_head(eye).float())
+                self._lm_head_cache = torch.cat(rows).T.contiguous()
+            else:
+                self._lm_head_cache = weight.detach().to(self.device, torch.float32, copy=True)
+        return self._lm_head_cache
+
+    @torch.no_grad()
+    def generate(self, inputs: VLMInputs, max_new_tokens: int) -> GenerationOutput:
+        """Greedy decoding with the KV cache until every row emitted EOS or `max_new_tokens`."""
+        batch = inputs.inputs_embeds.shape[0]
+        tokens = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=self.device)
+        hidden = torch.zeros(batch, max_new_tokens, self.hidden_size, device=self.device)
+        valid = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=self.device)
+        if max_new_tokens <= 0:
+            return GenerationOutput(tokens=tokens, hidden=hidden, mask=valid)
+        step = self.prefill(inputs, logits_for="last")
+        mask = inputs.attention_mask.to(self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for t in range(max_new_tokens):
+            alive = ~done
+            next_tok = step.logits[:, -1].argmax(-1)
+            tokens[:, t] = torch.where(alive, next_tok, self.pad_token_id)
+            hidden[:, t] = step.hidden[:, -1] * alive[:, None]
+            valid[:, t] = alive
+            done |= next_tok == self.eos_token_id
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            step = self.decode(tokens[:, t : t + 1], step.cache, mask)
+        return GenerationOutput(tokens=tokens, hidden=hidden, mask=valid)
+
+    @torch.no_grad()
+    def teacher_forced_hidden(self, inputs: VLMInputs, tokens: Tensor, mask: Tensor) -> Tensor:
+        """[B, N, D]: the state that predicts tokens[t] from prompt + tokens[:t], one forward pass.
+
+        Positions where `mask` is False are zero (as in `generate`).
+        """
+        tokens = tokens.to(self.device)
+        mask = mask.to(self.device).bool()
+        n = tokens.shape[1]
+        prompt_len = inputs.inputs_embeds.shape[1]
+        ids = torch.where(mask, tokens, torch.full_like(tokens, self.pad_token_id))
+        embeds = torch.cat([inputs.inputs_embeds.to(self.device, self.dtype), self.embed_ids(ids)], dim=1)
+        attn = torch.cat([inputs.attention_mask.to(self.device), torch.ones_like(ids)], dim=1)
+        out = self._forward(embeds, attn, self._positions(attn), None, "none")
+        states = out.hidden[:, prompt_len - 1 : prompt_len - 1 + n]
+        return states * mask[..., None]
+
+
+# ----------------------------------------------------------------------------------------------
+# EventGPT
+# ----------------------------------------------------------------------------------------------
+
+
+class EventGPTRunner(VLMRunner):
+    """EventGPT: CLIP ViT -> projector (Linear-GELU-Linear) -> feature adaptor -> pooling -> Vicuna."""
+
+    name = "eventgpt"
+
+    def __init__(
+        self,
+        *,
+        llm: nn.Module,
+        tower: nn.Module,
+        projector: nn.Module,
+        adaptor: nn.Module | None,
+        image_processor: Any,
+        num_event_frames: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(decoder=llm.model, lm_head=llm.lm_head, **kwargs)
+        self.llm = llm
+        self.tower = tower.eval()
+        self.projector = projector.eval()
+        self.adaptor = adaptor.eval() if adaptor is not None else None
+        self.image_processor = image_processor
+        self.num_event_frames = num_event_frames
+
+    def event_image_paths(self, split_dir: Path, clip: dict) -> list[Path]:
+        prefix = clip["event_image_prefix"]
+        return [Path(split_dir) / f"{prefix}_{i}.png" for i in range(self.num_event_frames)]
+
+    @torch.no_grad()
+    def encode_event_images(self, images: list[np.ndarray]) -> Tensor:
+        """RGB uint8 event frames -> spliced embeddings [T + S, D] (S = CLIP tokens incl. CLS)."""
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, self.dtype)
+        # The release uses CLIPVisionModel(...).last_hidden_state: the last encoder layer, all
+        # tokens including CLS, no post_layernorm.
+        feats = self.tower(pixel_values=pixels).last_hidden_state  # [T, S, C]
+        feats = self.projector(feats)
+        if self.adaptor is not None:
+            feats = self.adaptor(feats)
+        return spatio_temporal_pool(feats).to(self.dtype)
+
+    def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
+        images = [read_rgb_image(p) for p in self.event_image_paths(split_dir, clip)]
+        return self.encode_event_images(images)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The release's `tokenizer_event_token`: chunks around `<event>` tokenised separately,
+        BOS kept once, `EVENT_TOKEN_INDEX` where the features go."""
+        chunks = [self.tokenizer(c).input_ids for c in eventgpt_prompt(question).split(EVENTGPT_EVENT_TOKEN)]
+        bos = self.tokenizer.bos_token_id
+        offset = 1 if chunks and chunks[0] and chunks[0][0] == bos else 0
+        ids: list[int] = [chunks[0][0]] if offset else []
+        for i, chunk in enumerate(chunks):
+            if i > 0:
+                ids.append(EVENT_TOKEN_INDEX)
+            ids.extend(chunk[offset:])
+        return ids
+
+    @torch.no_grad()
+    def build_inputs(self, features: list[Tensor], questions: list[str]) -> VLMInputs:
+        if len(features) != len(questions):
+            raise ValueError(f"{len(features)} feature sets for {len(questions)} questions")
+        sequences = []
+        for feats, question in zip(features, questions, strict=True):
+            ids = self.prompt_ids(question)
+            parts, text = [], []
+            for tok in ids:
+                if tok == EVENT_TOKEN_INDEX:
+                    if text:
+                        parts.append(self.embed_ids(text))
+                        text = []
+                    parts.append(feats.to(self.device, self.dtype))
+                else:
+                    text.append(tok)
+            if text:
+                parts.append(self.embed_ids(text))
+            sequences.append(torch.cat(parts))
+        return self._left_pad(sequences)
+
+
+def _tower_dir(ckpt: Path, name: str) -> str:
+    """`mm_visual_tower` as a folder (relative to the checkpoint, the working dir, or absolute) or a hub id."""
+    candidate = Path(name).expanduser()
+    for folder in ((candidate,) if candidate.is_absolute() else (ckpt / candidate, candidate)):
+        if folder.is_dir():
+            return str(folder)
+    if candidate.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise UserError(
+            f"vision tower folder {name!r} (mm_visual_tower in {ckpt / 'config.json'}) not found; pass "
+            "vision_tower= a local CLIP folder or a hub id such as openai/clip-vit-large-patch14-336"
+        )
+    return name  # a hub id such as openai/clip-vit-large-patch14-336
+
+
+def _clip_vision_config(tower: str) -> Any:
+    from transformers import CLIPVisionConfig
+
+    local = Path(tower) / "config.json"
+    if local.is_file():
+        cfg = read_json(local, "CLIP vision tower config", "re-download the vision tower")
+        if "vision_config" in cfg:  # a full CLIPConfig, as in openai/clip-vit-large-patch14-336
+            cfg = cfg["vision_config"]
+        cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
+        return CLIPVisionConfig(**cfg)
+    return CLIPVisionConfig.from_pretrained(tower)  # hub id (base_config_key picks vision_config)
+
+
+def _clip_image_processor(tower: str) -> Any:
+    # The release ran transformers 4.x's PIL-based CLIPImageProcessor; 5.x keeps it as *Pil.
+    try:
+        from transformers import CLIPImageProcessorPil as ProcessorClass
+    except ImportError:  # older transformers: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as ProcessorClass
+    return ProcessorClass.from_pretrained(tower)
+
+
+def _output_size(processor: Any) -> tuple[Any, Any]:
+    """(height, width) a CLIP image processor produces: its crop size, or a fixed resize size."""
+
+    def hw(size: Any) -> tuple[Any, Any]:
+        if size is None:
+            return None, None
+        if isinstance(size, dict):
+            return size.get("height"), size.get("width")
+        return getattr(size, "height", None), getattr(size, "width", None)
+
+    if getattr(processor, "do_center_crop", False):
+        return hw(getattr(processor, "crop_size", None))
+    return hw(getattr(processor, "size", None))
+
+
+def _fit_tower_state(tower: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map release keys (`vision_model.*`, transformers 4.x) onto the installed CLIPVisionModel."""
+    own = set(tower.state_dict())
+    fitted = {}
+    for key, value in state.items():
+        if key not in own and key.startswith("vision_model.") and key[len("vision_model."):] in own:
+            key = key[len("vision_model."):]
+        elif key not in own and f"vision_model.{key}" in own:
+            key = f"vision_model.{key}"
+        fitted[key] = value
+    return fitted
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_eventgpt(
+    path: str | os.PathLike,
+    quant: str = "none",
+    device: str = "auto",
+    dtype: str = "auto",
+    num_event_frames: int = 1,
+    vision_tower: str | None = None,
+) -> EventGPTRunner:
+    """Load an EventGPT checkpoint folder (release layout) as an `EventGPTRunner`.
+
+    The LLaMA part goes through `LlamaForCausalLM.from_pretrained` (quantised with bitsandbytes
+    when `quant` is 4bit/8bit); tower, projector and adaptor are built here in `dtype`.
+    `num_event_frames`: event PNGs per clip (`{prefix}_0.png` .. `_{n-1}.png`); the paper's
+    extraction uses the first only. `vision_tower` overrides the config's `mm_visual_tower` (a CLIP
+    folder or hub id; only its config and preprocessor config are read when the checkpoint holds the
+    tower tensors, as the release's does).
+    """
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    if num_event_frames < 1:
+        raise UserError(f"num_event_frames must be >= 1, got {num_event_frames}")
+    fix = "point it at an EventGPT checkpoint folder (config.json with model_type EventChat_llama)"
+    ckpt, cfg = _check_model_dir(path, EVENTGPT_MODEL_TYPE, "EventGPT", fix)
+    dev, dt, quant_cfg = _resolve(device, dtype, quant)
+
+    llama_cfg = LlamaConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})
+    load_kwargs: dict[str, Any] = {"config": llama_cfg, "dtype": dt}
+    if quant_cfg is not None:
+        load_kwargs["quantization_config"] = quant_cfg
+    if dev.type == "cuda":
+        load_kwargs["device_map"] = {"": dev}
+    with _quiet_transformers():  # the vision tensors in the same files are "unexpected" to LLaMA
+        llm, info = LlamaForCausalLM.from_pretrained(str(ckpt), output_loading_info=True, **load_kwargs)
+    missing = sorted(info.get("missing_keys", []))
+    if missing:  # from_pretrained would silently leave these randomly initialised
+        raise UserError(f"EventGPT checkpoint {ckpt} lacks {len(missing)} language-model tensors "
+                        f"(e.g. {missing[0]}); the download is incomplete")
+    llm = llm.to(dev) if dev.type != "cuda" else llm
+
+    tower_name = vision_tower or cfg.get("mm_visual_tower")
+    if not tower_name:
+        raise UserError(f"{ckpt / 'config.json'} has no mm_visual_tower; is this an EventGPT checkpoint?")
+    tower_path = _tower_dir(ckpt, str(tower_name))
+    vision_cfg = _clip_vision_config(tower_path)
+    image_processor = _clip_image_processor(tower_path)
+    crop_hw = _output_size(image_processor)
+    if crop_hw != (vision_cfg.image_size, vision_cfg.image_size):
+        raise UserError(
+            f"vision tower {tower_path}: preprocessor crops to {crop_hw} but the tower expects "
+            f"{vision_cfg.image_size} px (fix its preprocessor_config.json)"
+        )
+
+    prefixes = (EVENTGPT_TOWER_PREFIX, EVENTGPT_PROJECTOR_PREFIX, EVENTGPT_ADAPTOR_PREFIX)
+    state = checkpoint_tensors(ckpt, prefixes)
+    tower_state = _strip(state, EVENTGPT_TOWER_PREFIX)
+    if tower_state:
+        tower = CLIPVisionModel(vision_cfg)
+        missing, unexpected = tower.load_state_dict(_fit_tower_state(tower, tower_state), strict=False)
+        missing = [k for k in missing if "position_ids" not in k]
+        if missing or unexpected:
+            raise UserError(f"vision tower tensors in {ckpt} do not fit CLIP: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]} (is the checkpoint complete?)")
+    else:  # a checkpoint without tower tensors uses the tower's own pre-trained weights
+        log.info("EventGPT: no %s* tensors in %s; loading the tower from %s", EVENTGPT_TOWER_PREFIX, ckpt,
+                 tower_path)
+        tower = CLIPVisionModel.from_pretrained(tower_path, config=vision_cfg)
+
+    proj_state = _strip(state, EVENTGPT_PROJECTOR_PREFIX)
+    if not {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(proj_state):
+        raise UserError(f"{ckpt} lacks the projector tensors {EVENTGPT_PROJECTOR_PREFIX}{{0,2}}.{{weight,bias}}")
+    text_dim = int(llama_cfg.hidden_size)
+    mm_dim = int(proj_state["0.weight"].shape[1])
+    if mm_dim != vision_cfg.hidden_size or cfg.get("mm_hidden_size", mm_dim) != mm_dim:
+        raise UserError(f"{ckpt}: projector input {mm_dim}, mm_hidden_size {cfg.get('mm_hidden_size')} and "
+                        f"tower width {vision_cfg.hidden_size} disagree")
+    projector = nn.Sequential(nn.Linear(mm_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
+    projector.load_state_dict(proj_state)
+
+    adaptor_state = _strip(state, EVENTGPT_ADAPTOR_PREFIX)
+    adaptor = None
+    if adaptor_state:
+        adaptor = nn.Linear(text_dim, text_dim)
+        adaptor.load_state_dict(adaptor_state)
+    elif cfg.get("event_feature_adaptor"):
+        raise UserError(f"{ckpt / 'config.json'} sets event_feature_adaptor but no {EVENTGPT_ADAPTOR_PREFIX}* "
+                        "tensors are in the checkpoint")
+
+    for module in (tower, projector, adaptor):
+        if module is not None:
+            module.to(dev, dt).eval().requires_grad_(False)
+    llm.eval().requires_grad_(False)
+    with _quiet_transformers():  # AutoTokenizer peeks at config.json and does not know EventChat_llama
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    runner = EventGPTRunner(
+        llm=llm,
+        tower=tower,
+        projector=projector,
+        adaptor=adaptor,
+        image_processor=image_processor,
+        num_event_frames=num_event_frames,
+        tokenizer=tokenizer,
+        device=dev,
+        dtype=dt,
+        model_path=str(ckpt),
+        config_hash=config_hash(ckpt / "config.json"),
+    )
+    log.info("EventGPT loaded from %s (quant %s, %s, %d event frame(s), tower %s px)", ckpt, quant, dt,
+             num_event_frames, vision_cfg.image_size)
+    return runner
+
+
+# ----------------------------------------------------------------------------------------------
+# Video-LLaVA
+# ----------------------------------------------------------------------------------------------
+
+
+class VideoLlavaRunner(VLMRunner):
+    """Video-LLaVA through transformers' own model and processor."""
+
+    name = "video_llava"
+
+    def __init__(self, *, model: nn.Module, processor: Any, num_frames: int, **kwargs: Any) -> None:
+        super().__init__(decoder=model.model.language_model, lm_head=model.lm_head, **kwargs)
+        self.model = model.eval()
+        self.processor = processor
+        self.num_frames = num_frames
+        self.video_token_id = int(model.config.video_token_index)
+        self.video_token = processor.video_token
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> Tensor:
+        """uint8 [F, H, W, 3] -> projected video tower tokens [F * tokens_per_frame, D] (CLS kept)."""
+        pixels = self.processor.video_processor(videos=[np.asarray(frames)], return_tensors="pt")
+        pixels = pixels["pixel_values_videos"].to(self.device, self.dtype)
+        out = self.model.model.get_video_features(pixel_values_videos=pixels, return_dict=True)
+        return out.pooler_output.reshape(-1, self.hidden_size).to(self.dtype)
+
+    def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
+        return self.encode_frames(sample_video_frames(Path(split_dir) / clip["video"], self.num_frames))
+
+    @torch.no_grad()
+    def build_inputs(self, features: list[Tensor], questions: list[str]) -> VLMInputs:
+        if len(features) != len(questions):
+            raise ValueError(f"{len(features)} feature sets for {len(questions)} questions")
+        sequences = []
+        for feats, question in zip(features, questions, strict=True):
+            # As VideoLlavaProcessor: repeat the <video> token once per visual token, then tokenise.
+            text = video_llava_prompt(question).replace(self.video_token, self.video_token * feats.shape[0])
+            ids = torch.tensor(self.tokenizer(text).input_ids, device=self.device)
+            slots = ids == self.video_token_id
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(f"prompt has {int(slots.sum())} video slots for {feats.shape[0]} features")
+            embeds = self.embed_ids(ids)
+            embeds[slots] = feats.to(self.device, self.dtype)
+            sequences.append(embeds)
+        return self._left_pad(sequences)
+
+
+def load_video_llava(
+    path: str | os.PathLike,
+    quant: str = "none",
+    device: str = "auto",
+    dtype: str = "auto",
+    num_frames: int = 8,
+) -> VideoLlavaRunner:
+    """Load Video-LLaVA (a local folder, or a hub id such as LanguageBind/Video-LLaVA-7B-hf)."""
+    from transformers import VideoLlavaForConditionalGeneration, VideoLlavaProcessor
+
+    if num_frames < 1:
+        raise UserError(f"num_frames must be >= 1, got {num_frames}")
+    fix = "point it at a Video-LLaVA folder (config.json with model_type video_llava) or a hub id"
+    source = str(path)
+    local = Path(source)
+    looks_like_hub_id = (not local.exists() and source.count("/") == 1
+                         and not source.startswith((".", "/", "~")))
+    if looks_like_hub_id:
+        from transformers.utils import cached_file
+
+        cfg_file = Path(cached_file(source, "config.json"))
+    else:
+        local, _ = _check_model_dir(local, VIDEO_LLAVA_MODEL_TYPE, "Video-LLaVA", fix)
+        cfg_file = local / "config.json"
+    dev, dt, quant_cfg = _resolve(device, dtype, quant)
+    load_kwargs: dict[str, Any] = {"dtype": dt}
+    if quant_cfg is not None:
+        load_kwargs["quantization_config"] = quant_cfg
+    if dev.type == "cuda":
+        load_kwargs["device_map"] = {"": dev}
+    model, info = VideoLlavaForConditionalGeneration.from_pretrained(source, output_loading_info=True,
+                                                                     **load_kwargs)
+    if info.get("missing_keys"):
+        log.warning("Video-LLaVA %s: %d tensors missing from the checkpoint and left at init (e.g. %s)",
+                    source, len(info["missing_keys"]), sorted(info["missing_keys"])[0])
+    if dev.type != "cuda":
+        model = model.to(dev)
+    model.eval().requires_grad_(False)
+    with _quiet_transformers():  # "no torchvision image processor for Video-LLaVA, using PIL" notes
+        processor = VideoLlavaProcessor.from_pretrained(source)
+    runner = VideoLlavaRunner(
+        model=model,
+        processor=processor,
+        num_frames=num_frames,
+        tokenizer=processor.tokenizer,
+        device=dev,
+        dtype=dt,
+        model_path=source,
+        config_hash=config_hash(cfg_file),
+    )
+    log.info("Video-LLaVA loaded from %s (quant %s, %s, %d frames)", source, quant, dt, num_frames)
+    return runner
+
+
+def load_runner(name: str, path: str | os.PathLike, **kwargs: Any) -> VLMRunner:
+    """`load_eventgpt` or `load_video_llava` by name; unknown names fail listing the valid ones."""
+    if name == "eventgpt":
+        return load_eventgpt(path, **kwargs)
+    if name == "video_llava":
+        return load_video_llava(path, **kwargs)
+    raise UserError(f"unknown model {name!r}; choose one of {', '.join(RUNNER_NAMES)}")
+
+
+def runner_manifest(runner: VLMRunner) -> dict[str, Any]:
+    """What a data folder should record about the model that produced it."""
+    return {
+        "name": runner.name,
+        "model_path": runner.model_path,
+        "config_hash": runner.config_hash,
+        "hidden_size": runner.hidden_size,
+        "vocab_size": runner.vocab_size,
+        "eos_token_id": runner.eos_token_id,
+        "pad_token_id": runner.pad_token_id,
+        "dtype": str(runner.dtype).replace("torch.", ""),
+        "device": str(runner.device),
+    }
+
+
+__all__ = [
+    "ClipReadError",
+    "EventGPTRunner",
+    "GenerationOutput",
+    "StepOutput",
+    "VLMInputs",
+    "VLMRunner",
+    "VideoLlavaRunner",
+    "bnb_config",
+    "checkpoint_tensors",
+    "config_hash",
+    "eventgpt_prompt",
+    "load_eventgpt",
+    "load_runner",
+    "load_video_llava",
+    "runner_manifest",
+    "sample_video_frames",
+    "spatio_temporal_pool",
+    "video_llava_prompt",
+]

@@ -1,0 +1,225 @@
+"""Paired hidden-state extraction on the quick toy world: correctness against direct forwards,
+batching, resuming after a kill, sharding, failures, and the LM head file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import extract_hidden_states as ehs
+import extract_vl_lm_head
+from common import UserError
+from hidden_data import chunk_name, iter_chunks, load_chunk, load_manifest
+from model_loaders import load_eventgpt, load_video_llava
+from tests.conftest import ROOT
+from toy_dataset import load_index, load_questions
+
+T = 8  # max_new_tokens in these tests
+
+
+def args_for(world: Path, out: Path, *extra: str) -> list[str]:
+    return ["--split", "train", "--dataset_dir", str(world / "dataset"), "--output_dir", str(out),
+            "--egpt_model", str(world / "models" / "eventgpt"), "--vl_model", str(world / "models" / "video_llava"),
+            "--max_questions", "2", "--max_new_tokens", str(T), "--device", "cpu", "--dtype", "fp32", *extra]
+
+
+def extract(world: Path, out: Path, *extra: str) -> int:
+    return ehs.main(ehs.parse_args(args_for(world, out, *extra)))
+
+
+def merged(out: Path, teacher_forced: bool = False) -> dict[str, object]:
+    """All chunks of a folder concatenated, rows sorted by sample id."""
+    chunks = list(iter_chunks(out, teacher_forced))
+    ids = [i for c in chunks for i in c["sample_ids"]]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    result: dict[str, object] = {"sample_ids": [ids[i] for i in order]}
+    for key, value in chunks[0].items():
+        if isinstance(value, torch.Tensor):
+            result[key] = torch.cat([c[key] for c in chunks])[order]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runners(quick_world):
+    models = quick_world / "models"
+    return (load_eventgpt(models / "eventgpt", device="cpu", dtype="fp32"),
+            load_video_llava(models / "video_llava", device="cpu", dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def batched(quick_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batched")
+    assert extract(quick_world, out, "--chunked", "--chunk_size", "4", "--batch_size", "3", "--teacher_forced") == 0
+    return out
+
+
+def test_manifest_describes_the_data(batched, quick_world):
+    manifest = load_manifest(batched)
+    clips = load_index(quick_world / "dataset", "train")
+    assert manifest["complete"] and manifest["num_samples"] == len(clips) * 2
+    assert manifest["questions"] == load_questions(quick_world / "dataset", 2)
+    assert manifest["dtypes"]["vl_hidden"] == "float16" and manifest["teacher_forced"]
+    assert manifest["models"]["target"]["hidden_size"] == manifest["widths"]["target"]
+    assert len(manifest["chunks"]) == -(-manifest["num_samples"] // 4)
+    chunk = load_chunk(batched / manifest["chunks"][0]["file"], expect_teacher_forced=True)
+    assert chunk["vl_hidden"].dtype == torch.float16 and chunk["vl_hidden"].shape[1] == T
+
+
+def test_stored_states_equal_a_direct_forward(batched, quick_world, runners):
+    """The state stored for token t equals the state of one forward pass over prompt + answer."""
+    egpt, vl = runners
+    data = merged(batched, teacher_forced=True)
+    clips = {c["id"]: c for c in load_index(quick_world / "dataset", "train")}
+    questions = load_questions(quick_world / "dataset", 2)
+    split_dir = quick_world / "dataset" / "train"
+    for row in range(len(data["sample_ids"])):
+        clip_id, q = data["sample_ids"][row].split("#q")
+        for key, runner in (("egpt", egpt), ("vl", vl)):
+            inputs = runner.build_inputs([runner.clip_features(split_dir, clips[clip_id])], [questions[int(q)]])
+            tokens, mask = data[f"{key}_tokens"][row].long(), data[f"{key}_mask"][row]
+            n = int(mask.sum())
+            full = torch.cat([inputs.inputs_embeds, runner.embed_ids(tokens[None, : n - 1])], dim=1)
+            direct = runner.prefill(type(inputs)(full, torch.ones(1, full.shape[1], dtype=torch.long))).hidden[0]
+            plen = inputs.inputs_embeds.shape[1]
+            torch.testing.assert_close(data[f"{key}_hidden"][row, :n].float(), direct[plen - 1 : plen - 1 + n],
+                                       atol=2e-2, rtol=2e-2)
+            assert torch.all(data[f"{key}_hidden"][row, n:] == 0)
+        # Teacher-forced drafter states: EventGPT reading the target's answer.
+        inputs = egpt.build_inputs([egpt.clip_features(split_dir, clips[clip_id])], [questions[int(q)]])
+        n = int(data["vl_mask"][row].sum())
+        vt = data["vl_tokens"][row, : n - 1].long()
+        full = torch.cat([inputs.inputs_embeds, egpt.embed_ids(vt[None])], dim=1)
+        direct = egpt.prefill(type(inputs)(full, torch.ones(1, full.shape[1], dtype=torch.long))).hidden[0]
+        plen = inputs.inputs_embeds.shape[1]
+        torch.testing.assert_close(data["egpt_hidden_tf"][row, :n].float(), direct[plen - 1 : plen - 1 + n],
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_lm_head_reproduces_stored_tokens(batched, quick_world, tmp_path):
+    head_path = tmp_path / "head.pt"
+    head = extract_vl_lm_head.main(extract_vl_lm_head.parse_args(
+        ["--vl_model", str(quick_world / "models" / "video_llava"), "--output", str(head_path)]))
+    assert head_path.is_file() and head["weight"].dtype == torch.float16
+    loaded = extract_vl_lm_head.load_lm_head(head_path, hidden_dim=head["hidden_dim"])
+    data = merged(batched)
+    logits = data["vl_hidden"].float() @ loaded["weight"].float().T
+    mask = data["vl_mask"]
+    assert mask.any()
+    agree = (logits.argmax(-1) == data["vl_tokens"].long())[mask]
+    assert agree.float().mean() == 1.0
+    with pytest.raises(UserError, match="width"):
+        extract_vl_lm_head.load_lm_head(head_path, hidden_dim=head["hidden_dim"] + 1)
+
+
+def test_lm_head_file_equals_the_loaded_model_head(quick_world, runners, tmp_path):
+    head = extract_vl_lm_head.extract(str(quick_world / "models" / "video_llava"))
+    torch.testing.assert_close(head["weight"].float(), runners[1].lm_head_weight().half().float())
+    assert head["vocab_size"] == runners[1].vocab_size
+
+
+def test_batched_equals_one_by_one(batched, quick_world, tmp_path):
+    single = tmp_path / "single"
+    assert extract(quick_world, single, "--chunked", "--chunk_size", "4", "--batch_size", "1", "--teacher_forced") == 0
+    a, b = merged(batched, True), merged(single, True)
+    assert a["sample_ids"] == b["sample_ids"]
+    for key in ("egpt_tokens", "vl_tokens", "egpt_mask", "vl_mask"):
+        assert torch.equal(a[key], b[key]), key
+    for key in ("egpt_hidden", "vl_hidden", "egpt_hidden_tf"):
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_killed_run_resumes_to_the_same_chunks(quick_world, tmp_path):
+    """SIGKILL mid-run, rerun: finished chunks are kept untouched and the result equals a clean run."""
+    flags = ("--chunked", "--chunk_size", "1", "--batch_size", "1", "--teacher_forced", "--max_new_tokens", "40")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "extract_hidden_states.py", *args_for(quick_world, out, *flags)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = out / "shard_000-of-001.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shard.is_file() and len(json.loads(shard.read_text())["chunks"]) >= 2:
+            break
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {c["file"] for c in json.loads(shard.read_text())["chunks"]}
+    assert killed and 2 <= len(done_before) < 6, "the run finished before it could be killed"
+    with pytest.raises(UserError):
+        load_manifest(out)  # no manifest yet, or one that says unfinished
+    mtimes = {f: (out / f).stat().st_mtime_ns for f in done_before}
+    assert extract(quick_world, out, *flags) == 0
+    assert all((out / f).stat().st_mtime_ns == m for f, m in mtimes.items()), "finished chunks were redone"
+    clean = tmp_path / "clean"
+    assert extract(quick_world, clean, *flags) == 0
+    a, b = merged(out, True), merged(clean, True)
+    assert a["sample_ids"] == b["sample_ids"]
+    for key in a:
+        if key != "sample_ids":
+            assert torch.equal(a[key], b[key]), key
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == sorted(
+        p.name for p in clean.iterdir() if p.suffix == ".pt")
+
+
+def test_truncated_chunk_is_a_clear_error(batched, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(batched, copy)
+    first = copy / chunk_name(0, 0)
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"chunk_s000_00000\.pt has \d+ bytes, the manifest says"):
+        load_manifest(copy)
+    with pytest.raises(UserError, match=r"cannot read hidden-state chunk .*chunk_s000_00000\.pt"):
+        load_chunk(first)
+
+
+def test_shards_together_equal_one_run(quick_world, batched, tmp_path):
+    out = tmp_path / "sharded"
+    for i in range(2):
+        assert extract(quick_world, out, "--chunked", "--chunk_size", "4", "--batch_size", "3", "--teacher_forced",
+                       "--num_shards", "2", "--shard_index", str(i)) == 0
+    manifest = load_manifest(out)
+    assert manifest["complete"] and set(manifest["shards"]) == {"shard_000-of-002", "shard_001-of-002"}
+    a, b = merged(out, True), merged(batched, True)
+    assert a["sample_ids"] == b["sample_ids"] and torch.equal(a["vl_tokens"], b["vl_tokens"])
+
+
+def test_bad_clip_is_named_counted_and_skipped(quick_world, tmp_path, capsys):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(quick_world / "dataset", world / "dataset")
+    (world / "models").symlink_to(quick_world / "models")
+    clips = load_index(world / "dataset", "train")
+    bad_video = world / "dataset" / "train" / clips[1]["video"]
+    bad_video.write_bytes(b"not an mp4")
+    out = tmp_path / "out"
+    assert extract(world, out, "--chunked", "--chunk_size", "4", "--batch_size", "2") == 0
+    manifest = load_manifest(out)
+    assert [f["clip"] for f in manifest["failed_clips"]] == [clips[1]["id"]]
+    assert manifest["num_samples"] == (len(clips) - 1) * 2
+    assert clips[1]["id"] in capsys.readouterr().out
+    assert extract(world, tmp_path / "strict", "--max_failures", "0") == 1
+
+
+def test_rerun_with_other_settings_is_refused(batched, quick_world):
+    with pytest.raises(UserError, match="different max_new_tokens"):
+        ehs.main(ehs.parse_args([*args_for(quick_world, batched, "--chunked", "--chunk_size", "4",
+                                           "--teacher_forced"), "--max_new_tokens", "9"]))
+
+
+def test_cli_reports_missing_dataset(tmp_path):
+    proc = subprocess.run([sys.executable, "extract_hidden_states.py", "--dataset_dir", str(tmp_path / "nope"),
+                           "--egpt_model", "x", "--vl_model", "y", "--output_dir", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,242 @@
+"""Tests for toy_dataset.py: layout, determinism, resumability, video, simulated events, answer text."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+import toy_dataset as td
+from common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"num_sequences": (1, 1, 1), "clips_per_sequence": 2, "height": 48, "width": 64, "fps": 10,
+        "duration_s": 1.0, "progress": False}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("toy_a")
+    return out, td.write_toy_dataset(out, seed=0, **TINY)
+
+
+def _moving_scene(motion: str, height: int = 48, width: int = 64) -> list[dict]:
+    v = {"left": (-30.0, 0.0), "right": (30.0, 0.0), "static": (0.0, 0.0)}[motion]
+    return [{
+        "shape": "circle", "colour": "red", "motion": motion, "speed": "none" if motion == "static" else "fast",
+        "size_px": 6.0, "start_xy": [16.0, 24.0], "velocity_px_s": list(v), "rgb": list(td.COLOURS["red"]),
+        "texture_angle": 0.5, "texture_period_px": 5.0, "position": "middle left",
+    }]
+
+
+def test_layout_and_index_match_the_shared_layout(tiny):
+    out, summary = tiny
+    assert summary["clips_total"] == 6 and summary["clips_written"] == 6 and summary["clips_skipped"] == 0
+    assert summary["frames_per_clip"] == 10 and (summary["height"], summary["width"]) == (48, 64)
+    questions = json.loads((out / "questions.json").read_text())
+    assert all(set(q) == {"question", "count"} for q in questions) and len(questions) == len(td.QUESTIONS)
+    counts = [q["count"] for q in questions]
+    assert counts == sorted(counts, reverse=True)
+    assert td.load_questions(out) == [q["question"] for q in questions]
+    assert td.load_questions(out / "questions.json", max_questions=3) == td.question_texts()[:3]
+    for split in td.SPLITS:
+        records = td.load_index(out, split)
+        assert len(records) == 2 == summary["splits"][split]["clips"]
+        for rec in records:
+            seq, clip = rec["sequence"], rec["clip"]
+            assert re.fullmatch(r"seq_\d{3}", seq) and re.fullmatch(r"\d{6}", clip)
+            assert rec["id"] == f"{seq}/{clip}"
+            assert rec["event_npy"] == f"event_npy/{seq}/{clip}.npy"
+            assert rec["video"] == f"mp4/{seq}/{clip}.mp4"
+            assert rec["event_image_prefix"] == f"event_image/{seq}/{clip}"
+            assert (rec["height"], rec["width"], rec["duration_s"], rec["t0_us"]) == (48, 64, 1.0, 0)
+            paths = td.clip_paths(out, split, rec)
+            assert paths["event_npy"].is_absolute() and paths["event_npy"].is_file()
+            assert paths["video"].is_file()
+            assert paths["event_images"][0] == paths["split_dir"] / f"event_image/{seq}/{clip}_0.png"
+            meta = rec["meta"]
+            assert meta["count"] == len(meta["objects"]) and 1 <= meta["count"] <= 3
+            assert meta["shape"] in td.SHAPES and meta["colour"] in td.COLOURS and meta["motion"] in td.MOTIONS
+            assert meta["place"] in td.PLACES
+        # One sequence keeps one place across its clips.
+        assert len({r["meta"]["place"] for r in records}) == 1
+
+
+def test_splits_are_disjoint_by_sequence(tiny):
+    out, _ = tiny
+    seqs = {s: {r["sequence"] for r in td.load_index(out, s)} for s in td.SPLITS}
+    assert seqs["train"].isdisjoint(seqs["val"]) and seqs["train"].isdisjoint(seqs["test"])
+    assert seqs["val"].isdisjoint(seqs["test"])
+    plan = td._sequence_plan((6, 2, 2))
+    names = [name for s in td.SPLITS for _, name in plan[s]]
+    assert len(names) == len(set(names)) == 10
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tiny, tmp_path):
+    out, _ = tiny
+    again = td.write_toy_dataset(tmp_path / "b", seed=0, **TINY)
+    assert again["clips_written"] == 6
+    a, b = _files(out), _files(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 1 + 1 + 3 + 6 + 6  # questions, manifest, 3 indexes, npy, mp4
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    td.write_toy_dataset(tmp_path / "c", seed=1, **TINY)
+    c = _files(tmp_path / "c")
+    assert c["questions.json"] == a["questions.json"]
+    assert c["train/index.json"] != a["train/index.json"]
+    data = [k for k in a if k.endswith((".npy", ".mp4"))]
+    assert sum(a[k] != c.get(k) for k in data) == len(data)
+
+
+def test_rerun_skips_finished_clips_and_repairs_missing_ones(tiny, tmp_path):
+    out, _ = tiny
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    before = _files(work)
+    mtimes = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    summary = td.write_toy_dataset(work, seed=0, **TINY)
+    assert summary["clips_written"] == 0 and summary["clips_skipped"] == 6
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()} == mtimes
+    victim = next(iter(sorted(work.rglob("*.mp4"))))
+    victim.unlink()
+    summary = td.write_toy_dataset(work, seed=0, **TINY)
+    assert summary["clips_written"] == 1 and summary["clips_skipped"] == 5
+    assert _files(work) == before
+    assert not list(work.rglob("*.tmp"))
+
+
+def test_reusing_a_folder_with_other_settings_is_refused(tiny):
+    out, _ = tiny
+    with pytest.raises(UserError, match="already holds a toy data set"):
+        td.write_toy_dataset(out, seed=5, **TINY)
+
+
+def test_mp4_decodes_to_the_rendered_frames(tiny):
+    out, _ = tiny
+    rec = td.load_index(out, "val")[0]
+    with av.open(str(td.clip_paths(out, "val", rec)["video"])) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert frames.shape == (10, 48, 64, 3)
+    # Re-render the same clip from its seeds: video and meta describe the same scene.
+    g = int(rec["sequence"].split("_")[1])
+    background = td.make_background(td._seed(0, g, 1), rec["meta"]["place"], 48, 64)
+    for k in (0, 9):
+        expected = td.render_frame(background, rec["meta"]["objects"], k / 10).astype(np.float32)
+        assert np.abs(frames[k].astype(np.float32) - expected).mean() < 6.0
+
+
+def test_event_files_have_eventgpt_format(tiny):
+    out, _ = tiny
+    for split in td.SPLITS:
+        for rec in td.load_index(out, split):
+            raw = np.load(td.clip_paths(out, split, rec)["event_npy"], allow_pickle=True).item()
+            assert set(raw) == {"x", "y", "t", "p"}
+            x, y, t, p = raw["x"], raw["y"], raw["t"], raw["p"]
+            assert x.dtype == np.int16 and y.dtype == np.int16 and t.dtype == np.int64 and p.dtype == np.int8
+            assert len(x) == len(y) == len(t) == len(p) == rec["num_events"] > 0
+            assert x.min() >= 0 and x.max() < 64 and y.min() >= 0 and y.max() < 48
+            assert np.all(np.diff(t) >= 0) and t.min() >= 0 and t.max() < 1_000_000
+            assert set(np.unique(p).tolist()) <= {0, 1}
+
+
+def test_events_follow_the_moving_object_and_static_scenes_are_quiet():
+    background = td.make_background(np.random.default_rng(0), "street", 48, 64)
+    moving = _moving_scene("right")
+    frames, ev = td.render_clip(background, moving, fps=10, duration_s=1.0, substeps=4,
+                                rng=np.random.default_rng(1))
+    assert frames.shape == (10, 48, 64, 3)
+    assert len(ev["t"]) > 500 and set(np.unique(ev["p"]).tolist()) == {0, 1}
+    # The swept band: x from 16 - r to 46 + r, y within r of 24 (r = size + margin).
+    r = 6.0 + 2.0
+    inside = (ev["x"] >= 16 - r) & (ev["x"] <= 46 + r) & (np.abs(ev["y"] - 24) <= r)
+    assert inside.mean() > 0.9
+    # Events track the object over time: the mean x of early events is left of late ones.
+    early, late = ev["t"] < 300_000, ev["t"] > 700_000
+    assert ev["x"][inside & early].mean() + 10 < ev["x"][inside & late].mean()
+    _, still = td.render_clip(background, _moving_scene("static"), fps=10, duration_s=1.0, substeps=4,
+                              rng=np.random.default_rng(1))
+    assert len(still["t"]) < 0.1 * len(ev["t"])
+    _, silent = td.render_clip(background, _moving_scene("static"), fps=10, duration_s=1.0, substeps=4,
+                               rng=np.random.default_rng(1), noise_rate_hz=0.0)
+    assert len(silent["t"]) == 0
+
+
+def test_events_from_frames_counts_threshold_crossings():
+    # One pixel brightens by exp(0.5) in log space: 2 ON events at threshold 0.2, none elsewhere.
+    frames = np.full((2, 4, 4, 3), 90, dtype=np.uint8)
+    lum0 = 90.0 + td.LOG_EPS
+    target = round(float(np.exp(np.log(lum0) + 0.5)) - td.LOG_EPS)
+    frames[1, 2, 3] = target
+    ev = td.events_from_frames(frames, np.array([0, 1000]), np.random.default_rng(0), threshold=0.2,
+                               threshold_sigma=0.0, noise_rate_hz=0.0)
+    assert ev["x"].tolist() == [3, 3] and ev["y"].tolist() == [2, 2] and ev["p"].tolist() == [1, 1]
+    assert 0 < ev["t"][0] < ev["t"][1] < 1000  # crossings at ~0.2/0.5 and ~0.4/0.5 of the interval
+
+
+def test_scene_answer_is_deterministic_and_names_colour_and_direction():
+    meta = td._meta_from_objects(_moving_scene("left"), "park")
+    first = {q: td.scene_answer(meta, q) for q in td.question_texts()}
+    assert first == {q: td.scene_answer(meta, q) for q in td.question_texts()}
+    assert first["What is moving in the scene?"] == "A red circle is moving to the left."
+    assert "red" in first["What color is the object?"]
+    assert "left" in first["Which direction is the object moving?"]
+    assert "one" in first["How many objects are there?"]
+    assert "circle" in first["What shape is the object?"]
+    assert len(set(first.values())) >= 8  # answers vary by question
+    assert all(5 <= len(a.split()) <= 20 for a in first.values())
+    assert td.scene_answer(meta, "Tell me a story.") == td.scene_description(meta)
+    still = td._meta_from_objects(_moving_scene("static"), "park")
+    assert "left" not in td.scene_answer(still, "Which direction is the object moving?")
+
+
+def test_text_corpus_covers_every_answer_word():
+    corpus = td.toy_text_corpus(num_scenes=20)
+    vocab = {w for text in corpus for w in re.findall(r"[a-z]+", text.lower())}
+    rng = np.random.default_rng(123)
+    for k in range(400):
+        meta = td._meta_from_objects(td.sample_objects(rng, 96, 128, 1.0), list(td.PLACES)[k % len(td.PLACES)])
+        for text in [td.scene_description(meta)] + [td.scene_answer(meta, q) for q in td.question_texts()]:
+            assert set(re.findall(r"[a-z]+", text.lower())) <= vocab, text
+    assert set(td.question_texts()) <= set(corpus)
+
+
+def test_readers_give_clear_errors(tmp_path):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "train" / "index.json"))):
+        td.load_index(tmp_path, "train")
+    with pytest.raises(UserError, match="unknown split"):
+        td.load_index(tmp_path, "dev")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "index.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        td.load_index(tmp_path, "val")
+    (tmp_path / "val" / "index.json").write_text('[{"id": "a"}]')
+    with pytest.raises(UserError, match="record 0 lacks"):
+        td.load_index(tmp_path, "val")
+    with pytest.raises(UserError, match="questions file not found"):
+        td.load_questions(tmp_path)
+    (tmp_path / "questions.json").write_text('[{"count": 3}]')
+    with pytest.raises(UserError, match=r"questions\.json: entry 0"):
+        td.load_questions(tmp_path)
+    (tmp_path / "questions.json").write_text('[{"question": "b?", "count": 1}, {"question": "a?", "count": 9}]')
+    assert td.load_questions(tmp_path) == ["a?", "b?"]
+
+
+def test_cli_writes_a_tiny_data_set(tmp_path):
+    cmd = [sys.executable, "toy_dataset.py", "--output_dir", str(tmp_path / "toy"), "--num_sequences", "1", "0",
+           "1", "--clips_per_sequence", "1", "--height", "32", "--width", "32", "--fps", "4", "--no_progress"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(td.load_index(tmp_path / "toy", "train")) == 1
+    assert td.load_index(tmp_path / "toy", "val") == []
+    bad = subprocess.run([*cmd, "--height", "33"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "even" in bad.stderr
