@@ -43,6 +43,7 @@ from hidden_data import (
     shard_name,
     write_chunk,
 )
+from model_loaders import QUANT_CHOICES
 
 log = logging.getLogger("xmodal_sd.extract")
 
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quant",
         default="none",
-        choices=["4bit", "8bit", "none"],
+        choices=QUANT_CHOICES,
         help="bitsandbytes quantisation of both language models (4bit/8bit need CUDA)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (ignored under accelerate launch)")
@@ -141,10 +142,11 @@ def resolve_shard(args: argparse.Namespace) -> tuple[int, int, Any]:
     """(num_shards, shard_index, accelerate state or None). Under `accelerate launch` the process
     rank and count decide; explicit flags win (e.g. several machines without a launcher)."""
     state = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun)
         from accelerate import PartialState
 
-        state = PartialState()
+        # Without a GPU the processes are CPU workers talking over gloo.
+        state = PartialState(cpu=not torch.cuda.is_available())
     if args.num_shards is not None:
         return args.num_shards, args.shard_index, state
     if state is not None:

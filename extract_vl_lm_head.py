@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from common import UserError, atomic_torch_save, run_cli, safe_torch_load
+from model_loaders import QUANT_CHOICES
 
 log = logging.getLogger("xmodal_sd.lm_head")
 LM_HEAD_FORMAT = "xmodal_sd.lm_head"
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quant",
         default="none",
-        choices=["4bit", "8bit", "none"],
+        choices=QUANT_CHOICES,
         help="only used when the model has to be loaded (no local safetensors): bitsandbytes mode",
     )
     p.add_argument("--device", default="auto", help="device used when the model has to be loaded")

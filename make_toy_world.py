@@ -152,10 +152,10 @@ def finetune_vlm(
 ) -> list[float]:
     """Teacher-forced answer loss through the runner's own prompt building; trains the language model
     (decoder + LM head), keeps the visual front end frozen. Returns the loss curve."""
-    params = [*runner._decoder.parameters(), *runner._lm_head.parameters()]
+    params = [*runner.decoder.parameters(), *runner.lm_head.parameters()]
     for prm in params:
         prm.requires_grad_(True)
-    runner._decoder.train()
+    runner.decoder.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     tok, eos = runner.tokenizer, runner.eos_token_id
@@ -170,12 +170,12 @@ def finetune_vlm(
         for i, a in enumerate(answers):
             ids[i, : len(a)] = torch.tensor(a)
             amask[i, : len(a)] = 1
-        embeds = torch.cat([prompt.inputs_embeds, runner._embed(ids)], dim=1)
+        embeds = torch.cat([prompt.inputs_embeds, runner.embed_ids(ids)], dim=1)
         mask = torch.cat([prompt.attention_mask, amask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = runner._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        hidden = runner.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
         plen = prompt.inputs_embeds.shape[1]
-        logits = runner._lm_head(hidden[:, plen - 1 : plen - 1 + length]).float()
+        logits = runner.lm_head(hidden[:, plen - 1 : plen - 1 + length]).float()
         labels = ids.masked_fill(amask == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad()
@@ -183,7 +183,7 @@ def finetune_vlm(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-    runner._decoder.eval()
+    runner.decoder.eval()
     for prm in params:
         prm.requires_grad_(False)
     return losses

@@ -335,9 +335,26 @@ class VLMRunner:
         """Visual embeddings of one clip, [P, D] in model dtype on the model device."""
         raise NotImplementedError
 
+    def prompt_embeds(self, features: Tensor, question: str) -> Tensor:
+        """One prompt's embeddings [L, D] with the clip's visual embeddings spliced in."""
+        raise NotImplementedError
+
+    @torch.no_grad()
     def build_inputs(self, features: list[Tensor], questions: list[str]) -> VLMInputs:
         """One prompt per (features, question) pair, visual embeddings spliced in, left padded."""
-        raise NotImplementedError
+        if len(features) != len(questions):
+            raise ValueError(f"{len(features)} feature sets for {len(questions)} questions")
+        return self._left_pad([self.prompt_embeds(f, q) for f, q in zip(features, questions, strict=True)])
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The language model's decoder (embeddings, layers, final norm); trainable by the toy world."""
+        return self._decoder
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The language model's output layer."""
+        return self._lm_head
 
     # -- text helpers --------------------------------------------------------------------------
     def embed_ids(self, ids: Tensor | list[int]) -> Tensor:
@@ -544,26 +561,19 @@ class EventGPTRunner(VLMRunner):
             ids.extend(chunk[offset:])
         return ids
 
-    @torch.no_grad()
-    def build_inputs(self, features: list[Tensor], questions: list[str]) -> VLMInputs:
-        if len(features) != len(questions):
-            raise ValueError(f"{len(features)} feature sets for {len(questions)} questions")
-        sequences = []
-        for feats, question in zip(features, questions, strict=True):
-            ids = self.prompt_ids(question)
-            parts, text = [], []
-            for tok in ids:
-                if tok == EVENT_TOKEN_INDEX:
-                    if text:
-                        parts.append(self.embed_ids(text))
-                        text = []
-                    parts.append(feats.to(self.device, self.dtype))
-                else:
-                    text.append(tok)
-            if text:
-                parts.append(self.embed_ids(text))
-            sequences.append(torch.cat(parts))
-        return self._left_pad(sequences)
+    def prompt_embeds(self, features: Tensor, question: str) -> Tensor:
+        parts, text = [], []
+        for tok in self.prompt_ids(question):
+            if tok == EVENT_TOKEN_INDEX:
+                if text:
+                    parts.append(self.embed_ids(text))
+                    text = []
+                parts.append(features.to(self.device, self.dtype))
+            else:
+                text.append(tok)
+        if text:
+            parts.append(self.embed_ids(text))
+        return torch.cat(parts)
 
 
 def _tower_dir(ckpt: Path, name: str) -> str:
@@ -774,22 +784,16 @@ class VideoLlavaRunner(VLMRunner):
     def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
         return self.encode_frames(sample_video_frames(Path(split_dir) / clip["video"], self.num_frames))
 
-    @torch.no_grad()
-    def build_inputs(self, features: list[Tensor], questions: list[str]) -> VLMInputs:
-        if len(features) != len(questions):
-            raise ValueError(f"{len(features)} feature sets for {len(questions)} questions")
-        sequences = []
-        for feats, question in zip(features, questions, strict=True):
-            # As VideoLlavaProcessor: repeat the <video> token once per visual token, then tokenise.
-            text = video_llava_prompt(question).replace(self.video_token, self.video_token * feats.shape[0])
-            ids = torch.tensor(self.tokenizer(text).input_ids, device=self.device)
-            slots = ids == self.video_token_id
-            if int(slots.sum()) != feats.shape[0]:
-                raise ValueError(f"prompt has {int(slots.sum())} video slots for {feats.shape[0]} features")
-            embeds = self.embed_ids(ids)
-            embeds[slots] = feats.to(self.device, self.dtype)
-            sequences.append(embeds)
-        return self._left_pad(sequences)
+    def prompt_embeds(self, features: Tensor, question: str) -> Tensor:
+        # As VideoLlavaProcessor: repeat the <video> token once per visual token, then tokenise.
+        text = video_llava_prompt(question).replace(self.video_token, self.video_token * features.shape[0])
+        ids = torch.tensor(self.tokenizer(text).input_ids, device=self.device)
+        slots = ids == self.video_token_id
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(f"prompt has {int(slots.sum())} video slots for {features.shape[0]} features")
+        embeds = self.embed_ids(ids)
+        embeds[slots] = features.to(self.device, self.dtype)
+        return embeds
 
 
 def load_video_llava(

@@ -223,3 +223,18 @@ def test_cli_reports_missing_dataset(tmp_path):
                            "--egpt_model", "x", "--vl_model", "y", "--output_dir", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_accelerate_launch_shards_over_processes(quick_world, batched, tmp_path):
+    """`accelerate launch` with two (CPU) processes: each takes its clips, the manifest joins them."""
+    out = tmp_path / "accel"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "extract_hidden_states.py",
+           *args_for(quick_world, out, "--chunked", "--chunk_size", "4", "--batch_size", "3", "--teacher_forced")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = load_manifest(out)
+    assert set(manifest["shards"]) == {"shard_000-of-002", "shard_001-of-002"}
+    a, b = merged(out, True), merged(batched, True)
+    assert a["sample_ids"] == b["sample_ids"] and torch.equal(a["vl_tokens"], b["vl_tokens"])
