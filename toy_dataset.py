@@ -669,21 +669,6 @@ def events_to_npy_bytes(events: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def load_events(path: str | Path) -> dict[str, np.ndarray]:
-    """Read an event_npy file; missing or malformed -> UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"event file not found: {path} (regenerate the data set or fix --dataset_dir)")
-    try:
-        obj = np.load(path, allow_pickle=True)
-        events = obj.item() if obj.dtype == object else None
-    except Exception as err:  # truncated/corrupt files raise many types
-        raise UserError(f"cannot read event file {path}: {err} (regenerate it)") from err
-    if not isinstance(events, dict) or not all(k in events for k in ("x", "y", "t", "p")):
-        raise UserError(f"event file {path} is not a dict with keys x, y, t, p (regenerate it)")
-    return events
-
-
 def _seed(seed: int, *path: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *path]))
 
@@ -713,9 +698,11 @@ def _clip_done(video: Path, npy: Path) -> int | None:
     """Event count of a finished clip, or None when either file is missing or unreadable."""
     if not video.is_file() or video.stat().st_size == 0 or not npy.is_file():
         return None
+    from preprocess_event_images import EventFileError, read_event_file
+
     try:
-        return int(load_events(npy)["t"].shape[0])
-    except UserError:
+        return int(read_event_file(npy, allow_pickle=True)["t"].shape[0])  # our own file: pickle is safe
+    except EventFileError:
         return None
 
 
