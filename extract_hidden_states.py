@@ -27,6 +27,7 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,45 @@ def run_models(
     return out
 
 
+def iter_batches(egpt: Any, vl: Any, samples: list[tuple[int, int]], clips: list[dict], split_dir: Path,
+                 questions: list[str], batch_size: int, teacher_forced: bool, max_new_tokens: int,
+                 on_clip_error: Callable[[str, Exception], None] | None = None,
+                 ) -> Iterator[tuple[list[tuple[int, int]], dict[str, torch.Tensor] | None]]:
+    """Generate `samples` (clip-major (clip, question) pairs) `batch_size` at a time.
+
+    Each clip's vision features are computed once and dropped when its last sample is done. A clip
+    whose files cannot be read is reported to `on_clip_error(clip_id, error)` (re-raised without
+    one) and its samples are left out. Yields (samples of the batch that were generated, outputs);
+    outputs is None when every sample of a batch was left out.
+    """
+    from model_loaders import ClipReadError
+
+    feats: dict[tuple[str, int], torch.Tensor] = {}
+    failed: set[int] = set()
+    for b in range(0, len(samples), batch_size):
+        batch = [s for s in samples[b : b + batch_size] if s[0] not in failed]
+        for c in dict.fromkeys(c for c, _ in batch):  # each clip once, in order
+            try:
+                for key, runner in (("egpt", egpt), ("vl", vl)):
+                    if (key, c) not in feats:
+                        feats[(key, c)] = runner.clip_features(split_dir, clips[c])
+            except ClipReadError as err:
+                if on_clip_error is None:
+                    raise
+                on_clip_error(clips[c]["id"], err)
+                failed.add(c)
+        dropped = [s for s in batch if s[0] in failed]
+        batch = [s for s in batch if s[0] not in failed]
+        if dropped:
+            yield dropped, None
+        if not batch:
+            continue
+        out = run_models(egpt, vl, batch, questions, feats, teacher_forced, max_new_tokens)
+        last = batch[-1][0]
+        feats = {k: v for k, v in feats.items() if k[1] == last}
+        yield batch, out
+
+
 def pad_to(x: torch.Tensor, length: int, value: Any = 0) -> torch.Tensor:
     """Right-pad dim 1 to `length` (generation stops early when every row hit EOS)."""
     if x.shape[1] >= length:
@@ -218,7 +258,7 @@ def pad_to(x: torch.Tensor, length: int, value: Any = 0) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    from model_loaders import ClipReadError, load_eventgpt, load_video_llava
+    from model_loaders import load_eventgpt, load_video_llava
     from toy_dataset import load_index, load_questions
 
     set_seed(args.seed)
@@ -311,42 +351,32 @@ def main(args: argparse.Namespace) -> int:
         disable=None,
     )
     status = 0
+
+    def on_clip_error(clip_id: str, err: Exception) -> None:
+        log.error("skipping clip %s: %s", clip_id, err)
+        progress["failed"].append({"clip": clip_id, "error": str(err)})
+        failed_clips.add(clip_id)
+
     for j in todo:
         rows: dict[str, list[torch.Tensor]] = {}
         ids, clip_ids, q_idx = [], [], []
-        feats: dict[tuple[str, int], torch.Tensor] = {}
         samples = [s for s in chunks[j] if clips[s[0]]["id"] not in failed_clips]
         bar.update(len(chunks[j]) - len(samples))
-        for b in range(0, len(samples), args.batch_size):
-            batch = samples[b : b + args.batch_size]
-            for c in dict.fromkeys(c for c, _ in batch):  # each clip once, in order
-                cid = clips[c]["id"]
-                try:
-                    for key, runner in (("egpt", egpt), ("vl", vl)):
-                        if (key, c) not in feats:
-                            feats[(key, c)] = runner.clip_features(split_dir, clips[c])
-                except ClipReadError as err:
-                    log.error("skipping clip %s: %s", cid, err)
-                    progress["failed"].append({"clip": cid, "error": str(err)})
-                    failed_clips.add(cid)
-            kept = [s for s in batch if clips[s[0]]["id"] not in failed_clips]
-            bar.update(len(batch) - len(kept))
-            batch = kept
+
+        batches = iter_batches(egpt, vl, samples, clips, split_dir, questions, args.batch_size, args.teacher_forced,
+                               args.max_new_tokens, on_clip_error)
+        for batch, out in batches:
+            bar.update(len(batch))
             if len(failed_clips) > args.max_failures:
                 status = 1
                 break
-            if not batch:
+            if out is None:
                 continue
-            out = run_models(egpt, vl, batch, questions, feats, args.teacher_forced, args.max_new_tokens)
-            # Samples are clip-major: features of clips before this batch's last one are no longer needed.
-            last = batch[-1][0]
-            feats = {k: v for k, v in feats.items() if k[1] == last}
             for k, v in out.items():
                 rows.setdefault(k, []).append(v)
             ids += [f"{clips[c]['id']}#q{q}" for c, q in batch]
             clip_ids += [clips[c]["id"] for c, _ in batch]
             q_idx += [q for _, q in batch]
-            bar.update(len(batch))
             bar.set_postfix(failed=len(failed_clips))
         if status:
             break

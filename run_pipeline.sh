@@ -25,7 +25,12 @@ done
 echo "== 4. the target's LM head, for token-level metrics"
 $PY extract_vl_lm_head.py --vl_model "$DATA/models/video_llava" --output "$DATA/vl_lm_head.pt"
 
-echo "== 5. adapter zoo at the toy width, and its latency"
+echo "== 5. extraction throughput: the reference's one-by-one loop vs ours, side by side"
+$PY benchmark_extraction.py --dataset_dir "$DATA/dataset" --egpt_model "$DATA/models/eventgpt" \
+  --vl_model "$DATA/models/video_llava" --max_clips 12 --batch_size 16 --repeats 3 --teacher_forced --threads 1 \
+  --output "$RESULTS/extraction_benchmark.json"
+
+echo "== 6. adapter zoo at the toy width, and its latency"
 $PY hidden_adapter.py --summary --hidden_dim 64
 $PY benchmark_adapter_latency.py --hidden_dim 64 --repeats 10 --output "$RESULTS/adapter_latency.json"
 

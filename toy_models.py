@@ -117,13 +117,13 @@ def make_base_llm(
     seed: int = 0,
 ) -> LlamaForCausalLM:
     """A randomly initialised tiny `LlamaForCausalLM` over the tokenizer's base vocabulary."""
-    config = _llama_config(len(tokenizer), hidden_size, num_layers, num_heads, intermediate_size,
+    config = llama_config(len(tokenizer), hidden_size, num_layers, num_heads, intermediate_size,
                            max_position_embeddings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
 
-def _llama_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+def llama_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
                   intermediate_size: int, max_position_embeddings: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -141,7 +141,7 @@ def _llama_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads:
     )
 
 
-def _vision_config(vision: dict[str, Any] | None) -> CLIPVisionConfig:
+def vision_config(vision: dict[str, Any] | None) -> CLIPVisionConfig:
     v = {**DEFAULT_VISION, **(vision or {})}
     return CLIPVisionConfig(
         image_size=v["image_size"],
@@ -202,7 +202,7 @@ def write_eventgpt_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = _llm_state(llm_state_dict, tokenizer, hidden_size, num_layers, num_heads, intermediate_size, seed)
-    vcfg = _vision_config(vision)
+    vcfg = vision_config(vision)
     gen = torch.Generator().manual_seed(seed + 1)
 
     torch.manual_seed(seed + 1)
@@ -230,7 +230,7 @@ def write_eventgpt_checkpoint(
         crop_size={"height": vcfg.image_size, "width": vcfg.image_size},
     ).save_pretrained(tower_dir)
 
-    llama = _llama_config(len(tokenizer), hidden_size, num_layers, num_heads, intermediate_size, 1024)
+    llama = llama_config(len(tokenizer), hidden_size, num_layers, num_heads, intermediate_size, 1024)
     config = llama.to_dict()
     for key in ("transformers_version", "architectures", "model_type", "dtype", "torch_dtype"):
         config.pop(key, None)
@@ -274,31 +274,11 @@ def write_video_llava_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = _llm_state(llm_state_dict, tokenizer, hidden_size, num_layers, num_heads, intermediate_size, seed)
-    vl_tok = copy.deepcopy(tokenizer)
-    base = len(vl_tok)
-    vl_tok.add_special_tokens({"additional_special_tokens": list(VL_EXTRA_TOKENS)})
-    vl_tok.pad_token = "<pad>"
-    vl_tok.padding_side = "left"
-    ids = vl_tok.convert_tokens_to_ids(list(VL_EXTRA_TOKENS))
-    if ids != [base, base + 1, base + 2]:
-        raise RuntimeError(f"Video-LLaVA special tokens got ids {ids}, expected {[base, base + 1, base + 2]}")
+    vl_tok = video_llava_tokenizer(tokenizer)
     vocab = -(-len(vl_tok) // VL_VOCAB_MULTIPLE) * VL_VOCAB_MULTIPLE
-
-    vcfg = _vision_config(vision)
-    text_cfg = _llama_config(vocab, hidden_size, num_layers, num_heads, intermediate_size, 1024)
-    text_cfg.pad_token_id = ids[2]
-    patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    config = VideoLlavaConfig(
-        vision_config=vcfg.to_dict(),
-        text_config=text_cfg.to_dict(),
-        image_token_index=ids[0],
-        video_token_index=ids[1],
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=patches,
-        video_seq_length=8 * (patches + 1),
-        tie_word_embeddings=False,
-    )
+    vcfg = vision_config(vision)
+    text_cfg = llama_config(vocab, hidden_size, num_layers, num_heads, intermediate_size, 1024)
+    config = video_llava_config(vl_tok, vcfg, text_cfg)
     torch.manual_seed(seed + 2)
     model = VideoLlavaForConditionalGeneration(config).eval()
 
@@ -318,9 +298,48 @@ def write_video_llava_checkpoint(
         raise ValueError(f"LLM state dict does not fit Video-LLaVA: missing {lm_missing}, unexpected {unexpected}")
     model.save_pretrained(out)
 
+    processor = video_llava_processor(vl_tok, vcfg)
+    processor.save_pretrained(out)
+    return out
+
+
+def video_llava_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A copy of the base tokenizer with `<image>`, `<video>`, `<pad>` right after its vocabulary."""
+    vl_tok = copy.deepcopy(tokenizer)
+    base = len(vl_tok)
+    vl_tok.add_special_tokens({"additional_special_tokens": list(VL_EXTRA_TOKENS)})
+    vl_tok.pad_token = "<pad>"
+    vl_tok.padding_side = "left"
+    ids = vl_tok.convert_tokens_to_ids(list(VL_EXTRA_TOKENS))
+    if ids != [base, base + 1, base + 2]:
+        raise RuntimeError(f"Video-LLaVA special tokens got ids {ids}, expected {[base, base + 1, base + 2]}")
+    return vl_tok
+
+
+def video_llava_config(vl_tok: PreTrainedTokenizerFast, vcfg: CLIPVisionConfig, text_cfg: LlamaConfig,
+                       num_frames: int = 8) -> VideoLlavaConfig:
+    """Video-LLaVA config around a CLIP vision config and a Llama text config (pad = `<pad>`)."""
+    image_id, video_id, pad_id = vl_tok.convert_tokens_to_ids(list(VL_EXTRA_TOKENS))
+    text_cfg.pad_token_id = pad_id
+    patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    return VideoLlavaConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=text_cfg.to_dict(),
+        image_token_index=image_id,
+        video_token_index=video_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=patches,
+        video_seq_length=num_frames * (patches + 1),
+        tie_word_embeddings=False,
+    )
+
+
+def video_llava_processor(vl_tok: PreTrainedTokenizerFast, vcfg: CLIPVisionConfig) -> VideoLlavaProcessor:
+    """Processor whose image and video processors resize and crop to the tower's image size."""
     size = {"shortest_edge": vcfg.image_size}
     crop = {"height": vcfg.image_size, "width": vcfg.image_size}
-    processor = VideoLlavaProcessor(
+    return VideoLlavaProcessor(
         image_processor=VideoLlavaImageProcessor(size=size, crop_size=crop),
         video_processor=VideoLlavaVideoProcessor(size=size, crop_size=crop),
         tokenizer=vl_tok,
@@ -328,5 +347,3 @@ def write_video_llava_checkpoint(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    processor.save_pretrained(out)
-    return out
