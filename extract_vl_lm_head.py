@@ -13,7 +13,6 @@ Output: {"weight": [V, D] fp16, "vocab_size": V, "hidden_dim": D, "model": path,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_hash(folder: Path) -> str:
-    return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
-
-
 def read_from_safetensors(folder: Path) -> torch.Tensor | None:
     """The LM head straight from local safetensors shards (no model build); None if not found."""
     from safetensors import safe_open
@@ -66,7 +61,9 @@ def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[st
     folder = Path(vl_model)
     weight = read_from_safetensors(folder) if folder.is_dir() else None
     if weight is not None:
-        chash = config_hash(folder)
+        from model_loaders import config_hash
+
+        chash = config_hash(folder / "config.json")
     else:
         from model_loaders import load_video_llava
 
