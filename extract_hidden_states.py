@@ -332,13 +332,8 @@ def main(args: argparse.Namespace) -> int:
                 raise UserError(
                     f"{out_dir} holds states of other models (config hashes differ); use a new --output_dir"
                 )
-    else:
-        prev = (
-            read_json(out_dir / "manifest.json", "hidden-state manifest", "rerun")
-            if (out_dir / "manifest.json").is_file()
-            else {}
-        )
-        base["models"], base["widths"] = prev.get("models"), prev.get("widths")
+        # Recorded per shard, so the merged manifest names the models even if a shard had no work.
+        progress["models"], progress["widths"] = base["models"], base["widths"]
 
     failed_clips = {f["clip"] for f in progress["failed"]}
     written = 0

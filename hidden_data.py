@@ -103,6 +103,9 @@ def merge_manifest(out_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
     for f in sorted(out_dir.glob("shard_*-of-*.json")):
         shards[f.stem] = read_json(f, "shard progress file", FIX_RERUN)
     chunks = [c for s in shards.values() for c in s["chunks"]]
+    described = [s for s in shards.values() if s.get("models")]
+    if described:  # a shard that had nothing to do never loaded the models
+        base = {**base, "models": described[0]["models"], "widths": described[0]["widths"]}
     failed = [x for s in shards.values() for x in s["failed"]]
     manifest = {
         **base,

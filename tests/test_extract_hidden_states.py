@@ -242,3 +242,14 @@ def test_accelerate_launch_shards_over_processes(quick_world, batched, tmp_path)
     assert set(manifest["shards"]) == {"shard_000-of-002", "shard_001-of-002"}
     a, b = merged(out, True), merged(batched, True)
     assert a["sample_ids"] == b["sample_ids"] and torch.equal(a["vl_tokens"], b["vl_tokens"])
+
+
+def test_shard_without_clips_keeps_the_models_in_the_manifest(quick_world, tmp_path):
+    out = tmp_path / "many"
+    clips = load_index(quick_world / "dataset", "train")
+    shards = len(clips) + 1  # the last shard gets no clip at all
+    for i in range(shards):
+        assert extract(quick_world, out, "--num_shards", str(shards), "--shard_index", str(i)) == 0
+    manifest = load_manifest(out)
+    assert manifest["complete"] and manifest["num_samples"] == len(clips) * 2
+    assert manifest["models"]["target"]["name"] == "video_llava" and manifest["widths"]["drafter"] > 0
