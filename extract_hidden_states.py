@@ -160,23 +160,35 @@ def model_facts(runner: Any) -> dict[str, Any]:
         "name": runner.name,
         "path": str(runner.model_path),
         "config_hash": runner.config_hash,
+        "dtype": str(runner.dtype).removeprefix("torch."),
         "hidden_size": runner.hidden_size,
         "vocab_size": runner.vocab_size,
     }
 
 
 def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """Refuse to mix data from different settings in one folder."""
-    path = out_dir / "manifest.json"
-    if not path.is_file():
-        return
-    old = read_json(path, "hidden-state manifest", "delete the folder or pick a new --output_dir")
-    for key in keys:
-        if key in base and old.get(key) != base[key]:
-            raise UserError(
-                f"{out_dir} holds data extracted with a different {key} ({old.get(key)!r} vs "
-                f"{base[key]!r}); use a new --output_dir or delete that folder"
-            )
+    """Refuse to mix data from different settings in one folder: the manifest and every shard
+    progress file (written from the first chunk on, so a killed run is covered) must agree."""
+    fix = "use a new --output_dir or delete that folder"
+    records = [(out_dir / "manifest.json", "hidden-state manifest")]
+    records += [(f, "shard progress file") for f in sorted(out_dir.glob("shard_*-of-*.json"))]
+    for path, what in records:
+        if not path.is_file():
+            continue
+        old = read_json(path, what, fix)
+        old = old.get("settings", old)  # shard files keep the settings under "settings"
+        for key in keys:
+            if key in base and key in old and old[key] != base[key]:
+                raise UserError(f"{out_dir} holds data extracted with a different {key} ({old[key]!r} vs "
+                                f"{base[key]!r}, see {path.name}); {fix}")
+
+
+def same_models(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Same checkpoints (config hash) run in the same compute dtype."""
+    def key(models: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        return {k: (v["config_hash"], v.get("dtype")) for k, v in models.items()}
+
+    return not old or key(old) == key(new)
 
 
 def run_models(
@@ -300,15 +312,21 @@ def main(args: argparse.Namespace) -> int:
     progress = (
         read_json(shard_file, "shard progress file", "delete it to restart this shard")
         if shard_file.is_file()
-        else {"chunks": [], "failed": [], "done": False}
+        else {"chunks": [], "done": False}
     )
+    progress["settings"] = {k: base[k] for k in RUN_IDENTITY}
+    # Clips that failed before are retried (the data may have been fixed): a chunk that lost clips
+    # counts as unfinished, and only this run's failures count against --max_failures.
+    progress["failed"] = []
     finished = {
         c["file"]: c
         for c in progress["chunks"]
-        if (out_dir / c["file"]).is_file() and (out_dir / c["file"]).stat().st_size == c["bytes"]
+        if not c.get("failed_clips")
+        and (out_dir / c["file"]).is_file()
+        and (out_dir / c["file"]).stat().st_size == c["bytes"]
     }
     todo = [j for j in range(len(chunks)) if chunk_name(shard, j) not in finished]
-    skipped = sum(len(chunks[j]) for j in range(len(chunks)) if j not in todo)
+    skipped = sum(c["num_samples"] for c in finished.values())
     if skipped:
         log.info("resuming: %d of %d chunks of shard %d already finished", len(chunks) - len(todo), len(chunks), shard)
 
@@ -323,19 +341,15 @@ def main(args: argparse.Namespace) -> int:
         )
         base["models"] = {"drafter": model_facts(egpt), "target": model_facts(vl)}
         base["widths"] = {"drafter": egpt.hidden_size, "target": vl.hidden_size}
-        old = out_dir / "manifest.json"
-        if old.is_file():
-            prev = read_json(old, "hidden-state manifest", "delete the folder").get("models")
-            if prev and {k: v["config_hash"] for k, v in prev.items()} != {
-                k: v["config_hash"] for k, v in base["models"].items()
-            }:
-                raise UserError(
-                    f"{out_dir} holds states of other models (config hashes differ); use a new --output_dir"
-                )
+        recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
+        for path in (p for p in recorded if p.is_file()):
+            if not same_models(read_json(path, "extraction record", "delete the folder").get("models"), base["models"]):
+                raise UserError(f"{out_dir} holds states of other models or another dtype (see {path.name}); "
+                                "use a new --output_dir")
         # Recorded per shard, so the merged manifest names the models even if a shard had no work.
         progress["models"], progress["widths"] = base["models"], base["widths"]
 
-    failed_clips = {f["clip"] for f in progress["failed"]}
+    failed_clips: set[str] = set()
     written = 0
     start = time.perf_counter()
     bar = tqdm(
@@ -380,7 +394,8 @@ def main(args: argparse.Namespace) -> int:
             continue
         tensors["question_idx"] = torch.tensor(q_idx, dtype=torch.int32)
         entry = write_chunk(out_dir / chunk_name(shard, j), tensors, ids, clip_ids)
-        entry.update({"shard": shard, "index": j})
+        lost = sorted({clips[c]["id"] for c, _ in chunks[j]} & failed_clips)
+        entry.update({"shard": shard, "index": j, "failed_clips": lost})
         progress["chunks"] = [c for c in progress["chunks"] if c["file"] != entry["file"]] + [entry]
         atomic_write_json(progress, shard_file)
         written += len(ids)

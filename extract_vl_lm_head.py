@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from common import UserError, atomic_torch_save, run_cli, safe_torch_load
+from common import UserError, atomic_torch_save, read_json, run_cli, safe_torch_load
 from model_loaders import QUANT_CHOICES
 
 log = logging.getLogger("xmodal_sd.lm_head")
@@ -58,11 +58,16 @@ def read_from_safetensors(folder: Path) -> torch.Tensor | None:
 
 
 def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[str, Any]:
+    from model_loaders import VIDEO_LLAVA_MODEL_TYPE, config_hash
+
     folder = Path(vl_model)
+    if folder.is_dir():
+        cfg = read_json(folder / "config.json", "model config", "point --vl_model at a Video-LLaVA folder")
+        if cfg.get("model_type") != VIDEO_LLAVA_MODEL_TYPE:
+            raise UserError(f"{folder / 'config.json'} has model_type {cfg.get('model_type')!r}, not "
+                            f"{VIDEO_LLAVA_MODEL_TYPE!r}: the LM head must be the target's (Video-LLaVA's)")
     weight = read_from_safetensors(folder) if folder.is_dir() else None
     if weight is not None:
-        from model_loaders import config_hash
-
         chash = config_hash(folder / "config.json")
     else:
         from model_loaders import load_video_llava
@@ -101,7 +106,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{out} exists (vocab {head['vocab_size']}, width {head['hidden_dim']}); pass --overwrite to redo")
         return head
     head = extract(args.vl_model, args.quant, args.device)
-    atomic_torch_save(head, out)
+    try:
+        atomic_torch_save(head, out)
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}; choose a writable --output") from err
     print(f"wrote {out}: weight [{head['vocab_size']}, {head['hidden_dim']}] fp16 from {head['model']}")
     return head
 

@@ -520,12 +520,17 @@ def _valid(mask: Tensor | None, like: Tensor) -> Tensor:
     return mask.bool()
 
 
+def _empty_loss(pred: Tensor) -> Tensor:
+    """Zero for a batch without valid positions; still differentiable, so `.backward()` works."""
+    return torch.zeros((), device=pred.device, requires_grad=pred.requires_grad)
+
+
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
     """Mean squared error over valid positions only ([B, T, D], mask [B, T]); padded positions
     contribute exactly zero, even when they hold NaN or inf."""
     valid = _valid(mask, pred)
     if not valid.any():
-        return pred.new_zeros(())
+        return _empty_loss(pred)
     diff = (pred[valid].float() - target[valid].float()).pow(2)
     return diff.mean()
 
@@ -534,7 +539,7 @@ def masked_cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None) -> Ten
     """Mean of (1 - cos(pred_t, target_t)) over valid positions."""
     valid = _valid(mask, pred)
     if not valid.any():
-        return pred.new_zeros(())
+        return _empty_loss(pred)
     cos = F.cosine_similarity(pred[valid].float(), target[valid].float(), dim=-1, eps=1e-6)
     return (1 - cos).mean()
 

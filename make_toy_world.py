@@ -38,7 +38,7 @@ from tqdm import tqdm
 from common import UserError, atomic_write_json, markdown_table, read_json, run_cli, set_seed
 
 log = logging.getLogger("xmodal_sd.toy")
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: the loop check covers both models' answers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.finetune_steps = args.finetune_steps if args.finetune_steps is not None else (10 if quick else 800)
     if min(args.pretrain_steps, args.finetune_steps) < 0 or args.batch_size < 1:
         p.error("steps must be >= 0 and --batch_size >= 1")
+    if args.hidden_size < 16 or args.hidden_size % 16 or args.num_layers < 1 or args.threads < 1:
+        p.error("--hidden_size must be a positive multiple of 16 (heads of 16); --num_layers, --threads >= 1")
     args.output_dir = Path(args.output_dir)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        p.error(f"--output_dir {args.output_dir} is a file, not a folder")
     return args
 
 
@@ -207,6 +211,12 @@ def save_eventgpt_llm(ckpt_dir: Path, llm: Any) -> None:
 # ----------------------------------------------------------------------------- agreement report
 
 
+def looping(tokens: torch.Tensor) -> bool:
+    """An answer stuck in a loop: one token fills more than half of its (>= 4) positions."""
+    n = int(tokens.numel())
+    return n >= 4 and int(torch.bincount(tokens.long()).max()) * 2 > n
+
+
 def answer_stats(
     egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
 ) -> dict[str, Any]:
@@ -236,7 +246,8 @@ def answer_stats(
                     "ref": scene_answer(clip["meta"], q),
                     "free_agree": float((vt == et).float().mean()) if n else 0.0,
                     "tf_agree": float((tf_pred[i, :n] == vt).float().mean()) if n else 0.0,
-                    "degenerate": n > 2 and bool((vt[: n - 1] == vt[0]).all()),
+                    "degenerate": looping(vt),
+                    "egpt_degenerate": looping(ge.tokens[i, : int(ge.mask[i].sum())]),
                 }
             )
     n = max(len(rows), 1)
@@ -245,6 +256,7 @@ def answer_stats(
         "distinct_vl_answers": len({r["vl"] for r in rows}),
         "distinct_egpt_answers": len({r["egpt"] for r in rows}),
         "degenerate_fraction": sum(r["degenerate"] for r in rows) / n,
+        "egpt_degenerate_fraction": sum(r["egpt_degenerate"] for r in rows) / n,
         "vl_exact_match_reference": sum(r["vl"] == r["ref"] for r in rows) / n,
         "egpt_exact_match_reference": sum(r["egpt"] == r["ref"] for r in rows) / n,
         "token_agreement_free_running": sum(r["free_agree"] for r in rows) / n,
@@ -367,14 +379,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "agreement_split": split,
             "agreement": stats,
         }
-        degenerate = stats["degenerate_fraction"] > 0.1 or stats["distinct_vl_answers"] < 3
+        degenerate = (max(stats["degenerate_fraction"], stats["egpt_degenerate_fraction"]) > 0.1
+                      or min(stats["distinct_vl_answers"], stats["distinct_egpt_answers"]) < 3)
         if degenerate and args.quick:
             log.warning("--quick models give degenerate answers (expected with so few steps)")
         elif degenerate:
             atomic_write_json(report, report_path.with_suffix(".failed.json"))
             raise UserError(
-                f"toy Video-LLaVA answers are degenerate ({stats['distinct_vl_answers']} distinct, "
-                f"{stats['degenerate_fraction']:.0%} one-token loops); train longer "
+                f"toy answers are degenerate (distinct: {stats['distinct_vl_answers']} Video-LLaVA, "
+                f"{stats['distinct_egpt_answers']} EventGPT; loops: {stats['degenerate_fraction']:.0%}, "
+                f"{stats['egpt_degenerate_fraction']:.0%}); train longer "
                 "(--finetune_steps) and see toy_world.failed.json"
             )
         atomic_write_json(report, report_path)
@@ -386,6 +400,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "distinct_vl_answers",
             "distinct_egpt_answers",
             "degenerate_fraction",
+            "egpt_degenerate_fraction",
             "vl_exact_match_reference",
             "egpt_exact_match_reference",
             "token_agreement_free_running",

@@ -816,7 +816,11 @@ def load_video_llava(
     if looks_like_hub_id:
         from transformers.utils import cached_file
 
-        cfg_file = Path(cached_file(source, "config.json"))
+        try:
+            cfg_file = Path(cached_file(source, "config.json"))
+        except OSError as err:  # offline, gated, or a mistyped local folder that looks like "org/name"
+            raise UserError(f"{source!r} is neither a local folder nor reachable on the model hub "
+                            f"({str(err).splitlines()[0][:160]}); {fix}") from err
     else:
         local, _ = _check_model_dir(local, VIDEO_LLAVA_MODEL_TYPE, "Video-LLaVA", fix)
         cfg_file = local / "config.json"

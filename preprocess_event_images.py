@@ -286,15 +286,15 @@ def split_indices(t: np.ndarray, num_frames: int, split_mode: str = "time") -> l
     """[start, end) event ranges of `num_frames` slices of sorted timestamps t [N].
 
     "time": equal windows over [t[0], t[-1]] (the last one closed); if all events share one
-    timestamp they all go to frame 0. "count": equal event counts, the first N % num_frames
-    slices one event longer (np.array_split's rule).
+    timestamp they all go to frame 0. "count": EventGPT's rule, N // num_frames events per slice
+    and the remainder in the last slice.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     n = len(t)
     if split_mode == "count":
-        size, extra = divmod(n, num_frames)
-        bounds = [k * size + min(k, extra) for k in range(num_frames + 1)]
+        size = n // num_frames
+        bounds = [k * size for k in range(num_frames)] + [n]
     elif split_mode == "time":
         if n == 0:
             return [(0, 0)] * num_frames
@@ -483,13 +483,18 @@ def folder_tasks(
     return tasks, failures
 
 
-def check_manifest(root: Path, opts: RenderOptions, overwrite: bool) -> None:
+def frame_settings(opts: RenderOptions, sensor: tuple[int | None, int | None]) -> dict[str, Any]:
+    """What decides the pixels of a frame; `sensor` is the --height/--width override (None = per clip)."""
+    return {"num_frames": opts.num_frames, "split_mode": opts.split_mode, "height": sensor[0], "width": sensor[1]}
+
+
+def check_manifest(root: Path, opts: RenderOptions, overwrite: bool, sensor: tuple[int | None, int | None]) -> None:
     """Refuse to mix frames rendered with other settings into an existing output folder."""
     path = root / MANIFEST_NAME
     if overwrite or not path.is_file():
         return
     old = read_json(path, "event image manifest", "delete it or pass --overwrite")
-    settings = {"num_frames": opts.num_frames, "split_mode": opts.split_mode}
+    settings = frame_settings(opts, sensor)
     old_settings = {k: old.get(k) for k in settings}
     if old_settings != settings:
         raise UserError(
@@ -498,12 +503,12 @@ def check_manifest(root: Path, opts: RenderOptions, overwrite: bool) -> None:
         )
 
 
-def write_manifest(root: Path, opts: RenderOptions, counts: dict[str, int]) -> None:
+def write_manifest(root: Path, opts: RenderOptions, counts: dict[str, int],
+                   sensor: tuple[int | None, int | None]) -> None:
     atomic_write_json({
         "format_version": MANIFEST_VERSION,
         "writer": "preprocess_event_images.py",
-        "num_frames": opts.num_frames,
-        "split_mode": opts.split_mode,
+        **frame_settings(opts, sensor),
         "frame_name": "{clip}_{i}.png, i = 0..num_frames-1",
         "colours": {"background": "white", "positive": "red (255,0,0)", "negative": "blue (0,0,255)"},
         "canvas": "full sensor size of each clip",
@@ -650,7 +655,7 @@ def main(args: argparse.Namespace) -> int:
                                        args.width or DEFAULT_WIDTH, args.clip_duration_ms)
         roots = [args.output_dir]
     for root in roots:
-        check_manifest(root, opts, args.overwrite)
+        check_manifest(root, opts, args.overwrite, (args.height, args.width))
 
     todo = [t for t in tasks
             if args.overwrite or not all(p.is_file() for p in frame_paths(t.out_prefix, opts.num_frames))]
@@ -668,7 +673,7 @@ def main(args: argparse.Namespace) -> int:
             bar.update()
     elapsed = time.perf_counter() - start
     for root in roots:
-        write_manifest(root, opts, counts)
+        write_manifest(root, opts, counts, (args.height, args.width))
 
     log.info("done in %.1f s (%.2f M events/s overall): %d written, %d blank (zero events, white frames), "
              "%d skipped (frames exist), %d failed", elapsed, num_events / max(elapsed, 1e-9) / 1e6,

@@ -206,6 +206,7 @@ def test_bad_clip_is_named_counted_and_skipped(quick_world, tmp_path, capsys):
     (world / "models").symlink_to(quick_world / "models")
     clips = load_index(world / "dataset", "train")
     bad_video = world / "dataset" / "train" / clips[1]["video"]
+    good_bytes = bad_video.read_bytes()
     bad_video.write_bytes(b"not an mp4")
     out = tmp_path / "out"
     assert extract(world, out, "--chunked", "--chunk_size", "4", "--batch_size", "2") == 0
@@ -213,7 +214,15 @@ def test_bad_clip_is_named_counted_and_skipped(quick_world, tmp_path, capsys):
     assert [f["clip"] for f in manifest["failed_clips"]] == [clips[1]["id"]]
     assert manifest["num_samples"] == (len(clips) - 1) * 2
     assert clips[1]["id"] in capsys.readouterr().out
-    assert extract(world, tmp_path / "strict", "--max_failures", "0") == 1
+    strict = tmp_path / "strict"
+    assert extract(world, strict, "--max_failures", "0") == 1
+    # Fixing the file and rerunning retries the clip: both folders become whole.
+    bad_video.write_bytes(good_bytes)
+    assert extract(world, strict, "--max_failures", "0") == 0
+    assert extract(world, out, "--chunked", "--chunk_size", "4", "--batch_size", "2") == 0
+    for folder in (strict, out):
+        manifest = load_manifest(folder)
+        assert manifest["num_samples"] == len(clips) * 2 and not manifest["failed_clips"]
 
 
 def test_rerun_with_other_settings_is_refused(batched, quick_world):
@@ -253,3 +262,17 @@ def test_shard_without_clips_keeps_the_models_in_the_manifest(quick_world, tmp_p
     manifest = load_manifest(out)
     assert manifest["complete"] and manifest["num_samples"] == len(clips) * 2
     assert manifest["models"]["target"]["name"] == "video_llava" and manifest["widths"]["drafter"] > 0
+
+
+def test_rerun_of_a_killed_run_with_other_settings_is_refused(quick_world, tmp_path):
+    """A run killed before it wrote its manifest still pins its settings in the shard file."""
+    out = tmp_path / "killed"
+    assert extract(quick_world, out, "--chunked", "--chunk_size", "2") == 0
+    (out / "manifest.json").unlink()  # as if killed after the first chunks, before the final merge
+    (out / chunk_name(0, 2)).unlink()
+    with pytest.raises(UserError, match="different chunk_size"):
+        extract(quick_world, out, "--chunked", "--chunk_size", "4")
+    with pytest.raises(UserError, match="different num_shards"):
+        extract(quick_world, out, "--chunked", "--chunk_size", "2", "--num_shards", "2", "--shard_index", "0")
+    with pytest.raises(UserError, match="other models or another dtype"):
+        extract(quick_world, out, "--chunked", "--chunk_size", "2", "--dtype", "bf16")

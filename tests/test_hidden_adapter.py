@@ -295,6 +295,10 @@ def test_losses_are_zero_for_perfect_prediction_and_empty_masks():
     assert masked_mse(x, x, None) == 0
     assert masked_cosine_loss(x, x, None).abs() < 1e-6
     assert alignment_loss(x, torch.randn_like(x), torch.zeros(2, 4, dtype=torch.bool)) == 0
+    adapter = make("L5")
+    loss, _ = adapter_loss(adapter, adapter(x), x, torch.zeros(2, 4, dtype=torch.bool))
+    loss.backward()  # an all-padding batch must not break the training loop
+    assert loss == 0
 
 
 def test_eagle_loss_adds_weighted_next_position_term():

@@ -53,14 +53,16 @@ def test_split_time_equal_windows():
     # one late event: equal time puts the first four in window 0, equal count does not
     t = np.array([0, 1, 2, 3, 100])
     assert pe.split_indices(t, 2, "time") == [(0, 4), (4, 5)]
-    assert pe.split_indices(t, 2, "count") == [(0, 3), (3, 5)]
+    assert pe.split_indices(t, 2, "count") == [(0, 2), (2, 5)]
     # an event exactly on a window edge starts the next window; the last window is closed
     assert pe.split_indices(np.array([0, 50, 100]), 2, "time") == [(0, 1), (1, 3)]
 
 
 def test_split_count_and_edge_cases():
-    assert pe.split_indices(np.arange(7), 3, "count") == [(0, 3), (3, 5), (5, 7)]
-    assert pe.split_indices(np.arange(2), 4, "count") == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    # EventGPT's get_event_images_list: N // n per slice, the remainder goes to the last slice.
+    assert pe.split_indices(np.arange(7), 3, "count") == [(0, 2), (2, 4), (4, 7)]
+    assert pe.split_indices(np.arange(12), 5, "count") == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 12)]
+    assert pe.split_indices(np.arange(2), 4, "count") == [(0, 0), (0, 0), (0, 0), (0, 2)]
     assert pe.split_indices(np.zeros(0, np.int64), 3, "time") == [(0, 0)] * 3
     assert pe.split_indices(np.zeros(0, np.int64), 3, "count") == [(0, 0)] * 3
     assert pe.split_indices(np.full(4, 7), 3, "time") == [(0, 4), (4, 4), (4, 4)]
@@ -247,6 +249,10 @@ def test_rerun_skips_and_blank_is_counted(tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         run_main([*argv, "--split_mode", "count"])
     assert run_main([*argv, "--split_mode", "count", "--overwrite"]) == 0
+    other_sensor = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--height", str(H + 2),
+                    "--width", str(W), "--split_mode", "count"]
+    with pytest.raises(UserError, match="--overwrite"):
+        run_main(other_sensor)
 
 
 def write_dsec_h5(path: Path, t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray) -> None:
