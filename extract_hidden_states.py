@@ -184,11 +184,13 @@ def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...]) -
 
 
 def same_models(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """Same checkpoints (config hash) run in the same compute dtype."""
-    def key(models: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        return {k: (v["config_hash"], v.get("dtype")) for k, v in models.items()}
-
-    return not old or key(old) == key(new)
+    """Same checkpoints (config hash) run in the same compute dtype (when the old record has one)."""
+    if not old:
+        return True
+    return all(
+        k in old and old[k]["config_hash"] == v["config_hash"] and old[k].get("dtype", v["dtype"]) == v["dtype"]
+        for k, v in new.items()
+    )
 
 
 def run_models(
