@@ -392,7 +392,7 @@ def main(args: argparse.Namespace) -> int:
         if status:
             break
         tensors = {k: torch.cat(v) for k, v in rows.items()}
-        if not ids:  # every clip of this chunk failed: an empty chunk keeps the bookkeeping simple
+        if not ids:  # every clip of this chunk failed: nothing to write, a rerun retries them
             continue
         tensors["question_idx"] = torch.tensor(q_idx, dtype=torch.int32)
         entry = write_chunk(out_dir / chunk_name(shard, j), tensors, ids, clip_ids)
