@@ -96,3 +96,17 @@ def test_bad_flags_are_refused(flags):
     with pytest.raises(SystemExit) as err:
         bx.parse_args(flags)
     assert err.value.code == 2
+
+
+def test_7b_shape_builds_the_reference_sizes_on_meta():
+    """The GPU timing mode builds Vicuna-7B / CLIP ViT-L sized models (checked without memory)."""
+    shape = bx.resolve_shape("7b", {})
+    egpt, vl = bx.build_random_runners(shape, ["What is moving?"], torch.device("meta"), torch.float16, 0)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(egpt.llm) == 6_738_415_616  # LLaMA/Vicuna-7B with a 32000-row vocabulary
+    assert count(egpt.tower) == 303_507_456  # CLIP ViT-L/14 at 336 px
+    assert abs(count(vl.model) - 7.37e9) / 7.37e9 < 0.01  # Video-LLaVA-7B-hf
+    assert egpt.eos_token_id == vl.eos_token_id == -1
