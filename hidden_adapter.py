@@ -102,15 +102,20 @@ class AdapterConfig:
         return self.target_dim if self.consumes == "target" else self.drafter_dim
 
 
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "L1": {"bottleneck_dim": 256, "num_blocks": 1},
-    "L2": {"bottleneck_dim": 256, "num_blocks": 3},
-    "L3": {"bottleneck_dim": 1024, "num_blocks": 2},
-    "L4": {"ffn_dim": 2048, "num_heads": 8},
-    "L5": {"ffn_dim": 2048, "num_heads": 8},
-    "B1": {"ffn_dim": 2048, "num_heads": 8},
-    "L5F": {"ffn_dim": 2048, "num_heads": 8},
-}
+# Inner widths as fractions of the target width: at 4096 they are the reference's 256 (L1, L2),
+# 1024 (L3) and 2048 (FFN of L4/L5/B1/L5F). Narrower models (the toy world) keep the same shape
+# instead of a "bottleneck" wider than its input.
+_INNER = {"L1": ("bottleneck_dim", 16), "L2": ("bottleneck_dim", 16), "L3": ("bottleneck_dim", 4)}
+_BLOCKS = {"L1": 1, "L2": 3, "L3": 2}
+MIN_INNER_DIM = 4
+
+
+def default_options(name: str, target_dim: int) -> dict[str, Any]:
+    """Per-level defaults for a target width (num_blocks, bottleneck_dim or ffn_dim, num_heads)."""
+    if name in _INNER:
+        key, ratio = _INNER[name]
+        return {"num_blocks": _BLOCKS[name], key: max(MIN_INNER_DIM, target_dim // ratio)}
+    return {"ffn_dim": max(MIN_INNER_DIM, target_dim // 2), "num_heads": 8}
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -259,6 +264,11 @@ class BaseAdapter(nn.Module):
     def predicts(self) -> str:
         """ "same": output[t] estimates target state t; "next": output[t] estimates target state t+1."""
         return self.config.predicts
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"level={c.name}, drafter_dim={c.drafter_dim}, target_dim={c.target_dim}, "
+                f"consumes={self.consumes}, predicts={self.predicts}, params={count_parameters(self):,}")
 
     def _check(self, x: Tensor, dim: int, what: str) -> None:
         if x.dim() != 3 or x.shape[-1] != dim:
@@ -484,21 +494,19 @@ def create_adapter(
     """Build an adapter by level (1-6) or name (L1..L5, B1, L5F; any case).
 
     `hidden_dim` sets both widths; `drafter_dim` / `target_dim` override them separately when the
-    two models differ. Other keyword arguments override AdapterConfig fields (e.g. `dropout=0.0`,
-    `use_token_embed=True`); an unknown one raises ValueError.
+    two models differ. Inner widths follow the reference's ratios to the target width (bottleneck
+    1/16 for L1/L2, 1/4 for L3, FFN 1/2 for the attention levels; 256/1024/2048 at 4096). Other
+    keyword arguments override AdapterConfig fields (e.g. `dropout=0.0`, `use_token_embed=True`,
+    `bottleneck_dim=256`); an unknown one raises ValueError.
     """
     name = canonical_name(level, vlm_only)
     known = {f.name for f in fields(AdapterConfig)} - {"name", "drafter_dim", "target_dim"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown adapter option(s) {unknown}; valid: {sorted(known)}")
-    params = {**_DEFAULTS[name], **overrides}
-    config = AdapterConfig(
-        name=name,
-        drafter_dim=drafter_dim or hidden_dim,
-        target_dim=target_dim or hidden_dim,
-        **params,
-    )
+    target_dim = target_dim or hidden_dim
+    params = {**default_options(name, target_dim), **overrides}
+    config = AdapterConfig(name=name, drafter_dim=drafter_dim or hidden_dim, target_dim=target_dim, **params)
     return build_adapter(config)
 
 

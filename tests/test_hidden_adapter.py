@@ -330,3 +330,13 @@ def test_training_step_moves_the_loss():
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.9
+
+
+def test_inner_widths_follow_the_reference_ratios():
+    with torch.device("meta"):
+        wide = {n: create_adapter(n).config for n in ("L1", "L3", "L4")}
+        toy = {n: create_adapter(n, 64).config for n in ("L1", "L3", "L4")}
+        custom = create_adapter("L1", 64, bottleneck_dim=256).config
+    assert (wide["L1"].bottleneck_dim, wide["L3"].bottleneck_dim, wide["L4"].ffn_dim) == (256, 1024, 2048)
+    assert (toy["L1"].bottleneck_dim, toy["L3"].bottleneck_dim, toy["L4"].ffn_dim) == (4, 16, 32)
+    assert custom.bottleneck_dim == 256
