@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from common import atomic_write_json, markdown_table, resolve_device, resolve_dtype, run_cli
+from common import atomic_write_json, markdown_table, resolve_device, resolve_dtype, run_cli, sync_device
 from hidden_adapter import (
     ADAPTER_NAMES,
     AttentionAdapter,
@@ -58,18 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
     """Median / p10 / p90 / min / max wall time of fn() in milliseconds, synchronising around each run."""
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeats):
-        sync()
+        sync_device(device)
         start = time.perf_counter()
         fn()
-        sync()
+        sync_device(device)
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     q = statistics.quantiles(samples, n=10)

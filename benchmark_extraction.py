@@ -37,7 +37,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write_json, markdown_table, resolve_device, resolve_dtype, run_cli, set_seed
+from common import (
+    UserError,
+    atomic_write_json,
+    markdown_table,
+    resolve_device,
+    resolve_dtype,
+    run_cli,
+    set_seed,
+    sync_device,
+)
 from extract_hidden_states import iter_batches, model_facts, plan_samples, run_models
 from model_loaders import QUANT_CHOICES
 
@@ -270,15 +279,11 @@ def timed_pass(way: str, egpt: Any, vl: Any, samples: list[tuple[int, int]], ctx
                device: torch.device, desc: str) -> tuple[float, dict[str, torch.Tensor]]:
     """(seconds, outputs concatenated over samples) of one pass, between device synchronisations."""
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     with tqdm(total=len(samples), desc=desc, unit="sample", leave=False, dynamic_ncols=True, disable=None) as bar:
-        sync()
+        sync_device(device)
         start = time.perf_counter()
         outs = WAYS[way](egpt, vl, samples, ctx, bar)
-        sync()
+        sync_device(device)
         seconds = time.perf_counter() - start
     return seconds, {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 

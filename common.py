@@ -78,6 +78,18 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name if empty), cut to `limit` characters."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer around it measures the work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -122,8 +134,7 @@ def safe_torch_load(path: str | os.PathLike, what: str, fix: str, map_location: 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {what} {path}: {first[:200]} ({fix})") from err
+        raise UserError(f"cannot read {what} {path}: {first_line(err)} ({fix})") from err
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:

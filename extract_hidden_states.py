@@ -211,16 +211,17 @@ def run_models(
         gen = runner.generate(inputs, max_new_tokens)
         if key == "egpt":
             egpt_inputs = inputs
-        out[f"{key}_hidden"] = pad_to(gen.hidden.float(), max_new_tokens).half().cpu()
-        out[f"{key}_tokens"] = pad_to(gen.tokens, max_new_tokens, runner.pad_token_id).int().cpu()
-        out[f"{key}_mask"] = pad_to(gen.mask, max_new_tokens, False).cpu()
+        # generate returns all max_new_tokens columns (pad id, zero state, mask False after EOS).
+        out[f"{key}_hidden"] = gen.hidden.half().cpu()
+        out[f"{key}_tokens"] = gen.tokens.int().cpu()
+        out[f"{key}_mask"] = gen.mask.cpu()
     if teacher_forced:
         tokens, mask = out["vl_tokens"].long(), out["vl_mask"]
         # The target may emit ids the drafter's vocabulary lacks (image/video/pad tokens): map them to 0.
         tokens = torch.where(tokens < egpt.vocab_size, tokens, torch.zeros_like(tokens))
         hidden = egpt.teacher_forced_hidden(egpt_inputs, tokens.to(egpt.device), mask.to(egpt.device))
         hidden = torch.where(mask[..., None].to(hidden.device), hidden, torch.zeros_like(hidden))
-        out[TEACHER_FORCED_KEY] = hidden.float().half().cpu()
+        out[TEACHER_FORCED_KEY] = hidden.half().cpu()
     return out
 
 
@@ -261,14 +262,6 @@ def iter_batches(egpt: Any, vl: Any, samples: list[tuple[int, int]], clips: list
         last = batch[-1][0]
         feats = {k: v for k, v in feats.items() if k[1] == last}
         yield batch, out
-
-
-def pad_to(x: torch.Tensor, length: int, value: Any = 0) -> torch.Tensor:
-    """Right-pad dim 1 to `length` (generation stops early when every row hit EOS)."""
-    if x.shape[1] >= length:
-        return x[:, :length]
-    pad = torch.full((x.shape[0], length - x.shape[1], *x.shape[2:]), value, dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad], dim=1)
 
 
 def main(args: argparse.Namespace) -> int:

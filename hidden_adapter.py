@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import UserError, atomic_torch_save, safe_torch_load
+from common import UserError, atomic_torch_save, first_line, safe_torch_load
 
 CHECKPOINT_FORMAT = "xmodal_sd.adapter"
 CHECKPOINT_VERSION = 1
@@ -654,7 +654,7 @@ def load_adapter(
     try:
         adapter.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError) as err:
-        raise UserError(f"{path}: weights do not match its own config ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{path}: weights do not match its own config ({first_line(err)})") from err
     adapter.eval()
     return adapter, ckpt.get("extra", {})
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common import UserError, read_json, resolve_device, resolve_dtype
+from common import UserError, first_line, read_json, resolve_device, resolve_dtype
 
 log = logging.getLogger("xmodal_sd.model_loaders")
 
@@ -820,7 +820,7 @@ def load_video_llava(
             cfg_file = Path(cached_file(source, "config.json"))
         except OSError as err:  # offline, gated, or a mistyped local folder that looks like "org/name"
             raise UserError(f"{source!r} is neither a local folder nor reachable on the model hub "
-                            f"({str(err).splitlines()[0][:160]}); {fix}") from err
+                            f"({first_line(err, 160)}); {fix}") from err
     else:
         local, _ = _check_model_dir(local, VIDEO_LLAVA_MODEL_TYPE, "Video-LLaVA", fix)
         cfg_file = local / "config.json"

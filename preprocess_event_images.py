@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, atomic_write_bytes, atomic_write_json, read_json, run_cli
+from common import UserError, atomic_write_bytes, atomic_write_json, first_line, read_json, run_cli
 
 log = logging.getLogger("xmodal_sd")
 
@@ -57,11 +57,6 @@ class EventFileError(ValueError):
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 def _arrays_from_object(obj: Any, path: Path, columns: tuple[str, ...] | None) -> dict[str, np.ndarray]:
@@ -129,7 +124,7 @@ def read_event_file(
         raise
     except Exception as err:  # numpy/pickle/zipfile raise many types for truncated or corrupt files
         raise EventFileError(
-            f"{path}: cannot read ({_first_line(err)}); the file is probably truncated, re-create it"
+            f"{path}: cannot read ({first_line(err)}); the file is probably truncated, re-create it"
         ) from err
     return _arrays_from_object(loaded, path, columns)
 
@@ -143,7 +138,7 @@ def _open_h5(path: Path) -> Any:
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise EventFileError(f"{path}: cannot open as HDF5 ({_first_line(err)})") from err
+        raise EventFileError(f"{path}: cannot open as HDF5 ({first_line(err)})") from err
 
 
 def list_h5_clips(path: str | os.PathLike, clip_duration_ms: int = 1000) -> list[tuple[int, int]]:
@@ -164,7 +159,7 @@ def list_h5_clips(path: str | os.PathLike, clip_duration_ms: int = 1000) -> list
         try:
             ms_to_idx = np.asarray(f["ms_to_idx"], dtype=np.int64)
         except OSError as err:
-            raise EventFileError(f"{path}: cannot read ms_to_idx ({_first_line(err)})") from err
+            raise EventFileError(f"{path}: cannot read ms_to_idx ({first_line(err)})") from err
     num_clips = max(len(ms_to_idx) - 1, 0) // clip_duration_ms
     return [
         (int(ms_to_idx[i * clip_duration_ms]), int(ms_to_idx[(i + 1) * clip_duration_ms]))
@@ -179,7 +174,7 @@ def read_h5_clip(path: str | os.PathLike, start: int, end: int, name: str = "") 
         try:
             return {k: f[f"events/{k}"][start:end] for k in EVENT_KEYS}
         except (OSError, KeyError) as err:
-            raise EventFileError(f"{name}: cannot read events ({_first_line(err)})") from err
+            raise EventFileError(f"{name}: cannot read events ({first_line(err)})") from err
 
 
 # --------------------------------------------------------------------------- validation
@@ -408,7 +403,7 @@ def process_clip(task: ClipTask, opts: RenderOptions) -> ClipResult:
     except EventFileError as err:
         return ClipResult("failed", task.name, 0, str(err))
     except Exception as err:  # disk full, permissions, ...: report it and let the other clips finish
-        return ClipResult("failed", task.name, 0, f"{task.name}: {type(err).__name__}: {_first_line(err)}")
+        return ClipResult("failed", task.name, 0, f"{task.name}: {type(err).__name__}: {first_line(err)}")
 
 
 def run_clips(tasks: list[ClipTask], opts: RenderOptions, num_workers: int) -> Iterator[ClipResult]:
@@ -424,7 +419,7 @@ def run_clips(tasks: list[ClipTask], opts: RenderOptions, num_workers: int) -> I
                 yield future.result()
             except Exception as err:  # a worker died (e.g. out of memory)
                 name = futures[future].name
-                yield ClipResult("failed", name, 0, f"{name}: worker process failed ({_first_line(err)})")
+                yield ClipResult("failed", name, 0, f"{name}: worker process failed ({first_line(err)})")
 
 
 def dataset_tasks(
