@@ -383,7 +383,7 @@ class VLMRunner:
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,  # transformers >= 5.24 (`past_key_values=` is deprecated there, removed in 5.40)
             use_cache=cache is not None or logits_for != "none",
         )
         hidden = out.last_hidden_state  # post final norm (LlamaModel applies self.norm)
@@ -393,7 +393,7 @@ class VLMRunner:
             logits = self._lm_head(hidden[:, -1:]).float()
         else:
             logits = hidden.new_zeros(hidden.shape[0], 0, self.vocab_size, dtype=torch.float32)
-        return StepOutput(logits=logits, hidden=hidden.float(), cache=out.past_key_values)
+        return StepOutput(logits=logits, hidden=hidden.float(), cache=out.cache)
 
     @staticmethod
     def _positions(attention_mask: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -373,6 +374,30 @@ def test_generate_pads_and_masks_after_eos(world: dict, monkeypatch: pytest.Monk
     end = int(hits[0]) + 1 if len(hits) else 6
     assert torch.equal(stopped.tokens[1, :end], free.tokens[1, :end])
     assert stopped.mask[1].sum() == end
+
+
+def test_runner_calls_raise_no_deprecation(runner: ml.VLMRunner, world: dict,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step of the interface uses the installed transformers' current API: no FutureWarning or
+    DeprecationWarning, and none of transformers' own `logger.warning_once` deprecation notes (which
+    is how 5.24 reports reading `out.past_key_values`)."""
+    import logging
+
+    notes: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: notes.append(str(msg)))
+    feats = _features(runner, world)
+    inputs = runner.build_inputs([feats, feats], [Q_SHORT, Q_LONG])
+    n = inputs.attention_mask.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        step = runner.prefill(inputs, logits_for="last")
+        mask = torch.cat([inputs.attention_mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
+        runner.decode(torch.tensor([[5, 6], [7, 8]]), step.cache, mask)
+        runner.crop_cache(step.cache, n + 1)
+        out = runner.generate(inputs, max_new_tokens=3)
+        runner.teacher_forced_hidden(inputs, out.tokens, out.mask)
+    assert not [m for m in notes if "deprecat" in m.lower()], notes
 
 
 def test_config_hash_and_attributes(runner: ml.VLMRunner) -> None:
