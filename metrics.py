@@ -1,0 +1,343 @@
+"""Acceptance metrics of an adapter's output against the target's hidden states and tokens.
+
+Two levels (formulas and conventions: docs/METRICS.md):
+
+- hidden-state level, the training signal: cosine similarity per valid position, Accept@tau (share of
+  positions with cos > tau), Consecutive@tau (run of accepted positions from position 0);
+- token level, the ground truth for speed: the adapter's output goes through the target's LM head
+  and its argmax (top-5) is compared with the target's own greedy token, at the same position and,
+  for next-position adapters, at the next one; runs of matches from position 0 (prefill free tokens)
+  and from every start position (accepted drafts per decode iteration).
+
+`AcceptanceAccumulator` keeps running sums only, so it can be fed batch by batch (validation every
+epoch, evaluation of a whole test split) and merged across DDP ranks:
+
+    >>> acc = AcceptanceAccumulator(predicts="next", lm_head=weight)      # weight [V, D]
+    >>> for batch in loader:
+    ...     acc.update(adapter(x, mask), batch["vl_hidden"], mask, batch["vl_tokens"])
+    >>> t = acc.totals().to(device); torch.distributed.all_reduce(t); acc.load_totals(t)
+    >>> acc.compute()["shifted_top1"]
+
+Only valid positions count: padded rows are never projected, and a padded position ends every run.
+Masks are right-padded prefixes (True up to and including EOS), as the extraction writes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
+TOPK = 5
+
+
+def tau_key(tau: float) -> str:
+    """`0.8` -> `"0.80"`: the suffix of every per-threshold key."""
+    return f"{tau:.2f}"
+
+
+def run_from_start(ok: Tensor) -> Tensor:
+    """ok [B, T] bool -> [B] long: number of leading True values (consecutive successes from position 0)."""
+    return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+def runs_from_every_start(ok: Tensor) -> Tensor:
+    """ok [B, T] bool -> [B, T] long: at t, the number of consecutive True values starting at t."""
+    run = torch.zeros_like(ok, dtype=torch.long)
+    nxt = torch.zeros(ok.shape[0], dtype=torch.long, device=ok.device)
+    for t in range(ok.shape[1] - 1, -1, -1):
+        nxt = torch.where(ok[:, t], nxt + 1, torch.zeros_like(nxt))
+        run[:, t] = nxt
+    return run
+
+
+def capped_mean(hist: Tensor, cap: int) -> float:
+    """Mean of min(r, cap) for a histogram `hist[r]` = how many runs had length r."""
+    n = float(hist.sum())
+    if n == 0:
+        return math.nan
+    r = torch.arange(hist.numel(), dtype=hist.dtype)
+    return float((hist * r.clamp(max=cap)).sum()) / n
+
+
+class AcceptanceAccumulator:
+    """Running sums of every acceptance metric; see the module docstring and docs/METRICS.md.
+
+    predicts: "same" (output[t] estimates target state t: L1-L4) or "next" (output[t] estimates
+        target state t+1: L5, B1, L5F). The hidden-state keys (`cos_mean`, `accept@tau`,
+        `consecutive@tau`) compare the output with the state it estimates; "next" adapters also get
+        the same-position hidden keys with a `same_` prefix.
+    lm_head: the target's LM head weight [V, D] (from extract_vl_lm_head.py); without it only the
+        hidden-state level is computed. Moved once to the device of the first batch, as float32.
+    gamma_prefill / gamma_decode: the drafting windows of the two phases.
+    lm_head_batch: rows projected at a time, so the [rows, V] logits stay bounded.
+    max_positions: per-position statistics and run histograms cover positions 0..max_positions-1;
+        later positions still count in every overall figure (set it >= the sequence length).
+    """
+
+    def __init__(
+        self,
+        *,
+        predicts: str = "same",
+        lm_head: Tensor | None = None,
+        thresholds: Sequence[float] = THRESHOLDS,
+        gamma_prefill: int = 7,
+        gamma_decode: int = 5,
+        lm_head_batch: int = 4096,
+        max_positions: int = 128,
+    ):
+        if predicts not in ("same", "next"):
+            raise ValueError(f"predicts must be 'same' or 'next', got {predicts!r}")
+        if lm_head is not None and lm_head.dim() != 2:
+            raise ValueError(f"lm_head must be the [V, D] weight, got shape {tuple(lm_head.shape)}")
+        if min(gamma_prefill, gamma_decode, lm_head_batch, max_positions) < 1:
+            raise ValueError("gamma_prefill, gamma_decode, lm_head_batch and max_positions must be >= 1")
+        self.predicts = predicts
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.gamma_prefill = gamma_prefill
+        self.gamma_decode = gamma_decode
+        self.lm_head_batch = lm_head_batch
+        self.max_positions = max_positions
+        self._lm_head = lm_head
+        self._lm_head_dev: Tensor | None = None
+        self.has_tokens = False  # set by the first update that had token-level input
+        k, p = len(self.thresholds), max_positions
+        shapes: dict[str, int] = {
+            # hidden level, primary pairing (what the adapter predicts)
+            "n_pos": 1, "cos_sum": 1, "accept": k, "n_samples": 1, "run_cos": k,
+            "pos_n": p, "pos_cos": p, "pos_accept": p * k,
+            # hidden level, same position (for "next" adapters; equals the primary for "same")
+            "same_n": 1, "same_cos_sum": 1, "same_accept": k,
+            # token level, same position
+            "tok_n": 1, "top1": 1, "top5": 1, "pos_tok_n": p, "pos_top1": p, "pos_top5": p,
+            "tok_samples": 1, "run_top1_hist": p + 1,
+            # token level, primary pairing vs hidden threshold: count(cos > tau), count(cos > tau & match)
+            "cond_n": k, "cond_match": k,
+            # token level, shifted (output[t] vs target token t+1)
+            "sh_n": 1, "sh_top1": 1, "sh_top5": 1, "pos_sh_n": p, "pos_sh_top1": p, "pos_sh_top5": p,
+            "sh_samples": 1, "sh_run0_hist": p + 1, "start_hist": p + 1, "n_starts": 1,
+        }
+        self._shapes = shapes
+        self._sums = {name: torch.zeros(n, dtype=torch.float64) for name, n in shapes.items()}
+
+    # ------------------------------------------------------------------ running sums
+
+    def totals(self) -> Tensor:
+        """Every running sum as one 1-D float64 tensor (same length on every rank): all_reduce it,
+        then `load_totals`. The last element flags whether token-level input was seen."""
+        flag = torch.tensor([1.0 if self.has_tokens else 0.0], dtype=torch.float64)
+        return torch.cat([*self._sums.values(), flag])
+
+    def load_totals(self, totals: Tensor) -> None:
+        """Replace the running sums by `totals` (e.g. after summing them across ranks)."""
+        totals = totals.detach().to("cpu", torch.float64).flatten()
+        expected = sum(self._shapes.values()) + 1
+        if totals.numel() != expected:
+            raise ValueError(f"totals has {totals.numel()} values, this accumulator keeps {expected}")
+        offset = 0
+        for name, n in self._shapes.items():
+            self._sums[name] = totals[offset:offset + n].clone()
+            offset += n
+        self.has_tokens = bool(totals[-1] > 0)
+
+    def _add(self, name: str, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().to("cpu", torch.float64).flatten()
+        self._sums[name] += value
+
+    def _per_position(self, values: Tensor, valid: Tensor) -> Tensor:
+        """Sum over the batch of values [B, T] at valid positions, cut or padded to max_positions."""
+        col = (values.double() * valid).sum(dim=0)[: self.max_positions]
+        return F.pad(col, (0, self.max_positions - col.numel()))
+
+    def _hist(self, runs: Tensor, where: Tensor) -> Tensor:
+        """Histogram of run lengths (clamped to max_positions) over the entries selected by `where`."""
+        return torch.bincount(runs[where].clamp(max=self.max_positions), minlength=self.max_positions + 1)
+
+    # ------------------------------------------------------------------ update
+
+    def _draft_topk(self, pred: Tensor, valid: Tensor) -> Tensor:
+        """[B, T, k] token ids of the k highest LM-head logits of pred at valid positions (-1 elsewhere),
+        projecting at most `lm_head_batch` rows at a time on pred's device."""
+        assert self._lm_head is not None
+        if self._lm_head_dev is None or self._lm_head_dev.device != pred.device:
+            self._lm_head_dev = self._lm_head.to(pred.device, torch.float32)
+        weight = self._lm_head_dev
+        if weight.shape[1] != pred.shape[-1]:
+            raise ValueError(f"lm_head width {weight.shape[1]} differs from the states' width {pred.shape[-1]}")
+        k = min(TOPK, weight.shape[0])
+        rows = pred[valid]
+        out = torch.full((*valid.shape, TOPK), -1, dtype=torch.long, device=pred.device)
+        top = torch.empty(rows.shape[0], k, dtype=torch.long, device=pred.device)
+        for start in range(0, rows.shape[0], self.lm_head_batch):
+            logits = rows[start:start + self.lm_head_batch].float() @ weight.T
+            top[start:start + logits.shape[0]] = logits.topk(k, dim=-1).indices
+        out[valid] = F.pad(top, (0, TOPK - k), value=-1)
+        return out
+
+    def _target_tokens(self, target: Tensor, valid: Tensor) -> Tensor:
+        """The target's greedy tokens from its own states (when the caller has no stored tokens)."""
+        return self._draft_topk(target, valid)[..., 0]
+
+    def _hidden(self, cos: Tensor, valid: Tensor, prefix: str = "") -> Tensor:
+        """Accumulate cos statistics over valid positions; returns the accepted mask [k, B, T]."""
+        taus = torch.tensor(self.thresholds, device=cos.device)[:, None, None]
+        accepted = (cos[None] > taus) & valid[None]
+        if prefix:
+            self._add("same_n", valid.sum())
+            self._add("same_cos_sum", cos[valid].double().sum())
+            self._add("same_accept", accepted.sum(dim=(1, 2)))
+            return accepted
+        self._add("n_pos", valid.sum())
+        self._add("cos_sum", cos[valid].double().sum())
+        self._add("accept", accepted.sum(dim=(1, 2)))
+        has_any = valid[:, 0]
+        self._add("n_samples", has_any.sum())
+        self._add("run_cos", torch.stack([run_from_start(a)[has_any].sum() for a in accepted]))
+        self._add("pos_n", self._per_position(torch.ones_like(cos), valid))
+        self._add("pos_cos", self._per_position(cos, valid))
+        self._add("pos_accept", torch.stack([self._per_position(a.double(), valid) for a in accepted], dim=1))
+        return accepted
+
+    def _tokens(self, top: Tensor, tokens: Tensor, valid: Tensor, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """Accumulate top-1/top-5 matches of draft top-k `top` [B, T, 5] vs `tokens` [B, T]; returns
+        (top1 match [B, T] bool restricted to valid, run-from-0 lengths [B])."""
+        n, t1, t5, pn, p1, p5, ns, hist = names
+        m1 = (top[..., 0] == tokens) & valid
+        m5 = (top == tokens[..., None]).any(dim=-1) & valid
+        self._add(n, valid.sum())
+        self._add(t1, m1.sum())
+        self._add(t5, m5.sum())
+        self._add(pn, self._per_position(torch.ones_like(tokens), valid))
+        self._add(p1, self._per_position(m1.double(), valid))
+        self._add(p5, self._per_position(m5.double(), valid))
+        has_any = valid[:, 0]
+        runs = run_from_start(m1)
+        self._add(ns, has_any.sum())
+        self._add(hist, self._hist(runs, has_any))
+        return m1, runs
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor, mask: Tensor, target_tokens: Tensor | None = None) -> None:
+        """Add one batch. pred/target [B, T, D] (any float dtype), mask [B, T] bool (valid positions),
+        target_tokens [B, T] the target's greedy tokens (optional; derived from `target` through the
+        LM head when missing). Token-level sums need `lm_head`."""
+        if pred.shape != target.shape or pred.dim() != 3:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, T, D]")
+        if mask.shape != pred.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(pred.shape[:2])}")
+        valid = mask.to(pred.device).bool()
+        target = target.to(pred.device)
+        same_cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-6)
+        if self.predicts == "same":
+            cos, pair_valid = same_cos, valid
+        else:
+            # output[t] vs target[t+1]; the last position has no successor inside the window
+            pair_valid = torch.zeros_like(valid)
+            pair_valid[:, :-1] = valid[:, :-1] & valid[:, 1:]
+            cos = torch.zeros_like(same_cos)
+            cos[:, :-1] = F.cosine_similarity(pred[:, :-1].float(), target[:, 1:].float(), dim=-1, eps=1e-6)
+            self._hidden(same_cos, valid, prefix="same_")
+        accepted = self._hidden(cos, pair_valid)
+
+        if self._lm_head is None:
+            return
+        self.has_tokens = True
+        top = self._draft_topk(pred, valid)
+        tokens = (self._target_tokens(target, valid) if target_tokens is None
+                  else target_tokens.to(pred.device).long())
+        same_names = ("tok_n", "top1", "top5", "pos_tok_n", "pos_top1", "pos_top5", "tok_samples", "run_top1_hist")
+        match, _ = self._tokens(top, tokens, valid, same_names)
+        if self.predicts == "next":
+            next_tokens = torch.full_like(tokens, -2)
+            next_tokens[:, :-1] = tokens[:, 1:]
+            sh_names = ("sh_n", "sh_top1", "sh_top5", "pos_sh_n", "pos_sh_top1", "pos_sh_top5",
+                        "sh_samples", "sh_run0_hist")
+            match, _ = self._tokens(top, next_tokens, pair_valid, sh_names)
+            starts = runs_from_every_start(match)
+            self._add("start_hist", self._hist(starts, pair_valid))
+            self._add("n_starts", pair_valid.sum())
+        self._add("cond_n", accepted.sum(dim=(1, 2)))
+        self._add("cond_match", (accepted & match[None]).sum(dim=(1, 2)))
+
+    # ------------------------------------------------------------------ results
+
+    def _ratio(self, num: str | Tensor, den: str | Tensor) -> Tensor:
+        a = self._sums[num] if isinstance(num, str) else num
+        b = self._sums[den] if isinstance(den, str) else den
+        return torch.where(b > 0, a / b.clamp(min=1), torch.full_like(a, math.nan))
+
+    def prefill_free_by_window(self) -> list[float]:
+        """Mean consecutive same-position token matches from position 0 within a window of g drafts,
+        for g = 1..max_positions (entry g-1)."""
+        hist = self._sums["run_top1_hist"]
+        return [capped_mean(hist, g) for g in range(1, self.max_positions + 1)]
+
+    def accept_len_by_gamma(self) -> list[float]:
+        """Mean accepted drafts per decode iteration (no bonus token) for gamma = 1..max_positions."""
+        hist = self._sums["start_hist"]
+        return [capped_mean(hist, g) for g in range(1, self.max_positions + 1)]
+
+    def compute(self) -> dict[str, float]:
+        """Every overall metric as a flat dict of floats (NaN where nothing was counted)."""
+        s = self._sums
+        out: dict[str, float] = {"num_positions": float(s["n_pos"]), "num_samples": float(s["n_samples"])}
+        out["cos_mean"] = float(self._ratio("cos_sum", "n_pos"))
+        accept = self._ratio(s["accept"], s["n_pos"].expand(len(self.thresholds)))
+        runs = self._ratio(s["run_cos"], s["n_samples"].expand(len(self.thresholds)))
+        for i, tau in enumerate(self.thresholds):
+            out[f"accept@{tau_key(tau)}"] = float(accept[i])
+            out[f"consecutive@{tau_key(tau)}"] = float(runs[i])
+        if self.predicts == "next":
+            out["same_num_positions"] = float(s["same_n"])
+            out["same_cos_mean"] = float(self._ratio("same_cos_sum", "same_n"))
+            same_accept = self._ratio(s["same_accept"], s["same_n"].expand(len(self.thresholds)))
+            for i, tau in enumerate(self.thresholds):
+                out[f"same_accept@{tau_key(tau)}"] = float(same_accept[i])
+        if not self.has_tokens:
+            return out
+        out["token_positions"] = float(s["tok_n"])
+        out["token_top1"] = float(self._ratio("top1", "tok_n"))
+        out["token_top5"] = float(self._ratio("top5", "tok_n"))
+        out["token_consecutive"] = capped_mean(s["run_top1_hist"], self.max_positions)
+        out["prefill_free"] = capped_mean(s["run_top1_hist"], self.gamma_prefill)
+        cond = self._ratio(s["cond_match"], s["cond_n"])
+        for i, tau in enumerate(self.thresholds):
+            out[f"p_match_given_cos>{tau_key(tau)}"] = float(cond[i])
+        if self.predicts == "next":
+            out["shifted_positions"] = float(s["sh_n"])
+            out["shifted_top1"] = float(self._ratio("sh_top1", "sh_n"))
+            out["shifted_top5"] = float(self._ratio("sh_top5", "sh_n"))
+            out["shifted_consecutive"] = capped_mean(s["sh_run0_hist"], self.max_positions)
+            out["accept_len"] = capped_mean(s["start_hist"], self.gamma_decode)
+            out["tokens_per_iter"] = out["accept_len"] + 1.0
+        return out
+
+    def per_position(self) -> dict[str, list[float]]:
+        """Per-position means (index = position t; NaN where no sample is valid). For "next"
+        adapters the hidden-state and shifted columns at t score the prediction of position t+1."""
+        s = self._sums
+        cols: dict[str, list[float]] = {
+            "position": list(range(self.max_positions)),
+            "count": s["pos_n"].tolist(),
+            "cos_mean": self._ratio("pos_cos", "pos_n").tolist(),
+        }
+        accept = self._ratio(s["pos_accept"].view(self.max_positions, -1),
+                             s["pos_n"][:, None].expand(-1, len(self.thresholds)))
+        for i, tau in enumerate(self.thresholds):
+            cols[f"accept@{tau_key(tau)}"] = accept[:, i].tolist()
+        if self.has_tokens:
+            cols["token_count"] = s["pos_tok_n"].tolist()
+            cols["token_top1"] = self._ratio("pos_top1", "pos_tok_n").tolist()
+            cols["token_top5"] = self._ratio("pos_top5", "pos_tok_n").tolist()
+            if self.predicts == "next":
+                cols["shifted_top1"] = self._ratio("pos_sh_top1", "pos_sh_n").tolist()
+                cols["shifted_top5"] = self._ratio("pos_sh_top5", "pos_sh_n").tolist()
+        return cols
+
+
+__all__ = ["THRESHOLDS", "AcceptanceAccumulator", "capped_mean", "run_from_start", "runs_from_every_start", "tau_key"]
