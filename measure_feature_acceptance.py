@@ -1,0 +1,354 @@
+"""Offline acceptance of one trained adapter on a test split: hidden-state and token-level metrics.
+
+The adapter runs over the stored paired hidden states; its outputs are compared with the target's
+states (cosine, Accept@tau, Consecutive@tau) and, through the target's LM head, with the target's
+own greedy tokens (top-1/top-5 at the same position and, for next-position adapters, at the next
+one; prefill free tokens; accepted drafts per decode iteration). Definitions: docs/METRICS.md.
+
+    # toy world (CPU, seconds)
+    python measure_feature_acceptance.py --checkpoint tasks/toy/L1_free_20260101_120000/best_model.pt \
+        --test_data data/toy/hidden/test --lm_head data/toy/vl_lm_head.pt --output_dir results/toy/acceptance/L1_free
+    # the real models' test split (GPU when present)
+    python measure_feature_acceptance.py --checkpoint tasks/L5F_teacher_forced_.../best_model.pt \
+        --test_data data/hidden/test --lm_head data/vl_lm_head.pt --gamma_decode 5
+
+Writes, in --output_dir: acceptance_metrics.json, per_position.csv, per_position.png,
+acceptance_metrics.md. Token-level figures come first everywhere: they decide speed; the
+hidden-state ones are the training signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, run_cli
+from extract_vl_lm_head import load_lm_head
+from hidden_adapter import BaseAdapter, load_adapter
+from hidden_data import TEACHER_FORCED_KEY, iter_chunks, load_manifest
+from metrics import THRESHOLDS, AcceptanceAccumulator, tau_key
+
+log = logging.getLogger("xmodal_sd.acceptance")
+RESULT_FORMAT = "xmodal_sd.acceptance_metrics"
+PAIRS = ("free", "teacher_forced")
+OFFLINE_NOTE = {
+    "same": "same-position adapter: draft token t = argmax LM(adapter(drafter state t)); in live prefill drafting "
+            "EventGPT decodes freely, as in the 'free' pairs",
+    "next": "next-position adapter, teacher-forced one-step prediction: every output reads true states up to t; a "
+            "live roll-out feeds its own outputs back for the later drafts of an iteration, so accept_len is an "
+            "upper estimate of the live figure",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="adapter best_model.pt written by train_hidden_adapter.py")
+    p.add_argument("--test_data", required=True, help="test split folder written by extract_hidden_states.py")
+    p.add_argument("--lm_head", required=True, help="target LM head file written by extract_vl_lm_head.py")
+    p.add_argument("--output_dir", default=None,
+                   help="where results go (default: acceptance_{pairs}/ next to the checkpoint)")
+    p.add_argument("--gamma_prefill", type=int, default=7, help="prefill drafting window (free tokens are capped here)")
+    p.add_argument("--gamma_decode", type=int, default=5,
+                   help="drafts per decode iteration (accept_len is capped here)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per adapter forward")
+    p.add_argument("--pairs", choices=PAIRS, default=None,
+                   help="which drafter states and mask to use (default: the pairing the checkpoint was trained on)")
+    p.add_argument("--lm_head_batch", type=int, default=4096, help="rows projected through the LM head at a time")
+    p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples (quick checks)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--allow_model_mismatch", action="store_true",
+                   help="evaluate even if the checkpoint was trained on states of other models (not recommended)")
+    args = p.parse_args(argv)
+    for name in ("gamma_prefill", "gamma_decode", "batch_size", "lm_head_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        p.error("--max_samples must be >= 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def model_hashes(described: Any) -> dict[str, str]:
+    """{"drafter": hash, "target": hash} from a manifest's `models` or a checkpoint's `extra["data"]`
+    (which may hold the models' descriptions, their hashes, or a `models` entry)."""
+    if not isinstance(described, dict):
+        return {}
+    if isinstance(described.get("models"), dict):
+        described = described["models"]
+    out = {}
+    for role in ("drafter", "target"):
+        value = described.get(role) or described.get(f"{role}_config_hash")
+        if isinstance(value, dict):
+            value = value.get("config_hash")
+        if isinstance(value, str):
+            out[role] = value
+    return out
+
+
+def check_same_models(checkpoint: str, extra: dict[str, Any], manifest: dict[str, Any], allow: bool) -> None:
+    """Refuse (one line) a checkpoint trained on states of other models than the test data's."""
+    trained, tested = model_hashes(extra.get("data")), model_hashes(manifest.get("models"))
+    if not trained or not tested:
+        log.warning("cannot check that %s was trained on states of the test data's models "
+                    "(no config hashes recorded)", checkpoint)
+        return
+    differ = [r for r in trained if r in tested and trained[r] != tested[r]]
+    if differ and not allow:
+        raise UserError(f"{checkpoint} was trained on states of another {' and '.join(differ)} model than the test "
+                        "data (config hashes differ); evaluate on data extracted with the same models")
+    if differ:
+        log.warning("model mismatch (%s) accepted by --allow_model_mismatch", ", ".join(differ))
+
+
+def select_pairs(chunk: dict[str, Any], pairs: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafter states [N, T, D], valid mask [N, T]) of one chunk for a pairing (docs/DATA_FORMAT.md):
+    free = egpt_hidden where both models' masks hold; teacher_forced = egpt_hidden_tf where vl_mask holds."""
+    if pairs == "free":
+        return chunk["egpt_hidden"], chunk["egpt_mask"] & chunk["vl_mask"]
+    return chunk[TEACHER_FORCED_KEY], chunk["vl_mask"].clone()
+
+
+def run_adapter(adapter: BaseAdapter, drafter: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """The adapter's output [B, T, D_target] for what it consumes (drafter, target (B1) or both (L5F))."""
+    x = target if adapter.consumes == "target" else drafter
+    h_target = target if adapter.consumes == "both" else None
+    token_ids = None
+    if adapter.config.use_token_embed:
+        token_ids = tokens.long().clamp(0, adapter.config.vocab_size - 1)
+    return adapter(x, mask, h_target=h_target, token_ids=token_ids)
+
+
+def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tensor, args: argparse.Namespace,
+             device: torch.device) -> tuple[AcceptanceAccumulator, dict[str, float]]:
+    """Feed every test batch to an accumulator; returns it and the data counts."""
+    acc: AcceptanceAccumulator | None = None
+    counts = {"samples": 0, "samples_without_valid_positions": 0, "target_tokens": 0, "drafter_tokens": 0}
+    limit = args.max_samples
+    manifest = load_manifest(test_data)
+    total = min(manifest["num_samples"], limit or manifest["num_samples"])
+    bar = tqdm(total=total, desc=f"{adapter.config.name} {pairs}", unit="sample")
+    for chunk in iter_chunks(test_data, expect_teacher_forced=pairs == "teacher_forced"):
+        drafter_all, mask_all = select_pairs(chunk, pairs)
+        n = drafter_all.shape[0] if limit is None else min(drafter_all.shape[0], limit - counts["samples"])
+        if acc is None:
+            acc = AcceptanceAccumulator(predicts=adapter.predicts, lm_head=head, gamma_prefill=args.gamma_prefill,
+                                        gamma_decode=args.gamma_decode, lm_head_batch=args.lm_head_batch,
+                                        max_positions=mask_all.shape[1])
+        for start in range(0, n, args.batch_size):
+            sl = slice(start, min(start + args.batch_size, n))
+            mask = mask_all[sl].to(device)
+            drafter = drafter_all[sl].to(device, torch.float32)
+            target = chunk["vl_hidden"][sl].to(device, torch.float32)
+            tokens = chunk["vl_tokens"][sl].to(device)
+            # the tokens the consumed states read: EventGPT's own answer in free pairs, the target's otherwise
+            own_text = pairs == "free" and adapter.consumes != "target"
+            text = chunk["egpt_tokens" if own_text else "vl_tokens"][sl]
+            pred = run_adapter(adapter, drafter, target, mask, text.to(device))
+            acc.update(pred, target, mask, tokens)
+            counts["samples_without_valid_positions"] += int((~mask.any(dim=1)).sum())
+        counts["target_tokens"] += int(chunk["vl_mask"][:n].sum())
+        counts["drafter_tokens"] += int(chunk["egpt_mask"][:n].sum())
+        counts["samples"] += n
+        bar.update(n)
+        if limit is not None and counts["samples"] >= limit:
+            break
+    bar.close()
+    if acc is None or counts["samples"] == 0:
+        raise UserError(f"{test_data} holds no samples; extract the test split first")
+    return acc, counts
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _fmt(value: float, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.2f}%" if pct else f"{value:.3f}"
+
+
+def token_rows(m: dict[str, Any], gamma_prefill: int, gamma_decode: int) -> list[list[str]]:
+    rows = [["same-position top-1", _fmt(m.get("token_top1"), True)],
+            ["same-position top-5 (target token in draft's top 5)", _fmt(m.get("token_top5"), True)],
+            ["consecutive same-position matches from 0", _fmt(m.get("token_consecutive"))],
+            [f"prefill free tokens (within {gamma_prefill})", _fmt(m.get("prefill_free"))]]
+    if "shifted_top1" in m:
+        rows += [["shifted top-1 (output t vs token t+1)", _fmt(m["shifted_top1"], True)],
+                 ["shifted top-5", _fmt(m["shifted_top5"], True)],
+                 ["consecutive shifted matches from 0", _fmt(m["shifted_consecutive"])],
+                 [f"accepted drafts per iteration, gamma {gamma_decode} (no bonus; vLLM counter)",
+                  _fmt(m["accept_len"])],
+                 [f"tokens per iteration, gamma {gamma_decode} (with bonus; EAGLE's tau)", _fmt(m["tokens_per_iter"])]]
+    return rows
+
+
+def hidden_rows(m: dict[str, Any]) -> list[list[str]]:
+    rows = [["cosine similarity, mean", _fmt(m["cos_mean"])]]
+    rows += [[f"Accept@{tau_key(t)}", _fmt(m[f"accept@{tau_key(t)}"], True)] for t in THRESHOLDS]
+    rows += [[f"Consecutive@{tau_key(t)} (from 0)", _fmt(m[f"consecutive@{tau_key(t)}"])] for t in THRESHOLDS]
+    if "same_cos_mean" in m:
+        rows += [["same-position cosine, mean", _fmt(m["same_cos_mean"])]]
+        rows += [[f"same-position Accept@{tau_key(t)}", _fmt(m[f"same_accept@{tau_key(t)}"], True)]
+                 for t in THRESHOLDS]
+    return rows
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    m, g_p, g_d = result["metrics"], result["gamma_prefill"], result["gamma_decode"]
+    pairing = "output t vs target t+1" if result["predicts"] == "next" else "output t vs target t"
+    lines = [f"# Acceptance of {result['level']} ({result['pairs']} pairs)", "",
+             f"checkpoint `{result['checkpoint']}`, test data `{result['test_data']}`: "
+             f"{result['counts']['samples']} samples, {int(m['token_positions'])} valid positions "
+             f"({result['counts']['samples_without_valid_positions']} samples without any valid position).", "",
+             f"Offline assumption: {result['offline_assumption']}.", "",
+             "## Token level (ground truth for speed)", "",
+             markdown_table(["metric", "value"], token_rows(m, g_p, g_d)), "",
+             f"## Hidden-state level ({pairing}; the training signal)", "",
+             markdown_table(["metric", "value"], hidden_rows(m)), "",
+             "## Token match given the cosine passes tau", "",
+             markdown_table(["tau", "P(token match | cos > tau)", "Accept@tau"],
+                            [[tau_key(t), _fmt(m[f"p_match_given_cos>{tau_key(t)}"], True),
+                              _fmt(m[f"accept@{tau_key(t)}"], True)] for t in THRESHOLDS]), "",
+             "## Per position", "", per_position_table(result["per_position"]), ""]
+    return "\n".join(lines)
+
+
+def per_position_columns(per: dict[str, list[float]]) -> list[str]:
+    token = [c for c in ("token_top1", "token_top5", "shifted_top1", "shifted_top5") if c in per]
+    return ["position", "count", *token, "cos_mean", *(f"accept@{tau_key(t)}" for t in THRESHOLDS)]
+
+
+def per_position_table(per: dict[str, list[float]]) -> str:
+    cols = per_position_columns(per)
+    rows = []
+    for i in range(len(per["position"])):
+        if per["count"][i] == 0:
+            continue
+        rows.append([str(per["position"][i]), str(int(per["count"][i]))]
+                    + [_fmt(per[c][i], c != "cos_mean") for c in cols[2:]])
+    return markdown_table(cols, rows)
+
+
+def per_position_csv(per: dict[str, list[float]]) -> bytes:
+    cols = per_position_columns(per)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(cols)
+    for i in range(len(per["position"])):
+        writer.writerow(["" if isinstance(per[c][i], float) and math.isnan(per[c][i]) else per[c][i] for c in cols])
+    return buf.getvalue().encode()
+
+
+def per_position_plot(result: dict[str, Any], path: Path) -> None:
+    """Two panels over answer positions: token-level acceptance (top), hidden-state Accept@tau (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = result["per_position"]
+    keep = [i for i, c in enumerate(per["count"]) if c > 0]
+    x = [per["position"][i] for i in keep]
+    fig, (ax_tok, ax_hid) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for col, style in (("token_top1", "-o"), ("token_top5", "--o"), ("shifted_top1", "-s"), ("shifted_top5", "--s")):
+        if col in per:
+            ax_tok.plot(x, [per[col][i] for i in keep], style, ms=3, label=col.replace("_", " "))
+    ax_tok.set_ylabel("token match rate")
+    ax_tok.set_ylim(0, 1.02)
+    ax_tok.legend(fontsize=8)
+    ax_tok.set_title(f"{result['level']} ({result['pairs']} pairs): per-position acceptance")
+    for t in THRESHOLDS:
+        ax_hid.plot(x, [per[f"accept@{tau_key(t)}"][i] for i in keep], "-o", ms=3, label=f"Accept@{tau_key(t)}")
+    ax_hid.plot(x, [per["cos_mean"][i] for i in keep], "k:", label="mean cosine")
+    ax_hid.set_ylabel("hidden-state level")
+    ax_hid.set_xlabel("answer position t" + (" (predicting t+1)" if result["predicts"] == "next" else ""))
+    ax_hid.set_ylim(0, 1.02)
+    ax_hid.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN -> None, so the file is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    test_data = Path(args.test_data)
+    manifest = load_manifest(test_data)
+    adapter, extra = load_adapter(args.checkpoint, map_location="cpu")
+    pairs = args.pairs or extra.get("pairs") or "free"
+    if pairs not in PAIRS:
+        raise UserError(f"{args.checkpoint} records pairs={pairs!r}; pass --pairs free or --pairs teacher_forced")
+    if pairs == "teacher_forced" and not manifest.get("teacher_forced", True):
+        raise UserError(f"{test_data} has no teacher-forced states; "
+                        "extract it with --teacher_forced or pass --pairs free")
+    check_same_models(args.checkpoint, extra, manifest, args.allow_model_mismatch)
+    widths = manifest.get("widths") or {}
+    head_file = load_lm_head(args.lm_head, hidden_dim=adapter.config.target_dim)
+    target_hash = model_hashes(manifest.get("models")).get("target")
+    if target_hash and head_file.get("config_hash") not in (None, target_hash):
+        raise UserError(f"{args.lm_head} is the LM head of another target model than {test_data}'s (config hashes "
+                        "differ); extract the head of the model that produced the states")
+    for role, have in (("drafter", adapter.config.drafter_dim), ("target", adapter.config.target_dim)):
+        if widths.get(role) not in (None, have):
+            raise UserError(f"{args.checkpoint} expects {role} width {have}, {test_data} has {widths[role]}")
+    adapter = adapter.to(device).eval()
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"acceptance_{pairs}"
+
+    with torch.inference_mode():
+        acc, counts = evaluate(adapter, test_data, pairs, head_file["weight"], args, device)
+    metrics = acc.compute()
+    result = {
+        "format": RESULT_FORMAT, "format_version": 1,
+        "level": adapter.config.name, "predicts": adapter.predicts, "consumes": adapter.consumes, "pairs": pairs,
+        "checkpoint": str(args.checkpoint), "test_data": str(test_data), "lm_head": str(args.lm_head),
+        "gamma_prefill": args.gamma_prefill, "gamma_decode": args.gamma_decode,
+        "offline_assumption": OFFLINE_NOTE[adapter.predicts],
+        "counts": {**counts, "mean_target_answer_tokens": counts["target_tokens"] / counts["samples"]},
+        "metrics": metrics,
+        "prefill_free_by_window": acc.prefill_free_by_window(),
+        "accept_len_by_gamma": acc.accept_len_by_gamma() if adapter.predicts == "next" else None,
+        "per_position": acc.per_position(),
+        "trained": {k: extra.get(k) for k in ("pairs", "data") if k in extra},
+    }
+    result = _jsonable(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out_dir / "acceptance_metrics.json")
+    atomic_write_bytes(per_position_csv(result["per_position"]), out_dir / "per_position.csv")
+    report = markdown_report(result)
+    atomic_write_bytes(report.encode(), out_dir / "acceptance_metrics.md")
+    per_position_plot(result, out_dir / "per_position.png")
+    print(markdown_table(["metric", "value"], token_rows(result["metrics"], args.gamma_prefill, args.gamma_decode)
+                         + hidden_rows(result["metrics"])))
+    print(f"wrote {out_dir}/acceptance_metrics.json, .md, per_position.csv, per_position.png")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

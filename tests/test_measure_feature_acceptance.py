@@ -1,0 +1,174 @@
+"""measure_feature_acceptance.py on hand-made chunks (values checked against a direct loop, mask rule
+per pairing, refusals) and, as a subprocess, on the quick toy world's extracted test split."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import measure_feature_acceptance as mfa
+from common import UserError, atomic_torch_save, atomic_write_json
+from hidden_adapter import create_adapter, save_adapter
+from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, write_chunk
+from tests.conftest import ROOT
+
+D, T, V = 16, 6, 20
+MODELS = {"drafter": {"config_hash": "egpt-hash"}, "target": {"config_hash": "vl-hash"}}
+
+
+def write_test_data(folder, n: int = 6, seed: int = 0, chunk_size: int = 4):
+    """Hand-made chunks + manifest: target tokens are the target states' argmax, drafter states are
+    noisy copies, masks right-padded with different lengths per model (one sample without positions)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, D, generator=g)
+    vl = torch.randn(n, T, D, generator=g)
+    vl_len = torch.tensor([6, 5, 3, 0, 6, 2])[:n]
+    egpt_len = torch.tensor([4, 5, 6, 2, 6, 1])[:n]
+    vl_mask = torch.arange(T)[None] < vl_len[:, None]
+    egpt_mask = torch.arange(T)[None] < egpt_len[:, None]
+    tensors = {
+        "egpt_hidden": (vl + 0.5 * torch.randn(n, T, D, generator=g)).half(),
+        "egpt_hidden_tf": (vl + 0.3 * torch.randn(n, T, D, generator=g)).half(),
+        "vl_hidden": vl.half(),
+        "egpt_tokens": torch.randint(0, V, (n, T), generator=g).int(),
+        "vl_tokens": (vl.half().float() @ weight.half().float().T).argmax(-1).int(),
+        "egpt_mask": egpt_mask, "vl_mask": vl_mask, "question_idx": torch.zeros(n, dtype=torch.int32),
+    }
+    folder.mkdir(parents=True)
+    chunks = []
+    for i, start in enumerate(range(0, n, chunk_size)):
+        sl = slice(start, start + chunk_size)
+        ids = [f"seq/c{j}#q0" for j in range(start, min(n, start + chunk_size))]
+        chunks.append(write_chunk(folder / f"chunk_s000_{i:05d}.pt", {k: v[sl] for k, v in tensors.items()},
+                                  ids, [s.split("#")[0] for s in ids]))
+    manifest = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "complete": True, "teacher_forced": True,
+                "chunks": chunks, "num_samples": n, "models": MODELS, "widths": {"drafter": D, "target": D},
+                "max_new_tokens": T}
+    atomic_write_json(manifest, folder / "manifest.json")
+    head = folder.parent / "lm_head.pt"
+    atomic_torch_save({"format": "xmodal_sd.lm_head", "weight": weight.half(), "vocab_size": V, "hidden_dim": D,
+                       "model": "hand", "config_hash": "vl-hash"}, head)
+    return tensors, weight.half().float(), head
+
+
+def checkpoint(tmp_path, level: str, pairs: str, data=None):
+    torch.manual_seed(1)
+    adapter = create_adapter(level, D, dropout=0.0, max_seq_len=16)
+    path = tmp_path / f"{level}_{pairs}" / "best_model.pt"
+    save_adapter(path, adapter, pairs=pairs, data=data if data is not None else {"models": MODELS})
+    return adapter.eval(), path
+
+
+def direct_token_top1(adapter, tensors, weight, pairs):
+    """Same-position top-1 by a plain loop over valid positions, with the mask rule of DATA_FORMAT.md."""
+    drafter = tensors["egpt_hidden" if pairs == "free" else "egpt_hidden_tf"].float()
+    mask = tensors["vl_mask"] & (tensors["egpt_mask"] if pairs == "free" else True)
+    target = tensors["vl_hidden"].float()
+    x = target if adapter.consumes == "target" else drafter
+    with torch.no_grad():
+        out = adapter(x, mask, h_target=target if adapter.consumes == "both" else None)
+    hits = total = 0
+    for i in range(mask.shape[0]):
+        for t in range(T):
+            if mask[i, t]:
+                total += 1
+                hits += int((out[i, t] @ weight.T).argmax() == tensors["vl_tokens"][i, t])
+    return hits / total, total
+
+
+@pytest.mark.parametrize(("level", "pairs"), [("L1", "free"), ("L4", "teacher_forced"), ("L5F", "teacher_forced"),
+                                              ("B1", "free")])
+def test_metrics_follow_the_pairing_and_match_a_direct_loop(tmp_path, level, pairs):
+    tensors, weight, head = write_test_data(tmp_path / "test")
+    adapter, ckpt = checkpoint(tmp_path, level, pairs)
+    out = tmp_path / "out"
+    result = mfa.main(mfa.parse_args(["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"),
+                                      "--lm_head", str(head), "--output_dir", str(out), "--batch_size", "4",
+                                      "--device", "cpu", "--gamma_prefill", "3", "--gamma_decode", "2"]))
+    top1, total = direct_token_top1(adapter, tensors, weight, pairs)
+    m = result["metrics"]
+    assert result["pairs"] == pairs and result["level"] == level
+    assert m["token_positions"] == total
+    assert m["token_top1"] == pytest.approx(top1)
+    assert result["counts"]["samples"] == 6 and result["counts"]["samples_without_valid_positions"] == 1
+    assert len(result["prefill_free_by_window"]) == T
+    assert result["prefill_free_by_window"][2] == pytest.approx(m["prefill_free"])
+    if adapter.predicts == "next":
+        assert {"shifted_top1", "shifted_top5", "accept_len", "tokens_per_iter"} <= set(m)
+        assert result["accept_len_by_gamma"][1] == pytest.approx(m["accept_len"])
+        assert m["accept_len"] <= 2
+        assert "teacher-forced one-step" in result["offline_assumption"]
+    else:
+        assert "shifted_top1" not in m and result["accept_len_by_gamma"] is None
+    on_disk = json.loads((out / "acceptance_metrics.json").read_text())
+    assert on_disk["metrics"]["token_top1"] == pytest.approx(top1)
+    report = (out / "acceptance_metrics.md").read_text()
+    assert report.index("Token level") < report.index("Hidden-state level")  # token figures first
+    csv_lines = (out / "per_position.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("position,count,token_top1") and len(csv_lines) == T + 1
+    assert (out / "per_position.png").stat().st_size > 1000
+
+
+def test_default_pairs_and_output_dir_come_from_the_checkpoint(tmp_path):
+    write_test_data(tmp_path / "test")
+    _, ckpt = checkpoint(tmp_path, "L2", "teacher_forced")
+    result = mfa.main(mfa.parse_args(["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"),
+                                      "--lm_head", str(tmp_path / "lm_head.pt"), "--device", "cpu",
+                                      "--max_samples", "3"]))
+    assert result["pairs"] == "teacher_forced" and result["counts"]["samples"] == 3
+    assert (ckpt.parent / "acceptance_teacher_forced" / "acceptance_metrics.json").is_file()
+
+
+def test_refuses_other_models_and_wrong_head(tmp_path):
+    write_test_data(tmp_path / "test")
+    bad = {"models": {"drafter": {"config_hash": "other"}, "target": {"config_hash": "vl-hash"}}}
+    _, ckpt = checkpoint(tmp_path, "L1", "free", data=bad)
+    args = ["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"), "--lm_head", str(tmp_path / "lm_head.pt"),
+            "--device", "cpu", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(UserError, match="another drafter model"):
+        mfa.main(mfa.parse_args(args))
+    mfa.main(mfa.parse_args([*args, "--allow_model_mismatch"]))
+    proc = subprocess.run([sys.executable, str(ROOT / "measure_feature_acceptance.py"), *args],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
+    head = torch.load(tmp_path / "lm_head.pt", weights_only=True)
+    atomic_torch_save({**head, "config_hash": "another"}, tmp_path / "other_head.pt")
+    _, good = checkpoint(tmp_path, "L3", "free")
+    with pytest.raises(UserError, match="another target model"):
+        mfa.main(mfa.parse_args(["--checkpoint", str(good), "--test_data", str(tmp_path / "test"),
+                                 "--lm_head", str(tmp_path / "other_head.pt"), "--device", "cpu"]))
+
+
+def test_model_hashes_reads_several_layouts():
+    assert mfa.model_hashes({"models": MODELS}) == {"drafter": "egpt-hash", "target": "vl-hash"}
+    assert mfa.model_hashes(MODELS) == {"drafter": "egpt-hash", "target": "vl-hash"}
+    assert mfa.model_hashes({"drafter": "a", "target": "b"}) == {"drafter": "a", "target": "b"}
+    assert mfa.model_hashes(None) == {}
+
+
+def test_quick_world_subprocess(quick_hidden, tmp_path):
+    """The script end to end on the toy world's extracted test split (an untrained L5F)."""
+    import hidden_data
+
+    manifest = hidden_data.load_manifest(quick_hidden / "test")
+    width = manifest["widths"]["target"]
+    adapter = create_adapter("L5F", width, drafter_dim=manifest["widths"]["drafter"])
+    save_adapter(tmp_path / "L5F" / "best_model.pt", adapter, pairs="teacher_forced",
+                 data={"models": manifest["models"]})
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(ROOT / "measure_feature_acceptance.py"),
+                           "--checkpoint", str(tmp_path / "L5F" / "best_model.pt"),
+                           "--test_data", str(quick_hidden / "test"), "--lm_head", str(quick_hidden / "vl_lm_head.pt"),
+                           "--output_dir", str(out), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "acceptance_metrics.json").read_text())
+    m = result["metrics"]
+    assert m["token_positions"] > 0 and 0 <= m["shifted_top1"] <= 1
+    # L5F starts as h_target (zero output projection): same-position tokens equal the target's own
+    assert m["token_top1"] == pytest.approx(1.0)
+    assert "accepted drafts per iteration" in proc.stdout
