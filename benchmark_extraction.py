@@ -47,8 +47,8 @@ from common import (
     set_seed,
     sync_device,
 )
-from extract_hidden_states import iter_batches, model_facts, plan_samples, run_models
-from model_loaders import QUANT_CHOICES
+from extract_hidden_states import iter_batches, pair_features, plan_samples, run_models
+from model_loaders import QUANT_CHOICES, model_description, render_hint
 
 log = logging.getLogger("xmodal_sd.bench_extract")
 
@@ -238,15 +238,14 @@ def load_runners(args: argparse.Namespace, questions: list[str]) -> tuple[Any, A
 # ----------------------------------------------------------------------------------- the two ways
 
 
-def clip_features(egpt: Any, vl: Any, split_dir: Path, clip: dict, c: int) -> dict[tuple[str, int], torch.Tensor]:
-    """Both models' visual embeddings of clip number c, keyed as run_models expects."""
+def features_or_fail(egpt: Any, vl: Any, split_dir: Path, clip: dict, c: int) -> dict[tuple[str, int], torch.Tensor]:
+    """`pair_features`, but an unreadable clip stops the benchmark: it needs every clip it times."""
     from model_loaders import ClipReadError
 
     try:
-        return {(key, c): runner.clip_features(split_dir, clip) for key, runner in (("egpt", egpt), ("vl", vl))}
+        return pair_features(egpt, vl, split_dir, clip, c)
     except ClipReadError as err:
-        raise UserError(f"clip {clip['id']}: {err} (the benchmark needs every clip it times; for missing "
-                        "event PNGs run preprocess_event_images.py on the data set)") from err
+        raise UserError(f"clip {clip['id']}: {err} (the benchmark needs every clip it times)") from err
 
 
 def one_by_one(egpt: Any, vl: Any, samples: list[tuple[int, int]], ctx: dict[str, Any],
@@ -254,7 +253,7 @@ def one_by_one(egpt: Any, vl: Any, samples: list[tuple[int, int]], ctx: dict[str
     """The reference's loop: features recomputed for every sample, batch 1."""
     outs = []
     for c, q in samples:
-        feats = clip_features(egpt, vl, ctx["split_dir"], ctx["clips"][c], c)
+        feats = features_or_fail(egpt, vl, ctx["split_dir"], ctx["clips"][c], c)
         outs.append(run_models(egpt, vl, [(c, q)], ctx["questions"], feats, ctx["teacher_forced"],
                                ctx["max_new_tokens"]))
         bar.update(1)
@@ -378,8 +377,7 @@ def main(args: argparse.Namespace) -> int:
                for p in [*egpt.event_image_paths(split_dir, clips[c]), split_dir / clips[c]["video"]]
                if not p.is_file()]
     if missing:
-        raise UserError(f"{len(missing)} input files missing, e.g. {missing[0]} (event PNGs come from "
-                        f"preprocess_event_images.py --dataset_dir {args.dataset_dir} --allow_pickle)")
+        raise UserError(f"{len(missing)} input files missing, e.g. {missing[0]} ({render_hint(args.dataset_dir)})")
     device = egpt.device
     ctx = {"split_dir": split_dir, "clips": clips, "questions": questions, "teacher_forced": args.teacher_forced,
            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
@@ -408,7 +406,7 @@ def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "mode": f"random:{args.random_shape}" if args.random_shape else "checkpoints",
         "shape": getattr(args, "shape", None),
-        "models": {"drafter": model_facts(egpt), "target": model_facts(vl)},
+        "models": {"drafter": model_description(egpt), "target": model_description(vl)},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
         "dtype": str(egpt.dtype).removeprefix("torch."),

@@ -18,7 +18,9 @@ drafter and target states at t share the same text prefix, as in live speculativ
 
 Reruns resume: finished chunks (recorded in the shard file) are skipped and only unfinished ones are
 redone. Writes are atomic. A missing or corrupt video or event frame is named, counted and skipped;
-the run stops with exit code 1 once more than `--max_failures` clips failed.
+the run stops with exit code 1 once more than `--max_failures` clips failed, and also exits 1 when a
+shard had clips to do but wrote no sample at all (e.g. event frames never rendered). Target tokens
+the drafter's vocabulary lacks are fed to it as id 0 in the teacher-forced pass and counted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +47,13 @@ from hidden_data import (
     shard_name,
     write_chunk,
 )
-from model_loaders import QUANT_CHOICES
+from model_loaders import QUANT_CHOICES, model_description, to_drafter_vocab
 
 log = logging.getLogger("xmodal_sd.extract")
+
+# Per sample (int32 [N], with --teacher_forced): valid target positions whose token id the drafter's
+# vocabulary lacks; the teacher-forced pass fed them to the drafter as id 0.
+FOREIGN_KEY = "vl_tokens_foreign"
 
 # Facts that must match between a rerun and the data already in --output_dir.
 RUN_IDENTITY = (
@@ -155,15 +162,7 @@ def resolve_shard(args: argparse.Namespace) -> tuple[int, int, Any]:
     return 1, 0, None
 
 
-def model_facts(runner: Any) -> dict[str, Any]:
-    return {
-        "name": runner.name,
-        "path": str(runner.model_path),
-        "config_hash": runner.config_hash,
-        "dtype": str(runner.dtype).removeprefix("torch."),
-        "hidden_size": runner.hidden_size,
-        "vocab_size": runner.vocab_size,
-    }
+model_facts = model_description  # the earlier name (benchmark_extraction, notebooks)
 
 
 def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -216,13 +215,20 @@ def run_models(
         out[f"{key}_tokens"] = gen.tokens.int().cpu()
         out[f"{key}_mask"] = gen.mask.cpu()
     if teacher_forced:
-        tokens, mask = out["vl_tokens"].long(), out["vl_mask"]
-        # The target may emit ids the drafter's vocabulary lacks (image/video/pad tokens): map them to 0.
-        tokens = torch.where(tokens < egpt.vocab_size, tokens, torch.zeros_like(tokens))
+        mask = out["vl_mask"]
+        tokens, _ = to_drafter_vocab(out["vl_tokens"].long(), egpt.vocab_size)
         hidden = egpt.teacher_forced_hidden(egpt_inputs, tokens.to(egpt.device), mask.to(egpt.device))
-        hidden = torch.where(mask[..., None].to(hidden.device), hidden, torch.zeros_like(hidden))
         out[TEACHER_FORCED_KEY] = hidden.half().cpu()
+        # Counted per sample (the same rule as to_drafter_vocab, row by row) so that training can see them.
+        out[FOREIGN_KEY] = torch.tensor([to_drafter_vocab(t, egpt.vocab_size, m)[1]
+                                         for t, m in zip(out["vl_tokens"], mask, strict=True)], dtype=torch.int32)
     return out
+
+
+def pair_features(egpt: Any, vl: Any, split_dir: Path, clip: dict, c: int) -> dict[tuple[str, int], torch.Tensor]:
+    """Both models' visual embeddings of clip number `c`, keyed `("egpt"|"vl", c)` as `run_models` reads
+    them. Raises `ClipReadError` naming the file when the clip's event frame or video is unreadable."""
+    return {(key, c): runner.clip_features(split_dir, clip) for key, runner in (("egpt", egpt), ("vl", vl))}
 
 
 def iter_batches(egpt: Any, vl: Any, samples: list[tuple[int, int]], clips: list[dict], split_dir: Path,
@@ -244,9 +250,8 @@ def iter_batches(egpt: Any, vl: Any, samples: list[tuple[int, int]], clips: list
         batch = [s for s in samples[b : b + batch_size] if s[0] not in failed]
         for c in dict.fromkeys(c for c, _ in batch):  # each clip once, in order
             try:
-                for key, runner in (("egpt", egpt), ("vl", vl)):
-                    if (key, c) not in feats:
-                        feats[(key, c)] = runner.clip_features(split_dir, clips[c])
+                if ("vl", c) not in feats:
+                    feats.update(pair_features(egpt, vl, split_dir, clips[c], c))
             except ClipReadError as err:
                 if on_clip_error is None:
                     raise
@@ -264,115 +269,139 @@ def iter_batches(egpt: Any, vl: Any, samples: list[tuple[int, int]], clips: list
         yield batch, out
 
 
-def main(args: argparse.Namespace) -> int:
-    from model_loaders import load_eventgpt, load_video_llava
-    from toy_dataset import load_index, load_questions
+@dataclass
+class ShardWork:
+    """What one process extracts: its chunks of (clip, question) samples and where they go."""
 
-    set_seed(args.seed)
-    num_shards, shard, state = resolve_shard(args)
-    split_dir = args.dataset_dir / args.split
-    clips = load_index(args.dataset_dir, args.split)
-    questions = load_questions(args.questions_file or args.dataset_dir, args.max_questions)
-    plan = plan_samples(len(clips), len(questions), args.max_samples)
-    chunk_size = args.chunk_size if args.chunked else max(len(plan), 1)
-    mine = shard_samples(plan, num_shards, shard)
-    chunks = [mine[i : i + chunk_size] for i in range(0, len(mine), chunk_size)]
+    shard: int
+    num_shards: int
+    clips: list[dict]
+    questions: list[str]
+    split_dir: Path
+    out_dir: Path
+    chunks: list[list[tuple[int, int]]]  # this shard's samples, chunk by chunk
 
-    out_dir = args.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    @property
+    def shard_file(self) -> Path:
+        return self.out_dir / shard_name(self.shard, self.num_shards)
+
+
+@dataclass
+class ChunkLoopResult:
+    written: int = 0  # samples written by this run
+    foreign_tokens: int = 0  # target tokens outside the drafter's vocabulary (teacher-forced pass)
+    failed_clips: set[str] = field(default_factory=set)
+    stopped: bool = False  # more than --max_failures clips failed
+
+
+def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, chunk_size: int) -> dict[str, Any]:
+    """The run-wide facts every shard file and the manifest record (RUN_IDENTITY pins a rerun to them)."""
     base = {
         "split": args.split,
         "dataset_dir": str(args.dataset_dir.resolve()),
-        "questions": questions,
+        "questions": work.questions,
         "max_new_tokens": args.max_new_tokens,
         "teacher_forced": args.teacher_forced,
         "chunk_size": chunk_size,
-        "num_shards": num_shards,
+        "num_shards": work.num_shards,
         "max_samples": args.max_samples,
         "quant": args.quant,
         "num_event_frames": args.num_event_frames,
         "num_frames": args.num_frames,
-        "num_clips": len(clips),
-        "num_planned_samples": len(plan),
+        "num_clips": len(work.clips),
+        "num_planned_samples": num_planned,
         "dtypes": {k: str(d).removeprefix("torch.") for k, (d, _) in CHUNK_KEYS.items()},
         "shapes": {k: s for k, (_, s) in CHUNK_KEYS.items()},
         "hidden_is": "last decoder layer after the final norm; logits = hidden @ lm_head.T",
     }
     if args.teacher_forced:
-        base["dtypes"][TEACHER_FORCED_KEY] = "float16"
-        base["shapes"][TEACHER_FORCED_KEY] = "[N, T, D_drafter]"
-    check_same_run(out_dir, base, RUN_IDENTITY)
+        base["dtypes"].update({TEACHER_FORCED_KEY: "float16", FOREIGN_KEY: "int32"})
+        base["shapes"].update({TEACHER_FORCED_KEY: "[N, T, D_drafter]", FOREIGN_KEY: "[N]"})
+    return base
 
-    shard_file = out_dir / shard_name(shard, num_shards)
+
+def plan_work(args: argparse.Namespace, num_shards: int, shard: int) -> tuple[ShardWork, int, int]:
+    """(this shard's work, samples planned over all shards, chunk size) from the data set and flags."""
+    from toy_dataset import load_index, load_questions
+
+    clips = load_index(args.dataset_dir, args.split)
+    questions = load_questions(args.questions_file or args.dataset_dir, args.max_questions)
+    plan = plan_samples(len(clips), len(questions), args.max_samples)
+    if not plan:
+        raise UserError(f"{args.dataset_dir / args.split / 'index.json'} lists no clips: nothing to extract "
+                        "(choose another --split or data set)")
+    chunk_size = args.chunk_size if args.chunked else len(plan)
+    mine = shard_samples(plan, num_shards, shard)
+    chunks = [mine[i : i + chunk_size] for i in range(0, len(mine), chunk_size)]
+    work = ShardWork(shard, num_shards, clips, questions, args.dataset_dir / args.split, args.output_dir, chunks)
+    return work, len(plan), chunk_size
+
+
+def load_progress(work: ShardWork, base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(this shard's progress record, its finished chunks by file name).
+
+    A chunk counts as finished when its file is on disk with the recorded size and it lost no clip:
+    clips that failed before are retried (the data may have been fixed), and only this run's
+    failures count against --max_failures.
+    """
     progress = (
-        read_json(shard_file, "shard progress file", "delete it to restart this shard")
-        if shard_file.is_file()
+        read_json(work.shard_file, "shard progress file", "delete it to restart this shard")
+        if work.shard_file.is_file()
         else {"chunks": [], "done": False}
     )
     progress["settings"] = {k: base[k] for k in RUN_IDENTITY}
-    # Clips that failed before are retried (the data may have been fixed): a chunk that lost clips
-    # counts as unfinished, and only this run's failures count against --max_failures.
     progress["failed"] = []
     finished = {
         c["file"]: c
         for c in progress["chunks"]
         if not c.get("failed_clips")
-        and (out_dir / c["file"]).is_file()
-        and (out_dir / c["file"]).stat().st_size == c["bytes"]
+        and (work.out_dir / c["file"]).is_file()
+        and (work.out_dir / c["file"]).stat().st_size == c["bytes"]
     }
-    todo = [j for j in range(len(chunks)) if chunk_name(shard, j) not in finished]
-    skipped = sum(c["num_samples"] for c in finished.values())
-    if skipped:
-        log.info("resuming: %d of %d chunks of shard %d already finished", len(chunks) - len(todo), len(chunks), shard)
+    return progress, finished
 
-    egpt = vl = None
-    if todo:
-        device = str(state.device) if state is not None else args.device
-        egpt = load_eventgpt(
-            args.egpt_model, quant=args.quant, device=device, dtype=args.dtype, num_event_frames=args.num_event_frames
-        )
-        vl = load_video_llava(
-            args.vl_model, quant=args.quant, device=device, dtype=args.dtype, num_frames=args.num_frames
-        )
-        base["models"] = {"drafter": model_facts(egpt), "target": model_facts(vl)}
-        base["widths"] = {"drafter": egpt.hidden_size, "target": vl.hidden_size}
-        recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
-        for path in (p for p in recorded if p.is_file()):
-            if not same_models(read_json(path, "extraction record", "delete the folder").get("models"), base["models"]):
-                raise UserError(f"{out_dir} holds states of other models or another dtype (see {path.name}); "
-                                "use a new --output_dir")
-        # Recorded per shard, so the merged manifest names the models even if a shard had no work.
-        progress["models"], progress["widths"] = base["models"], base["widths"]
 
-    failed_clips: set[str] = set()
-    written = 0
-    start = time.perf_counter()
-    bar = tqdm(
-        total=sum(len(chunks[j]) for j in todo),
-        unit="sample",
-        desc=f"extract {args.split} s{shard}",
-        dynamic_ncols=True,
-        disable=None,
+def load_models(args: argparse.Namespace, state: Any, out_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(EventGPT, Video-LLaVA, their descriptions); refuses a folder holding other models' states."""
+    from model_loaders import load_eventgpt, load_video_llava
+
+    device = str(state.device) if state is not None else args.device
+    egpt = load_eventgpt(
+        args.egpt_model, quant=args.quant, device=device, dtype=args.dtype, num_event_frames=args.num_event_frames
     )
-    status = 0
+    vl = load_video_llava(args.vl_model, quant=args.quant, device=device, dtype=args.dtype, num_frames=args.num_frames)
+    models = {"drafter": model_description(egpt), "target": model_description(vl)}
+    recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
+    for path in (p for p in recorded if p.is_file()):
+        if not same_models(read_json(path, "extraction record", "delete the folder").get("models"), models):
+            raise UserError(f"{out_dir} holds states of other models or another dtype (see {path.name}); "
+                            "use a new --output_dir")
+    return egpt, vl, models
+
+
+def extract_chunks(egpt: Any, vl: Any, args: argparse.Namespace, work: ShardWork, todo: list[int],
+                   progress: dict[str, Any]) -> ChunkLoopResult:
+    """Generate and write the chunks numbered `todo`; the shard file is updated after each chunk."""
+    result = ChunkLoopResult()
 
     def on_clip_error(clip_id: str, err: Exception) -> None:
         log.error("skipping clip %s: %s", clip_id, err)
         progress["failed"].append({"clip": clip_id, "error": str(err)})
-        failed_clips.add(clip_id)
+        result.failed_clips.add(clip_id)
 
+    clips = work.clips
+    bar = tqdm(total=sum(len(work.chunks[j]) for j in todo), unit="sample",
+               desc=f"extract {args.split} s{work.shard}", dynamic_ncols=True, disable=None)
     for j in todo:
         rows: dict[str, list[torch.Tensor]] = {}
         ids, clip_ids, q_idx = [], [], []
-        samples = [s for s in chunks[j] if clips[s[0]]["id"] not in failed_clips]
-        bar.update(len(chunks[j]) - len(samples))
-
-        batches = iter_batches(egpt, vl, samples, clips, split_dir, questions, args.batch_size, args.teacher_forced,
-                               args.max_new_tokens, on_clip_error)
-        for batch, out in batches:
+        samples = [s for s in work.chunks[j] if clips[s[0]]["id"] not in result.failed_clips]
+        bar.update(len(work.chunks[j]) - len(samples))
+        for batch, out in iter_batches(egpt, vl, samples, clips, work.split_dir, work.questions, args.batch_size,
+                                       args.teacher_forced, args.max_new_tokens, on_clip_error):
             bar.update(len(batch))
-            if len(failed_clips) > args.max_failures:
-                status = 1
+            if len(result.failed_clips) > args.max_failures:
+                result.stopped = True
                 break
             if out is None:
                 continue
@@ -381,39 +410,88 @@ def main(args: argparse.Namespace) -> int:
             ids += [f"{clips[c]['id']}#q{q}" for c, q in batch]
             clip_ids += [clips[c]["id"] for c, _ in batch]
             q_idx += [q for _, q in batch]
-            bar.set_postfix(failed=len(failed_clips))
-        if status:
+            bar.set_postfix(failed=len(result.failed_clips))
+        if result.stopped:
             break
-        tensors = {k: torch.cat(v) for k, v in rows.items()}
         if not ids:  # every clip of this chunk failed: nothing to write, a rerun retries them
             continue
+        tensors = {k: torch.cat(v) for k, v in rows.items()}
         tensors["question_idx"] = torch.tensor(q_idx, dtype=torch.int32)
-        entry = write_chunk(out_dir / chunk_name(shard, j), tensors, ids, clip_ids)
-        lost = sorted({clips[c]["id"] for c, _ in chunks[j]} & failed_clips)
-        entry.update({"shard": shard, "index": j, "failed_clips": lost})
+        entry = write_chunk(work.out_dir / chunk_name(work.shard, j), tensors, ids, clip_ids)
+        lost = sorted({clips[c]["id"] for c, _ in work.chunks[j]} & result.failed_clips)
+        entry.update({"shard": work.shard, "index": j, "failed_clips": lost})
+        if FOREIGN_KEY in tensors:
+            entry[FOREIGN_KEY] = int(tensors[FOREIGN_KEY].sum())
+            result.foreign_tokens += entry[FOREIGN_KEY]
         progress["chunks"] = [c for c in progress["chunks"] if c["file"] != entry["file"]] + [entry]
-        atomic_write_json(progress, shard_file)
-        written += len(ids)
+        atomic_write_json(progress, work.shard_file)
+        result.written += len(ids)
     bar.close()
-    progress["done"] = status == 0
-    atomic_write_json(progress, shard_file)
-    if state is not None:
-        state.wait_for_everyone()
-    manifest = merge_manifest(out_dir, {**base, "format_version": FORMAT_VERSION})
-    elapsed = time.perf_counter() - start
-    rate = written / elapsed if elapsed > 0 and written else 0.0
+    return result
+
+
+def exit_status(args: argparse.Namespace, work: ShardWork, result: ChunkLoopResult, already_done: int
+                ) -> tuple[int, str]:
+    """(0, "") or (1, why): the run stopped on failures, or this shard had work and produced nothing."""
+    if result.stopped:
+        return 1, (f"more than --max_failures={args.max_failures} clips failed; fix the data and rerun "
+                   "(finished chunks are kept)")
+    if result.written == 0 and already_done == 0 and any(work.chunks):
+        num_clips = len({c for chunk in work.chunks for c, _ in chunk})
+        return 1, (f"shard {work.shard} wrote no samples: all {num_clips} of its clips failed (see above), so "
+                   f"{work.out_dir} holds nothing usable; fix the data and rerun")
+    return 0, ""
+
+
+def report(args: argparse.Namespace, work: ShardWork, result: ChunkLoopResult, already_done: int,
+           manifest: dict[str, Any], progress: dict[str, Any], seconds: float) -> None:
+    """The one-screen summary: samples written, skipped and failed, foreign tokens, manifest state."""
+    rate = result.written / seconds if seconds > 0 and result.written else 0.0
     print(
-        f"extract {args.split} shard {shard}/{num_shards}: wrote {written} samples in {elapsed:.1f}s "
-        f"({rate:.2f} samples/s), {skipped} already done, {len(failed_clips)} clips failed; "
-        f"manifest: {manifest['num_samples']} samples, complete={manifest['complete']} -> {out_dir}"
+        f"extract {args.split} shard {work.shard}/{work.num_shards}: wrote {result.written} samples in {seconds:.1f}s "
+        f"({rate:.2f} samples/s), {already_done} already done, {len(result.failed_clips)} clips failed; "
+        f"manifest: {manifest['num_samples']} samples, complete={manifest['complete']} -> {work.out_dir}"
     )
+    if args.teacher_forced:
+        total = sum(c.get(FOREIGN_KEY, 0) for c in manifest["chunks"])
+        print(f"  teacher-forced pass: {result.foreign_tokens} target tokens outside the drafter's vocabulary were "
+              f"fed as id 0 in this run ({total} in the whole folder; per sample in '{FOREIGN_KEY}')")
     for f in progress["failed"]:
         print(f"  failed clip {f['clip']}: {f['error']}")
-    if status:
-        print(
-            f"error: more than --max_failures={args.max_failures} clips failed; fix the data and rerun "
-            "(finished chunks are kept)"
-        )
+
+
+def main(args: argparse.Namespace) -> int:
+    set_seed(args.seed)
+    num_shards, shard, state = resolve_shard(args)
+    work, num_planned, chunk_size = plan_work(args, num_shards, shard)
+    work.out_dir.mkdir(parents=True, exist_ok=True)
+    base = run_settings(args, work, num_planned, chunk_size)
+    check_same_run(work.out_dir, base, RUN_IDENTITY)
+
+    progress, finished = load_progress(work, base)
+    todo = [j for j in range(len(work.chunks)) if chunk_name(shard, j) not in finished]
+    already_done = sum(c["num_samples"] for c in finished.values())
+    if already_done:
+        log.info("resuming: %d of %d chunks of shard %d already finished", len(work.chunks) - len(todo),
+                 len(work.chunks), shard)
+    egpt = vl = None
+    if todo:
+        egpt, vl, base["models"] = load_models(args, state, work.out_dir)
+        base["widths"] = {"drafter": egpt.hidden_size, "target": vl.hidden_size}
+        # Recorded per shard, so the merged manifest names the models even if a shard had no work.
+        progress["models"], progress["widths"] = base["models"], base["widths"]
+
+    start = time.perf_counter()
+    result = extract_chunks(egpt, vl, args, work, todo, progress)
+    status, why = exit_status(args, work, result, already_done)
+    progress["done"] = status == 0
+    atomic_write_json(progress, work.shard_file)
+    if state is not None:
+        state.wait_for_everyone()
+    manifest = merge_manifest(work.out_dir, {**base, "format_version": FORMAT_VERSION})
+    report(args, work, result, already_done, manifest, progress, time.perf_counter() - start)
+    if why:
+        print(f"error: {why}")  # last, after the failed clips it refers to
     return status
 
 

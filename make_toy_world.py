@@ -140,7 +140,9 @@ def first_event_frame(split_dir: Path, clip: dict) -> np.ndarray:
     return frames[0]
 
 
-def clip_features(runner: Any, split_dir: Path, clip: dict) -> torch.Tensor:
+def embed_clip_from_sources(runner: Any, split_dir: Path, clip: dict) -> torch.Tensor:
+    """A clip's visual embeddings while the world is being built: EventGPT's event frame is rendered in
+    memory from the event file (its PNG does not exist yet), Video-LLaVA reads the mp4 as usual."""
     if runner.name == "eventgpt":
         return runner.encode_event_images([first_event_frame(split_dir, clip)])
     return runner.clip_features(split_dir, clip)
@@ -221,17 +223,19 @@ def answer_stats(
     egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
 ) -> dict[str, Any]:
     """Greedy answers of both models on every (clip, question): degeneracy, accuracy and agreement."""
+    from model_loaders import to_drafter_vocab
     from toy_dataset import scene_answer
 
-    rows = []
+    rows, foreign = [], 0
     for clip in tqdm(clips, desc="agreement", unit="clip", disable=None):
-        fe = clip_features(egpt, split_dir, clip)
-        fv = clip_features(vl, split_dir, clip)
+        fe = embed_clip_from_sources(egpt, split_dir, clip)
+        fv = embed_clip_from_sources(vl, split_dir, clip)
         ei = egpt.build_inputs([fe] * len(questions), questions)
         vi = vl.build_inputs([fv] * len(questions), questions)
         ge, gv = egpt.generate(ei, max_new_tokens), vl.generate(vi, max_new_tokens)
         # Drafter's next-token guess on the target's own prefix: what speculative decoding accepts.
-        tf_tokens = torch.where(gv.tokens < egpt.vocab_size, gv.tokens, torch.zeros_like(gv.tokens))
+        tf_tokens, n_foreign = to_drafter_vocab(gv.tokens, egpt.vocab_size, gv.mask)
+        foreign += n_foreign
         tf = egpt.teacher_forced_hidden(ei, tf_tokens, gv.mask)
         tf_pred = (tf @ egpt.lm_head_weight().T).argmax(-1)
         for i, q in enumerate(questions):
@@ -262,6 +266,7 @@ def answer_stats(
         "token_agreement_free_running": sum(r["free_agree"] for r in rows) / n,
         "token_agreement_teacher_forced": sum(r["tf_agree"] for r in rows) / n,
         "identical_answers": sum(r["vl"] == r["egpt"] for r in rows) / n,
+        "tf_tokens_outside_drafter_vocab": foreign,
         "examples": rows[:: max(1, len(rows) // 6)][:6],
     }
 
@@ -325,7 +330,7 @@ def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> 
     split_dir = data_dir / "train"
     losses = {"pretrain": pre_losses}
     for name, runner in runners.items():
-        feats = [clip_features(runner, split_dir, c) for c in train]
+        feats = [embed_clip_from_sources(runner, split_dir, c) for c in train]
         samples = [(f, q, a) for f, c in zip(feats, train, strict=True) for q, a in qa_texts([c["meta"]], questions)]
         losses[name] = finetune_vlm(runner, samples, args.finetune_steps, args.batch_size, args.lr, rng)
     runners["video_llava"].model.save_pretrained(tmp["video_llava"])
@@ -406,7 +411,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "token_agreement_free_running",
             "token_agreement_teacher_forced",
             "identical_answers",
+            "tf_tokens_outside_drafter_vocab",
         )
+        if k in stats  # reports written before the count existed lack it
     ]
     print(
         f"toy world in {out} ({time.perf_counter() - start:.0f}s); two models on the {report['agreement_split']} split:"

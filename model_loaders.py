@@ -206,6 +206,12 @@ def sample_video_frames(path: str | os.PathLike, num_frames: int = 8) -> np.ndar
     return np.stack([picked[i] for i in idx])
 
 
+def render_hint(dataset_dir: str | os.PathLike) -> str:
+    """The command that renders a data set's event frames, for errors about a missing PNG."""
+    return (f"event frames are rendered by `python preprocess_event_images.py --dataset_dir {dataset_dir}` "
+            "(add --allow_pickle for pickled .npy clips such as the toy world's, --num_frames N for more than 5)")
+
+
 def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as uint8 [H, W, 3] RGB (the release's `load_image(...).convert('RGB')`)."""
     from PIL import Image
@@ -545,8 +551,11 @@ class EventGPTRunner(VLMRunner):
         return spatio_temporal_pool(feats).to(self.dtype)
 
     def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
-        images = [read_rgb_image(p) for p in self.event_image_paths(split_dir, clip)]
-        return self.encode_event_images(images)
+        paths = self.event_image_paths(split_dir, clip)
+        missing = next((p for p in paths if not p.is_file()), None)
+        if missing is not None:
+            raise ClipReadError(f"event image not found: {missing} ({render_hint(Path(split_dir).parent)})")
+        return self.encode_event_images([read_rgb_image(p) for p in paths])
 
     def prompt_ids(self, question: str) -> list[int]:
         """The release's `tokenizer_event_token`: chunks around `<event>` tokenised separately,
@@ -863,19 +872,41 @@ def load_runner(name: str, path: str | os.PathLike, **kwargs: Any) -> VLMRunner:
     raise UserError(f"unknown model {name!r}; choose one of {', '.join(RUNNER_NAMES)}")
 
 
-def runner_manifest(runner: VLMRunner) -> dict[str, Any]:
-    """What a data folder should record about the model that produced it."""
+def model_description(runner: VLMRunner) -> dict[str, Any]:
+    """The one description of a loaded model that data folders, checkpoints and reports record.
+
+    `config_hash` and `dtype` identify the computation (extraction refuses to mix data of other
+    values); the rest lets a reader rebuild or check the model: where it came from, its widths and
+    special tokens, and the device it ran on.
+    """
     return {
         "name": runner.name,
-        "model_path": runner.model_path,
+        "path": str(runner.model_path),
         "config_hash": runner.config_hash,
+        "dtype": str(runner.dtype).removeprefix("torch."),
         "hidden_size": runner.hidden_size,
         "vocab_size": runner.vocab_size,
         "eos_token_id": runner.eos_token_id,
         "pad_token_id": runner.pad_token_id,
-        "dtype": str(runner.dtype).replace("torch.", ""),
         "device": str(runner.device),
     }
+
+
+runner_manifest = model_description  # the earlier name, kept for callers
+
+
+def to_drafter_vocab(tokens: Tensor, vocab_size: int, mask: Tensor | None = None) -> tuple[Tensor, int]:
+    """Target token ids made safe to feed to a drafter whose vocabulary has `vocab_size` rows.
+
+    The target may emit ids the drafter cannot embed (Video-LLaVA's added image/video/pad tokens sit
+    above Vicuna's 32000): those become 0 (`<unk>`). Returns (ids, how many were replaced), counting
+    only positions where `mask` is True (all positions without a mask), so callers can report the
+    count instead of hiding it. Negative ids are also out of range and replaced.
+    """
+    foreign = (tokens >= vocab_size) | (tokens < 0)
+    mapped = torch.where(foreign, torch.zeros_like(tokens), tokens)
+    counted = foreign if mask is None else foreign & mask.to(foreign.device).bool()
+    return mapped, int(counted.sum())
 
 
 __all__ = [
@@ -893,8 +924,11 @@ __all__ = [
     "load_eventgpt",
     "load_runner",
     "load_video_llava",
+    "model_description",
+    "render_hint",
     "runner_manifest",
     "sample_video_frames",
     "spatio_temporal_pool",
+    "to_drafter_vocab",
     "video_llava_prompt",
 ]

@@ -649,6 +649,10 @@ def main(args: argparse.Namespace) -> int:
         tasks, failures = folder_tasks(args.input_dir, args.output_dir, args.height or DEFAULT_HEIGHT,
                                        args.width or DEFAULT_WIDTH, args.clip_duration_ms)
         roots = [args.output_dir]
+    if not tasks and not failures:  # e.g. empty index files, or recordings shorter than one clip
+        source = args.dataset_dir if args.dataset_dir is not None else args.input_dir
+        raise UserError(f"no clips to render under {source}: the index lists none, or every recording is shorter "
+                        f"than one clip (--clip_duration_ms); nothing was written")
     for root in roots:
         check_manifest(root, opts, args.overwrite, (args.height, args.width))
 

@@ -47,6 +47,20 @@ def merged(out: Path, teacher_forced: bool = False) -> dict[str, object]:
     return result
 
 
+def assert_same_data(a: dict[str, object], b: dict[str, object], tol: float = 2e-2) -> None:
+    """Every key of two merged folders agrees: ids, tokens, masks and counts exactly, every hidden state
+    (drafter, target, teacher-forced) within fp16 tolerance (other processes may round differently)."""
+    assert a.keys() == b.keys()
+    assert a["sample_ids"] == b["sample_ids"]
+    for key in a:
+        if key == "sample_ids":
+            continue
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key].float(), b[key].float(), atol=tol, rtol=tol, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
 @pytest.fixture(scope="module")
 def runners(quick_world):
     models = quick_world / "models"
@@ -128,12 +142,7 @@ def test_lm_head_file_equals_the_loaded_model_head(quick_world, runners, tmp_pat
 def test_batched_equals_one_by_one(batched, quick_world, tmp_path):
     single = tmp_path / "single"
     assert extract(quick_world, single, "--chunked", "--chunk_size", "4", "--batch_size", "1", "--teacher_forced") == 0
-    a, b = merged(batched, True), merged(single, True)
-    assert a["sample_ids"] == b["sample_ids"]
-    for key in ("egpt_tokens", "vl_tokens", "egpt_mask", "vl_mask"):
-        assert torch.equal(a[key], b[key]), key
-    for key in ("egpt_hidden", "vl_hidden", "egpt_hidden_tf"):
-        torch.testing.assert_close(a[key].float(), b[key].float(), atol=2e-2, rtol=2e-2)
+    assert_same_data(merged(batched, True), merged(single, True))
 
 
 def test_killed_run_resumes_to_the_same_chunks(quick_world, tmp_path):
@@ -161,15 +170,7 @@ def test_killed_run_resumes_to_the_same_chunks(quick_world, tmp_path):
     assert all((out / f).stat().st_mtime_ns == m for f, m in mtimes.items()), "finished chunks were redone"
     clean = tmp_path / "clean"
     assert extract(quick_world, clean, *flags) == 0
-    a, b = merged(out, True), merged(clean, True)
-    assert a["sample_ids"] == b["sample_ids"]
-    for key in a:
-        if key == "sample_ids":
-            continue
-        if a[key].is_floating_point():  # the killed run was another process: BLAS may round differently
-            torch.testing.assert_close(a[key].float(), b[key].float(), atol=2e-2, rtol=2e-2)
-        else:
-            assert torch.equal(a[key], b[key]), key
+    assert_same_data(merged(out, True), merged(clean, True))
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == sorted(
         p.name for p in clean.iterdir() if p.suffix == ".pt")
 
@@ -194,8 +195,7 @@ def test_shards_together_equal_one_run(quick_world, batched, tmp_path):
                        "--num_shards", "2", "--shard_index", str(i)) == 0
     manifest = load_manifest(out)
     assert manifest["complete"] and set(manifest["shards"]) == {"shard_000-of-002", "shard_001-of-002"}
-    a, b = merged(out, True), merged(batched, True)
-    assert a["sample_ids"] == b["sample_ids"] and torch.equal(a["vl_tokens"], b["vl_tokens"])
+    assert_same_data(merged(out, True), merged(batched, True))
 
 
 def test_bad_clip_is_named_counted_and_skipped(quick_world, tmp_path, capsys):
@@ -238,19 +238,27 @@ def test_cli_reports_missing_dataset(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
 
 
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
 def test_accelerate_launch_shards_over_processes(quick_world, batched, tmp_path):
-    """`accelerate launch` with two (CPU) processes: each takes its clips, the manifest joins them."""
+    """`accelerate launch` with two CPU processes: each takes its clips, the manifest joins them.
+
+    The launcher that starts several processes is accelerate's multi-GPU one (`--cpu` alone starts
+    one process without MPI), so the GPUs are hidden from it and its children: on a machine with one
+    GPU, two processes would otherwise both claim it. The same run must give the same data as one
+    process, key by key."""
     out = tmp_path / "accel"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "extract_hidden_states.py",
            *args_for(quick_world, out, "--chunked", "--chunk_size", "4", "--batch_size", "3", "--teacher_forced")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **CPU_ONLY_ENV})
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = load_manifest(out)
     assert set(manifest["shards"]) == {"shard_000-of-002", "shard_001-of-002"}
-    a, b = merged(out, True), merged(batched, True)
-    assert a["sample_ids"] == b["sample_ids"] and torch.equal(a["vl_tokens"], b["vl_tokens"])
+    assert all(m["device"].startswith("cpu") for m in manifest["models"].values())
+    assert_same_data(merged(out, True), merged(batched, True))
 
 
 def test_shard_without_clips_keeps_the_models_in_the_manifest(quick_world, tmp_path):
@@ -276,3 +284,65 @@ def test_rerun_of_a_killed_run_with_other_settings_is_refused(quick_world, tmp_p
         extract(quick_world, out, "--chunked", "--chunk_size", "2", "--num_shards", "2", "--shard_index", "0")
     with pytest.raises(UserError, match="other models or another dtype"):
         extract(quick_world, out, "--chunked", "--chunk_size", "2", "--dtype", "bf16")
+
+
+def test_unrendered_event_frames_fail_and_name_the_render_command(quick_world, tmp_path, capsys):
+    """A data set whose event frames were never rendered: every clip fails, so the run writes nothing,
+    exits 1 with an unfinished manifest, and the error says which command renders the frames."""
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(quick_world / "dataset", world / "dataset", ignore=shutil.ignore_patterns("event_image"))
+    (world / "models").symlink_to(quick_world / "models")
+    out = tmp_path / "out"
+    assert extract(world, out, "--chunked", "--chunk_size", "4") == 1
+    printed = capsys.readouterr().out
+    assert f"preprocess_event_images.py --dataset_dir {world / 'dataset'}" in printed
+    assert "wrote no samples" in printed.splitlines()[-1]
+    with pytest.raises(UserError, match="not finished"):
+        load_manifest(out)
+    assert load_manifest(out, require_complete=False)["num_samples"] == 0
+
+
+def test_rerun_of_a_finished_folder_is_success(batched, quick_world, capsys):
+    """Nothing new written because everything is already done is not the failure above."""
+    assert extract(quick_world, batched, "--chunked", "--chunk_size", "4", "--batch_size", "3",
+                   "--teacher_forced") == 0
+    printed = capsys.readouterr().out
+    assert "wrote 0 samples" in printed and "0 target tokens outside the drafter's vocabulary" in printed
+
+
+def test_foreign_target_tokens_are_counted(runners, quick_world, monkeypatch):
+    """Target ids the drafter's vocabulary lacks are fed as 0 and counted per sample, over valid
+    positions only. The toy pair shares one vocabulary, so the drafter's is shrunk to create some."""
+    egpt, vl = runners
+    clips = load_index(quick_world / "dataset", "train")
+    questions = load_questions(quick_world / "dataset", 2)
+    split_dir = quick_world / "dataset" / "train"
+    batch = [(0, 0), (0, 1), (1, 0)]
+    feats = {k: v for c in (0, 1) for k, v in ehs.pair_features(egpt, vl, split_dir, clips[c], c).items()}
+    plain = ehs.run_models(egpt, vl, batch, questions, feats, True, T)
+    assert plain[ehs.FOREIGN_KEY].tolist() == [0, 0, 0]
+    tokens, mask = plain["vl_tokens"].long(), plain["vl_mask"]
+    limit = int(tokens[mask].median())  # about half of the valid target tokens fall outside
+    expected = ((tokens >= limit) & mask).sum(1).tolist()
+    assert sum(expected) > 0
+    monkeypatch.setattr(egpt, "vocab_size", limit)
+    out = ehs.run_models(egpt, vl, batch, questions, feats, True, T)
+    assert out[ehs.FOREIGN_KEY].tolist() == expected
+    # The teacher-forced states are those of the target's answer with the foreign ids replaced by 0.
+    inputs = egpt.build_inputs([feats[("egpt", c)] for c, _ in batch], [questions[q] for _, q in batch])
+    zeroed = torch.where(tokens >= limit, 0, tokens)
+    want = egpt.teacher_forced_hidden(inputs, zeroed, mask).half()
+    torch.testing.assert_close(out["egpt_hidden_tf"].float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_foreign_count_reaches_chunks_and_manifest(batched):
+    manifest = load_manifest(batched)
+    assert manifest["dtypes"][ehs.FOREIGN_KEY] == "int32"
+    for entry in manifest["chunks"]:
+        chunk = load_chunk(batched / entry["file"], expect_teacher_forced=True)
+        drafter_vocab = manifest["models"]["drafter"]["vocab_size"]
+        by_hand = ((chunk["vl_tokens"] >= drafter_vocab) & chunk["vl_mask"]).sum(1)
+        assert chunk[ehs.FOREIGN_KEY].tolist() == by_hand.tolist()
+        assert entry[ehs.FOREIGN_KEY] == int(by_hand.sum())

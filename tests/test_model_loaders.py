@@ -400,12 +400,30 @@ def test_runner_calls_raise_no_deprecation(runner: ml.VLMRunner, world: dict,
     assert not [m for m in notes if "deprecat" in m.lower()], notes
 
 
+def test_to_drafter_vocab_maps_and_counts() -> None:
+    """Hand-made case: vocabulary of 10; ids 10, 12 and -1 are foreign, and only valid positions count."""
+    tokens = torch.tensor([[3, 10, 9, 12], [11, 0, -1, 4]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    mapped, counted = ml.to_drafter_vocab(tokens, 10, mask)
+    assert mapped.tolist() == [[3, 0, 9, 0], [0, 0, 0, 4]]
+    assert counted == 3  # 10, 11 and -1; the 12 sits on a padded position
+    assert ml.to_drafter_vocab(tokens, 10)[1] == 4
+    assert ml.to_drafter_vocab(tokens, 13, mask)[1] == 1
+    assert tokens.tolist()[0] == [3, 10, 9, 12]  # the input is not modified
+
+
 def test_config_hash_and_attributes(runner: ml.VLMRunner) -> None:
     expected = hashlib.sha256((Path(runner.model_path) / "config.json").read_bytes()).hexdigest()[:16]
     assert runner.config_hash == expected and len(expected) == 16
     assert runner.name in ml.RUNNER_NAMES
     assert runner.eos_token_id == 2 and runner.device == torch.device("cpu") and runner.dtype == torch.float32
-    assert ml.runner_manifest(runner)["config_hash"] == expected
+    description = ml.model_description(runner)
+    assert description == {
+        "name": runner.name, "path": runner.model_path, "config_hash": expected, "dtype": "float32",
+        "hidden_size": runner.hidden_size, "vocab_size": runner.vocab_size, "eos_token_id": 2,
+        "pad_token_id": runner.pad_token_id, "device": "cpu",
+    }
+    assert ml.runner_manifest(runner) == description  # the earlier name still answers
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,8 +494,9 @@ def test_vision_tower_override(world: dict, tmp_path: Path) -> None:
 def test_missing_or_corrupt_event_png(world: dict, tmp_path: Path) -> None:
     egpt = world["egpt"]
     clip = {**world["clip"], "event_image_prefix": "event_image/seq_000/missing"}
-    with pytest.raises(ml.ClipReadError, match=r"missing_0\.png"):
+    with pytest.raises(ml.ClipReadError, match=r"missing_0\.png") as err:
         egpt.clip_features(world["split"], clip)
+    assert f"python preprocess_event_images.py --dataset_dir {world['split'].parent}" in str(err.value)
     bad = tmp_path / "event_image" / "broken_0.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a png")
