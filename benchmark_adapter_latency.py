@@ -68,7 +68,9 @@ def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
         sync_device(device)
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
-    q = statistics.quantiles(samples, n=10)
+    # "inclusive": p10/p90 interpolate between measured runs; the default ("exclusive") extrapolates
+    # beyond the fastest and slowest run when there are few repeats.
+    q = statistics.quantiles(samples, n=10, method="inclusive")
     return {
         "median_ms": statistics.median(samples),
         "p10_ms": q[0],

@@ -1,10 +1,53 @@
-"""The latency benchmark runs end to end on a tiny width and writes a complete JSON report."""
+"""The latency benchmark: its statistics mean what they say (fake clock), and the report describes
+every level with its real parameter count and decode-step kind."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+import benchmark_adapter_latency as bal
+from hidden_adapter import create_adapter
 from tests.conftest import ROOT
+
+
+class FakeClock:
+    """Stands in for the `time` module: time passes only inside the timed function."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_time_ms_reports_the_timed_runs(monkeypatch):
+    """Warm-up runs are not timed; median, p10/p90, min and max are those of the timed runs, in ms."""
+    clock = FakeClock()
+    monkeypatch.setattr(bal, "time", clock)
+    ms = iter([1000.0, 1000.0, 5.0, 1.0, 3.0, 2.0, 4.0])  # two warm-up runs, then five timed ones
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.now += next(ms) / 1e3
+
+    stats = bal.time_ms(fn, torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7
+    assert stats["median_ms"] == pytest.approx(3.0)
+    assert stats["min_ms"] == pytest.approx(1.0) and stats["max_ms"] == pytest.approx(5.0)
+    # 10th and 90th percentiles interpolated between measured runs (1..5 ms): 1.4 and 4.6 ms.
+    assert stats["p10_ms"] == pytest.approx(1.4) and stats["p90_ms"] == pytest.approx(4.6)
+
+
+STEP_KIND = {
+    "L1": "one position", "L2": "one position", "L3": "one position",
+    "L4": "full 6-position rerun (bidirectional)",
+    "L5": "incremental step after 5 cached positions", "B1": "incremental step after 5 cached positions",
+    "L5F": "incremental step after 5 cached positions",
+}
 
 
 def test_latency_benchmark_writes_every_level(tmp_path):
@@ -14,13 +57,16 @@ def test_latency_benchmark_writes_every_level(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert [r["level"] for r in report["levels"]] == ["L1", "L2", "L3", "L4", "L5", "B1", "L5F"]
+    assert (report["hidden_dim"], report["seq_len"], report["repeats"], report["warmup"]) == (16, 6, 3, 1)
+    assert report["device_type"] == "cpu" and report["dtype"] == "float32"
+    assert [r["level"] for r in report["levels"]] == list(STEP_KIND)
     for row in report["levels"]:
+        assert row["params"] == sum(p.numel() for p in create_adapter(row["level"], 16).parameters())
+        assert row["decode_step"] == STEP_KIND[row["level"]]
+        # The table shows the JSON's own figures, not other numbers.
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"| {row['level']} "))
         for key in ("sequence", "step"):
-            m = row[key]
-            assert 0 < m["min_ms"] <= m["median_ms"] <= m["max_ms"]
-    assert report["levels"][4]["decode_step"].startswith("incremental step after 5 cached")
-    assert "| L5F" in proc.stdout
+            assert f"{row[key]['median_ms']:.3f} ({row[key]['p10_ms']:.3f}-{row[key]['p90_ms']:.3f})" in line
 
 
 def test_latency_benchmark_rejects_unknown_level():

@@ -347,9 +347,60 @@ def test_parse_args_validation(tmp_path):
         pe.main(pe.parse_args(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]))
 
 
-def test_benchmark_reports_a_rate():
-    result = pe.benchmark_rendering(num_events=20_000, num_frames=2, height=H, width=W, repeats=1)
-    assert result["render_meps_median"] > 0 and result["num_events"] == 20_000
+class FakeClock:
+    """Stands in for the `time` module: the clock moves only when a timed step says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_benchmark_reports_what_was_timed(monkeypatch):
+    """Each step's seconds are set by hand, so every figure of the JSON is known: millions of events per
+    second of rendering (median, min, max over repeats), of validation, and PNG milliseconds per clip."""
+    clock = FakeClock()
+    monkeypatch.setattr(pe, "time", clock)
+    # Seconds per call: one warm-up, then 3 timed repeats. PNG encoding is called once per frame
+    # (2 frames a clip), so its clips take 2, 4 and 3 ms.
+    durations = {
+        "validate": [9.0, 0.5, 0.5, 0.5],
+        "render": [9.0, 0.5, 0.25, 1.0],
+        "png": [9.0, 9.0, 0.001, 0.001, 0.002, 0.002, 0.0015, 0.0015],
+    }
+    calls = {k: iter(v) for k, v in durations.items()}
+    frames_seen = []
+
+    def taking_time(name, fn):
+        def timed(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if name == "png":
+                frames_seen.append(args[0].shape)
+            clock.now += next(calls[name])
+            return out
+        return timed
+
+    for name, attr in (("validate", "validate_events"), ("render", "render_event_frames"), ("png", "encode_png")):
+        monkeypatch.setattr(pe, attr, taking_time(name, getattr(pe, attr)))
+    n = 2_000
+    result = pe.benchmark_rendering(num_events=n, num_frames=2, height=H, width=W, repeats=3)
+    assert result["render_meps_median"] == pytest.approx(n / 0.5 / 1e6)
+    assert result["render_meps_min"] == pytest.approx(n / 1.0 / 1e6)
+    assert result["render_meps_max"] == pytest.approx(n / 0.25 / 1e6)
+    assert result["validate_meps_median"] == pytest.approx(n / 0.5 / 1e6)
+    assert result["png_encode_ms_per_clip_median"] == pytest.approx(3.0)
+    assert frames_seen == [(H, W, 3)] * 8  # warm-up + 3 repeats, 2 frames each, at the asked size
+    assert all(next(it, None) is None for it in calls.values())  # every step ran exactly as often as said
+    assert (result["num_events"], result["num_frames"], result["repeats"]) == (n, 2, 3)
+
+
+def test_dataset_without_clips_is_an_error(tmp_path):
+    (tmp_path / "ds" / "train").mkdir(parents=True)
+    (tmp_path / "ds" / "train" / "index.json").write_text("[]")
+    with pytest.raises(UserError, match="no clips to render"):
+        run_main(["--dataset_dir", str(tmp_path / "ds"), "--allow_pickle"])
+    assert not (tmp_path / "ds" / "train" / "event_image").exists()
 
 
 def test_cli_subprocess(tmp_path):
