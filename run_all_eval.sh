@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Offline acceptance of every trained adapter in a tasks folder: the newest run of each level and
+# pairing ({TASKS}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/best_model.pt; newest = the latest timestamp in
+# the name, which sorts lexically, so the choice is deterministic) goes through
+# measure_feature_acceptance.py on the test split, into {OUT}/{LEVEL}_{pairs}/.
+# A result newer than its checkpoint is kept (FORCE=1 redoes it). Every path can be overridden:
+#   TASKS=tasks/real TEST_DATA=data/hidden/test LM_HEAD=data/vl_lm_head.pt OUT=results/acceptance bash run_all_eval.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PY:-.venv/bin/python}
+TASKS=${TASKS:-tasks/toy}
+TEST_DATA=${TEST_DATA:-data/toy/hidden/test}
+LM_HEAD=${LM_HEAD:-data/toy/vl_lm_head.pt}
+OUT=${OUT:-results/toy/acceptance}
+GAMMA_PREFILL=${GAMMA_PREFILL:-7}
+GAMMA_DECODE=${GAMMA_DECODE:-5}
+BATCH_SIZE=${BATCH_SIZE:-64}
+DEVICE=${DEVICE:-auto}
+FORCE=${FORCE:-0}
+
+fail() { echo "error: $*" >&2; exit 1; }
+[ -x "$PY" ] || fail "python not found at $PY (run: bash setup.sh, or set PY=...)"
+[ -d "$TASKS" ] || fail "tasks folder not found: $TASKS (train adapters with train_hidden_adapter.py, or set TASKS=...)"
+[ -f "$TEST_DATA/manifest.json" ] || fail "test data not found: $TEST_DATA/manifest.json (run extract_hidden_states.py --split test, or set TEST_DATA=...)"
+[ -f "$LM_HEAD" ] || fail "LM head not found: $LM_HEAD (run extract_vl_lm_head.py, or set LM_HEAD=...)"
+
+# newest run per (level, pairing): names sort by their timestamp, the last one wins
+declare -A NEWEST=()
+ignored=0
+for dir in "$TASKS"/*/; do
+  [ -d "$dir" ] || continue
+  name=$(basename "$dir")
+  if [[ "$name" =~ ^(L1|L2|L3|L4|L5|B1|L5F)_(free|teacher_forced)_([0-9]{8}_[0-9]{6})$ ]] && [ -f "$dir/best_model.pt" ]; then
+    key="${BASH_REMATCH[1]}_${BASH_REMATCH[2]}"
+    if [ -z "${NEWEST[$key]:-}" ] || [[ "$name" > "$(basename "${NEWEST[$key]}")" ]]; then
+      NEWEST[$key]="${dir%/}"
+    fi
+  else
+    ignored=$((ignored + 1))
+  fi
+done
+[ "${#NEWEST[@]}" -gt 0 ] || fail "no runs named {LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/best_model.pt in $TASKS"
+echo "runs: ${#NEWEST[@]} (level x pairing), ignored $ignored folder(s) of $TASKS that are not finished runs"
+
+evaluated=0
+kept=0
+for key in $(printf '%s\n' "${!NEWEST[@]}" | sort); do
+  run=${NEWEST[$key]}
+  ckpt="$run/best_model.pt"
+  pairs=${key#*_}
+  dest="$OUT/$key"
+  if [ "$FORCE" != 1 ] && [ -f "$dest/acceptance_metrics.json" ] && [ "$dest/acceptance_metrics.json" -nt "$ckpt" ] \
+      && grep -qF "\"checkpoint\": \"$ckpt\"" "$dest/acceptance_metrics.json"; then
+    echo "== $key: up to date ($dest)"
+    kept=$((kept + 1))
+    continue
+  fi
+  echo "== $key: $ckpt"
+  "$PY" measure_feature_acceptance.py --checkpoint "$ckpt" --test_data "$TEST_DATA" --lm_head "$LM_HEAD" \
+    --pairs "$pairs" --output_dir "$dest" --gamma_prefill "$GAMMA_PREFILL" --gamma_decode "$GAMMA_DECODE" \
+    --batch_size "$BATCH_SIZE" --device "$DEVICE"
+  evaluated=$((evaluated + 1))
+done
+echo "done: $evaluated evaluated, $kept up to date, results in $OUT"
