@@ -1,0 +1,663 @@
+"""Live lossless speculative decoding: EventGPT (or an adapter) drafts, Video-LLaVA verifies.
+
+The engine works over the shared runner interface of model_loaders.py (prefill, multi-token decode,
+crop_cache, lm_head_weight) and is batch 1 only: one user, one GPU is the product case, and batch 1
+keeps every cache a plain prefix that can be cropped.
+
+    engine = SpeculativeDecoder(vl, decode_drafter=EventGPTDrafter(lm, adapter, head), gamma_decode=5,
+                                prefill_drafter=EventGPTDrafter(lm, prefill_adapter, head), gamma_prefill=8)
+    out = engine.generate(target_prompt, drafter_prompt, max_new_tokens=50)
+    out.tokens, out.trace                 # list[int]; per-phase and per-iteration record (drafted, accepted, ms)
+
+Two phases per answer:
+  1. prefill hiding: the target's vision + prefill runs on the calling thread while a second thread
+     (its own CUDA stream) runs EventGPT's vision + prefill and then drafts with the prefill adapter
+     (L1-L4) until the target's prefill ends or `gamma_prefill` drafts exist. The intervals of both
+     are recorded, so the overlap is measured, not assumed.
+  2. decode: `gamma_decode` drafts, one verify pass of the target over [last token, drafts], keep the
+     accepted prefix plus the target's own next token, crop both caches, re-sync the drafter.
+
+Drafters (one small protocol, `Drafter`: begin / draft / accept):
+  - `RolloutDrafter`   (mode a) L5 or B1 rolled out on its own outputs from the last verified target
+                       state; no EventGPT step while decoding.
+  - `FusedDrafter`     (mode b) L5F over EventGPT states and target states; EventGPT steps in
+                       lockstep on the accepted text (not concurrently).
+  - `EventGPTDrafter`  (mode c) EventGPT decodes the draft text itself, each of its states goes through
+                       a per-position adapter (L1-L4) and the target's LM head; also the prefill drafter.
+                       With no adapter and the drafter's own head it is classic two-model drafting.
+  - `SyntheticDrafter` the controlled drafter: the target's own greedy continuation, each draft
+                       corrupted with probability 1 - p, with a chosen cost per draft step.
+  - `NoDrafter`        drafts nothing: the engine is then the target alone on the same code path.
+
+Greedy (`temperature=0`) is lossless by construction: a draft is kept only where it equals the
+target's argmax. With `temperature > 0` drafts are checked by rejection sampling against the real
+draft distribution (softmax of the target LM head on the adapted state), lossless in distribution.
+
+Demo on the toy world (CPU, seconds): the benchmark drives this module,
+    python benchmark_e2e_wallclock.py --dataset_dir data/toy/dataset --max_samples 4 --max_new_tokens 16 \\
+        --configs target,synthetic --output_dir /tmp/e2e_demo
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from model_loaders import VLMInputs, to_drafter_vocab
+
+PER_POSITION_LEVELS = ("L1", "L2", "L3", "L4")  # output[t] estimates the target state at t
+ROLLOUT_LEVELS = ("L5", "B1")
+
+
+class LosslessError(AssertionError):
+    """A greedy speculative output differs from the target's own greedy output."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Small shared pieces: choosing a token, accepting drafts, stage timing
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: Tensor | None = None  # [k, V] float32 draft distribution (sampling only)
+
+    def cut(self, start: int, stop: int | None = None) -> Draft:
+        """Drafts [start, stop) (Python slice semantics)."""
+        return Draft(self.tokens[start:stop], None if self.probs is None else self.probs[start:stop])
+
+
+def choose(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[int, Tensor | None]:
+    """Greedy argmax, or a sample from softmax(logits / T) and that distribution [V]."""
+    if temperature <= 0:
+        return int(logits.argmax()), None
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+
+def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
+                  generator: torch.Generator | None) -> tuple[int, int | None]:
+    """Verify `draft` against target logits [m, V] (row i scores draft position i; m = k + 1 normally).
+
+    Returns (accepted count n, the target's token at position n), the token being None when all k
+    drafts were accepted and no row k exists. Greedy: keep drafts while they equal the argmax.
+    Sampling: keep draft x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection
+    sample from max(p_i - q_i, 0) renormalised; if all pass, sample the bonus from p_k. This is the
+    standard rule that leaves the output distributed exactly as the target's (Leviathan et al. 2023).
+    """
+    k = len(draft.tokens)
+    if temperature <= 0:
+        target = logits.argmax(-1).tolist()
+        n = 0
+        while n < k and draft.tokens[n] == target[n]:
+            n += 1
+        return n, (target[n] if n < logits.shape[0] else None)
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    q = draft.probs
+    if q is None:  # a deterministic drafter: its distribution is one-hot on its token
+        q = torch.zeros(k, p.shape[-1], device=p.device)
+        q[torch.arange(k), torch.tensor(draft.tokens, dtype=torch.long, device=p.device)] = 1.0
+    q = q.to(p.device)
+    for i, tok in enumerate(draft.tokens):
+        u = float(torch.rand((), generator=generator, device=generator.device if generator else "cpu"))
+        if u * float(q[i, tok]) < float(p[i, tok]):  # u < p/q without dividing by a zero q
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)
+        residual = residual if float(residual.sum()) > 0 else p[i]
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    if k < p.shape[0]:
+        return k, int(torch.multinomial(p[k], 1, generator=generator))
+    return k, None
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the current stream only: the other thread's stream keeps running (phase 1)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class StageClock:
+    """Milliseconds per named stage, each timer between device synchronisations."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.origin = time.perf_counter()
+
+    def now_ms(self) -> float:
+        return (time.perf_counter() - self.origin) * 1e3
+
+    @contextlib.contextmanager
+    def stage(self, record: dict[str, float], name: str) -> Iterator[None]:
+        _sync(self.device)
+        start = time.perf_counter()
+        yield
+        _sync(self.device)
+        record[name] = record.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+# ----------------------------------------------------------------------------------------------
+# Drafters
+# ----------------------------------------------------------------------------------------------
+
+
+class Drafter(Protocol):
+    """What the loop needs from a drafting mode.
+
+    begin(inputs): start a new answer (drafter prompt inputs, None for drafters without a model).
+    draft(k, stop): up to k draft tokens for the next positions (fewer if `stop` gets set).
+    accept(tokens, states): the newly verified tokens (accepted drafts + the target's own token) and
+        the target states [n, D] that chose them; the drafter re-synchronises on them.
+    """
+
+    name: str
+    uses_drafter_model: bool
+
+    def begin(self, inputs: VLMInputs | None) -> None: ...
+
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft: ...
+
+    def accept(self, tokens: list[int], states: Tensor) -> None: ...
+
+
+class DrafterLM:
+    """EventGPT's language model stepped on a token sequence it is told, re-synced by cropping.
+
+    `states_for(tokens)` returns g_0..g_n [n + 1, D] (g_i: post-norm state after the prompt and
+    tokens[:i], so g_i predicts position i); only the part of `tokens` that differs from what the
+    cache already holds is fed, in one pass. Target ids outside EventGPT's vocabulary become <unk>
+    (0) and are counted in `foreign_tokens`.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self._inputs: VLMInputs | None = None
+        self.foreign_tokens = 0
+        self.steps = 0
+
+    def start(self, inputs: VLMInputs) -> None:
+        if inputs is self._inputs:  # shared by the prefill and the decode drafter of one answer
+            return
+        out = self.runner.prefill(inputs, logits_for="last")
+        self._inputs, self.cache = inputs, out.cache
+        self.prompt_len = inputs.attention_mask.shape[1]
+        self.fed: list[int] = []
+        self.states = out.hidden[0, -1:]  # [1, D]
+        self.foreign_tokens = 0
+        self.steps = 0
+
+    def states_for(self, tokens: list[int]) -> Tensor:
+        p = 0
+        limit = min(len(tokens), len(self.fed))
+        while p < limit and tokens[p] == self.fed[p]:
+            p += 1
+        if p < len(self.fed):
+            self.runner.crop_cache(self.cache, self.prompt_len + p)
+            self.fed, self.states = self.fed[:p], self.states[: p + 1]
+        if p < len(tokens):
+            new = torch.tensor([tokens[p:]], device=self.runner.device)
+            ids, foreign = to_drafter_vocab(new, self.runner.vocab_size)
+            self.foreign_tokens += foreign
+            mask = torch.ones(1, self.prompt_len + len(tokens), dtype=torch.long, device=self.runner.device)
+            out = self.runner.decode(ids, self.cache, mask)
+            self.fed = list(tokens)
+            self.states = torch.cat([self.states, out.hidden[0]])
+            self.steps += 1
+        return self.states
+
+
+def _level(adapter: Any) -> str:
+    return adapter.config.name
+
+
+def _dtype(adapter: Any) -> torch.dtype:
+    return next(iter(adapter.parameters()), torch.empty(0)).dtype
+
+
+def _crop_adapter_cache(past: list | None, length: int) -> list | None:
+    """An adapter's KV cache (list of (k, v) [B, H, T, Dh]) cut to its first `length` positions."""
+    if not past or length == 0:
+        return None
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in past]
+
+
+class EventGPTDrafter:
+    """Mode (c) and the prefill drafter: EventGPT writes the draft text, a per-position adapter maps
+    each of its states into the target's space, the target's LM head picks the draft token.
+
+    `adapter=None` uses EventGPT's states as they are (equal widths), so with `head` = the
+    drafter's own LM head this is plain two-model drafting (EventGPT's own greedy tokens).
+    """
+
+    uses_drafter_model = True
+
+    def __init__(self, lm: DrafterLM, adapter: Any | None, head: Tensor, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        if adapter is not None and _level(adapter) not in PER_POSITION_LEVELS:
+            raise ValueError(f"EventGPT drafting needs a per-position adapter {PER_POSITION_LEVELS}, "
+                             f"got {_level(adapter)}")
+        self.lm, self.adapter, self.head = lm, adapter, head
+        self.temperature, self.generator = temperature, generator
+        self.name = f"eventgpt+{_level(adapter) if adapter is not None else 'own-head'}"
+
+    def begin(self, inputs: VLMInputs | None) -> None:
+        if inputs is None:
+            raise ValueError(f"{self.name} drafts with EventGPT and needs its prompt inputs")
+        self.lm.start(inputs)
+        self.verified: list[int] = []
+
+    def _adapt(self, states: Tensor) -> Tensor:
+        if self.adapter is None:
+            return states[-1]
+        dt = _dtype(self.adapter)
+        if _level(self.adapter) == "L4":  # bidirectional: attend over the whole prefix seen so far
+            return self.adapter(states[None].to(dt))[0, -1]
+        return self.adapter(states[-1:][None].to(dt))[0, 0]
+
+    @torch.no_grad()
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        tokens: list[int] = []
+        probs: list[Tensor] = []
+        for _ in range(k):
+            if stop is not None and stop.is_set():
+                break
+            state = self._adapt(self.lm.states_for(self.verified + tokens))
+            tok, q = choose(state.float() @ self.head.T, self.temperature, self.generator)
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def accept(self, tokens: list[int], states: Tensor) -> None:
+        self.verified += tokens
+
+
+class RolloutDrafter:
+    """Mode (a): an EAGLE-style adapter (L5 or B1) fed the verified target states s_0..s_{N-1}; its
+    output at the last one estimates s_N (-> draft N); further drafts feed its own outputs back in.
+
+    B1 was trained on target states, so this is its home; L5 was trained on EventGPT states and here
+    sees target states (same width), which the measured acceptance will judge. Each draft costs one
+    adapter step; EventGPT does not run while decoding.
+    """
+
+    uses_drafter_model = False
+
+    def __init__(self, adapter: Any, head: Tensor, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        if _level(adapter) not in ROLLOUT_LEVELS:
+            raise ValueError(f"roll-out drafting needs {ROLLOUT_LEVELS}, got {_level(adapter)}")
+        if adapter.config.use_token_embed:
+            raise ValueError("roll-out drafting of adapters built with use_token_embed is not supported")
+        self.adapter, self.head = adapter, head
+        self.temperature, self.generator = temperature, generator
+        self.name = f"rollout+{_level(adapter)}"
+
+    def begin(self, inputs: VLMInputs | None) -> None:
+        self.states: list[Tensor] = []  # verified target states, [D] each
+        self.past: list | None = None
+        self.fed = 0  # verified states inside self.past (rolled-out entries come after them)
+
+    @torch.no_grad()
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        if k == 0:
+            return Draft([])
+        self.past = _crop_adapter_cache(self.past, self.fed)
+        new = torch.stack(self.states[self.fed:])[None].to(_dtype(self.adapter))  # [1, n, D]
+        out, self.past = self.adapter.step(new, self.past)
+        self.fed = len(self.states)
+        tokens, probs = [], []
+        h = out[:, -1:]  # estimates the target state at the next position
+        for i in range(k):
+            tok, q = choose(h[0, 0].float() @ self.head.T, self.temperature, self.generator)
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+            if i < k - 1:
+                h, self.past = self.adapter.step(h, self.past)
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def accept(self, tokens: list[int], states: Tensor) -> None:
+        self.states += list(states)
+
+
+class FusedDrafter:
+    """Mode (b): L5F over pairs (EventGPT state g_t, target state s_t); output at t estimates s_{t+1}.
+
+    EventGPT steps in lockstep on the accepted text plus the drafts (not concurrently): draft N uses
+    g_{N-1} and the verified s_{N-1}; draft N+i uses g_{N+i-1} (EventGPT fed the earlier drafts) and the
+    adapter's own previous output in place of the not yet verified target state.
+    """
+
+    uses_drafter_model = True
+
+    def __init__(self, lm: DrafterLM, adapter: Any, head: Tensor, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        if _level(adapter) != "L5F":
+            raise ValueError(f"fused drafting needs an L5F adapter, got {_level(adapter)}")
+        if adapter.config.use_token_embed:
+            raise ValueError("fused drafting of adapters built with use_token_embed is not supported")
+        self.lm, self.adapter, self.head = lm, adapter, head
+        self.temperature, self.generator = temperature, generator
+        self.name = "fused+L5F"
+
+    def begin(self, inputs: VLMInputs | None) -> None:
+        if inputs is None:
+            raise ValueError("L5F drafting runs EventGPT and needs its prompt inputs")
+        self.lm.start(inputs)
+        self.verified: list[int] = []
+        self.states: list[Tensor] = []
+        self.past: list | None = None
+        self.fed = 0
+
+    @torch.no_grad()
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        n = len(self.verified)
+        if k == 0:
+            return Draft([])
+        dt = _dtype(self.adapter)
+        g = self.lm.states_for(self.verified[: n - 1])  # g_0 .. g_{N-1}
+        self.past = _crop_adapter_cache(self.past, self.fed)
+        x = g[self.fed : n][None].to(dt)
+        v = torch.stack(self.states[self.fed : n])[None].to(dt)
+        out, self.past = self.adapter.step(x, self.past, h_target=v)
+        self.fed = n
+        tokens, probs = [], []
+        h = out[:, -1:]
+        for i in range(k):
+            tok, q = choose(h[0, 0].float() @ self.head.T, self.temperature, self.generator)
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+            if i < k - 1:
+                g_next = self.lm.states_for(self.verified + tokens[:i])[-1]  # g_{N+i}
+                h, self.past = self.adapter.step(g_next[None, None].to(dt), self.past, h_target=h)
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def accept(self, tokens: list[int], states: Tensor) -> None:
+        self.verified += tokens
+        self.states += list(states)
+
+
+class SyntheticDrafter:
+    """The controlled drafter: drafts the target's own greedy continuation (`set_reference` before each
+    answer), each draft independently replaced by another token with probability 1 - p, and spends
+    `cost_ms` per draft step (a busy wait, so the figure is exact). It measures the engine itself at
+    a known acceptance, also at shapes where no trained drafter exists."""
+
+    uses_drafter_model = False
+
+    def __init__(self, p: float, vocab_size: int, cost_ms: float = 0.0, seed: int = 0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"synthetic acceptance must be in [0, 1], got {p}")
+        self.p, self.vocab_size, self.cost_ms = p, vocab_size, cost_ms
+        self.rng = torch.Generator().manual_seed(seed)
+        self.reference: list[int] = []
+        self.name = f"synthetic(p={p:g},{cost_ms:g}ms)"
+
+    def set_reference(self, tokens: list[int]) -> None:
+        self.reference = list(tokens)
+
+    def begin(self, inputs: VLMInputs | None) -> None:
+        self.n = 0
+
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        tokens = []
+        for i in range(k):
+            pos = self.n + i
+            true = self.reference[pos] if pos < len(self.reference) else 0
+            if float(torch.rand((), generator=self.rng)) >= self.p:
+                true = (true + 1 + int(torch.randint(self.vocab_size - 1, (), generator=self.rng))) % self.vocab_size
+            tokens.append(true)
+            if self.cost_ms > 0:
+                end = time.perf_counter() + self.cost_ms / 1e3
+                while time.perf_counter() < end:
+                    pass
+        return Draft(tokens)
+
+    def accept(self, tokens: list[int], states: Tensor) -> None:
+        self.n += len(tokens)
+
+
+class NoDrafter:
+    """Drafts nothing: every iteration is one ordinary decode step of the target."""
+
+    uses_drafter_model = False
+    name = "target-alone"
+
+    def begin(self, inputs: VLMInputs | None) -> None:
+        pass
+
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        return Draft([])
+
+    def accept(self, tokens: list[int], states: Tensor) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Iteration:
+    drafted: int
+    accepted: int
+    ms: dict[str, float] = field(default_factory=dict)  # draft, verify, crop (crop includes drafter re-sync)
+
+
+@dataclass
+class Trace:
+    phase1: dict[str, Any] = field(default_factory=dict)
+    iterations: list[Iteration] = field(default_factory=list)
+    total_ms: float = 0.0
+    foreign_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SpecOutput:
+    tokens: list[int]  # the answer, up to and including EOS
+    trace: Trace
+
+
+Prompt = VLMInputs | Callable[[], VLMInputs]
+
+
+def _build(prompt: Prompt | None) -> VLMInputs | None:
+    return prompt() if callable(prompt) else prompt
+
+
+class SpeculativeDecoder:
+    """Batch-1 speculative decoding of `target` with a decode drafter and an optional prefill drafter."""
+
+    def __init__(self, target: Any, decode_drafter: Drafter, *, gamma_decode: int = 5,
+                 prefill_drafter: Drafter | None = None, gamma_prefill: int = 0, temperature: float = 0.0,
+                 generator: torch.Generator | None = None, concurrent_prefill: bool = True,
+                 drafter_device: torch.device | None = None) -> None:
+        if gamma_decode < 0 or gamma_prefill < 0:
+            raise ValueError("gamma_decode and gamma_prefill must be >= 0")
+        self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
+        self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
+        self.temperature, self.generator = temperature, generator
+        self.concurrent_prefill = concurrent_prefill
+        self.drafter_device = drafter_device or target.device
+        self.eos = target.eos_token_id
+
+    # -- phase 1 -----------------------------------------------------------------------------------
+    def _drafter_side(self, prompt: Prompt | None, stop: threading.Event, clock: StageClock,
+                      rec: dict[str, Any]) -> Draft:
+        """EventGPT vision + prefill, then prefill drafts until `stop`; runs on its own thread/stream."""
+        stream = torch.cuda.Stream(self.drafter_device) if self.drafter_device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            rec["drafter_start_ms"] = clock.now_ms()
+            inputs = None
+            drafters = [d for d in (self.prefill_drafter, self.drafter) if d is not None]
+            if any(d.uses_drafter_model for d in drafters):
+                with clock.stage(rec, "drafter_vision_ms"):
+                    inputs = _build(prompt)
+            for d in dict.fromkeys(drafters):  # the same object may serve both phases
+                with clock.stage(rec, "drafter_prefill_ms"):
+                    d.begin(inputs)
+            draft = Draft([])
+            if self.prefill_drafter is not None and self.gamma_prefill > 0:
+                with clock.stage(rec, "prefill_draft_ms"):
+                    draft = self.prefill_drafter.draft(self.gamma_prefill, stop=stop)
+            _sync(self.drafter_device)
+            rec["drafter_end_ms"] = clock.now_ms()
+        return draft
+
+    def _phase1(self, target_prompt: Prompt, drafter_prompt: Prompt | None, clock: StageClock,
+                rec: dict[str, Any]) -> tuple[Any, int, Draft]:
+        stop = threading.Event()
+        box: dict[str, Any] = {}
+
+        def side() -> None:
+            try:
+                box["draft"] = self._drafter_side(drafter_prompt, stop, clock, rec)
+            except BaseException as err:  # re-raised on the calling thread
+                box["error"] = err
+
+        drafters = [d for d in (self.prefill_drafter, self.drafter) if d is not None]
+        threaded = self.concurrent_prefill and (any(d.uses_drafter_model for d in drafters) or self.gamma_prefill > 0)
+        thread = threading.Thread(target=side, name="drafter-prefill")
+        if threaded:
+            thread.start()
+        rec["target_start_ms"] = clock.now_ms()
+        with clock.stage(rec, "target_vision_ms"):
+            inputs = _build(target_prompt)
+        with clock.stage(rec, "target_prefill_ms"):
+            out = self.target.prefill(inputs, logits_for="last")
+        rec["target_end_ms"] = clock.now_ms()
+        stop.set()
+        if not threaded:
+            stop.clear()  # sequential: the drafter may draft its full gamma_prefill
+            thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        rec["overlap_ms"] = max(0.0, min(rec["target_end_ms"], rec["drafter_end_ms"])
+                                - max(rec["target_start_ms"], rec["drafter_start_ms"]))
+        return out, inputs.attention_mask.shape[1], box["draft"]
+
+    # -- the loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, target_prompt: Prompt, drafter_prompt: Prompt | None = None,
+                 max_new_tokens: int = 50) -> SpecOutput:
+        """Answer one prompt; `*_prompt` are VLMInputs or zero-argument callables building them (timed
+        as vision). Batch 1."""
+        clock = StageClock(self.target.device)
+        trace = Trace()
+        target, drafter = self.target, self.drafter
+        out, prompt_len, pre = self._phase1(target_prompt, drafter_prompt, clock, trace.phase1)
+        if out.logits.shape[0] != 1:
+            raise ValueError("the engine is batch 1: pass one prompt")
+        # Position 0 is the target's prefill token; the first prefill draft is checked against it, the
+        # rest wait for the first verify pass (they were drafted after that first draft).
+        n0, first = accept_drafts(out.logits[0, -1:], pre.cut(0, 1), self.temperature, self.generator)
+        tokens = [pre.tokens[0] if first is None else first]
+        pending = pre.cut(1) if n0 else Draft([])
+        trace.phase1.update(drafted=len(pre.tokens), first_accepted=n0)
+        drafter.accept(tokens, out.hidden[0, -1:])
+        cache = out.cache
+        while tokens[-1] != self.eos and len(tokens) < max_new_tokens:
+            it = Iteration(0, 0)
+            k = min(self.gamma if not pending.tokens else len(pending.tokens), max_new_tokens - len(tokens) - 1)
+            with clock.stage(it.ms, "draft"):
+                draft = (pending if pending.tokens else drafter.draft(k)).cut(0, k)
+            pending = Draft([])
+            ids = torch.tensor([[tokens[-1], *draft.tokens]], device=target.device)
+            mask = torch.ones(1, prompt_len + len(tokens) + len(draft.tokens), dtype=torch.long,
+                              device=target.device)
+            with clock.stage(it.ms, "verify"):
+                step = target.decode(ids, cache, mask)  # row i scores position len(tokens) + i
+                n, nxt = accept_drafts(step.logits[0], draft, self.temperature, self.generator)
+            new = [*draft.tokens[:n], nxt]
+            with clock.stage(it.ms, "crop"):
+                target.crop_cache(cache, prompt_len + len(tokens) + n)  # prompt + every token but the newest
+                drafter.accept(new, step.hidden[0, : n + 1])
+            it.drafted, it.accepted = len(draft.tokens), n
+            trace.iterations.append(it)
+            tokens += new[: new.index(self.eos) + 1] if self.eos in new else new
+        trace.total_ms = clock.now_ms()
+        lms = {id(d.lm): d.lm for d in (drafter, self.prefill_drafter) if hasattr(d, "lm")}
+        trace.foreign_tokens = sum(lm.foreign_tokens for lm in lms.values())
+        return SpecOutput(tokens[:max_new_tokens], trace)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the benchmark and the tests
+# ----------------------------------------------------------------------------------------------
+
+
+def greedy_reference(target: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
+    """The target's own greedy answer (runner.generate), up to and including EOS."""
+    out = target.generate(inputs, max_new_tokens)
+    return out.tokens[0, : int(out.mask[0].sum())].tolist()
+
+
+def check_lossless(spec: list[int], reference: list[int], what: str) -> None:
+    """Raise LosslessError naming the first differing position."""
+    if spec != reference:
+        pos = next((i for i, (a, b) in enumerate(zip(spec, reference, strict=False)) if a != b),
+                   min(len(spec), len(reference)))
+        raise LosslessError(f"{what}: speculative output differs from the target's greedy output at position "
+                            f"{pos} (lengths {len(spec)} vs {len(reference)})")
+
+
+def summarise_trace(trace: Trace) -> dict[str, Any]:
+    """Accepted drafts per iteration (with and without the bonus token) and per-position acceptance."""
+    its = trace.iterations
+    drafted = [it.drafted for it in its if it.drafted > 0]
+    accepted = [it.accepted for it in its if it.drafted > 0]
+    per_pos_tries: dict[int, int] = {}
+    per_pos_hits: dict[int, int] = {}
+    for it in its:
+        for i in range(it.drafted):
+            per_pos_tries[i] = per_pos_tries.get(i, 0) + 1
+            if i < it.accepted:
+                per_pos_hits[i] = per_pos_hits.get(i, 0) + 1
+    ms: dict[str, float] = {}
+    for it in its:
+        for key, value in it.ms.items():
+            ms[key] = ms.get(key, 0.0) + value
+    return {
+        "iterations": len(its),
+        "drafted": sum(drafted),
+        "accepted": sum(accepted),
+        "per_position_tries": per_pos_tries,
+        "per_position_hits": per_pos_hits,
+        "stage_ms": ms,
+    }
+
+
+__all__ = [
+    "Draft",
+    "Drafter",
+    "DrafterLM",
+    "EventGPTDrafter",
+    "FusedDrafter",
+    "LosslessError",
+    "NoDrafter",
+    "RolloutDrafter",
+    "SpecOutput",
+    "SpeculativeDecoder",
+    "StageClock",
+    "SyntheticDrafter",
+    "Trace",
+    "accept_drafts",
+    "check_lossless",
+    "choose",
+    "greedy_reference",
+    "summarise_trace",
+]
