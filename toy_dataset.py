@@ -35,6 +35,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -706,6 +707,124 @@ def _clip_done(video: Path, npy: Path) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class _ClipSettings:
+    """How every clip of one data set is rendered and encoded (part of the folder's config)."""
+
+    height: int
+    width: int
+    fps: int
+    duration_s: float
+    substeps: int
+    contrast_threshold: float
+    noise_rate_hz: float
+    codec: str
+    frames_per_clip: int
+
+
+def _checked_config(seed: int, num_sequences: tuple[int, ...], clips_per_sequence: int, height: int, width: int,
+                    fps: int, duration_s: float, substeps: int, contrast_threshold: float,
+                    noise_rate_hz: float) -> dict[str, Any]:
+    """The folder's config (what its manifest records) after checking every argument."""
+    if len(num_sequences) != len(SPLITS) or min(num_sequences) < 0 or sum(num_sequences) == 0:
+        raise UserError(f"num_sequences must be 3 counts (train, val, test) >= 0, got {num_sequences}")
+    if clips_per_sequence < 1:
+        raise UserError(f"clips_per_sequence must be >= 1, got {clips_per_sequence}")
+    if height < 16 or width < 16 or height % 2 or width % 2:
+        raise UserError(f"height and width must be even and >= 16 (yuv420p video), got {height}x{width}")
+    if fps < 1 or duration_s <= 0 or num_video_frames(fps, duration_s) < 2:
+        raise UserError(f"fps * duration_s must give >= 2 video frames, got fps={fps}, duration_s={duration_s}")
+    if substeps < 1 or contrast_threshold <= 0 or noise_rate_hz < 0:
+        raise UserError("substeps must be >= 1, contrast_threshold > 0 and noise_rate_hz >= 0")
+    return {
+        "seed": int(seed),
+        "num_sequences": list(num_sequences),
+        "clips_per_sequence": int(clips_per_sequence),
+        "height": int(height),
+        "width": int(width),
+        "fps": int(fps),
+        "duration_s": float(duration_s),
+        "substeps": int(substeps),
+        "contrast_threshold": float(contrast_threshold),
+        "noise_rate_hz": float(noise_rate_hz),
+    }
+
+
+def _claim_folder(out: Path, config: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Refuse a folder written with another config; otherwise write its (unfinished) manifest and questions."""
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.is_file():
+        previous = read_json(manifest_path, "toy data set manifest", "delete the folder and regenerate")
+        if not isinstance(previous, dict) or previous.get("config") != config:
+            old = previous.get("config") if isinstance(previous, dict) else None
+            old = old if isinstance(old, dict) else {}
+            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in config.items() if old.get(k) != v)
+            raise UserError(
+                f"{out} already holds a toy data set written with {diff} "
+                "(use another --output_dir or delete that folder)"
+            )
+    else:
+        atomic_write_bytes((json.dumps(manifest, indent=2) + "\n").encode(), manifest_path)
+    _write_if_changed(out / "questions.json", _questions_json())
+
+
+def _write_clip(split_dir: Path, seq: str, c: int, g: int, seed: int, place: str, background: np.ndarray,
+                cs: _ClipSettings) -> tuple[dict[str, Any], bool]:
+    """(index record, whether files were written) of clip `c` of sequence number `g`; a finished clip is
+    only read back. Each draw has its own seed path, so skipping a clip changes no other clip."""
+    clip = f"{c:06d}"
+    objects = sample_objects(_seed(seed, g, 2, c), cs.height, cs.width, cs.duration_s)
+    rel_npy, rel_video = f"event_npy/{seq}/{clip}.npy", f"mp4/{seq}/{clip}.mp4"
+    n_events = _clip_done(split_dir / rel_video, split_dir / rel_npy)
+    written = n_events is None
+    if written:
+        frames, events = render_clip(background, objects, cs.fps, cs.duration_s, cs.substeps, _seed(seed, g, 3, c),
+                                     threshold=cs.contrast_threshold, noise_rate_hz=cs.noise_rate_hz)
+        atomic_write_bytes(events_to_npy_bytes(events), split_dir / rel_npy)
+        atomic_write_bytes(encode_mp4(frames, cs.fps, cs.codec), split_dir / rel_video)
+        n_events = int(events["t"].shape[0])
+    record = {
+        "id": f"{seq}/{clip}",
+        "sequence": seq,
+        "clip": clip,
+        "event_npy": rel_npy,
+        "video": rel_video,
+        "event_image_prefix": f"event_image/{seq}/{clip}",
+        "height": cs.height,
+        "width": cs.width,
+        "duration_s": float(cs.duration_s),
+        "t0_us": 0,
+        "fps": cs.fps,
+        "num_video_frames": cs.frames_per_clip,
+        "num_events": n_events,
+        "meta": _meta_from_objects(objects, place),
+    }
+    return record, written
+
+
+def _write_split(split_dir: Path, sequences: list[tuple[int, str]], clips_per_sequence: int, seed: int,
+                 cs: _ClipSettings, bar: Any) -> tuple[dict[str, Any], int]:
+    """Write one split's clips and index.json; returns (its summary, clips written now)."""
+    records, written = [], 0
+    for g, seq in sequences:
+        place = str(_seed(seed, g, 0).choice(list(PLACES)))  # one place per sequence
+        background = make_background(_seed(seed, g, 1), place, cs.height, cs.width)
+        for c in range(clips_per_sequence):
+            record, wrote = _write_clip(split_dir, seq, c, g, seed, place, background, cs)
+            records.append(record)
+            written += wrote
+            bar.update(1)
+    # An empty split still gets an (empty) index so readers can loop over SPLITS.
+    _write_if_changed(split_dir / "index.json", (json.dumps(records, indent=2) + "\n").encode())
+    summary = {
+        "sequences": [name for _, name in sequences],
+        "clips": len(records),
+        "events": sum(r["num_events"] for r in records),
+        "static_clips": sum(r["meta"]["moving_count"] == 0 for r in records),
+    }
+    return summary, written
+
+
 def write_toy_dataset(
     output_dir: str | Path,
     seed: int = 0,
@@ -727,143 +846,60 @@ def write_toy_dataset(
     files are rewritten only when their bytes would change, all writes are atomic. Reusing a folder
     written with other arguments raises UserError.
     """
-    num_sequences = tuple(int(n) for n in num_sequences)
-    if len(num_sequences) != len(SPLITS) or min(num_sequences) < 0 or sum(num_sequences) == 0:
-        raise UserError(f"num_sequences must be 3 counts (train, val, test) >= 0, got {num_sequences}")
-    if clips_per_sequence < 1:
-        raise UserError(f"clips_per_sequence must be >= 1, got {clips_per_sequence}")
-    if height < 16 or width < 16 or height % 2 or width % 2:
-        raise UserError(f"height and width must be even and >= 16 (yuv420p video), got {height}x{width}")
-    if fps < 1 or duration_s <= 0 or num_video_frames(fps, duration_s) < 2:
-        raise UserError(f"fps * duration_s must give >= 2 video frames, got fps={fps}, duration_s={duration_s}")
-    if substeps < 1 or contrast_threshold <= 0 or noise_rate_hz < 0:
-        raise UserError("substeps must be >= 1, contrast_threshold > 0 and noise_rate_hz >= 0")
-
     from tqdm import tqdm
 
     started = time.perf_counter()
     out = Path(output_dir)
-    config = {
-        "seed": int(seed),
-        "num_sequences": list(num_sequences),
-        "clips_per_sequence": int(clips_per_sequence),
-        "height": int(height),
-        "width": int(width),
-        "fps": int(fps),
-        "duration_s": float(duration_s),
-        "substeps": int(substeps),
-        "contrast_threshold": float(contrast_threshold),
-        "noise_rate_hz": float(noise_rate_hz),
-    }
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.is_file():
-        previous = read_json(manifest_path, "toy data set manifest", "delete the folder and regenerate")
-        if not isinstance(previous, dict) or previous.get("config") != config:
-            old = previous.get("config") if isinstance(previous, dict) else None
-            old = old if isinstance(old, dict) else {}
-            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in config.items() if old.get(k) != v)
-            raise UserError(
-                f"{out} already holds a toy data set written with {diff} "
-                "(use another --output_dir or delete that folder)"
-            )
-    codec = pick_codec()
+    num_sequences = tuple(int(n) for n in num_sequences)
+    config = _checked_config(seed, num_sequences, clips_per_sequence, height, width, fps, duration_s, substeps,
+                             contrast_threshold, noise_rate_hz)
+    cs = _ClipSettings(height, width, fps, float(duration_s), substeps, contrast_threshold, noise_rate_hz,
+                       pick_codec(), num_video_frames(fps, duration_s))
     plan = _sequence_plan(num_sequences)
-    frames_per_clip = num_video_frames(fps, duration_s)
     manifest: dict[str, Any] = {
         "format": "xmodal_sd.toy_dataset",
         "format_version": FORMAT_VERSION,
         "generator": "toy_dataset.py",
         "config": config,
         "complete": False,
-        "codec": codec,
-        "frames_per_clip": frames_per_clip,
+        "codec": cs.codec,
+        "frames_per_clip": cs.frames_per_clip,
         "events": {"x": "int16", "y": "int16", "t": "int64 us", "p": "int8 1=on 0=off"},
         "splits": {s: {"sequences": [name for _, name in plan[s]],
                        "clips": len(plan[s]) * clips_per_sequence} for s in SPLITS},
     }
-    if not manifest_path.is_file():
-        atomic_write_bytes((json.dumps(manifest, indent=2) + "\n").encode(), manifest_path)
-    _write_if_changed(out / "questions.json", _questions_json())
+    _claim_folder(out, config, manifest)
 
     total = sum(num_sequences) * clips_per_sequence
-    bar = tqdm(total=total, desc="toy clips", unit="clip", disable=not progress)
-    written = skipped = 0
+    written = 0
     split_summary: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        records = []
-        events_in_split = static_clips = 0
-        for g, seq in plan[split]:
-            place = str(_seed(seed, g, 0).choice(list(PLACES)))
-            background = make_background(_seed(seed, g, 1), place, height, width)
-            for c in range(clips_per_sequence):
-                clip = f"{c:06d}"
-                objects = sample_objects(_seed(seed, g, 2, c), height, width, duration_s)
-                meta = _meta_from_objects(objects, place)
-                rel_npy, rel_video = f"event_npy/{seq}/{clip}.npy", f"mp4/{seq}/{clip}.mp4"
-                npy_path, video_path = out / split / rel_npy, out / split / rel_video
-                n_events = _clip_done(video_path, npy_path)
-                if n_events is None:
-                    frames, events = render_clip(
-                        background, objects, fps, duration_s, substeps, _seed(seed, g, 3, c),
-                        threshold=contrast_threshold, noise_rate_hz=noise_rate_hz,
-                    )
-                    atomic_write_bytes(events_to_npy_bytes(events), npy_path)
-                    atomic_write_bytes(encode_mp4(frames, fps, codec), video_path)
-                    n_events = int(events["t"].shape[0])
-                    written += 1
-                else:
-                    skipped += 1
-                events_in_split += n_events
-                static_clips += meta["moving_count"] == 0
-                records.append({
-                    "id": f"{seq}/{clip}",
-                    "sequence": seq,
-                    "clip": clip,
-                    "event_npy": rel_npy,
-                    "video": rel_video,
-                    "event_image_prefix": f"event_image/{seq}/{clip}",
-                    "height": height,
-                    "width": width,
-                    "duration_s": float(duration_s),
-                    "t0_us": 0,
-                    "fps": fps,
-                    "num_video_frames": frames_per_clip,
-                    "num_events": n_events,
-                    "meta": meta,
-                })
-                bar.update(1)
-        # An empty split still gets an (empty) index so readers can loop over SPLITS.
-        _write_if_changed(out / split / "index.json", (json.dumps(records, indent=2) + "\n").encode())
-        split_summary[split] = {
-            "sequences": [name for _, name in plan[split]],
-            "clips": len(records),
-            "events": events_in_split,
-            "static_clips": static_clips,
-        }
-    bar.close()
+    with tqdm(total=total, desc="toy clips", unit="clip", disable=not progress) as bar:
+        for split in SPLITS:
+            split_summary[split], n = _write_split(out / split, plan[split], clips_per_sequence, seed, cs, bar)
+            written += n
     manifest["complete"] = True
     manifest["splits"] = split_summary
-    _write_if_changed(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    _write_if_changed(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     summary = {
         "output_dir": str(out),
         "seed": int(seed),
-        "codec": codec,
+        "codec": cs.codec,
         "height": height,
         "width": width,
         "fps": fps,
         "duration_s": float(duration_s),
-        "frames_per_clip": frames_per_clip,
+        "frames_per_clip": cs.frames_per_clip,
         "splits": split_summary,
         "clips_total": total,
         "clips_written": written,
-        "clips_skipped": skipped,
+        "clips_skipped": total - written,
         "events_total": sum(s["events"] for s in split_summary.values()),
         "num_questions": len(QUESTIONS),
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(
         "toy data set in %s: %d clips (%d written, %d already there), %d events, codec %s, %.1f s",
-        out, total, written, skipped, summary["events_total"], codec, summary["seconds"],
+        out, total, written, total - written, summary["events_total"], cs.codec, summary["seconds"],
     )
     return summary
 
