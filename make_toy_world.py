@@ -219,56 +219,86 @@ def looping(tokens: torch.Tensor) -> bool:
     return n >= 4 and int(torch.bincount(tokens.long()).max()) * 2 > n
 
 
-def answer_stats(
+def answer_rows(
     egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
-) -> dict[str, Any]:
-    """Greedy answers of both models on every (clip, question): degeneracy, accuracy and agreement."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Greedy answers of both models on every (clip, question), plus the drafter's teacher-forced guesses.
+
+    Returns (rows, foreign): a row holds the clip id, question, reference answer, both decoded answers
+    and three token lists: `vl_tokens` (the target's answer up to and including EOS), `egpt_tokens`
+    (the drafter's own answer, likewise) and `tf_tokens` (the drafter's next-token guess at each of the
+    target's positions, given the target's prefix: what speculative decoding would accept).
+    `foreign` counts target tokens the drafter's vocabulary lacks (fed to it as id 0).
+    """
     from model_loaders import to_drafter_vocab
     from toy_dataset import scene_answer
 
     rows, foreign = [], 0
     for clip in tqdm(clips, desc="agreement", unit="clip", disable=None):
-        fe = embed_clip_from_sources(egpt, split_dir, clip)
-        fv = embed_clip_from_sources(vl, split_dir, clip)
-        ei = egpt.build_inputs([fe] * len(questions), questions)
-        vi = vl.build_inputs([fv] * len(questions), questions)
+        ei = egpt.build_inputs([embed_clip_from_sources(egpt, split_dir, clip)] * len(questions), questions)
+        vi = vl.build_inputs([embed_clip_from_sources(vl, split_dir, clip)] * len(questions), questions)
         ge, gv = egpt.generate(ei, max_new_tokens), vl.generate(vi, max_new_tokens)
-        # Drafter's next-token guess on the target's own prefix: what speculative decoding accepts.
-        tf_tokens, n_foreign = to_drafter_vocab(gv.tokens, egpt.vocab_size, gv.mask)
+        tf_input, n_foreign = to_drafter_vocab(gv.tokens, egpt.vocab_size, gv.mask)
         foreign += n_foreign
-        tf = egpt.teacher_forced_hidden(ei, tf_tokens, gv.mask)
-        tf_pred = (tf @ egpt.lm_head_weight().T).argmax(-1)
+        tf_pred = (egpt.teacher_forced_hidden(ei, tf_input, gv.mask) @ egpt.lm_head_weight().T).argmax(-1)
         for i, q in enumerate(questions):
-            n = int(gv.mask[i].sum())
-            vt, et = gv.tokens[i, :n], ge.tokens[i, :n]
-            rows.append(
-                {
-                    "vl": vl.tokenizer.decode(vt, skip_special_tokens=True).strip(),
-                    "egpt": egpt.tokenizer.decode(
-                        ge.tokens[i, : int(ge.mask[i].sum())], skip_special_tokens=True
-                    ).strip(),
-                    "ref": scene_answer(clip["meta"], q),
-                    "free_agree": float((vt == et).float().mean()) if n else 0.0,
-                    "tf_agree": float((tf_pred[i, :n] == vt).float().mean()) if n else 0.0,
-                    "degenerate": looping(vt),
-                    "egpt_degenerate": looping(ge.tokens[i, : int(ge.mask[i].sum())]),
-                }
-            )
+            vt, et = gv.tokens[i, gv.mask[i]], ge.tokens[i, ge.mask[i]]
+            rows.append({
+                "clip": clip["id"],
+                "question": q,
+                "ref": scene_answer(clip["meta"], q),
+                "vl": vl.tokenizer.decode(vt, skip_special_tokens=True).strip(),
+                "egpt": egpt.tokenizer.decode(et, skip_special_tokens=True).strip(),
+                "vl_tokens": vt.tolist(),
+                "egpt_tokens": et.tolist(),
+                "tf_tokens": tf_pred[i, gv.mask[i]].tolist(),
+            })
+    return rows, foreign
+
+
+def summarise_answers(rows: list[dict[str, Any]], foreign: int = 0) -> dict[str, Any]:
+    """Agreement statistics over `answer_rows` rows; every fraction is a mean over samples.
+
+    token_agreement_free_running: per sample, the share of the target's positions at which the
+    drafter's own answer has the same token (positions past the drafter's answer disagree).
+    token_agreement_teacher_forced: per sample, the share of the target's positions the drafter
+    guesses right from the target's prefix. *_exact_match_reference / identical_answers compare
+    decoded text; degenerate fractions count answers stuck in a loop (`looping`).
+    """
+    per_row = []
+    for r in rows:
+        vt, et, tf = r["vl_tokens"], r["egpt_tokens"], r["tf_tokens"]
+        n = len(vt)
+        per_row.append({
+            "free_agree": sum(a == b for a, b in zip(vt, et, strict=False)) / n if n else 0.0,
+            "tf_agree": sum(a == b for a, b in zip(vt, tf, strict=True)) / n if n else 0.0,
+            "degenerate": looping(torch.tensor(vt)),
+            "egpt_degenerate": looping(torch.tensor(et)),
+        })
     n = max(len(rows), 1)
+    examples = [{k: r[k] for k in ("clip", "question", "ref", "vl", "egpt")} | p
+                for r, p in zip(rows, per_row, strict=True)][:: max(1, len(rows) // 6)][:6]
     return {
         "samples": len(rows),
         "distinct_vl_answers": len({r["vl"] for r in rows}),
         "distinct_egpt_answers": len({r["egpt"] for r in rows}),
-        "degenerate_fraction": sum(r["degenerate"] for r in rows) / n,
-        "egpt_degenerate_fraction": sum(r["egpt_degenerate"] for r in rows) / n,
+        "degenerate_fraction": sum(p["degenerate"] for p in per_row) / n,
+        "egpt_degenerate_fraction": sum(p["egpt_degenerate"] for p in per_row) / n,
         "vl_exact_match_reference": sum(r["vl"] == r["ref"] for r in rows) / n,
         "egpt_exact_match_reference": sum(r["egpt"] == r["ref"] for r in rows) / n,
-        "token_agreement_free_running": sum(r["free_agree"] for r in rows) / n,
-        "token_agreement_teacher_forced": sum(r["tf_agree"] for r in rows) / n,
+        "token_agreement_free_running": sum(p["free_agree"] for p in per_row) / n,
+        "token_agreement_teacher_forced": sum(p["tf_agree"] for p in per_row) / n,
         "identical_answers": sum(r["vl"] == r["egpt"] for r in rows) / n,
         "tf_tokens_outside_drafter_vocab": foreign,
-        "examples": rows[:: max(1, len(rows) // 6)][:6],
+        "examples": examples,
     }
+
+
+def answer_stats(
+    egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
+) -> dict[str, Any]:
+    """Greedy answers of both models on every (clip, question): degeneracy, accuracy and agreement."""
+    return summarise_answers(*answer_rows(egpt, vl, split_dir, clips, questions, max_new_tokens))
 
 
 # ----------------------------------------------------------------------------- main
