@@ -76,10 +76,13 @@ class AdapterConfig:
     name: str
     drafter_dim: int = 4096
     target_dim: int = 4096
-    bottleneck_dim: int = 256
-    num_blocks: int = 1
-    num_heads: int = 8
-    ffn_dim: int = 2048
+    # None = the level's default for target_dim (default_options); filled in by __post_init__, so a
+    # config built by hand gets the same architecture as create_adapter's, and explicit values
+    # (e.g. stored in older checkpoints) are kept as they are.
+    bottleneck_dim: int | None = None
+    num_blocks: int | None = None
+    num_heads: int | None = None
+    ffn_dim: int | None = None
     num_layers: int = 1
     max_seq_len: int = 512
     dropout: float = 0.1
@@ -87,6 +90,16 @@ class AdapterConfig:
     use_token_embed: bool = False
     vocab_size: int = 32000
     prediction_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.name = canonical_name(self.name)
+        for key, value in default_options(self.name, self.target_dim).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        # fields a level does not use still get a definite value, so asdict() holds no None
+        for key, value in (("bottleneck_dim", 256), ("num_blocks", 1), ("num_heads", 8), ("ffn_dim", 2048)):
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     @property
     def consumes(self) -> str:
@@ -350,7 +363,7 @@ class AttentionAdapter(BaseAdapter):
         nn.init.zeros_(self.output_proj.bias)
 
     def _encode(
-        self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None, h_target: Tensor | None, offset: int
+        self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None, offset: int
     ) -> tuple[Tensor, Tensor]:
         """Return (transformer input, residual) for positions offset..offset+T-1."""
         self._check(x, self.config.drafter_dim, "drafter states")
@@ -361,7 +374,14 @@ class AttentionAdapter(BaseAdapter):
         self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None, past: KVCache | None
     ) -> tuple[Tensor, KVCache]:
         past_len = past[0][0].shape[2] if past else 0
-        h, residual = self._encode(x, mask, token_ids, h_target, past_len)
+        if mask is not None:
+            # Attention gives padded keys zero weight, but 0 * NaN is NaN: padded inputs holding NaN or
+            # inf would leak into every valid output. Zero them before anything mixes positions.
+            keep = mask.bool()[..., None]
+            x = x.masked_fill(~keep, 0.0)
+            if h_target is not None:
+                h_target = h_target.masked_fill(~keep, 0.0)
+        h, residual = self._encode(x, mask, h_target, token_ids, past_len)
         if mask is not None and past_len:
             mask = torch.cat([mask.new_ones(mask.shape[0], past_len), mask], dim=1)
         attn_mask = attention_mask(mask, h.shape[1], self.causal, h.device, past_len)
@@ -422,7 +442,7 @@ class EAGLEStyleAdapter(AttentionAdapter):
             raise ValueError(f"{self.config.name} was built with use_token_embed=True and needs token_ids [B, T]")
         return self.token_fusion(torch.cat([h, self.token_embed(token_ids)], dim=-1))
 
-    def _encode(self, x, mask, token_ids, h_target, offset):
+    def _encode(self, x, mask, h_target, token_ids, offset):
         self._check(x, self.config.in_dim, f"{self.consumes} states")
         residual = self.input_proj(x)
         h = self._fuse_tokens(self.input_norm(residual), token_ids)
@@ -457,7 +477,7 @@ class FusedEAGLEAdapter(EAGLEStyleAdapter):
         self.fusion_proj = nn.Linear(de + dv, dv)
         self.fusion_norm = nn.LayerNorm(dv)
 
-    def _encode(self, x, mask, token_ids, h_target, offset):
+    def _encode(self, x, mask, h_target, token_ids, offset):
         self._check(x, self.config.drafter_dim, "drafter states")
         if h_target is None:
             raise ValueError("L5F fuses drafter and target states: pass h_target=[B, T, D_target]")
@@ -515,6 +535,24 @@ def build_adapter(config: AdapterConfig) -> BaseAdapter:
     return _CLASSES[canonical_name(config.name)](config)
 
 
+def adapter_inputs(
+    adapter: BaseAdapter, drafter: Tensor | None, target: Tensor, tokens: Tensor | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(x, keyword arguments) to call `adapter(x, mask, **kwargs)` with, from what it consumes:
+    drafter states (L1-L5), target states (B1) or both (L5F); token ids when it fuses tokens."""
+    x = target if adapter.consumes == "target" else drafter
+    if x is None:
+        raise ValueError(f"{adapter.config.name} consumes drafter states, none were given")
+    kwargs: dict[str, Tensor] = {}
+    if adapter.consumes == "both":
+        kwargs["h_target"] = target
+    if adapter.config.use_token_embed:
+        if tokens is None:
+            raise ValueError(f"{adapter.config.name} fuses token embeddings and needs token ids")
+        kwargs["token_ids"] = tokens.long().clamp(0, adapter.config.vocab_size - 1)
+    return x, kwargs
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -563,22 +601,39 @@ def shifted(pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, 
     return pred[:, :-1], target[:, 1:], valid[:, :-1] & valid[:, 1:]
 
 
+LOSS_MIXES = ("sum", "convex")
+
+
 def adapter_loss(
-    adapter: BaseAdapter | AdapterConfig, pred: Tensor, target: Tensor, mask: Tensor | None
+    adapter: BaseAdapter | AdapterConfig,
+    pred: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    *,
+    mix: str = "sum",
+    prediction_weight: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Training loss shared by training and evaluation.
 
-    Alignment: output[t] vs target[t]. EAGLE levels (L5, B1, L5F) add the prediction term, output[t]
-    vs target[t+1], weighted by `prediction_weight`. Returns (loss, {"align": .., "pred": ..}).
+    Alignment: output[t] vs target[t]. Next-position levels (L5, B1, L5F) add the prediction term,
+    output[t] vs target[t+1], with weight w (`prediction_weight`, default the config's 0.5):
+
+        mix="sum"     align + w * pred          (per position the MSE optimum is (v_t + w v_{t+1}) / (1 + w))
+        mix="convex"  (1 - w) * align + w * pred  (the reference's mix; w = 1 trains prediction only)
+
+    Same-position levels ignore `mix` and `w`. Returns (loss, {"align": .., "pred": ..}).
     """
+    if mix not in LOSS_MIXES:
+        raise ValueError(f"unknown loss mix {mix!r}; valid: {', '.join(LOSS_MIXES)}")
     config = adapter.config if isinstance(adapter, BaseAdapter) else adapter
+    w = config.prediction_weight if prediction_weight is None else prediction_weight
     align = alignment_loss(pred, target, mask)
     parts = {"align": float(align.detach())}
     loss = align
     if config.predicts == "next":
         pred_loss = alignment_loss(*shifted(pred, target, mask))
         parts["pred"] = float(pred_loss.detach())
-        loss = align + config.prediction_weight * pred_loss
+        loss = align + w * pred_loss if mix == "sum" else (1 - w) * align + w * pred_loss
     return loss, parts
 
 
@@ -659,6 +714,51 @@ def load_adapter(
     return adapter, ckpt.get("extra", {})
 
 
+# ----------------------------------------------------------------------------- Hugging Face export
+
+
+def _hub_class() -> type:
+    """`HubAdapter`: an nn.Module with huggingface_hub's PyTorchModelHubMixin, built on first use so
+    importing this module does not import huggingface_hub."""
+    global _HUB_CLASS
+    if _HUB_CLASS is None:
+        from huggingface_hub import PyTorchModelHubMixin
+
+        class HubAdapter(nn.Module, PyTorchModelHubMixin, library_name="xmodal-sd", tags=["speculative-decoding"]):
+            """Wraps one adapter; `config.json` holds `adapter_config` (an AdapterConfig as a dict)."""
+
+            def __init__(self, adapter_config: dict[str, Any]):
+                super().__init__()
+                self.adapter = build_adapter(AdapterConfig(**adapter_config))
+
+            def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+                return self.adapter(*args, **kwargs)
+
+        _HUB_CLASS = HubAdapter
+    return _HUB_CLASS
+
+
+_HUB_CLASS: type | None = None
+
+
+def export_hf(adapter: BaseAdapter, out_dir: str | Path) -> Path:
+    """Write `config.json` + `model.safetensors` (huggingface_hub's format) for sharing: reload with
+    `load_hf(out_dir)` or `HubAdapter.from_pretrained(repo_or_dir)`, or push with `push_to_hub`."""
+    hub = _hub_class()(adapter_config=asdict(adapter.config))
+    hub.adapter.load_state_dict(adapter.state_dict())
+    hub.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def load_hf(path_or_repo: str | Path) -> BaseAdapter:
+    """Rebuild an adapter exported by `export_hf` (a local folder or a Hub repo id), in eval mode."""
+    try:
+        hub = _hub_class().from_pretrained(str(path_or_repo))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"cannot load an exported adapter from {path_or_repo}: {first_line(err)}") from err
+    return hub.adapter.eval()
+
+
 # ----------------------------------------------------------------------------- summary CLI
 
 
@@ -728,6 +828,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "ADAPTER_NAMES",
+    "LOSS_MIXES",
     "AdapterConfig",
     "AttentionAdapter",
     "BaseAdapter",
@@ -736,12 +837,15 @@ __all__ = [
     "HiddenStateAdapter",
     "MultiLayerBottleneckAdapter",
     "WideBottleneckAdapter",
+    "adapter_inputs",
     "adapter_loss",
     "alignment_loss",
     "canonical_name",
     "count_parameters",
     "create_adapter",
+    "export_hf",
     "load_adapter",
+    "load_hf",
     "masked_cosine_loss",
     "masked_mse",
     "save_adapter",

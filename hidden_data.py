@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from common import UserError, atomic_torch_save, atomic_write_json, read_json, safe_torch_load
+from common import UserError, atomic_torch_save, atomic_write_json, first_line, read_json, safe_torch_load
 
 CHUNK_FORMAT = "xmodal_sd.hidden_chunk"
 MANIFEST_FORMAT = "xmodal_sd.hidden_manifest"
@@ -75,10 +77,14 @@ def write_chunk(path: Path, tensors: dict[str, Tensor], sample_ids: list[str], c
     return {"file": path.name, "num_samples": n, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def load_chunk(path: str | Path, expect_teacher_forced: bool = False) -> dict[str, Any]:
-    """Load and validate a chunk; a truncated, foreign or inconsistent file raises one UserError line."""
+def load_chunk(path: str | Path, expect_teacher_forced: bool = False, *, mmap: bool = False) -> dict[str, Any]:
+    """Load and validate a chunk; a truncated, foreign or inconsistent file raises one UserError line.
+
+    mmap=True maps the file instead of reading it: tensors are read from disk when first touched, so
+    a caller that needs some keys only reads those bytes (checks here look at shapes and dtypes only).
+    """
     path = Path(path)
-    chunk = safe_torch_load(path, "hidden-state chunk", FIX_RERUN)
+    chunk = _mmap_load(path) if mmap else safe_torch_load(path, "hidden-state chunk", FIX_RERUN)
     if not isinstance(chunk, dict) or chunk.get("format") != CHUNK_FORMAT:
         raise UserError(f"{path} is not a hidden-state chunk (no '{CHUNK_FORMAT}' tag); {FIX_RERUN}")
     if chunk.get("format_version") != FORMAT_VERSION:
@@ -95,6 +101,15 @@ def load_chunk(path: str | Path, expect_teacher_forced: bool = False) -> dict[st
         if value.dtype != dtype or value.shape[0] != n:
             raise UserError(f"{path}: '{key}' is {value.dtype} with {value.shape[0]} rows, expected {dtype} with {n}")
     return chunk
+
+
+def _mmap_load(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"hidden-state chunk not found: {path} ({FIX_RERUN})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, foreign file, old non-zip format: all one line
+        raise UserError(f"cannot read hidden-state chunk {path}: {first_line(err)} ({FIX_RERUN})") from err
 
 
 def merge_manifest(out_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
@@ -154,3 +169,152 @@ def iter_chunks(data_dir: str | Path, expect_teacher_forced: bool = False) -> It
 def describe(manifest: dict[str, Any]) -> str:
     """One-line summary for logs."""
     return json.dumps({k: manifest[k] for k in ("split", "num_samples", "complete") if k in manifest})
+
+
+# ----------------------------------------------------------------------------- pairs and streaming
+
+PAIRS = ("free", "teacher_forced")
+
+
+def select_pairs(chunk: dict[str, Any], pairs: str) -> tuple[Tensor, Tensor]:
+    """(drafter states [N, T, D], valid mask [N, T]) of one chunk for a pairing (docs/DATA_FORMAT.md):
+    free = egpt_hidden where both models' masks hold; teacher_forced = egpt_hidden_tf where vl_mask holds."""
+    if pairs == "free":
+        return chunk["egpt_hidden"], chunk["egpt_mask"] & chunk["vl_mask"]
+    if pairs == "teacher_forced":
+        return chunk[TEACHER_FORCED_KEY], chunk["vl_mask"].clone()
+    raise ValueError(f"unknown pairs {pairs!r}; valid: {', '.join(PAIRS)}")
+
+
+def pair_keys(pairs: str, need_drafter: bool = True) -> tuple[str, ...]:
+    """The chunk keys a pairing reads (drafter states left out when the adapter reads target states only)."""
+    drafter = ("egpt_hidden",) if pairs == "free" else (TEACHER_FORCED_KEY,)
+    masks = ("egpt_mask", "vl_mask") if pairs == "free" else ("vl_mask",)
+    return (*(drafter if need_drafter else ()), "vl_hidden", "vl_tokens", *masks)
+
+
+class ChunkStream:
+    """Batches from a chunk folder larger than RAM, one chunk in memory at a time (plus the next).
+
+    Each epoch has its own chunk order and in-chunk sample order, both derived from (seed, epoch),
+    so a resumed run sees exactly the batches an uninterrupted one would. Under several processes
+    each rank takes every `world_size`-th chunk of the epoch's order. Chunks are memory mapped and
+    only the keys the pairing needs are read; a background thread reads the next chunk while the
+    current one is consumed. Batches never span two chunks.
+
+    A batch is a dict: `x` drafter states [B, T, D_drafter] (absent when need_drafter=False), `target`
+    target states [B, T, D_target], `mask` [B, T] bool (the pairing's valid positions), `tokens` the
+    target's greedy tokens [B, T] int64, all on the CPU as stored (fp16); `to_device` moves them.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        pairs: str,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        need_drafter: bool = True,
+        drafter_dim: int | None = None,
+        target_dim: int | None = None,
+        prefetch: bool = True,
+        pin_memory: bool = False,
+    ):
+        if pairs not in PAIRS:
+            raise ValueError(f"unknown pairs {pairs!r}; valid: {', '.join(PAIRS)}")
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir)
+        if pairs == "teacher_forced" and not self.manifest.get("teacher_forced"):
+            raise UserError(f"{self.data_dir} has no teacher-forced drafter states; extract it with "
+                            "--teacher_forced or train with --pairs free")
+        self.files = [self.data_dir / c["file"] for c in self.manifest["chunks"]]
+        self.sizes = [int(c["num_samples"]) for c in self.manifest["chunks"]]
+        if not self.files or sum(self.sizes) == 0:
+            raise UserError(f"{self.data_dir} holds no samples; extract this split first")
+        if world_size > len(self.files):
+            raise UserError(f"{self.data_dir} has {len(self.files)} chunk(s) for {world_size} processes; "
+                            "extract with a smaller --chunk_size or launch fewer processes")
+        self.pairs, self.batch_size, self.seed, self.shuffle = pairs, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.need_drafter, self.prefetch, self.pin_memory = need_drafter, prefetch, pin_memory
+        self.dims = {"drafter": drafter_dim, "target": target_dim}
+        self.keys = pair_keys(pairs, need_drafter)
+        self.wait_s = 0.0  # time the consumer spent blocked on chunk reads (summed over epochs)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes)
+
+    def chunk_order(self, epoch: int, rank: int | None = None) -> list[int]:
+        """Indices of the chunks this rank reads in `epoch`, in reading order."""
+        order = list(range(len(self.files)))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files)).tolist()
+        return order[self.rank if rank is None else rank :: self.world_size]
+
+    def num_batches(self, epoch: int, rank: int | None = None) -> int:
+        return sum(-(-self.sizes[i] // self.batch_size) for i in self.chunk_order(epoch, rank))
+
+    def even_num_batches(self, epoch: int) -> int:
+        """Batches every rank can take in `epoch` (the smallest share): DDP needs equal step counts."""
+        return min(self.num_batches(epoch, r) for r in range(self.world_size))
+
+    def _read(self, index: int) -> dict[str, Tensor]:
+        path = self.files[index]
+        chunk = load_chunk(path, expect_teacher_forced=self.pairs == "teacher_forced", mmap=True)
+        drafter, mask = select_pairs(chunk, self.pairs)
+        for role, value in (("drafter", drafter), ("target", chunk["vl_hidden"])):
+            want = self.dims[role]
+            if want is not None and value.shape[-1] != want:
+                raise UserError(f"{path}: {role} states are {value.shape[-1]} wide, expected {want} "
+                                "(from the training data's manifest / the adapter); do not mix data of other models")
+        out = {"target": chunk["vl_hidden"], "mask": mask, "tokens": chunk["vl_tokens"]}
+        if self.need_drafter:
+            out["x"] = drafter
+        # reading happens here (the map is touched), in the background thread when prefetching
+        return {k: (v.pin_memory() if self.pin_memory else v.clone()) for k, v in out.items()}
+
+    def batches(self, epoch: int, max_batches: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """Yield this rank's batches of `epoch` (at most max_batches)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = self.chunk_order(epoch)
+        done = 0
+        pool = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+        try:
+            pending = pool.submit(self._read, order[0]) if pool else None
+            for pos, index in enumerate(order):
+                start = time.perf_counter()
+                data = pending.result() if pending else self._read(index)
+                self.wait_s += time.perf_counter() - start
+                if pool and pos + 1 < len(order):
+                    pending = pool.submit(self._read, order[pos + 1])
+                n = self.sizes[index]
+                perm = (torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(n))
+                        if self.shuffle else torch.arange(n))
+                for b in range(0, n, self.batch_size):
+                    if max_batches is not None and done >= max_batches:
+                        return
+                    idx = perm[b : b + self.batch_size]
+                    yield {k: v[idx] for k, v in data.items()}
+                    done += 1
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Move a ChunkStream batch to the device (fp16 over the bus, then `dtype` there), tokens as
+    int64, and zero the states at padded positions so no NaN/inf in padding can reach a kernel."""
+    non_blocking = device.type == "cuda"
+    out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    keep = out["mask"].bool()[..., None]
+    for key in ("x", "target"):
+        if key in out:
+            out[key] = out[key].to(dtype).masked_fill(~keep, 0.0)
+    out["mask"] = out["mask"].bool()
+    out["tokens"] = out["tokens"].long()
+    return out

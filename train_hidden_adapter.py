@@ -1,0 +1,597 @@
+"""Train one adapter level on paired hidden states, select it on the validation split, save it.
+
+    # toy world, CPU, seconds per level (the pipeline's short schedule)
+    python train_hidden_adapter.py --train_data data/toy/hidden/train --val_data data/toy/hidden/val \
+        --adapter_level L1 --pairs teacher_forced --num_epochs 3 --lm_head data/toy/vl_lm_head.pt \
+        --output_dir tasks/toy
+    # the real models (one GPU; bf16 autocast), the reference's settings
+    python train_hidden_adapter.py --train_data data/hidden/train --val_data data/hidden/val \
+        --adapter_level 6 --num_epochs 50 --batch_size 64 --learning_rate 1e-3 --early_stopping 10 \
+        --lm_head data/vl_lm_head.pt --output_dir tasks
+    # several GPUs (DDP): chunks are split across processes, one process writes
+    accelerate launch --num_processes 4 train_hidden_adapter.py --config configs/L5F.yaml
+    # continue a stopped run exactly where it stopped (same batches, same RNG)
+    python train_hidden_adapter.py --resume tasks/L5F_teacher_forced_20260101_120000
+
+Writes {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/: best_model.pt (load_adapter), last.pt (the
+resume state), history.json, training_curves.png, config.yaml (the resolved flags) and hf/
+(config.json + model.safetensors, reload with hidden_adapter.load_hf). The test split is never
+read here. Choices and measurements: docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from common import (
+    UserError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    resolve_device,
+    run_cli,
+    safe_torch_load,
+    set_seed,
+)
+from hidden_adapter import (
+    LOSS_MIXES,
+    BaseAdapter,
+    adapter_inputs,
+    adapter_loss,
+    canonical_name,
+    create_adapter,
+    export_hf,
+    load_adapter,
+    save_adapter,
+)
+from hidden_data import PAIRS, ChunkStream, to_device
+from metrics import AcceptanceAccumulator
+
+log = logging.getLogger("xmodal_sd.train")
+STATE_FORMAT = "xmodal_sd.train_state"
+# Flags that may differ on --resume without changing the result: where and how long this process runs.
+RUNTIME_FLAGS = ("resume", "config", "device", "stop_after_epoch", "no_progress")
+# Higher is better for every selection metric except the loss.
+SELECT_METRICS = ("loss", "cos_mean", "accept@0.90", "token_top1")
+DEFAULT_LOSS_MIX = "convex"  # measured on the toy world: docs/TRAINING.md, "Next-position loss"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file of defaults (keys = flag names); the command line wins")
+    p.add_argument("--train_data", default=None, help="train split folder written by extract_hidden_states.py")
+    p.add_argument("--val_data", default=None, help="validation split folder (model selection and early stopping)")
+    p.add_argument("--adapter_level", default=None, help="1-6 or L1, L2, L3, L4, L5, B1, L5F (6 = L5F)")
+    p.add_argument("--vlm_only", action="store_true", help="train level 5 on target states only (= B1)")
+    p.add_argument("--pairs", choices=PAIRS, default="teacher_forced",
+                   help="drafter input: egpt_hidden (free) or egpt_hidden_tf (teacher_forced); docs/DATA_FORMAT.md")
+    p.add_argument("--num_epochs", type=int, default=50, help="maximum number of epochs")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per optimizer step (per process)")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate (cosine to 0)")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--early_stopping", type=int, default=10,
+                   help="stop after this many epochs without a better validation score (0 = off)")
+    p.add_argument("--select_metric", choices=SELECT_METRICS, default="loss",
+                   help="validation score that picks best_model.pt (token_top1 = shifted top-1 for L5/B1/L5F)")
+    p.add_argument("--prediction_weight", type=float, default=0.5,
+                   help="weight w of the next-position term (L5, B1, L5F)")
+    p.add_argument("--loss_mix", choices=LOSS_MIXES, default=DEFAULT_LOSS_MIX,
+                   help="next-position levels: sum = align + w*pred, convex = (1-w)*align + w*pred")
+    p.add_argument("--dropout", type=float, default=0.1, help="adapter dropout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and dropout")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    p.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="stop (resumably) after this epoch, e.g. to fit a job time limit; continue with --resume")
+    p.add_argument("--resume", default=None, help="run folder to continue from its last.pt and config.yaml")
+    p.add_argument("--output_dir", default="tasks", help="parent of the run folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (ignored under accelerate launch)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--lm_head", default=None,
+                   help="target LM head (extract_vl_lm_head.py) for token top-1 in validation")
+    p.add_argument("--no_prefetch", action="store_true", help="read chunks in the training thread (for benchmarks)")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
+    return p
+
+
+def _yaml_defaults(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}; keys are the flag names without dashes")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--resume")
+    first, _ = pre.parse_known_args(argv)
+    defaults: dict[str, Any] = {}
+    try:
+        if first.resume:  # the run's own resolved config; explicit flags still win
+            defaults = _yaml_defaults(Path(first.resume) / "config.yaml", parser)
+            defaults = {k: v for k, v in defaults.items() if k not in RUNTIME_FLAGS}
+        elif first.config:
+            defaults = _yaml_defaults(Path(first.config), parser)
+    except UserError as err:
+        parser.error(str(err))
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for name in ("train_data", "val_data", "adapter_level"):
+        if getattr(args, name) in (None, ""):
+            parser.error(f"--{name} is required (on the command line or in --config)")
+    try:
+        args.level_name = canonical_name(str(args.adapter_level), args.vlm_only)
+    except ValueError as err:
+        parser.error(str(err))
+    for name in ("num_epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    for name in ("max_steps", "stop_after_epoch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.learning_rate <= 0 or args.weight_decay < 0 or args.grad_clip < 0 or args.early_stopping < 0:
+        parser.error("--learning_rate must be > 0; --weight_decay, --grad_clip, --early_stopping >= 0")
+    if not 0 <= args.prediction_weight <= 1 and args.loss_mix == "convex":
+        parser.error("--prediction_weight must lie in [0, 1] with --loss_mix convex")
+    if not 0 <= args.dropout < 1:
+        parser.error("--dropout must lie in [0, 1)")
+    if args.select_metric == "token_top1" and not args.lm_head:
+        parser.error("--select_metric token_top1 needs --lm_head")
+    return args
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as saved in config.yaml and the checkpoint (parser destinations only)."""
+    return {a.dest: getattr(args, a.dest) for a in build_parser()._actions if a.dest != "help"}
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    """Where this process runs: rank among world_size processes (1 without a launcher)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(args: argparse.Namespace) -> Proc:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU workers
+        return Proc(state.process_index, state.num_processes, state.device)
+    return Proc(0, 1, resolve_device(args.device))
+
+
+def all_sum(values: list[float] | Tensor, proc: Proc) -> Tensor:
+    """Sum float64 values over processes (identity in one process)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if proc.world_size > 1:
+        dev = proc.device if proc.device.type == "cuda" else torch.device("cpu")
+        t = t.to(dev)
+        torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def broadcast(obj: Any, proc: Proc) -> Any:
+    if proc.world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- data and model
+
+
+def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple[ChunkStream, ChunkStream]:
+    """Streams over the train and val folders, after checking they come from the same models."""
+    manifests = {}
+    streams = []
+    for split, folder, shuffle in (("train", args.train_data, True), ("val", args.val_data, False)):
+        stream = ChunkStream(folder, pairs=args.pairs, batch_size=args.batch_size, seed=args.seed, shuffle=shuffle,
+                             rank=proc.rank, world_size=proc.world_size, need_drafter=need_drafter,
+                             prefetch=not args.no_prefetch, pin_memory=proc.device.type == "cuda")
+        manifests[split] = stream.manifest
+        streams.append(stream)
+    train, val = streams
+    tw, vw = train.manifest.get("widths") or {}, val.manifest.get("widths") or {}
+    if tw != vw:
+        raise UserError(f"{args.train_data} has widths {tw} but {args.val_data} has {vw}; "
+                        "use train and validation data extracted with the same models")
+    hashes = [{r: (m.get("models") or {}).get(r, {}).get("config_hash") for r in ("drafter", "target")}
+              for m in (train.manifest, val.manifest)]
+    if hashes[0] != hashes[1]:
+        raise UserError(f"{args.train_data} and {args.val_data} were extracted with different models "
+                        f"({hashes[0]} vs {hashes[1]}); re-extract one of them")
+    for stream in streams:  # every chunk is checked against the manifest's widths as it is read
+        stream.dims = {"drafter": tw.get("drafter"), "target": tw.get("target")}
+    return train, val
+
+
+def build_adapter_for(args: argparse.Namespace, widths: dict[str, int]) -> BaseAdapter:
+    if not widths.get("drafter") or not widths.get("target"):
+        raise UserError(f"{args.train_data}/manifest.json records no state widths; re-extract with this release")
+    return create_adapter(args.level_name, drafter_dim=widths["drafter"], target_dim=widths["target"],
+                          dropout=args.dropout, prediction_weight=args.prediction_weight)
+
+
+def load_head(args: argparse.Namespace, target_dim: int, manifest: dict[str, Any]) -> Tensor | None:
+    if not args.lm_head:
+        return None
+    from extract_vl_lm_head import load_lm_head
+
+    head = load_lm_head(args.lm_head, hidden_dim=target_dim)
+    want = ((manifest.get("models") or {}).get("target") or {}).get("config_hash")
+    if want and head.get("config_hash") not in (None, want):
+        raise UserError(f"{args.lm_head} is the LM head of another target model than {args.train_data}'s "
+                        "(config hashes differ); extract the head of the model that produced the states")
+    return head["weight"]
+
+
+def forward(model: nn.Module, adapter: BaseAdapter, batch: dict[str, Tensor]) -> Tensor:
+    x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
+    return model(x, batch["mask"], **kwargs)
+
+
+def token_key(predicts: str) -> str:
+    """The token metric a level is judged by: same position for L1-L4, shifted for next-position levels."""
+    return "shifted_top1" if predicts == "next" else "token_top1"
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def train_epoch(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, opt: torch.optim.Optimizer,
+                sched: Any, state: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dict[str, float]:
+    """One pass over this rank's share of the train split; returns loss and speed figures."""
+    epoch = state["epoch"]
+    batches = stream.even_num_batches(epoch)
+    if args.max_steps is not None:
+        batches = min(batches, args.max_steps - state["step"])
+    autocast = proc.device.type == "cuda" and args.precision in ("auto", "bf16")
+    model.train()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss*n, align*n, pred*n, n (valid positions)
+    samples, wait = 0, 0.0
+    bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{args.num_epochs}", unit="batch",
+               disable=not proc.is_main or args.no_progress, leave=False)
+    start = time.perf_counter()
+    it = stream.batches(epoch, max_batches=batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            raw = next(it)
+        except StopIteration:
+            break
+        batch = to_device(raw, proc.device)
+        wait += time.perf_counter() - t0
+        with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = forward(model, adapter, batch)
+        loss, parts = adapter_loss(adapter, out.float(), batch["target"], batch["mask"], mix=args.loss_mix,
+                                   prediction_weight=args.prediction_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        sched.step()
+        state["step"] += 1
+        n = float(batch["mask"].sum())
+        sums += torch.tensor([loss.item() * n, parts["align"] * n, parts.get("pred", math.nan) * n, n],
+                             dtype=torch.float64)
+        samples += raw["mask"].shape[0]
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{samples / max(elapsed, 1e-9):.0f}")
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    total = all_sum([*sums.tolist(), samples, elapsed, wait], proc)
+    n = max(float(total[3]), 1.0)
+    return {"train_loss": float(total[0]) / n, "train_align": float(total[1]) / n,
+            "train_pred": float(total[2]) / n if adapter.predicts == "next" else None,
+            "train_samples": int(total[4]), "train_s": float(total[5]) / proc.world_size,
+            "samples_per_s": float(total[4]) / max(float(total[5]) / proc.world_size, 1e-9),
+            "data_wait_share": float(total[6]) / max(float(total[5]), 1e-9)}
+
+
+@torch.no_grad()
+def validate(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, head: Tensor | None,
+             args: argparse.Namespace, proc: Proc) -> dict[str, float]:
+    """Score every validation position (all chunks, all batches): loss and the shared acceptance metrics."""
+    model.eval()
+    max_t = int(stream.manifest.get("max_new_tokens") or 128)
+    acc = AcceptanceAccumulator(predicts=adapter.predicts, lm_head=head, max_positions=max_t)
+    sums = torch.zeros(2, dtype=torch.float64)
+    autocast = proc.device.type == "cuda" and args.precision in ("auto", "bf16")
+    for raw in stream.batches(0):
+        batch = to_device(raw, proc.device)
+        with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = forward(model, adapter, batch)
+        out = out.float()
+        loss, _ = adapter_loss(adapter, out, batch["target"], batch["mask"], mix=args.loss_mix,
+                               prediction_weight=args.prediction_weight)
+        n = float(batch["mask"].sum())
+        sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        acc.update(out, batch["target"], batch["mask"], batch["tokens"] if head is not None else None)
+    acc.load_totals(all_sum(acc.totals(), proc))
+    sums = all_sum(sums, proc)
+    metrics = acc.compute()
+    metrics["loss"] = float(sums[0] / max(float(sums[1]), 1.0))
+    metrics["valid_positions"] = float(sums[1])
+    return metrics
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def select_value(metrics: dict[str, float], metric: str, predicts: str) -> float:
+    return metrics.get(token_key(predicts) if metric == "token_top1" else metric, math.nan)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def make_run_dir(args: argparse.Namespace, proc: Proc) -> Path:
+    if args.resume:
+        return Path(args.resume)
+    run_dir = None
+    if proc.is_main:
+        while run_dir is None or run_dir.exists():  # two runs started in the same second get the next one
+            if run_dir is not None:
+                time.sleep(0.25)
+            stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+            run_dir = Path(args.output_dir) / f"{args.level_name}_{args.pairs}_{stamp}"
+        run_dir.mkdir(parents=True)
+    return Path(broadcast(str(run_dir) if run_dir else None, proc))
+
+
+def rng_state(proc: Proc) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if proc.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(proc.device)
+    return state
+
+
+def gather(obj: Any, proc: Proc) -> list[Any]:
+    if proc.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * proc.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def save_state(path: Path, adapter: BaseAdapter, opt: Any, sched: Any, state: dict[str, Any], proc: Proc) -> None:
+    """last.pt: everything needed to continue exactly (every rank's RNG states included)."""
+    rngs = gather(rng_state(proc), proc)
+    if proc.is_main:
+        atomic_torch_save({"format": STATE_FORMAT, "level": adapter.config.name, "adapter": adapter.state_dict(),
+                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
+                           "rng": rngs}, path)
+
+
+def load_state(path: Path, adapter: BaseAdapter, opt: Any, sched: Any, proc: Proc) -> dict[str, Any]:
+    ckpt = safe_torch_load(path, "training state", "resume from a run folder written by train_hidden_adapter.py")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != STATE_FORMAT:
+        raise UserError(f"{path} is not a training state file; resume from a run folder of train_hidden_adapter.py")
+    if ckpt["level"] != adapter.config.name:
+        raise UserError(f"{path} is an {ckpt['level']} run but --adapter_level asks for {adapter.config.name}; "
+                        "drop --adapter_level when resuming")
+    try:
+        adapter.load_state_dict(ckpt["adapter"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit this adapter (other widths?): {str(err)[:160]}") from err
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    rngs = ckpt["rng"]
+    if len(rngs) != proc.world_size:
+        log.warning("%s was written by %d process(es), this run has %d: data split and dropout differ from an "
+                    "uninterrupted run", path, len(rngs), proc.world_size)
+    mine = rngs[proc.rank % len(rngs)]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and proc.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], proc.device)
+    return ckpt["state"]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str, predicts: str) -> None:
+    """training_curves.png: losses (left), validation acceptance (right), per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_l.plot(ep, [h["train_loss"] for h in history], "-o", ms=3, label="train")
+    ax_l.plot(ep, [h["val"]["loss"] for h in history], "-o", ms=3, label="validation")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("loss")
+    ax_l.legend()
+    for key, label in (("accept@0.90", "Accept@0.90"), (token_key(predicts), token_key(predicts).replace("_", " "))):
+        values = [h["val"].get(key) for h in history]
+        if any(v is not None for v in values):
+            ax_a.plot(ep, [math.nan if v is None else v for v in values], "-o", ms=3, label=label)
+    ax_a.set_xlabel("epoch")
+    ax_a.set_ylabel("validation, share of positions")
+    ax_a.set_ylim(0, 1.02)
+    ax_a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def write_config(path: Path, args: argparse.Namespace) -> None:
+    import yaml
+
+    atomic_write_bytes(yaml.safe_dump(config_values(args), sort_keys=False).encode(), path)
+
+
+def data_record(train: ChunkStream, val: ChunkStream) -> dict[str, Any]:
+    """What best_model.pt records about its data: folders, counts and the models' config hashes."""
+    def one(s: ChunkStream) -> dict[str, Any]:
+        return {"manifest": str(s.data_dir / "manifest.json"), "num_samples": s.num_samples,
+                "split": s.manifest.get("split"), "max_new_tokens": s.manifest.get("max_new_tokens")}
+
+    return {"train": one(train), "val": one(val), "models": train.manifest.get("models"),
+            "widths": train.manifest.get("widths")}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dict[str, Any]:
+    adapter, model, opt, sched, state = ctx["adapter"], ctx["model"], ctx["opt"], ctx["sched"], ctx["state"]
+    run_dir: Path = ctx["run_dir"]
+    while state["epoch"] < args.num_epochs and not state["finished"]:
+        t0 = time.perf_counter()
+        stats = train_epoch(model, adapter, ctx["train"], opt, sched, state, args, proc)
+        val = validate(model, adapter, ctx["val"], ctx["head"], args, proc)
+        state["epoch"] += 1
+        value = select_value(val, args.select_metric, adapter.predicts)
+        improved = is_better(value, state["best_value"], args.select_metric)
+        if improved:
+            state.update(best_value=value, best_epoch=state["epoch"], bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        entry = {"epoch": state["epoch"], "step": state["step"], "lr": sched.get_last_lr()[0], **stats,
+                 "val": val, "best": improved, "epoch_s": time.perf_counter() - t0}
+        state["history"].append(_jsonable(entry))
+        log.info("epoch %d: train loss %.4f, val loss %.4f, Accept@0.90 %.3f, %s %s, %.0f samples/s, "
+                 "data wait %.0f%%%s", state["epoch"], stats["train_loss"], val["loss"], val["accept@0.90"],
+                 token_key(adapter.predicts), f"{val.get(token_key(adapter.predicts), math.nan):.3f}",
+                 stats["samples_per_s"], 100 * stats["data_wait_share"], " (best)" if improved else "")
+        if args.max_steps is not None and state["step"] >= args.max_steps:
+            state["finished"], state["stop_reason"] = True, f"max_steps {args.max_steps} reached"
+        elif args.early_stopping and state["bad_epochs"] >= args.early_stopping:
+            state["finished"], state["stop_reason"] = True, f"early stopping after {state['bad_epochs']} epochs " \
+                                                            "without improvement"
+        elif state["epoch"] >= args.num_epochs:
+            state["finished"], state["stop_reason"] = True, "all epochs done"
+        if proc.is_main:
+            if improved:
+                save_adapter(run_dir / "best_model.pt", adapter, pairs=args.pairs, args=config_values(args),
+                             epoch=state["epoch"], val_metrics=_jsonable(val), data=ctx["data"],
+                             loss_mix=args.loss_mix, prediction_weight=args.prediction_weight,
+                             select_metric=args.select_metric, world_size=proc.world_size)
+            atomic_write_json({"level": adapter.config.name, "pairs": args.pairs, "history": state["history"]},
+                              run_dir / "history.json")
+            plot_curves(state["history"], run_dir / "training_curves.png",
+                        f"{adapter.config.name} ({args.pairs} pairs)", adapter.predicts)
+        save_state(run_dir / "last.pt", adapter, opt, sched, state, proc)
+        if not state["finished"] and args.stop_after_epoch is not None and state["epoch"] >= args.stop_after_epoch:
+            log.info("stopped after epoch %d as asked; continue with --resume %s", state["epoch"], run_dir)
+            return state
+    return state
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    proc = setup_processes(args)
+    set_seed(args.seed)
+    need_drafter = canonical_name(args.level_name) != "B1"
+    train, val = open_data(args, proc, need_drafter)
+    adapter = build_adapter_for(args, train.manifest.get("widths") or {}).to(proc.device)
+    head = load_head(args, adapter.config.target_dim, train.manifest)
+    model: nn.Module = adapter
+    if proc.world_size > 1:
+        ids = [proc.device.index] if proc.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(adapter, device_ids=ids)
+    torch.manual_seed(args.seed + 1000 * proc.rank)  # dropout differs across ranks, same init everywhere
+    opt = torch.optim.AdamW(adapter.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    total = sum(train.even_num_batches(e) for e in range(args.num_epochs))
+    total = min(total, args.max_steps or total)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    run_dir = make_run_dir(args, proc)
+    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [],
+             "finished": False, "stop_reason": None}
+    if args.resume:
+        state = load_state(run_dir / "last.pt", adapter, opt, sched, proc)
+        log.info("resuming %s after epoch %d (step %d)", run_dir, state["epoch"], state["step"])
+    elif proc.is_main:
+        write_config(run_dir / "config.yaml", args)
+    log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
+             adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
+    ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,
+           "train": train, "val": val, "head": head, "data": data_record(train, val)}
+    state = run_epochs(ctx, args, proc)
+    return finish(state, run_dir, args, proc)
+
+
+def finish(state: dict[str, Any], run_dir: Path, args: argparse.Namespace, proc: Proc) -> dict[str, Any]:
+    result = {"run_dir": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
+              "finished": state["finished"], "stop_reason": state["stop_reason"], "best_epoch": state["best_epoch"]}
+    if proc.world_size > 1:
+        torch.distributed.barrier()
+    if not state["finished"] or state["best_epoch"] is None:
+        return result
+    best = state["history"][state["best_epoch"] - 1]["val"]
+    result["best_val"] = best
+    if proc.is_main:
+        adapter, _ = load_adapter(run_dir / "best_model.pt")
+        export_hf(adapter, run_dir / "hf")
+        key = token_key(adapter.predicts)
+        top1 = best.get(key)
+        top1_text = f"{key.replace('_', ' ')} {top1:.3f}" if top1 is not None else "token top-1 n/a (no --lm_head)"
+        print(f"{args.level_name} {args.pairs}: best epoch {state['best_epoch']}/{state['epoch']} "
+              f"({state['stop_reason']}): val loss {best['loss']:.4f}, Accept@0.90 {best['accept@0.90']:.3f}, "
+              f"{top1_text} -> {run_dir / 'best_model.pt'}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
