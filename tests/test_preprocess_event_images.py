@@ -15,6 +15,7 @@ from PIL import Image
 
 import preprocess_event_images as pe
 from common import UserError
+from tests.test_benchmark_adapter_latency import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
 WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
@@ -345,16 +346,6 @@ def test_parse_args_validation(tmp_path):
         pe.main(pe.parse_args(["--dataset_dir", str(tmp_path)]))
     with pytest.raises(UserError, match=re.escape("no {seq}")):
         pe.main(pe.parse_args(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]))
-
-
-class FakeClock:
-    """Stands in for the `time` module: the clock moves only when a timed step says how long it took."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
 
 
 def test_benchmark_reports_what_was_timed(monkeypatch):
