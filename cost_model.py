@@ -5,20 +5,20 @@ Two cost models (docs/METRICS.md, "Cost model"):
 - `reference=True` charges what the reference system's documents charged: per decode iteration one
   verify pass plus one adapter pass, and free prefill drafts. With the reference's own constants
   this reproduces its two-phase table (L1+L5F 1.54x ... B1-only 1.31x).
-- the default (honest) model charges what each configuration really runs: every drafted position's
-  adapter step, EventGPT's decode steps where the drafter states need them (L5F for every drafted
-  position; L5 once per iteration to read the accepted tokens; prefill drafting), and the verify
-  pass of the prefill drafts.
+- the default (honest) model charges what each configuration really runs (as speculative_decoding.py
+  runs it): every drafted position's adapter step, EventGPT's decode steps where the drafter states
+  need them (L5F: one per drafted position; prefill drafting), and the verify pass of the prefill
+  drafts. L5 and B1 are rolled out from the target's verified states: adapter steps only.
 
-Timing profiles: the two files in ../shared/timings/ (interpreted as docs/METRICS.md states) and
+Timing profiles: the two files in timings/ (interpreted as docs/METRICS.md states) and
 this project's own JSON/YAML format (`xmodal_sd.timing_profile`, written by the live benchmark).
 
 Usage:
-    python cost_model.py --timings ../shared/timings/h100_fp16_eager_7b.json          # the profile as read
-    python cost_model.py --timings ../shared/timings/rtx4090_4bit_reference.json --output results/4090.json
+    python cost_model.py --timings timings/h100_fp16_eager_7b.json          # the profile as read
+    python cost_model.py --timings timings/rtx4090_4bit_reference.json --output results/4090.json
 
     >>> from cost_model import load_timing_profile, estimate_two_phase
-    >>> p = load_timing_profile("../shared/timings/rtx4090_4bit_reference.json")
+    >>> p = load_timing_profile("timings/rtx4090_4bit_reference.json")
     >>> estimate_two_phase(p, num_tokens=50, free_tokens=3.82, accept_len=0.73, gamma_decode=5,
     ...                    gamma_prefill=7, prefill_adapter="L1", decode_adapter="L5F", reference=True)["speedup"]
 """
@@ -38,10 +38,9 @@ PROFILE_FORMAT = "xmodal_sd.timing_profile"
 PROFILE_VERSION = 1
 PREFILL_ADAPTERS = ("L1", "L2", "L3", "L4")
 DECODE_ADAPTERS = ("L5F", "B1", "L5")
-# Decode adapters whose drafter states come from EventGPT (L5F: at every drafted position; L5: at
-# the start of every iteration, after the target accepted tokens EventGPT has not read yet).
+# Decode adapters whose drafter states come from EventGPT at every drafted position (the live engine's
+# lockstep L5F drafter); L5 and B1 are rolled out from the target's verified states (no EventGPT step).
 EGPT_EVERY_DRAFT = {"L5F"}
-EGPT_ONCE_PER_ITER = {"L5"}
 
 
 @dataclass
@@ -182,7 +181,7 @@ def _from_reference(data: dict[str, Any], path: Path) -> TimingProfile:
 def load_timing_profile(path: str | Path) -> TimingProfile:
     """Read a timing profile: this project's format (JSON or YAML) or one of the two shared files."""
     path = Path(path)
-    fix = "pass ../shared/timings/*.json or a profile written by benchmark_e2e_wallclock.py"
+    fix = "pass timings/*.json or a profile written by benchmark_e2e_wallclock.py"
     if not path.is_file():
         raise UserError(f"timing profile not found: {path} ({fix})")
     text = path.read_text()
@@ -252,7 +251,7 @@ def estimate_two_phase(
 
     # ---- prefill phase: both models read their inputs side by side; EventGPT drafts while VL prefills
     vl_side = profile.vl_prefill_total_ms
-    uses_egpt = prefill_adapter is not None or decode_adapter in EGPT_EVERY_DRAFT | EGPT_ONCE_PER_ITER
+    uses_egpt = prefill_adapter is not None or decode_adapter in EGPT_EVERY_DRAFT
     egpt_side = profile.egpt_prefill_total_ms if uses_egpt else 0.0
     prefill_verify = 0.0
     remaining = n
@@ -279,8 +278,7 @@ def estimate_two_phase(
             adapter_iter, egpt_iter = profile.adapter_ms(decode_adapter), 0.0
         else:
             adapter_iter = gamma_decode * profile.adapter_ms(decode_adapter)
-            egpt_steps = (gamma_decode if decode_adapter in EGPT_EVERY_DRAFT
-                          else 1 if decode_adapter in EGPT_ONCE_PER_ITER else 0)
+            egpt_steps = gamma_decode if decode_adapter in EGPT_EVERY_DRAFT else 0
             egpt_iter = 0.0 if egpt_free else egpt_steps * profile.egpt_decode_ms
     per_iter = verify + adapter_iter + egpt_iter
     out.update(iterations=iterations, verify_ms=verify, adapter_ms_per_iter=adapter_iter,
@@ -288,6 +286,18 @@ def estimate_two_phase(
     out["sd_ms"] = out["prefill_ms"] + out["decode_ms"]
     out["speedup"] = out["baseline_ms"] / out["sd_ms"]
     return out
+
+
+def prefill_window(profile: TimingProfile, prefill_adapter: str, max_window: int = 16) -> int:
+    """Prefill drafts EventGPT finishes before the target's vision + prefill end (what the live engine
+    drafts: it stops at the target's prefill): its prefill yields the first draft, each decode step one
+    more, plus one adapter pass. At least 1 (then the honest model charges the overrun), at most
+    `max_window`."""
+    spare = profile.vl_prefill_total_ms - profile.egpt_prefill_total_ms - profile.adapter_ms(prefill_adapter)
+    if spare < 0:
+        return 1
+    steps = math.floor(spare / profile.egpt_decode_ms) if profile.egpt_decode_ms > 0 else max_window
+    return int(min(max_window, 1 + steps))
 
 
 def break_even_accept_len(profile: TimingProfile, decode_adapter: str, gamma_decode: int,
@@ -314,7 +324,7 @@ def profile_table(profile: TimingProfile) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timings", required=True, help="timing profile (shared JSON or this project's JSON/YAML)")
+    parser.add_argument("--timings", required=True, help="timing profile (timings/*.json or this project's JSON/YAML)")
     parser.add_argument("--output", default=None, help="write the profile as read, in this project's JSON format")
     return parser.parse_args(argv)
 
@@ -338,4 +348,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["DECODE_ADAPTERS", "PREFILL_ADAPTERS", "TimingProfile", "break_even_accept_len", "estimate_two_phase",
-           "load_timing_profile"]
+           "load_timing_profile", "prefill_window"]

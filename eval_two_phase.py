@@ -9,10 +9,10 @@ with the honest and the reference cost model side by side (docs/METRICS.md).
 
     # toy world, after run_all_eval.sh (seconds)
     python eval_two_phase.py --acceptance_dir results/toy/acceptance --label toy \
-        --timings ../shared/timings/h100_fp16_eager_7b.json ../shared/timings/rtx4090_4bit_reference.json
+        --timings timings/h100_fp16_eager_7b.json timings/rtx4090_4bit_reference.json
     # the reference's own inputs (its free tokens and alphas) under its own cost model: its table
     python eval_two_phase.py --reference_inputs --reference_cost_model --label reference \
-        --timings ../shared/timings/rtx4090_4bit_reference.json
+        --timings timings/rtx4090_4bit_reference.json
 
 Writes two_phase_results_{label}.json and two_phase_results_{label}.md in --output_dir.
 """
@@ -33,6 +33,7 @@ from cost_model import (
     break_even_accept_len,
     estimate_two_phase,
     load_timing_profile,
+    prefill_window,
 )
 
 log = logging.getLogger("xmodal_sd.two_phase")
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--reference_inputs", action="store_true",
                      help="use the reference's published free tokens and alphas instead of measured ones")
     p.add_argument("--timings", nargs="+", required=True,
-                   help="timing profiles: ../shared/timings/*.json and/or profiles of the live benchmark (JSON/YAML)")
+                   help="timing profiles: timings/*.json and/or profiles of the live benchmark (JSON/YAML)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated PREFILL+DECODE configurations (default: the reference's six)")
     p.add_argument("--prefill_pairs", choices=PAIRS, default="free",
@@ -89,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_tokens", default="auto",
                    help="answer length N; 'auto' = the test split's mean target answer length "
                    "(50 with --reference_inputs)")
-    p.add_argument("--gamma_prefill", type=int, default=None,
-                   help="prefill drafting window (default: the acceptance files' own, 7 with --reference_inputs)")
+    p.add_argument("--gamma_prefill", default="auto",
+                   help="prefill drafts; 'auto' = as many as EventGPT finishes within the target's prefill under "
+                   "each profile (what the live engine drafts), 7 with --reference_inputs")
     p.add_argument("--gamma_decode", type=int, default=None, help="drafts per decode iteration (default 5)")
     p.add_argument("--concurrent_drafter", action="store_true",
                    help="assume EventGPT's decode steps run concurrently with the target (not charged; an upper bound)")
@@ -112,12 +114,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--num_tokens must be a number or 'auto'")
         if args.num_tokens <= 0:
             p.error("--num_tokens must be positive")
-    for name in ("gamma_prefill", "gamma_decode"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be >= 1")
+    if args.gamma_prefill != "auto":
+        try:
+            args.gamma_prefill = int(args.gamma_prefill)
+        except ValueError:
+            p.error("--gamma_prefill must be an integer or 'auto'")
+        if args.gamma_prefill < 1:
+            p.error("--gamma_prefill must be >= 1")
+    if args.gamma_decode is not None and args.gamma_decode < 1:
+        p.error("--gamma_decode must be >= 1")
     if args.reference_inputs and args.gamma_decode not in (None, REFERENCE_INPUTS["gamma_decode"]):
         p.error("--reference_inputs gives alphas for gamma_decode 5 only")
+    if args.reference_inputs and args.gamma_prefill not in ("auto", REFERENCE_INPUTS["gamma_prefill"]):
+        p.error("--reference_inputs gives free tokens for gamma_prefill 7 only")
     return args
 
 
@@ -140,9 +149,12 @@ class AcceptanceInputs:
         self.reference = args.reference_inputs
         self.loaded: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
+        self._found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
 
     def _load(self, level: str, want: str) -> tuple[dict[str, Any], str]:
-        """The acceptance result of `level` for pairing `want`, else the other pairing (noted)."""
+        """The acceptance result of `level` for pairing `want`, else the other pairing (noted once)."""
+        if (level, want) in self._found:
+            return self._found[level, want]
         root = Path(self.args.acceptance_dir)
         for pairs in (want, *(p for p in PAIRS if p != want)):
             path = root / f"{level}_{pairs}" / "acceptance_metrics.json"
@@ -153,6 +165,7 @@ class AcceptanceInputs:
                     log.warning(note)
                     self.notes.append(note)
                 self.loaded[f"{level}_{pairs}"] = result
+                self._found[level, want] = result, str(path)
                 return result, str(path)
         raise UserError(f"no acceptance result for {level} in {root} (looked for {level}_{want}/ and the other "
                         "pairing); run run_all_eval.sh (or measure_feature_acceptance.py) for it first")
@@ -221,10 +234,20 @@ def best_gamma(profile: TimingProfile, base: dict[str, Any], curve: list[float |
     return best
 
 
+def window_for(profile: TimingProfile, pre: str | None, args: argparse.Namespace) -> int:
+    """The prefill window of one configuration under one profile."""
+    if args.gamma_prefill != "auto":
+        return args.gamma_prefill
+    if args.reference_inputs or pre is None:
+        return REFERENCE_INPUTS["gamma_prefill"]
+    return prefill_window(profile, pre, MAX_GAMMA_SEARCH)
+
+
 def evaluate_profile(profile: TimingProfile, path: str, inputs: AcceptanceInputs, args: argparse.Namespace,
-                     n: float, gamma_prefill: int, gamma_decode: int) -> dict[str, Any]:
+                     n: float, gamma_decode: int) -> dict[str, Any]:
     rows = []
     for pre, dec in args.config_list:
+        gamma_prefill = window_for(profile, pre, args)
         free, free_src = inputs.free_tokens(pre, gamma_prefill) if pre else (0.0, None)
         alpha, alpha_src, curve = inputs.accept_len(dec, gamma_decode) if dec else (0.0, None, None)
         base = {"num_tokens": n, "free_tokens": free, "accept_len": alpha, "gamma_decode": gamma_decode,
@@ -232,7 +255,8 @@ def evaluate_profile(profile: TimingProfile, path: str, inputs: AcceptanceInputs
         honest = estimate_two_phase(profile, **base, concurrent_drafter=args.concurrent_drafter)
         reference = estimate_two_phase(profile, **base, reference=True)
         row = {"config": config_name(pre, dec), "prefill_adapter": pre, "decode_adapter": dec,
-               "free_tokens": free, "accept_len": alpha, "tokens_per_iter": alpha + 1 if dec else None,
+               "gamma_prefill": gamma_prefill if pre else None, "free_tokens": free, "accept_len": alpha,
+               "tokens_per_iter": alpha + 1 if dec else None,
                "inputs_from": {"prefill": free_src, "decode": alpha_src},
                "honest": honest, "reference": reference,
                "speedup": (reference if args.reference_cost_model else honest)["speedup"]}
@@ -251,11 +275,12 @@ def _f(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 def profile_table(block: dict[str, Any], reference_first: bool) -> str:
     first, second = ("reference", "honest") if reference_first else ("honest", "reference")
-    header = ["config", "free tokens", "accepted/iter", "tokens/iter", f"speed-up {first}", f"speed-up {second}",
-              f"iters {first}", f"SD ms {first}", f"SD ms {second}", "baseline ms"]
+    header = ["config", "prefill drafts", "free tokens", "accepted/iter", "tokens/iter", f"speed-up {first}",
+              f"speed-up {second}", f"iters {first}", f"SD ms {first}", f"SD ms {second}", "baseline ms"]
     rows = []
     for r in block["configs"]:
-        rows.append([r["config"], _f(r["free_tokens"]) if r["prefill_adapter"] else "-",
+        free = _f(r["free_tokens"]) if r["prefill_adapter"] else "-"
+        rows.append([r["config"], str(r["gamma_prefill"] or "-"), free,
                      _f(r["accept_len"]) if r["decode_adapter"] else "-", _f(r["tokens_per_iter"]),
                      _f(r[first]["speedup"], suffix="x"), _f(r[second]["speedup"], suffix="x"),
                      _f(r[first]["iterations"], 1), _f(r[first]["sd_ms"], 0), _f(r[second]["sd_ms"], 0),
@@ -267,7 +292,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     s = result["settings"]
     egpt = "run concurrently (not charged: an upper bound)" if s["concurrent_drafter"] else "are charged"
     lines = [f"# Two-phase speculative decoding, modelled ({result['label']})", "",
-             f"Inputs: {s['inputs']}; N = {s['num_tokens']:.2f} tokens, gamma_prefill {s['gamma_prefill']}, "
+             f"Inputs: {s['inputs']}; N = {s['num_tokens']:.2f} tokens, prefill drafts {s['gamma_prefill']}, "
              f"gamma_decode {s['gamma_decode']}; prefill adapters scored on {s['prefill_pairs']} pairs, decode "
              f"adapters on {s['decode_pairs']} pairs.",
              f"EventGPT decode steps {egpt} in the honest model. Offline accepted lengths are teacher-forced "
@@ -288,14 +313,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     inputs = AcceptanceInputs(args)
     inputs.check_available(args.config_list)
     gamma_decode = args.gamma_decode or REFERENCE_INPUTS["gamma_decode"]
-    gamma_prefill = args.gamma_prefill
-    if gamma_prefill is None:
-        gamma_prefill = REFERENCE_INPUTS["gamma_prefill"]
-        if not args.reference_inputs:  # the window the acceptance files were measured with
-            pre_levels = [pre for pre, _ in args.config_list if pre]
-            if pre_levels:
-                result, _ = inputs._load(pre_levels[0], args.prefill_pairs)
-                gamma_prefill = int(result.get("gamma_prefill", gamma_prefill))
+    gamma_prefill = REFERENCE_INPUTS["gamma_prefill"] if args.gamma_prefill == "auto" else args.gamma_prefill
     profiles = [(str(path), load_timing_profile(path)) for path in args.timings]
     # load every acceptance file once before N is fixed ('auto' reads their answer lengths)
     for pre, dec in args.config_list:
@@ -306,12 +324,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_tokens == "auto" and not args.reference_inputs and not inputs.loaded:
         raise UserError("--num_tokens auto needs at least one adapter configuration; pass --num_tokens N")
     n = inputs.num_tokens()
-    blocks = [evaluate_profile(profile, path, inputs, args, n, gamma_prefill, gamma_decode)
+    blocks = [evaluate_profile(profile, path, inputs, args, n, gamma_decode)
               for path, profile in profiles]
     result = {
         "format": RESULT_FORMAT, "format_version": 1, "label": args.label,
         "settings": {"inputs": "reference documents (002)" if args.reference_inputs else str(args.acceptance_dir),
-                     "num_tokens": n, "gamma_prefill": gamma_prefill, "gamma_decode": gamma_decode,
+                     "num_tokens": n, "gamma_decode": gamma_decode,
+                     "gamma_prefill": "7 (the reference's)" if args.reference_inputs and args.gamma_prefill == "auto"
+                     else args.gamma_prefill if args.gamma_prefill != "auto"
+                     else "auto: the drafts that fit in the target's prefill, per profile",
                      "prefill_pairs": args.prefill_pairs, "decode_pairs": args.decode_pairs,
                      "concurrent_drafter": args.concurrent_drafter,
                      "reference_cost_model": args.reference_cost_model,

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64, help="samples per adapter forward")
     p.add_argument("--pairs", choices=PAIRS, default=None,
                    help="which drafter states and mask to use (default: the pairing the checkpoint was trained on)")
+    p.add_argument("--input_states", choices=("trained", "target"), default="trained",
+                   help="trained: the states the adapter was trained to read; target: feed the target's states to "
+                   "an adapter trained on the drafter's (how the live engine rolls out L5; widths must match)")
     p.add_argument("--lm_head_batch", type=int, default=4096, help="rows projected through the LM head at a time")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples (quick checks)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -120,9 +123,10 @@ def select_pairs(chunk: dict[str, Any], pairs: str) -> tuple[torch.Tensor, torch
 
 
 def run_adapter(adapter: BaseAdapter, drafter: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                tokens: torch.Tensor) -> torch.Tensor:
-    """The adapter's output [B, T, D_target] for what it consumes (drafter, target (B1) or both (L5F))."""
-    x = target if adapter.consumes == "target" else drafter
+                tokens: torch.Tensor, input_states: str = "trained") -> torch.Tensor:
+    """The adapter's output [B, T, D_target] for what it consumes (drafter, target (B1) or both (L5F));
+    `input_states="target"` feeds the target's states in place of the drafter's primary input."""
+    x = target if adapter.consumes == "target" or input_states == "target" else drafter
     h_target = target if adapter.consumes == "both" else None
     token_ids = None
     if adapter.config.use_token_embed:
@@ -155,7 +159,7 @@ def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tens
             # the tokens the consumed states read: EventGPT's own answer in free pairs, the target's otherwise
             own_text = pairs == "free" and adapter.consumes != "target"
             text = chunk["egpt_tokens" if own_text else "vl_tokens"][sl]
-            pred = run_adapter(adapter, drafter, target, mask, text.to(device))
+            pred = run_adapter(adapter, drafter, target, mask, text.to(device), args.input_states)
             acc.update(pred, target, mask, tokens)
             counts["samples_without_valid_positions"] += int((~mask.any(dim=1)).sum())
         counts["target_tokens"] += int(chunk["vl_mask"][:n].sum())
@@ -318,6 +322,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for role, have in (("drafter", adapter.config.drafter_dim), ("target", adapter.config.target_dim)):
         if widths.get(role) not in (None, have):
             raise UserError(f"{args.checkpoint} expects {role} width {have}, {test_data} has {widths[role]}")
+    if args.input_states == "target" and adapter.config.drafter_dim != adapter.config.target_dim:
+        raise UserError(f"--input_states target needs equal widths; {args.checkpoint} maps "
+                        f"{adapter.config.drafter_dim} -> {adapter.config.target_dim}")
     adapter = adapter.to(device).eval()
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"acceptance_{pairs}"
 
@@ -327,6 +334,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "format": RESULT_FORMAT, "format_version": 1,
         "level": adapter.config.name, "predicts": adapter.predicts, "consumes": adapter.consumes, "pairs": pairs,
+        "input_states": args.input_states,
         "checkpoint": str(args.checkpoint), "test_data": str(test_data), "lm_head": str(args.lm_head),
         "gamma_prefill": args.gamma_prefill, "gamma_decode": args.gamma_decode,
         "offline_assumption": OFFLINE_NOTE[adapter.predicts],

@@ -18,6 +18,7 @@ GAMMA_DECODE=${GAMMA_DECODE:-5}
 BATCH_SIZE=${BATCH_SIZE:-64}
 DEVICE=${DEVICE:-auto}
 FORCE=${FORCE:-0}
+L5_TARGET_INPUT=${L5_TARGET_INPUT:-1}  # also score L5 fed the target's states, as the live engine rolls it out
 
 fail() { echo "error: $*" >&2; exit 1; }
 [ -x "$PY" ] || fail "python not found at $PY (run: bash setup.sh, or set PY=...)"
@@ -60,6 +61,12 @@ for key in $(printf '%s\n' "${!NEWEST[@]}" | sort); do
   "$PY" measure_feature_acceptance.py --checkpoint "$ckpt" --test_data "$TEST_DATA" --lm_head "$LM_HEAD" \
     --pairs "$pairs" --output_dir "$dest" --gamma_prefill "$GAMMA_PREFILL" --gamma_decode "$GAMMA_DECODE" \
     --batch_size "$BATCH_SIZE" --device "$DEVICE"
+  if [ "$L5_TARGET_INPUT" = 1 ] && [ "${key%%_*}" = L5 ]; then
+    echo "== $key fed the target's states: $ckpt"
+    "$PY" measure_feature_acceptance.py --checkpoint "$ckpt" --test_data "$TEST_DATA" --lm_head "$LM_HEAD" \
+      --pairs "$pairs" --output_dir "${dest}_target_input" --input_states target --gamma_prefill "$GAMMA_PREFILL" \
+      --gamma_decode "$GAMMA_DECODE" --batch_size "$BATCH_SIZE" --device "$DEVICE"
+  fi
   evaluated=$((evaluated + 1))
 done
 echo "done: $evaluated evaluated, $kept up to date, results in $OUT"

@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 PY=${PY:-.venv/bin/python}
 ACCEPTANCE=${ACCEPTANCE:-results/toy/acceptance}
-TIMINGS_DIR=${TIMINGS_DIR:-../shared/timings}
+TIMINGS_DIR=${TIMINGS_DIR:-timings}
 TIMINGS=${TIMINGS:-"$TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json"}
 OUT=${OUT:-results/toy/two_phase}
 LABEL=${LABEL:-toy}

@@ -8,13 +8,21 @@ import json
 import pytest
 
 from common import UserError
-from cost_model import TimingProfile, break_even_accept_len, estimate_two_phase, load_timing_profile, main, parse_args
+from cost_model import (
+    TimingProfile,
+    break_even_accept_len,
+    estimate_two_phase,
+    load_timing_profile,
+    main,
+    parse_args,
+    prefill_window,
+)
 from tests.conftest import ROOT
 
-TIMINGS = ROOT.parent / "shared" / "timings"
+TIMINGS = ROOT / "timings"
 REF_4090 = TIMINGS / "rtx4090_4bit_reference.json"
 H100 = TIMINGS / "h100_fp16_eager_7b.json"
-needs_shared = pytest.mark.skipif(not REF_4090.is_file(), reason="../shared/timings is not present")
+needs_shared = pytest.mark.skipif(not REF_4090.is_file(), reason="timings/ is not present")
 
 # The reference's two-phase table (002): (prefill adapter, free tokens, decode adapter, alpha, iterations, speed-up)
 SPEC_TABLE = [
@@ -82,8 +90,8 @@ def test_honest_model_by_hand():
     assert b1["egpt_prefill_ms"] == 0 and b1["per_iter_ms"] == pytest.approx(25 + 7.5)
     assert b1["sd_ms"] == pytest.approx(310 + 50 / 1.51 * 32.5)
 
-    l5 = estimate(p, None, 0, "L5", 0.73)  # EventGPT reads the accepted tokens once per iteration
-    assert l5["egpt_ms_per_iter"] == 25 and l5["per_iter_ms"] == pytest.approx(25 + 7.5 + 25)
+    l5 = estimate(p, None, 0, "L5", 0.73)  # rolled out from the target's states, as the live engine runs it
+    assert l5["egpt_ms_per_iter"] == 0 and l5["egpt_prefill_ms"] == 0 and l5["per_iter_ms"] == pytest.approx(32.5)
 
     conc = estimate(p, None, 0, "L5F", 0.73, concurrent_drafter=True)
     assert conc["concurrent_drafter"] is True and conc["egpt_ms_per_iter"] == 0
@@ -106,6 +114,15 @@ def test_free_tokens_and_accept_len_are_capped():
         estimate(p, None, 0, "L1", 0)
 
 
+def test_prefill_window_counts_the_drafts_that_fit():
+    p = reference_constants()
+    # 310 - 130 - 1.5 = 178.5 ms spare: the prefill's own draft plus 7 decode steps of 25 ms
+    assert prefill_window(p, "L1") == 8
+    slow = TimingProfile(**{**p.__dict__, "egpt_prefill_ms": 400.0})
+    assert prefill_window(slow, "L1") == 1  # nothing fits: one draft, whose overrun the model charges
+    assert prefill_window(TimingProfile(**{**p.__dict__, "egpt_decode_ms": 1.0}), "L1", max_window=16) == 16
+
+
 def test_break_even_accept_len():
     p = reference_constants()
     assert break_even_accept_len(p, "B1", 5) == pytest.approx(32.5 / 25 - 1)
@@ -121,6 +138,8 @@ def test_h100_file_interpretation():
     assert p.adapter_ms("L5F") == pytest.approx(1.665)
     est = estimate(p, None, 0, None, 0)
     assert est["baseline_ms"] == pytest.approx(14.345 + 70.165 + 50 * 29.5)
+    # 84.51 ms of target vision + prefill against 40.75 ms of EventGPT's: room for 2 drafts
+    assert prefill_window(p, "L1") == 2
 
 
 def test_own_format_json_yaml_round_trip_and_interpolation(tmp_path, capsys):

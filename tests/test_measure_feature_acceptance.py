@@ -144,6 +144,22 @@ def test_refuses_other_models_and_wrong_head(tmp_path):
                                  "--lm_head", str(tmp_path / "other_head.pt"), "--device", "cpu"]))
 
 
+def test_input_states_target_feeds_the_targets_states(tmp_path):
+    """An L5 fed the target's states (the live engine's roll-out) at its initial identity-like state."""
+    tensors, weight, head = write_test_data(tmp_path / "test")
+    adapter, ckpt = checkpoint(tmp_path, "L5", "teacher_forced")
+    base = ["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"), "--lm_head", str(head),
+            "--device", "cpu"]
+    fed = mfa.main(mfa.parse_args([*base, "--input_states", "target", "--output_dir", str(tmp_path / "t")]))
+    own = mfa.main(mfa.parse_args([*base, "--output_dir", str(tmp_path / "o")]))
+    assert fed["input_states"] == "target" and own["input_states"] == "trained"
+    with torch.no_grad():
+        out = adapter(tensors["vl_hidden"].float(), tensors["vl_mask"])
+    mask = tensors["vl_mask"]
+    top1 = ((out @ weight.T).argmax(-1) == tensors["vl_tokens"])[mask].float().mean()
+    assert fed["metrics"]["token_top1"] == pytest.approx(float(top1))
+
+
 def test_model_hashes_reads_several_layouts():
     assert mfa.model_hashes({"models": MODELS}) == {"drafter": "egpt-hash", "target": "vl-hash"}
     assert mfa.model_hashes(MODELS) == {"drafter": "egpt-hash", "target": "vl-hash"}
