@@ -451,6 +451,7 @@ class NoDrafter:
 class Iteration:
     drafted: int
     accepted: int
+    from_prefill: bool = False  # verified drafts written during the target's prefill (phase 1)
     ms: dict[str, float] = field(default_factory=dict)  # draft, verify, crop (crop includes drafter re-sync)
 
 
@@ -571,7 +572,7 @@ class SpeculativeDecoder:
         drafter.accept(tokens, out.hidden[0, -1:])
         cache = out.cache
         while tokens[-1] != self.eos and len(tokens) < max_new_tokens:
-            it = Iteration(0, 0)
+            it = Iteration(0, 0, from_prefill=bool(pending.tokens))
             k = min(self.gamma if not pending.tokens else len(pending.tokens), max_new_tokens - len(tokens) - 1)
             with clock.stage(it.ms, "draft"):
                 draft = (pending if pending.tokens else drafter.draft(k)).cut(0, k)
@@ -616,8 +617,9 @@ def check_lossless(spec: list[int], reference: list[int], what: str) -> None:
 
 
 def summarise_trace(trace: Trace) -> dict[str, Any]:
-    """Accepted drafts per iteration (with and without the bonus token) and per-position acceptance."""
-    its = trace.iterations
+    """Decode-phase drafts and acceptance (per iteration, per draft position), prefill drafts accepted
+    (the first checked against the prefill's token, the rest in the first verify pass), stage ms."""
+    its = [it for it in trace.iterations if not it.from_prefill]
     drafted = [it.drafted for it in its if it.drafted > 0]
     accepted = [it.accepted for it in its if it.drafted > 0]
     per_pos_tries: dict[int, int] = {}
@@ -628,10 +630,14 @@ def summarise_trace(trace: Trace) -> dict[str, Any]:
             if i < it.accepted:
                 per_pos_hits[i] = per_pos_hits.get(i, 0) + 1
     ms: dict[str, float] = {}
-    for it in its:
+    for it in trace.iterations:
         for key, value in it.ms.items():
             ms[key] = ms.get(key, 0.0) + value
+    prefill_accepted = trace.phase1.get("first_accepted", 0) + sum(
+        it.accepted for it in trace.iterations if it.from_prefill)
     return {
+        "prefill_drafted": trace.phase1.get("drafted", 0),
+        "prefill_accepted": prefill_accepted,
         "iterations": len(its),
         "drafted": sum(drafted),
         "accepted": sum(accepted),

@@ -1,0 +1,615 @@
+"""Measured wall-clock speed-up of live, lossless speculative decoding over the target alone.
+
+    # toy world, CPU, every configuration (a few minutes; trained checkpoints from train_hidden_adapter.py)
+    python benchmark_e2e_wallclock.py --dataset_dir data/toy/dataset --egpt_model data/toy/models/eventgpt \\
+        --vl_model data/toy/models/video_llava --prefill_adapter tasks/L1/best_model.pt \\
+        --decode_adapter tasks/B1/best_model.pt --max_samples 20 --max_new_tokens 32 --output_dir results/toy/e2e
+    # the engine alone, no checkpoints: random adapters (say so) and the controlled drafter (seconds)
+    python benchmark_e2e_wallclock.py --dataset_dir data/toy/dataset --random_adapters --prefill_adapter L1 \\
+        --decode_adapter B1 --max_samples 4 --max_new_tokens 16 --repeats 2 --output_dir /tmp/e2e_tiny
+    # 7B shapes with random weights on one GPU (only the controlled drafter can accept there)
+    python benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset \\
+        --configs target,hf_generate,synthetic,assisted --synthetic_cost_ms 1.3 --max_samples 10 \\
+        --output_dir results/e2e_7b_fp16
+
+In one process and on the same samples it times: the target alone through the engine's own loop
+(`target`) and through transformers' `generate` (`hf_generate`, to show the loop is not slower);
+`prefill` (prefill hiding only), `decode` (decode drafting only), `two_phase` (both); the controlled
+drafter at every `--synthetic_acceptance` p (`synthetic`); and ours against transformers' assisted
+generation on a text-only pair, the target's language model and a perturbed copy (`assisted`).
+Every timer sits between device synchronisations; `--warmup` samples run untimed first; each of
+`--repeats` repeats runs every sample through every configuration (order rotated per repeat), and the
+speed-up is the median (min-max) over repeats of target time / configuration time on the same samples.
+Greedy outputs are checked sample by sample against the target's own greedy answer; one mismatch ends
+the run with an error. Writes e2e_wallclock.{json,md,png} and timing_profile.json (the format that
+eval_two_phase.py --timings reads), with the cost model's estimate beside each measured speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import speculative_decoding as sd
+from common import UserError, atomic_write_json, markdown_table, run_cli, set_seed, sync_device
+from model_loaders import QUANT_CHOICES, VLMInputs, VLMRunner, model_description
+
+log = logging.getLogger("xmodal_sd.e2e")
+
+CONFIGS = ("target", "hf_generate", "prefill", "decode", "two_phase", "synthetic", "assisted")
+ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
+PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmark_extraction import SHAPES, resolve_shape
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset_dir", type=Path, required=True, help="data set folder (index.json per split)")
+    p.add_argument("--split", default="test", help="split whose clips are answered")
+    p.add_argument("--max_samples", type=int, default=50, help="(clip, question) samples timed")
+    p.add_argument("--max_questions", type=int, default=None, help="use only the first N questions")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap")
+    p.add_argument("--gamma_decode", type=int, default=5, help="drafts per decode iteration")
+    p.add_argument("--gamma_prefill", type=int, default=8, help="at most this many drafts while the target prefills")
+    p.add_argument("--prefill_adapter", default=None,
+                   help="prefill adapter checkpoint (L1-L4), or a level name with --random_adapters")
+    p.add_argument("--decode_adapter", default=None,
+                   help="decode adapter checkpoint: L5/B1 roll out (mode a), L5F with EventGPT in lockstep "
+                        "(mode b), L1-L4 on EventGPT's own drafts (mode c); a level name with --random_adapters")
+    p.add_argument("--random_adapters", action="store_true",
+                   help="build untrained adapters from level names (measures the engine, not a drafter)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (outputs checked equal to the target's); > 0 = rejection sampling")
+    p.add_argument("--synthetic_acceptance", default="0.5,0.7,0.8,0.9,1.0",
+                   help="comma list of p for the controlled drafter (each draft right with probability p)")
+    p.add_argument("--synthetic_cost_ms", type=float, default=0.0, help="the controlled drafter's cost per draft (ms)")
+    p.add_argument("--assistant_noise", type=float, default=0.02,
+                   help="relative Gaussian noise on the assistant copy's weights (config 'assisted')")
+    p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)}, or all")
+    p.add_argument("--sequential_prefill", action="store_true",
+                   help="run the drafter's prefill after the target's instead of beside it (to measure overlap)")
+    p.add_argument("--egpt_model", default="data/toy/models/eventgpt", help="EventGPT checkpoint folder")
+    p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder or hub id")
+    p.add_argument("--quant", default="none", choices=QUANT_CHOICES, help="bitsandbytes quantisation (CUDA only)")
+    p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
+                   help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
+    p.add_argument("--warmup", type=int, default=3, help="untimed samples run through every configuration first")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the samples (paired per repeat)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights, adapters and sampling")
+    p.add_argument("--output_dir", type=Path, default=Path("results/e2e"), help="where the JSON/MD/PNG go")
+    args = p.parse_args(argv)
+    args.configs = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",") if c]
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        p.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if "target" not in args.configs:
+        args.configs.insert(0, "target")  # every speed-up is measured against it
+    for name in ("max_samples", "max_new_tokens", "gamma_decode", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.warmup < 0 or args.gamma_prefill < 0 or args.temperature < 0 or args.synthetic_cost_ms < 0:
+        p.error("--warmup, --gamma_prefill, --temperature and --synthetic_cost_ms must be >= 0")
+    try:
+        args.synthetic_acceptance = [float(x) for x in args.synthetic_acceptance.split(",") if x.strip()]
+    except ValueError:
+        p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
+    if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
+        p.error("--synthetic_acceptance values must be in [0, 1]")
+    if args.random_shape is not None and args.quant != "none":
+        p.error("--quant applies to loaded checkpoints, not to --random_shape")
+    args.shape = resolve_shape(args.random_shape, {}) if args.random_shape else None
+    return args
+
+
+# ----------------------------------------------------------------------------------- building blocks
+
+
+def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, Any]:
+    """{"prefill": adapter, "decode": adapter} for the configurations that need them."""
+    from hidden_adapter import create_adapter, load_adapter
+
+    needed = sorted({role for c in args.configs for role in ADAPTER_CONFIGS.get(c, ())})
+    out = {}
+    for role in needed:
+        spec = getattr(args, f"{role}_adapter")
+        if spec is None:
+            users = [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
+            raise UserError(f"config(s) {', '.join(users)} need --{role}_adapter (a checkpoint from "
+                            f"train_hidden_adapter.py, or a level with --random_adapters), or leave them out of "
+                            "--configs")
+        if args.random_adapters:
+            try:
+                adapter = create_adapter(spec, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size, dropout=0.0)
+            except ValueError as err:
+                raise UserError(f"--{role}_adapter {spec!r}: {err}") from err
+        else:
+            adapter, _ = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
+        level = adapter.config.name
+        if role == "prefill" and level not in sd.PER_POSITION_LEVELS:
+            raise UserError(f"--prefill_adapter must be a per-position level {sd.PER_POSITION_LEVELS}, got {level}")
+        out[role] = adapter.to(vl.device, vl.dtype).eval()
+    return out
+
+
+def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperature: float,
+                   gen: torch.Generator) -> sd.Drafter:
+    """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding)."""
+    level = adapter.config.name
+    if level in sd.ROLLOUT_LEVELS:
+        return sd.RolloutDrafter(adapter, head, temperature, gen)
+    if level == "L5F":
+        return sd.FusedDrafter(lm, adapter, head, temperature, gen)
+    return sd.EventGPTDrafter(lm, adapter, head, temperature, gen)
+
+
+def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str, Any],
+                  gen: torch.Generator) -> dict[str, sd.SpeculativeDecoder]:
+    head = vl.lm_head_weight()
+    lm = sd.DrafterLM(eg)
+    common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill}
+    pre = (sd.EventGPTDrafter(lm, adapters["prefill"], head, args.temperature, gen)
+           if "prefill" in adapters else None)
+    dec = decode_drafter(adapters["decode"], lm, head, args.temperature, gen) if "decode" in adapters else None
+    engines = {"target": sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, **common)}
+    if "prefill" in args.configs:
+        engines["prefill"] = sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, prefill_drafter=pre,
+                                                   gamma_prefill=args.gamma_prefill, **common)
+    if "decode" in args.configs:
+        engines["decode"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, **common)
+    if "two_phase" in args.configs:
+        engines["two_phase"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
+                                                     gamma_prefill=args.gamma_prefill, **common)
+    if "synthetic" in args.configs:
+        for p in args.synthetic_acceptance:
+            drafter = sd.SyntheticDrafter(p, vl.vocab_size, args.synthetic_cost_ms, seed=args.seed)
+            engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
+    return engines
+
+
+def hf_generate(vl: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
+    """transformers' own greedy `generate` on the target (same prompt embeddings)."""
+    model = vl.model if hasattr(vl, "model") else vl.llm
+    extra = {"min_new_tokens": max_new_tokens} if vl.eos_token_id < 0 else {"eos_token_id": vl.eos_token_id}
+    out = model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra)
+    tokens = out[0, -max_new_tokens:].tolist() if out.shape[1] > max_new_tokens else out[0].tolist()
+    return tokens[: tokens.index(vl.eos_token_id) + 1] if vl.eos_token_id in tokens else tokens
+
+
+# ----------------------------------------------------------------------------------- assisted generation
+
+
+def text_pair(vl: Any, noise: float, seed: int) -> SimpleNamespace:
+    """The target's language model as a LlamaForCausalLM (shared weights) and a perturbed copy."""
+    from transformers import LlamaForCausalLM
+
+    cfg = vl.decoder.config
+    with torch.device("meta"):
+        target = LlamaForCausalLM(cfg)
+    target.model, target.lm_head = vl.decoder, vl.lm_head
+    target.eval()
+    assistant = copy.deepcopy(target)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for param in assistant.parameters():
+            if param.is_floating_point():
+                scale = param.float().std().item() if param.numel() > 1 else 0.0
+                param.add_((torch.randn(param.shape, generator=gen) * noise * scale).to(param.device, param.dtype))
+    g = assistant.generation_config
+    g.num_assistant_tokens_schedule, g.assistant_confidence_threshold = "constant", 0.0
+    runner = VLMRunner(tokenizer=vl.tokenizer, decoder=assistant.model, lm_head=assistant.lm_head, device=vl.device,
+                       dtype=vl.dtype, model_path="perturbed-copy", config_hash=vl.config_hash)
+    runner.eos_token_id = vl.eos_token_id
+    return SimpleNamespace(target=target, assistant=assistant, runner=runner)
+
+
+def assisted_run(pair: SimpleNamespace, vl: Any, question: str, gamma: int, max_new_tokens: int,
+                 engine: sd.SpeculativeDecoder) -> dict[str, Any]:
+    """One text prompt through transformers' assisted generation and through our engine, timed."""
+    ids = vl.tokenizer(f"USER: {question} ASSISTANT:", return_tensors="pt").input_ids.to(vl.device)
+    inputs = VLMInputs(vl.embed_ids(ids), torch.ones_like(ids))
+    pair.assistant.generation_config.num_assistant_tokens = gamma
+    extra = {"min_new_tokens": max_new_tokens} if vl.eos_token_id < 0 else {"eos_token_id": vl.eos_token_id}
+    sync_device(vl.device)
+    start = time.perf_counter()
+    out = pair.target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=pair.assistant,
+                               do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra)
+    sync_device(vl.device)
+    theirs_ms = (time.perf_counter() - start) * 1e3
+    theirs = out[0, ids.shape[1]:].tolist()
+    theirs = theirs[: theirs.index(vl.eos_token_id) + 1] if vl.eos_token_id in theirs else theirs
+    ours = engine.generate(inputs, inputs, max_new_tokens)
+    reference = sd.greedy_reference(vl, inputs, max_new_tokens)
+    sd.check_lossless(ours.tokens, reference, "assisted (ours)")
+    sd.check_lossless(theirs, reference, "assisted (transformers)")
+    return {"ours_ms": ours.trace.total_ms, "theirs_ms": theirs_ms, "tokens": len(reference),
+            "accepted": sum(it.accepted for it in ours.trace.iterations),
+            "iterations": len(ours.trace.iterations)}
+
+
+# ----------------------------------------------------------------------------------- timing profile
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device, n: int = 10, warmup: int = 2) -> float:
+    times = []
+    for i in range(n + warmup):
+        sync_device(device)
+        start = time.perf_counter()
+        fn()
+        sync_device(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str, gamma: int,
+                    source: str) -> Any:
+    """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1."""
+    from cost_model import TimingProfile
+    from hidden_adapter import ADAPTER_NAMES, create_adapter
+
+    dev = vl.device
+    fv, fe = vl.clip_features(split_dir, clip), eg.clip_features(split_dir, clip)
+    t_in, e_in = vl.build_inputs([fv], [question]), eg.build_inputs([fe], [question])
+
+    def step_ms(runner: Any, inputs: VLMInputs, k: int) -> float:
+        out = runner.prefill(inputs, logits_for="last")
+        length = inputs.attention_mask.shape[1]
+        ids = torch.full((1, k), 5, device=dev)
+        mask = torch.ones(1, length + k, dtype=torch.long, device=dev)
+
+        def once() -> None:
+            runner.decode(ids, out.cache, mask)
+            runner.crop_cache(out.cache, length)
+        return _median_ms(once, dev)
+
+    adapter_ms = {}
+    x = torch.randn(1, 1, eg.hidden_size, device=dev, dtype=vl.dtype)
+    for level in ADAPTER_NAMES:
+        a = create_adapter(level, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size).to(dev, vl.dtype).eval()
+        inp = torch.randn(1, 1, a.config.in_dim, device=dev, dtype=vl.dtype)
+        if hasattr(a, "step"):
+            v = torch.randn(1, 32, vl.hidden_size, device=dev, dtype=vl.dtype) if level == "L5F" else None
+            ctx = torch.randn(1, 32, a.config.in_dim, device=dev, dtype=vl.dtype)
+            _, past = a.step(ctx, None, h_target=v)
+            adapter_ms[level] = _median_ms(lambda a=a, inp=inp, past=past, lv=level: a.step(
+                inp, past, h_target=inp[..., : vl.hidden_size] if lv == "L5F" else None), dev)
+        else:
+            adapter_ms[level] = _median_ms(lambda a=a: a(x), dev)
+    return TimingProfile(
+        source=source,
+        vl_vision_ms=_median_ms(lambda: vl.clip_features(split_dir, clip), dev, n=5, warmup=1),
+        egpt_vision_ms=_median_ms(lambda: eg.clip_features(split_dir, clip), dev, n=5, warmup=1),
+        vl_prefill_ms=_median_ms(lambda: vl.prefill(t_in, logits_for="last"), dev, n=5, warmup=1),
+        egpt_prefill_ms=_median_ms(lambda: eg.prefill(e_in, logits_for="last"), dev, n=5, warmup=1),
+        vl_decode_ms=step_ms(vl, t_in, 1),
+        vl_verify_ms={k: step_ms(vl, t_in, k) for k in sorted({*PROFILE_VERIFY_K, gamma + 1})},
+        egpt_decode_ms=step_ms(eg, e_in, 1),
+        adapter_step_ms=adapter_ms,
+    )
+
+
+# ----------------------------------------------------------------------------------- the timed runs
+
+
+def run_config(name: str, engine: sd.SpeculativeDecoder | None, vl: Any, eg: Any, split_dir: Path, clip: dict,
+               question: str, reference: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """One sample through one configuration: ms, tokens, stage times, acceptance; greedy checked."""
+    def target_prompt() -> VLMInputs:
+        return vl.build_inputs([vl.clip_features(split_dir, clip)], [question])
+
+    def drafter_prompt() -> VLMInputs:
+        return eg.build_inputs([eg.clip_features(split_dir, clip)], [question])
+
+    if name == "hf_generate":
+        sync_device(vl.device)
+        start = time.perf_counter()
+        inputs = target_prompt()
+        sync_device(vl.device)
+        vision = (time.perf_counter() - start) * 1e3
+        tokens = hf_generate(vl, inputs, args.max_new_tokens)
+        sync_device(vl.device)
+        rec = {"ms": (time.perf_counter() - start) * 1e3, "vision_ms": vision, "tokens": len(tokens)}
+    else:
+        if isinstance(engine.drafter, sd.SyntheticDrafter):
+            engine.drafter.set_reference(reference)
+        out = engine.generate(target_prompt, drafter_prompt, args.max_new_tokens)
+        tokens = out.tokens
+        summary = sd.summarise_trace(out.trace)
+        rec = {"ms": out.trace.total_ms, "vision_ms": out.trace.phase1.get("target_vision_ms", 0.0),
+               "tokens": len(tokens), "phase1": out.trace.phase1, **summary,
+               "foreign_tokens": out.trace.foreign_tokens}
+    if args.temperature == 0:
+        sd.check_lossless(tokens, reference, f"{name} on clip {clip.get('id')} / {question!r}")
+    return rec
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[str, Any]:
+    """Per configuration: speed-up per repeat (sum of target ms / sum of its ms, also without vision),
+    tokens/s, stage medians, acceptance length with and without the bonus token, per-position rates."""
+    base = runs["target"]
+    out = {}
+    for name, reps in runs.items():
+        flat = [r for rep in reps for r in rep]
+        speed = [sum(b["ms"] for b in base[i]) / sum(r["ms"] for r in rep) for i, rep in enumerate(reps)]
+        llm = [sum(b["ms"] - b["vision_ms"] for b in base[i]) / sum(r["ms"] - r["vision_ms"] for r in rep)
+               for i, rep in enumerate(reps)]
+        res: dict[str, Any] = {
+            "speedup": _spread(speed), "speedup_llm_only": _spread(llm),
+            "tokens_per_s": sum(r["tokens"] for r in flat) / (sum(r["ms"] for r in flat) / 1e3),
+            "ms_per_answer": statistics.median(r["ms"] for r in flat),
+            "tokens_per_answer": statistics.mean(r["tokens"] for r in flat),
+        }
+        if "iterations" in flat[0]:
+            accepted, drafted = sum(r["accepted"] for r in flat), sum(r["drafted"] for r in flat)
+            verify_passes = sum(r["iterations"] for r in flat)
+            tries: dict[int, int] = {}
+            hits: dict[int, int] = {}
+            for r in flat:
+                for k, v in r["per_position_tries"].items():
+                    tries[int(k)] = tries.get(int(k), 0) + v
+                for k, v in r["per_position_hits"].items():
+                    hits[int(k)] = hits.get(int(k), 0) + v
+            stages = {}
+            for key in ("target_vision_ms", "target_prefill_ms", "drafter_vision_ms", "drafter_prefill_ms",
+                        "prefill_draft_ms", "overlap_ms"):
+                vals = [r["phase1"][key] for r in flat if key in r["phase1"]]
+                if vals:
+                    stages[key.removesuffix("_ms")] = statistics.median(vals)
+            for key in ("draft", "verify", "crop"):
+                stages[key] = statistics.median(r["stage_ms"].get(key, 0.0) for r in flat)
+            res.update(
+                accepted_per_iteration=accepted / max(verify_passes, 1),
+                tokens_per_verify=(accepted + verify_passes) / max(verify_passes, 1),
+                acceptance_rate=accepted / drafted if drafted else None,
+                per_position_acceptance={k: hits.get(k, 0) / tries[k] for k in sorted(tries)},
+                prefill_drafted=statistics.mean(r["phase1"].get("drafted", 0) for r in flat),
+                prefill_accepted=statistics.mean(r["prefill_accepted"] for r in flat),
+                stage_ms_median_per_answer=stages,
+                foreign_tokens=sum(r["foreign_tokens"] for r in flat),
+            )
+        out[name] = res
+    return out
+
+
+def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namespace,
+             adapters: dict[str, Any]) -> float | None:
+    """The offline cost model's speed-up for this configuration at the acceptance measured here."""
+    from cost_model import DECODE_ADAPTERS, estimate_two_phase
+
+    if "accepted_per_iteration" not in res or name == "target":
+        return None
+    if name.startswith("synthetic"):  # decode phase only: (alpha + 1) x t_step / (t_verify + gamma x t_draft)
+        g = args.gamma_decode
+        return (res["tokens_per_verify"] * profile.vl_decode_ms
+                / (profile.verify_ms(g + 1) + g * args.synthetic_cost_ms))
+    pre = adapters["prefill"].config.name if name in ("prefill", "two_phase") else None
+    dec = adapters["decode"].config.name if name in ("decode", "two_phase") else None
+    if dec is not None and dec not in DECODE_ADAPTERS:
+        return None  # mode c (EventGPT + per-position adapter while decoding) is not in the cost model
+    est = estimate_two_phase(profile, num_tokens=res["tokens_per_answer"],
+                             free_tokens=res["prefill_accepted"],
+                             accept_len=res["accepted_per_iteration"], gamma_decode=args.gamma_decode,
+                             gamma_prefill=max(args.gamma_prefill, 1), prefill_adapter=pre, decode_adapter=dec)
+    return float(est["speedup"])
+
+
+# ----------------------------------------------------------------------------------- reporting
+
+
+def format_report(result: dict[str, Any]) -> str:
+    rows = []
+    for name, r in result["configs"].items():
+        s, ll = r["speedup"], r["speedup_llm_only"]
+        est = r.get("modelled_speedup")
+        rows.append([
+            name, f"{r['ms_per_answer']:.1f}", f"{r['tokens_per_s']:.1f}",
+            f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})",
+            f"{ll['median']:.3f} ({ll['min']:.3f}-{ll['max']:.3f})",
+            "-" if est is None else f"{est:.3f}",
+            "-" if r.get("tokens_per_verify") is None else f"{r['tokens_per_verify']:.2f}",
+            "-" if r.get("accepted_per_iteration") is None else f"{r['accepted_per_iteration']:.2f}",
+            "-" if r.get("prefill_accepted") is None else f"{r['prefill_accepted']:.2f}/{r['prefill_drafted']:.1f}",
+        ])
+    lines = [f"# Live speculative decoding: measured wall clock ({result['device']})", "",
+             f"Command: `{result['command']}`", "",
+             f"{result['num_samples']} samples x {result['repeats']} repeats, "
+             f"max_new_tokens {result['max_new_tokens']}, "
+             f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, temperature "
+             f"{result['temperature']}; greedy outputs checked equal to the target's: {result['lossless_checked']}.",
+             "", "Speed-up = target-alone time / configuration time on the same samples, median (min-max) over "
+             "repeats; 'LLM only' leaves out the target's vision (video decoding + tower).", "",
+             markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "modelled",
+                             "tokens/verify", "accepted/iter", "prefill acc/drafted"], rows), ""]
+    stage_rows = [[n, *(f"{r['stage_ms_median_per_answer'].get(k, 0.0):.2f}" for k in
+                        ("target_vision", "target_prefill", "drafter_vision", "drafter_prefill", "prefill_draft",
+                         "overlap", "draft", "verify", "crop"))]
+                  for n, r in result["configs"].items() if "stage_ms_median_per_answer" in r]
+    lines += ["## Stage times (ms per answer, medians)", "",
+              markdown_table(["config", "target vision", "target prefill", "drafter vision", "drafter prefill",
+                              "prefill drafting", "overlap", "draft", "verify", "crop+resync"], stage_rows), ""]
+    pos = [[n, ", ".join(f"{v:.2f}" for v in r["per_position_acceptance"].values())]
+           for n, r in result["configs"].items() if r.get("per_position_acceptance")]
+    if pos:
+        lines += ["## Per-position acceptance (decode drafts 1..gamma)", "",
+                  markdown_table(["config", "rate"], pos), ""]
+    if result.get("assisted"):
+        a = result["assisted"]
+        lines += ["## Against transformers' assisted generation (text-only, target LM + perturbed copy)", "",
+                  markdown_table(["", "tokens/s", "speed-up vs theirs"],
+                                 [["ours", f"{a['ours_tokens_per_s']:.1f}", f"{a['ours_over_theirs']['median']:.3f} "
+                                   f"({a['ours_over_theirs']['min']:.3f}-{a['ours_over_theirs']['max']:.3f})"],
+                                  ["transformers", f"{a['theirs_tokens_per_s']:.1f}", "1"]]),
+                  f"\nOutputs identical to the target's greedy answer on every prompt (both); mean accepted drafts "
+                  f"per iteration (ours) {a['accepted_per_iteration']:.2f}.", ""]
+    p = result["profile"]
+    lines += ["## Timing profile (ms, medians; timing_profile.json)", "",
+              markdown_table(["vl vision", "egpt vision", "vl prefill", "egpt prefill", "vl decode", "egpt decode"],
+                             [[f"{p[k]:.2f}" for k in ("vl_vision_ms", "egpt_vision_ms", "vl_prefill_ms",
+                                                       "egpt_prefill_ms", "vl_decode_ms", "egpt_decode_ms")]]),
+              "", "verify k: " + ", ".join(f"{k}: {v:.2f}" for k, v in p["vl_verify_ms"].items()),
+              "", "adapter step: " + ", ".join(f"{k}: {v:.3f}" for k, v in p["adapter_step_ms"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(result["configs"])
+    med = [result["configs"][n]["speedup"]["median"] for n in names]
+    lo = [m - result["configs"][n]["speedup"]["min"] for n, m in zip(names, med, strict=True)]
+    hi = [result["configs"][n]["speedup"]["max"] - m for n, m in zip(names, med, strict=True)]
+    ax1.bar(names, med, yerr=[lo, hi], color="tab:blue")
+    ax1.axhline(1.0, color="grey", lw=1)
+    ax1.set_ylabel("speed-up vs target alone")
+    ax1.tick_params(axis="x", rotation=60)
+    syn = [(r["tokens_per_verify"], r["speedup"]["median"], r.get("modelled_speedup"))
+           for n, r in result["configs"].items() if n.startswith("synthetic")]
+    if syn:
+        syn.sort()
+        ax2.plot([s[0] for s in syn], [s[1] for s in syn], "o-", label="measured")
+        if all(s[2] is not None for s in syn):
+            ax2.plot([s[0] for s in syn], [s[2] for s in syn], "x--", label="modelled (decode phase)")
+        ax2.set_xlabel("tokens per verify pass (accepted + 1)")
+        ax2.set_ylabel("speed-up")
+        ax2.set_title("controlled drafter")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> int:
+    from benchmark_extraction import load_runners
+    from extract_hidden_states import plan_samples
+    from model_loaders import ClipReadError
+    from toy_dataset import load_index, load_questions
+
+    set_seed(args.seed)
+    split_dir = args.dataset_dir / args.split
+    clips = load_index(args.dataset_dir, args.split)
+    questions = load_questions(args.dataset_dir, args.max_questions)
+    samples = plan_samples(len(clips), len(questions), args.max_samples)
+    eg, vl = load_runners(args, questions)
+    adapters = load_adapters(args, vl, eg)
+    gen = torch.Generator(device=vl.device).manual_seed(args.seed)
+    engines = build_engines(args, vl, eg, adapters, gen)
+    names = [n for n in engines if n != "target"]
+    names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *names]
+    log.info("configs: %s; %d samples x %d repeats (+%d warm-up)", ", ".join(names), len(samples), args.repeats,
+             args.warmup)
+
+    references = {}
+    try:
+        for c, q in tqdm(samples, desc="reference answers", unit="sample"):
+            inputs = vl.build_inputs([vl.clip_features(split_dir, clips[c])], [questions[q]])
+            references[(c, q)] = sd.greedy_reference(vl, inputs, args.max_new_tokens)
+        runs: dict[str, list[list[dict[str, Any]]]] = {n: [[] for _ in range(args.repeats)] for n in names}
+        warm = [samples[i % len(samples)] for i in range(args.warmup)]
+        bar = tqdm(total=len(names) * (len(warm) + args.repeats * len(samples)), desc="timed runs", unit="run")
+        for rep in [-1, *range(args.repeats)]:
+            order = names[rep % len(names):] + names[: rep % len(names)] if rep >= 0 else names
+            for c, q in warm if rep < 0 else samples:
+                for name in order:
+                    rec = run_config(name, engines.get(name), vl, eg, split_dir, clips[c], questions[q],
+                                     references[(c, q)], args)
+                    if rep >= 0:
+                        runs[name][rep].append(rec)
+                    bar.update(1)
+        bar.close()
+    except ClipReadError as err:
+        raise UserError(f"{err} (the benchmark needs every clip it times; for missing event PNGs run "
+                        "preprocess_event_images.py on the data set)") from err
+    except sd.LosslessError as err:
+        log.error("LOSSLESS CHECK FAILED: %s", err)
+        return 1
+    for rep in runs.values():  # runs are appended in sample order per repeat, whatever the config order
+        assert all(len(r) == len(samples) for r in rep)
+
+    device = str(vl.device) + (f" ({torch.cuda.get_device_name(vl.device)})" if vl.device.type == "cuda" else "")
+    command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith(".py") else "main(args)"
+    source = (f"benchmark_e2e_wallclock.py, {device}, {str(vl.dtype).removeprefix('torch.')}, quant {args.quant}, "
+              f"{'random:' + args.random_shape if args.random_shape else vl.model_path}, "
+              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}, {command}")
+    c0, q0 = samples[0]
+    profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source)
+    configs = aggregate(runs, args.gamma_decode)
+    for name, res in configs.items():
+        res["modelled_speedup"] = modelled(name, res, profile, args, adapters)
+
+    assisted = None
+    if "assisted" in args.configs:
+        pair = text_pair(vl, args.assistant_noise, args.seed)
+        drafter = sd.EventGPTDrafter(sd.DrafterLM(pair.runner), None, pair.runner.lm_head_weight())
+        drafter.name = "assistant (own head)"
+        engine = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode)
+        for q in questions[: max(args.warmup, 1)]:
+            assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
+        reps = [[assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
+                 for q in questions[: args.max_samples]] for _ in range(args.repeats)]
+        flat = [r for rep in reps for r in rep]
+        tokens = sum(r["tokens"] for r in flat)
+        assisted = {
+            "ours_tokens_per_s": tokens / (sum(r["ours_ms"] for r in flat) / 1e3),
+            "theirs_tokens_per_s": tokens / (sum(r["theirs_ms"] for r in flat) / 1e3),
+            "ours_over_theirs": _spread([sum(r["theirs_ms"] for r in rep) / sum(r["ours_ms"] for r in rep)
+                                         for rep in reps]),
+            "accepted_per_iteration": sum(r["accepted"] for r in flat) / max(sum(r["iterations"] for r in flat), 1),
+            "assistant_noise": args.assistant_noise, "prompts": len(reps[0]),
+        }
+
+    result = {
+        "format": "xmodal_sd.e2e_wallclock", "format_version": 1, "command": command, "device": device,
+        "platform": platform.platform(), "torch": torch.__version__, "num_samples": len(samples),
+        "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
+        "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
+        "lossless_checked": args.temperature == 0, "random_adapters": args.random_adapters,
+        "adapters": {role: a.config.name for role, a in adapters.items()},
+        "decode_mode": engines["decode"].drafter.name if "decode" in engines else None,
+        "synthetic_cost_ms": args.synthetic_cost_ms,
+        "models": {"eventgpt": model_description(eg), "video_llava": model_description(vl)},
+        "configs": configs, "assisted": assisted, "profile": profile.to_json(),
+        "runs": runs,
+    }
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out / "e2e_wallclock.json")
+    atomic_write_json(profile.to_json(), out / "timing_profile.json")
+    report = format_report(result)
+    (out / "e2e_wallclock.md").write_text(report + "\n")
+    plot(result, out / "e2e_wallclock.png")
+    print(report)
+    log.info("wrote %s/{e2e_wallclock.json,e2e_wallclock.md,e2e_wallclock.png,timing_profile.json}", out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

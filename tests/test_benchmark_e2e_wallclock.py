@@ -1,0 +1,125 @@
+"""The wall-clock benchmark: flags, paired speed-up arithmetic, and runs on the quick toy world that
+check what was written (every configuration, lossless check, timing profile the cost model reads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import benchmark_e2e_wallclock as bench
+import speculative_decoding as sd
+from common import UserError
+from hidden_adapter import create_adapter, save_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flags_are_validated() -> None:
+    args = bench.parse_args(["--dataset_dir", "d", "--configs", "synthetic"])
+    assert args.configs == ["target", "synthetic"]  # the baseline is always measured
+    assert args.synthetic_acceptance == [0.5, 0.7, 0.8, 0.9, 1.0]
+    for bad in (["--configs", "fast"], ["--synthetic_acceptance", "1.5"], ["--gamma_decode", "0"],
+                ["--random_shape", "tiny", "--quant", "4bit"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--dataset_dir", "d", *bad])
+
+
+def test_adapter_configs_without_adapters_fail_clearly() -> None:
+    args = bench.parse_args(["--dataset_dir", "d", "--configs", "two_phase"])
+    runner = SimpleNamespace(hidden_size=64)
+    with pytest.raises(UserError, match="--decode_adapter"):
+        bench.load_adapters(args, runner, runner)
+    args = bench.parse_args(["--dataset_dir", "d", "--configs", "prefill", "--random_adapters",
+                             "--prefill_adapter", "B1"])
+    with pytest.raises(UserError, match="per-position"):
+        bench.load_adapters(args, SimpleNamespace(hidden_size=64, device="cpu", dtype=torch.float32), runner)
+
+
+def _rec(ms: float, vision: float, accepted: int = 0, iterations: int = 4) -> dict:
+    return {"ms": ms, "vision_ms": vision, "tokens": 8, "phase1": {"drafted": 2, "first_accepted": 1},
+            "prefill_drafted": 2, "prefill_accepted": 1, "iterations": iterations, "drafted": 2 * iterations,
+            "accepted": accepted, "per_position_tries": {0: iterations, 1: iterations},
+            "per_position_hits": {0: accepted}, "stage_ms": {"verify": 1.0}, "foreign_tokens": 0}
+
+
+def test_speedup_is_paired_per_repeat() -> None:
+    runs = {"target": [[_rec(100, 20), _rec(100, 20)], [_rec(200, 20), _rec(200, 20)]],
+            "fast": [[_rec(50, 20, 2), _rec(50, 20, 2)], [_rec(50, 20, 2), _rec(50, 20, 2)]]}
+    out = bench.aggregate(runs, gamma=2)
+    assert out["fast"]["speedup"] == {"median": 3.0, "min": 2.0, "max": 4.0}  # 200/100 and 400/200
+    assert out["fast"]["speedup_llm_only"]["min"] == pytest.approx(160 / 60)
+    assert out["fast"]["accepted_per_iteration"] == 0.5
+    assert out["fast"]["tokens_per_verify"] == 1.5
+    assert out["fast"]["per_position_acceptance"] == {0: 0.5, 1: 0.0}
+    assert out["target"]["speedup"]["median"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("adapters")
+    torch.manual_seed(0)
+    paths = []
+    for level in ("L1", "L5F"):
+        path = folder / f"{level}.pt"
+        save_adapter(path, create_adapter(level, 64, dropout=0.0))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.mark.slow
+def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: tuple[Path, Path],
+                                              tmp_path: Path) -> None:
+    from cost_model import load_timing_profile
+
+    out = tmp_path / "e2e"
+    models = quick_world / "models"
+    cmd = [sys.executable, str(ROOT / "benchmark_e2e_wallclock.py"), "--dataset_dir", str(quick_world / "dataset"),
+           "--egpt_model", str(models / "eventgpt"), "--vl_model", str(models / "video_llava"),
+           "--prefill_adapter", str(checkpoints[0]), "--decode_adapter", str(checkpoints[1]),
+           "--max_samples", "2", "--max_new_tokens", "6", "--repeats", "2", "--warmup", "1",
+           "--synthetic_acceptance", "0,1", "--gamma_decode", "3", "--device", "cpu", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "e2e_wallclock.json").read_text())
+    assert set(result["configs"]) == {"target", "hf_generate", "prefill", "decode", "two_phase",
+                                      "synthetic_p0", "synthetic_p1"}
+    assert result["lossless_checked"] and result["decode_mode"] == "fused+L5F"
+    assert result["adapters"] == {"prefill": "L1", "decode": "L5F"}
+    for name, res in result["configs"].items():
+        assert res["speedup"]["min"] > 0 and res["tokens_per_s"] > 0, name
+        assert len(result["runs"][name]) == 2 and len(result["runs"][name][0]) == 2
+    assert result["configs"]["synthetic_p0"]["accepted_per_iteration"] == 0
+    assert result["configs"]["synthetic_p1"]["accepted_per_iteration"] > 1
+    assert result["configs"]["two_phase"]["modelled_speedup"] > 0  # the cost model beside the measurement
+    phase1 = result["runs"]["prefill"][0][0]["phase1"]
+    assert phase1["drafter_start_ms"] < phase1["target_end_ms"] and "overlap_ms" in phase1
+    assert result["assisted"]["ours_tokens_per_s"] > 0 and result["assisted"]["theirs_tokens_per_s"] > 0
+    profile = load_timing_profile(out / "timing_profile.json")
+    assert profile.vl_decode_ms > 0 and set(profile.adapter_step_ms) >= {"L1", "B1", "L5F"}
+    assert (out / "e2e_wallclock.png").stat().st_size > 0
+    assert "speed-up" in (out / "e2e_wallclock.md").read_text()
+
+
+def test_a_lossless_mismatch_fails_the_run(quick_world: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    right_reference = sd.greedy_reference
+
+    def wrong_reference(target, inputs, max_new_tokens):
+        return [t + 1 for t in right_reference(target, inputs, max_new_tokens)]
+
+    monkeypatch.setattr(sd, "greedy_reference", wrong_reference)
+    models = quick_world / "models"
+    args = bench.parse_args(["--dataset_dir", str(quick_world / "dataset"), "--egpt_model", str(models / "eventgpt"),
+                             "--vl_model", str(models / "video_llava"), "--configs", "target", "--max_samples", "1",
+                             "--max_new_tokens", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                             "--output_dir", str(tmp_path)])
+    assert bench.main(args) == 1
+    assert not (tmp_path / "e2e_wallclock.json").exists()
