@@ -35,11 +35,12 @@ from cost_model import (
     load_timing_profile,
     prefill_window,
 )
+from hidden_data import PAIRS
 
 log = logging.getLogger("xmodal_sd.two_phase")
 RESULT_FORMAT = "xmodal_sd.two_phase_results"
 DEFAULT_CONFIGS = "L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1"
-PAIRS = ("free", "teacher_forced")
+
 # The reference's published token-level inputs (002): prefill free tokens within 7 slots and consecutive
 # shifted accepts per decode iteration, for 50-token answers. Used only with --reference_inputs.
 REFERENCE_INPUTS = {

@@ -32,13 +32,12 @@ from tqdm import tqdm
 
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, run_cli
 from extract_vl_lm_head import load_lm_head
-from hidden_adapter import BaseAdapter, load_adapter
-from hidden_data import TEACHER_FORCED_KEY, iter_chunks, load_manifest
-from metrics import THRESHOLDS, AcceptanceAccumulator, tau_key
+from hidden_adapter import BaseAdapter, adapter_inputs, load_adapter
+from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs
+from metrics import THRESHOLDS, AcceptanceAccumulator, strict_json, tau_key
 
 log = logging.getLogger("xmodal_sd.acceptance")
 RESULT_FORMAT = "xmodal_sd.acceptance_metrics"
-PAIRS = ("free", "teacher_forced")
 OFFLINE_NOTE = {
     "same": "same-position adapter: draft token t = argmax LM(adapter(drafter state t)); in live prefill drafting "
             "EventGPT decodes freely, as in the 'free' pairs",
@@ -114,24 +113,12 @@ def check_same_models(checkpoint: str, extra: dict[str, Any], manifest: dict[str
         log.warning("model mismatch (%s) accepted by --allow_model_mismatch", ", ".join(differ))
 
 
-def select_pairs(chunk: dict[str, Any], pairs: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(drafter states [N, T, D], valid mask [N, T]) of one chunk for a pairing (docs/DATA_FORMAT.md):
-    free = egpt_hidden where both models' masks hold; teacher_forced = egpt_hidden_tf where vl_mask holds."""
-    if pairs == "free":
-        return chunk["egpt_hidden"], chunk["egpt_mask"] & chunk["vl_mask"]
-    return chunk[TEACHER_FORCED_KEY], chunk["vl_mask"].clone()
-
-
 def run_adapter(adapter: BaseAdapter, drafter: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                 tokens: torch.Tensor, input_states: str = "trained") -> torch.Tensor:
-    """The adapter's output [B, T, D_target] for what it consumes (drafter, target (B1) or both (L5F));
-    `input_states="target"` feeds the target's states in place of the drafter's primary input."""
-    x = target if adapter.consumes == "target" or input_states == "target" else drafter
-    h_target = target if adapter.consumes == "both" else None
-    token_ids = None
-    if adapter.config.use_token_embed:
-        token_ids = tokens.long().clamp(0, adapter.config.vocab_size - 1)
-    return adapter(x, mask, h_target=h_target, token_ids=token_ids)
+    """The adapter's output [B, T, D_target], fed as in training (hidden_adapter.adapter_inputs);
+    `input_states="target"` feeds the target's states in place of the drafter's."""
+    x, kwargs = adapter_inputs(adapter, target if input_states == "target" else drafter, target, tokens)
+    return adapter(x, mask, **kwargs)
 
 
 def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tensor, args: argparse.Namespace,
@@ -156,10 +143,7 @@ def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tens
             drafter = drafter_all[sl].to(device, torch.float32)
             target = chunk["vl_hidden"][sl].to(device, torch.float32)
             tokens = chunk["vl_tokens"][sl].to(device)
-            # the tokens the consumed states read: EventGPT's own answer in free pairs, the target's otherwise
-            own_text = pairs == "free" and adapter.consumes != "target"
-            text = chunk["egpt_tokens" if own_text else "vl_tokens"][sl]
-            pred = run_adapter(adapter, drafter, target, mask, text.to(device), args.input_states)
+            pred = run_adapter(adapter, drafter, target, mask, tokens, args.input_states)
             acc.update(pred, target, mask, tokens)
             counts["samples_without_valid_positions"] += int((~mask.any(dim=1)).sum())
         counts["target_tokens"] += int(chunk["vl_mask"][:n].sum())
@@ -287,17 +271,6 @@ def per_position_plot(result: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
-def _jsonable(obj: Any) -> Any:
-    """NaN -> None, so the file is strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -345,7 +318,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "per_position": acc.per_position(),
         "trained": {k: extra.get(k) for k in ("pairs", "data") if k in extra},
     }
-    result = _jsonable(result)
+    result = strict_json(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out_dir / "acceptance_metrics.json")
     atomic_write_bytes(per_position_csv(result["per_position"]), out_dir / "per_position.csv")

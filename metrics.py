@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,17 @@ def runs_from_every_start(ok: Tensor) -> Tensor:
         nxt = torch.where(ok[:, t], nxt + 1, torch.zeros_like(nxt))
         run[:, t] = nxt
     return run
+
+
+def strict_json(obj: Any) -> Any:
+    """Metric dicts/lists with NaN and inf replaced by None, so json.dumps writes strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def capped_mean(hist: Tensor, cap: int) -> float:
@@ -340,4 +352,5 @@ class AcceptanceAccumulator:
         return cols
 
 
-__all__ = ["THRESHOLDS", "AcceptanceAccumulator", "capped_mean", "run_from_start", "runs_from_every_start", "tau_key"]
+__all__ = ["THRESHOLDS", "AcceptanceAccumulator", "capped_mean", "run_from_start", "runs_from_every_start",
+           "strict_json", "tau_key"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import THRESHOLDS, AcceptanceAccumulator, capped_mean, runs_from_every_start, tau_key
+from metrics import THRESHOLDS, AcceptanceAccumulator, capped_mean, runs_from_every_start, strict_json, tau_key
 
 
 def random_batch(seed: int, b: int = 5, t: int = 9, d: int = 16, v: int = 23, shift: int = 0):
@@ -221,3 +221,8 @@ def test_half_precision_inputs_and_bad_shapes():
         acc.update(pred, target, mask[:, :-1])
     with pytest.raises(ValueError, match="predicts"):
         AcceptanceAccumulator(predicts="later")
+
+
+def test_strict_json_replaces_nan_and_inf():
+    assert strict_json({"a": [1.0, math.nan], "b": (math.inf, "x"), "c": 2}) == {"a": [1.0, None], "b": [None, "x"],
+                                                                                "c": 2}
