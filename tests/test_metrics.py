@@ -226,3 +226,15 @@ def test_half_precision_inputs_and_bad_shapes():
 def test_strict_json_replaces_nan_and_inf():
     assert strict_json({"a": [1.0, math.nan], "b": (math.inf, "x"), "c": 2}) == {"a": [1.0, None], "b": [None, "x"],
                                                                                 "c": 2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    pred, target, mask, weight, tokens = random_batch(7, shift=1)
+    results = []
+    for device in ("cpu", "cuda"):
+        acc = AcceptanceAccumulator(predicts="next", lm_head=weight, lm_head_batch=5)
+        acc.update(pred.to(device), target.to(device), mask.to(device), tokens.to(device))
+        results.append(acc.compute())
+    for key, value in results[0].items():  # float32 kernels differ in the last bits between devices
+        assert results[1][key] == pytest.approx(value, abs=1e-5, nan_ok=True), key
