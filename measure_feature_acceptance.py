@@ -327,6 +327,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     per_position_plot(result, out_dir / "per_position.png")
     print(markdown_table(["metric", "value"], token_rows(result["metrics"], args.gamma_prefill, args.gamma_decode)
                          + hidden_rows(result["metrics"])))
+    c = result["counts"]
+    print(f"{result['level']} on {pairs} pairs: {c['samples']} samples ({c['samples_without_valid_positions']} without "
+          f"any valid position, counted nowhere), {int(metrics.get('token_positions', metrics['num_positions']))} "
+          f"valid positions")
     print(f"wrote {out_dir}/acceptance_metrics.json, .md, per_position.csv, per_position.png")
     return result
 
