@@ -65,11 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap")
     p.add_argument("--gamma_decode", type=int, default=5, help="drafts per decode iteration")
     p.add_argument("--gamma_prefill", type=int, default=8, help="at most this many drafts while the target prefills")
-    p.add_argument("--prefill_adapter", default=None,
+    p.add_argument("--prefill_adapter", nargs=1, default=None,
                    help="prefill adapter checkpoint (L1-L4), or a level name with --random_adapters")
-    p.add_argument("--decode_adapter", default=None,
-                   help="decode adapter checkpoint: L5/B1 roll out (mode a), L5F with EventGPT in lockstep "
-                        "(mode b), L1-L4 on EventGPT's own drafts (mode c); a level name with --random_adapters")
+    p.add_argument("--decode_adapter", nargs="+", default=None,
+                   help="decode adapter checkpoint(s), each its own decode and two-phase config: L5/B1 roll out "
+                        "(mode a), L5F with EventGPT in lockstep (mode b), L1-L4 on EventGPT's own drafts "
+                        "(mode c); level names with --random_adapters")
     p.add_argument("--random_adapters", action="store_true",
                    help="build untrained adapters from level names (measures the engine, not a drafter)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -120,30 +121,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------- building blocks
 
 
-def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, Any]:
-    """{"prefill": adapter, "decode": adapter} for the configurations that need them."""
+def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[Any]]:
+    """{"prefill": [adapter], "decode": [adapter, ...]} for the configurations that need them."""
     from hidden_adapter import create_adapter, load_adapter
 
     needed = sorted({role for c in args.configs for role in ADAPTER_CONFIGS.get(c, ())})
-    out = {}
+    out: dict[str, list[Any]] = {}
     for role in needed:
-        spec = getattr(args, f"{role}_adapter")
-        if spec is None:
+        specs = getattr(args, f"{role}_adapter")
+        if not specs:
             users = [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
             raise UserError(f"config(s) {', '.join(users)} need --{role}_adapter (a checkpoint from "
                             f"train_hidden_adapter.py, or a level with --random_adapters), or leave them out of "
                             "--configs")
-        if args.random_adapters:
-            try:
-                adapter = create_adapter(spec, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size, dropout=0.0)
-            except ValueError as err:
-                raise UserError(f"--{role}_adapter {spec!r}: {err}") from err
-        else:
-            adapter, _ = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
-        level = adapter.config.name
-        if role == "prefill" and level not in sd.PER_POSITION_LEVELS:
-            raise UserError(f"--prefill_adapter must be a per-position level {sd.PER_POSITION_LEVELS}, got {level}")
-        out[role] = adapter.to(vl.device, vl.dtype).eval()
+        out[role] = []
+        for spec in specs:
+            if args.random_adapters:
+                try:
+                    adapter = create_adapter(spec, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size, dropout=0.0)
+                except ValueError as err:
+                    raise UserError(f"--{role}_adapter {spec!r}: {err}") from err
+            else:
+                adapter, _ = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
+            level = adapter.config.name
+            if role == "prefill" and level not in sd.PER_POSITION_LEVELS:
+                raise UserError(f"--prefill_adapter must be a per-position level {sd.PER_POSITION_LEVELS}, "
+                                f"got {level} ({spec})")
+            out[role].append(adapter.to(vl.device, vl.dtype).eval())
     return out
 
 
@@ -158,28 +162,39 @@ def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperatu
     return sd.EventGPTDrafter(lm, adapter, head, temperature, gen)
 
 
-def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str, Any],
-                  gen: torch.Generator) -> dict[str, sd.SpeculativeDecoder]:
+def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str, list[Any]],
+                  gen: torch.Generator) -> tuple[dict[str, sd.SpeculativeDecoder], dict[str, tuple]]:
+    """Engines by config name (`decode[B1]`, `two_phase[L1+B1]`, `synthetic_p0.8`, ...) and each one's
+    (prefill level, decode level) for the cost model."""
     head = vl.lm_head_weight()
-    lm = sd.DrafterLM(eg)
+    lm = sd.DrafterLM(eg)  # one EventGPT state for every drafter of an answer
     common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill}
-    pre = (sd.EventGPTDrafter(lm, adapters["prefill"], head, args.temperature, gen)
-           if "prefill" in adapters else None)
-    dec = decode_drafter(adapters["decode"], lm, head, args.temperature, gen) if "decode" in adapters else None
     engines = {"target": sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, **common)}
+    levels: dict[str, tuple] = {"target": (None, None)}
+    pre_adapter = adapters.get("prefill", [None])[0]
+    pre = sd.EventGPTDrafter(lm, pre_adapter, head, args.temperature, gen) if pre_adapter is not None else None
+    p_name = pre_adapter.config.name if pre_adapter is not None else None
     if "prefill" in args.configs:
-        engines["prefill"] = sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, prefill_drafter=pre,
-                                                   gamma_prefill=args.gamma_prefill, **common)
-    if "decode" in args.configs:
-        engines["decode"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, **common)
-    if "two_phase" in args.configs:
-        engines["two_phase"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
-                                                     gamma_prefill=args.gamma_prefill, **common)
+        engines[f"prefill[{p_name}]"] = sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, prefill_drafter=pre,
+                                                              gamma_prefill=args.gamma_prefill, **common)
+        levels[f"prefill[{p_name}]"] = (p_name, None)
+    for adapter in adapters.get("decode", []):
+        d_name = adapter.config.name
+        dec = decode_drafter(adapter, lm, head, args.temperature, gen)
+        if "decode" in args.configs:
+            engines[f"decode[{d_name}]"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, **common)
+            levels[f"decode[{d_name}]"] = (None, d_name)
+        if "two_phase" in args.configs:
+            name = f"two_phase[{p_name}+{d_name}]"
+            engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
+                                                  gamma_prefill=args.gamma_prefill, **common)
+            levels[name] = (p_name, d_name)
     if "synthetic" in args.configs:
         for p in args.synthetic_acceptance:
             drafter = sd.SyntheticDrafter(p, vl.vocab_size, args.synthetic_cost_ms, seed=args.seed)
             engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
-    return engines
+            levels[f"synthetic_p{p:g}"] = (None, None)
+    return engines, levels
 
 
 def hf_generate(vl: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
@@ -394,7 +409,7 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
 
 
 def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namespace,
-             adapters: dict[str, Any]) -> float | None:
+             levels: tuple[str | None, str | None]) -> float | None:
     """The offline cost model's speed-up for this configuration at the acceptance measured here."""
     from cost_model import DECODE_ADAPTERS, estimate_two_phase
 
@@ -404,8 +419,7 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
         g = args.gamma_decode
         return (res["tokens_per_verify"] * profile.vl_decode_ms
                 / (profile.verify_ms(g + 1) + g * args.synthetic_cost_ms))
-    pre = adapters["prefill"].config.name if name in ("prefill", "two_phase") else None
-    dec = adapters["decode"].config.name if name in ("decode", "two_phase") else None
+    pre, dec = levels
     if dec is not None and dec not in DECODE_ADAPTERS:
         return None  # mode c (EventGPT + per-position adapter while decoding) is not in the cost model
     est = estimate_two_phase(profile, num_tokens=res["tokens_per_answer"],
@@ -521,7 +535,7 @@ def main(args: argparse.Namespace) -> int:
     eg, vl = load_runners(args, questions)
     adapters = load_adapters(args, vl, eg)
     gen = torch.Generator(device=vl.device).manual_seed(args.seed)
-    engines = build_engines(args, vl, eg, adapters, gen)
+    engines, levels = build_engines(args, vl, eg, adapters, gen)
     names = [n for n in engines if n != "target"]
     names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *names]
     log.info("configs: %s; %d samples x %d repeats (+%d warm-up)", ", ".join(names), len(samples), args.repeats,
@@ -563,7 +577,7 @@ def main(args: argparse.Namespace) -> int:
     profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source)
     configs = aggregate(runs, args.gamma_decode)
     for name, res in configs.items():
-        res["modelled_speedup"] = modelled(name, res, profile, args, adapters)
+        res["modelled_speedup"] = modelled(name, res, profile, args, levels.get(name, (None, None)))
 
     assisted = None
     if "assisted" in args.configs:
@@ -592,8 +606,8 @@ def main(args: argparse.Namespace) -> int:
         "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
         "lossless_checked": args.temperature == 0, "random_adapters": args.random_adapters,
-        "adapters": {role: a.config.name for role, a in adapters.items()},
-        "decode_mode": engines["decode"].drafter.name if "decode" in engines else None,
+        "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},
+        "decode_modes": {n: e.drafter.name for n, e in engines.items() if n.startswith("decode")},
         "synthetic_cost_ms": args.synthetic_cost_ms,
         "models": {"eventgpt": model_description(eg), "video_llava": model_description(vl)},
         "configs": configs, "assisted": assisted, "profile": profile.to_json(),

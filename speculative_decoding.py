@@ -254,6 +254,7 @@ class EventGPTDrafter:
         self.verified: list[int] = []
 
     def _adapt(self, states: Tensor) -> Tensor:
+        states = states.to(self.head.device)  # EventGPT may sit on a second device
         if self.adapter is None:
             return states[-1]
         dt = _dtype(self.adapter)
@@ -365,7 +366,7 @@ class FusedDrafter:
         dt = _dtype(self.adapter)
         g = self.lm.states_for(self.verified[: n - 1])  # g_0 .. g_{N-1}
         self.past = _crop_adapter_cache(self.past, self.fed)
-        x = g[self.fed : n][None].to(dt)
+        x = g[self.fed : n][None].to(self.head.device, dt)
         v = torch.stack(self.states[self.fed : n])[None].to(dt)
         out, self.past = self.adapter.step(x, self.past, h_target=v)
         self.fed = n
@@ -378,7 +379,7 @@ class FusedDrafter:
                 probs.append(q)
             if i < k - 1:
                 g_next = self.lm.states_for(self.verified + tokens[:i])[-1]  # g_{N+i}
-                h, self.past = self.adapter.step(g_next[None, None].to(dt), self.past, h_target=h)
+                h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h)
         return Draft(tokens, torch.stack(probs) if probs else None)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:

@@ -62,19 +62,19 @@ def test_speedup_is_paired_per_repeat() -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     folder = tmp_path_factory.mktemp("adapters")
     torch.manual_seed(0)
     paths = []
-    for level in ("L1", "L5F"):
+    for level in ("L1", "L5F", "B1"):
         path = folder / f"{level}.pt"
         save_adapter(path, create_adapter(level, 64, dropout=0.0))
         paths.append(path)
-    return paths[0], paths[1]
+    return paths
 
 
 @pytest.mark.slow
-def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: tuple[Path, Path],
+def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: list[Path],
                                               tmp_path: Path) -> None:
     from cost_model import load_timing_profile
 
@@ -82,24 +82,25 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: tu
     models = quick_world / "models"
     cmd = [sys.executable, str(ROOT / "benchmark_e2e_wallclock.py"), "--dataset_dir", str(quick_world / "dataset"),
            "--egpt_model", str(models / "eventgpt"), "--vl_model", str(models / "video_llava"),
-           "--prefill_adapter", str(checkpoints[0]), "--decode_adapter", str(checkpoints[1]),
+           "--prefill_adapter", str(checkpoints[0]), "--decode_adapter", str(checkpoints[1]), str(checkpoints[2]),
            "--max_samples", "2", "--max_new_tokens", "6", "--repeats", "2", "--warmup", "1",
            "--synthetic_acceptance", "0,1", "--gamma_decode", "3", "--device", "cpu", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "e2e_wallclock.json").read_text())
-    assert set(result["configs"]) == {"target", "hf_generate", "prefill", "decode", "two_phase",
-                                      "synthetic_p0", "synthetic_p1"}
-    assert result["lossless_checked"] and result["decode_mode"] == "fused+L5F"
-    assert result["adapters"] == {"prefill": "L1", "decode": "L5F"}
+    assert set(result["configs"]) == {"target", "hf_generate", "prefill[L1]", "decode[L5F]", "decode[B1]",
+                                      "two_phase[L1+L5F]", "two_phase[L1+B1]", "synthetic_p0", "synthetic_p1"}
+    assert result["lossless_checked"]
+    assert result["decode_modes"] == {"decode[L5F]": "fused+L5F", "decode[B1]": "rollout+B1"}
+    assert result["adapters"] == {"prefill": ["L1"], "decode": ["L5F", "B1"]}
     for name, res in result["configs"].items():
         assert res["speedup"]["min"] > 0 and res["tokens_per_s"] > 0, name
         assert len(result["runs"][name]) == 2 and len(result["runs"][name][0]) == 2
     assert result["configs"]["synthetic_p0"]["accepted_per_iteration"] == 0
     assert result["configs"]["synthetic_p1"]["accepted_per_iteration"] > 1
-    assert result["configs"]["two_phase"]["modelled_speedup"] > 0  # the cost model beside the measurement
-    phase1 = result["runs"]["prefill"][0][0]["phase1"]
+    assert result["configs"]["two_phase[L1+L5F]"]["modelled_speedup"] > 0  # the model beside the measurement
+    phase1 = result["runs"]["prefill[L1]"][0][0]["phase1"]
     assert phase1["drafter_start_ms"] < phase1["target_end_ms"] and "overlap_ms" in phase1
     assert result["assisted"]["ours_tokens_per_s"] > 0 and result["assisted"]["theirs_tokens_per_s"] > 0
     profile = load_timing_profile(out / "timing_profile.json")
