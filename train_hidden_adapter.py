@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     p.add_argument("--early_stopping", type=int, default=10,
                    help="stop after this many epochs without a better validation score (0 = off)")
+    p.add_argument("--min_delta", type=float, default=0.0,
+                   help="a validation score must beat the best by more than this to count as better")
     p.add_argument("--select_metric", choices=SELECT_METRICS, default="loss",
                    help="validation score that picks best_model.pt (token_top1 = shifted top-1 for L5/B1/L5F)")
     p.add_argument("--prediction_weight", type=float, default=0.5,
@@ -359,12 +361,12 @@ def validate(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, head: 
     return metrics
 
 
-def is_better(value: float, best: float | None, metric: str) -> bool:
+def is_better(value: float, best: float | None, metric: str, min_delta: float = 0.0) -> bool:
     if value is None or math.isnan(value):
         return False
     if best is None:
         return True
-    return value < best if metric == "loss" else value > best
+    return value < best - min_delta if metric == "loss" else value > best + min_delta
 
 
 def select_value(metrics: dict[str, float], metric: str, predicts: str) -> float:
@@ -504,7 +506,7 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
         val = validate(model, adapter, ctx["val"], ctx["head"], args, proc)
         state["epoch"] += 1
         value = select_value(val, args.select_metric, adapter.predicts)
-        improved = is_better(value, state["best_value"], args.select_metric)
+        improved = is_better(value, state["best_value"], args.select_metric, args.min_delta)
         if improved:
             state.update(best_value=value, best_epoch=state["epoch"], bad_epochs=0)
         else:
@@ -529,7 +531,8 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
                              epoch=state["epoch"], val_metrics=_jsonable(val), data=ctx["data"],
                              loss_mix=args.loss_mix, prediction_weight=args.prediction_weight,
                              select_metric=args.select_metric, world_size=proc.world_size)
-            atomic_write_json({"level": adapter.config.name, "pairs": args.pairs, "history": state["history"]},
+            atomic_write_json({"level": adapter.config.name, "pairs": args.pairs, "initial_val": state["initial_val"],
+                               "history": state["history"]},
                               run_dir / "history.json")
             plot_curves(state["history"], run_dir / "training_curves.png",
                         f"{adapter.config.name} ({args.pairs} pairs)", adapter.predicts)
@@ -562,8 +565,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         state = load_state(run_dir / "last.pt", adapter, opt, sched, proc)
         log.info("resuming %s after epoch %d (step %d)", run_dir, state["epoch"], state["step"])
-    elif proc.is_main:
-        write_config(run_dir / "config.yaml", args)
+    else:
+        if proc.is_main:
+            write_config(run_dir / "config.yaml", args)
+        # the untrained adapter's score: the yardstick every epoch is read against (L5/B1/L5F start as identity)
+        state["initial_val"] = _jsonable(validate(model, adapter, val, head, args, proc))
     log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
              adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
     ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,

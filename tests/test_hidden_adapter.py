@@ -340,3 +340,123 @@ def test_inner_widths_follow_the_reference_ratios():
     assert (wide["L1"].bottleneck_dim, wide["L3"].bottleneck_dim, wide["L4"].ffn_dim) == (256, 1024, 2048)
     assert (toy["L1"].bottleneck_dim, toy["L3"].bottleneck_dim, toy["L4"].ffn_dim) == (4, 16, 32)
     assert custom.bottleneck_dim == 256
+
+
+# ----------------------------------------------------------------------------- hardening (issue 7)
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_config_built_by_hand_gets_its_levels_architecture(name):
+    """AdapterConfig(name=...) alone must give the same network as create_adapter (L2 = 3 blocks,
+    L3 = blocks 1/4 of the width), not the dataclass's generic defaults."""
+    from hidden_adapter import AdapterConfig, build_adapter
+
+    by_hand = AdapterConfig(name=name.lower(), drafter_dim=64, target_dim=64)
+    assert by_hand == create_adapter(name, 64).config
+    assert by_hand.name == name
+    assert count_parameters(build_adapter(by_hand)) == count_parameters(create_adapter(name, 64))
+    if name == "L2":
+        assert by_hand.num_blocks == 3 and by_hand.bottleneck_dim == 4
+    if name == "L3":
+        assert by_hand.num_blocks == 2 and by_hand.bottleneck_dim == 16
+
+
+def test_explicit_values_of_older_checkpoints_are_kept(tmp_path):
+    from dataclasses import asdict
+
+    adapter = create_adapter("L2", D, num_blocks=2, bottleneck_dim=8)
+    path = tmp_path / "old.pt"
+    save_adapter(path, adapter)
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["num_blocks"] == 2  # stored explicitly, as every checkpoint so far
+    loaded, _ = load_adapter(path)
+    assert asdict(loaded.config) == asdict(adapter.config) and len(loaded.blocks) == 2
+
+
+@pytest.mark.parametrize("name", ["L4", "L5", "B1", "L5F"])
+def test_nan_in_padded_inputs_keeps_attention_levels_finite(name):
+    adapter = make(name)
+    randomize(adapter)
+    x, v = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    clean = call(adapter, x, mask, h_target=v)
+    x_nan, v_nan = x.clone(), v.clone()
+    x_nan[0, 4:] = float("nan")
+    v_nan[0, 4:] = float("inf")
+    out = call(adapter, x_nan, mask, h_target=v_nan)
+    assert torch.equal(out[mask], clean[mask])
+    loss, _ = adapter_loss(adapter, out, v, mask)
+    assert torch.isfinite(loss)
+
+
+def test_training_learns_a_mapping_only_the_bottleneck_can_express():
+    """Target = LN(x + rank-2 linear map of x): the final LayerNorm alone (what L1 is with its block
+    replaced by the identity) cannot fit it; L1 must get far below that."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, D)
+    u, w = torch.randn(D, 2), torch.randn(2, D)
+    target = F.layer_norm(x + 2 * (x @ u) @ w / D**0.5, (D,))
+
+    def fit(module: torch.nn.Module) -> float:
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+        for _ in range(300):
+            loss = alignment_loss(module(x), target, None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    norm_only = fit(torch.nn.LayerNorm(D))
+    l1 = fit(create_adapter("L1", D, dropout=0.0))
+    assert l1 < 0.3 * norm_only, (l1, norm_only)
+
+
+def test_masked_losses_on_hand_made_cases():
+    """Values worked out by hand, not with the code's own expression."""
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [float("nan"), 5.0]]])
+    target = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    # squared errors: position 0: 0 + 0; position 1: 4 + 4 -> mean over 2 positions x 2 dims = 8 / 4 = 2
+    assert masked_mse(pred, target, mask).item() == pytest.approx(2.0)
+    # cosines: 1 and 0 -> mean(1 - cos) = 0.5
+    assert masked_cosine_loss(pred, target, mask).item() == pytest.approx(0.5)
+    assert alignment_loss(pred, target, mask).item() == pytest.approx(2.25)
+    # next-position term pairs output 0 with target 1 only (output 1 has no valid successor):
+    # squared error (1-2)^2 + 0 = 1 -> MSE 0.5; cos([1,0],[2,0]) = 1 -> 0; term = 0.5
+    config = make("L5").config
+    _, parts = adapter_loss(config, pred, target, mask)
+    assert parts["pred"] == pytest.approx(0.5) and parts["align"] == pytest.approx(2.25)
+    s, _ = adapter_loss(config, pred, target, mask, mix="sum", prediction_weight=0.5)
+    c, _ = adapter_loss(config, pred, target, mask, mix="convex", prediction_weight=0.5)
+    assert s.item() == pytest.approx(2.25 + 0.25) and c.item() == pytest.approx(1.125 + 0.25)
+    only_pred, _ = adapter_loss(config, pred, target, mask, mix="convex", prediction_weight=1.0)
+    assert only_pred.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="sum, convex"):
+        adapter_loss(config, pred, target, mask, mix="other")
+
+
+def test_run_and_encode_take_arguments_in_one_order():
+    import inspect
+
+    from hidden_adapter import AttentionAdapter, EAGLEStyleAdapter, FusedEAGLEAdapter
+
+    run = list(inspect.signature(AttentionAdapter._run).parameters)[1:5]
+    for cls in (AttentionAdapter, EAGLEStyleAdapter, FusedEAGLEAdapter):
+        assert list(inspect.signature(cls._encode).parameters)[1:5] == run == ["x", "mask", "h_target", "token_ids"]
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_hf_export_reloads_to_identical_outputs(tmp_path, name):
+    from hidden_adapter import export_hf, load_hf
+
+    adapter = make(name)
+    randomize(adapter)
+    export_hf(adapter, tmp_path / "hf")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    loaded = load_hf(tmp_path / "hf")
+    x, v = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    assert loaded.config == adapter.config and not loaded.training
+    assert torch.equal(call(adapter, x, h_target=v), call(loaded, x, h_target=v))
+    with pytest.raises(UserError, match="cannot load an exported adapter"):
+        load_hf(tmp_path / "nothing")

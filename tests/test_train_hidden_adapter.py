@@ -1,0 +1,264 @@
+"""Training: loss falls for every level, exact resume, early stopping, every validation position
+scored, one-line errors naming the file, self-describing outputs, YAML config, DDP over 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train_hidden_adapter as tha
+from common import UserError
+from hidden_adapter import ADAPTER_NAMES, adapter_inputs, load_adapter, load_hf
+from hidden_data import ChunkStream, chunk_name, load_chunk, select_pairs
+from tests.conftest import ROOT
+from tests.test_hidden_data import D, make_split, write_head
+
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data")
+    make_split(root / "train", 48, 16, seed=0)
+    make_split(root / "val", 21, 8, seed=1)  # 8 + 8 + 5: batches of 6 straddle nothing, leave remainders
+    write_head(root / "head.pt")
+    return root
+
+
+def flags(data: Path, out: Path, level: str, *extra: str) -> list[str]:
+    return ["--train_data", str(data / "train"), "--val_data", str(data / "val"), "--adapter_level", level,
+            "--output_dir", str(out), "--batch_size", "6", "--num_epochs", "3", "--learning_rate", "2e-2",
+            "--lm_head", str(data / "head.pt"), "--no_progress", "--device", "cpu", *extra]
+
+
+def train(*argv: str) -> dict:
+    return tha.main(tha.parse_args(list(argv)))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("level", ADAPTER_NAMES)
+def test_loss_falls_for_every_level(data, tmp_path, level):
+    result = train(*flags(data, tmp_path, level, "--pairs", "free", "--dropout", "0", "--num_epochs", "5"))
+    history = json.loads((Path(result["run_dir"]) / "history.json").read_text())
+    initial = history["initial_val"]["loss"]
+    assert result["finished"] and result["best_val"]["loss"] < 0.97 * initial, (initial, result["best_val"])
+    assert history["history"][-1]["train_loss"] < history["history"][0]["train_loss"]
+
+
+def test_run_folder_files_and_checkpoint_description(data, tmp_path):
+    result = train(*flags(data, tmp_path, "5", "--pairs", "teacher_forced"))
+    run = Path(result["run_dir"])
+    assert run.parent == tmp_path and run.name.startswith("L5_teacher_forced_") and len(run.name) == len(
+        "L5_teacher_forced_20260101_120000")
+    assert {"best_model.pt", "last.pt", "history.json", "training_curves.png", "config.yaml", "hf"} <= {
+        p.name for p in run.iterdir()}
+    adapter, extra = load_adapter(run / "best_model.pt", expected_level="L5", drafter_dim=D, target_dim=D)
+    assert extra["pairs"] == "teacher_forced" and extra["loss_mix"] == tha.DEFAULT_LOSS_MIX
+    assert extra["epoch"] == result["best_epoch"] and extra["args"]["adapter_level"] == "5"
+    assert extra["data"]["models"]["target"]["config_hash"] == "bbbb"
+    assert extra["data"]["train"]["num_samples"] == 48 and extra["data"]["val"]["manifest"].endswith("manifest.json")
+    assert {"loss", "cos_mean", "accept@0.90", "shifted_top1", "accept_len"} <= set(extra["val_metrics"])
+    hf = load_hf(run / "hf")
+    x = torch.randn(2, 6, D)
+    assert torch.equal(hf(x), adapter(x))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["learning_rate"] == 2e-2 and saved["pairs"] == "teacher_forced"
+
+
+# ----------------------------------------------------------------------------- resume and stopping
+
+
+def test_resume_after_epoch_k_equals_an_uninterrupted_run(data, tmp_path):
+    base = ("--num_epochs", "4", "--seed", "7", "--early_stopping", "0")
+    whole = train(*flags(data, tmp_path / "a", "L5F", *base))
+    part = train(*flags(data, tmp_path / "b", "L5F", *base, "--stop_after_epoch", "2"))
+    assert not part["finished"] and part["epochs"] == 2
+    resumed = train("--resume", part["run_dir"], "--no_progress")
+    assert resumed["run_dir"] == part["run_dir"] and resumed["epochs"] == 4
+    a, b = Path(whole["run_dir"]), Path(resumed["run_dir"])
+    for name in ("best_model.pt", "last.pt"):
+        wa = weights(a / name) if name == "best_model.pt" else torch.load(a / name, weights_only=True)["adapter"]
+        wb = weights(b / name) if name == "best_model.pt" else torch.load(b / name, weights_only=True)["adapter"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ha, hb = (json.loads((p / "history.json").read_text())["history"] for p in (a, b))
+    assert [h["val"]["loss"] for h in ha] == [h["val"]["loss"] for h in hb]
+
+
+def test_early_stopping_fires_after_patience_epochs(data, tmp_path):
+    # min_delta so large that no epoch after the first counts as better
+    result = train(*flags(data, tmp_path, "L1", "--num_epochs", "10", "--early_stopping", "2", "--min_delta", "1e9"))
+    assert result["epochs"] == 3 and result["best_epoch"] == 1 and "early stopping" in result["stop_reason"]
+
+
+def test_max_steps_stops_a_smoke_run(data, tmp_path):
+    result = train(*flags(data, tmp_path, "L2", "--max_steps", "3"))
+    assert result["steps"] == 3 and result["epochs"] == 1 and result["finished"]
+
+
+# ----------------------------------------------------------------------------- validation covers everything
+
+
+def expected_positions(folder: Path, pairs: str, predicts: str) -> int:
+    total = 0
+    for entry in json.loads((folder / "manifest.json").read_text())["chunks"]:
+        _, mask = select_pairs(load_chunk(folder / entry["file"], expect_teacher_forced=True), pairs)
+        total += int((mask[:, :-1] & mask[:, 1:]).sum() if predicts == "next" else mask.sum())
+    return total
+
+
+@pytest.mark.parametrize("level,pairs", [("L1", "free"), ("B1", "teacher_forced")])
+def test_validation_scores_every_position_every_epoch(data, tmp_path, level, pairs):
+    result = train(*flags(data, tmp_path, level, "--pairs", pairs))
+    predicts = "next" if level == "B1" else "same"
+    want = expected_positions(data / "val", pairs, predicts)
+    history = json.loads((Path(result["run_dir"]) / "history.json").read_text())["history"]
+    assert want > 0 and [h["val"]["num_positions"] for h in history] == [want] * 3
+    key = "shifted_positions" if predicts == "next" else "token_positions"
+    assert history[0]["val"][key] == want
+
+
+def test_the_test_split_is_never_read(data, tmp_path, monkeypatch):
+    read = []
+    original = ChunkStream.__init__
+
+    def spy(self, data_dir, **kw):
+        read.append(Path(data_dir).name)
+        original(self, data_dir, **kw)
+
+    monkeypatch.setattr(ChunkStream, "__init__", spy)
+    train(*flags(data, tmp_path, "L1", "--num_epochs", "1"))
+    assert sorted(read) == ["train", "val"]
+
+
+# ----------------------------------------------------------------------------- errors: one line naming the file
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_wrong_width_between_train_and_val(data, tmp_path):
+    make_split(tmp_path / "wide", 4, 4, dim=D + 8)
+    argv = flags(data, tmp_path / "o", "L1")
+    argv[argv.index("--val_data") + 1] = str(tmp_path / "wide")
+    with pytest.raises(UserError) as err:
+        train(*argv)
+    assert "wide" in one_line(err) and "widths" in str(err.value)
+
+
+def test_wrong_level_on_resume_and_on_the_command_line(data, tmp_path):
+    part = train(*flags(data, tmp_path, "L1", "--stop_after_epoch", "1"))
+    with pytest.raises(UserError) as err:
+        train("--resume", part["run_dir"], "--adapter_level", "L2", "--no_progress")
+    assert "last.pt is an L1 run" in one_line(err)
+    with pytest.raises(SystemExit):
+        tha.parse_args(flags(data, tmp_path, "L7"))
+
+
+def test_truncated_missing_chunk_and_unfinished_folder(data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "train"
+    shutil.copytree(data / "train", broken)
+    argv = flags(data, tmp_path / "o", "L1")
+    argv[argv.index("--train_data") + 1] = str(broken)
+    path = broken / chunk_name(0, 1)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError) as err:
+        train(*argv)
+    assert chunk_name(0, 1) in one_line(err) and "truncated" in str(err.value)
+    path.unlink()
+    with pytest.raises(UserError) as err:
+        train(*argv)
+    assert chunk_name(0, 1) in one_line(err) and "missing" in str(err.value)
+    shutil.rmtree(broken)
+    shutil.copytree(data / "train", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(UserError) as err:
+        train(*argv)
+    assert str(broken) in one_line(err) and "not finished" in str(err.value)
+
+
+def test_cli_prints_one_error_line(data, tmp_path):
+    proc = subprocess.run([sys.executable, "train_hidden_adapter.py", *flags(tmp_path, tmp_path / "o", "L1")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **CPU_ONLY_ENV})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "manifest.json" in errors[0] and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_yaml_defaults_and_command_line_wins(data, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"train_data": str(data / "train"), "val_data": str(data / "val"),
+                                   "adapter_level": "L3", "batch_size": 5, "learning_rate": 0.02}))
+    args = tha.parse_args(["--config", str(cfg), "--learning_rate", "0.005"])
+    assert args.level_name == "L3" and args.batch_size == 5 and args.learning_rate == 0.005
+    cfg.write_text(yaml.safe_dump({"adapter_levl": 3}))
+    with pytest.raises(SystemExit):
+        tha.parse_args(["--config", str(cfg)])
+
+
+# ----------------------------------------------------------------------------- the toy world and DDP
+
+
+@pytest.mark.slow
+def test_cli_on_the_quick_world(quick_hidden, tmp_path):
+    argv = ["--train_data", str(quick_hidden / "train"), "--val_data", str(quick_hidden / "val"),
+            "--adapter_level", "L5F", "--pairs", "teacher_forced", "--num_epochs", "2",
+            "--lm_head", str(quick_hidden / "vl_lm_head.pt"), "--output_dir", str(tmp_path), "--no_progress"]
+    proc = subprocess.run([sys.executable, "train_hidden_adapter.py", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **CPU_ONLY_ENV})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    closing = proc.stdout.strip().splitlines()[-1]
+    assert closing.startswith("L5F teacher_forced: best epoch") and "Accept@0.90" in closing
+    (run,) = tmp_path.iterdir()
+    _, extra = load_adapter(run / "best_model.pt", expected_level="L5F")
+    manifest = json.loads((quick_hidden / "train" / "manifest.json").read_text())
+    assert extra["data"]["models"] == manifest["models"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(data, tmp_path):
+    """DDP over gloo: chunks split across ranks, validation reduced to the full count, one writer."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_hidden_adapter.py",
+           *flags(data, tmp_path, "L5", "--num_epochs", "2")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **CPU_ONLY_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    history = json.loads((run / "history.json").read_text())["history"]
+    assert [h["val"]["num_positions"] for h in history] == [expected_positions(data / "val", "teacher_forced",
+                                                                               "next")] * 2
+    # train chunks of 16 samples over 2 ranks (3 chunks): the smaller share sets the steps of both
+    assert history[0]["train_samples"] > 0 and proc.stdout.count("best epoch") == 1
+    _, extra = load_adapter(run / "best_model.pt")
+    assert extra["world_size"] == 2
+
+
+def test_adapter_inputs_follow_what_the_level_consumes():
+    from hidden_adapter import create_adapter
+
+    d, t = torch.randn(1, 2, D), torch.randn(1, 2, D)
+    assert adapter_inputs(create_adapter("B1", D), d, t)[0] is t
+    x, kw = adapter_inputs(create_adapter("L5F", D), d, t)
+    assert x is d and kw["h_target"] is t
