@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test_data", required=True, help="test split folder written by extract_hidden_states.py")
     p.add_argument("--lm_head", required=True, help="target LM head file written by extract_vl_lm_head.py")
     p.add_argument("--output_dir", default=None,
-                   help="where results go (default: acceptance_{pairs}/ next to the checkpoint)")
+                   help="where results go (default: acceptance_{pairs}[_target_input]/ next to the checkpoint)")
     p.add_argument("--gamma_prefill", type=int, default=7, help="prefill drafting window (free tokens are capped here)")
     p.add_argument("--gamma_decode", type=int, default=5,
                    help="drafts per decode iteration (accept_len is capped here)")
@@ -299,7 +299,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--input_states target needs equal widths; {args.checkpoint} maps "
                         f"{adapter.config.drafter_dim} -> {adapter.config.target_dim}")
     adapter = adapter.to(device).eval()
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"acceptance_{pairs}"
+    suffix = "_target_input" if args.input_states == "target" else ""
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"acceptance_{pairs}{suffix}"
 
     with torch.inference_mode():
         acc, counts = evaluate(adapter, test_data, pairs, head_file["weight"], args, device)
