@@ -17,7 +17,8 @@ the files' pages dropped from the page cache before every pass (posix_fadvise; -
 3. training: `train_hidden_adapter.py` for --max_steps steps of --level, with the background
    prefetch and without: samples/s and the share of step time spent waiting for data.
 
-Passes 1 and 2 alternate for --repeats rounds; medians (min-max) are reported. JSON to --output,
+Each pass runs --repeats times (passes 1 and 2 alternate, the two ways of pass 3 alternate which goes
+first); medians (min-max) are reported. JSON to --output,
 a table on stdout. Figures and their meaning: docs/TRAINING.md.
 """
 
@@ -183,9 +184,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if not args.warm:
             drop_cache(root / "train")
         loads.append(loader_pass(root / "train", args, device, r))
-    runs = root / "runs"
-    train = {way: training_pass(root / "train", root / "val", runs, args, prefetch=way == "prefetch")
-             for way in ("prefetch", "no_prefetch")}
+    runs, ways = root / "runs", ("prefetch", "no_prefetch")
+    passes: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+    for r in range(args.repeats):  # alternate which way goes first, so drifting load hits both alike
+        for way in ways if r % 2 == 0 else ways[::-1]:
+            passes[way].append(training_pass(root / "train", root / "val", runs, args, prefetch=way == "prefetch"))
+    train = {way: {"samples_per_s": spread([p["samples_per_s"] for p in ps]),
+                   "data_wait_share": spread([p["data_wait_share"] for p in ps]),
+                   "steps": ps[0]["steps"], "train_samples": ps[0]["train_samples"], "runs": ps}
+             for way, ps in passes.items()}
     result = {
         "format": "xmodal_sd.training_benchmark", "device": str(device), "cache": "warm" if args.warm else "cold",
         "hidden_dim": args.hidden_dim, "pairs": args.pairs, "batch_size": args.batch_size, "level": args.level,
@@ -208,8 +215,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ["loader, GB/s of files", cell(result["loader_file_gb_per_s"])],
         ["loader, samples/s", cell(result["loader_samples_per_s"], "{:.0f}")],
         ["loader / plain read", cell(result["loader_vs_plain_read"])],
-        *[[f"training {args.level}, {way}: samples/s, data wait share",
-           f"{t['samples_per_s']:.0f}, {100 * t['data_wait_share']:.1f}%"] for way, t in train.items()],
+        *[[f"training {args.level}, {way}: samples/s", cell(t["samples_per_s"], "{:.0f}")] for way, t in train.items()],
+        *[[f"training {args.level}, {way}: share of step time waiting for data",
+           cell({k: 100 * v for k, v in t["data_wait_share"].items()}, "{:.1f}%")] for way, t in train.items()],
     ]))
     return result
 

@@ -26,7 +26,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
                                                                batch_size=16, seed=0).batches(0, max_batches=3))
     for way in ("prefetch", "no_prefetch"):
         t = result["training"][way]
-        assert t["steps"] == 3 and t["train_samples"] == first_three and 0 <= t["data_wait_share"] <= 1
+        assert t["steps"] == 3 and t["train_samples"] == first_three and len(t["runs"]) == 2
+        assert 0 <= t["data_wait_share"]["min"] <= t["data_wait_share"]["max"] <= 1
 
 
 def test_existing_chunks_are_reused(tmp_path):
