@@ -275,7 +275,15 @@ class ChunkStream:
         if self.need_drafter:
             out["x"] = drafter
         # reading happens here (the map is touched), in the background thread when prefetching
-        return {k: (v.pin_memory() if self.pin_memory else v.clone()) for k, v in out.items()}
+        return {k: v.clone() for k, v in out.items()}
+
+    def _gather(self, value: Tensor, idx: Tensor) -> Tensor:
+        """Rows `idx` of a chunk tensor; into page-locked memory for an asynchronous copy to a GPU
+        (indexing a pinned tensor would give an unpinned result; torch caches the pinned blocks)."""
+        if not self.pin_memory:
+            return value[idx]
+        out = torch.empty((len(idx), *value.shape[1:]), dtype=value.dtype, pin_memory=True)
+        return torch.index_select(value, 0, idx, out=out)
 
     def batches(self, epoch: int, max_batches: int | None = None) -> Iterator[dict[str, Tensor]]:
         """Yield this rank's batches of `epoch` (at most max_batches)."""
@@ -299,7 +307,7 @@ class ChunkStream:
                     if max_batches is not None and done >= max_batches:
                         return
                     idx = perm[b : b + self.batch_size]
-                    yield {k: v[idx] for k, v in data.items()}
+                    yield {k: self._gather(v, idx) for k, v in data.items()}
                     done += 1
         finally:
             if pool:

@@ -178,3 +178,13 @@ def test_teacher_forced_pairs_need_teacher_forced_data(tmp_path):
     (data / "manifest.json").write_text(json.dumps({**manifest, "teacher_forced": False}))
     with pytest.raises(UserError, match="--pairs free"):
         ChunkStream(data, pairs="teacher_forced", batch_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_batches_reach_the_gpu_unchanged(split):
+    pinned = ChunkStream(split, pairs="teacher_forced", batch_size=4, seed=2, pin_memory=True)
+    plain = ChunkStream(split, pairs="teacher_forced", batch_size=4, seed=2)
+    for a, b in zip(pinned.batches(0), plain.batches(0), strict=True):
+        assert a["x"].is_pinned()
+        on_gpu = to_device(a, torch.device("cuda"))
+        assert torch.equal(on_gpu["x"].cpu(), to_device(b, torch.device("cpu"))["x"])

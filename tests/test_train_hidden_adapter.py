@@ -262,3 +262,13 @@ def test_adapter_inputs_follow_what_the_level_consumes():
     assert adapter_inputs(create_adapter("B1", D), d, t)[0] is t
     x, kw = adapter_inputs(create_adapter("L5F", D), d, t)
     assert x is d and kw["h_target"] is t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("level", ["L1", "L5F"])
+def test_cuda_bf16_training_runs_and_learns(data, tmp_path, level):
+    argv = flags(data, tmp_path, level, "--num_epochs", "5")
+    argv[argv.index("--device") + 1] = "cuda"
+    result = train(*argv)
+    history = json.loads((Path(result["run_dir"]) / "history.json").read_text())
+    assert result["best_val"]["loss"] < history["initial_val"]["loss"]
