@@ -494,13 +494,15 @@ class SpeculativeDecoder:
         self.temperature, self.generator = temperature, generator
         self.concurrent_prefill = concurrent_prefill
         self.drafter_device = drafter_device or target.device
+        # One side stream for the engine's life (a new one per answer would strand allocator pools).
+        self._stream = torch.cuda.Stream(self.drafter_device) if self.drafter_device.type == "cuda" else None
         self.eos = target.eos_token_id
 
     # -- phase 1 -----------------------------------------------------------------------------------
     def _drafter_side(self, prompt: Prompt | None, stop: threading.Event, clock: StageClock,
                       rec: dict[str, Any]) -> Draft:
         """EventGPT vision + prefill, then prefill drafts until `stop`; runs on its own thread/stream."""
-        stream = torch.cuda.Stream(self.drafter_device) if self.drafter_device.type == "cuda" else None
+        stream = self._stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             rec["drafter_start_ms"] = clock.now_ms()
             inputs = None

@@ -23,7 +23,7 @@ QUESTION_VARIANTS = ("{q}", "{q} Answer briefly.", "Look closely. {q}")
 
 @pytest.fixture(scope="module")
 def world(quick_world: Path) -> SimpleNamespace:
-    """Both quick-world runners and >= 200 (target inputs, drafter inputs) prompt pairs."""
+    """Both quick-world runners and NUM_PROMPTS (target inputs, drafter inputs) pairs with greedy answers."""
     import model_loaders as ml
     from toy_dataset import load_index, load_questions
 
@@ -39,6 +39,7 @@ def world(quick_world: Path) -> SimpleNamespace:
                 for form in QUESTION_VARIANTS:
                     text = form.format(q=q)
                     prompts.append((vl.build_inputs([fv], [text]), eg.build_inputs([fe], [text])))
+    prompts = prompts[:NUM_PROMPTS]
     refs = [sd.greedy_reference(vl, t, MAX_NEW) for t, _ in prompts]
     return SimpleNamespace(vl=vl, eg=eg, prompts=prompts, refs=refs, head=vl.lm_head_weight())
 
@@ -177,7 +178,7 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
     accepted = {}
     for name, engines in configs.items():
         acc = drafted = 0
-        for i, ((t_in, e_in), ref) in enumerate(zip(world.prompts[:NUM_PROMPTS], world.refs, strict=False)):
+        for i, ((t_in, e_in), ref) in enumerate(zip(world.prompts, world.refs, strict=True)):
             for synthetic in (never, always):
                 synthetic.set_reference(ref)
             out = engines[i % len(engines)].generate(t_in, e_in, MAX_NEW)
