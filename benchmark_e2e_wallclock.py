@@ -361,15 +361,26 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[str, Any]:
-    """Per configuration: speed-up per repeat (sum of target ms / sum of its ms, also without vision),
+    """Per configuration: speed-up per repeat (target ms per token / its ms per token over the same samples,
+    also without the target's vision),
     tokens/s, stage medians, acceptance length with and without the bonus token, per-position rates."""
     base = runs["target"]
     out = {}
     for name, reps in runs.items():
         flat = [r for rep in reps for r in rep]
-        speed = [sum(b["ms"] for b in base[i]) / sum(r["ms"] for r in rep) for i, rep in enumerate(reps)]
-        llm = [sum(b["ms"] - b["vision_ms"] for b in base[i]) / sum(r["ms"] - r["vision_ms"] for r in rep)
-               for i, rep in enumerate(reps)]
+        # Time per generated token, so sampled answers of different lengths compare fairly; in greedy mode
+        # every configuration writes the same tokens and this is the ratio of answer times.
+        def per_token(rep: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> float:
+            return sum(key(r) for r in rep) / sum(r["tokens"] for r in rep)
+
+        def total(r: dict[str, Any]) -> float:
+            return r["ms"]
+
+        def llm_only(r: dict[str, Any]) -> float:
+            return r["ms"] - r["vision_ms"]
+
+        speed = [per_token(base[i], total) / per_token(rep, total) for i, rep in enumerate(reps)]
+        llm = [per_token(base[i], llm_only) / per_token(rep, llm_only) for i, rep in enumerate(reps)]
         res: dict[str, Any] = {
             "speedup": _spread(speed), "speedup_llm_only": _spread(llm),
             "tokens_per_s": sum(r["tokens"] for r in flat) / (sum(r["ms"] for r in flat) / 1e3),
@@ -452,8 +463,9 @@ def format_report(result: dict[str, Any]) -> str:
              f"max_new_tokens {result['max_new_tokens']}, "
              f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, temperature "
              f"{result['temperature']}; greedy outputs checked equal to the target's: {result['lossless_checked']}.",
-             "", "Speed-up = target-alone time / configuration time on the same samples, median (min-max) over "
-             "repeats; 'LLM only' leaves out the target's vision (video decoding + tower).", "",
+             "", "Speed-up = target-alone time per token / configuration time per token on the same samples (in "
+             "greedy mode both write the same tokens), median (min-max) over repeats; 'LLM only' leaves out the "
+             "target's vision (video decoding + tower).", "",
              markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "modelled",
                              "tokens/verify", "accepted/iter", "prefill acc/drafted"], rows), ""]
     stage_rows = [[n, *(f"{r['stage_ms_median_per_answer'].get(k, 0.0):.2f}" for k in
