@@ -299,3 +299,26 @@ def test_sampling_engine_is_lossless_in_distribution() -> None:
     tv = 0.5 * (counts / n - exact).abs().sum()
     assert tv < 0.06, f"total variation {tv:.3f} between SD samples and the target's distribution"
     assert 0 < accepted < n  # the drafter was sometimes right and sometimes corrected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_streams_stay_lossless(quick_world: Path) -> None:
+    """The GPU path: phase 1 on a side stream, every stage timed between stream syncs, same answers."""
+    import model_loaders as ml
+    from toy_dataset import load_index, load_questions
+
+    vl = ml.load_video_llava(quick_world / "models" / "video_llava", device="cuda", dtype="fp32")
+    eg = ml.load_eventgpt(quick_world / "models" / "eventgpt", device="cuda", dtype="fp32")
+    ds = quick_world / "dataset"
+    head = vl.lm_head_weight()
+    lm = sd.DrafterLM(eg)
+    adapter = create_adapter("L1", 64).cuda().eval()
+    engine = sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, adapter, head), gamma_decode=3,
+                                   prefill_drafter=sd.EventGPTDrafter(lm, adapter, head), gamma_prefill=4)
+    for clip in load_index(ds, "test"):
+        for q in load_questions(ds)[:3]:
+            t_in = vl.build_inputs([vl.clip_features(ds / "test", clip)], [q])
+            e_in = eg.build_inputs([eg.clip_features(ds / "test", clip)], [q])
+            out = engine.generate(t_in, e_in, 12)
+            sd.check_lossless(out.tokens, sd.greedy_reference(vl, t_in, 12), q)
+            assert "overlap_ms" in out.trace.phase1
