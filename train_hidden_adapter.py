@@ -135,8 +135,8 @@ def _yaml_defaults(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    pre.add_argument("--resume")
+    pre.add_argument("--config", help="YAML defaults (read before the full parse)")
+    pre.add_argument("--resume", help="run folder whose config.yaml supplies the defaults")
     first, _ = pre.parse_known_args(argv)
     defaults: dict[str, Any] = {}
     try:
