@@ -8,6 +8,11 @@ A data folder written by `extract_hidden_states.py` looks like
 
 Chunks and shard files are written atomically; the manifest is rebuilt from the shard files, so
 it can always be regenerated (`merge_manifest`). Keys, shapes and dtypes: docs/DATA_FORMAT.md.
+
+Readers: `select_pairs` applies the pairing rule (free or teacher-forced drafter states, and the
+mask that goes with each); `ChunkStream` streams a folder larger than RAM in batches (one chunk at a
+time, memory mapped, reshuffled per epoch from the seed, next chunk read in the background, split
+across DDP ranks) and `to_device` moves a batch to the compute device (docs/TRAINING.md).
 """
 
 from __future__ import annotations
