@@ -156,7 +156,8 @@ def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperatu
     """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding)."""
     level = adapter.config.name
     if level in sd.ROLLOUT_LEVELS:
-        return sd.RolloutDrafter(adapter, head, temperature, gen)
+        reads_egpt = adapter.config.consumes == "drafter"  # L5: EventGPT states of the verified text
+        return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None)
     if level == "L5F":
         return sd.FusedDrafter(lm, adapter, head, temperature, gen)
     return sd.EventGPTDrafter(lm, adapter, head, temperature, gen)

@@ -18,8 +18,8 @@ Two phases per answer:
      accepted prefix plus the target's own next token, crop both caches, re-sync the drafter.
 
 Drafters (one small protocol, `Drafter`: begin / draft / accept):
-  - `RolloutDrafter`   (mode a) L5 or B1 rolled out on its own outputs from the last verified target
-                       state; no EventGPT step while decoding.
+  - `RolloutDrafter`   (mode a) B1 (from verified target states) or L5 (from EventGPT's states of the
+                       verified text, one EventGPT pass per iteration) rolled out on its own outputs.
   - `FusedDrafter`     (mode b) L5F over EventGPT states and target states; EventGPT steps in
                        lockstep on the accepted text (not concurrently).
   - `EventGPTDrafter`  (mode c) EventGPT decodes the draft text itself, each of its states goes through
@@ -281,39 +281,53 @@ class EventGPTDrafter:
 
 
 class RolloutDrafter:
-    """Mode (a): an EAGLE-style adapter (L5 or B1) fed the verified target states s_0..s_{N-1}; its
-    output at the last one estimates s_N (-> draft N); further drafts feed its own outputs back in.
-
-    B1 was trained on target states, so this is its home; L5 was trained on EventGPT states and here
-    sees target states (same width), which the measured acceptance will judge. Each draft costs one
-    adapter step; EventGPT does not run while decoding.
+    """Mode (a): an EAGLE-style adapter rolled out on its own outputs. Its context is the verified
+    positions 0..N-1: target states s_t for B1 (trained target -> target), EventGPT's states g_t for
+    L5 (trained on them; `lm` given, EventGPT fed the accepted text in one pass per iteration, in
+    lockstep). The output at N-1 estimates s_N (-> draft N); each further draft feeds the previous
+    output back in as the next input, one adapter step each.
     """
 
-    uses_drafter_model = False
-
     def __init__(self, adapter: Any, head: Tensor, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, lm: DrafterLM | None = None) -> None:
         if _level(adapter) not in ROLLOUT_LEVELS:
             raise ValueError(f"roll-out drafting needs {ROLLOUT_LEVELS}, got {_level(adapter)}")
         if adapter.config.use_token_embed:
             raise ValueError("roll-out drafting of adapters built with use_token_embed is not supported")
-        self.adapter, self.head = adapter, head
+        if (adapter.config.consumes == "drafter") != (lm is not None):
+            raise ValueError(f"{_level(adapter)} consumes {adapter.config.consumes} states: pass lm (EventGPT) "
+                             "exactly when it consumes drafter states")
+        self.adapter, self.head, self.lm = adapter, head, lm
         self.temperature, self.generator = temperature, generator
+        self.uses_drafter_model = lm is not None
         self.name = f"rollout+{_level(adapter)}"
 
     def begin(self, inputs: VLMInputs | None) -> None:
+        if self.lm is not None:
+            if inputs is None:
+                raise ValueError(f"{self.name} reads EventGPT states and needs its prompt inputs")
+            self.lm.start(inputs)
+        self.verified: list[int] = []
         self.states: list[Tensor] = []  # verified target states, [D] each
         self.past: list | None = None
-        self.fed = 0  # verified states inside self.past (rolled-out entries come after them)
+        self.fed = 0  # verified positions inside self.past (rolled-out entries come after them)
+
+    def _context(self, n: int) -> Tensor:
+        """Inputs of the verified positions fed..n-1, [1, n - fed, D]."""
+        if self.lm is not None:
+            ctx = self.lm.states_for(self.verified[: n - 1])[self.fed : n]  # g_fed .. g_{N-1}
+        else:
+            ctx = torch.stack(self.states[self.fed : n])
+        return ctx[None].to(self.head.device, _dtype(self.adapter))
 
     @torch.no_grad()
     def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
         if k == 0:
             return Draft([])
+        n = len(self.states)
         self.past = _crop_adapter_cache(self.past, self.fed)
-        new = torch.stack(self.states[self.fed:])[None].to(_dtype(self.adapter))  # [1, n, D]
-        out, self.past = self.adapter.step(new, self.past)
-        self.fed = len(self.states)
+        out, self.past = self.adapter.step(self._context(n), self.past)
+        self.fed = n
         tokens, probs = [], []
         h = out[:, -1:]  # estimates the target state at the next position
         for i in range(k):
@@ -326,6 +340,7 @@ class RolloutDrafter:
         return Draft(tokens, torch.stack(probs) if probs else None)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
+        self.verified += tokens
         self.states += list(states)
 
 
@@ -594,7 +609,7 @@ class SpeculativeDecoder:
             trace.iterations.append(it)
             tokens += new[: new.index(self.eos) + 1] if self.eos in new else new
         trace.total_ms = clock.now_ms()
-        lms = {id(d.lm): d.lm for d in (drafter, self.prefill_drafter) if hasattr(d, "lm")}
+        lms = {id(d.lm): d.lm for d in (drafter, self.prefill_drafter) if getattr(d, "lm", None) is not None}
         trace.foreign_tokens = sum(lm.foreign_tokens for lm in lms.values())
         return SpecOutput(tokens[:max_new_tokens], trace)
 

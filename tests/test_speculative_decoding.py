@@ -98,23 +98,32 @@ def test_rejection_sampling_leaves_target_distribution() -> None:
 
 
 class _Oracle(nn.Module):
-    """Stands in for B1 / L5F: maps a target state to the true next target state by nearest neighbour
-    among the reference states. It can only match if every draft is taken from the right state."""
+    """Stands in for B1 / L5 / L5F: maps a state to the true next target state by nearest neighbour
+    among known states (`keys[i]` -> `values[i]`). It can only match if every draft is taken from the
+    right state."""
 
-    def __init__(self, name: str, states: torch.Tensor) -> None:
+    def __init__(self, name: str, consumes: str, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.config = SimpleNamespace(name=name, use_token_embed=False)
+        self.config = SimpleNamespace(name=name, consumes=consumes, use_token_embed=False)
         self.scale = nn.Parameter(torch.ones(()))
-        self.ref = states
+        self.keys, self.values = keys, values
 
     @torch.no_grad()
     def step(self, x, past=None, *, h_target=None, token_ids=None):
         src = h_target if h_target is not None else x
-        idx = torch.cdist(src[0], self.ref).argmin(-1).clamp(max=len(self.ref) - 2)
-        out = self.ref[idx + 1][None]
+        out = self.values[torch.cdist(src[0], self.keys).argmin(-1)][None]
         kv = torch.zeros(1, 1, src.shape[1], 1)
         past = [(kv, kv)] if past is None else [(torch.cat([past[0][0], kv], 2), torch.cat([past[0][1], kv], 2))]
         return out, past
+
+
+def _next_state_oracle(name: str, consumes: str, states: torch.Tensor, egpt_states: torch.Tensor | None) -> _Oracle:
+    """s_t -> s_{t+1} (and, for L5, EventGPT's g_t -> s_{t+1}); the last state maps to itself."""
+    following = torch.cat([states[1:], states[-1:]])
+    if egpt_states is None:
+        return _Oracle(name, consumes, states, following)
+    g = egpt_states[: len(states)]
+    return _Oracle(name, consumes, torch.cat([g, states]), torch.cat([following[: len(g)], following]))
 
 
 def test_no_draft_is_one_position_late(world: SimpleNamespace) -> None:
@@ -130,10 +139,16 @@ def test_no_draft_is_one_position_late(world: SimpleNamespace) -> None:
         ref_states = gen.hidden[0, :length]
         reference = gen.tokens[0, :length].tolist()
         self_lm = sd.DrafterLM(vl)
+        egpt = sd.DrafterLM(world.eg)
+        egpt.start(e_in)
+        g_states = egpt.states_for(reference).clone()  # g_t: EventGPT after the target's first t tokens
         for drafter, drafter_in in (
             (sd.EventGPTDrafter(self_lm, None, head), t_in),
-            (sd.RolloutDrafter(_Oracle("B1", ref_states), head), None),
-            (sd.FusedDrafter(sd.DrafterLM(world.eg), _Oracle("L5F", ref_states), head), e_in),
+            (sd.RolloutDrafter(_next_state_oracle("B1", "target", ref_states, None), head), None),
+            (sd.RolloutDrafter(_next_state_oracle("L5", "drafter", ref_states, g_states), head,
+                               lm=sd.DrafterLM(world.eg)), e_in),
+            (sd.FusedDrafter(sd.DrafterLM(world.eg), _next_state_oracle("L5F", "both", ref_states, None), head),
+             e_in),
         ):
             out = sd.SpeculativeDecoder(vl, drafter, gamma_decode=3).generate(t_in, drafter_in, 12)
             assert out.tokens == reference
@@ -158,22 +173,23 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
     trained_l1 = fitted_adapter("L1", quick_hidden)
     trained_b1 = fitted_adapter("B1", quick_hidden)
     never, always = sd.SyntheticDrafter(0.0, vl.vocab_size), sd.SyntheticDrafter(1.0, vl.vocab_size)
-    # Every prompt runs the trained and both synthetic drafters; the random ones take turns (cost).
+    # Every prompt runs both synthetic drafters, one trained and one random drafter (they take turns).
     random_configs = [
         sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head), gamma_decode=3,
                               prefill_drafter=sd.EventGPTDrafter(lm, create_adapter("L2", 64).eval(), head),
                               gamma_prefill=3),
         sd.SpeculativeDecoder(vl, sd.RolloutDrafter(create_adapter("B1", 64).eval(), head), gamma_decode=3),
+        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(create_adapter("L5", 64).eval(), head, lm=lm), gamma_decode=3),
         sd.SpeculativeDecoder(vl, sd.FusedDrafter(lm, create_adapter("L5F", 64).eval(), head), gamma_decode=3),
     ]
     configs = {
-        "trained L1 (c) + prefill": [sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, trained_l1, head),
-                                                           gamma_decode=3, prefill_drafter=sd.EventGPTDrafter(
-                                                               lm, trained_l1, head), gamma_prefill=3)],
-        "trained B1 (a)": [sd.SpeculativeDecoder(vl, sd.RolloutDrafter(trained_b1, head), gamma_decode=3)],
+        "trained L1 (c) + prefill / B1 (a)": [
+            sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, trained_l1, head), gamma_decode=3,
+                                  prefill_drafter=sd.EventGPTDrafter(lm, trained_l1, head), gamma_prefill=3),
+            sd.SpeculativeDecoder(vl, sd.RolloutDrafter(trained_b1, head), gamma_decode=3)],
         "never matching": [sd.SpeculativeDecoder(vl, never, gamma_decode=3)],
         "always matching": [sd.SpeculativeDecoder(vl, always, gamma_decode=3)],
-        "random L1+L2 (c) / B1 (a) / L5F (b)": random_configs,
+        "random L1+L2 (c) / B1, L5 (a) / L5F (b)": random_configs,
     }
     accepted = {}
     for name, engines in configs.items():
@@ -188,7 +204,7 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
         accepted[name] = (acc, drafted)
     assert accepted["never matching"][0] == 0 and accepted["never matching"][1] > 0
     assert accepted["always matching"][0] == accepted["always matching"][1] > 0
-    assert accepted["trained L1 (c) + prefill"][0] > 0, accepted
+    assert accepted["trained L1 (c) + prefill / B1 (a)"][0] > 0, accepted
 
 
 def test_lossless_check_fails_loudly() -> None:
