@@ -555,6 +555,7 @@ def main(args: argparse.Namespace) -> int:
              args.warmup)
 
     references = {}
+    checked = 0  # greedy outputs compared with the target's own (run_config raises on a mismatch)
     try:
         for c, q in tqdm(samples, desc="reference answers", unit="sample"):
             inputs = vl.build_inputs([vl.clip_features(split_dir, clips[c])], [questions[q]])
@@ -568,6 +569,7 @@ def main(args: argparse.Namespace) -> int:
                 for name in order:
                     rec = run_config(name, engines.get(name), vl, eg, split_dir, clips[c], questions[q],
                                      references[(c, q)], args)
+                    checked += args.temperature == 0
                     if rep >= 0:
                         runs[name][rep].append(rec)
                     bar.update(1)
@@ -603,6 +605,7 @@ def main(args: argparse.Namespace) -> int:
         reps = [[assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
                  for q in questions[: args.max_samples]] for _ in range(args.repeats)]
         flat = [r for rep in reps for r in rep]
+        checked += 2 * (len(flat) + max(args.warmup, 1))  # ours and transformers', warm-up included
         tokens = sum(r["tokens"] for r in flat)
         assisted = {
             "ours_tokens_per_s": tokens / (sum(r["ours_ms"] for r in flat) / 1e3),
@@ -618,7 +621,8 @@ def main(args: argparse.Namespace) -> int:
         "platform": platform.platform(), "torch": torch.__version__, "num_samples": len(samples),
         "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
-        "lossless_checked": args.temperature == 0, "random_adapters": args.random_adapters,
+        "lossless_checked": args.temperature == 0, "lossless_outputs_checked": checked,
+        "random_adapters": args.random_adapters,
         "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},
         "decode_modes": {n: e.drafter.name for n, e in engines.items() if n.startswith("decode")},
         "synthetic_cost_ms": args.synthetic_cost_ms,

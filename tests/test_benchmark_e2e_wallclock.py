@@ -92,6 +92,8 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
     assert set(result["configs"]) == {"target", "hf_generate", "prefill[L1]", "decode[L5F]", "decode[B1]",
                                       "two_phase[L1+L5F]", "two_phase[L1+B1]", "synthetic_p0", "synthetic_p1"}
     assert result["lossless_checked"]
+    # 9 configs x (2 samples x 2 repeats + 1 warm-up), then ours and transformers' on 2 x 2 + 1 text prompts
+    assert result["lossless_outputs_checked"] == 9 * (2 * 2 + 1) + 2 * (2 * 2 + 1)
     assert result["decode_modes"] == {"decode[L5F]": "fused+L5F", "decode[B1]": "rollout+B1"}
     assert result["adapters"] == {"prefill": ["L1"], "decode": ["L5F", "B1"]}
     for name, res in result["configs"].items():
