@@ -1,37 +1,158 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in toy world, from a fresh clone: set-up, data, models, stages.
-# Every stage skips work that is already done, so a rerun is cheap. DATA/RESULTS can be overridden.
+# The whole pipeline, from a fresh clone: set-up, data, models, extraction, training of every adapter,
+# offline evaluation, two-phase estimates, the live benchmark, and a generated RESULTS.md.
+#
+# With no settings it builds and uses the built-in toy world (CPU, minutes). Every stage skips work
+# that is already done, so a rerun is cheap (FORCE=1 redoes the benchmarks and evaluations).
+# Real data and models are chosen by environment variables, or by one file of them (PIPELINE_ENV):
+#   WORLD=dsec DATASET_DIR=data/dsec EGPT_MODEL=checkpoints/EventGPT-7b \
+#     VL_MODEL=LanguageBind/Video-LLaVA-7B-hf QUANT=4bit NUM_GPUS=4 bash run_pipeline.sh
+# See docs/PIPELINE.md (stages and files) and docs/REAL_MODELS.md (the 7B models and DSEC).
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ -n "${PIPELINE_ENV:-}" ]; then
+  [ -f "$PIPELINE_ENV" ] || { echo "error: PIPELINE_ENV=$PIPELINE_ENV does not exist" >&2; exit 2; }
+  # shellcheck disable=SC1090
+  source "$PIPELINE_ENV"
+fi
 bash setup.sh
-PY=.venv/bin/python
-DATA=${DATA:-data/toy}
-RESULTS=${RESULTS:-results/toy}
-mkdir -p "$RESULTS"
+PY=${PY:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 shared cores: one thread per process is fastest and steady
 
-echo "== 1. toy world: data set + tiny EventGPT / Video-LLaVA checkpoints (a few minutes the first time)"
-$PY make_toy_world.py --output_dir "$DATA"
+# ---- what to run on (defaults: the toy world) --------------------------------------------------------
+WORLD=${WORLD:-toy}                                   # names data/, tasks/ and results/ subfolders
+DATA=${DATA:-data/$WORLD}                             # generated data (hidden states, LM head)
+DATASET_DIR=${DATASET_DIR:-}                          # a real data set (prepare_dsec_index.py); empty: toy world
+EGPT_MODEL=${EGPT_MODEL:-$DATA/models/eventgpt}       # EventGPT checkpoint folder (release layout)
+VL_MODEL=${VL_MODEL:-$DATA/models/video_llava}        # Video-LLaVA folder or hub id
+QUANT=${QUANT:-none}                                  # none | 4bit | 8bit (bitsandbytes, CUDA)
+DEVICE=${DEVICE:-auto}                                # auto | cpu | cuda
+NUM_GPUS=${NUM_GPUS:-0}                               # >1: extraction and training under accelerate launch
+ALLOW_PICKLE=${ALLOW_PICKLE:-1}                       # EventGPT's event .npy files are pickled dicts
+TASKS=${TASKS:-tasks/$WORLD}
+RESULTS=${RESULTS:-results/$WORLD}
+TIMINGS_DIR=${TIMINGS_DIR:-timings}
+FORCE=${FORCE:-0}
+# ---- how much (toy-sized defaults; the reference used 10 questions, 50 tokens, 50 epochs) -----------
+MAX_QUESTIONS=${MAX_QUESTIONS:-10}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}
+EXTRACT_BATCH=${EXTRACT_BATCH:-16}
+CHUNK_SIZE=${CHUNK_SIZE:-500}
+LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F"}
+PAIRINGS=${PAIRINGS:-"free teacher_forced"}
+TRAIN_ARGS=${TRAIN_ARGS:-"--num_epochs 4 --batch_size 64 --learning_rate 3e-3 --early_stopping 2"}
+TOY_ARGS=${TOY_ARGS:-}                                # extra flags of make_toy_world.py (tests: --quick)
+BENCH_ARGS=${BENCH_ARGS:-"--max_clips 12 --repeats 3"}   # extraction benchmark size
+E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, question) samples of the test split
+E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}
 
-echo "== 2. events -> event frames (the toy clips are pickled dicts, as EventGPT's DSEC files)"
-$PY preprocess_event_images.py --dataset_dir "$DATA/dataset" --allow_pickle
+if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
+LM_HEAD=$DATA/vl_lm_head.pt
+mkdir -p "$RESULTS" "$TASKS"
+launch() {  # one process, or one per GPU under accelerate launch
+  if [ "$NUM_GPUS" -gt 1 ]; then .venv/bin/accelerate launch --num_processes "$NUM_GPUS" "$@"; else $PY "$@"; fi
+}
+fresh() { [ "$FORCE" = 1 ] || [ ! -f "$1" ]; }       # true when output $1 must be (re)made
+stage() { echo; echo "== $*"; }
 
-echo "== 3. paired hidden states of both models, every split (teacher-forced pairs included)"
+if [ "$TOY" = 1 ]; then
+  stage "1. toy world: data set + tiny EventGPT / Video-LLaVA checkpoints (a few minutes the first time)"
+  # shellcheck disable=SC2086
+  $PY make_toy_world.py --output_dir "$DATA" $TOY_ARGS
+else
+  stage "1. real data set $DATASET_DIR (index written by prepare_dsec_index.py), models $EGPT_MODEL + $VL_MODEL"
+  for SPLIT in train val test; do
+    [ -f "$DATASET_DIR/$SPLIT/index.json" ] || { echo "error: $DATASET_DIR/$SPLIT/index.json is missing; run prepare_dsec_index.py (docs/REAL_MODELS.md)" >&2; exit 2; }
+  done
+fi
+
+stage "2. events -> event frames"
+PICKLE_FLAG=()
+[ "$ALLOW_PICKLE" = 1 ] && PICKLE_FLAG=(--allow_pickle)
+$PY preprocess_event_images.py --dataset_dir "$DATASET_DIR" "${PICKLE_FLAG[@]}"
+
+stage "3. paired hidden states of both models, every split (teacher-forced pairs included)"
 for SPLIT in train val test; do
-  $PY extract_hidden_states.py --split "$SPLIT" --chunked --chunk_size 500 --batch_size 16 --quant none \
-    --dataset_dir "$DATA/dataset" --egpt_model "$DATA/models/eventgpt" --vl_model "$DATA/models/video_llava" \
-    --teacher_forced --output_dir "$DATA/hidden/$SPLIT"
+  launch extract_hidden_states.py --split "$SPLIT" --chunked --chunk_size "$CHUNK_SIZE" --batch_size "$EXTRACT_BATCH" \
+    --quant "$QUANT" --device "$DEVICE" --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
+    --max_questions "$MAX_QUESTIONS" --max_new_tokens "$MAX_NEW_TOKENS" --teacher_forced --output_dir "$DATA/hidden/$SPLIT"
 done
 
-echo "== 4. the target's LM head, for token-level metrics"
-$PY extract_vl_lm_head.py --vl_model "$DATA/models/video_llava" --output "$DATA/vl_lm_head.pt"
+stage "4. the target's LM head, for token-level metrics"
+$PY extract_vl_lm_head.py --vl_model "$VL_MODEL" --output "$LM_HEAD" --device "$DEVICE"
 
-echo "== 5. extraction throughput: the reference's one-by-one loop vs ours, side by side"
-$PY benchmark_extraction.py --dataset_dir "$DATA/dataset" --egpt_model "$DATA/models/eventgpt" \
-  --vl_model "$DATA/models/video_llava" --max_clips 12 --batch_size 16 --repeats 3 --teacher_forced --threads 1 \
-  --output "$RESULTS/extraction_benchmark.json"
+stage "5. extraction throughput: the reference's one-by-one loop vs ours, side by side"
+if fresh "$RESULTS/extraction_benchmark.json"; then
+  # shellcheck disable=SC2086
+  $PY benchmark_extraction.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
+    --quant "$QUANT" --device "$DEVICE" --batch_size 16 --teacher_forced --threads 1 $BENCH_ARGS \
+    --output "$RESULTS/extraction_benchmark.json"
+else echo "kept $RESULTS/extraction_benchmark.json"; fi
 
-echo "== 6. adapter zoo at the toy width, and its latency"
-$PY hidden_adapter.py --summary --hidden_dim 64
-$PY benchmark_adapter_latency.py --hidden_dim 64 --repeats 10 --output "$RESULTS/adapter_latency.json"
+stage "6. adapter zoo at the models' width, and its latency"
+WIDTH=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['widths']['target'])" "$DATA/hidden/train/manifest.json")
+$PY hidden_adapter.py --summary --hidden_dim "$WIDTH"
+if fresh "$RESULTS/adapter_latency.json"; then
+  $PY benchmark_adapter_latency.py --hidden_dim "$WIDTH" --repeats 10 --device "$DEVICE" --output "$RESULTS/adapter_latency.json"
+else echo "kept $RESULTS/adapter_latency.json"; fi
 
-echo "done: data in $DATA, results in $RESULTS"
+stage "7. train every adapter level on both pairings (selected on val; the test split is never read)"
+newest_run() {  # newest finished run folder of level $1, pairing $2 (timestamps sort lexically)
+  local d found=""
+  for d in "$TASKS/$1_$2_"*/; do
+    [ -f "$d/best_model.pt" ] && [ -f "$d/history.json" ] && grep -q '"finished": true' "$d/history.json" && found=${d%/}
+  done
+  echo "$found"
+}
+for LEVEL in $LEVELS; do
+  for PAIRS in $PAIRINGS; do
+    done_run=$(newest_run "$LEVEL" "$PAIRS")
+    if [ -n "$done_run" ] && [ "$FORCE" != 1 ]; then echo "kept $done_run"; continue; fi
+    echo "-- $LEVEL on $PAIRS pairs"
+    # shellcheck disable=SC2086
+    launch train_hidden_adapter.py --train_data "$DATA/hidden/train" --val_data "$DATA/hidden/val" --adapter_level "$LEVEL" \
+      --pairs "$PAIRS" --lm_head "$LM_HEAD" --output_dir "$TASKS" --device "$DEVICE" --no_progress $TRAIN_ARGS
+  done
+done
+
+stage "8. offline acceptance of every adapter on the test split (hidden-state and token level)"
+PY=$PY TASKS=$TASKS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/acceptance DEVICE=$DEVICE FORCE=$FORCE \
+  bash run_all_eval.sh
+
+stage "9. live lossless speculative decoding, measured against the target alone"
+PREFILL_RUN=$(newest_run L1 free)
+DECODE_RUNS=()
+for LEVEL in L5F B1 L5; do
+  r=$(newest_run "$LEVEL" teacher_forced)
+  [ -n "$r" ] && DECODE_RUNS+=("$r/best_model.pt")
+done
+[ -n "$PREFILL_RUN" ] && [ "${#DECODE_RUNS[@]}" -gt 0 ] || { echo "error: no trained L1 / decode adapter in $TASKS" >&2; exit 1; }
+E2E_OUT=$RESULTS/e2e
+if fresh "$E2E_OUT/e2e_wallclock.json" || [ "$PREFILL_RUN/best_model.pt" -nt "$E2E_OUT/e2e_wallclock.json" ]; then
+  # shellcheck disable=SC2086
+  $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
+    --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --prefill_adapter "$PREFILL_RUN/best_model.pt" --decode_adapter "${DECODE_RUNS[@]}" $E2E_ARGS --output_dir "$E2E_OUT"
+else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
+
+echo "-- offline acceptance of the same checkpoints on the live benchmark's samples (the first $E2E_SAMPLES of the test split)"
+for CKPT in "$PREFILL_RUN/best_model.pt" "${DECODE_RUNS[@]}"; do
+  RUN=$(basename "$(dirname "$CKPT")")
+  DEST=$RESULTS/acceptance_e2e_samples/${RUN%_*_*}
+  if fresh "$DEST/acceptance_metrics.json" || [ "$CKPT" -nt "$DEST/acceptance_metrics.json" ]; then
+    $PY measure_feature_acceptance.py --checkpoint "$CKPT" --test_data "$DATA/hidden/test" --lm_head "$LM_HEAD" \
+      --max_samples "$E2E_SAMPLES" --device "$DEVICE" --output_dir "$DEST" > /dev/null
+  fi
+done
+
+stage "10. two-phase estimates: every configuration under every timing profile (shipped + measured here)"
+PY=$PY ACCEPTANCE=$RESULTS/acceptance OUT=$RESULTS/two_phase LABEL=$WORLD \
+  TIMINGS="$TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json $E2E_OUT/timing_profile.json" \
+  bash run_two_phase_eval.sh
+
+stage "11. RESULTS.md, generated from this run's files"
+$PY write_results.py --world "$WORLD" --data_dir "$DATA" --tasks_dir "$TASKS" --results_dir "$RESULTS" \
+  --output "$RESULTS/RESULTS.md"
+
+echo
+echo "done: data in $DATA, adapters in $TASKS, results in $RESULTS (read $RESULTS/RESULTS.md)"

@@ -227,7 +227,7 @@ def two_phase_section(page: Page, results_dir: Path, world: str) -> None:
             raise UserError(f"{f} is missing; run run_two_phase_eval.sh first")
         r = read_json(f, "two-phase result", "rerun run_two_phase_eval.sh")
         profiles = r["profiles"]
-        names = [Path(p["timing_profile"]).stem for p in profiles]
+        names = [profile_name(p["timing_profile"]) for p in profiles]
         header = ["config", "accepted/iter", "free tokens",
                   *[f"{n}: {model}" for n in names for model in ("honest", "reference")]]
         rows = []
@@ -239,6 +239,12 @@ def two_phase_section(page: Page, results_dir: Path, world: str) -> None:
             rows.append(cells)
         page.add(f"### {what}", "", markdown_table(header, rows))
         page.source(f)
+
+
+def profile_name(path: str) -> str:
+    """A timing profile's short name: its file stem, or for a measured `timing_profile.json` its folder."""
+    p = Path(path)
+    return f"measured here ({p.parent.name})" if p.stem == "timing_profile" else p.stem
 
 
 def live_section(page: Page, results_dir: Path) -> dict[str, Any]:
@@ -327,8 +333,11 @@ def benchmarks_section(page: Page, results_dir: Path) -> None:
     if ext.is_file():
         r = read_json(ext, "extraction benchmark", "rerun benchmark_extraction.py")
         sp = r.get("speedup") or {}
-        page.add(f"Extraction, batched vs the reference's one-by-one loop: {span(sp)} on {r.get('device', '?')} "
-                 f"(equality check {'passed' if r.get('check', {}).get('passed', r.get('equal')) else 'see file'}).")
+        eq = r.get("equality", {})
+        page.add(f"Extraction, batched vs the reference's one-by-one loop: {span(sp)} on {r.get('device', '?')}, "
+                 f"{r.get('num_samples')} samples; outputs {'equal' if eq.get('passed') else 'NOT equal'} "
+                 f"({eq.get('samples_with_equal_tokens')}/{eq.get('samples')} token-equal, largest hidden-state "
+                 f"difference {eq.get('hidden_max_abs_diff')}).")
         page.source(ext)
     lat = results_dir / "adapter_latency.json"
     if lat.is_file():

@@ -51,7 +51,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("level", ADAPTER_NAMES)
 def test_loss_falls_for_every_level(data, tmp_path, level):
-    result = train(*flags(data, tmp_path, level, "--pairs", "free", "--dropout", "0", "--num_epochs", "5"))
+    # w = 0.5 keeps an alignment term: in these synthetic pairs the target state at t+1 depends on the
+    # drafter's state t+1, which a next-position adapter never sees, so prediction alone (the default
+    # w = 1) has little to learn here. Which w drafts better is measured on the toy world (TRAINING.md).
+    result = train(*flags(data, tmp_path, level, "--pairs", "free", "--dropout", "0", "--num_epochs", "5",
+                          "--prediction_weight", "0.5"))
     history = json.loads((Path(result["run_dir"]) / "history.json").read_text())
     initial = history["initial_val"]["loss"]
     assert result["finished"] and result["best_val"]["loss"] < 0.97 * initial, (initial, result["best_val"])

@@ -1,0 +1,109 @@
+"""The whole pipeline (`run_pipeline.sh`) on a reduced toy world: every stage runs, every artefact
+exists, parses and holds values in range, and a rerun skips the finished work."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hidden_adapter import ADAPTER_NAMES, load_adapter
+from tests.conftest import ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_pipeline(tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA": str(tmp / "data"), "TASKS": str(tmp / "tasks"), "RESULTS": str(tmp / "results"),
+           "TOY_ARGS": "--quick --threads 1", "MAX_QUESTIONS": "2", "MAX_NEW_TOKENS": "8", "CHUNK_SIZE": "4",
+           "EXTRACT_BATCH": "4", "BENCH_ARGS": "--max_clips 2 --repeats 1 --warmup 0",
+           "TRAIN_ARGS": "--num_epochs 1 --batch_size 16", "E2E_SAMPLES": "2",
+           "E2E_ARGS": "--warmup 0 --repeats 1 --synthetic_acceptance 0.5,1.0", "CUDA_VISIBLE_DEVICES": "",
+           "DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    done = run_pipeline(tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp, done
+
+
+def finite_in(x: float, lo: float, hi: float) -> bool:
+    return x is not None and math.isfinite(x) and lo <= x <= hi
+
+
+@pytest.mark.slow
+def test_every_adapter_is_trained_and_evaluated(pipeline):
+    tmp, _ = pipeline
+    for level in ADAPTER_NAMES:
+        for pairs in ("free", "teacher_forced"):
+            runs = sorted((tmp / "tasks").glob(f"{level}_{pairs}_*"))
+            assert len(runs) == 1, (level, pairs, runs)
+            adapter, extra = load_adapter(runs[0] / "best_model.pt")
+            assert adapter.config.name == level and extra["pairs"] == pairs
+            assert json.loads((runs[0] / "history.json").read_text())["finished"] is True
+            acc_file = tmp / "results" / "acceptance" / f"{level}_{pairs}" / "acceptance_metrics.json"
+            acc = json.loads(acc_file.read_text())
+            m = acc["metrics"]
+            assert acc["level"] == level and acc["counts"]["samples"] > 0 and m["token_positions"] > 0
+            for key in ("token_top1", "token_top5", "cos_mean", "accept@0.90"):
+                assert finite_in(m[key], -1.0 if key == "cos_mean" else 0.0, 1.0), (level, pairs, key, m[key])
+            assert m["token_top1"] <= m["token_top5"]
+            if adapter.predicts == "next":
+                assert finite_in(m["accept_len"], 0.0, acc["gamma_decode"])
+            else:
+                assert finite_in(m["prefill_free"], 0.0, acc["gamma_prefill"])
+            png = tmp / "results" / "acceptance" / f"{level}_{pairs}" / "per_position.png"
+            assert png.read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
+def test_live_benchmark_two_phase_and_report(pipeline):
+    tmp, _ = pipeline
+    res = tmp / "results"
+    live = json.loads((res / "e2e" / "e2e_wallclock.json").read_text())
+    assert live["lossless_checked"] is True and live["num_samples"] == 2
+    assert {"target", "synthetic_p1"} <= set(live["configs"])
+    assert any(k.startswith("two_phase[") for k in live["configs"])
+    for name, c in live["configs"].items():
+        assert finite_in(c["speedup"]["median"], 0.01, 100.0), name
+    assert live["configs"]["synthetic_p1"]["accepted_per_iteration"] > live["configs"]["synthetic_p0.5"][
+        "accepted_per_iteration"]
+    assert (res / "e2e" / "e2e_wallclock.png").read_bytes()[:8] == PNG
+    for label in ("toy", "toy_concurrent", "reference_inputs"):
+        two = json.loads((res / "two_phase" / f"two_phase_results_{label}.json").read_text())
+        assert len(two["profiles"]) == 3  # the two shipped profiles + the one measured live
+        for profile in two["profiles"]:
+            assert len(profile["configs"]) == 6
+            for cfg in profile["configs"]:
+                assert finite_in(cfg["honest"]["speedup"], 0.01, 100.0)
+                assert finite_in(cfg["reference"]["speedup"], 0.01, 100.0)
+    report = (res / "RESULTS.md").read_text()
+    for heading in ("## Data", "## Adapters: offline acceptance", "## Free pairs vs teacher-forced pairs",
+                    "## Training", "## Two-phase estimates", "## Live speculative decoding (measured)",
+                    "## Offline vs live acceptance"):
+        assert heading in report
+    assert "nan" not in report.lower().split() and "None" not in report
+    for level in ADAPTER_NAMES:
+        assert f"| {level} " in report
+    for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
+        assert (res / link).is_file(), link
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_work(pipeline):
+    tmp, _ = pipeline
+    again = run_pipeline(tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("kept ") >= 14 + 3  # 14 trained runs, two benchmarks, the live benchmark
+    assert "up to date" in again.stdout
+    for level in ADAPTER_NAMES:
+        assert len(list((tmp / "tasks").glob(f"{level}_free_*"))) == 1
