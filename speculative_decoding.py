@@ -118,6 +118,22 @@ def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
     return k, None
 
 
+def roll_out(h: Tensor, k: int, head: Tensor, temperature: float, generator: torch.Generator | None,
+             step: Callable[[int, list[int], Tensor], Tensor]) -> Draft:
+    """k drafts from a target-state estimate h [1, 1, D]: draft i is chosen from LM_head(h), then
+    `step(i, drafts so far, h)` gives the estimate for the next position (not called after the last)."""
+    tokens: list[int] = []
+    probs: list[Tensor] = []
+    for i in range(k):
+        tok, q = choose(h[0, 0].float() @ head.T, temperature, generator)
+        tokens.append(tok)
+        if q is not None:
+            probs.append(q)
+        if i < k - 1:
+            h = step(i, tokens, h)
+    return Draft(tokens, torch.stack(probs) if probs else None)
+
+
 def _sync(device: torch.device) -> None:
     """Wait for the current stream only: the other thread's stream keeps running (phase 1)."""
     if device.type == "cuda":
@@ -328,16 +344,13 @@ class RolloutDrafter:
         self.past = _crop_adapter_cache(self.past, self.fed)
         out, self.past = self.adapter.step(self._context(n), self.past)
         self.fed = n
-        tokens, probs = [], []
-        h = out[:, -1:]  # estimates the target state at the next position
-        for i in range(k):
-            tok, q = choose(h[0, 0].float() @ self.head.T, self.temperature, self.generator)
-            tokens.append(tok)
-            if q is not None:
-                probs.append(q)
-            if i < k - 1:
-                h, self.past = self.adapter.step(h, self.past)
-        return Draft(tokens, torch.stack(probs) if probs else None)
+
+        def step(i: int, tokens: list[int], h: Tensor) -> Tensor:  # the adapter reads its own output
+            h, self.past = self.adapter.step(h, self.past)
+            return h
+
+        # out[:, -1:] estimates the target state at the next position
+        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
         self.verified += tokens
@@ -385,17 +398,13 @@ class FusedDrafter:
         v = torch.stack(self.states[self.fed : n])[None].to(dt)
         out, self.past = self.adapter.step(x, self.past, h_target=v)
         self.fed = n
-        tokens, probs = [], []
-        h = out[:, -1:]
-        for i in range(k):
-            tok, q = choose(h[0, 0].float() @ self.head.T, self.temperature, self.generator)
-            tokens.append(tok)
-            if q is not None:
-                probs.append(q)
-            if i < k - 1:
-                g_next = self.lm.states_for(self.verified + tokens[:i])[-1]  # g_{N+i}
-                h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h)
-        return Draft(tokens, torch.stack(probs) if probs else None)
+
+        def step(i: int, tokens: list[int], h: Tensor) -> Tensor:  # EventGPT fed drafts 0..i-1 gives g_{N+i}
+            g_next = self.lm.states_for(self.verified + tokens[:i])[-1]
+            h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h)
+            return h
+
+        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
         self.verified += tokens
