@@ -58,7 +58,7 @@ from hidden_adapter import (
     save_adapter,
 )
 from hidden_data import PAIRS, ChunkStream, to_device
-from metrics import AcceptanceAccumulator
+from metrics import AcceptanceAccumulator, strict_json
 
 log = logging.getLogger("xmodal_sd.train")
 STATE_FORMAT = "xmodal_sd.train_state"
@@ -441,16 +441,6 @@ def load_state(path: Path, adapter: BaseAdapter, opt: Any, sched: Any, proc: Pro
     return ckpt["state"]
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str, predicts: str) -> None:
     """training_curves.png: losses (left), validation acceptance (right), per epoch."""
     import matplotlib
@@ -516,7 +506,7 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
             state["bad_epochs"] += 1
         entry = {"epoch": state["epoch"], "step": state["step"], "lr": sched.get_last_lr()[0], **stats,
                  "val": val, "best": improved, "epoch_s": time.perf_counter() - t0}
-        state["history"].append(_jsonable(entry))
+        state["history"].append(strict_json(entry))
         log.info("epoch %d: train loss %.4f, val loss %.4f, Accept@0.90 %.3f, %s %s, %.0f samples/s, "
                  "data wait %.0f%%%s", state["epoch"], stats["train_loss"], val["loss"], val["accept@0.90"],
                  token_key(adapter.predicts), f"{val.get(token_key(adapter.predicts), math.nan):.3f}",
@@ -531,7 +521,7 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
         if proc.is_main:
             if improved:
                 save_adapter(run_dir / "best_model.pt", adapter, pairs=args.pairs, args=config_values(args),
-                             epoch=state["epoch"], val_metrics=_jsonable(val), data=ctx["data"],
+                             epoch=state["epoch"], val_metrics=strict_json(val), data=ctx["data"],
                              loss_mix=args.loss_mix, prediction_weight=args.prediction_weight,
                              select_metric=args.select_metric, world_size=proc.world_size)
             atomic_write_json({"level": adapter.config.name, "pairs": args.pairs, "finished": state["finished"],
@@ -573,7 +563,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if proc.is_main:
             write_config(run_dir / "config.yaml", args)
         # the untrained adapter's score: the yardstick every epoch is read against (L5/B1/L5F start as identity)
-        state["initial_val"] = _jsonable(validate(model, adapter, val, head, args, proc))
+        state["initial_val"] = strict_json(validate(model, adapter, val, head, args, proc))
     log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
              adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
     ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,

@@ -361,7 +361,7 @@ def main(args: argparse.Namespace) -> Path:
                 and k not in ("target", "hf_generate")), key=lambda kc: kc[1]["speedup"]["median"], default=None)
     if best:
         page.add(f"**Headline (measured, live):** best trained configuration `{best[0]}` ran at "
-                 f"{span(best[1]['speedup'])} the speed of the target alone on {live['device']}; outputs "
+                 f"{span(best[1]['speedup'])} the speed of the target alone on {live['device']}; lossless check: "
                  f"{lossless_text(live)}.", "")
     data_section(page, data_dir)
     adapter_section(page, runs, acc)
