@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap")
     p.add_argument("--gamma_decode", type=int, default=5, help="drafts per decode iteration")
     p.add_argument("--gamma_prefill", type=int, default=8, help="at most this many drafts while the target prefills")
+    p.add_argument("--draft_confidence", type=float, default=0.0,
+                   help="stop a decode draft early after a token the drafter gives less than this probability "
+                        "(transformers' assistant_confidence_threshold rule; lossless; 0 = always gamma_decode)")
     p.add_argument("--prefill_adapter", nargs=1, default=None,
                    help="prefill adapter checkpoint (L1-L4), or a level name with --random_adapters")
     p.add_argument("--decode_adapter", nargs="+", default=None,
@@ -106,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0 or args.gamma_prefill < 0 or args.temperature < 0 or args.synthetic_cost_ms < 0:
         p.error("--warmup, --gamma_prefill, --temperature and --synthetic_cost_ms must be >= 0")
+    if not 0.0 <= args.draft_confidence < 1.0:
+        p.error("--draft_confidence must be in [0, 1)")
     try:
         args.synthetic_acceptance = [float(x) for x in args.synthetic_acceptance.split(",") if x.strip()]
     except ValueError:
@@ -152,15 +157,16 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
 
 
 def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperature: float,
-                   gen: torch.Generator) -> sd.Drafter:
+                   gen: torch.Generator, min_confidence: float = 0.0) -> sd.Drafter:
     """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding)."""
     level = adapter.config.name
     if level in sd.ROLLOUT_LEVELS:
         reads_egpt = adapter.config.consumes == "drafter"  # L5: EventGPT states of the verified text
-        return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None)
+        return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None,
+                                 min_confidence=min_confidence)
     if level == "L5F":
-        return sd.FusedDrafter(lm, adapter, head, temperature, gen)
-    return sd.EventGPTDrafter(lm, adapter, head, temperature, gen)
+        return sd.FusedDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence)
+    return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence)
 
 
 def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str, list[Any]],
@@ -181,7 +187,7 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
         levels[f"prefill[{p_name}]"] = (p_name, None)
     for adapter in adapters.get("decode", []):
         d_name = adapter.config.name
-        dec = decode_drafter(adapter, lm, head, args.temperature, gen)
+        dec = decode_drafter(adapter, lm, head, args.temperature, gen, args.draft_confidence)
         if "decode" in args.configs:
             engines[f"decode[{d_name}]"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, **common)
             levels[f"decode[{d_name}]"] = (None, d_name)
@@ -211,8 +217,9 @@ def hf_generate(vl: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
 # ----------------------------------------------------------------------------------- assisted generation
 
 
-def text_pair(vl: Any, noise: float, seed: int) -> SimpleNamespace:
-    """The target's language model as a LlamaForCausalLM (shared weights) and a perturbed copy."""
+def text_pair(vl: Any, noise: float, seed: int, confidence: float = 0.0) -> SimpleNamespace:
+    """The target's language model as a LlamaForCausalLM (shared weights) and a perturbed copy that
+    drafts with a fixed gamma and the given confidence stop (as our engine is run)."""
     from transformers import LlamaForCausalLM
 
     cfg = vl.decoder.config
@@ -228,7 +235,7 @@ def text_pair(vl: Any, noise: float, seed: int) -> SimpleNamespace:
                 scale = param.float().std().item() if param.numel() > 1 else 0.0
                 param.add_((torch.randn(param.shape, generator=gen) * noise * scale).to(param.device, param.dtype))
     g = assistant.generation_config
-    g.num_assistant_tokens_schedule, g.assistant_confidence_threshold = "constant", 0.0
+    g.num_assistant_tokens_schedule, g.assistant_confidence_threshold = "constant", confidence
     runner = VLMRunner(tokenizer=vl.tokenizer, decoder=assistant.model, lm_head=assistant.lm_head, device=vl.device,
                        dtype=vl.dtype, model_path="perturbed-copy", config_hash=vl.config_hash)
     runner.eos_token_id = vl.eos_token_id
@@ -462,7 +469,8 @@ def format_report(result: dict[str, Any]) -> str:
              f"Command: `{result['command']}`", "",
              f"{result['num_samples']} samples x {result['repeats']} repeats, "
              f"max_new_tokens {result['max_new_tokens']}, "
-             f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, temperature "
+             f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, draft confidence stop "
+             f"{result.get('draft_confidence', 0.0):g}, temperature "
              f"{result['temperature']}; greedy outputs checked equal to the target's: {result['lossless_checked']}.",
              "", "Speed-up = target-alone time per token / configuration time per token on the same samples (in "
              "greedy mode both write the same tokens), median (min-max) over repeats; 'LLM only' leaves out the "
@@ -596,8 +604,9 @@ def main(args: argparse.Namespace) -> int:
 
     assisted = None
     if "assisted" in args.configs:
-        pair = text_pair(vl, args.assistant_noise, args.seed)
-        drafter = sd.EventGPTDrafter(sd.DrafterLM(pair.runner), None, pair.runner.lm_head_weight())
+        pair = text_pair(vl, args.assistant_noise, args.seed, args.draft_confidence)
+        drafter = sd.EventGPTDrafter(sd.DrafterLM(pair.runner), None, pair.runner.lm_head_weight(),
+                                     min_confidence=args.draft_confidence)
         drafter.name = "assistant (own head)"
         engine = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode)
         for q in questions[: max(args.warmup, 1)]:
@@ -621,7 +630,8 @@ def main(args: argparse.Namespace) -> int:
         "platform": platform.platform(), "torch": torch.__version__, "num_samples": len(samples),
         "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
-        "lossless_checked": args.temperature == 0, "lossless_outputs_checked": checked,
+        "draft_confidence": args.draft_confidence, "lossless_checked": args.temperature == 0,
+        "lossless_outputs_checked": checked,
         "random_adapters": args.random_adapters,
         "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},
         "decode_modes": {n: e.drafter.name for n, e in engines.items() if n.startswith("decode")},

@@ -83,6 +83,19 @@ def choose(logits: Tensor, temperature: float, generator: torch.Generator | None
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 
+def unsure(logits: Tensor, token: int, q: Tensor | None, min_confidence: float) -> bool:
+    """True when the drafter's own probability of `token` is below `min_confidence` (0 = never).
+
+    The probability is q[token] when sampling, else softmax(logits)[token]. Stopping a draft on it is
+    lossless: the decision reads only the drafter's side, and verification is unchanged. It is the
+    rule of transformers' `assistant_confidence_threshold`: the unsure draft is kept, none follow it.
+    """
+    if min_confidence <= 0:
+        return False
+    probs = q if q is not None else torch.softmax(logits.float(), dim=-1)
+    return float(probs[token]) < min_confidence
+
+
 def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
                   generator: torch.Generator | None) -> tuple[int, int | None]:
     """Verify `draft` against target logits [m, V] (row i scores draft position i; m = k + 1 normally).
@@ -119,18 +132,21 @@ def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
 
 
 def roll_out(h: Tensor, k: int, head: Tensor, temperature: float, generator: torch.Generator | None,
-             step: Callable[[int, list[int], Tensor], Tensor]) -> Draft:
-    """k drafts from a target-state estimate h [1, 1, D]: draft i is chosen from LM_head(h), then
-    `step(i, drafts so far, h)` gives the estimate for the next position (not called after the last)."""
+             step: Callable[[int, list[int], Tensor], Tensor], min_confidence: float = 0.0) -> Draft:
+    """Up to k drafts from a target-state estimate h [1, 1, D]: draft i is chosen from LM_head(h), then
+    `step(i, drafts so far, h)` gives the estimate for the next position (not called after the last,
+    nor after a draft the drafter is unsure of, see `unsure`)."""
     tokens: list[int] = []
     probs: list[Tensor] = []
     for i in range(k):
-        tok, q = choose(h[0, 0].float() @ head.T, temperature, generator)
+        logits = h[0, 0].float() @ head.T
+        tok, q = choose(logits, temperature, generator)
         tokens.append(tok)
         if q is not None:
             probs.append(q)
-        if i < k - 1:
-            h = step(i, tokens, h)
+        if i == k - 1 or unsure(logits, tok, q, min_confidence):
+            break
+        h = step(i, tokens, h)
     return Draft(tokens, torch.stack(probs) if probs else None)
 
 
@@ -255,12 +271,12 @@ class EventGPTDrafter:
     uses_drafter_model = True
 
     def __init__(self, lm: DrafterLM, adapter: Any | None, head: Tensor, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, min_confidence: float = 0.0) -> None:
         if adapter is not None and _level(adapter) not in PER_POSITION_LEVELS:
             raise ValueError(f"EventGPT drafting needs a per-position adapter {PER_POSITION_LEVELS}, "
                              f"got {_level(adapter)}")
         self.lm, self.adapter, self.head = lm, adapter, head
-        self.temperature, self.generator = temperature, generator
+        self.temperature, self.generator, self.min_confidence = temperature, generator, min_confidence
         self.name = f"eventgpt+{_level(adapter) if adapter is not None else 'own-head'}"
 
     def begin(self, inputs: VLMInputs | None) -> None:
@@ -286,10 +302,13 @@ class EventGPTDrafter:
             if stop is not None and stop.is_set():
                 break
             state = self._adapt(self.lm.states_for(self.verified + tokens))
-            tok, q = choose(state.float() @ self.head.T, self.temperature, self.generator)
+            logits = state.float() @ self.head.T
+            tok, q = choose(logits, self.temperature, self.generator)
             tokens.append(tok)
             if q is not None:
                 probs.append(q)
+            if unsure(logits, tok, q, self.min_confidence):
+                break
         return Draft(tokens, torch.stack(probs) if probs else None)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
@@ -305,7 +324,8 @@ class RolloutDrafter:
     """
 
     def __init__(self, adapter: Any, head: Tensor, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, lm: DrafterLM | None = None) -> None:
+                 generator: torch.Generator | None = None, lm: DrafterLM | None = None,
+                 min_confidence: float = 0.0) -> None:
         if _level(adapter) not in ROLLOUT_LEVELS:
             raise ValueError(f"roll-out drafting needs {ROLLOUT_LEVELS}, got {_level(adapter)}")
         if adapter.config.use_token_embed:
@@ -314,7 +334,7 @@ class RolloutDrafter:
             raise ValueError(f"{_level(adapter)} consumes {adapter.config.consumes} states: pass lm (EventGPT) "
                              "exactly when it consumes drafter states")
         self.adapter, self.head, self.lm = adapter, head, lm
-        self.temperature, self.generator = temperature, generator
+        self.temperature, self.generator, self.min_confidence = temperature, generator, min_confidence
         self.uses_drafter_model = lm is not None
         self.name = f"rollout+{_level(adapter)}"
 
@@ -350,7 +370,7 @@ class RolloutDrafter:
             return h
 
         # out[:, -1:] estimates the target state at the next position
-        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step)
+        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.min_confidence)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
         self.verified += tokens
@@ -368,13 +388,13 @@ class FusedDrafter:
     uses_drafter_model = True
 
     def __init__(self, lm: DrafterLM, adapter: Any, head: Tensor, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, min_confidence: float = 0.0) -> None:
         if _level(adapter) != "L5F":
             raise ValueError(f"fused drafting needs an L5F adapter, got {_level(adapter)}")
         if adapter.config.use_token_embed:
             raise ValueError("fused drafting of adapters built with use_token_embed is not supported")
         self.lm, self.adapter, self.head = lm, adapter, head
-        self.temperature, self.generator = temperature, generator
+        self.temperature, self.generator, self.min_confidence = temperature, generator, min_confidence
         self.name = "fused+L5F"
 
     def begin(self, inputs: VLMInputs | None) -> None:
@@ -404,7 +424,7 @@ class FusedDrafter:
             h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h)
             return h
 
-        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step)
+        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.min_confidence)
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
         self.verified += tokens

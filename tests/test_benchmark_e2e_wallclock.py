@@ -26,7 +26,7 @@ def test_flags_are_validated() -> None:
     assert args.configs == ["target", "synthetic"]  # the baseline is always measured
     assert args.synthetic_acceptance == [0.5, 0.7, 0.8, 0.9, 1.0]
     for bad in (["--configs", "fast"], ["--synthetic_acceptance", "1.5"], ["--gamma_decode", "0"],
-                ["--random_shape", "tiny", "--quant", "4bit"]):
+                ["--random_shape", "tiny", "--quant", "4bit"], ["--draft_confidence", "1.5"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--dataset_dir", "d", *bad])
 
@@ -84,14 +84,15 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
            "--egpt_model", str(models / "eventgpt"), "--vl_model", str(models / "video_llava"),
            "--prefill_adapter", str(checkpoints[0]), "--decode_adapter", str(checkpoints[1]), str(checkpoints[2]),
            "--max_samples", "2", "--max_new_tokens", "6", "--repeats", "2", "--warmup", "1",
-           "--synthetic_acceptance", "0,1", "--gamma_decode", "3", "--device", "cpu", "--output_dir", str(out)]
+           "--synthetic_acceptance", "0,1", "--gamma_decode", "3", "--draft_confidence", "0.3", "--device", "cpu",
+           "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "e2e_wallclock.json").read_text())
     assert set(result["configs"]) == {"target", "hf_generate", "prefill[L1]", "decode[L5F]", "decode[B1]",
                                       "two_phase[L1+L5F]", "two_phase[L1+B1]", "synthetic_p0", "synthetic_p1"}
-    assert result["lossless_checked"]
+    assert result["lossless_checked"] and result["draft_confidence"] == 0.3
     # 9 configs x (2 samples x 2 repeats + 1 warm-up), then ours and transformers' on 2 x 2 + 1 text prompts
     assert result["lossless_outputs_checked"] == 9 * (2 * 2 + 1) + 2 * (2 * 2 + 1)
     assert result["decode_modes"] == {"decode[L5F]": "fused+L5F", "decode[B1]": "rollout+B1"}

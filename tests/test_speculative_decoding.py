@@ -17,6 +17,7 @@ from hidden_adapter import adapter_loss, create_adapter
 from hidden_data import iter_chunks
 
 MAX_NEW = 8
+CONFIDENCE = 0.5  # the drafters' confidence stop where a test uses one
 NUM_PROMPTS = 200
 QUESTION_VARIANTS = ("{q}", "{q} Answer briefly.", "Look closely. {q}")
 
@@ -187,6 +188,11 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
             sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, trained_l1, head), gamma_decode=3,
                                   prefill_drafter=sd.EventGPTDrafter(lm, trained_l1, head), gamma_prefill=3),
             sd.SpeculativeDecoder(vl, sd.RolloutDrafter(trained_b1, head), gamma_decode=3)],
+        "trained, confidence stop": [
+            sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, trained_l1, head, min_confidence=CONFIDENCE),
+                                  gamma_decode=3, prefill_drafter=sd.EventGPTDrafter(lm, trained_l1, head),
+                                  gamma_prefill=3),
+            sd.SpeculativeDecoder(vl, sd.RolloutDrafter(trained_b1, head, min_confidence=CONFIDENCE), gamma_decode=3)],
         "never matching": [sd.SpeculativeDecoder(vl, never, gamma_decode=3)],
         "always matching": [sd.SpeculativeDecoder(vl, always, gamma_decode=3)],
         "random L1+L2 (c) / B1, L5 (a) / L5F (b)": random_configs,
@@ -205,6 +211,31 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
     assert accepted["never matching"][0] == 0 and accepted["never matching"][1] > 0
     assert accepted["always matching"][0] == accepted["always matching"][1] > 0
     assert accepted["trained L1 (c) + prefill / B1 (a)"][0] > 0, accepted
+    # The same drafters on the same prompts, stopped at unsure drafts: fewer drafts, a higher share accepted.
+    (acc_all, drafted_all), (acc_stop, drafted_stop) = (accepted["trained L1 (c) + prefill / B1 (a)"],
+                                                        accepted["trained, confidence stop"])
+    assert 0 < drafted_stop < drafted_all, accepted
+    assert acc_stop / drafted_stop > acc_all / drafted_all, accepted
+
+
+def test_confidence_stop_keeps_the_unsure_draft_and_stops_there() -> None:
+    """roll_out with states whose drafts are sure, unsure, sure: the stop keeps draft 1 (unsure) and
+    calls no further adapter step; without a stop all k drafts come."""
+    head = torch.eye(4) * 10.0
+    states = [torch.eye(4)[0], torch.full((4,), 0.1), torch.eye(4)[2]]  # p(top) ~1.0, 0.25, ~1.0
+    for min_confidence, want_tokens, want_steps in ((0.0, 3, 2), (0.5, 2, 1), (0.2, 3, 2)):
+        calls = []
+
+        def step(i: int, tokens: list[int], h: torch.Tensor, calls: list = calls) -> torch.Tensor:
+            calls.append(i)
+            return states[i + 1][None, None]
+
+        draft = sd.roll_out(states[0][None, None], 3, head, 0.0, None, step, min_confidence)
+        assert len(draft.tokens) == want_tokens and len(calls) == want_steps, (min_confidence, draft, calls)
+        assert draft.tokens[0] == 0
+    assert not sd.unsure(torch.tensor([9.0, 0.0]), 0, None, 0.0)
+    assert sd.unsure(torch.tensor([0.0, 0.0]), 0, None, 0.6)  # p = 0.5
+    assert not sd.unsure(torch.zeros(2), 1, torch.tensor([0.3, 0.7]), 0.6)  # sampling: q of the drawn token
 
 
 def test_lossless_check_fails_loudly() -> None:
@@ -289,9 +320,11 @@ def _tiny_runner(seed: int, vocab: int = 4) -> Any:
                      dtype=torch.float32, model_path="tiny", config_hash="tiny")
 
 
-def test_sampling_engine_is_lossless_in_distribution() -> None:
+@pytest.mark.parametrize("min_confidence", [0.0, 0.3])
+def test_sampling_engine_is_lossless_in_distribution(min_confidence: float) -> None:
     """First two tokens of a tiny model at temperature 1: SD (drafter = a perturbed copy with its own
-    head, real draft probabilities) against the exact target distribution, enumerated."""
+    head, real draft probabilities) against the exact target distribution, enumerated; also with drafts
+    stopped at the first unsure one (the stop reads the sampled draft's probability)."""
     target, draft_model = _tiny_runner(0), _tiny_runner(1)
     prompt = sd.VLMInputs(target.embed_ids([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
     d_prompt = sd.VLMInputs(draft_model.embed_ids([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
@@ -302,19 +335,22 @@ def test_sampling_engine_is_lossless_in_distribution() -> None:
         second = torch.softmax(target.decode(torch.tensor([[a]]), out.cache, torch.ones(1, 4)).logits[0, -1], -1)
         exact[a] = first[a] * second
     gen = torch.Generator().manual_seed(0)
-    drafter = sd.EventGPTDrafter(sd.DrafterLM(draft_model), None, draft_model.lm_head_weight(), 1.0, gen)
+    drafter = sd.EventGPTDrafter(sd.DrafterLM(draft_model), None, draft_model.lm_head_weight(), 1.0, gen,
+                                 min_confidence=min_confidence)
     engine = sd.SpeculativeDecoder(target, drafter, gamma_decode=2, prefill_drafter=drafter, gamma_prefill=2,
                                    temperature=1.0, generator=gen, concurrent_prefill=False)
     n = 1500
     counts = torch.zeros(4, 4)
-    accepted = 0
+    accepted = stopped = 0
     for _ in range(n):
         out = engine.generate(prompt, d_prompt, 2)
         counts[out.tokens[0], out.tokens[1]] += 1
         accepted += out.trace.phase1["first_accepted"]
+        stopped += out.trace.phase1["drafted"] < 2
     tv = 0.5 * (counts / n - exact).abs().sum()
     assert tv < 0.06, f"total variation {tv:.3f} between SD samples and the target's distribution"
     assert 0 < accepted < n  # the drafter was sometimes right and sometimes corrected
+    assert (0 < stopped < n) if min_confidence else stopped == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
