@@ -315,7 +315,22 @@ class EventGPTDrafter:
         self.verified += tokens
 
 
-class RolloutDrafter:
+class _VerifiedStates:
+    """What the adapter drafters (modes a and b) keep per answer: the verified tokens and target states,
+    the adapter's KV cache and how many verified positions it holds."""
+
+    def _reset(self) -> None:
+        self.verified: list[int] = []
+        self.states: list[Tensor] = []  # verified target states, [D] each
+        self.past: list | None = None
+        self.fed = 0  # verified positions inside self.past (rolled-out entries come after them)
+
+    def accept(self, tokens: list[int], states: Tensor) -> None:
+        self.verified += tokens
+        self.states += list(states)
+
+
+class RolloutDrafter(_VerifiedStates):
     """Mode (a): an EAGLE-style adapter rolled out on its own outputs. Its context is the verified
     positions 0..N-1: target states s_t for B1 (trained target -> target), EventGPT's states g_t for
     L5 (trained on them; `lm` given, EventGPT fed the accepted text in one pass per iteration, in
@@ -343,10 +358,7 @@ class RolloutDrafter:
             if inputs is None:
                 raise ValueError(f"{self.name} reads EventGPT states and needs its prompt inputs")
             self.lm.start(inputs)
-        self.verified: list[int] = []
-        self.states: list[Tensor] = []  # verified target states, [D] each
-        self.past: list | None = None
-        self.fed = 0  # verified positions inside self.past (rolled-out entries come after them)
+        self._reset()
 
     def _context(self, n: int) -> Tensor:
         """Inputs of the verified positions fed..n-1, [1, n - fed, D]."""
@@ -372,12 +384,8 @@ class RolloutDrafter:
         # out[:, -1:] estimates the target state at the next position
         return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.min_confidence)
 
-    def accept(self, tokens: list[int], states: Tensor) -> None:
-        self.verified += tokens
-        self.states += list(states)
 
-
-class FusedDrafter:
+class FusedDrafter(_VerifiedStates):
     """Mode (b): L5F over pairs (EventGPT state g_t, target state s_t); output at t estimates s_{t+1}.
 
     EventGPT steps in lockstep on the accepted text plus the drafts (not concurrently): draft N uses
@@ -401,10 +409,7 @@ class FusedDrafter:
         if inputs is None:
             raise ValueError("L5F drafting runs EventGPT and needs its prompt inputs")
         self.lm.start(inputs)
-        self.verified: list[int] = []
-        self.states: list[Tensor] = []
-        self.past: list | None = None
-        self.fed = 0
+        self._reset()
 
     @torch.no_grad()
     def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
@@ -425,10 +430,6 @@ class FusedDrafter:
             return h
 
         return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.min_confidence)
-
-    def accept(self, tokens: list[int], states: Tensor) -> None:
-        self.verified += tokens
-        self.states += list(states)
 
 
 class SyntheticDrafter:
