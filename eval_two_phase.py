@@ -108,20 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(err))
     if not args.config_list:
         p.error("--configs is empty")
-    if args.num_tokens != "auto":
+    for name, cast, kind, valid, rule in (("num_tokens", float, "a number", lambda v: v > 0, "positive"),
+                                          ("gamma_prefill", int, "an integer", lambda v: v >= 1, ">= 1")):
+        if getattr(args, name) == "auto":
+            continue
         try:
-            args.num_tokens = float(args.num_tokens)
+            setattr(args, name, cast(getattr(args, name)))
         except ValueError:
-            p.error("--num_tokens must be a number or 'auto'")
-        if args.num_tokens <= 0:
-            p.error("--num_tokens must be positive")
-    if args.gamma_prefill != "auto":
-        try:
-            args.gamma_prefill = int(args.gamma_prefill)
-        except ValueError:
-            p.error("--gamma_prefill must be an integer or 'auto'")
-        if args.gamma_prefill < 1:
-            p.error("--gamma_prefill must be >= 1")
+            p.error(f"--{name} must be {kind} or 'auto'")
+        if not valid(getattr(args, name)):
+            p.error(f"--{name} must be {rule}")
     if args.gamma_decode is not None and args.gamma_decode < 1:
         p.error("--gamma_decode must be >= 1")
     if args.reference_inputs and args.gamma_decode not in (None, REFERENCE_INPUTS["gamma_decode"]):
