@@ -27,6 +27,7 @@ from hidden_adapter import (
     ADAPTER_NAMES,
     AttentionAdapter,
     EAGLEStyleAdapter,
+    ProjectedContext,
     canonical_name,
     count_parameters,
     create_adapter,
@@ -87,15 +88,18 @@ def bench_level(name: str, args: argparse.Namespace, device: torch.device, dtype
     d, t = args.hidden_dim, args.seq_len
     x = torch.randn(1, t, d, device=device, dtype=dtype)
     v = torch.randn(1, t, d, device=device, dtype=dtype) if adapter.consumes == "both" else None
+    # L5E's EventGPT context: raw for a whole answer; projected once per answer when drafting, as the engine does
+    ctx = torch.randn(1, d, device=device, dtype=dtype) if adapter.config.context else None
+    step_ctx = {"context": ProjectedContext(adapter.context_vector(ctx))} if ctx is not None else {}
 
     def whole() -> Any:
-        return adapter(x, h_target=v)
+        return adapter(x, h_target=v, context=ctx)
 
     if isinstance(adapter, EAGLEStyleAdapter):
-        _, past = adapter.step(x[:, :-1], h_target=None if v is None else v[:, :-1])
+        _, past = adapter.step(x[:, :-1], h_target=None if v is None else v[:, :-1], **step_ctx)
 
         def one_step() -> Any:
-            return adapter.step(x[:, -1:], past, h_target=None if v is None else v[:, -1:])
+            return adapter.step(x[:, -1:], past, h_target=None if v is None else v[:, -1:], **step_ctx)
 
         step_kind = f"incremental step after {t - 1} cached positions"
     elif isinstance(adapter, AttentionAdapter):  # L4: bidirectional, no cache possible

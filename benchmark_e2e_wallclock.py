@@ -12,7 +12,11 @@
         --configs target,hf_generate,synthetic,assisted --synthetic_cost_ms 1.3 --max_samples 10 \\
         --output_dir results/e2e_7b_fp16
 
-In one process and on the same samples it times: the target alone through the engine's own loop
+Each decode adapter runs under every --draft_stop rule: `fixed` (always gamma_decode drafts), `confidence`
+(transformers' rule at --draft_confidence) and `expected` (drafts on while the acceptance estimate
+calibrated on validation data says another draft pays at this machine's measured costs; the timing
+profile is therefore measured before the timed runs). In one process and on the same samples it times:
+the target alone through the engine's own loop
 (`target`) and through transformers' `generate` (`hf_generate`, to show the loop is not slower);
 `prefill` (prefill hiding only), `decode` (decode drafting only), `two_phase` (both); the controlled
 drafter at every `--synthetic_acceptance` p (`synthetic`); and ours against transformers' assisted
@@ -45,11 +49,20 @@ from tqdm import tqdm
 
 import speculative_decoding as sd
 from common import UserError, atomic_write_json, markdown_table, run_cli, set_seed, sync_device
-from model_loaders import QUANT_CHOICES, VLMInputs, VLMRunner, model_description
+from model_loaders import (
+    DEFAULT_FRAME_PICK,
+    DTYPE_CHOICES,
+    FRAME_PICKS,
+    QUANT_CHOICES,
+    VLMInputs,
+    VLMRunner,
+    model_description,
+)
 
 log = logging.getLogger("xmodal_sd.e2e")
 
 CONFIGS = ("target", "hf_generate", "prefill", "decode", "two_phase", "synthetic", "assisted")
+DRAFT_STOPS = ("fixed", "confidence", "expected")
 ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
 PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
 
@@ -66,8 +79,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma_decode", type=int, default=5, help="drafts per decode iteration")
     p.add_argument("--gamma_prefill", type=int, default=8, help="at most this many drafts while the target prefills")
     p.add_argument("--draft_confidence", type=float, default=0.0,
-                   help="stop a decode draft early after a token the drafter gives less than this probability "
-                        "(transformers' assistant_confidence_threshold rule; lossless; 0 = always gamma_decode)")
+                   help="the 'confidence' stop: end a decode draft after a token the drafter gives less than this "
+                        "probability (transformers' assistant_confidence_threshold rule; lossless); > 0 with "
+                        "--draft_stop fixed alone means --draft_stop confidence")
+    p.add_argument("--draft_stop", default="fixed",
+                   help="comma list of draft-length rules, each decode adapter is run under every one: fixed "
+                        "(gamma_decode drafts), confidence (--draft_confidence), expected (calibrated expected "
+                        "gain at the measured costs; needs checkpoints from train_hidden_adapter.py)")
+    p.add_argument("--reference_profile", type=Path, default=Path("timings/h200_fp16_eager_7b.json"),
+                   help="a second timing profile (default: the measured H200 7B one shipped in timings/) under which "
+                        "every configuration's speed-up is also modelled at the acceptance measured here "
+                        "('none' to skip)")
     p.add_argument("--prefill_adapter", nargs=1, default=None,
                    help="prefill adapter checkpoint (L1-L4), or a level name with --random_adapters")
     p.add_argument("--decode_adapter", nargs="+", default=None,
@@ -92,7 +114,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (both models; see the two below)")
+    p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES,
+                   help="EventGPT's dtype (default --dtype; auto = bf16 on CUDA, as its release runs)")
+    p.add_argument("--vl_dtype", default=None, choices=DTYPE_CHOICES,
+                   help="Video-LLaVA's dtype (default --dtype; auto = fp16 on CUDA, as its model card runs)")
+    p.add_argument("--frame_pick", default=DEFAULT_FRAME_PICK, choices=FRAME_PICKS,
+                   help="how the 8 video frames are picked: floor (LanguageBind's linspace indices) or round")
+    p.add_argument("--accept_weight_keys", nargs="+", default=[],
+                   help="checkpoint keys known to be harmless when missing or unexpected (e.g. position_ids)")
     p.add_argument("--warmup", type=int, default=3, help="untimed samples run through every configuration first")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the samples (paired per repeat)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, adapters and sampling")
@@ -111,6 +141,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup, --gamma_prefill, --temperature and --synthetic_cost_ms must be >= 0")
     if not 0.0 <= args.draft_confidence < 1.0:
         p.error("--draft_confidence must be in [0, 1)")
+    args.draft_stop = [x.strip() for x in args.draft_stop.split(",") if x.strip()]
+    bad = sorted(set(args.draft_stop) - set(DRAFT_STOPS))
+    if bad or not args.draft_stop:
+        p.error(f"--draft_stop takes a comma list of {', '.join(DRAFT_STOPS)}; got {bad or 'nothing'}")
+    if args.draft_confidence > 0 and args.draft_stop == ["fixed"]:
+        args.draft_stop = ["confidence"]  # the flag's meaning before --draft_stop existed
+    if "confidence" in args.draft_stop and args.draft_confidence <= 0:
+        p.error("--draft_stop confidence needs --draft_confidence > 0")
+    if "expected" in args.draft_stop and args.random_adapters:
+        p.error("--draft_stop expected reads the calibration stored in trained checkpoints, not random adapters")
+    if str(args.reference_profile).lower() == "none":
+        args.reference_profile = None
     try:
         args.synthetic_acceptance = [float(x) for x in args.synthetic_acceptance.split(",") if x.strip()]
     except ValueError:
@@ -146,33 +188,66 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
                     adapter = create_adapter(spec, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size, dropout=0.0)
                 except ValueError as err:
                     raise UserError(f"--{role}_adapter {spec!r}: {err}") from err
+                adapter.extra = {}
             else:
-                adapter, _ = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
+                adapter, extra = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
+                adapter.extra = extra  # training record: the draft-length calibration lives here
             level = adapter.config.name
             if role == "prefill" and level not in sd.PER_POSITION_LEVELS:
                 raise UserError(f"--prefill_adapter must be a per-position level {sd.PER_POSITION_LEVELS}, "
                                 f"got {level} ({spec})")
-            out[role].append(adapter.to(vl.device, vl.dtype).eval())
+            adapter = adapter.to(vl.device, vl.dtype).eval()
+            if adapter.config.token_input:  # the target's own input embeddings, shared, not copied per adapter
+                try:
+                    adapter.attach_token_table(vl.decoder.get_input_embeddings().weight)
+                except ValueError as err:
+                    raise UserError(f"--{role}_adapter {spec}: {err}") from err
+            out[role].append(adapter)
     return out
 
 
 def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperature: float,
-                   gen: torch.Generator, min_confidence: float = 0.0) -> sd.Drafter:
+                   gen: torch.Generator, min_confidence: float = 0.0,
+                   length: sd.DraftLength | None = None) -> sd.Drafter:
     """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding)."""
     level = adapter.config.name
     if level in sd.ROLLOUT_LEVELS:
-        reads_egpt = adapter.config.consumes == "drafter"  # L5: EventGPT states of the verified text
+        # L5: EventGPT states of the verified text; L5E: EventGPT's prompt-end state
+        reads_egpt = adapter.config.consumes == "drafter" or adapter.config.context == "drafter"
         return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None,
-                                 min_confidence=min_confidence)
+                                 min_confidence=min_confidence, length=length)
     if level == "L5F":
-        return sd.FusedDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence)
-    return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence)
+        return sd.FusedDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence, length=length)
+    return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence, length=length)
+
+
+def length_rule(stop: str, adapter: Any, args: argparse.Namespace, profile: Any,
+                draft_ms: dict[str, float]) -> tuple[sd.DraftLength | None, str]:
+    """(draft-length rule, config-name suffix) for one decode adapter under one --draft_stop rule."""
+    if stop == "fixed":
+        return sd.DraftLength(), ""
+    if stop == "confidence":
+        return sd.ConfidenceStop(args.draft_confidence), f",conf{args.draft_confidence:g}"
+    calibration = (getattr(adapter, "extra", None) or {}).get("draft_calibration")
+    if not calibration:
+        raise UserError(f"--draft_stop expected: the {adapter.config.name} checkpoint holds no draft_calibration "
+                        "(train it with this release of train_hidden_adapter.py and --lm_head)")
+    g = args.gamma_decode
+    verify_token = max(0.0, (profile.verify_ms(g + 1) - profile.verify_ms(1)) / g)
+    draft, verify = draft_ms[adapter.config.name], profile.verify_ms(1)
+    if adapter.config.name == "L5F":  # lockstep: every draft also costs EventGPT a decode step
+        draft += profile.egpt_decode_ms
+    elif adapter.config.name == "L5":  # one EventGPT pass over the accepted tokens per iteration
+        verify += profile.egpt_decode_ms
+    rule = sd.ExpectedGainStop.from_calibration(calibration, draft, verify, verify_token)
+    return rule, ",expected"
 
 
 def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str, list[Any]],
-                  gen: torch.Generator) -> tuple[dict[str, sd.SpeculativeDecoder], dict[str, tuple]]:
-    """Engines by config name (`decode[B1]`, `two_phase[L1+B1]`, `synthetic_p0.8`, ...) and each one's
-    (prefill level, decode level) for the cost model."""
+                  gen: torch.Generator, profile: Any = None, draft_ms: dict[str, float] | None = None,
+                  ) -> tuple[dict[str, sd.SpeculativeDecoder], dict[str, tuple]]:
+    """Engines by config name (`decode[B1]`, `decode[B1,expected]`, `two_phase[L1+B1]`, `synthetic_p0.8`,
+    ...) and each one's (prefill level, decode level) for the cost model."""
     head = vl.lm_head_weight()
     lm = sd.DrafterLM(eg)  # one EventGPT state for every drafter of an answer
     common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill}
@@ -186,16 +261,19 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
                                                               gamma_prefill=args.gamma_prefill, **common)
         levels[f"prefill[{p_name}]"] = (p_name, None)
     for adapter in adapters.get("decode", []):
-        d_name = adapter.config.name
-        dec = decode_drafter(adapter, lm, head, args.temperature, gen, args.draft_confidence)
-        if "decode" in args.configs:
-            engines[f"decode[{d_name}]"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, **common)
-            levels[f"decode[{d_name}]"] = (None, d_name)
-        if "two_phase" in args.configs:
-            name = f"two_phase[{p_name}+{d_name}]"
-            engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
-                                                  gamma_prefill=args.gamma_prefill, **common)
-            levels[name] = (p_name, d_name)
+        for stop in args.draft_stop:
+            d_name = adapter.config.name
+            rule, suffix = length_rule(stop, adapter, args, profile, draft_ms or {})
+            dec = decode_drafter(adapter, lm, head, args.temperature, gen, length=rule)
+            if "decode" in args.configs:
+                engines[f"decode[{d_name}{suffix}]"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode,
+                                                                             **common)
+                levels[f"decode[{d_name}{suffix}]"] = (None, d_name)
+            if "two_phase" in args.configs:
+                name = f"two_phase[{p_name}+{d_name}{suffix}]"
+                engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
+                                                      gamma_prefill=args.gamma_prefill, **common)
+                levels[name] = (p_name, d_name)
     if "synthetic" in args.configs:
         for p in args.synthetic_acceptance:
             drafter = sd.SyntheticDrafter(p, vl.vocab_size, args.synthetic_cost_ms, seed=args.seed)
@@ -282,9 +360,37 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, n: int = 10, warmup:
 
 
 @torch.no_grad()
+def draft_step_ms(adapter: Any, vl: Any) -> float:
+    """Median ms of one roll-out draft of a causal adapter at batch 1 after 32 cached positions: the adapter
+    step (with its token input and context when it has them) plus the LM head and argmax."""
+    from hidden_adapter import ProjectedContext
+
+    dev, dt, cfg = vl.device, next(adapter.parameters()).dtype, adapter.config
+    head = vl.lm_head_weight()
+    kw: dict[str, Any] = {}
+    if cfg.context == "drafter":
+        kw["context"] = ProjectedContext(adapter.context_vector(torch.randn(1, cfg.drafter_dim, device=dev, dtype=dt)))
+    if cfg.token_input and getattr(adapter, "token_table", None) is None:
+        adapter.attach_token_table(vl.decoder.get_input_embeddings().weight)
+    ctx = torch.randn(1, 32, cfg.in_dim, device=dev, dtype=dt)
+    v = torch.randn(1, 32, cfg.target_dim, device=dev, dtype=dt) if cfg.consumes == "both" else None
+    ids = {"token_ids": torch.zeros(1, 32, dtype=torch.long, device=dev)} if cfg.uses_tokens else {}
+    _, past = adapter.step(ctx, None, h_target=v, **ids, **kw)
+    inp = torch.randn(1, 1, cfg.in_dim, device=dev, dtype=dt)
+    one = {"token_ids": ids["token_ids"][:, :1]} if ids else {}
+
+    def once() -> None:
+        h, _ = adapter.step(inp, past, h_target=inp[..., : cfg.target_dim] if v is not None else None, **one, **kw)
+        int((h[0, 0].float() @ head.T).argmax())
+
+    return _median_ms(once, dev)
+
+
+@torch.no_grad()
 def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str, gamma: int,
-                    source: str) -> Any:
-    """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1."""
+                    source: str, decode_adapters: list[Any] | None = None) -> Any:
+    """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1. Adapter steps are
+    roll-out drafts (`draft_step_ms`): every level at random weights, then the run's own decode adapters."""
     from cost_model import TimingProfile
     from hidden_adapter import ADAPTER_NAMES, create_adapter
 
@@ -307,15 +413,9 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
     x = torch.randn(1, 1, eg.hidden_size, device=dev, dtype=vl.dtype)
     for level in ADAPTER_NAMES:
         a = create_adapter(level, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size).to(dev, vl.dtype).eval()
-        inp = torch.randn(1, 1, a.config.in_dim, device=dev, dtype=vl.dtype)
-        if hasattr(a, "step"):
-            v = torch.randn(1, 32, vl.hidden_size, device=dev, dtype=vl.dtype) if level == "L5F" else None
-            ctx = torch.randn(1, 32, a.config.in_dim, device=dev, dtype=vl.dtype)
-            _, past = a.step(ctx, None, h_target=v)
-            adapter_ms[level] = _median_ms(lambda a=a, inp=inp, past=past, lv=level: a.step(
-                inp, past, h_target=inp[..., : vl.hidden_size] if lv == "L5F" else None), dev)
-        else:
-            adapter_ms[level] = _median_ms(lambda a=a: a(x), dev)
+        adapter_ms[level] = draft_step_ms(a, vl) if hasattr(a, "step") else _median_ms(lambda a=a: a(x), dev)
+    for a in decode_adapters or []:  # the adapters this run drafts with, as they are configured
+        adapter_ms[a.config.name] = draft_step_ms(a, vl)
     return TimingProfile(
         source=source,
         vl_vision_ms=_median_ms(lambda: vl.clip_features(split_dir, clip), dev, n=5, warmup=1),
@@ -415,6 +515,7 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
                 stages[key] = statistics.median(r["stage_ms"].get(key, 0.0) for r in flat)
             res.update(
                 accepted_per_iteration=accepted / max(verify_passes, 1),
+                drafted_per_iteration=drafted / max(verify_passes, 1),
                 tokens_per_verify=(accepted + verify_passes) / max(verify_passes, 1),
                 acceptance_rate=accepted / drafted if drafted else None,
                 per_position_acceptance={k: hits.get(k, 0) / tries[k] for k in sorted(tries)},
@@ -425,6 +526,18 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
             )
         out[name] = res
     return out
+
+
+def reference_profile(args: argparse.Namespace) -> Any:
+    """The --reference_profile (None when skipped); a missing file is one warning, not an error."""
+    from cost_model import load_timing_profile
+
+    if args.reference_profile is None:
+        return None
+    if not args.reference_profile.is_file():
+        log.warning("reference profile %s not found; no second modelled column", args.reference_profile)
+        return None
+    return load_timing_profile(args.reference_profile)
 
 
 def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namespace,
@@ -444,7 +557,8 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
     est = estimate_two_phase(profile, num_tokens=res["tokens_per_answer"],
                              free_tokens=res["prefill_accepted"],
                              accept_len=res["accepted_per_iteration"], gamma_decode=args.gamma_decode,
-                             gamma_prefill=max(args.gamma_prefill, 1), prefill_adapter=pre, decode_adapter=dec)
+                             gamma_prefill=max(args.gamma_prefill, 1), prefill_adapter=pre, decode_adapter=dec,
+                             drafts_per_iter=res.get("drafted_per_iteration"))
     return float(est["speedup"])
 
 
@@ -455,28 +569,35 @@ def format_report(result: dict[str, Any]) -> str:
     rows = []
     for name, r in result["configs"].items():
         s, ll = r["speedup"], r["speedup_llm_only"]
-        est = r.get("modelled_speedup")
+        est, ref = r.get("modelled_speedup"), r.get("modelled_speedup_reference")
         rows.append([
             name, f"{r['ms_per_answer']:.1f}", f"{r['tokens_per_s']:.1f}",
             f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})",
             f"{ll['median']:.3f} ({ll['min']:.3f}-{ll['max']:.3f})",
             "-" if est is None else f"{est:.3f}",
+            "-" if ref is None else f"{ref:.3f}",
             "-" if r.get("tokens_per_verify") is None else f"{r['tokens_per_verify']:.2f}",
             "-" if r.get("accepted_per_iteration") is None else f"{r['accepted_per_iteration']:.2f}",
+            "-" if r.get("drafted_per_iteration") is None else f"{r['drafted_per_iteration']:.2f}",
             "-" if r.get("prefill_accepted") is None else f"{r['prefill_accepted']:.2f}/{r['prefill_drafted']:.1f}",
         ])
     lines = [f"# Live speculative decoding: measured wall clock ({result['device']})", "",
              f"Command: `{result['command']}`", "",
              f"{result['num_samples']} samples x {result['repeats']} repeats, "
              f"max_new_tokens {result['max_new_tokens']}, "
-             f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, draft confidence stop "
-             f"{result.get('draft_confidence', 0.0):g}, temperature "
-             f"{result['temperature']}; greedy outputs checked equal to the target's: {result['lossless_checked']}.",
+             f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, draft stop rules "
+             f"{', '.join(result.get('draft_stop') or ['fixed'])} "
+             f"(confidence {result.get('draft_confidence', 0.0):g}), "
+             f"temperature {result['temperature']}; greedy outputs checked equal to the target's: "
+             f"{result['lossless_checked']}.",
              "", "Speed-up = target-alone time per token / configuration time per token on the same samples (in "
              "greedy mode both write the same tokens), median (min-max) over repeats; 'LLM only' leaves out the "
-             "target's vision (video decoding + tower).", "",
+             "target's vision (video decoding + tower). 'modelled' is the cost model at the acceptance and drafts "
+             "measured here under this run's timing profile; 'modelled ref' the same under "
+             f"{result.get('reference_profile') or 'no reference profile'}.", "",
              markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "modelled",
-                             "tokens/verify", "accepted/iter", "prefill acc/drafted"], rows), ""]
+                             "modelled ref", "tokens/verify", "accepted/iter", "drafted/iter", "prefill acc/drafted"],
+                            rows), ""]
     stage_rows = [[n, *(f"{r['stage_ms_median_per_answer'].get(k, 0.0):.2f}" for k in
                         ("target_vision", "target_prefill", "drafter_vision", "drafter_prefill", "prefill_draft",
                          "overlap", "draft", "verify", "crop"))]
@@ -556,7 +677,16 @@ def main(args: argparse.Namespace) -> int:
     eg, vl = load_runners(args, questions)
     adapters = load_adapters(args, vl, eg)
     gen = torch.Generator(device=vl.device).manual_seed(args.seed)
-    engines, levels = build_engines(args, vl, eg, adapters, gen)
+    # The profile comes first: the expected-gain draft stop weighs this machine's measured costs.
+    device = str(vl.device) + (f" ({torch.cuda.get_device_name(vl.device)})" if vl.device.type == "cuda" else "")
+    command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith(".py") else "main(args)"
+    source = (f"benchmark_e2e_wallclock.py, {device}, {str(vl.dtype).removeprefix('torch.')}, quant {args.quant}, "
+              f"{'random:' + args.random_shape if args.random_shape else vl.model_path}, "
+              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}, {command}")
+    c0, q0 = samples[0]
+    profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source,
+                              decode_adapters=adapters.get("decode"))
+    engines, levels = build_engines(args, vl, eg, adapters, gen, profile, profile.adapter_step_ms)
     names = [n for n in engines if n != "target"]
     names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *names]
     log.info("configs: %s; %d samples x %d repeats (+%d warm-up)", ", ".join(names), len(samples), args.repeats,
@@ -591,16 +721,12 @@ def main(args: argparse.Namespace) -> int:
     for rep in runs.values():  # runs are appended in sample order per repeat, whatever the config order
         assert all(len(r) == len(samples) for r in rep)
 
-    device = str(vl.device) + (f" ({torch.cuda.get_device_name(vl.device)})" if vl.device.type == "cuda" else "")
-    command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith(".py") else "main(args)"
-    source = (f"benchmark_e2e_wallclock.py, {device}, {str(vl.dtype).removeprefix('torch.')}, quant {args.quant}, "
-              f"{'random:' + args.random_shape if args.random_shape else vl.model_path}, "
-              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}, {command}")
-    c0, q0 = samples[0]
-    profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source)
     configs = aggregate(runs, args.gamma_decode)
+    reference = reference_profile(args)
     for name, res in configs.items():
         res["modelled_speedup"] = modelled(name, res, profile, args, levels.get(name, (None, None)))
+        if reference is not None:
+            res["modelled_speedup_reference"] = modelled(name, res, reference, args, levels.get(name, (None, None)))
 
     assisted = None
     if "assisted" in args.configs:
@@ -630,7 +756,9 @@ def main(args: argparse.Namespace) -> int:
         "platform": platform.platform(), "torch": torch.__version__, "num_samples": len(samples),
         "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
-        "draft_confidence": args.draft_confidence, "lossless_checked": args.temperature == 0,
+        "draft_confidence": args.draft_confidence, "draft_stop": args.draft_stop,
+        "reference_profile": str(args.reference_profile) if reference is not None else None,
+        "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,
         "random_adapters": args.random_adapters,
         "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},

@@ -42,13 +42,20 @@ from common import (
     atomic_write_json,
     markdown_table,
     resolve_device,
-    resolve_dtype,
     run_cli,
     set_seed,
     sync_device,
 )
 from extract_hidden_states import iter_batches, pair_features, plan_samples, run_models
-from model_loaders import QUANT_CHOICES, model_description, render_hint
+from model_loaders import (
+    DEFAULT_FRAME_PICK,
+    DTYPE_CHOICES,
+    FRAME_PICKS,
+    QUANT_CHOICES,
+    model_description,
+    render_hint,
+    resolve_model_dtype,
+)
 
 log = logging.getLogger("xmodal_sd.bench_extract")
 
@@ -101,7 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes of each way (alternating)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes of each way over the first batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="both models' dtype unless --egpt_dtype/--vl_dtype say otherwise (auto: bf16 EventGPT and "
+                   "fp16 Video-LLaVA on CUDA, as their released code runs them; fp32 on CPU)")
+    p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES, help="EventGPT's dtype (default --dtype)")
+    p.add_argument("--vl_dtype", default=None, choices=DTYPE_CHOICES, help="Video-LLaVA's dtype (default --dtype)")
+    p.add_argument("--frame_pick", default=DEFAULT_FRAME_PICK, choices=FRAME_PICKS,
+                   help="Video-LLaVA frame indices: floor (default, LanguageBind's) or round of linspace(0, n-1, 8)")
+    p.add_argument("--accept_weight_keys", nargs="+", default=[], metavar="KEY",
+                   help="checkpoint tensor names that may be missing or unknown without stopping the load "
+                   "(e.g. position_ids)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--allow_mismatch", action="store_true",
                    help="exit 0 even when the two ways' outputs differ (random weights in fp16 can flip "
@@ -154,8 +170,11 @@ def resolve_shape(name: str, overrides: dict[str, int]) -> dict[str, int]:
 
 
 def build_random_runners(shape: dict[str, int], questions: list[str], device: torch.device,
-                         dtype: torch.dtype, seed: int) -> tuple[Any, Any]:
+                         dtype: torch.dtype, seed: int, vl_dtype: torch.dtype | None = None,
+                         frame_pick: str = DEFAULT_FRAME_PICK) -> tuple[Any, Any]:
     """EventGPT and Video-LLaVA runners with random weights at `shape`, built on `device` (no files).
+
+    EventGPT is built in `dtype`, Video-LLaVA in `vl_dtype` (default: `dtype` too).
 
     The tokenizer is the toy BPE trained on the questions (prompt text is a small part of the
     sequence; the visual tokens dominate: 578 for EventGPT and 2056 for Video-LLaVA at 7b shape).
@@ -212,27 +231,41 @@ def build_random_runners(shape: dict[str, int], questions: list[str], device: to
     vl_tok = video_llava_tokenizer(tokenizer)
     vcfg = clip(s["vl_image_size"])
     config = video_llava_config(vl_tok, vcfg, llama(s["vl_vocab"]))
+    vl_dtype = vl_dtype or dtype
     with torch.device(device):
-        model = VideoLlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    model.to(device, dtype).eval().requires_grad_(False)
-    vl = VideoLlavaRunner(model=model, processor=video_llava_processor(vl_tok, vcfg), num_frames=8, tokenizer=vl_tok,
-                          device=device, dtype=dtype, model_path="random:video_llava", config_hash=tag)
+        model = VideoLlavaForConditionalGeneration._from_config(config, dtype=vl_dtype)
+    model.to(device, vl_dtype).eval().requires_grad_(False)
+    vl = VideoLlavaRunner(model=model, processor=video_llava_processor(vl_tok, vcfg), num_frames=8,
+                          frame_pick=frame_pick, tokenizer=vl_tok, device=device, dtype=vl_dtype,
+                          model_path="random:video_llava", config_hash=tag)
     for runner in (egpt, vl):
         runner.eos_token_id = -1
     return egpt, vl
 
 
 def load_runners(args: argparse.Namespace, questions: list[str]) -> tuple[Any, Any]:
-    """(EventGPT runner, Video-LLaVA runner): loaded checkpoints, or random weights built in memory."""
+    """(EventGPT runner, Video-LLaVA runner): loaded checkpoints, or random weights built in memory.
+
+    Reads args.egpt_model, vl_model, quant, device, dtype, random_shape, shape, seed and, where the
+    caller has them, egpt_dtype and vl_dtype (default: dtype), frame_pick (default floor) and
+    accept_weight_keys (default none), so scripts without those flags get the defaults.
+    """
     from model_loaders import load_eventgpt, load_video_llava
 
+    egpt_dtype = getattr(args, "egpt_dtype", None) or args.dtype
+    vl_dtype = getattr(args, "vl_dtype", None) or args.dtype
+    frame_pick = getattr(args, "frame_pick", None) or DEFAULT_FRAME_PICK
+    accept_keys = getattr(args, "accept_weight_keys", None) or ()
     if args.random_shape is None:
-        egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=args.device, dtype=args.dtype)
-        vl = load_video_llava(args.vl_model, quant=args.quant, device=args.device, dtype=args.dtype)
+        egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=args.device, dtype=egpt_dtype,
+                             accept_keys=accept_keys)
+        vl = load_video_llava(args.vl_model, quant=args.quant, device=args.device, dtype=vl_dtype,
+                              frame_pick=frame_pick, accept_keys=accept_keys)
         return egpt, vl
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    return build_random_runners(args.shape, questions, device, dtype, args.seed)
+    return build_random_runners(args.shape, questions, device, resolve_model_dtype("eventgpt", egpt_dtype, device),
+                                args.seed, vl_dtype=resolve_model_dtype("video_llava", vl_dtype, device),
+                                frame_pick=frame_pick)
 
 
 # ----------------------------------------------------------------------------------- the two ways
@@ -360,6 +393,7 @@ def format_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
+    from preprocess_event_images import read_frame_settings
     from toy_dataset import load_index, load_questions
 
     if args.threads is not None:
@@ -382,9 +416,9 @@ def main(args: argparse.Namespace) -> int:
     ctx = {"split_dir": split_dir, "clips": clips, "questions": questions, "teacher_forced": args.teacher_forced,
            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     used_clips = len({c for c, _ in samples})
-    log.info("benchmark: %d samples (%d clips x up to %d questions), batch %d, %d new tokens%s, on %s %s",
-             len(samples), used_clips, len(questions), args.batch_size, args.max_new_tokens,
-             ", teacher-forced" if args.teacher_forced else "", device, egpt.dtype)
+    log.info("benchmark: %d samples (%d clips x up to %d questions), batch %d, %d new tokens%s, on %s (EventGPT %s, "
+             "Video-LLaVA %s)", len(samples), used_clips, len(questions), args.batch_size, args.max_new_tokens,
+             ", teacher-forced" if args.teacher_forced else "", device, egpt.dtype, vl.dtype)
 
     warm = samples[: args.batch_size]
     for i in range(args.warmup):
@@ -409,8 +443,11 @@ def main(args: argparse.Namespace) -> int:
         "models": {"drafter": model_description(egpt), "target": model_description(vl)},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
-        "dtype": str(egpt.dtype).removeprefix("torch."),
+        "egpt_dtype": str(egpt.dtype).removeprefix("torch."),
+        "vl_dtype": str(vl.dtype).removeprefix("torch."),
         "quant": args.quant,
+        "frame_pick": vl.frame_pick,
+        "event_frames": read_frame_settings(split_dir / "event_image"),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -439,7 +476,8 @@ def main(args: argparse.Namespace) -> int:
         "reference": {"train_samples": TRAIN_SAMPLES, "one_by_one_train_hours_rtx4090_4bit": REFERENCE_TRAIN_HOURS},
     }
     atomic_write_json(result, args.output)
-    print(f"extraction throughput on {result['device']} ({result['dtype']}, {result['mode']}): {len(samples)} "
+    print(f"extraction throughput on {result['device']} (EventGPT {result['egpt_dtype']}, Video-LLaVA "
+          f"{result['vl_dtype']}, {result['mode']}): {len(samples)} "
           f"samples of {used_clips} clips, batch {args.batch_size}, {args.max_new_tokens} new tokens"
           f"{', teacher-forced' if args.teacher_forced else ''}")
     print(format_table(result))

@@ -8,7 +8,10 @@ Two cost models (docs/METRICS.md, "Cost model"):
 - the default (honest) model charges what each configuration really runs (as speculative_decoding.py
   runs it): every drafted position's adapter step, EventGPT's decode steps where the drafter states
   need them (L5F: one per drafted position; prefill drafting), and the verify pass of the prefill
-  drafts. L5 and B1 are rolled out from the target's verified states: adapter steps only.
+  drafts. B1 and L5E are rolled out from the target's verified states: adapter steps only (L5E also
+  runs EventGPT's vision + prefill once, beside the target's). L5 reads EventGPT's states of the
+  verified text: one EventGPT pass per iteration besides its adapter steps. With a draft-length rule
+  the adapter steps per iteration are the measured mean drafts (`drafts_per_iter`), not gamma.
 
 Timing profiles: the two files in timings/ (interpreted as docs/METRICS.md states) and
 this project's own JSON/YAML format (`xmodal_sd.timing_profile`, written by the live benchmark).
@@ -37,10 +40,17 @@ from common import UserError, atomic_write_json, markdown_table
 PROFILE_FORMAT = "xmodal_sd.timing_profile"
 PROFILE_VERSION = 1
 PREFILL_ADAPTERS = ("L1", "L2", "L3", "L4")
-DECODE_ADAPTERS = ("L5F", "B1", "L5")
+DECODE_ADAPTERS = ("L5F", "B1", "L5", "L5E")
 # Decode adapters whose drafter states come from EventGPT at every drafted position (the live engine's
-# lockstep L5F drafter); L5 and B1 are rolled out from the target's verified states (no EventGPT step).
+# lockstep L5F drafter); B1 and L5E are rolled out from the target's verified states (no EventGPT step).
 EGPT_EVERY_DRAFT = {"L5F"}
+# L5's context is EventGPT's states of the verified text: one EventGPT pass over the accepted tokens per iteration.
+EGPT_EVERY_ITERATION = {"L5"}
+# Decode adapters that need EventGPT's prefill (run beside the target's vision + prefill).
+EGPT_PREFILL = {"L5F", "L5", "L5E"}
+# A level a profile may lack, costed as the level whose step it shares: L5E's step is B1's plus one add of
+# a vector projected once per answer (profiles measured before L5E existed have no entry for it).
+STEP_LIKE = {"L5E": "B1"}
 
 
 @dataclass
@@ -78,6 +88,8 @@ class TimingProfile:
         return max(value, self.vl_decode_ms)
 
     def adapter_ms(self, level: str) -> float:
+        if level not in self.adapter_step_ms and STEP_LIKE.get(level) in self.adapter_step_ms:
+            return self.adapter_step_ms[STEP_LIKE[level]]
         if level not in self.adapter_step_ms:
             raise UserError(f"timing profile '{self.source}' has no adapter step time for {level}; "
                             f"it has {sorted(self.adapter_step_ms)}")
@@ -223,6 +235,7 @@ def estimate_two_phase(
     decode_adapter: str | None,
     concurrent_drafter: bool = False,
     reference: bool = False,
+    drafts_per_iter: float | None = None,
 ) -> dict[str, Any]:
     """Modelled latency (ms) of one answer of `num_tokens` tokens, baseline vs two-phase SD.
 
@@ -231,6 +244,8 @@ def estimate_two_phase(
     free_tokens: mean consecutive prefill drafts accepted (within gamma_prefill; ignored without a
         prefill adapter). accept_len: mean accepted drafts per decode iteration, without the bonus
         token (ignored without a decode adapter). Iterations are expected values (fractional).
+        drafts_per_iter: adapter steps per decode iteration when a draft-length rule ends windows early
+        (default gamma_decode); the honest model only.
     """
     if prefill_adapter is not None and prefill_adapter not in PREFILL_ADAPTERS:
         raise ValueError(f"prefill adapter must be one of {PREFILL_ADAPTERS} or None, got {prefill_adapter!r}")
@@ -251,7 +266,7 @@ def estimate_two_phase(
 
     # ---- prefill phase: both models read their inputs side by side; EventGPT drafts while VL prefills
     vl_side = profile.vl_prefill_total_ms
-    uses_egpt = prefill_adapter is not None or decode_adapter in EGPT_EVERY_DRAFT
+    uses_egpt = prefill_adapter is not None or decode_adapter in (EGPT_EVERY_DRAFT if reference else EGPT_PREFILL)
     egpt_side = profile.egpt_prefill_total_ms if uses_egpt else 0.0
     prefill_verify = 0.0
     remaining = n
@@ -277,8 +292,10 @@ def estimate_two_phase(
         if reference:
             adapter_iter, egpt_iter = profile.adapter_ms(decode_adapter), 0.0
         else:
-            adapter_iter = gamma_decode * profile.adapter_ms(decode_adapter)
-            egpt_steps = gamma_decode if decode_adapter in EGPT_EVERY_DRAFT else 0
+            drafts = float(gamma_decode if drafts_per_iter is None else min(max(drafts_per_iter, 0.0), gamma_decode))
+            adapter_iter = drafts * profile.adapter_ms(decode_adapter)
+            egpt_steps = drafts if decode_adapter in EGPT_EVERY_DRAFT else (
+                1.0 if decode_adapter in EGPT_EVERY_ITERATION else 0.0)
             egpt_iter = 0.0 if egpt_free else egpt_steps * profile.egpt_decode_ms
     per_iter = verify + adapter_iter + egpt_iter
     out.update(iterations=iterations, verify_ms=verify, adapter_ms_per_iter=adapter_iter,

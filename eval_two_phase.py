@@ -2,8 +2,11 @@
 
 Phase 1 (prefill hiding): while Video-LLaVA encodes its frames and prefills, EventGPT (faster) drafts
 the first gamma_prefill tokens; a same-position adapter (L1-L4) maps its states to target tokens.
-Phase 2 (decode): a next-position adapter (L5F, B1 or L5) drafts gamma_decode tokens per iteration
-and the target verifies them in one pass. The token-level acceptance of each adapter (from
+Phase 2 (decode): a next-position adapter (L5F, B1, L5E or L5) drafts gamma_decode tokens per
+iteration and the target verifies them in one pass. Decode adapters are scored by their roll-out on
+the live engine's schedule (--decode_acceptance rollout, the offline figure that tracks live drafting)
+or by one-step teacher-forced drafts (one_step, an upper estimate; also what the best-gamma search reads).
+The token-level acceptance of each adapter (from
 measure_feature_acceptance.py) goes into the cost model of cost_model.py, under every timing profile,
 with the honest and the reference cost model side by side (docs/METRICS.md).
 
@@ -39,7 +42,8 @@ from hidden_data import PAIRS
 
 log = logging.getLogger("xmodal_sd.two_phase")
 RESULT_FORMAT = "xmodal_sd.two_phase_results"
-DEFAULT_CONFIGS = "L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1"
+REFERENCE_CONFIGS = "L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1"  # the reference's table (002)
+DEFAULT_CONFIGS = REFERENCE_CONFIGS + ",L5E,L5,L1+B1"
 
 # The reference's published token-level inputs (002): prefill free tokens within 7 slots and consecutive
 # shifted accepts per decode iteration, for 50-token answers. Used only with --reference_inputs.
@@ -82,8 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="use the reference's published free tokens and alphas instead of measured ones")
     p.add_argument("--timings", nargs="+", required=True,
                    help="timing profiles: timings/*.json and/or profiles of the live benchmark (JSON/YAML)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated PREFILL+DECODE configurations (default: the reference's six)")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated PREFILL+DECODE configurations (default: the reference's six, plus L5E, L5 "
+                        "and L1+B1 for measured acceptance)")
+    p.add_argument("--decode_acceptance", choices=("rollout", "one_step"), default="rollout",
+                   help="accepted drafts per iteration of decode adapters: their roll-out on the live schedule "
+                        "(as drafting runs) or one-step teacher-forced drafts (from every start; an upper estimate)")
     p.add_argument("--prefill_pairs", choices=PAIRS, default="free",
                    help="pairing whose acceptance scores prefill adapters (EventGPT drafts freely there)")
     p.add_argument("--decode_pairs", choices=PAIRS, default="teacher_forced",
@@ -102,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="offline", help="name in the output files: two_phase_results_{label}.json")
     p.add_argument("--output_dir", default="results/two_phase", help="where the JSON and Markdown table go")
     args = p.parse_args(argv)
+    if args.configs is None:
+        args.configs = REFERENCE_CONFIGS if args.reference_inputs else DEFAULT_CONFIGS
     try:
         args.config_list = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     except ValueError as err:
@@ -194,6 +204,13 @@ class AcceptanceInputs:
             return REFERENCE_INPUTS["accept_len"][level], "reference documents (002), gamma 5", None
         result, path = self._load(level, self.args.decode_pairs)
         curve = result.get("accept_len_by_gamma")
+        roll = (result.get("drafting") or {}).get("rollout") or {}
+        if self.args.decode_acceptance == "rollout" and roll.get("gamma") == gamma \
+                and roll.get("live_accepted_per_iteration") is not None:
+            return float(roll["live_accepted_per_iteration"]), f"{path} (roll-out, live schedule)", curve
+        note = f"{level}: no roll-out figure for gamma {gamma} in {path}; one-step drafts used"
+        if self.args.decode_acceptance == "rollout" and note not in self.notes:
+            self.notes.append(note)
         value = curve_value(curve, gamma)
         if value is None:
             raise UserError(f"{path} has no accepted-length curve (is {level} a next-position adapter?); "
@@ -331,6 +348,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                      else args.gamma_prefill if args.gamma_prefill != "auto"
                      else "auto: the drafts that fit in the target's prefill, per profile",
                      "prefill_pairs": args.prefill_pairs, "decode_pairs": args.decode_pairs,
+                     "decode_acceptance": args.decode_acceptance,
                      "concurrent_drafter": args.concurrent_drafter,
                      "reference_cost_model": args.reference_cost_model,
                      "headline": "reference" if args.reference_cost_model else "honest"},

@@ -16,6 +16,10 @@ drafter and target states at t share the same text prefix, as in live speculativ
     # several GPUs: one shard per process, chunks tied together by the manifest
     accelerate launch --num_processes 4 extract_hidden_states.py --split train --chunked ...
 
+Both models see their released inputs by default: the event frames as preprocess_event_images.py
+renders them (its manifest, recorded here), Video-LLaVA's frames picked as LanguageBind does
+(`--frame_pick floor`), EventGPT in bf16 and Video-LLaVA in fp16 on CUDA (`--egpt_dtype`, `--vl_dtype`).
+
 Reruns resume: finished chunks (recorded in the shard file) are skipped and only unfinished ones are
 redone. Writes are atomic. A missing or corrupt video or event frame is named, counted and skipped;
 the run stops with exit code 1 once more than `--max_failures` clips failed, and also exits 1 when a
@@ -47,7 +51,7 @@ from hidden_data import (
     shard_name,
     write_chunk,
 )
-from model_loaders import QUANT_CHOICES, model_description, to_drafter_vocab
+from model_loaders import DTYPE_CHOICES, FRAME_PICKS, QUANT_CHOICES, model_description, to_drafter_vocab
 
 log = logging.getLogger("xmodal_sd.extract")
 
@@ -68,7 +72,14 @@ RUN_IDENTITY = (
     "quant",
     "num_event_frames",
     "num_frames",
+    "frame_pick",
+    "event_frames",
+    "egpt_dtype",
+    "vl_dtype",
 )
+# Identity facts recorded since fidelity to the released preprocessing (issue 19): a record without
+# them was made before, when the defaults were other ones, so resuming it is refused too.
+RECORDED_SINCE_V19 = ("frame_pick", "event_frames")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,9 +114,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bitsandbytes quantisation of both language models (4bit/8bit need CUDA)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (ignored under accelerate launch)")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 for non-quantised weights")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="both models' dtype unless --egpt_dtype/--vl_dtype say otherwise (auto: each model's "
+                   "released precision on CUDA, fp32 on CPU)")
+    p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES,
+                   help="EventGPT's dtype (default --dtype; auto = bf16 on CUDA, as the release runs it)")
+    p.add_argument("--vl_dtype", default=None, choices=DTYPE_CHOICES,
+                   help="Video-LLaVA's dtype (default --dtype; auto = fp16 on CUDA, as its model card and "
+                   "LanguageBind run it)")
     p.add_argument("--num_event_frames", type=int, default=1, help="event frames given to EventGPT (first N)")
     p.add_argument("--num_frames", type=int, default=8, help="video frames sampled uniformly for Video-LLaVA")
+    p.add_argument("--frame_pick", default=FRAME_PICKS[0], choices=FRAME_PICKS,
+                   help="how Video-LLaVA's frames are indexed: floor of linspace(0, n-1, num_frames) (default, as "
+                   "LanguageBind and the research fork) or round (this project's earlier choice)")
+    p.add_argument("--accept_weight_keys", nargs="+", default=[], metavar="KEY",
+                   help="checkpoint tensor names (a full name, its last dotted parts, or a glob) that may be "
+                   "missing from or unknown to either model without stopping the load, e.g. position_ids")
     p.add_argument(
         "--teacher_forced",
         action="store_true",
@@ -132,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--shard_index must be in [0, --num_shards)")
     args.output_dir = Path(args.output_dir or f"data/hidden/{args.split}")
     args.dataset_dir = Path(args.dataset_dir)
+    args.egpt_dtype = args.egpt_dtype or args.dtype
+    args.vl_dtype = args.vl_dtype or args.dtype
     return args
 
 
@@ -165,9 +191,11 @@ def resolve_shard(args: argparse.Namespace) -> tuple[int, int, Any]:
 model_facts = model_description  # the earlier name (benchmark_extraction, notebooks)
 
 
-def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...]) -> None:
+def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...],
+                   required: tuple[str, ...] = RECORDED_SINCE_V19) -> None:
     """Refuse to mix data from different settings in one folder: the manifest and every shard
-    progress file (written from the first chunk on, so a killed run is covered) must agree."""
+    progress file (written from the first chunk on, so a killed run is covered) must agree. A record
+    lacking one of `required` predates it and is refused as well."""
     fix = "use a new --output_dir or delete that folder"
     records = [(out_dir / "manifest.json", "hidden-state manifest")]
     records += [(f, "shard progress file") for f in sorted(out_dir.glob("shard_*-of-*.json"))]
@@ -177,6 +205,9 @@ def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...]) -
         old = read_json(path, what, fix)
         old = old.get("settings", old)  # shard files keep the settings under "settings"
         for key in keys:
+            if key in base and key in required and key not in old:
+                raise UserError(f"{out_dir} holds data extracted before {key} was recorded (see {path.name}), "
+                                f"probably with other event frames or video frames; {fix}")
             if key in base and key in old and old[key] != base[key]:
                 raise UserError(f"{out_dir} holds data extracted with a different {key} ({old[key]!r} vs "
                                 f"{base[key]!r}, see {path.name}); {fix}")
@@ -294,8 +325,27 @@ class ChunkLoopResult:
     stopped: bool = False  # more than --max_failures clips failed
 
 
-def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, chunk_size: int) -> dict[str, Any]:
-    """The run-wide facts every shard file and the manifest record (RUN_IDENTITY pins a rerun to them)."""
+def event_frame_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """How the split's event frames were rendered (their manifest), None when no manifest says so."""
+    from preprocess_event_images import read_frame_settings
+
+    root = args.dataset_dir / args.split / "event_image"
+    settings = read_frame_settings(root)
+    if settings is None:
+        log.warning("no %s: how the event frames were rendered is not known, and not recorded", root / "manifest.json")
+    elif args.num_event_frames > settings["num_frames"]:
+        raise UserError(f"--num_event_frames {args.num_event_frames} but {root} holds {settings['num_frames']} frames "
+                        "per clip; pass fewer, or re-render with preprocess_event_images.py --num_frames")
+    return settings
+
+
+def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, chunk_size: int,
+                 dtypes: dict[str, torch.dtype] | None = None) -> dict[str, Any]:
+    """The run-wide facts every shard file and the manifest record (RUN_IDENTITY pins a rerun to them).
+
+    `dtypes`: each model's resolved compute dtype (by runner name); recorded as egpt_dtype/vl_dtype.
+    """
+    dtypes = dtypes or {}
     base = {
         "split": args.split,
         "dataset_dir": str(args.dataset_dir.resolve()),
@@ -308,6 +358,11 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
         "quant": args.quant,
         "num_event_frames": args.num_event_frames,
         "num_frames": args.num_frames,
+        "frame_pick": args.frame_pick,
+        # split mode, canvas and frame count of the event PNGs EventGPT reads (preprocess_event_images.py)
+        "event_frames": event_frame_settings(args),
+        "egpt_dtype": str(dtypes.get("eventgpt", args.egpt_dtype)).removeprefix("torch."),
+        "vl_dtype": str(dtypes.get("video_llava", args.vl_dtype)).removeprefix("torch."),
         "num_clips": len(work.clips),
         "num_planned_samples": num_planned,
         "dtypes": {k: str(d).removeprefix("torch.") for k, (d, _) in CHUNK_KEYS.items()},
@@ -361,15 +416,30 @@ def load_progress(work: ShardWork, base: dict[str, Any]) -> tuple[dict[str, Any]
     return progress, finished
 
 
-def load_models(args: argparse.Namespace, state: Any, out_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+DTYPE_FLAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def resolve_compute(args: argparse.Namespace, state: Any) -> tuple[torch.device, dict[str, torch.dtype]]:
+    """The device and each model's dtype, resolved (and logged) once, before anything is loaded."""
+    from common import resolve_device
+    from model_loaders import resolve_model_dtype
+
+    device = resolve_device(str(state.device) if state is not None else args.device)
+    dtypes = {"eventgpt": resolve_model_dtype("eventgpt", args.egpt_dtype, device),
+              "video_llava": resolve_model_dtype("video_llava", args.vl_dtype, device)}
+    return device, dtypes
+
+
+def load_models(args: argparse.Namespace, device: torch.device, dtypes: dict[str, torch.dtype], out_dir: Path
+                ) -> tuple[Any, Any, dict[str, Any]]:
     """(EventGPT, Video-LLaVA, their descriptions); refuses a folder holding other models' states."""
     from model_loaders import load_eventgpt, load_video_llava
 
-    device = str(state.device) if state is not None else args.device
-    egpt = load_eventgpt(
-        args.egpt_model, quant=args.quant, device=device, dtype=args.dtype, num_event_frames=args.num_event_frames
-    )
-    vl = load_video_llava(args.vl_model, quant=args.quant, device=device, dtype=args.dtype, num_frames=args.num_frames)
+    egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=str(device), dtype=DTYPE_FLAGS[dtypes["eventgpt"]],
+                         num_event_frames=args.num_event_frames, accept_keys=args.accept_weight_keys)
+    vl = load_video_llava(args.vl_model, quant=args.quant, device=str(device),
+                          dtype=DTYPE_FLAGS[dtypes["video_llava"]], num_frames=args.num_frames,
+                          frame_pick=args.frame_pick, accept_keys=args.accept_weight_keys)
     models = {"drafter": model_description(egpt), "target": model_description(vl)}
     recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
     for path in (p for p in recorded if p.is_file()):
@@ -465,7 +535,8 @@ def main(args: argparse.Namespace) -> int:
     num_shards, shard, state = resolve_shard(args)
     work, num_planned, chunk_size = plan_work(args, num_shards, shard)
     work.out_dir.mkdir(parents=True, exist_ok=True)
-    base = run_settings(args, work, num_planned, chunk_size)
+    device, dtypes = resolve_compute(args, state)
+    base = run_settings(args, work, num_planned, chunk_size, dtypes)
     check_same_run(work.out_dir, base, RUN_IDENTITY)
 
     progress, finished = load_progress(work, base)
@@ -476,7 +547,7 @@ def main(args: argparse.Namespace) -> int:
                  len(work.chunks), shard)
     egpt = vl = None
     if todo:
-        egpt, vl, base["models"] = load_models(args, state, work.out_dir)
+        egpt, vl, base["models"] = load_models(args, device, dtypes, work.out_dir)
         base["widths"] = {"drafter": egpt.hidden_size, "target": vl.hidden_size}
         # Recorded per shard, so the merged manifest names the models even if a shard had no work.
         progress["models"], progress["widths"] = base["models"], base["widths"]

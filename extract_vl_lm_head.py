@@ -1,13 +1,17 @@
-"""Save the target's (Video-LLaVA's) LM head for offline token-level metrics.
+"""Save the target's (Video-LLaVA's) LM head, and its input-embedding table, for offline token-level
+metrics and for the adapters that read tokens.
 
-Stored hidden states are taken after the final norm, so token logits are simply `h @ weight.T`.
+Stored hidden states are taken after the final norm, so token logits are simply `h @ weight.T`. The
+input embeddings are what EAGLE-style heads with a token input (`token_input=True`) look tokens up in:
+the target's own frozen table, kept once here instead of a trainable copy in every adapter.
 
     # toy world (seconds)
     python extract_vl_lm_head.py --vl_model data/toy/models/video_llava --output data/toy/vl_lm_head.pt
     # the real model: read straight from its safetensors when local, else load it (4-bit is dequantised)
     python extract_vl_lm_head.py --vl_model LanguageBind/Video-LLaVA-7B-hf --output data/vl_lm_head.pt
 
-Output: {"weight": [V, D] fp16, "vocab_size": V, "hidden_dim": D, "model": path, "config_hash": str}.
+Output: {"weight": [V, D] fp16, "embed_weight": [V, D] fp16, "vocab_size": V, "hidden_dim": D,
+"model": path, "config_hash": str}.
 """
 
 from __future__ import annotations
@@ -43,15 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_from_safetensors(folder: Path) -> torch.Tensor | None:
-    """The LM head straight from local safetensors shards (no model build); None if not found."""
+def read_from_safetensors(folder: Path, suffix: str = "lm_head.weight") -> torch.Tensor | None:
+    """One tensor whose key ends with `suffix` (the LM head by default; the language model's
+    `embed_tokens.weight` for the input embeddings) straight from local safetensors shards, no model
+    build; None if not found. Vision towers' embeddings never match: their keys end otherwise."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
-                if key.endswith("lm_head.weight"):
+                if key.endswith(suffix):
                     log.info("read %s from %s", key, f.name)
                     return st.get_tensor(key)
     return None
@@ -67,17 +73,23 @@ def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[st
             raise UserError(f"{folder / 'config.json'} has model_type {cfg.get('model_type')!r}, not "
                             f"{VIDEO_LLAVA_MODEL_TYPE!r}: the LM head must be the target's (Video-LLaVA's)")
     weight = read_from_safetensors(folder) if folder.is_dir() else None
-    if weight is not None:
+    embed = read_from_safetensors(folder, "embed_tokens.weight") if folder.is_dir() else None
+    if weight is not None and embed is not None:
         chash = config_hash(folder / "config.json")
     else:
         from model_loaders import load_video_llava
 
         runner = load_video_llava(vl_model, quant=quant, device=device)
         weight = runner.lm_head_weight()
+        embed = runner.decoder.get_input_embeddings().weight  # bitsandbytes leaves embeddings unquantised
         chash = runner.config_hash
+    if tuple(embed.shape) != tuple(weight.shape):
+        raise UserError(f"{vl_model}: input embeddings {tuple(embed.shape)} and LM head {tuple(weight.shape)} differ "
+                        "in shape; this is not a Video-LLaVA language model")
     return {
         "format": LM_HEAD_FORMAT,
         "weight": weight.detach().float().cpu().half().contiguous(),
+        "embed_weight": embed.detach().float().cpu().half().contiguous(),
         "vocab_size": int(weight.shape[0]),
         "hidden_dim": int(weight.shape[1]),
         "model": str(vl_model),
@@ -85,12 +97,16 @@ def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[st
     }
 
 
-def load_lm_head(path: str | Path, hidden_dim: int | None = None) -> dict[str, Any]:
-    """Read an LM head file written here; checks the tag and (optionally) the width."""
+def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embeddings: bool = False) -> dict[str, Any]:
+    """Read an LM head file written here; checks the tag, (optionally) the width, and with
+    `need_embeddings` that it holds the input-embedding table (files from before it was stored do not)."""
     fix = "write it with extract_vl_lm_head.py --vl_model ... --output ..."
     head = safe_torch_load(path, "LM head", fix)
     if not isinstance(head, dict) or head.get("format") != LM_HEAD_FORMAT:
         raise UserError(f"{path} is not an LM head file; {fix}")
+    if need_embeddings and not isinstance(head.get("embed_weight"), torch.Tensor):
+        raise UserError(f"{path} holds no input-embedding table (written by an older release), which adapters "
+                        "with a token input read; rewrite it with extract_vl_lm_head.py --overwrite")
     if hidden_dim is not None and head["hidden_dim"] != hidden_dim:
         raise UserError(
             f"{path} has width {head['hidden_dim']} but the hidden states have width {hidden_dim}; "
@@ -103,14 +119,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output)
     if out.is_file() and not args.overwrite:
         head = load_lm_head(out)
-        print(f"{out} exists (vocab {head['vocab_size']}, width {head['hidden_dim']}); pass --overwrite to redo")
-        return head
+        if isinstance(head.get("embed_weight"), torch.Tensor):
+            print(f"{out} exists (vocab {head['vocab_size']}, width {head['hidden_dim']}); pass --overwrite to redo")
+            return head
+        log.info("%s lacks the input-embedding table (an older file); rewriting it", out)
     head = extract(args.vl_model, args.quant, args.device)
     try:
         atomic_torch_save(head, out)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}; choose a writable --output") from err
-    print(f"wrote {out}: weight [{head['vocab_size']}, {head['hidden_dim']}] fp16 from {head['model']}")
+    print(f"wrote {out}: LM head and input embeddings [{head['vocab_size']}, {head['hidden_dim']}] fp16 "
+          f"from {head['model']}")
     return head
 
 

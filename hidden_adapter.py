@@ -10,6 +10,7 @@ Levels (see docs/ADAPTER_ARCHITECTURES.md for the full table):
     L5  EAGLE-style causal         drafter -> target, next position      ~103M
     B1  L5 trained target->target  target  -> target, next position      ~103M
     L5F gated fusion, causal       drafter + target -> target, next      ~170M
+    L5E B1 + EventGPT context      target (+ drafter prompt) -> target   ~120M
 
 Usage:
     python hidden_adapter.py --summary                       # parameter table at width 4096
@@ -19,10 +20,18 @@ Usage:
     >>> adapter = create_adapter("L1", hidden_dim=64)
     >>> aligned = adapter(h_egpt, mask)                       # [B, T, 64] -> [B, T, 64]
 
-Every adapter takes `forward(x, mask=None, *, h_target=None, token_ids=None)`: `x` is the state it
-consumes first (drafter states; target states for B1), `h_target` the verified target states (L5F
-only), `mask` [B, T] bool marks valid positions. `adapter.consumes` / `adapter.predicts` say which
+Every adapter takes `forward(x, mask=None, *, h_target=None, token_ids=None, context=None)`: `x` is
+the state it consumes first (drafter states; target states for B1 and L5E), `h_target` the verified
+target states (L5F only), `mask` [B, T] bool marks valid positions, `token_ids` [B, T] the token each
+position's state chose (next-position levels with a token input), `context` [B, D_drafter] EventGPT's
+prompt-end state (L5E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
 states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next").
+
+Next-position levels can read the token of each position (EAGLE's shifted token): `token_input=True`
+takes its embedding from the target's own frozen input-embedding table, attached at run time with
+`adapter.attach_token_table(weight)` (stored once in the LM head file, never in the checkpoint).
+`adapter.rollout(...)` runs several drafting steps from every start position at once, each step fed
+the adapter's own previous outputs (training on roll-outs, and offline drafting metrics).
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ CHECKPOINT_FORMAT = "xmodal_sd.adapter"
 CHECKPOINT_VERSION = 1
 
 # Canonical names; level numbers follow the reference (`--adapter_level 1..6`, 6 = L5F, B1 = 5 + vlm_only).
-ADAPTER_NAMES = ("L1", "L2", "L3", "L4", "L5", "B1", "L5F")
-LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F"}
+ADAPTER_NAMES = ("L1", "L2", "L3", "L4", "L5", "B1", "L5F", "L5E")
+LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F", 7: "L5E"}
+NEXT_POSITION_LEVELS = ("L5", "B1", "L5F", "L5E")
 
 
 def canonical_name(level: int | str, vlm_only: bool = False) -> str:
@@ -61,7 +71,7 @@ def canonical_name(level: int | str, vlm_only: bool = False) -> str:
             name = text
     if name is None:
         valid = ", ".join(ADAPTER_NAMES)
-        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-6 (6 = L5F)")
+        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-7 (6 = L5F, 7 = L5E)")
     if vlm_only:
         if name not in ("L5", "B1"):
             raise ValueError(f"vlm_only (target->target training) applies to the EAGLE level L5 only, not {name}")
@@ -87,9 +97,12 @@ class AdapterConfig:
     max_seq_len: int = 512
     dropout: float = 0.1
     alpha_init: float = 0.1
-    use_token_embed: bool = False
+    use_token_embed: bool = False  # the specification's optional fusion: a trainable [vocab, D] embedding
     vocab_size: int = 32000
     prediction_weight: float = 0.5
+    # EAGLE's token input from the target's frozen input embeddings (attach_token_table); only the fusion
+    # layer is trained, so the embedding table is stored once (with the LM head), not in each adapter.
+    token_input: bool = False
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
@@ -100,14 +113,30 @@ class AdapterConfig:
         for key, value in (("bottleneck_dim", 256), ("num_blocks", 1), ("num_heads", 8), ("ffn_dim", 2048)):
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.token_input and self.use_token_embed:
+            raise ValueError("token_input (the target's frozen embeddings) and use_token_embed (a trainable "
+                             "embedding) are two ways of the same input; choose one")
+        if (self.token_input or self.use_token_embed) and self.predicts != "next":
+            raise ValueError(f"a token input belongs to the next-position levels {NEXT_POSITION_LEVELS}, "
+                             f"not {self.name}")
 
     @property
     def consumes(self) -> str:
-        return {"B1": "target", "L5F": "both"}.get(self.name, "drafter")
+        return {"B1": "target", "L5E": "target", "L5F": "both"}.get(self.name, "drafter")
 
     @property
     def predicts(self) -> str:
-        return "next" if self.name in ("L5", "B1", "L5F") else "same"
+        return "next" if self.name in NEXT_POSITION_LEVELS else "same"
+
+    @property
+    def context(self) -> str | None:
+        """ "drafter" when the adapter also reads EventGPT's prompt-end state (L5E), else None."""
+        return "drafter" if self.name == "L5E" else None
+
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether forward/step need `token_ids` (either token input)."""
+        return self.token_input or self.use_token_embed
 
     @property
     def in_dim(self) -> int:
@@ -213,6 +242,25 @@ class SelfAttention(nn.Module):
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), (k, v)
 
+    def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
+                     diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attention of one roll-out step: query t attends to the true keys the mask allows [B, 1, T, T]
+        and to one key per earlier step at its own index t (`diag_kv`, each [B, H, T, Dh]) plus its own.
+        The diagonal keys cost O(T) each instead of a dense [T, T] block. Returns out, own (k, v)."""
+        b, t, d = x.shape
+        h = self.num_heads
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
+        q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))
+        scale = (d // h) ** -0.5
+        dk = torch.stack([*(kk for kk, _ in diag_kv), k], dim=-2)  # [B, H, T, J, Dh]
+        dv = torch.stack([*(vv for _, vv in diag_kv), v], dim=-2)
+        scores = torch.cat([(q @ true_kv[0].transpose(-1, -2)).masked_fill(~true_mask, float("-inf")),
+                            (q[..., None, :] * dk).sum(-1)], dim=-1) * scale  # [B, H, T, T + J]
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        p = F.dropout(p, self.dropout, self.training)
+        out = p[..., :t] @ true_kv[1] + (p[..., t:, None] * dv).sum(-2)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), (k, v)
+
 
 class TransformerLayer(nn.Module):
     """Pre-norm transformer layer: x + attn(LN(x)), then + FFN(LN(.)) with FFN dim -> ffn_dim -> dim."""
@@ -230,6 +278,13 @@ class TransformerLayer(nn.Module):
         self, x: Tensor, attn_mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         a, kv = self.attn(self.attn_norm(x), attn_mask, past)
+        x = x + a
+        return x + self.ffn(self.ffn_norm(x)), kv
+
+    def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
+                     diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """`forward` for one roll-out step (see SelfAttention.rollout_step)."""
+        a, kv = self.attn.rollout_step(self.attn_norm(x), true_kv, true_mask, diag_kv)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), kv
 
@@ -304,7 +359,8 @@ class HiddenStateAdapter(BaseAdapter):
         self.final_norm = nn.LayerNorm(config.target_dim)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
+        token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> Tensor:
         self._check(x, self.config.drafter_dim, "drafter states")
         h = self.input_proj(x)
@@ -331,7 +387,8 @@ class WideBottleneckAdapter(BaseAdapter):
         self.final_norm = nn.LayerNorm(dim)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
+        token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> Tensor:
         self._check(x, self.config.drafter_dim, "drafter states")
         h = self.input_norm(self.input_proj(x))
@@ -362,16 +419,19 @@ class AttentionAdapter(BaseAdapter):
         nn.init.eye_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def _encode(
-        self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None, offset: int
-    ) -> tuple[Tensor, Tensor]:
+    def _encode(self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None,
+                offset: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return (transformer input, residual) for positions offset..offset+T-1."""
         self._check(x, self.config.drafter_dim, "drafter states")
         h = self.input_proj(x)
         return h, h
 
+    def _output(self, h: Tensor, residual: Tensor) -> Tensor:
+        return residual + self.alpha * self.output_proj(self.output_norm(h))
+
     def _run(
-        self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None, past: KVCache | None
+        self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None,
+        past: KVCache | None, context: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
         past_len = past[0][0].shape[2] if past else 0
         if mask is not None:
@@ -381,31 +441,36 @@ class AttentionAdapter(BaseAdapter):
             x = x.masked_fill(~keep, 0.0)
             if h_target is not None:
                 h_target = h_target.masked_fill(~keep, 0.0)
-        h, residual = self._encode(x, mask, h_target, token_ids, past_len)
+        h, residual = self._encode(x, mask, h_target, token_ids, past_len, context)
         if mask is not None and past_len:
             mask = torch.cat([mask.new_ones(mask.shape[0], past_len), mask], dim=1)
-        attn_mask = attention_mask(mask, h.shape[1], self.causal, h.device, past_len)
+        # One new position without padding may attend to every cached one: no mask to build (drafting).
+        single = mask is None and h.shape[1] == 1
+        attn_mask = None if single else attention_mask(mask, h.shape[1], self.causal, h.device, past_len)
         new_past: KVCache = []
         for i, layer in enumerate(self.layers):
             h, kv = layer(h, attn_mask, past[i] if past else None)
             new_past.append(kv)
-        out = residual + self.alpha * self.output_proj(self.output_norm(h))
-        return out, new_past
+        return self._output(h, residual), new_past
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
+        token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, D_in], mask [B, T] bool (True = valid) -> [B, T, D_target]."""
-        return self._run(x, mask, h_target, token_ids, None)[0]
+        return self._run(x, mask, h_target, token_ids, None, context)[0]
 
 
 class EAGLEStyleAdapter(AttentionAdapter):
     """L5 (and B1): LayerNorm, learned positions, a causal transformer layer, output LayerNorm and a
     zero-initialised output projection scaled by alpha, plus a residual from the input. Output[t]
-    sees inputs 0..t only; it is trained to match the target state at t and (weighted) at t+1.
+    sees inputs 0..t only; it is trained to match the target state at t+1 (and, weighted, at t).
 
-    Optional EAGLE token fusion concatenates the embedding of the token at each position before the
-    transformer (`use_token_embed=True`; needs `token_ids`).
+    Token input (EAGLE's shifted token): with `token_input=True` the normalised state at t is
+    concatenated with LayerNorm(embedding of token t), the token that state chose, i.e. the token the
+    target reads next, and projected back to the width (8192 -> 4096 at 7B). The embedding comes from
+    the target's frozen input-embedding table (`attach_token_table`). `use_token_embed=True` is the
+    specification's variant with a trainable embedding of its own (+131M parameters at 7B).
     """
 
     causal = True
@@ -419,12 +484,34 @@ class EAGLEStyleAdapter(AttentionAdapter):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if config.use_token_embed:
             self.token_embed = nn.Embedding(config.vocab_size, dim)
+        if config.token_input:
+            self.token_norm = nn.LayerNorm(dim)
+            # not a parameter and not saved: the target's table, attached by whoever loads the adapter
+            self.register_buffer("token_table", None, persistent=False)
+        if config.uses_tokens:
             self.token_fusion = nn.Linear(2 * dim, dim)
 
     def _init_output(self) -> None:
         # Zero output projection: the adapter starts as the identity (L5, B1) or as h_target (L5F).
         nn.init.zeros_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
+
+    @torch.no_grad()
+    def attach_token_table(self, weight: Tensor) -> EAGLEStyleAdapter:
+        """Give a `token_input` adapter the target's input-embedding table [V, D_target] (frozen; moved to
+        the adapter's device and dtype; kept out of the state dict). Returns self."""
+        if not self.config.token_input:
+            raise ValueError(f"{self.config.name} was built without token_input; it reads no token table")
+        if weight.dim() != 2 or weight.shape[1] != self.config.target_dim:
+            raise ValueError(f"token table must be [V, {self.config.target_dim}] (the target's input embeddings), "
+                             f"got {tuple(weight.shape)}")
+        if weight.shape[0] != self.config.vocab_size:
+            raise ValueError(f"token table has {weight.shape[0]} rows but the adapter was trained with a "
+                             f"{self.config.vocab_size}-token vocabulary; attach the table of the target it was "
+                             "trained for")
+        ref = self.pos_embed
+        self.token_table = weight.detach().to(ref.device, ref.dtype)
+        return self
 
     def _positions(self, h: Tensor, offset: int) -> Tensor:
         end = offset + h.shape[1]
@@ -436,26 +523,98 @@ class EAGLEStyleAdapter(AttentionAdapter):
         return h + self.pos_embed[:, offset:end]
 
     def _fuse_tokens(self, h: Tensor, token_ids: Tensor | None) -> Tensor:
-        if not self.config.use_token_embed:
+        if not self.config.uses_tokens:
             return h
         if token_ids is None:
-            raise ValueError(f"{self.config.name} was built with use_token_embed=True and needs token_ids [B, T]")
-        return self.token_fusion(torch.cat([h, self.token_embed(token_ids)], dim=-1))
+            raise ValueError(f"{self.config.name} reads the token of each position: pass token_ids [B, T]")
+        if self.config.use_token_embed:
+            emb = self.token_embed(token_ids)
+        else:
+            if self.token_table is None:
+                raise ValueError(f"{self.config.name} has a token input but no token table: call "
+                                 "attach_token_table(the target's input embeddings, from the LM head file) first")
+            emb = self.token_norm(F.embedding(token_ids, self.token_table).to(h.dtype))
+        return self.token_fusion(torch.cat([h, emb], dim=-1))
 
-    def _encode(self, x, mask, h_target, token_ids, offset):
+    def _add_context(self, h: Tensor, context: Tensor | None) -> Tensor:
+        return h  # L5E adds EventGPT's context here
+
+    def _encode(self, x, mask, h_target, token_ids, offset, context=None):
         self._check(x, self.config.in_dim, f"{self.consumes} states")
         residual = self.input_proj(x)
-        h = self._fuse_tokens(self.input_norm(residual), token_ids)
+        h = self._add_context(self._fuse_tokens(self.input_norm(residual), token_ids), context)
         return self._positions(h, offset), residual
 
     @torch.no_grad()
     def step(
-        self, x: Tensor, past: KVCache | None = None, *, h_target: Tensor | None = None, token_ids: Tensor | None = None
+        self, x: Tensor, past: KVCache | None = None, *, h_target: Tensor | None = None,
+        token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
         """Incremental forward for drafting: x [B, T_new, D] continues a sequence whose keys/values
         are in `past`; returns outputs for the new positions and the extended cache. Equals
         `forward` over the whole sequence at those positions (no padding inside a drafting batch)."""
-        return self._run(x, None, h_target, token_ids, past)
+        return self._run(x, None, h_target, token_ids, past, context)
+
+    # -- roll-outs: several drafting steps from every start position at once -------------------------
+    def _rollout_inputs(self, j: int, prev: Tensor, x: Tensor, h_target: Tensor | None,
+                        token_ids: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Inputs of drafting step j+1 (j >= 1) at every index t, i.e. position t+j: the adapter's own
+        estimate of target state t+j (`prev`) where the target state would go, and the token of position
+        t+j (on the accepted path the drafted token equals it). Positions past the end are zero/0."""
+
+        def ahead(z: Tensor | None) -> Tensor | None:
+            if z is None:
+                return None
+            pad = z.new_zeros(z.shape[0], j, *z.shape[2:])
+            return torch.cat([z[:, j:], pad], dim=1)
+
+        if self.consumes == "drafter" and self.config.drafter_dim != self.config.target_dim:
+            raise ValueError(f"{self.config.name} rolls out on its own outputs, which have the target width "
+                             f"{self.config.target_dim}; its input width is {self.config.drafter_dim}")
+        return prev, None, ahead(token_ids)
+
+    def rollout(
+        self, x: Tensor, mask: Tensor | None, steps: int, *, h_target: Tensor | None = None,
+        token_ids: Tensor | None = None, context: Tensor | None = None,
+    ) -> list[Tensor]:
+        """`steps` drafting steps from every start position in one batch of passes (EAGLE-3's
+        "training-time test"): returns outs with outs[k-1][:, t] [B, T, D_target] the estimate of target
+        state t+k made from the true inputs 0..t and the adapter's own outputs for t+1..t+k-1, exactly
+        what drafting k tokens after verifying position t computes.
+
+        Step k attends to the true keys 0..t (causal, padding hidden) and to the keys of its own earlier
+        steps at the same index (a diagonal per step), so every start position keeps its own draft
+        chain. outs[0] equals `forward`. Used with gradients in training and without in evaluation.
+        """
+        if steps < 1:
+            raise ValueError("rollout needs steps >= 1")
+        if mask is not None:
+            keep = mask.bool()[..., None]
+            x = x.masked_fill(~keep, 0.0)
+            if h_target is not None:
+                h_target = h_target.masked_fill(~keep, 0.0)
+        b, t = x.shape[:2]
+        dev = x.device
+        h, residual = self._encode(x, mask, h_target, token_ids, 0, context)
+        first_mask = attention_mask(mask, t, True, dev)
+        true_kv: list[tuple[Tensor, Tensor]] = []  # per layer: keys/values of the true positions
+        for layer in self.layers:
+            h, kv = layer(h, first_mask, None)
+            true_kv.append(kv)
+        outs = [self._output(h, residual)]
+        valid_keys = mask.bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
+        causal = torch.arange(t, device=dev)[None, :] <= torch.arange(t, device=dev)[:, None]  # [query, key]
+        # a query always has its own diagonal key, so no row is empty even where the true keys are hidden
+        true_mask = (causal[None] & valid_keys[:, None, :])[:, None]
+        diag: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.layers]  # per layer, one (k, v) per step
+        for j in range(1, steps):
+            xj, vj, tj = self._rollout_inputs(j, outs[-1], x, h_target, token_ids)
+            hj, res_j = self._encode(xj, None, vj, tj, j, context)
+            for i, layer in enumerate(self.layers):
+                hj, kv = layer.rollout_step(hj, true_kv[i], true_mask, diag[i])
+                diag[i].append(kv)
+            outs.append(self._output(hj, res_j))
+        return outs
 
 
 class FusedEAGLEAdapter(EAGLEStyleAdapter):
@@ -477,7 +636,7 @@ class FusedEAGLEAdapter(EAGLEStyleAdapter):
         self.fusion_proj = nn.Linear(de + dv, dv)
         self.fusion_norm = nn.LayerNorm(dv)
 
-    def _encode(self, x, mask, h_target, token_ids, offset):
+    def _encode(self, x, mask, h_target, token_ids, offset, context=None):
         self._check(x, self.config.drafter_dim, "drafter states")
         if h_target is None:
             raise ValueError("L5F fuses drafter and target states: pass h_target=[B, T, D_target]")
@@ -490,6 +649,62 @@ class FusedEAGLEAdapter(EAGLEStyleAdapter):
         h = self._fuse_tokens(self.fusion_norm(fused + self.fusion_proj(both)), token_ids)
         return self._positions(h, offset), h_target
 
+    def _rollout_inputs(self, j, prev, x, h_target, token_ids):
+        """Step j+1 of L5F: EventGPT's state at position t+j (in lockstep drafting EventGPT reads the
+        drafts, which equal the true tokens on the accepted path, so the teacher-forced state is the one
+        it computes there) and the adapter's own estimate of target state t+j."""
+
+        def ahead(z: Tensor | None) -> Tensor | None:
+            if z is None:
+                return None
+            return torch.cat([z[:, j:], z.new_zeros(z.shape[0], j, *z.shape[2:])], dim=1)
+
+        return ahead(x), prev, ahead(token_ids)
+
+    def rollout(self, x, mask, steps, *, h_target=None, token_ids=None, context=None):
+        if h_target is None:
+            raise ValueError("L5F fuses drafter and target states: pass h_target=[B, T, D_target]")
+        return super().rollout(x, mask, steps, h_target=h_target, token_ids=token_ids, context=context)
+
+
+class EventContextAdapter(EAGLEStyleAdapter):
+    """L5E: the B1 head (target states in, target state t+1 out; token input by default in training)
+    plus EventGPT's prompt-end state as one context vector, ViSpec-style: LN, a projection to the
+    target width that starts at zero (so L5E starts as B1), added to every position's input.
+
+    The context is EventGPT's last-layer state at the end of its prompt (event frame + question),
+    the state that would produce EventGPT's first answer token: computed once per answer by its
+    prefill, which runs beside the target's vision and prefill, so each draft costs one adapter step.
+    """
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        self.context_norm = nn.LayerNorm(config.drafter_dim)
+        self.context_proj = nn.Linear(config.drafter_dim, config.target_dim)
+        nn.init.zeros_(self.context_proj.weight)
+        nn.init.zeros_(self.context_proj.bias)
+
+    def context_vector(self, context: Tensor) -> Tensor:
+        """[B, D_drafter] EventGPT prompt-end state -> [B, D_target] added to every input position."""
+        if context.dim() != 2 or context.shape[-1] != self.config.drafter_dim:
+            raise ValueError(f"L5E expects context of shape [B, {self.config.drafter_dim}] (EventGPT's prompt-end "
+                             f"state), got {tuple(context.shape)}")
+        return self.context_proj(self.context_norm(context))
+
+    def _add_context(self, h: Tensor, context: Tensor | ProjectedContext | None) -> Tensor:
+        if context is None:
+            raise ValueError("L5E reads EventGPT's prompt-end state: pass context=[B, D_drafter]")
+        vec = context.vector if isinstance(context, ProjectedContext) else self.context_vector(context.to(h.dtype))
+        return h + vec.to(h.dtype)[:, None]
+
+
+@dataclass
+class ProjectedContext:
+    """L5E's context already through `context_vector` ([B, D_target]): drafting projects it once per answer
+    and passes this at every step instead of the raw state."""
+
+    vector: Tensor
+
 
 _CLASSES: dict[str, type[BaseAdapter]] = {
     "L1": HiddenStateAdapter,
@@ -499,6 +714,7 @@ _CLASSES: dict[str, type[BaseAdapter]] = {
     "L5": EAGLEStyleAdapter,
     "B1": EAGLEStyleAdapter,
     "L5F": FusedEAGLEAdapter,
+    "L5E": EventContextAdapter,
 }
 
 
@@ -511,7 +727,7 @@ def create_adapter(
     vlm_only: bool = False,
     **overrides: Any,
 ) -> BaseAdapter:
-    """Build an adapter by level (1-6) or name (L1..L5, B1, L5F; any case).
+    """Build an adapter by level (1-7) or name (L1..L5, B1, L5F, L5E; any case).
 
     `hidden_dim` sets both widths; `drafter_dim` / `target_dim` override them separately when the
     two models differ. Inner widths follow the reference's ratios to the target width (bottleneck
@@ -538,17 +754,22 @@ def build_adapter(config: AdapterConfig) -> BaseAdapter:
 def adapter_inputs(
     adapter: BaseAdapter, drafter: Tensor | None, target: Tensor, tokens: Tensor | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(x, keyword arguments) to call `adapter(x, mask, **kwargs)` with, from what it consumes:
-    drafter states (L1-L5), target states (B1) or both (L5F); token ids when it fuses tokens."""
+    """(x, keyword arguments) to call `adapter(x, mask, **kwargs)` (or `adapter.rollout`) with, from what
+    it consumes: drafter states (L1-L5), target states (B1, L5E) or both (L5F); token ids when it reads
+    tokens; EventGPT's prompt-end state (`drafter[:, 0]`, the state before its first answer token) for L5E."""
     x = target if adapter.consumes == "target" else drafter
     if x is None:
         raise ValueError(f"{adapter.config.name} consumes drafter states, none were given")
     kwargs: dict[str, Tensor] = {}
     if adapter.consumes == "both":
         kwargs["h_target"] = target
-    if adapter.config.use_token_embed:
+    if adapter.config.context == "drafter":
+        if drafter is None:
+            raise ValueError(f"{adapter.config.name} reads EventGPT's prompt-end state; drafter states are needed")
+        kwargs["context"] = drafter[:, 0]
+    if adapter.config.uses_tokens:
         if tokens is None:
-            raise ValueError(f"{adapter.config.name} fuses token embeddings and needs token ids")
+            raise ValueError(f"{adapter.config.name} reads the token of each position and needs token ids")
         kwargs["token_ids"] = tokens.long().clamp(0, adapter.config.vocab_size - 1)
     return x, kwargs
 
@@ -615,7 +836,7 @@ def adapter_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Training loss shared by training and evaluation.
 
-    Alignment: output[t] vs target[t]. Next-position levels (L5, B1, L5F) add the prediction term,
+    Alignment: output[t] vs target[t]. Next-position levels (L5, B1, L5F, L5E) add the prediction term,
     output[t] vs target[t+1], with weight w (`prediction_weight`, default the config's 0.5):
 
         mix="sum"     align + w * pred          (per position the MSE optimum is (v_t + w v_{t+1}) / (1 + w))
@@ -635,6 +856,61 @@ def adapter_loss(
         parts["pred"] = float(pred_loss.detach())
         loss = align + w * pred_loss if mix == "sum" else (1 - w) * align + w * pred_loss
     return loss, parts
+
+
+def step_weights(steps: int, decay: float) -> list[float]:
+    """Per-step weights decay**k (k = 0..steps-1) normalised to sum to 1."""
+    raw = [decay**k for k in range(steps)]
+    return [w / sum(raw) for w in raw]
+
+
+def drafting_loss(
+    adapter: BaseAdapter,
+    outs: list[Tensor],
+    target: Tensor,
+    mask: Tensor | None,
+    *,
+    tokens: Tensor | None = None,
+    lm_head: Tensor | None = None,
+    decay: float = 1.0,
+    token_loss_weight: float = 0.0,
+    mix: str = "convex",
+    prediction_weight: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Loss of a next-position adapter over a roll-out (`adapter.rollout`): outs[k-1][:, t] is compared
+    with target state t+k at positions where t and t+k are valid, each step weighted decay**(k-1)
+    (weights normalised to sum to 1). Step 1 is `adapter_loss` (its mix and prediction weight, so one
+    step and no token term is exactly the one-step loss). With `token_loss_weight` > 0, each step adds
+    that times the cross-entropy of `lm_head` logits against the target's token t+k (EAGLE's
+    classification term; needs `lm_head` [V, D] and `tokens` [B, T]). Returns (loss, parts) with parts
+    "align", "pred" (step 1), "step{k}" (regression of step k) and "ce" (mean over steps)."""
+    if adapter.predicts != "next":
+        raise ValueError(f"drafting_loss is for next-position levels {NEXT_POSITION_LEVELS}, not {adapter.config.name}")
+    if token_loss_weight > 0 and (lm_head is None or tokens is None):
+        raise ValueError("the token loss needs the target's LM head and the target's tokens")
+    weights = step_weights(len(outs), decay)
+    first, parts = adapter_loss(adapter, outs[0], target, mask, mix=mix, prediction_weight=prediction_weight)
+    valid = _valid(mask, outs[0])
+    total = weights[0] * first
+    ce_sum, ce_parts = 0.0, []
+    for k, (out, w) in enumerate(zip(outs, weights, strict=True), start=1):
+        t = out.shape[1]
+        if k >= t:
+            continue
+        pair = valid[:, : t - k] & valid[:, k:]
+        if k > 1:
+            reg = alignment_loss(out[:, : t - k], target[:, k:], pair)
+            parts[f"step{k}"] = float(reg.detach())
+            total = total + w * reg
+        if token_loss_weight > 0 and pair.any():
+            logits = out[:, : t - k][pair].float() @ lm_head.to(out.device, torch.float32).T
+            ce = F.cross_entropy(logits, tokens[:, k:][pair].long().to(out.device))
+            ce_parts.append(float(ce.detach()))
+            ce_sum = ce_sum + w * ce
+    if token_loss_weight > 0:
+        total = total + token_loss_weight * ce_sum
+        parts["ce"] = sum(ce_parts) / max(len(ce_parts), 1)
+    return total, parts
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -829,13 +1105,16 @@ if __name__ == "__main__":
 __all__ = [
     "ADAPTER_NAMES",
     "LOSS_MIXES",
+    "NEXT_POSITION_LEVELS",
     "AdapterConfig",
     "AttentionAdapter",
     "BaseAdapter",
     "EAGLEStyleAdapter",
+    "EventContextAdapter",
     "FusedEAGLEAdapter",
     "HiddenStateAdapter",
     "MultiLayerBottleneckAdapter",
+    "ProjectedContext",
     "WideBottleneckAdapter",
     "adapter_inputs",
     "adapter_loss",
@@ -843,6 +1122,7 @@ __all__ = [
     "canonical_name",
     "count_parameters",
     "create_adapter",
+    "drafting_loss",
     "export_hf",
     "load_adapter",
     "load_hf",
@@ -850,4 +1130,5 @@ __all__ = [
     "masked_mse",
     "save_adapter",
     "shifted",
+    "step_weights",
 ]

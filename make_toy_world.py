@@ -38,7 +38,7 @@ from tqdm import tqdm
 from common import UserError, atomic_write_json, markdown_table, read_json, run_cli, set_seed
 
 log = logging.getLogger("xmodal_sd.toy")
-WORLD_VERSION = 2  # 2: the loop check covers both models' answers
+WORLD_VERSION = 3  # 2: the loop check covers both models' answers; 3: answers of 30-50 tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,13 +130,13 @@ def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[s
 
 
 def first_event_frame(split_dir: Path, clip: dict) -> np.ndarray:
-    """The first of 5 time-split event frames, exactly as preprocess_event_images.py renders it."""
+    """The first of 5 event frames, exactly as preprocess_event_images.py renders it by default (the
+    EventGPT release's rule: equal event counts per slice, canvas up to the slice's last row/column)."""
     from preprocess_event_images import load_events, render_event_frames
 
     ev = load_events(split_dir / clip["event_npy"], allow_pickle=True)  # our own file
-    frames = render_event_frames(
-        ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5, height=clip["height"], width=clip["width"], split_mode="time"
-    )
+    frames = render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5, height=clip["height"],
+                                 width=clip["width"])
     return frames[0]
 
 
@@ -220,7 +220,7 @@ def looping(tokens: torch.Tensor) -> bool:
 
 
 def answer_rows(
-    egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
+    egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 50
 ) -> tuple[list[dict[str, Any]], int]:
     """Greedy answers of both models on every (clip, question), plus the drafter's teacher-forced guesses.
 
@@ -295,7 +295,7 @@ def summarise_answers(rows: list[dict[str, Any]], foreign: int = 0) -> dict[str,
 
 
 def answer_stats(
-    egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 24
+    egpt: Any, vl: Any, split_dir: Path, clips: list[dict], questions: list[str], max_new_tokens: int = 50
 ) -> dict[str, Any]:
     """Greedy answers of both models on every (clip, question): degeneracy, accuracy and agreement."""
     return summarise_answers(*answer_rows(egpt, vl, split_dir, clips, questions, max_new_tokens))

@@ -3,7 +3,10 @@
 The adapter runs over the stored paired hidden states; its outputs are compared with the target's
 states (cosine, Accept@tau, Consecutive@tau) and, through the target's LM head, with the target's
 own greedy tokens (top-1/top-5 at the same position and, for next-position adapters, at the next
-one; prefill free tokens; accepted drafts per decode iteration). Definitions: docs/METRICS.md.
+one; prefill free tokens; accepted drafts per decode iteration). Next-position adapters are also rolled
+out as drafting runs them: --gamma_decode steps from every start position, each fed the adapter's own
+previous outputs, scored from every start and on the live engine's schedule of iterations, beside the
+same figures for teacher-forced one-step drafts. Definitions: docs/METRICS.md.
 
     # toy world (CPU, seconds)
     python measure_feature_acceptance.py --checkpoint tasks/toy/L1_free_20260101_120000/best_model.pt \
@@ -13,7 +16,8 @@ one; prefill free tokens; accepted drafts per decode iteration). Definitions: do
         --test_data data/hidden/test --lm_head data/vl_lm_head.pt --gamma_decode 5
 
 Writes, in --output_dir: acceptance_metrics.json, per_position.csv, per_position.png,
-acceptance_metrics.md. Token-level figures come first everywhere: they decide speed; the
+acceptance_metrics.md, and for next-position adapters draft_positions.png (acceptance by draft
+position 1..gamma, roll-out vs teacher-forced). Token-level figures come first everywhere: they decide speed; the
 hidden-state ones are the training signal.
 """
 
@@ -34,16 +38,16 @@ from common import UserError, atomic_write_bytes, atomic_write_json, markdown_ta
 from extract_vl_lm_head import load_lm_head
 from hidden_adapter import BaseAdapter, adapter_inputs, load_adapter
 from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs
-from metrics import THRESHOLDS, AcceptanceAccumulator, strict_json, tau_key
+from metrics import THRESHOLDS, AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json, tau_key
 
 log = logging.getLogger("xmodal_sd.acceptance")
 RESULT_FORMAT = "xmodal_sd.acceptance_metrics"
 OFFLINE_NOTE = {
     "same": "same-position adapter: draft token t = argmax LM(adapter(drafter state t)); in live prefill drafting "
             "EventGPT decodes freely, as in the 'free' pairs",
-    "next": "next-position adapter, teacher-forced one-step prediction: every output reads true states up to t; a "
-            "live roll-out feeds its own outputs back for the later drafts of an iteration, so accept_len is an "
-            "upper estimate of the live figure",
+    "next": "next-position adapter: the one-step figures (shifted top-1, accept_len) read true states up to t; the "
+            "roll-out figures feed the adapter's own outputs back for the later drafts of an iteration, as live "
+            "drafting does, and the live-schedule roll-out places iterations where the engine does",
 }
 
 
@@ -114,17 +118,35 @@ def check_same_models(checkpoint: str, extra: dict[str, Any], manifest: dict[str
 
 
 def run_adapter(adapter: BaseAdapter, drafter: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                tokens: torch.Tensor, input_states: str = "trained") -> torch.Tensor:
-    """The adapter's output [B, T, D_target], fed as in training (hidden_adapter.adapter_inputs);
-    `input_states="target"` feeds the target's states in place of the drafter's."""
+                tokens: torch.Tensor, input_states: str = "trained", steps: int = 1) -> list[torch.Tensor]:
+    """The adapter's outputs, fed as in training (hidden_adapter.adapter_inputs): [B, T, D_target] for one
+    step, or the `steps` outputs of a roll-out for next-position adapters (outs[0] is the one-step
+    output); `input_states="target"` feeds the target's states in place of the drafter's."""
     x, kwargs = adapter_inputs(adapter, target if input_states == "target" else drafter, target, tokens)
-    return adapter(x, mask, **kwargs)
+    if adapter.predicts == "next" and steps > 1:
+        return adapter.rollout(x, mask, steps, **kwargs)
+    return [adapter(x, mask, **kwargs)]
+
+
+def one_step_drafts(top1: torch.Tensor, conf: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced drafting in the roll-out layout: step k from start t is the one-step draft made at
+    t + k - 1 (from the true state there). top1/conf [B, T] -> [steps, B, T] (-1 / 0 past the end)."""
+    b, t = top1.shape
+    drafts = torch.full((steps, b, t), -1, dtype=top1.dtype, device=top1.device)
+    probs = torch.zeros((steps, b, t), dtype=conf.dtype, device=conf.device)
+    for k in range(steps):
+        drafts[k, :, : t - k] = top1[:, k:]
+        probs[k, :, : t - k] = conf[:, k:]
+    return drafts, probs
 
 
 def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tensor, args: argparse.Namespace,
-             device: torch.device) -> tuple[AcceptanceAccumulator, dict[str, float]]:
-    """Feed every test batch to an accumulator; returns it and the data counts."""
+             device: torch.device) -> tuple[AcceptanceAccumulator, dict[str, RolloutAccumulator], dict[str, float]]:
+    """Feed every test batch to the accumulators; returns the one-step accumulator, the drafting ones
+    ({"rollout", "teacher_forced"}, empty for same-position adapters) and the data counts."""
     acc: AcceptanceAccumulator | None = None
+    nxt = adapter.predicts == "next"
+    rolls = {k: RolloutAccumulator(args.gamma_decode) for k in ("rollout", "teacher_forced")} if nxt else {}
     counts = {"samples": 0, "samples_without_valid_positions": 0, "target_tokens": 0, "drafter_tokens": 0}
     limit = args.max_samples
     manifest = load_manifest(test_data)
@@ -143,8 +165,13 @@ def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tens
             drafter = drafter_all[sl].to(device, torch.float32)
             target = chunk["vl_hidden"][sl].to(device, torch.float32)
             tokens = chunk["vl_tokens"][sl].to(device)
-            pred = run_adapter(adapter, drafter, target, mask, tokens, args.input_states)
-            acc.update(pred, target, mask, tokens)
+            outs = run_adapter(adapter, drafter, target, mask, tokens, args.input_states,
+                               steps=args.gamma_decode if nxt else 1)
+            acc.update(outs[0], target, mask, tokens)
+            if nxt:
+                drafts, conf = draft_tokens(outs, head, mask, args.lm_head_batch)
+                rolls["rollout"].update(drafts, conf, tokens, mask)
+                rolls["teacher_forced"].update(*one_step_drafts(drafts[0], conf[0], args.gamma_decode), tokens, mask)
             counts["samples_without_valid_positions"] += int((~mask.any(dim=1)).sum())
         counts["target_tokens"] += int(chunk["vl_mask"][:n].sum())
         counts["drafter_tokens"] += int(chunk["egpt_mask"][:n].sum())
@@ -155,7 +182,7 @@ def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tens
     bar.close()
     if acc is None or counts["samples"] == 0:
         raise UserError(f"{test_data} holds no samples; extract the test split first")
-    return acc, counts
+    return acc, rolls, counts
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -182,6 +209,49 @@ def token_rows(m: dict[str, Any], gamma_prefill: int, gamma_decode: int) -> list
     return rows
 
 
+def drafting_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Accepted drafts per iteration as drafting runs (roll-out) and from teacher-forced one-step drafts."""
+    d = result.get("drafting")
+    if not d:
+        return []
+    g = result["gamma_decode"]
+    rows = []
+    for key, label in (("rollout", "roll-out"), ("teacher_forced", "one-step teacher-forced")):
+        r = d[key]
+        rows += [[f"{label}: accepted drafts per iteration, every start, gamma {g}", _fmt(r["accept_len"])],
+                 [f"{label}: accepted drafts per iteration, live schedule", _fmt(r["live_accepted_per_iteration"])],
+                 [f"{label}: tokens per verify pass, live schedule", _fmt(r["live_tokens_per_verify"])],
+                 [f"{label}: acceptance by draft position 1..{g}, every start",
+                  ", ".join(_fmt(v) for v in r["per_position"])]]
+    return rows
+
+
+def draft_position_plot(result: dict[str, Any], path: Path) -> None:
+    """Share of iterations whose first k drafts are all accepted, k = 1..gamma: roll-out vs one-step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style, label in (("rollout", "-o", "roll-out, every start"),
+                              ("teacher_forced", "--s", "one-step, every start")):
+        r = result["drafting"][key]
+        ax.plot(range(1, len(r["per_position"]) + 1), r["per_position"], style, label=label)
+    live = result["drafting"]["rollout"]["live_per_position"]
+    ax.plot(range(1, len(live) + 1), live, ":^", label="roll-out, live schedule")
+    ax.set_xlabel("draft position in the window")
+    ax.set_ylabel("drafts 1..k all accepted")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{result['level']} ({result['pairs']} pairs): acceptance along the draft window")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
 def hidden_rows(m: dict[str, Any]) -> list[list[str]]:
     rows = [["cosine similarity, mean", _fmt(m["cos_mean"])]]
     rows += [[f"Accept@{tau_key(t)}", _fmt(m[f"accept@{tau_key(t)}"], True)] for t in THRESHOLDS]
@@ -203,6 +273,8 @@ def markdown_report(result: dict[str, Any]) -> str:
              f"Offline assumption: {result['offline_assumption']}.", "",
              "## Token level (ground truth for speed)", "",
              markdown_table(["metric", "value"], token_rows(m, g_p, g_d)), "",
+             *(["## Drafting: roll-out vs one-step (accepted drafts, no bonus token)", "",
+                markdown_table(["metric", "value"], drafting_rows(result)), ""] if result.get("drafting") else []),
              f"## Hidden-state level ({pairing}; the training signal)", "",
              markdown_table(["metric", "value"], hidden_rows(m)), "",
              "## Token match given the cosine passes tau", "",
@@ -287,7 +359,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         "extract it with --teacher_forced or pass --pairs free")
     check_same_models(args.checkpoint, extra, manifest, args.allow_model_mismatch)
     widths = manifest.get("widths") or {}
-    head_file = load_lm_head(args.lm_head, hidden_dim=adapter.config.target_dim)
+    head_file = load_lm_head(args.lm_head, hidden_dim=adapter.config.target_dim,
+                             need_embeddings=adapter.config.token_input)
     target_hash = model_hashes(manifest.get("models")).get("target")
     if target_hash and head_file.get("config_hash") not in (None, target_hash):
         raise UserError(f"{args.lm_head} is the LM head of another target model than {test_data}'s (config hashes "
@@ -299,11 +372,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--input_states target needs equal widths; {args.checkpoint} maps "
                         f"{adapter.config.drafter_dim} -> {adapter.config.target_dim}")
     adapter = adapter.to(device).eval()
+    if adapter.config.token_input:
+        try:
+            adapter.attach_token_table(head_file["embed_weight"])
+        except ValueError as err:
+            raise UserError(f"{args.checkpoint} and {args.lm_head}: {err}") from err
     suffix = "_target_input" if args.input_states == "target" else ""
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"acceptance_{pairs}{suffix}"
 
     with torch.inference_mode():
-        acc, counts = evaluate(adapter, test_data, pairs, head_file["weight"], args, device)
+        acc, rolls, counts = evaluate(adapter, test_data, pairs, head_file["weight"], args, device)
     metrics = acc.compute()
     result = {
         "format": RESULT_FORMAT, "format_version": 1,
@@ -317,7 +395,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_free_by_window": acc.prefill_free_by_window(),
         "accept_len_by_gamma": acc.accept_len_by_gamma() if adapter.predicts == "next" else None,
         "per_position": acc.per_position(),
-        "trained": {k: extra.get(k) for k in ("pairs", "data") if k in extra},
+        "drafting": {name: r.compute() for name, r in rolls.items()} or None,
+        "calibration": rolls["rollout"].calibration() if rolls else None,
+        "trained": {k: extra.get(k) for k in ("pairs", "data", "drafting") if k in extra},
     }
     result = strict_json(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,8 +406,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     report = markdown_report(result)
     atomic_write_bytes(report.encode(), out_dir / "acceptance_metrics.md")
     per_position_plot(result, out_dir / "per_position.png")
+    if result["drafting"]:
+        draft_position_plot(result, out_dir / "draft_positions.png")
     print(markdown_table(["metric", "value"], token_rows(result["metrics"], args.gamma_prefill, args.gamma_decode)
-                         + hidden_rows(result["metrics"])))
+                         + drafting_rows(result) + hidden_rows(result["metrics"])))
     c = result["counts"]
     print(f"{result['level']} on {pairs} pairs: {c['samples']} samples ({c['samples_without_valid_positions']} without "
           f"any valid position, counted nowhere), {int(metrics.get('token_positions', metrics['num_positions']))} "

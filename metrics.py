@@ -80,7 +80,7 @@ class AcceptanceAccumulator:
     """Running sums of every acceptance metric; see the module docstring and docs/METRICS.md.
 
     predicts: "same" (output[t] estimates target state t: L1-L4) or "next" (output[t] estimates
-        target state t+1: L5, B1, L5F). The hidden-state keys (`cos_mean`, `accept@tau`,
+        target state t+1: L5, B1, L5F, L5E). The hidden-state keys (`cos_mean`, `accept@tau`,
         `consecutive@tau`) compare the output with the state it estimates; "next" adapters also get
         the same-position hidden keys with a `same_` prefix.
     lm_head: the target's LM head weight [V, D] (from extract_vl_lm_head.py); without it only the
@@ -352,5 +352,193 @@ class AcceptanceAccumulator:
         return cols
 
 
-__all__ = ["THRESHOLDS", "AcceptanceAccumulator", "capped_mean", "run_from_start", "runs_from_every_start",
-           "strict_json", "tau_key"]
+# ----------------------------------------------------------------------------- drafting roll-outs
+
+CALIBRATION_BINS = 20
+
+
+@torch.no_grad()
+def draft_tokens(outs: Sequence[Tensor], lm_head: Tensor, valid: Tensor, rows_at_a_time: int = 4096
+                 ) -> tuple[Tensor, Tensor]:
+    """Greedy drafts of a roll-out: for outs[k-1] [B, T, D] (`adapter.rollout`), the LM head's argmax
+    token [K, B, T] and its softmax probability (the drafter's confidence) [K, B, T], at positions where
+    `valid` [B, T] holds (-1 and 0 elsewhere). Rows go through the head `rows_at_a_time` at a time."""
+    weight = lm_head.to(outs[0].device, torch.float32)
+    k, (b, t) = len(outs), valid.shape
+    tok = torch.full((k, b, t), -1, dtype=torch.long, device=outs[0].device)
+    conf = torch.zeros((k, b, t), dtype=torch.float32, device=outs[0].device)
+    for i, out in enumerate(outs):
+        rows = out[valid].float()
+        top = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+        prob = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], rows_at_a_time):
+            logits = rows[start:start + rows_at_a_time] @ weight.T
+            best = logits.max(dim=-1)
+            top[start:start + logits.shape[0]] = best.indices
+            prob[start:start + logits.shape[0]] = torch.exp(best.values - torch.logsumexp(logits, dim=-1))
+        tok[i][valid] = top
+        conf[i][valid] = prob
+    return tok, conf
+
+
+class RolloutAccumulator:
+    """Acceptance of drafting roll-outs, i.e. of what live drafting computes (docs/METRICS.md).
+
+    Fed with the greedy drafts of `adapter.rollout` (`draft_tokens`): drafts[k-1][b, t] is the token
+    drafted for position t+k after the target verified positions 0..t, conf its probability under the
+    drafter. A draft counts as accepted while it and every earlier draft of its iteration equal the
+    target's tokens (positions past the answer's end are never accepted). Two schedules:
+
+    - every start: each valid position t starts an iteration of min(gamma, answer end - t) drafts;
+    - live: iterations where the engine runs them: the first after the prefill token (t = 0), each
+      next one after the accepted drafts plus the target's own token, each drafting
+      min(gamma, max_new_tokens - verified - 1) tokens (the engine's rule), to the answer's end.
+
+    On the accepted path a roll-out's drafted tokens equal the target's tokens, which is why a
+    roll-out fed the target's tokens gives the acceptance live drafting gets. Also kept: the
+    confidence calibration of on-path drafts (acceptance rate per confidence bin), which the
+    engine's expected-gain stop reads. Running sums only (merge across ranks with totals/load_totals).
+    """
+
+    def __init__(self, gamma: int = 5, max_new_tokens: int | None = None, bins: int = CALIBRATION_BINS):
+        if gamma < 1 or bins < 1:
+            raise ValueError("gamma and bins must be >= 1")
+        self.gamma, self.max_new_tokens, self.bins = gamma, max_new_tokens, bins
+        g = gamma
+        self._shapes = {"starts": 1, "start_accepted": 1, "start_drafted": 1, "start_tries": g, "start_hits": g,
+                        "iterations": 1, "accepted": 1, "drafted": 1, "live_tries": g, "live_hits": g,
+                        "samples": 1, "tokens": 1, "cal_n": bins, "cal_hit": bins, "cal_conf": bins}
+        self._sums = {k: torch.zeros(n, dtype=torch.float64) for k, n in self._shapes.items()}
+
+    def totals(self) -> Tensor:
+        return torch.cat(list(self._sums.values()))
+
+    def load_totals(self, totals: Tensor) -> None:
+        totals = totals.detach().to("cpu", torch.float64).flatten()
+        if totals.numel() != sum(self._shapes.values()):
+            raise ValueError(f"totals has {totals.numel()} values, expected {sum(self._shapes.values())}")
+        offset = 0
+        for k, n in self._shapes.items():
+            self._sums[k] = totals[offset:offset + n].clone()
+            offset += n
+
+    @torch.no_grad()
+    def update(self, drafts: Tensor, conf: Tensor, tokens: Tensor, mask: Tensor) -> None:
+        """drafts/conf [K, B, T] (K >= gamma steps), tokens [B, T] the target's tokens, mask [B, T] valid
+        positions (a right-padded prefix up to and including EOS)."""
+        if drafts.shape[0] < self.gamma:
+            raise ValueError(f"a roll-out of {drafts.shape[0]} steps cannot score gamma {self.gamma}")
+        drafts, conf = drafts[: self.gamma].cpu(), conf[: self.gamma].cpu()
+        tokens, mask = tokens.cpu().long(), mask.cpu().bool()
+        g, (b, t) = self.gamma, tokens.shape
+        lengths = mask.long().sum(dim=1)
+        # hit[k-1, b, s]: the step-k draft from start s equals the target's token s + k (inside the answer)
+        hit = torch.zeros(g, b, t, dtype=torch.bool)
+        for k in range(1, g + 1):
+            inside = torch.arange(t)[None, :] + k < lengths[:, None]
+            hit[k - 1, :, : t - k] = (drafts[k - 1, :, : t - k] == tokens[:, k:]) & inside[:, : t - k]
+        on_path = hit.long().cumprod(dim=0).bool()  # accepted: this and every earlier draft hit
+        depth = torch.arange(1, g + 1)[:, None, None]
+        exists = (torch.arange(t)[None, None, :] + depth < lengths[None, :, None])  # a target token to check
+        starts = mask & (torch.arange(t)[None, :] + 1 < lengths[:, None])
+        self._add("starts", starts.sum())
+        self._add("start_accepted", (on_path & starts[None]).sum())
+        self._add("start_drafted", (exists & starts[None]).sum())
+        self._add("start_tries", (exists & starts[None]).sum(dim=(1, 2)))
+        self._add("start_hits", (on_path & starts[None]).sum(dim=(1, 2)))
+        # calibration: drafts whose earlier drafts were all accepted, by confidence bin
+        before = torch.cat([torch.ones(1, b, t, dtype=torch.bool), on_path[:-1]], dim=0) & exists & starts[None]
+        c = conf[before].double()
+        idx = (c * self.bins).long().clamp(0, self.bins - 1)
+        self._add("cal_n", torch.bincount(idx, minlength=self.bins))
+        self._add("cal_hit", torch.bincount(idx, weights=hit[before].double(), minlength=self.bins))
+        self._add("cal_conf", torch.bincount(idx, weights=c, minlength=self.bins))
+        self._live(on_path, lengths, t)
+
+    def _live(self, on_path: Tensor, lengths: Tensor, window: int) -> None:
+        cap = self.max_new_tokens or window
+        accepted_at = on_path.long().sum(dim=0)  # [B, T]: leading accepted drafts from each start
+        tries = torch.zeros(self.gamma, dtype=torch.float64)
+        hits = torch.zeros(self.gamma, dtype=torch.float64)
+        its = acc = drafted = 0
+        for b in range(on_path.shape[1]):
+            n_b = int(lengths[b])
+            if n_b == 0:
+                continue
+            self._add("samples", 1)
+            self._add("tokens", n_b)
+            verified = 1  # the prefill's token
+            while verified < n_b:
+                k = max(0, min(self.gamma, cap - verified - 1))
+                n = min(int(accepted_at[b, verified - 1]), k)
+                its, acc, drafted = its + 1, acc + n, drafted + k
+                tries[:k] += 1
+                hits[:n] += 1
+                verified += n + 1
+        self._add("iterations", its)
+        self._add("accepted", acc)
+        self._add("drafted", drafted)
+        self._add("live_tries", tries)
+        self._add("live_hits", hits)
+
+    def _add(self, name: str, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().to("cpu", torch.float64).flatten()
+        self._sums[name] += value
+
+    def calibration(self) -> dict[str, list[float]]:
+        """Per confidence bin (edges i/bins): on-path drafts seen, their acceptance rate (NaN where
+        none), their mean confidence; plus `accept` made monotone in confidence by pooling adjacent
+        violators (isotonic regression, weighted by counts), which is what the engine's stop reads."""
+        n, hit, conf = self._sums["cal_n"], self._sums["cal_hit"], self._sums["cal_conf"]
+        rate = torch.where(n > 0, hit / n.clamp(min=1), torch.full_like(n, math.nan))
+        return {"edges": [i / self.bins for i in range(self.bins + 1)], "count": n.tolist(),
+                "rate": rate.tolist(), "mean_confidence": torch.where(n > 0, conf / n.clamp(min=1), n).tolist(),
+                "accept": isotonic(rate.tolist(), n.tolist())}
+
+    def compute(self) -> dict[str, Any]:
+        s = self._sums
+        starts, its = float(s["starts"]), float(s["iterations"])
+        out: dict[str, Any] = {
+            "gamma": self.gamma,
+            "accept_len": float(s["start_accepted"]) / starts if starts else math.nan,
+            "drafts_per_start": float(s["start_drafted"]) / starts if starts else math.nan,
+            "per_position": [float(h / n) if n else math.nan for h, n in zip(s["start_hits"], s["start_tries"],
+                                                                             strict=True)],
+            "live_iterations": its,
+            "live_accepted_per_iteration": float(s["accepted"]) / its if its else math.nan,
+            "live_tokens_per_verify": (float(s["accepted"]) + its) / its if its else math.nan,
+            "live_drafted_per_iteration": float(s["drafted"]) / its if its else math.nan,
+            "live_per_position": [float(h / n) if n else math.nan for h, n in zip(s["live_hits"], s["live_tries"],
+                                                                                  strict=True)],
+            "samples": float(s["samples"]),
+            "answer_tokens": float(s["tokens"]),
+        }
+        return out
+
+
+def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """Non-decreasing least-squares fit of `values` (NaN entries, or weight 0, are skipped and then
+    filled from the nearest fitted neighbour on their left, else right), pool-adjacent-violators."""
+    pts = [(i, v, w) for i, (v, w) in enumerate(zip(values, weights, strict=True)) if w > 0 and not math.isnan(v)]
+    blocks: list[list[float]] = []  # [value, weight, first index, last index]
+    for i, v, w in pts:
+        blocks.append([v, w, i, i])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, _, e2 = blocks.pop()
+            v1, w1, s1, _ = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, s1, e2])
+    out = [math.nan] * len(values)
+    for v, _, first, last in blocks:
+        for j in range(int(first), int(last) + 1):
+            out[j] = v
+    fitted = [i for i in range(len(out)) if not math.isnan(out[i])]
+    for j in range(len(out)):
+        if math.isnan(out[j]) and fitted:
+            left = [i for i in fitted if i < j]
+            out[j] = out[left[-1]] if left else out[fitted[0]]
+    return out
+
+
+__all__ = ["CALIBRATION_BINS", "THRESHOLDS", "AcceptanceAccumulator", "RolloutAccumulator", "capped_mean",
+           "draft_tokens", "isotonic", "run_from_start", "runs_from_every_start", "strict_json", "tau_key"]

@@ -26,10 +26,12 @@ device='cpu'); print(r.name, r.hidden_size, r.vocab_size, r.config_hash)"
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
+import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,15 @@ log = logging.getLogger("xmodal_sd.model_loaders")
 
 QUANT_CHOICES = ("none", "4bit", "8bit")
 RUNNER_NAMES = ("eventgpt", "video_llava")
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+# What "auto" means on CUDA, per model: each in the precision its released code runs it in (EventGPT's
+# inference.py casts to bfloat16; the Video-LLaVA-7B-hf model card, LanguageBind's inference and the
+# research fork load Video-LLaVA in float16). On CPU "auto" is float32 for both.
+AUTO_CUDA_DTYPES = {"eventgpt": torch.bfloat16, "video_llava": torch.float16}
+# How Video-LLaVA's frames are picked from the n decoded frames (see `frame_indices`); the first is
+# the default, LanguageBind's and the fork's `np.linspace(0, n - 1, k, dtype=int)`.
+FRAME_PICKS = ("floor", "round")
+DEFAULT_FRAME_PICK = FRAME_PICKS[0]
 
 # --- EventGPT release constants (dataset/constants.py, dataset/conversation.py of the release) ---
 EVENTGPT_MODEL_TYPE = "EventChat_llama"
@@ -120,8 +131,12 @@ def config_hash(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def bnb_config(quant: str, device: torch.device) -> Any:
-    """`BitsAndBytesConfig` for `quant` (None for "none"); raises `UserError` off CUDA."""
+def bnb_config(quant: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """`BitsAndBytesConfig` for `quant` (None for "none"); raises `UserError` off CUDA.
+
+    `compute_dtype` is the 4-bit layers' compute dtype: the model's own dtype (bf16 EventGPT, fp16
+    Video-LLaVA under "auto"), so quantising a model does not change its precision elsewhere.
+    """
     if quant not in QUANT_CHOICES:
         raise UserError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
     if quant == "none":
@@ -140,18 +155,62 @@ def bnb_config(quant: str, device: torch.device) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
-def _resolve(device: str, dtype: str, quant: str) -> tuple[torch.device, torch.dtype, Any]:
+def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torch.dtype:
+    """One model's compute dtype: `auto` is that model's released precision on CUDA (`AUTO_CUDA_DTYPES`:
+    bf16 EventGPT, fp16 Video-LLaVA) and float32 on CPU; fp32/fp16/bf16 are taken as given."""
+    if name not in AUTO_CUDA_DTYPES:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(RUNNER_NAMES)}")
+    if requested != "auto" or device.type != "cuda":
+        return resolve_dtype(requested, device)
+    dtype = AUTO_CUDA_DTYPES[name]
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        log.info("%s dtype: float16, because this GPU lacks bfloat16 (the release runs bfloat16)", name)
+        return torch.float16
+    log.info("%s dtype: %s under auto on CUDA, the precision its released code runs it in", name,
+             str(dtype).removeprefix("torch."))
+    return dtype
+
+
+def _resolve(device: str, dtype: str, quant: str, name: str) -> tuple[torch.device, torch.dtype, Any]:
     dev = resolve_device(device)
-    quant_cfg = bnb_config(quant, dev)
-    dt = resolve_dtype(dtype, dev)
-    if quant == "4bit" and dt != torch.bfloat16:
-        log.info("dtype: bfloat16 for --quant 4bit (the 4-bit compute dtype), not %s", dt)
-        dt = torch.bfloat16
-    return dev, dt, quant_cfg
+    bnb_config(quant, dev)  # fails early (and off CUDA) before the dtype is even looked at
+    dt = resolve_model_dtype(name, dtype, dev)
+    if quant == "4bit" and dt == torch.float32:
+        log.info("%s: 4-bit layers compute in float32, as --dtype asked (slow; fp16/bf16 is usual)", name)
+    return dev, dt, bnb_config(quant, dev, compute_dtype=dt)
+
+
+def accepted_key(key: str, patterns: Iterable[str]) -> bool:
+    """Whether a tensor name matches one of `patterns`: the whole name, its last dotted parts
+    (`position_ids` matches `vision_model.embeddings.position_ids`), or a glob (`*.rotary_emb.inv_freq`)."""
+    return any(key == pat or key.endswith("." + pat) or fnmatch.fnmatchcase(key, pat) for pat in patterns)
+
+
+def check_weight_keys(what: str, source: Any, missing: Iterable[str], unexpected: Iterable[str],
+                      accept_keys: Iterable[str] = ()) -> None:
+    """Raise one `UserError` naming every tensor the model lacks or does not know (`accept_keys` excepted).
+
+    A missing tensor would silently stay at its random initialisation and an unexpected one would be
+    silently dropped; both mean the checkpoint is not the model the loader builds.
+    """
+    accept_keys = tuple(accept_keys)
+    missing = sorted(k for k in missing if not accepted_key(k, accept_keys))
+    unexpected = sorted(k for k in unexpected if not accepted_key(k, accept_keys))
+    if not missing and not unexpected:
+        return
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+
+    parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
+    raise UserError(f"{what} checkpoint {source}: {' and '.join(parts)} tensors; re-download it if it is incomplete, "
+                    "or, for keys known to be harmless (e.g. position_ids buffers of older transformers), accept "
+                    "them with --accept_weight_keys KEY")
 
 
 @contextlib.contextmanager
@@ -167,32 +226,58 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def sample_video_frames(path: str | os.PathLike, num_frames: int = 8) -> np.ndarray:
-    """Decode every frame of an mp4 with PyAV and pick `num_frames` uniformly.
+def frame_indices(total: int, num_frames: int, pick: str = DEFAULT_FRAME_PICK) -> np.ndarray:
+    """Indices [num_frames] of the frames to keep out of `total` decoded ones (repeats when fewer).
 
-    Indices are `round(linspace(0, n-1, num_frames))` over the n decoded frames (repeats when the
-    video is shorter). Returns uint8 [num_frames, H, W, 3] RGB. Raises `ClipReadError` naming the
-    file when it is missing, unreadable or has no frames.
+    "floor" (default): `np.linspace(0, total - 1, num_frames, dtype=int)`, LanguageBind's Video-LLaVA
+    video loader and the research fork (20 frames -> 0,2,5,8,10,13,16,19). "round": this project's
+    earlier `round(linspace(...))` (20 frames -> 0,3,5,8,11,14,16,19).
+    """
+    if pick not in FRAME_PICKS:
+        raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
+    points = np.linspace(0, total - 1, num_frames)
+    return (np.floor(points) if pick == "floor" else np.rint(points)).astype(int)
+
+
+def _decode(container: Any) -> Iterator[Any]:
+    """The frames of the first video stream, decoded on one thread.
+
+    PyAV's threaded decoding costs more than it saves on these short clips (docs/MODELS.md has the
+    measurements), and the decode counts towards the target's vision time in every benchmark.
+    """
+    stream = container.streams.video[0]
+    stream.thread_type = "NONE"
+    return container.decode(stream)
+
+
+def sample_video_frames(path: str | os.PathLike, num_frames: int = 8, pick: str = DEFAULT_FRAME_PICK) -> np.ndarray:
+    """Decode every frame of an mp4 with PyAV (one thread) and pick `num_frames` uniformly.
+
+    Indices are `frame_indices(n, num_frames, pick)` over the n frames that actually decode. Returns
+    uint8 [num_frames, H, W, 3] RGB. Raises `ClipReadError` naming the file when it is missing,
+    unreadable or has no frames.
     """
     import av
 
     path = Path(path)
     if not path.is_file():
         raise ClipReadError(f"video not found: {path}")
+    if pick not in FRAME_PICKS:
+        raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
     try:
         # Pass 1 counts decoded frames (container headers can disagree with what decodes); pass 2
         # converts only the chosen ones, so a long video never sits in memory as RGB.
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ClipReadError(f"video {path} has no video stream")
-            total = sum(1 for _ in container.decode(video=0))
+            total = sum(1 for _ in _decode(container))
         if total == 0:
             raise ClipReadError(f"video {path} decoded to zero frames")
-        idx = np.rint(np.linspace(0, total - 1, num_frames)).astype(int)
+        idx = frame_indices(total, num_frames, pick)
         wanted = set(idx.tolist())
         picked: dict[int, np.ndarray] = {}
         with av.open(str(path)) as container:
-            for i, frame in enumerate(container.decode(video=0)):
+            for i, frame in enumerate(_decode(container)):
                 if i in wanted:
                     picked[i] = frame.to_ndarray(format="rgb24")
                 if i >= idx[-1]:
@@ -317,6 +402,8 @@ class VLMRunner:
         dtype: torch.dtype,
         model_path: str,
         config_hash: str,
+        quant: str = "none",
+        quant_scope: str = "none",
     ) -> None:
         self.tokenizer = tokenizer
         self._decoder = decoder.eval()
@@ -326,6 +413,8 @@ class VLMRunner:
         self.dtype = dtype
         self.model_path = model_path
         self.config_hash = config_hash
+        self.quant = quant
+        self.quant_scope = quant_scope  # which modules `quant` applies to (see model_description)
         self.hidden_size = int(decoder.config.hidden_size)
         self.vocab_size = int(lm_head.out_features)
         self.eos_token_id = int(tokenizer.eos_token_id)
@@ -653,6 +742,44 @@ def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _load_exactly(module: nn.Module, state: dict[str, Tensor], prefix: str, ckpt: Path,
+                  accept_keys: tuple[str, ...]) -> None:
+    """`load_state_dict` that names every missing or unexpected tensor (with its checkpoint prefix)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    check_weight_keys("EventGPT", ckpt, [prefix + k for k in missing], [prefix + k for k in unexpected], accept_keys)
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any:
+    """A checkpoint's tokenizer, also from a folder that ships only sentencepiece's `tokenizer.model`.
+
+    Release-style LLaMA folders (EventGPT's among them) often have `tokenizer.model` without
+    `tokenizer.json`. transformers 5.x then converts the sentencepiece model, which needs `protobuf`
+    (without it, it falls back to a tiktoken reader and fails with an unrelated message). Such a
+    folder loads as a `LlamaTokenizer` and, unless its tokenizer_config.json says otherwise, adds BOS,
+    as the slow `LlamaTokenizer` (`use_fast=False`) the release ran does; 5.x's default would not.
+    """
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        with _quiet_transformers():  # AutoTokenizer peeks at config.json and does not know EventChat_llama
+            return AutoTokenizer.from_pretrained(str(folder))
+    if not (folder / "tokenizer.model").is_file():
+        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or sentencepiece tokenizer.model); copy the "
+                        "tokenizer files of the checkpoint into it")
+    if importlib.util.find_spec("google.protobuf") is None:
+        raise UserError(f"{folder / 'tokenizer.model'} is a sentencepiece tokenizer, which transformers converts with "
+                        "protobuf: pip install -r requirements.txt (or pip install protobuf)")
+    config_file = folder / "tokenizer_config.json"
+    config = read_json(config_file, "tokenizer config", "re-download the checkpoint") if config_file.is_file() else {}
+    kwargs = {} if "add_bos_token" in config else {"add_bos_token": True}
+    cls = LlamaTokenizer if config.get("tokenizer_class") in (None, "LlamaTokenizer", "LlamaTokenizerFast") else None
+    with _quiet_transformers():
+        if cls is None:
+            return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        return cls.from_pretrained(str(folder), **kwargs)
+
+
 def load_eventgpt(
     path: str | os.PathLike,
     quant: str = "none",
@@ -660,23 +787,27 @@ def load_eventgpt(
     dtype: str = "auto",
     num_event_frames: int = 1,
     vision_tower: str | None = None,
+    accept_keys: Iterable[str] = (),
 ) -> EventGPTRunner:
     """Load an EventGPT checkpoint folder (release layout) as an `EventGPTRunner`.
 
     The LLaMA part goes through `LlamaForCausalLM.from_pretrained` (quantised with bitsandbytes
-    when `quant` is 4bit/8bit); tower, projector and adaptor are built here in `dtype`.
-    `num_event_frames`: event PNGs per clip (`{prefix}_0.png` .. `_{n-1}.png`); the paper's
-    extraction uses the first only. `vision_tower` overrides the config's `mm_visual_tower` (a CLIP
-    folder or hub id; only its config and preprocessor config are read when the checkpoint holds the
-    tower tensors, as the release's does).
+    when `quant` is 4bit/8bit); tower, projector and adaptor are built here in `dtype` (`auto`: bf16
+    on CUDA, as the release; they are never quantised). `num_event_frames`: event PNGs per clip
+    (`{prefix}_0.png` .. `_{n-1}.png`); the paper's extraction uses the first only. `vision_tower`
+    overrides the config's `mm_visual_tower` (a CLIP folder or hub id; only its config and
+    preprocessor config are read when the checkpoint holds the tower tensors, as the release's does).
+    Every tensor of the checkpoint must be used and every weight of the model must be in it;
+    `accept_keys` names exceptions known to be harmless (see `accepted_key`).
     """
-    from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     if num_event_frames < 1:
         raise UserError(f"num_event_frames must be >= 1, got {num_event_frames}")
+    accept_keys = tuple(accept_keys)
     fix = "point it at an EventGPT checkpoint folder (config.json with model_type EventChat_llama)"
     ckpt, cfg = _check_model_dir(path, EVENTGPT_MODEL_TYPE, "EventGPT", fix)
-    dev, dt, quant_cfg = _resolve(device, dtype, quant)
+    dev, dt, quant_cfg = _resolve(device, dtype, quant, "eventgpt")
 
     llama_cfg = LlamaConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})
     load_kwargs: dict[str, Any] = {"config": llama_cfg, "dtype": dt}
@@ -684,12 +815,13 @@ def load_eventgpt(
         load_kwargs["quantization_config"] = quant_cfg
     if dev.type == "cuda":
         load_kwargs["device_map"] = {"": dev}
+    prefixes = (EVENTGPT_TOWER_PREFIX, EVENTGPT_PROJECTOR_PREFIX, EVENTGPT_ADAPTOR_PREFIX)
     with _quiet_transformers():  # the vision tensors in the same files are "unexpected" to LLaMA
         llm, info = LlamaForCausalLM.from_pretrained(str(ckpt), output_loading_info=True, **load_kwargs)
-    missing = sorted(info.get("missing_keys", []))
-    if missing:  # from_pretrained would silently leave these randomly initialised
-        raise UserError(f"EventGPT checkpoint {ckpt} lacks {len(missing)} language-model tensors "
-                        f"(e.g. {missing[0]}); the download is incomplete")
+    # from_pretrained would leave missing tensors randomly initialised and drop unknown ones silently;
+    # only the three vision prefixes, which are loaded below, are expected to be foreign to LLaMA.
+    check_weight_keys("EventGPT", ckpt, info.get("missing_keys", []),
+                      [k for k in info.get("unexpected_keys", []) if not k.startswith(prefixes)], accept_keys)
     llm = llm.to(dev) if dev.type != "cuda" else llm
 
     tower_name = vision_tower or cfg.get("mm_visual_tower")
@@ -705,16 +837,14 @@ def load_eventgpt(
             f"{vision_cfg.image_size} px (fix its preprocessor_config.json)"
         )
 
-    prefixes = (EVENTGPT_TOWER_PREFIX, EVENTGPT_PROJECTOR_PREFIX, EVENTGPT_ADAPTOR_PREFIX)
     state = checkpoint_tensors(ckpt, prefixes)
     tower_state = _strip(state, EVENTGPT_TOWER_PREFIX)
     if tower_state:
         tower = CLIPVisionModel(vision_cfg)
-        missing, unexpected = tower.load_state_dict(_fit_tower_state(tower, tower_state), strict=False)
-        missing = [k for k in missing if "position_ids" not in k]
-        if missing or unexpected:
-            raise UserError(f"vision tower tensors in {ckpt} do not fit CLIP: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]} (is the checkpoint complete?)")
+        fitted = _fit_tower_state(tower, tower_state)
+        missing, unexpected = tower.load_state_dict(fitted, strict=False)
+        check_weight_keys("EventGPT", ckpt, [EVENTGPT_TOWER_PREFIX + k for k in missing],
+                          [EVENTGPT_TOWER_PREFIX + k for k in unexpected], accept_keys)
     else:  # a checkpoint without tower tensors uses the tower's own pre-trained weights
         log.info("EventGPT: no %s* tensors in %s; loading the tower from %s", EVENTGPT_TOWER_PREFIX, ckpt,
                  tower_path)
@@ -729,13 +859,13 @@ def load_eventgpt(
         raise UserError(f"{ckpt}: projector input {mm_dim}, mm_hidden_size {cfg.get('mm_hidden_size')} and "
                         f"tower width {vision_cfg.hidden_size} disagree")
     projector = nn.Sequential(nn.Linear(mm_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
-    projector.load_state_dict(proj_state)
+    _load_exactly(projector, proj_state, EVENTGPT_PROJECTOR_PREFIX, ckpt, accept_keys)
 
     adaptor_state = _strip(state, EVENTGPT_ADAPTOR_PREFIX)
     adaptor = None
     if adaptor_state:
         adaptor = nn.Linear(text_dim, text_dim)
-        adaptor.load_state_dict(adaptor_state)
+        _load_exactly(adaptor, adaptor_state, EVENTGPT_ADAPTOR_PREFIX, ckpt, accept_keys)
     elif cfg.get("event_feature_adaptor"):
         raise UserError(f"{ckpt / 'config.json'} sets event_feature_adaptor but no {EVENTGPT_ADAPTOR_PREFIX}* "
                         "tensors are in the checkpoint")
@@ -744,8 +874,6 @@ def load_eventgpt(
         if module is not None:
             module.to(dev, dt).eval().requires_grad_(False)
     llm.eval().requires_grad_(False)
-    with _quiet_transformers():  # AutoTokenizer peeks at config.json and does not know EventChat_llama
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     runner = EventGPTRunner(
         llm=llm,
         tower=tower,
@@ -753,11 +881,15 @@ def load_eventgpt(
         adaptor=adaptor,
         image_processor=image_processor,
         num_event_frames=num_event_frames,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(ckpt),
         device=dev,
         dtype=dt,
         model_path=str(ckpt),
         config_hash=config_hash(ckpt / "config.json"),
+        quant=quant,
+        # The research fork also quantised the vision side; here it stays in `dt` (recorded, since
+        # its features, and so every hidden state, differ between the two).
+        quant_scope="none" if quant == "none" else "language_model",
     )
     log.info("EventGPT loaded from %s (quant %s, %s, %d event frame(s), tower %s px)", ckpt, quant, dt,
              num_event_frames, vision_cfg.image_size)
@@ -774,11 +906,15 @@ class VideoLlavaRunner(VLMRunner):
 
     name = "video_llava"
 
-    def __init__(self, *, model: nn.Module, processor: Any, num_frames: int, **kwargs: Any) -> None:
+    def __init__(self, *, model: nn.Module, processor: Any, num_frames: int, frame_pick: str = DEFAULT_FRAME_PICK,
+                 **kwargs: Any) -> None:
         super().__init__(decoder=model.model.language_model, lm_head=model.lm_head, **kwargs)
+        if frame_pick not in FRAME_PICKS:
+            raise UserError(f"unknown frame_pick {frame_pick!r}; choose one of {', '.join(FRAME_PICKS)}")
         self.model = model.eval()
         self.processor = processor
         self.num_frames = num_frames
+        self.frame_pick = frame_pick
         self.video_token_id = int(model.config.video_token_index)
         self.video_token = processor.video_token
 
@@ -791,7 +927,8 @@ class VideoLlavaRunner(VLMRunner):
         return out.pooler_output.reshape(-1, self.hidden_size).to(self.dtype)
 
     def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
-        return self.encode_frames(sample_video_frames(Path(split_dir) / clip["video"], self.num_frames))
+        return self.encode_frames(sample_video_frames(Path(split_dir) / clip["video"], self.num_frames,
+                                                      self.frame_pick))
 
     def prompt_embeds(self, features: Tensor, question: str) -> Tensor:
         # As VideoLlavaProcessor: repeat the <video> token once per visual token, then tokenise.
@@ -811,12 +948,21 @@ def load_video_llava(
     device: str = "auto",
     dtype: str = "auto",
     num_frames: int = 8,
+    frame_pick: str = DEFAULT_FRAME_PICK,
+    accept_keys: Iterable[str] = (),
 ) -> VideoLlavaRunner:
-    """Load Video-LLaVA (a local folder, or a hub id such as LanguageBind/Video-LLaVA-7B-hf)."""
+    """Load Video-LLaVA (a local folder, or a hub id such as LanguageBind/Video-LLaVA-7B-hf).
+
+    `dtype` `auto` is fp16 on CUDA (the model card's and LanguageBind's precision), fp32 on CPU.
+    `num_frames` frames are picked from each video by `frame_pick` (see `frame_indices`). Missing or
+    unexpected checkpoint tensors are an error unless `accept_keys` names them (see `accepted_key`).
+    """
     from transformers import VideoLlavaForConditionalGeneration, VideoLlavaProcessor
 
     if num_frames < 1:
         raise UserError(f"num_frames must be >= 1, got {num_frames}")
+    if frame_pick not in FRAME_PICKS:
+        raise UserError(f"unknown frame_pick {frame_pick!r}; choose one of {', '.join(FRAME_PICKS)}")
     fix = "point it at a Video-LLaVA folder (config.json with model_type video_llava) or a hub id"
     source = str(path)
     local = Path(source)
@@ -833,7 +979,7 @@ def load_video_llava(
     else:
         local, _ = _check_model_dir(local, VIDEO_LLAVA_MODEL_TYPE, "Video-LLaVA", fix)
         cfg_file = local / "config.json"
-    dev, dt, quant_cfg = _resolve(device, dtype, quant)
+    dev, dt, quant_cfg = _resolve(device, dtype, quant, "video_llava")
     load_kwargs: dict[str, Any] = {"dtype": dt}
     if quant_cfg is not None:
         load_kwargs["quantization_config"] = quant_cfg
@@ -841,9 +987,9 @@ def load_video_llava(
         load_kwargs["device_map"] = {"": dev}
     model, info = VideoLlavaForConditionalGeneration.from_pretrained(source, output_loading_info=True,
                                                                      **load_kwargs)
-    if info.get("missing_keys"):
-        log.warning("Video-LLaVA %s: %d tensors missing from the checkpoint and left at init (e.g. %s)",
-                    source, len(info["missing_keys"]), sorted(info["missing_keys"])[0])
+    # Missing tensors would run at their random initialisation, unexpected ones would be dropped.
+    check_weight_keys("Video-LLaVA", source, info.get("missing_keys", []), info.get("unexpected_keys", []),
+                      accept_keys)
     if dev.type != "cuda":
         model = model.to(dev)
     model.eval().requires_grad_(False)
@@ -853,13 +999,19 @@ def load_video_llava(
         model=model,
         processor=processor,
         num_frames=num_frames,
+        frame_pick=frame_pick,
         tokenizer=processor.tokenizer,
         device=dev,
         dtype=dt,
         model_path=source,
         config_hash=config_hash(cfg_file),
+        quant=quant,
+        # transformers' bitsandbytes integration: every Linear of towers, projector and language model
+        # except the LM head.
+        quant_scope="none" if quant == "none" else "whole_model",
     )
-    log.info("Video-LLaVA loaded from %s (quant %s, %s, %d frames)", source, quant, dt, num_frames)
+    log.info("Video-LLaVA loaded from %s (quant %s, %s, %d frames, %s indices)", source, quant, dt, num_frames,
+             frame_pick)
     return runner
 
 
@@ -876,20 +1028,29 @@ def model_description(runner: VLMRunner) -> dict[str, Any]:
     """The one description of a loaded model that data folders, checkpoints and reports record.
 
     `config_hash` and `dtype` identify the computation (extraction refuses to mix data of other
-    values); the rest lets a reader rebuild or check the model: where it came from, its widths and
-    special tokens, and the device it ran on.
+    values); `quant` and `quant_scope` say what was quantised ("language_model": EventGPT's LLaMA
+    only, its vision side in `dtype`; "whole_model": transformers' integration over Video-LLaVA);
+    the visual-input fields say how the clip's frames were chosen; the rest lets a reader rebuild or
+    check the model: where it came from, its widths and special tokens, and the device it ran on.
     """
-    return {
+    description = {
         "name": runner.name,
         "path": str(runner.model_path),
         "config_hash": runner.config_hash,
         "dtype": str(runner.dtype).removeprefix("torch."),
+        "quant": getattr(runner, "quant", "none"),
+        "quant_scope": getattr(runner, "quant_scope", "none"),
         "hidden_size": runner.hidden_size,
         "vocab_size": runner.vocab_size,
         "eos_token_id": runner.eos_token_id,
         "pad_token_id": runner.pad_token_id,
         "device": str(runner.device),
     }
+    if isinstance(runner, VideoLlavaRunner):
+        description.update(num_frames=runner.num_frames, frame_pick=runner.frame_pick)
+    elif isinstance(runner, EventGPTRunner):
+        description.update(num_event_frames=runner.num_event_frames)
+    return description
 
 
 runner_manifest = model_description  # the earlier name, kept for callers
@@ -910,6 +1071,9 @@ def to_drafter_vocab(tokens: Tensor, vocab_size: int, mask: Tensor | None = None
 
 
 __all__ = [
+    "AUTO_CUDA_DTYPES",
+    "DTYPE_CHOICES",
+    "FRAME_PICKS",
     "ClipReadError",
     "EventGPTRunner",
     "GenerationOutput",
@@ -917,15 +1081,20 @@ __all__ = [
     "VLMInputs",
     "VLMRunner",
     "VideoLlavaRunner",
+    "accepted_key",
     "bnb_config",
+    "check_weight_keys",
     "checkpoint_tensors",
     "config_hash",
     "eventgpt_prompt",
+    "frame_indices",
     "load_eventgpt",
     "load_runner",
+    "load_tokenizer",
     "load_video_llava",
     "model_description",
     "render_hint",
+    "resolve_model_dtype",
     "runner_manifest",
     "sample_video_frames",
     "spatio_temporal_pool",

@@ -1,8 +1,12 @@
 """Render event-camera clips as N temporal event frames (PNG), the images EventGPT reads.
 
-Each clip's events are cut into `--num_frames` slices (equal time, or equal event count) and every
-slice is drawn on a white canvas of the sensor size: positive polarity red, negative blue, and the
-latest event wins where several hit one pixel. Frame i of a clip is `{prefix}_{i}.png`.
+By default this reproduces the released EventGPT preprocessing (`common/common.py`:
+`get_event_images_list` + `generate_event_image`): each clip's events are cut into `--num_frames`
+slices of equal event count (N // n each, the remainder in the last), and every slice is drawn on a
+white canvas of (max y + 1, max x + 1) of that slice: positive polarity red, negative blue, the
+latest event wins where several hit one pixel. `--split_mode time` (equal durations) and `--canvas
+sensor` (the full sensor) keep this project's earlier behaviour; the manifest records which was used.
+Frame i of a clip is `{prefix}_{i}.png`. See docs/PREPROCESSING.md.
 
 Inputs: EventGPT's pickled-dict `.npy` clips (needs `--allow_pickle`), numpy structured arrays with
 fields x, y, t, p, plain [N, 4] arrays (`--columns`), `.npz` files with arrays x, y, t, p, and DSEC's
@@ -43,10 +47,13 @@ log = logging.getLogger("xmodal_sd")
 
 SPLITS = ("train", "val", "test")
 EVENT_KEYS = ("x", "y", "t", "p")
-SPLIT_MODES = ("time", "count")
+SPLIT_MODES = ("count", "time")  # the first is the default: EventGPT's released rule
+CANVAS_MODES = ("slice", "sensor")  # the first is the default: the release's per-slice canvas
+DEFAULT_SPLIT_MODE, DEFAULT_CANVAS = SPLIT_MODES[0], CANVAS_MODES[0]
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 480, 640  # DSEC's Prophesee event sensor
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+# 2: the canvas is recorded (version 1 always drew on the full sensor, and defaulted to equal-time slices)
+MANIFEST_VERSION = 2
 # Colour index 0 = no event (white), 1 = positive (red), 2 = negative (blue).
 PALETTE = np.array([[255, 255, 255], [255, 0, 0], [0, 0, 255]], dtype=np.uint8)
 PNG_COMPRESS_LEVEL = 1  # lossless either way; 2-4x faster to encode than 6, files ~1.5x larger
@@ -277,12 +284,12 @@ def load_events(
 # --------------------------------------------------------------------------- rendering
 
 
-def split_indices(t: np.ndarray, num_frames: int, split_mode: str = "time") -> list[tuple[int, int]]:
+def split_indices(t: np.ndarray, num_frames: int, split_mode: str = DEFAULT_SPLIT_MODE) -> list[tuple[int, int]]:
     """[start, end) event ranges of `num_frames` slices of sorted timestamps t [N].
 
-    "time": equal windows over [t[0], t[-1]] (the last one closed); if all events share one
-    timestamp they all go to frame 0. "count": EventGPT's rule, N // num_frames events per slice
-    and the remainder in the last slice.
+    "count" (default): EventGPT's released rule, N // num_frames events per slice and the remainder
+    in the last slice. "time": equal windows over [t[0], t[-1]] (the last one closed); if all events
+    share one timestamp they all go to frame 0.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -308,20 +315,38 @@ def split_indices(t: np.ndarray, num_frames: int, split_mode: str = "time") -> l
     return list(itertools.pairwise(bounds))
 
 
+def slice_canvas(x: np.ndarray, y: np.ndarray, height: int, width: int, canvas: str) -> tuple[int, int]:
+    """(height, width) of the canvas one slice's events (x, y [n]) are drawn on.
+
+    "slice": the release's `generate_event_image`, (max y + 1, max x + 1) of the slice, so the image
+    ends at the right/bottom-most event. The release cannot draw an empty slice (numpy's max of an
+    empty array raises); that gets the sensor canvas, white. "sensor": always (height, width).
+    """
+    if canvas not in CANVAS_MODES:
+        raise ValueError(f"unknown canvas {canvas!r}; choose one of {', '.join(CANVAS_MODES)}")
+    if canvas == "sensor" or len(x) == 0:
+        return height, width
+    return int(y.max()) + 1, int(x.max()) + 1
+
+
 def render_event_frames(
     x: np.ndarray,
     y: np.ndarray,
     t: np.ndarray,
     p: np.ndarray,
     num_frames: int = 5,
-    height: int = 480,
-    width: int = 640,
-    split_mode: str = "time",
-) -> np.ndarray:
-    """Draw events (x, y, t, p [N], t sorted) as uint8 frames [num_frames, height, width, 3].
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    split_mode: str = DEFAULT_SPLIT_MODE,
+    canvas: str = DEFAULT_CANVAS,
+) -> list[np.ndarray]:
+    """Draw events (x, y, t, p [N], t sorted) as `num_frames` uint8 frames [H_i, W_i, 3].
 
-    White canvas of the full sensor size; positive polarity (p > 0) red, negative blue; where a
-    pixel has several events in one slice the latest one decides its colour.
+    White background; positive polarity (p > 0) red, negative blue; where a pixel has several events
+    in one slice the latest one decides its colour. `height` x `width` is the sensor: events outside
+    it are an error, and it is the canvas of every frame with `canvas="sensor"` (and of an empty slice).
+    With `canvas="slice"` (default) each frame is (max y + 1, max x + 1) of its own slice, as the
+    release draws it, so frames of one clip can differ in size.
     """
     x, y, t, p = (np.asarray(a) for a in (x, y, t, p))
     n = len(t)
@@ -329,19 +354,24 @@ def render_event_frames(
         raise ValueError(f"x, y, t, p lengths differ: {len(x)}, {len(y)}, {n}, {len(p)}")
     if n and (x.min() < 0 or x.max() >= width or y.min() < 0 or y.max() >= height):
         raise ValueError(f"event coordinates fall outside the {width}x{height} sensor")
-    pixel = y.astype(np.int64) * width + x.astype(np.int64)  # [N] flat pixel index
+    if canvas not in CANVAS_MODES:
+        raise ValueError(f"unknown canvas {canvas!r}; choose one of {', '.join(CANVAS_MODES)}")
+    slices = split_indices(t, num_frames, split_mode)  # checks split_mode before any work
     # Fancy assignment with repeated indices has no guaranteed order in numpy, so the latest event
     # per pixel is found with an order-independent max. Keys grow with the event index and carry
     # the PALETTE index of the event's colour in their two low bits; 0 (no event) stays white.
     key_dtype = np.int32 if n < 2**29 else np.int64  # int32 halves the memory traffic
     key = (np.arange(n, dtype=key_dtype) << 2) | np.where(p > 0, 1, 2).astype(key_dtype)
-    latest = np.empty(height * width, dtype=key_dtype)
-    frames = np.empty((num_frames, height * width, 3), dtype=np.uint8)
-    for k, (start, end) in enumerate(split_indices(t, num_frames, split_mode)):
-        latest.fill(0)
-        np.maximum.at(latest, pixel[start:end], key[start:end])
-        np.take(PALETTE, latest & 3, axis=0, out=frames[k])
-    return frames.reshape(num_frames, height, width, 3)
+    latest = np.empty(height * width, dtype=key_dtype)  # every canvas fits inside the sensor
+    frames = []
+    for start, end in slices:
+        xs, ys = x[start:end], y[start:end]
+        h, w = slice_canvas(xs, ys, height, width, canvas)
+        buf = latest[: h * w]
+        buf.fill(0)
+        np.maximum.at(buf, ys.astype(np.int64) * w + xs.astype(np.int64), key[start:end])
+        frames.append(np.take(PALETTE, buf & 3, axis=0).reshape(h, w, 3))
+    return frames
 
 
 def encode_png(frame: np.ndarray) -> bytes:
@@ -375,6 +405,7 @@ class RenderOptions:
     split_mode: str
     allow_pickle: bool
     columns: tuple[str, ...] | None
+    canvas: str = DEFAULT_CANVAS
 
 
 @dataclass(frozen=True)
@@ -394,7 +425,7 @@ def process_clip(task: ClipTask, opts: RenderOptions) -> ClipResult:
             raw = read_h5_clip(task.source, *task.h5_range, name=task.name)
             ev = validate_events(raw, task.height, task.width, source=task.name)
         frames = render_event_frames(
-            ev["x"], ev["y"], ev["t"], ev["p"], opts.num_frames, task.height, task.width, opts.split_mode
+            ev["x"], ev["y"], ev["t"], ev["p"], opts.num_frames, task.height, task.width, opts.split_mode, opts.canvas
         )
         for frame, path in zip(frames, frame_paths(task.out_prefix, opts.num_frames), strict=True):
             atomic_write_bytes(encode_png(frame), path)
@@ -480,7 +511,34 @@ def folder_tasks(
 
 def frame_settings(opts: RenderOptions, sensor: tuple[int | None, int | None]) -> dict[str, Any]:
     """What decides the pixels of a frame; `sensor` is the --height/--width override (None = per clip)."""
-    return {"num_frames": opts.num_frames, "split_mode": opts.split_mode, "height": sensor[0], "width": sensor[1]}
+    return {"num_frames": opts.num_frames, "split_mode": opts.split_mode, "canvas": opts.canvas,
+            "height": sensor[0], "width": sensor[1]}
+
+
+FRAME_SETTING_KEYS = ("num_frames", "split_mode", "canvas", "height", "width")
+
+
+def recorded_frame_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The frame settings an event-image manifest records, in the current form.
+
+    Version 1 manifests did not record the canvas; that version always drew on the full sensor.
+    """
+    settings = {k: manifest.get(k) for k in FRAME_SETTING_KEYS}
+    if manifest.get("format_version", 1) < 2:
+        settings["canvas"] = "sensor"
+    return settings
+
+
+def read_frame_settings(root: str | os.PathLike) -> dict[str, Any] | None:
+    """Frame settings recorded in ROOT/manifest.json (e.g. {split}/event_image), or None without one.
+
+    Later stages record this next to their own settings, so data made from frames cut one way is
+    never mixed with data made from frames cut another way.
+    """
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return recorded_frame_settings(read_json(path, "event image manifest", "re-render the event frames"))
 
 
 def check_manifest(root: Path, opts: RenderOptions, overwrite: bool, sensor: tuple[int | None, int | None]) -> None:
@@ -488,9 +546,8 @@ def check_manifest(root: Path, opts: RenderOptions, overwrite: bool, sensor: tup
     path = root / MANIFEST_NAME
     if overwrite or not path.is_file():
         return
-    old = read_json(path, "event image manifest", "delete it or pass --overwrite")
+    old_settings = read_frame_settings(root)
     settings = frame_settings(opts, sensor)
-    old_settings = {k: old.get(k) for k in settings}
     if old_settings != settings:
         raise UserError(
             f"{root} holds frames rendered with {old_settings}, not {settings}; rerun with the same "
@@ -500,13 +557,19 @@ def check_manifest(root: Path, opts: RenderOptions, overwrite: bool, sensor: tup
 
 def write_manifest(root: Path, opts: RenderOptions, counts: dict[str, int],
                    sensor: tuple[int | None, int | None]) -> None:
+    release = opts.split_mode == DEFAULT_SPLIT_MODE and opts.canvas == DEFAULT_CANVAS
     atomic_write_json({
         "format_version": MANIFEST_VERSION,
         "writer": "preprocess_event_images.py",
         **frame_settings(opts, sensor),
         "frame_name": "{clip}_{i}.png, i = 0..num_frames-1",
-        "colours": {"background": "white", "positive": "red (255,0,0)", "negative": "blue (0,0,255)"},
-        "canvas": "full sensor size of each clip",
+        "colours": {"background": "white", "positive": "red (255,0,0)", "negative": "blue (0,0,255)",
+                    "overlap": "latest event wins"},
+        "split_rule": {"count": "N // num_frames events per slice, the remainder in the last (EventGPT release)",
+                       "time": "equal durations over [first t, last t] of the clip"}[opts.split_mode],
+        "canvas_rule": {"slice": "(max y + 1, max x + 1) of each slice (EventGPT release); empty slice: sensor",
+                        "sensor": "full sensor size of each clip"}[opts.canvas],
+        "matches_eventgpt_release": release,
         "last_run": counts,
     }, root / MANIFEST_NAME)
 
@@ -519,9 +582,10 @@ def benchmark_rendering(
     num_frames: int = 5,
     height: int = DEFAULT_HEIGHT,
     width: int = DEFAULT_WIDTH,
-    split_mode: str = "time",
+    split_mode: str = DEFAULT_SPLIT_MODE,
     repeats: int = 5,
     seed: int = 0,
+    canvas: str = DEFAULT_CANVAS,
 ) -> dict[str, Any]:
     """Time validation, rendering and PNG encoding of one synthetic 1 s clip in this process (one core)."""
     rng = np.random.default_rng(seed)
@@ -543,7 +607,7 @@ def benchmark_rendering(
 
     val_s, ev = timed(lambda: validate_events(raw, height, width))
     render_s, frames = timed(
-        lambda: render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames, height, width, split_mode)
+        lambda: render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames, height, width, split_mode, canvas)
     )
     png_s, _ = timed(lambda: [encode_png(f) for f in frames])
     rate = [num_events / s / 1e6 for s in render_s]
@@ -553,6 +617,7 @@ def benchmark_rendering(
         "height": height,
         "width": width,
         "split_mode": split_mode,
+        "canvas": canvas,
         "repeats": repeats,
         "render_meps_median": statistics.median(rate),
         "render_meps_min": min(rate),
@@ -579,8 +644,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=SPLITS, help="with --dataset_dir: only this split "
                         "(default: every split that has an index.json)")
     parser.add_argument("--num_frames", type=int, default=5, help="frames per clip (default 5)")
-    parser.add_argument("--split_mode", choices=SPLIT_MODES, default="time", help="cut a clip into equal "
-                        "time windows ('time', default) or equal event counts ('count', as EventGPT's code)")
+    parser.add_argument("--split_mode", choices=SPLIT_MODES, default=DEFAULT_SPLIT_MODE, help="cut a clip into "
+                        "slices of equal event counts ('count', default: EventGPT's released code) or equal "
+                        "durations ('time', this project's earlier default)")
+    parser.add_argument("--canvas", choices=CANVAS_MODES, default=DEFAULT_CANVAS, help="draw each slice on "
+                        "(max y + 1, max x + 1) of its own events ('slice', default: EventGPT's released code) "
+                        "or on the full sensor ('sensor', this project's earlier behaviour)")
     parser.add_argument("--height", type=int, help="sensor height in pixels (default: the clip record's "
                         f"height in dataset mode, else {DEFAULT_HEIGHT})")
     parser.add_argument("--width", type=int, help="sensor width in pixels (default: the clip record's "
@@ -629,7 +698,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     if args.benchmark:
         result = benchmark_rendering(args.benchmark_events, args.num_frames, args.height or DEFAULT_HEIGHT,
-                                     args.width or DEFAULT_WIDTH, args.split_mode)
+                                     args.width or DEFAULT_WIDTH, args.split_mode, canvas=args.canvas)
         log.info("rendering: %.1f M events/s per core (median of %d; min %.1f, max %.1f), validation "
                  "%.1f M events/s, PNG encoding %.1f ms per clip (%d events, %d frames of %dx%d)",
                  result["render_meps_median"], result["repeats"], result["render_meps_min"],
@@ -639,7 +708,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
 
-    opts = RenderOptions(args.num_frames, args.split_mode, args.allow_pickle, args.columns)
+    opts = RenderOptions(args.num_frames, args.split_mode, args.allow_pickle, args.columns, args.canvas)
     if args.dataset_dir is not None:
         splits = [args.split] if args.split else [s for s in SPLITS if (args.dataset_dir / s / "index.json").is_file()]
         if not splits:
@@ -660,8 +729,8 @@ def main(args: argparse.Namespace) -> int:
             if args.overwrite or not all(p.is_file() for p in frame_paths(t.out_prefix, opts.num_frames))]
     counts = {"written": 0, "blank": 0, "skipped": len(tasks) - len(todo), "failed": len(failures)}
     num_events, start = 0, time.perf_counter()
-    log.info("%d clips: %d to render, %d already done; %d frames each, split by %s, %s",
-             len(tasks), len(todo), counts["skipped"], opts.num_frames, opts.split_mode,
+    log.info("%d clips: %d to render, %d already done; %d frames each, split by %s, %s canvas, %s",
+             len(tasks), len(todo), counts["skipped"], opts.num_frames, opts.split_mode, opts.canvas,
              f"{args.num_workers} worker processes" if args.num_workers else "in this process")
     with tqdm(total=len(todo), unit="clip", desc="event frames") as bar:
         for result in run_clips(todo, opts, args.num_workers):

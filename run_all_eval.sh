@@ -32,7 +32,7 @@ ignored=0
 for dir in "$TASKS"/*/; do
   [ -d "$dir" ] || continue
   name=$(basename "$dir")
-  if [[ "$name" =~ ^(L1|L2|L3|L4|L5|B1|L5F)_(free|teacher_forced)_([0-9]{8}_[0-9]{6})$ ]] && [ -f "$dir/best_model.pt" ]; then
+  if [[ "$name" =~ ^(L1|L2|L3|L4|L5|B1|L5F|L5E)_(free|teacher_forced)_([0-9]{8}_[0-9]{6})$ ]] && [ -f "$dir/best_model.pt" ]; then
     key="${BASH_REMATCH[1]}_${BASH_REMATCH[2]}"
     if [ -z "${NEWEST[$key]:-}" ] || [[ "$name" > "$(basename "${NEWEST[$key]}")" ]]; then
       NEWEST[$key]="${dir%/}"

@@ -38,9 +38,14 @@ MAX_QUESTIONS=${MAX_QUESTIONS:-10}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}
 EXTRACT_BATCH=${EXTRACT_BATCH:-16}
 CHUNK_SIZE=${CHUNK_SIZE:-500}
-LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F"}
-PAIRINGS=${PAIRINGS:-"free teacher_forced"}
+LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E"}
+PAIRINGS=${PAIRINGS:-"free teacher_forced"}           # pairings of the same-position levels (prefill drafting)
+DECODE_PAIRINGS=${DECODE_PAIRINGS:-teacher_forced}    # next-position levels draft after verification: teacher-forced
 TRAIN_ARGS=${TRAIN_ARGS:-"--num_epochs 4 --batch_size 64 --learning_rate 3e-3 --early_stopping 2"}
+# next-position levels train on roll-outs (a few passes per batch) and need more epochs to draft well
+DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}
+TRAIN_JOBS=${TRAIN_JOBS:-2}                           # trainings side by side (one CPU thread each; 1 on GPUs)
+DRAFT_STOP=${DRAFT_STOP:-fixed,expected}              # draft-length rules of the live benchmark
 TOY_ARGS=${TOY_ARGS:-}                                # extra flags of make_toy_world.py (tests: --quick)
 BENCH_ARGS=${BENCH_ARGS:-"--max_clips 12 --repeats 3"}   # extraction benchmark size
 E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, question) samples of the test split
@@ -52,6 +57,7 @@ mkdir -p "$RESULTS" "$TASKS"
 launch() {  # one process, or one per GPU under accelerate launch
   if [ "$NUM_GPUS" -gt 1 ]; then .venv/bin/accelerate launch --num_processes "$NUM_GPUS" "$@"; else $PY "$@"; fi
 }
+[ "$NUM_GPUS" -gt 1 ] && TRAIN_JOBS=1  # accelerate launch already takes every GPU
 fresh() { [ "$FORCE" = 1 ] || [ ! -f "$1" ]; }       # true when output $1 must be (re)made
 stage() { echo; echo "== $*"; }
 
@@ -96,7 +102,7 @@ if fresh "$RESULTS/adapter_latency.json"; then
   $PY benchmark_adapter_latency.py --hidden_dim "$WIDTH" --repeats 10 --device "$DEVICE" --output "$RESULTS/adapter_latency.json"
 else echo "kept $RESULTS/adapter_latency.json"; fi
 
-stage "7. train every adapter level on both pairings (selected on val; the test split is never read)"
+stage "7. train every adapter level: L1-L4 on both pairings, the decode levels on teacher-forced pairs as they draft (selected on val; the test split is never read)"
 newest_run() {  # newest finished run folder of level $1, pairing $2 (timestamps sort lexically)
   local d found=""
   for d in "$TASKS/$1_$2_"*/; do
@@ -104,16 +110,34 @@ newest_run() {  # newest finished run folder of level $1, pairing $2 (timestamps
   done
   echo "$found"
 }
+is_decode_level() { case "$1" in L5|B1|L5F|L5E) return 0 ;; *) return 1 ;; esac; }
+mkdir -p "$TASKS/logs"
+PIDS=()
+NAMES=()
+wait_one() {  # wait for the oldest running training; stop the pipeline if it failed
+  local pid=${PIDS[0]} name=${NAMES[0]}
+  PIDS=("${PIDS[@]:1}")
+  NAMES=("${NAMES[@]:1}")
+  if wait "$pid"; then tail -n 1 "$TASKS/logs/$name.log"
+  else echo "error: training $name failed; see $TASKS/logs/$name.log" >&2; tail -n 5 "$TASKS/logs/$name.log" >&2; exit 1; fi
+}
 for LEVEL in $LEVELS; do
-  for PAIRS in $PAIRINGS; do
+  if is_decode_level "$LEVEL"; then LEVEL_PAIRINGS=$DECODE_PAIRINGS; LEVEL_ARGS=$DECODE_TRAIN_ARGS
+  else LEVEL_PAIRINGS=$PAIRINGS; LEVEL_ARGS=$TRAIN_ARGS; fi
+  for PAIRS in $LEVEL_PAIRINGS; do
     done_run=$(newest_run "$LEVEL" "$PAIRS")
     if [ -n "$done_run" ] && [ "$FORCE" != 1 ]; then echo "kept $done_run"; continue; fi
-    echo "-- $LEVEL on $PAIRS pairs"
+    echo "-- $LEVEL on $PAIRS pairs (log: $TASKS/logs/${LEVEL}_$PAIRS.log)"
+    [ "${#PIDS[@]}" -ge "$TRAIN_JOBS" ] && wait_one
     # shellcheck disable=SC2086
     launch train_hidden_adapter.py --train_data "$DATA/hidden/train" --val_data "$DATA/hidden/val" --adapter_level "$LEVEL" \
-      --pairs "$PAIRS" --lm_head "$LM_HEAD" --output_dir "$TASKS" --device "$DEVICE" --no_progress $TRAIN_ARGS
+      --pairs "$PAIRS" --lm_head "$LM_HEAD" --output_dir "$TASKS" --device "$DEVICE" --no_progress $LEVEL_ARGS \
+      > "$TASKS/logs/${LEVEL}_$PAIRS.log" 2>&1 &
+    PIDS+=($!)
+    NAMES+=("${LEVEL}_$PAIRS")
   done
 done
+while [ "${#PIDS[@]}" -gt 0 ]; do wait_one; done
 
 stage "8. offline acceptance of every adapter on the test split (hidden-state and token level)"
 PY=$PY TASKS=$TASKS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/acceptance DEVICE=$DEVICE FORCE=$FORCE \
@@ -122,7 +146,7 @@ PY=$PY TASKS=$TASKS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/ac
 stage "9. live lossless speculative decoding, measured against the target alone"
 PREFILL_RUN=$(newest_run L1 free)
 DECODE_RUNS=()
-for LEVEL in L5F B1 L5; do
+for LEVEL in B1 L5E L5F L5; do
   r=$(newest_run "$LEVEL" teacher_forced)
   [ -n "$r" ] && DECODE_RUNS+=("$r/best_model.pt")
 done
@@ -132,7 +156,8 @@ if fresh "$E2E_OUT/e2e_wallclock.json" || [ "$PREFILL_RUN/best_model.pt" -nt "$E
   # shellcheck disable=SC2086
   $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
     --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
-    --max_new_tokens "$MAX_NEW_TOKENS" --prefill_adapter "$PREFILL_RUN/best_model.pt" --decode_adapter "${DECODE_RUNS[@]}" $E2E_ARGS --output_dir "$E2E_OUT"
+    --max_new_tokens "$MAX_NEW_TOKENS" --prefill_adapter "$PREFILL_RUN/best_model.pt" --decode_adapter "${DECODE_RUNS[@]}" \
+    --draft_stop "$DRAFT_STOP" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" $E2E_ARGS --output_dir "$E2E_OUT"
 else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
 
 echo "-- offline acceptance of the same checkpoints on the live benchmark's samples (the first $E2E_SAMPLES of the test split)"
@@ -147,7 +172,7 @@ done
 
 stage "10. two-phase estimates: every configuration under every timing profile (shipped + measured here)"
 PY=$PY ACCEPTANCE=$RESULTS/acceptance OUT=$RESULTS/two_phase LABEL=$WORLD \
-  TIMINGS="$TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json $E2E_OUT/timing_profile.json" \
+  TIMINGS="$TIMINGS_DIR/h200_fp16_eager_7b.json $TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json $E2E_OUT/timing_profile.json" \
   bash run_two_phase_eval.sh
 
 stage "11. RESULTS.md, generated from this run's files"

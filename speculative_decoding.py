@@ -18,8 +18,10 @@ Two phases per answer:
      accepted prefix plus the target's own next token, crop both caches, re-sync the drafter.
 
 Drafters (one small protocol, `Drafter`: begin / draft / accept):
-  - `RolloutDrafter`   (mode a) B1 (from verified target states) or L5 (from EventGPT's states of the
-                       verified text, one EventGPT pass per iteration) rolled out on its own outputs.
+  - `RolloutDrafter`   (mode a) B1 (from verified target states), L5E (B1 plus EventGPT's prompt-end state,
+                       computed once by EventGPT's prefill beside the target's) or L5 (from EventGPT's states
+                       of the verified text, one EventGPT pass per iteration) rolled out on its own outputs;
+                       adapters with a token input read each verified or drafted token's embedding.
   - `FusedDrafter`     (mode b) L5F over EventGPT states and target states; EventGPT steps in
                        lockstep on the accepted text (not concurrently).
   - `EventGPTDrafter`  (mode c) EventGPT decodes the draft text itself, each of its states goes through
@@ -28,6 +30,11 @@ Drafters (one small protocol, `Drafter`: begin / draft / accept):
   - `SyntheticDrafter` the controlled drafter: the target's own greedy continuation, each draft
                        corrupted with probability 1 - p, with a chosen cost per draft step.
   - `NoDrafter`        drafts nothing: the engine is then the target alone on the same code path.
+
+How many drafts a window holds (at most gamma_decode) is a `DraftLength`: fixed, transformers' confidence
+stop (`ConfidenceStop`), or `ExpectedGainStop`, which drafts on while the calibrated acceptance estimate
+says another draft raises the iteration's tokens per millisecond. All read only the drafter's side, so
+every one of them is lossless.
 
 Greedy (`temperature=0`) is lossless by construction: a draft is kept only where it equals the
 target's argmax. With `temperature > 0` drafts are checked by rejection sampling against the real
@@ -50,10 +57,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from hidden_adapter import ProjectedContext
 from model_loaders import VLMInputs, to_drafter_vocab
 
 PER_POSITION_LEVELS = ("L1", "L2", "L3", "L4")  # output[t] estimates the target state at t
-ROLLOUT_LEVELS = ("L5", "B1")
+ROLLOUT_LEVELS = ("L5", "B1", "L5E")
 
 
 class LosslessError(AssertionError):
@@ -83,17 +91,93 @@ def choose(logits: Tensor, temperature: float, generator: torch.Generator | None
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 
-def unsure(logits: Tensor, token: int, q: Tensor | None, min_confidence: float) -> bool:
-    """True when the drafter's own probability of `token` is below `min_confidence` (0 = never).
+class DraftLength:
+    """How long a drafting window runs (the engine's gamma is the most it drafts): `begin()` opens a
+    window, `more(prob)` is asked after each draft with the drafter's own probability of the token it
+    drafted and says whether to draft another. This base class always drafts the full window."""
 
-    The probability is q[token] when sampling, else softmax(logits)[token]. Stopping a draft on it is
-    lossless: the decision reads only the drafter's side, and verification is unchanged. It is the
-    rule of transformers' `assistant_confidence_threshold`: the unsure draft is kept, none follow it.
+    name = "fixed"
+    needs_prob = False  # the drafter skips computing probabilities a rule does not read
+
+    def begin(self) -> None:
+        pass
+
+    def more(self, prob: float) -> bool:
+        return True
+
+
+class ConfidenceStop(DraftLength):
+    """transformers' `assistant_confidence_threshold` rule: a draft whose probability is below
+    `min_confidence` is kept, none follow it."""
+
+    needs_prob = True
+
+    def __init__(self, min_confidence: float) -> None:
+        if not 0.0 < min_confidence < 1.0:
+            raise ValueError(f"min_confidence must lie in (0, 1), got {min_confidence}")
+        self.min_confidence = min_confidence
+        self.name = f"confidence<{min_confidence:g}"
+
+    def more(self, prob: float) -> bool:
+        return prob >= self.min_confidence
+
+
+class ExpectedGainStop(DraftLength):
+    """Draft another token while that is expected to raise the iteration's tokens per millisecond.
+
+    After i drafts the window expects E = 1 + P_1 + ... + P_i tokens (the bonus token included) for a
+    cost C = verify_ms + i * (draft_ms + verify_token_ms), where P_j, the chance that drafts 1..j are
+    all accepted, multiplies the calibrated acceptance of each draft's confidence (`accept_by_bin`,
+    equal-width bins over [0, 1], measured on validation roll-outs by train_hidden_adapter.py). One
+    more draft adds about P_i * mean_accept tokens for draft_ms + verify_token_ms, which pays iff
+    P_i * mean_accept * C >= (draft_ms + verify_token_ms) * E. Costs come from a timing profile of
+    the machine the engine runs on, so the same drafter drafts longer where target steps are dear.
     """
-    if min_confidence <= 0:
-        return False
+
+    needs_prob = True
+
+    def __init__(self, accept_by_bin: list[float], mean_accept: float, draft_ms: float, verify_ms: float,
+                 verify_token_ms: float = 0.0) -> None:
+        if not accept_by_bin or any(not 0.0 <= a <= 1.0 for a in accept_by_bin) or not 0.0 <= mean_accept <= 1.0:
+            raise ValueError("accept_by_bin and mean_accept must be acceptance rates in [0, 1]")
+        if draft_ms < 0 or verify_ms <= 0 or verify_token_ms < 0:
+            raise ValueError("draft_ms and verify_token_ms must be >= 0 and verify_ms > 0")
+        self.accept, self.mean = list(accept_by_bin), mean_accept
+        self.step_ms, self.verify_ms = draft_ms + verify_token_ms, verify_ms
+        self.name = "expected-gain"
+        self.begin()
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any], draft_ms: float, verify_ms: float,
+                         verify_token_ms: float = 0.0) -> ExpectedGainStop:
+        """From a checkpoint's `draft_calibration` (metrics.RolloutAccumulator.calibration)."""
+        counts, rates = calibration["count"], calibration["rate"]
+        seen = [(n, r) for n, r in zip(counts, rates, strict=True) if n and r is not None]
+        mean = sum(n * r for n, r in seen) / sum(n for n, _ in seen) if seen else 0.0
+        accept = [0.0 if a is None else float(a) for a in calibration["accept"]]
+        return cls(accept, mean, draft_ms, verify_ms, verify_token_ms)
+
+    def begin(self) -> None:
+        self.p, self.expected, self.cost = 1.0, 1.0, self.verify_ms
+
+    def more(self, prob: float) -> bool:
+        self.p *= self.accept[min(int(prob * len(self.accept)), len(self.accept) - 1)]
+        self.expected += self.p
+        self.cost += self.step_ms
+        return self.p * self.mean * self.cost >= self.step_ms * self.expected
+
+
+def draft_length(rule: DraftLength | None, min_confidence: float = 0.0) -> DraftLength:
+    """The rule a drafter uses: `rule` if given, else the confidence stop at `min_confidence` (0 = fixed)."""
+    if rule is not None:
+        return rule
+    return ConfidenceStop(min_confidence) if min_confidence > 0 else DraftLength()
+
+
+def draft_prob(logits: Tensor, token: int, q: Tensor | None) -> float:
+    """The drafter's own probability of `token`: q[token] when sampling, else softmax(logits)[token]."""
     probs = q if q is not None else torch.softmax(logits.float(), dim=-1)
-    return float(probs[token]) < min_confidence
+    return float(probs[token])
 
 
 def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
@@ -132,10 +216,12 @@ def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
 
 
 def roll_out(h: Tensor, k: int, head: Tensor, temperature: float, generator: torch.Generator | None,
-             step: Callable[[int, list[int], Tensor], Tensor], min_confidence: float = 0.0) -> Draft:
+             step: Callable[[int, list[int], Tensor], Tensor], length: DraftLength | None = None) -> Draft:
     """Up to k drafts from a target-state estimate h [1, 1, D]: draft i is chosen from LM_head(h), then
     `step(i, drafts so far, h)` gives the estimate for the next position (not called after the last,
-    nor after a draft the drafter is unsure of, see `unsure`)."""
+    nor when the `length` rule ends the window)."""
+    length = length or DraftLength()
+    length.begin()
     tokens: list[int] = []
     probs: list[Tensor] = []
     for i in range(k):
@@ -144,7 +230,7 @@ def roll_out(h: Tensor, k: int, head: Tensor, temperature: float, generator: tor
         tokens.append(tok)
         if q is not None:
             probs.append(q)
-        if i == k - 1 or unsure(logits, tok, q, min_confidence):
+        if i == k - 1 or (length.needs_prob and not length.more(draft_prob(logits, tok, q))):
             break
         h = step(i, tokens, h)
     return Draft(tokens, torch.stack(probs) if probs else None)
@@ -271,12 +357,14 @@ class EventGPTDrafter:
     uses_drafter_model = True
 
     def __init__(self, lm: DrafterLM, adapter: Any | None, head: Tensor, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, min_confidence: float = 0.0) -> None:
+                 generator: torch.Generator | None = None, min_confidence: float = 0.0,
+                 length: DraftLength | None = None) -> None:
         if adapter is not None and _level(adapter) not in PER_POSITION_LEVELS:
             raise ValueError(f"EventGPT drafting needs a per-position adapter {PER_POSITION_LEVELS}, "
                              f"got {_level(adapter)}")
         self.lm, self.adapter, self.head = lm, adapter, head
-        self.temperature, self.generator, self.min_confidence = temperature, generator, min_confidence
+        self.temperature, self.generator = temperature, generator
+        self.length = draft_length(length, min_confidence)
         self.name = f"eventgpt+{_level(adapter) if adapter is not None else 'own-head'}"
 
     def begin(self, inputs: VLMInputs | None) -> None:
@@ -298,6 +386,7 @@ class EventGPTDrafter:
     def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
         tokens: list[int] = []
         probs: list[Tensor] = []
+        self.length.begin()
         for _ in range(k):
             if stop is not None and stop.is_set():
                 break
@@ -307,7 +396,7 @@ class EventGPTDrafter:
             tokens.append(tok)
             if q is not None:
                 probs.append(q)
-            if unsure(logits, tok, q, self.min_confidence):
+            if self.length.needs_prob and not self.length.more(draft_prob(logits, tok, q)):
                 break
         return Draft(tokens, torch.stack(probs) if probs else None)
 
@@ -329,40 +418,58 @@ class _VerifiedStates:
         self.verified += tokens
         self.states += list(states)
 
+    def _tokens(self, ids: list[int]) -> dict[str, Tensor]:
+        """`token_ids` [1, len(ids)] for an adapter with a token input, else nothing."""
+        if not self.adapter.config.uses_tokens:
+            return {}
+        return {"token_ids": torch.tensor([ids], dtype=torch.long, device=self.head.device)}
+
 
 class RolloutDrafter(_VerifiedStates):
     """Mode (a): an EAGLE-style adapter rolled out on its own outputs. Its context is the verified
-    positions 0..N-1: target states s_t for B1 (trained target -> target), EventGPT's states g_t for
-    L5 (trained on them; `lm` given, EventGPT fed the accepted text in one pass per iteration, in
-    lockstep). The output at N-1 estimates s_N (-> draft N); each further draft feeds the previous
-    output back in as the next input, one adapter step each.
+    positions 0..N-1: target states s_t for B1 and L5E (trained target -> target), EventGPT's states
+    g_t for L5 (trained on them; `lm` given, EventGPT fed the accepted text in one pass per iteration,
+    in lockstep). The output at N-1 estimates s_N (-> draft N); each further draft feeds the previous
+    output back in as the next input, one adapter step each. With a token input each position also
+    reads the embedding of its token: the verified token, or the token just drafted from it. L5E also
+    reads EventGPT's prompt-end state, computed once per answer by EventGPT's prefill (`lm` given;
+    EventGPT never decodes for it).
     """
 
     def __init__(self, adapter: Any, head: Tensor, temperature: float = 0.0,
                  generator: torch.Generator | None = None, lm: DrafterLM | None = None,
-                 min_confidence: float = 0.0) -> None:
+                 min_confidence: float = 0.0, length: DraftLength | None = None) -> None:
         if _level(adapter) not in ROLLOUT_LEVELS:
             raise ValueError(f"roll-out drafting needs {ROLLOUT_LEVELS}, got {_level(adapter)}")
-        if adapter.config.use_token_embed:
-            raise ValueError("roll-out drafting of adapters built with use_token_embed is not supported")
-        if (adapter.config.consumes == "drafter") != (lm is not None):
-            raise ValueError(f"{_level(adapter)} consumes {adapter.config.consumes} states: pass lm (EventGPT) "
-                             "exactly when it consumes drafter states")
+        reads_egpt = adapter.config.consumes == "drafter" or adapter.config.context == "drafter"
+        if reads_egpt != (lm is not None):
+            raise ValueError(f"{_level(adapter)} consumes {adapter.config.consumes} states"
+                             f"{' and EventGPT context' if adapter.config.context else ''}: pass lm (EventGPT) "
+                             "exactly when it reads EventGPT states")
+        if adapter.config.token_input and getattr(adapter, "token_table", None) is None:
+            raise ValueError(f"{_level(adapter)} has a token input: attach_token_table(the target's input "
+                             "embeddings) before drafting")
         self.adapter, self.head, self.lm = adapter, head, lm
-        self.temperature, self.generator, self.min_confidence = temperature, generator, min_confidence
+        self.temperature, self.generator = temperature, generator
+        self.length = draft_length(length, min_confidence)
         self.uses_drafter_model = lm is not None
         self.name = f"rollout+{_level(adapter)}"
 
     def begin(self, inputs: VLMInputs | None) -> None:
+        self.context: dict[str, Tensor] = {}
         if self.lm is not None:
             if inputs is None:
                 raise ValueError(f"{self.name} reads EventGPT states and needs its prompt inputs")
             self.lm.start(inputs)
+            if self.adapter.config.context == "drafter":  # g_0: EventGPT's state at the end of its prompt
+                g0 = self.lm.states[:1].to(self.head.device, _dtype(self.adapter))
+                with torch.no_grad():  # projected once per answer, not at every draft
+                    self.context = {"context": ProjectedContext(self.adapter.context_vector(g0))}
         self._reset()
 
     def _context(self, n: int) -> Tensor:
         """Inputs of the verified positions fed..n-1, [1, n - fed, D]."""
-        if self.lm is not None:
+        if self.adapter.config.consumes == "drafter":
             ctx = self.lm.states_for(self.verified[: n - 1])[self.fed : n]  # g_fed .. g_{N-1}
         else:
             ctx = torch.stack(self.states[self.fed : n])
@@ -374,15 +481,16 @@ class RolloutDrafter(_VerifiedStates):
             return Draft([])
         n = len(self.states)
         self.past = _crop_adapter_cache(self.past, self.fed)
-        out, self.past = self.adapter.step(self._context(n), self.past)
+        out, self.past = self.adapter.step(self._context(n), self.past, **self._tokens(self.verified[self.fed : n]),
+                                           **self.context)
         self.fed = n
 
         def step(i: int, tokens: list[int], h: Tensor) -> Tensor:  # the adapter reads its own output
-            h, self.past = self.adapter.step(h, self.past)
+            h, self.past = self.adapter.step(h, self.past, **self._tokens(tokens[i:]), **self.context)
             return h
 
         # out[:, -1:] estimates the target state at the next position
-        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.min_confidence)
+        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.length)
 
 
 class FusedDrafter(_VerifiedStates):
@@ -390,19 +498,22 @@ class FusedDrafter(_VerifiedStates):
 
     EventGPT steps in lockstep on the accepted text plus the drafts (not concurrently): draft N uses
     g_{N-1} and the verified s_{N-1}; draft N+i uses g_{N+i-1} (EventGPT fed the earlier drafts) and the
-    adapter's own previous output in place of the not yet verified target state.
+    adapter's own previous output in place of the not yet verified target state. With a token input
+    each position also reads its (verified or drafted) token's embedding.
     """
 
     uses_drafter_model = True
 
     def __init__(self, lm: DrafterLM, adapter: Any, head: Tensor, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, min_confidence: float = 0.0) -> None:
+                 generator: torch.Generator | None = None, min_confidence: float = 0.0,
+                 length: DraftLength | None = None) -> None:
         if _level(adapter) != "L5F":
             raise ValueError(f"fused drafting needs an L5F adapter, got {_level(adapter)}")
-        if adapter.config.use_token_embed:
-            raise ValueError("fused drafting of adapters built with use_token_embed is not supported")
+        if adapter.config.token_input and getattr(adapter, "token_table", None) is None:
+            raise ValueError("L5F has a token input: attach_token_table(the target's input embeddings) first")
         self.lm, self.adapter, self.head = lm, adapter, head
-        self.temperature, self.generator, self.min_confidence = temperature, generator, min_confidence
+        self.temperature, self.generator = temperature, generator
+        self.length = draft_length(length, min_confidence)
         self.name = "fused+L5F"
 
     def begin(self, inputs: VLMInputs | None) -> None:
@@ -421,15 +532,16 @@ class FusedDrafter(_VerifiedStates):
         self.past = _crop_adapter_cache(self.past, self.fed)
         x = g[self.fed : n][None].to(self.head.device, dt)
         v = torch.stack(self.states[self.fed : n])[None].to(dt)
-        out, self.past = self.adapter.step(x, self.past, h_target=v)
+        out, self.past = self.adapter.step(x, self.past, h_target=v, **self._tokens(self.verified[self.fed : n]))
         self.fed = n
 
         def step(i: int, tokens: list[int], h: Tensor) -> Tensor:  # EventGPT fed drafts 0..i-1 gives g_{N+i}
             g_next = self.lm.states_for(self.verified + tokens[:i])[-1]
-            h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h)
+            h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h,
+                                             **self._tokens(tokens[i:]))
             return h
 
-        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.min_confidence)
+        return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.length)
 
 
 class SyntheticDrafter:
@@ -696,10 +808,13 @@ def summarise_trace(trace: Trace) -> dict[str, Any]:
 
 
 __all__ = [
+    "ConfidenceStop",
     "Draft",
+    "DraftLength",
     "Drafter",
     "DrafterLM",
     "EventGPTDrafter",
+    "ExpectedGainStop",
     "FusedDrafter",
     "LosslessError",
     "NoDrafter",

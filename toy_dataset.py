@@ -177,7 +177,8 @@ def _answer_moving(objects: list[dict]) -> str:
     if not movers:
         if len(objects) == 1:
             return f"Nothing is moving; {_the(objects[0])} stays still."
-        return f"Nothing is moving; all {COUNT_WORDS[len(objects)]} objects stay still."
+        both = "both" if len(objects) == 2 else f"all {COUNT_WORDS[len(objects)]}"
+        return f"Nothing is moving; {both} objects stay still."
     if len(movers) == 1:
         o = movers[0]
         return _cap(f"{_a(o)} is moving {_MOTION_PHRASE[o['motion']]}.")
@@ -254,12 +255,41 @@ def _normalise(question: str) -> str:
     return re.sub(r"[^a-z ]+", " ", question.lower()).strip()
 
 
-def scene_answer(meta: dict, question: str) -> str:
-    """The toy world's reference answer to `question` about the scene `meta` (5-20 words, deterministic).
+# Answers aim at 30-50 tokens, as long as the real Video-LLaVA's (which runs to the 50-token cap), so
+# that decoding, not vision and prefill, dominates a toy answer's time as it does at 7B. The budget is
+# counted in words plus punctuation marks (the toy tokenizer gives most words one token); the longest
+# detail variant that fits is used.
+ANSWER_BUDGET = 46
 
-    Known questions (and paraphrases matched by keyword) get a focused answer about the main object
-    (`meta["objects"][0]`) or all objects; anything else gets the scene caption.
-    """
+
+def _length(text: str) -> int:
+    """Words plus punctuation marks: a tokenizer-free estimate of the toy answer's token count."""
+    return len(text.split()) + len(re.findall(r"[.,:;]", text))
+
+
+def _detail_variants(meta: dict) -> list[str]:
+    """Sentences describing every object (colour, shape, place in the view, motion and speed) and the
+    place, from the fullest to the shortest."""
+    objects = _objects(meta)
+    phrase, prep = _place_phrase(meta)
+    scene = f"The scene is {prep} {phrase}"
+    if len(objects) == 1:
+        o = objects[0]
+        where = f"{_cap(_the(o))} sits in the {o.get('position', 'center')} of the view and {_moves(o)}."
+        return [f"{where} {scene} and the camera does not move.", f"{where} {scene}."]
+    full = [f"{_the(o)} in the {o.get('position', 'center')} {_moves(o)}" for o in objects]
+    placed = [f"{_the(o)} in the {o.get('position', 'center')} {_moves(o, short=True)}" for o in objects]
+    short = [f"{_the(o)} {_moves(o, short=True)}" for o in objects]
+    bare = [f"{_the(o)} {_moves(o, speed=False, short=True)}" for o in objects]
+    variants = []
+    for clauses in (full, placed, short, bare):
+        body = _cap(_join(clauses)) + "."
+        variants += [f"{body} {scene} and the camera does not move.", f"{body} {scene}."]
+    return [*variants, body]  # the last: objects only, for a first sentence that already named the place
+
+
+def _focused_answer(meta: dict, question: str) -> str:
+    """The answer's first sentence: what the question asks about (5-20 words)."""
     objects = _objects(meta)
     main = objects[0]
     q = _normalise(question)
@@ -283,6 +313,21 @@ def scene_answer(meta: dict, question: str) -> str:
     if "moving" in words or "move" in words or "moves" in words:
         return _answer_moving(objects)
     return scene_description(meta)
+
+
+def scene_answer(meta: dict, question: str) -> str:
+    """The toy world's reference answer to `question` about the scene `meta` (deterministic, 30-50 tokens).
+
+    A focused first sentence answers the question itself (known questions and paraphrases matched by
+    keyword; anything else gets the scene caption), then every object is described with its place in
+    the view and its motion, then the place: the longest such description within ANSWER_BUDGET.
+    """
+    lead = _focused_answer(meta, question)
+    variants = _detail_variants(meta)
+    for detail in variants:
+        if _length(lead) + _length(detail) <= ANSWER_BUDGET:
+            return f"{lead} {detail}"
+    return f"{lead} {variants[-1]}"
 
 
 def question_texts() -> list[str]:

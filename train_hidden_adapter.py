@@ -12,6 +12,13 @@
     accelerate launch --num_processes 4 train_hidden_adapter.py --config configs/L5F.yaml
     # continue a stopped run exactly where it stopped (same batches, same RNG)
     python train_hidden_adapter.py --resume tasks/L5F_teacher_forced_20260101_120000
+    # the specification's training of a next-position level (one teacher-forced step, no token input)
+    python train_hidden_adapter.py ... --adapter_level B1 --spec_loss
+
+Next-position levels (L5, B1, L5F, L5E) are trained by default as they draft: with the token input
+(the embedding of each position's token, from the target's frozen table in the --lm_head file), on
+roll-outs of --rollout_steps drafting steps fed their own outputs, with the LM head's cross-entropy
+beside the regression loss, and selected on the validation roll-out's accepted drafts per iteration.
 
 Writes {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/: best_model.pt (load_adapter), last.pt (the
 resume state), history.json, training_curves.png, config.yaml (the resolved flags) and hf/
@@ -48,28 +55,36 @@ from common import (
 )
 from hidden_adapter import (
     LOSS_MIXES,
+    NEXT_POSITION_LEVELS,
     BaseAdapter,
     adapter_inputs,
     adapter_loss,
     canonical_name,
     create_adapter,
+    drafting_loss,
     export_hf,
     load_adapter,
     save_adapter,
 )
 from hidden_data import PAIRS, ChunkStream, to_device
-from metrics import AcceptanceAccumulator, strict_json
+from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
 
 log = logging.getLogger("xmodal_sd.train")
 STATE_FORMAT = "xmodal_sd.train_state"
 # Flags that may differ on --resume without changing the result: where and how long this process runs.
 RUNTIME_FLAGS = ("resume", "config", "device", "stop_after_epoch", "no_progress")
 # Higher is better for every selection metric except the loss.
-SELECT_METRICS = ("loss", "cos_mean", "accept@0.90", "token_top1")
+SELECT_METRICS = ("auto", "loss", "cos_mean", "accept@0.90", "token_top1", "rollout_accept")
 # Measured on the toy world (docs/TRAINING.md, "Next-position loss"): convex beats sum, and w = 1
 # (prediction only) beats the reference's w = 0.5 on shifted top-1 and accepted drafts per iteration.
 DEFAULT_LOSS_MIX = "convex"
 DEFAULT_PREDICTION_WEIGHT = 1.0
+# Drafting-oriented training of the next-position levels, measured on the toy world (docs/TRAINING.md,
+# "Training as drafting runs"): each of token input, roll-out training and the token loss adds
+# accepted drafts per iteration; these are the defaults, --spec_loss turns all of them off.
+DEFAULT_ROLLOUT_STEPS = 3  # as good as 5 on the toy world at 12 epochs, for 3/5 of the cost (TRAINING.md)
+DEFAULT_ROLLOUT_DECAY = 0.8
+DEFAULT_TOKEN_LOSS_WEIGHT = 0.1
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -81,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of defaults (keys = flag names); the command line wins")
     p.add_argument("--train_data", default=None, help="train split folder written by extract_hidden_states.py")
     p.add_argument("--val_data", default=None, help="validation split folder (model selection and early stopping)")
-    p.add_argument("--adapter_level", default=None, help="1-6 or L1, L2, L3, L4, L5, B1, L5F (6 = L5F)")
+    p.add_argument("--adapter_level", default=None,
+                   help="1-7 or L1, L2, L3, L4, L5, B1, L5F, L5E (6 = L5F, 7 = L5E)")
     p.add_argument("--vlm_only", action="store_true", help="train level 5 on target states only (= B1)")
     p.add_argument("--pairs", choices=PAIRS, default="teacher_forced",
                    help="drafter input: egpt_hidden (free) or egpt_hidden_tf (teacher_forced); docs/DATA_FORMAT.md")
@@ -94,12 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many epochs without a better validation score (0 = off)")
     p.add_argument("--min_delta", type=float, default=0.0,
                    help="a validation score must beat the best by more than this to count as better")
-    p.add_argument("--select_metric", choices=SELECT_METRICS, default="loss",
-                   help="validation score that picks best_model.pt (token_top1 = shifted top-1 for L5/B1/L5F)")
+    p.add_argument("--select_metric", choices=SELECT_METRICS, default="auto",
+                   help="validation score that picks best_model.pt (token_top1 = shifted top-1 for next-position "
+                        "levels; rollout_accept = accepted drafts per iteration of the validation roll-out); auto = "
+                        "rollout_accept for next-position levels with --lm_head, else loss")
     p.add_argument("--prediction_weight", type=float, default=DEFAULT_PREDICTION_WEIGHT,
-                   help="weight w of the next-position term (L5, B1, L5F); 1.0 = prediction only, 0.5 = the reference")
+                   help="weight w of the next-position term (L5, B1, L5F, L5E); 1.0 = prediction only, 0.5 = the "
+                        "reference")
     p.add_argument("--loss_mix", choices=LOSS_MIXES, default=DEFAULT_LOSS_MIX,
                    help="next-position levels: sum = align + w*pred, convex = (1-w)*align + w*pred")
+    p.add_argument("--token_input", choices=("auto", "on", "off"), default="auto",
+                   help="next-position levels read the embedding of each position's token (EAGLE's shifted token) "
+                        "from the target's frozen input embeddings in the --lm_head file; auto = on for them")
+    p.add_argument("--rollout_steps", type=int, default=None,
+                   help="train next-position levels on roll-outs of this many drafting steps, each fed the "
+                        "adapter's own previous outputs (1 = one teacher-forced step, the specification's); "
+                        f"default {DEFAULT_ROLLOUT_STEPS} (at most --gamma_decode)")
+    p.add_argument("--rollout_decay", type=float, default=DEFAULT_ROLLOUT_DECAY,
+                   help="roll-out step k weighs decay**(k-1) in the loss (weights normalised to sum to 1)")
+    p.add_argument("--token_loss_weight", type=float, default=None,
+                   help="weight of the cross-entropy of the target LM head's logits against the target's token at "
+                        f"every roll-out step (EAGLE's classification term); default {DEFAULT_TOKEN_LOSS_WEIGHT} for "
+                        "next-position levels with --lm_head, else 0")
+    p.add_argument("--gamma_decode", type=int, default=5,
+                   help="drafts per iteration scored by the validation roll-out (and the most --rollout_steps "
+                        "defaults to)")
+    p.add_argument("--spec_loss", action="store_true",
+                   help="the specification's training of next-position levels: one teacher-forced step, no token "
+                        "input, regression loss only, convex mix with w = 0.5 (overrides the four flags above)")
     p.add_argument("--dropout", type=float, default=0.1, help="adapter dropout")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and dropout")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
@@ -111,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--lm_head", default=None,
-                   help="target LM head (extract_vl_lm_head.py) for token top-1 in validation")
+                   help="target LM head file (extract_vl_lm_head.py): token metrics in validation, the token loss, "
+                        "and the input embeddings that the token input reads")
     p.add_argument("--no_prefetch", action="store_true", help="read chunks in the training thread (for benchmarks)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
     return p
@@ -171,14 +210,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--prediction_weight must lie in [0, 1] with --loss_mix convex")
     if not 0 <= args.dropout < 1:
         parser.error("--dropout must lie in [0, 1)")
-    if args.select_metric == "token_top1" and not args.lm_head:
-        parser.error("--select_metric token_top1 needs --lm_head")
+    if args.select_metric in ("token_top1", "rollout_accept") and not args.lm_head:
+        parser.error(f"--select_metric {args.select_metric} needs --lm_head")
+    if args.gamma_decode < 1 or (args.rollout_steps is not None and args.rollout_steps < 1):
+        parser.error("--gamma_decode and --rollout_steps must be >= 1")
+    if not 0 < args.rollout_decay <= 1 or (args.token_loss_weight is not None and args.token_loss_weight < 0):
+        parser.error("--rollout_decay must lie in (0, 1] and --token_loss_weight be >= 0")
+    try:
+        resolve_drafting(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def resolve_drafting(args: argparse.Namespace) -> None:
+    """Fill args.use_token_input, args.steps, args.ce_weight, args.select from the flags and the level."""
+    nxt = canonical_name(args.level_name) in NEXT_POSITION_LEVELS
+    if args.spec_loss:
+        if not nxt:
+            raise ValueError(f"--spec_loss is about the next-position levels {NEXT_POSITION_LEVELS}; "
+                             f"{args.level_name} always trains with the specification's alignment loss")
+        args.use_token_input, args.steps, args.ce_weight = False, 1, 0.0
+        args.prediction_weight, args.loss_mix = 0.5, "convex"
+    else:
+        if args.token_input == "on" and not nxt:
+            raise ValueError(f"--token_input is for the next-position levels {NEXT_POSITION_LEVELS}, "
+                             f"not {args.level_name}")
+        args.use_token_input = nxt and args.token_input != "off"
+        args.steps = (args.rollout_steps or min(DEFAULT_ROLLOUT_STEPS, args.gamma_decode)) if nxt else 1
+        args.ce_weight = 0.0 if not nxt else (
+            args.token_loss_weight if args.token_loss_weight is not None
+            else (DEFAULT_TOKEN_LOSS_WEIGHT if args.lm_head else 0.0))
+    if args.use_token_input and not args.lm_head:
+        raise ValueError("the token input reads the target's input embeddings from the LM head file: pass --lm_head "
+                         "(extract_vl_lm_head.py), or --token_input off")
+    if args.ce_weight > 0 and not args.lm_head:
+        raise ValueError("--token_loss_weight > 0 needs --lm_head")
+    if args.select_metric == "auto":
+        args.select = "rollout_accept" if nxt and args.lm_head else "loss"
+    else:
+        args.select = args.select_metric
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as saved in config.yaml and the checkpoint (parser destinations only)."""
     return {a.dest: getattr(args, a.dest) for a in build_parser()._actions if a.dest != "help"}
+
+
+def drafting_record(args: argparse.Namespace) -> dict[str, Any]:
+    """How a next-position level was trained, as resolved from the flags (stored in best_model.pt)."""
+    return {"token_input": args.use_token_input, "rollout_steps": args.steps, "rollout_decay": args.rollout_decay,
+            "token_loss_weight": args.ce_weight, "loss_mix": args.loss_mix,
+            "prediction_weight": args.prediction_weight, "spec_loss": args.spec_loss, "select_metric": args.select}
 
 
 # ----------------------------------------------------------------------------- processes
@@ -252,29 +335,61 @@ def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple
     return train, val
 
 
-def build_adapter_for(args: argparse.Namespace, widths: dict[str, int]) -> BaseAdapter:
+def build_adapter_for(args: argparse.Namespace, widths: dict[str, int], vocab_size: int | None = None) -> BaseAdapter:
     if not widths.get("drafter") or not widths.get("target"):
         raise UserError(f"{args.train_data}/manifest.json records no state widths; re-extract with this release")
+    extra: dict[str, Any] = {}
+    if args.use_token_input:
+        extra = {"token_input": True, "vocab_size": vocab_size}
     return create_adapter(args.level_name, drafter_dim=widths["drafter"], target_dim=widths["target"],
-                          dropout=args.dropout, prediction_weight=args.prediction_weight)
+                          dropout=args.dropout, prediction_weight=args.prediction_weight, **extra)
 
 
-def load_head(args: argparse.Namespace, target_dim: int, manifest: dict[str, Any]) -> Tensor | None:
+def load_head(args: argparse.Namespace, target_dim: int, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The --lm_head file (LM head and, for the token input, the input embeddings), checked against the data."""
     if not args.lm_head:
         return None
     from extract_vl_lm_head import load_lm_head
 
-    head = load_lm_head(args.lm_head, hidden_dim=target_dim)
+    head = load_lm_head(args.lm_head, hidden_dim=target_dim, need_embeddings=args.use_token_input)
     want = ((manifest.get("models") or {}).get("target") or {}).get("config_hash")
     if want and head.get("config_hash") not in (None, want):
         raise UserError(f"{args.lm_head} is the LM head of another target model than {args.train_data}'s "
                         "(config hashes differ); extract the head of the model that produced the states")
-    return head["weight"]
+    return head
 
 
-def forward(model: nn.Module, adapter: BaseAdapter, batch: dict[str, Tensor]) -> Tensor:
+class Drafting(nn.Module):
+    """What training runs: `steps` drafting steps of a next-position adapter (adapter.rollout), or the
+    plain forward of a same-position one, as one module so DDP sees one forward. Returns a list of
+    [B, T, D] outputs (one per step)."""
+
+    def __init__(self, adapter: BaseAdapter, steps: int) -> None:
+        super().__init__()
+        self.adapter, self.steps = adapter, steps
+
+    def forward(self, x: Tensor, mask: Tensor, **kwargs: Tensor) -> list[Tensor]:
+        if self.adapter.predicts == "next":
+            return self.adapter.rollout(x, mask, self.steps, **kwargs)
+        return [self.adapter(x, mask, **kwargs)]
+
+
+def forward(model: nn.Module, adapter: BaseAdapter, batch: dict[str, Tensor]) -> list[Tensor]:
     x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
     return model(x, batch["mask"], **kwargs)
+
+
+def loss_of(adapter: BaseAdapter, outs: list[Tensor], batch: dict[str, Tensor], args: argparse.Namespace,
+            head: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    """The training objective: the specification's loss for same-position levels, the drafting loss
+    (roll-out steps, token term) for next-position ones; the same in training and validation."""
+    outs = [o.float() for o in outs]
+    if adapter.predicts != "next":
+        return adapter_loss(adapter, outs[0], batch["target"], batch["mask"], mix=args.loss_mix,
+                            prediction_weight=args.prediction_weight)
+    return drafting_loss(adapter, outs[: args.steps], batch["target"], batch["mask"], tokens=batch["tokens"],
+                         lm_head=head, decay=args.rollout_decay, token_loss_weight=args.ce_weight, mix=args.loss_mix,
+                         prediction_weight=args.prediction_weight)
 
 
 def token_key(predicts: str) -> str:
@@ -286,7 +401,8 @@ def token_key(predicts: str) -> str:
 
 
 def train_epoch(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, opt: torch.optim.Optimizer,
-                sched: Any, state: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dict[str, float]:
+                sched: Any, state: dict[str, Any], args: argparse.Namespace, proc: Proc,
+                head: Tensor | None = None) -> dict[str, float]:
     """One pass over this rank's share of the train split; returns loss and speed figures."""
     epoch = state["epoch"]
     batches = stream.even_num_batches(epoch)
@@ -309,9 +425,8 @@ def train_epoch(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, opt
         batch = to_device(raw, proc.device)
         wait += time.perf_counter() - t0
         with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = forward(model, adapter, batch)
-        loss, parts = adapter_loss(adapter, out.float(), batch["target"], batch["mask"], mix=args.loss_mix,
-                                   prediction_weight=args.prediction_weight)
+            outs = forward(model, adapter, batch)
+        loss, parts = loss_of(adapter, outs, batch, args, head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -339,29 +454,46 @@ def train_epoch(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, opt
 
 @torch.no_grad()
 def validate(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, head: Tensor | None,
-             args: argparse.Namespace, proc: Proc) -> dict[str, float]:
-    """Score every validation position (all chunks, all batches): loss and the shared acceptance metrics."""
+             args: argparse.Namespace, proc: Proc) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Score every validation position (all chunks, all batches): the training loss, the shared acceptance
+    metrics and, for next-position levels with a head, the drafting roll-out of --gamma_decode steps
+    (accepted drafts per iteration, per draft position) and its confidence calibration.
+    Returns (metrics, calibration or None)."""
     model.eval()
     max_t = int(stream.manifest.get("max_new_tokens") or 128)
-    acc = AcceptanceAccumulator(predicts=adapter.predicts, lm_head=head, max_positions=max_t)
+    acc = AcceptanceAccumulator(predicts=adapter.predicts, lm_head=head, max_positions=max_t,
+                                gamma_decode=args.gamma_decode)
+    roll = RolloutAccumulator(args.gamma_decode, max_new_tokens=max_t) \
+        if adapter.predicts == "next" and head is not None else None
     sums = torch.zeros(2, dtype=torch.float64)
     autocast = proc.device.type == "cuda" and args.precision in ("auto", "bf16")
+    steps = max(args.steps, args.gamma_decode) if roll is not None else args.steps
     for raw in stream.batches(0):
         batch = to_device(raw, proc.device)
+        x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
         with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = forward(model, adapter, batch)
-        out = out.float()
-        loss, _ = adapter_loss(adapter, out, batch["target"], batch["mask"], mix=args.loss_mix,
-                               prediction_weight=args.prediction_weight)
+            outs = adapter.rollout(x, batch["mask"], steps, **kwargs) if adapter.predicts == "next" \
+                else [adapter(x, batch["mask"], **kwargs)]
+        outs = [o.float() for o in outs]
+        loss, _ = loss_of(adapter, outs, batch, args, head)
         n = float(batch["mask"].sum())
         sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
-        acc.update(out, batch["target"], batch["mask"], batch["tokens"] if head is not None else None)
+        acc.update(outs[0], batch["target"], batch["mask"], batch["tokens"] if head is not None else None)
+        if roll is not None:
+            drafts, conf = draft_tokens(outs[: args.gamma_decode], head, batch["mask"])
+            roll.update(drafts, conf, batch["tokens"], batch["mask"])
     acc.load_totals(all_sum(acc.totals(), proc))
     sums = all_sum(sums, proc)
-    metrics = acc.compute()
+    metrics: dict[str, Any] = acc.compute()
     metrics["loss"] = float(sums[0] / max(float(sums[1]), 1.0))
     metrics["valid_positions"] = float(sums[1])
-    return metrics
+    calibration = None
+    if roll is not None:
+        roll.load_totals(all_sum(roll.totals(), proc))
+        metrics["rollout"] = roll.compute()
+        metrics["rollout_accept"] = metrics["rollout"]["live_accepted_per_iteration"]
+        calibration = roll.calibration()
+    return metrics, calibration
 
 
 def is_better(value: float, best: float | None, metric: str, min_delta: float = 0.0) -> bool:
@@ -372,7 +504,7 @@ def is_better(value: float, best: float | None, metric: str, min_delta: float = 
     return value < best - min_delta if metric == "loss" else value > best + min_delta
 
 
-def select_value(metrics: dict[str, float], metric: str, predicts: str) -> float:
+def select_value(metrics: dict[str, Any], metric: str, predicts: str) -> float:
     return metrics.get(token_key(predicts) if metric == "token_top1" else metric, math.nan)
 
 
@@ -495,11 +627,11 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
     run_dir: Path = ctx["run_dir"]
     while state["epoch"] < args.num_epochs and not state["finished"]:
         t0 = time.perf_counter()
-        stats = train_epoch(model, adapter, ctx["train"], opt, sched, state, args, proc)
-        val = validate(model, adapter, ctx["val"], ctx["head"], args, proc)
+        stats = train_epoch(model, adapter, ctx["train"], opt, sched, state, args, proc, ctx["head"])
+        val, calibration = validate(model, adapter, ctx["val"], ctx["head"], args, proc)
         state["epoch"] += 1
-        value = select_value(val, args.select_metric, adapter.predicts)
-        improved = is_better(value, state["best_value"], args.select_metric, args.min_delta)
+        value = select_value(val, args.select, adapter.predicts)
+        improved = is_better(value, state["best_value"], args.select, args.min_delta)
         if improved:
             state.update(best_value=value, best_epoch=state["epoch"], bad_epochs=0)
         else:
@@ -507,9 +639,10 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
         entry = {"epoch": state["epoch"], "step": state["step"], "lr": sched.get_last_lr()[0], **stats,
                  "val": val, "best": improved, "epoch_s": time.perf_counter() - t0}
         state["history"].append(strict_json(entry))
-        log.info("epoch %d: train loss %.4f, val loss %.4f, Accept@0.90 %.3f, %s %s, %.0f samples/s, "
+        roll = f", roll-out accepted/iter {val['rollout_accept']:.3f}" if "rollout_accept" in val else ""
+        log.info("epoch %d: train loss %.4f, val loss %.4f, Accept@0.90 %.3f, %s %s%s, %.0f samples/s, "
                  "data wait %.0f%%%s", state["epoch"], stats["train_loss"], val["loss"], val["accept@0.90"],
-                 token_key(adapter.predicts), f"{val.get(token_key(adapter.predicts), math.nan):.3f}",
+                 token_key(adapter.predicts), f"{val.get(token_key(adapter.predicts), math.nan):.3f}", roll,
                  stats["samples_per_s"], 100 * stats["data_wait_share"], " (best)" if improved else "")
         if args.max_steps is not None and state["step"] >= args.max_steps:
             state["finished"], state["stop_reason"] = True, f"max_steps {args.max_steps} reached"
@@ -523,7 +656,8 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
                 save_adapter(run_dir / "best_model.pt", adapter, pairs=args.pairs, args=config_values(args),
                              epoch=state["epoch"], val_metrics=strict_json(val), data=ctx["data"],
                              loss_mix=args.loss_mix, prediction_weight=args.prediction_weight,
-                             select_metric=args.select_metric, world_size=proc.world_size)
+                             select_metric=args.select, world_size=proc.world_size,
+                             drafting=drafting_record(args), draft_calibration=strict_json(calibration))
             atomic_write_json({"level": adapter.config.name, "pairs": args.pairs, "finished": state["finished"],
                                "stop_reason": state["stop_reason"], "best_epoch": state["best_epoch"],
                                "initial_val": state["initial_val"], "history": state["history"]},
@@ -542,12 +676,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     need_drafter = canonical_name(args.level_name) != "B1"
     train, val = open_data(args, proc, need_drafter)
-    adapter = build_adapter_for(args, train.manifest.get("widths") or {}).to(proc.device)
-    head = load_head(args, adapter.config.target_dim, train.manifest)
-    model: nn.Module = adapter
+    widths = train.manifest.get("widths") or {}
+    head_file = load_head(args, int(widths.get("target") or 0) or None, train.manifest)
+    adapter = build_adapter_for(args, widths, head_file["vocab_size"] if head_file else None).to(proc.device)
+    if args.use_token_input:
+        adapter.attach_token_table(head_file["embed_weight"])
+    head = head_file["weight"].to(proc.device, torch.float32) if head_file else None
+    model: nn.Module = Drafting(adapter, args.steps)
     if proc.world_size > 1:
         ids = [proc.device.index] if proc.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(adapter, device_ids=ids)
+        # the token table is a frozen buffer, the same on every rank: never broadcast it each step
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     torch.manual_seed(args.seed + 1000 * proc.rank)  # dropout differs across ranks, same init everywhere
     opt = torch.optim.AdamW(adapter.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     total = sum(train.even_num_batches(e) for e in range(args.num_epochs))
@@ -563,7 +702,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if proc.is_main:
             write_config(run_dir / "config.yaml", args)
         # the untrained adapter's score: the yardstick every epoch is read against (L5/B1/L5F start as identity)
-        state["initial_val"] = strict_json(validate(model, adapter, val, head, args, proc))
+        state["initial_val"] = strict_json(validate(model, adapter, val, head, args, proc)[0])
     log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
              adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
     ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,

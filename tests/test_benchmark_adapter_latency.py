@@ -46,7 +46,7 @@ STEP_KIND = {
     "L1": "one position", "L2": "one position", "L3": "one position",
     "L4": "full 6-position rerun (bidirectional)",
     "L5": "incremental step after 5 cached positions", "B1": "incremental step after 5 cached positions",
-    "L5F": "incremental step after 5 cached positions",
+    "L5F": "incremental step after 5 cached positions", "L5E": "incremental step after 5 cached positions",
 }
 
 

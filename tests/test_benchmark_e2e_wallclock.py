@@ -25,8 +25,12 @@ def test_flags_are_validated() -> None:
     args = bench.parse_args(["--dataset_dir", "d", "--configs", "synthetic"])
     assert args.configs == ["target", "synthetic"]  # the baseline is always measured
     assert args.synthetic_acceptance == [0.5, 0.7, 0.8, 0.9, 1.0]
+    assert args.draft_stop == ["fixed"]
+    assert bench.parse_args(["--dataset_dir", "d", "--draft_confidence", "0.3"]).draft_stop == ["confidence"]
     for bad in (["--configs", "fast"], ["--synthetic_acceptance", "1.5"], ["--gamma_decode", "0"],
-                ["--random_shape", "tiny", "--quant", "4bit"], ["--draft_confidence", "1.5"]):
+                ["--random_shape", "tiny", "--quant", "4bit"], ["--draft_confidence", "1.5"],
+                ["--draft_stop", "fixed,sometimes"], ["--draft_stop", "confidence"],
+                ["--draft_stop", "expected", "--random_adapters"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--dataset_dir", "d", *bad])
 
@@ -61,14 +65,24 @@ def test_speedup_is_paired_per_repeat() -> None:
     assert out["target"]["speedup"]["median"] == 1.0
 
 
+# A hand-made draft calibration (acceptance rising with confidence), as training stores it.
+CALIBRATION = {"edges": [i / 20 for i in range(21)], "count": [10] * 20, "rate": [i / 20 for i in range(20)],
+               "mean_confidence": [i / 20 + 0.025 for i in range(20)], "accept": [i / 20 for i in range(20)]}
+
+
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def checkpoints(quick_world: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Untrained L1 (prefill), L5F, and token-input B1 and L5E (decode), each with a draft calibration."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(quick_world / "models" / "video_llava").text_config.vocab_size
     folder = tmp_path_factory.mktemp("adapters")
     torch.manual_seed(0)
     paths = []
-    for level in ("L1", "L5F", "B1"):
+    for level, kw in (("L1", {}), ("L5F", {}), ("B1", {"token_input": True, "vocab_size": vocab}),
+                      ("L5E", {"token_input": True, "vocab_size": vocab})):
         path = folder / f"{level}.pt"
-        save_adapter(path, create_adapter(level, 64, dropout=0.0))
+        save_adapter(path, create_adapter(level, 64, dropout=0.0, **kw), draft_calibration=CALIBRATION)
         paths.append(path)
     return paths
 
@@ -82,21 +96,28 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
     models = quick_world / "models"
     cmd = [sys.executable, str(ROOT / "benchmark_e2e_wallclock.py"), "--dataset_dir", str(quick_world / "dataset"),
            "--egpt_model", str(models / "eventgpt"), "--vl_model", str(models / "video_llava"),
-           "--prefill_adapter", str(checkpoints[0]), "--decode_adapter", str(checkpoints[1]), str(checkpoints[2]),
+           "--prefill_adapter", str(checkpoints[0]), "--decode_adapter", *map(str, checkpoints[1:]),
            "--max_samples", "2", "--max_new_tokens", "6", "--repeats", "2", "--warmup", "1",
-           "--synthetic_acceptance", "0,1", "--gamma_decode", "3", "--draft_confidence", "0.3", "--device", "cpu",
+           "--synthetic_acceptance", "0,1", "--gamma_decode", "3", "--draft_stop", "fixed,expected", "--device", "cpu",
            "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "e2e_wallclock.json").read_text())
-    assert set(result["configs"]) == {"target", "hf_generate", "prefill[L1]", "decode[L5F]", "decode[B1]",
-                                      "two_phase[L1+L5F]", "two_phase[L1+B1]", "synthetic_p0", "synthetic_p1"}
-    assert result["lossless_checked"] and result["draft_confidence"] == 0.3
-    # 9 configs x (2 samples x 2 repeats + 1 warm-up), then ours and transformers' on 2 x 2 + 1 text prompts
-    assert result["lossless_outputs_checked"] == 9 * (2 * 2 + 1) + 2 * (2 * 2 + 1)
-    assert result["decode_modes"] == {"decode[L5F]": "fused+L5F", "decode[B1]": "rollout+B1"}
-    assert result["adapters"] == {"prefill": ["L1"], "decode": ["L5F", "B1"]}
+    decode = [f"{lv}{stop}" for lv in ("L5F", "B1", "L5E") for stop in ("", ",expected")]
+    assert set(result["configs"]) == {"target", "hf_generate", "prefill[L1]", *(f"decode[{d}]" for d in decode),
+                                      *(f"two_phase[L1+{d}]" for d in decode), "synthetic_p0", "synthetic_p1"}
+    assert result["lossless_checked"] and result["draft_stop"] == ["fixed", "expected"]
+    # 17 configs x (2 samples x 2 repeats + 1 warm-up), then ours and transformers' on 2 x 2 + 1 text prompts
+    assert result["lossless_outputs_checked"] == 17 * (2 * 2 + 1) + 2 * (2 * 2 + 1)
+    assert result["decode_modes"] == {f"decode[{d}]": {"L5F": "fused+L5F", "B1": "rollout+B1",
+                                                        "L5E": "rollout+L5E"}[d.split(",")[0]] for d in decode}
+    assert result["adapters"] == {"prefill": ["L1"], "decode": ["L5F", "B1", "L5E"]}
+    # the expected-gain stop drafts fewer than gamma where this untrained head is unsure; fixed always gamma
+    b1, b1_gain = result["configs"]["decode[B1]"], result["configs"]["decode[B1,expected]"]
+    assert b1["drafted_per_iteration"] >= b1_gain["drafted_per_iteration"]
+    assert b1_gain["modelled_speedup_reference"] > 0  # also modelled under the shipped H200 7B profile
+    assert result["reference_profile"].endswith("h200_fp16_eager_7b.json")
     for name, res in result["configs"].items():
         assert res["speedup"]["min"] > 0 and res["tokens_per_s"] > 0, name
         assert len(result["runs"][name]) == 2 and len(result["runs"][name][0]) == 2
@@ -107,7 +128,7 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
     assert phase1["drafter_start_ms"] < phase1["target_end_ms"] and "overlap_ms" in phase1
     assert result["assisted"]["ours_tokens_per_s"] > 0 and result["assisted"]["theirs_tokens_per_s"] > 0
     profile = load_timing_profile(out / "timing_profile.json")
-    assert profile.vl_decode_ms > 0 and set(profile.adapter_step_ms) >= {"L1", "B1", "L5F"}
+    assert profile.vl_decode_ms > 0 and set(profile.adapter_step_ms) >= {"L1", "B1", "L5F", "L5E"}
     assert (out / "e2e_wallclock.png").stat().st_size > 0
     assert "speed-up" in (out / "e2e_wallclock.md").read_text()
 

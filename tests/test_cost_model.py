@@ -90,8 +90,16 @@ def test_honest_model_by_hand():
     assert b1["egpt_prefill_ms"] == 0 and b1["per_iter_ms"] == pytest.approx(25 + 7.5)
     assert b1["sd_ms"] == pytest.approx(310 + 50 / 1.51 * 32.5)
 
-    l5 = estimate(p, None, 0, "L5", 0.73)  # rolled out from the target's states, as the live engine runs it
-    assert l5["egpt_ms_per_iter"] == 0 and l5["egpt_prefill_ms"] == 0 and l5["per_iter_ms"] == pytest.approx(32.5)
+    # L5 reads EventGPT's states of the verified text, as the live engine runs it: EventGPT prefills beside the
+    # target (130 < 310) and reads the accepted tokens in one pass per iteration (25) besides 5 adapter steps.
+    l5 = estimate(p, None, 0, "L5", 0.73)
+    assert l5["egpt_ms_per_iter"] == 25 and l5["egpt_prefill_ms"] == 130 and l5["per_iter_ms"] == pytest.approx(57.5)
+    # L5E: B1 plus EventGPT's prompt-end state, so EventGPT prefills once and never decodes.
+    l5e = estimate(p, None, 0, "L5E", 0.51)
+    assert l5e["egpt_prefill_ms"] == 130 and l5e["prefill_ms"] == 310 and l5e["per_iter_ms"] == pytest.approx(32.5)
+    # a draft-length rule: 2.5 drafts per iteration on average cost 2.5 adapter steps, not gamma
+    short = estimate(p, None, 0, "B1", 0.51, drafts_per_iter=2.5)
+    assert short["adapter_ms_per_iter"] == pytest.approx(2.5 * 1.5) and short["speedup"] > b1["speedup"]
 
     conc = estimate(p, None, 0, "L5F", 0.73, concurrent_drafter=True)
     assert conc["concurrent_drafter"] is True and conc["egpt_ms_per_iter"] == 0

@@ -24,10 +24,12 @@ def write_profile(tmp_path):
     return path
 
 
-def write_acceptance(root, level, pairs, *, free=None, accept=None, length=10.0, gamma_prefill=7):
+def write_acceptance(root, level, pairs, *, free=None, accept=None, length=10.0, gamma_prefill=7, rollout=None):
     result = {"format": "xmodal_sd.acceptance_metrics", "level": level, "pairs": pairs, "gamma_prefill": gamma_prefill,
               "counts": {"mean_target_answer_tokens": length}, "prefill_free_by_window": free,
               "accept_len_by_gamma": accept}
+    if rollout is not None:  # measure_feature_acceptance's roll-out on the live schedule, gamma 5
+        result["drafting"] = {"rollout": {"gamma": 5, "live_accepted_per_iteration": rollout}}
     atomic_write_json(result, root / f"{level}_{pairs}" / "acceptance_metrics.json")
 
 
@@ -57,7 +59,8 @@ def test_measured_inputs_per_pairing_and_both_models(tmp_path):
     write_acceptance(acc, "B1", "free", accept=[0.4, 0.6, 0.7, 0.75, 0.8], length=12.0)  # only free: fallback
     profile = write_profile(tmp_path)
     result = etp.main(etp.parse_args(["--acceptance_dir", str(acc), "--timings", str(profile), "--label", "t",
-                                      "--configs", "L1+L5F,B1,L1", "--output_dir", str(tmp_path / "out")]))
+                                      "--configs", "L1+L5F,B1,L1", "--output_dir", str(tmp_path / "out"),
+                                      "--decode_acceptance", "one_step"]))
     assert result["settings"]["num_tokens"] == 12.0 and result["settings"]["gamma_prefill"].startswith("auto")
     rows = {r["config"]: r for r in result["profiles"][0]["configs"]}
     l1 = rows["L1+L5F"]
@@ -87,9 +90,24 @@ def test_measured_inputs_per_pairing_and_both_models(tmp_path):
     assert "concurrently" in (tmp_path / "out" / "two_phase_results_c.md").read_text()
 
 
+def test_decode_adapters_are_scored_by_their_rollout_unless_asked(tmp_path):
+    acc = tmp_path / "acc"
+    write_acceptance(acc, "B1", "teacher_forced", accept=[0.6, 0.9, 1.1, 1.2, 1.25], rollout=0.95, length=12.0)
+    write_acceptance(acc, "L5E", "teacher_forced", accept=[0.5, 0.8, 1.0, 1.1, 1.15], length=12.0)  # no roll-out
+    profile = write_profile(tmp_path)
+    base = ["--acceptance_dir", str(acc), "--timings", str(profile), "--configs", "B1,L5E",
+            "--output_dir", str(tmp_path / "out")]
+    roll = etp.main(etp.parse_args([*base, "--label", "r"]))
+    rows = {r["config"]: r for r in roll["profiles"][0]["configs"]}
+    assert rows["B1"]["accept_len"] == 0.95 and rows["L5E"]["accept_len"] == 1.15
+    assert roll["notes"] == [n for n in roll["notes"] if "L5E: no roll-out figure" in n] and len(roll["notes"]) == 1
+    one = etp.main(etp.parse_args([*base, "--label", "o", "--decode_acceptance", "one_step"]))
+    assert one["profiles"][0]["configs"][0]["accept_len"] == 1.25 and one["settings"]["decode_acceptance"] == "one_step"
+
+
 def test_missing_inputs_and_bad_configs(tmp_path):
     profile = write_profile(tmp_path)
-    with pytest.raises(UserError, match="no acceptance result for B1, L1, L2, L3, L4, L5F in"):
+    with pytest.raises(UserError, match="no acceptance result for B1, L1, L2, L3, L4, L5, L5E, L5F in"):
         etp.main(etp.parse_args(["--acceptance_dir", str(tmp_path), "--timings", str(profile),
                                  "--output_dir", str(tmp_path / "o")]))
     assert etp.parse_config("L3+none") == ("L3", None)
@@ -113,7 +131,7 @@ def tiny_tasks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_eval")
     write_test_data(root / "hidden" / "test")
     tasks = root / "tasks"
-    for level in ("L1", "L2", "L3", "L4", "L5", "B1", "L5F"):
+    for level in ("L1", "L2", "L3", "L4", "L5", "B1", "L5F", "L5E"):
         for pairs in ("free", "teacher_forced"):
             adapter = create_adapter(level, D, max_seq_len=16)
             save_adapter(tasks / f"{level}_{pairs}_20260101_120000" / "best_model.pt", adapter, pairs=pairs,
@@ -135,12 +153,12 @@ def test_shell_scripts_on_a_tiny_tasks_folder(tiny_tasks, tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "run_all_eval.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = sorted(p.parent.name for p in (tmp_path / "acceptance").glob("*/acceptance_metrics.json"))
-    assert len(runs) == 16 and "L5F_teacher_forced" in runs and "L5_free_target_input" in runs
+    assert len(runs) == 18 and "L5E_teacher_forced" in runs and "L5_free_target_input" in runs
     l1 = json.loads((tmp_path / "acceptance" / "L1_free" / "acceptance_metrics.json").read_text())
     assert "20260102_090000" in l1["checkpoint"]  # the newest run of its level and pairing
     assert "ignored 1" in proc.stdout
     again = subprocess.run(["bash", str(ROOT / "run_all_eval.sh")], env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and again.stdout.count(": up to date (") == 14
+    assert again.returncode == 0 and again.stdout.count(": up to date (") == 16
 
     env2 = {**os.environ, "ACCEPTANCE": str(tmp_path / "acceptance"), "TIMINGS": f"{profile} {profile}",
             "OUT": str(tmp_path / "two_phase"), "LABEL": "tiny", "OMP_NUM_THREADS": "1"}
@@ -149,7 +167,10 @@ def test_shell_scripts_on_a_tiny_tasks_folder(tiny_tasks, tmp_path):
     for label in ("tiny", "tiny_concurrent", "reference_inputs"):
         assert (tmp_path / "two_phase" / f"two_phase_results_{label}.json").is_file()
     result = json.loads((tmp_path / "two_phase" / "two_phase_results_tiny.json").read_text())
-    assert len(result["profiles"]) == 2 and len(result["profiles"][0]["configs"]) == 6
+    assert len(result["profiles"]) == 2 and len(result["profiles"][0]["configs"]) == 9  # the six + L5E, L5, L1+B1
+    roll = json.loads((tmp_path / "acceptance" / "B1_teacher_forced" / "acceptance_metrics.json").read_text())
+    b1 = next(c for c in result["profiles"][0]["configs"] if c["config"] == "B1")
+    assert b1["accept_len"] == roll["drafting"]["rollout"]["live_accepted_per_iteration"]  # the roll-out figure
 
     missing = subprocess.run(["bash", str(ROOT / "run_all_eval.sh")], env={**env, "LM_HEAD": "/nonexistent.pt"},
                              capture_output=True, text=True)

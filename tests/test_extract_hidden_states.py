@@ -282,7 +282,7 @@ def test_rerun_of_a_killed_run_with_other_settings_is_refused(quick_world, tmp_p
         extract(quick_world, out, "--chunked", "--chunk_size", "4")
     with pytest.raises(UserError, match="different num_shards"):
         extract(quick_world, out, "--chunked", "--chunk_size", "2", "--num_shards", "2", "--shard_index", "0")
-    with pytest.raises(UserError, match="other models or another dtype"):
+    with pytest.raises(UserError, match="different egpt_dtype"):  # refused before the models load
         extract(quick_world, out, "--chunked", "--chunk_size", "2", "--dtype", "bf16")
 
 
@@ -346,3 +346,61 @@ def test_foreign_count_reaches_chunks_and_manifest(batched):
         by_hand = ((chunk["vl_tokens"] >= drafter_vocab) & chunk["vl_mask"]).sum(1)
         assert chunk[ehs.FOREIGN_KEY].tolist() == by_hand.tolist()
         assert entry[ehs.FOREIGN_KEY] == int(by_hand.sum())
+
+
+# ---------------------------------------------------------------- issue 19: inputs as the released code
+
+
+FAST = ("--max_samples", "2", "--max_new_tokens", "2", "--batch_size", "2")
+
+
+def test_manifest_records_frames_frame_pick_and_both_dtypes(quick_world, tmp_path):
+    """The data says how its inputs were made: event-frame split and canvas (from the frames' own
+    manifest), Video-LLaVA's frame picking, each model's dtype, and what was quantised."""
+    out = tmp_path / "out"
+    assert extract(quick_world, out, *FAST, "--egpt_dtype", "fp32", "--vl_dtype", "bf16") == 0
+    manifest = load_manifest(out)
+    assert manifest["event_frames"] == {"num_frames": 5, "split_mode": "count", "canvas": "slice",
+                                        "height": None, "width": None}
+    assert manifest["frame_pick"] == "floor"
+    assert (manifest["egpt_dtype"], manifest["vl_dtype"]) == ("float32", "bfloat16")
+    drafter, target = manifest["models"]["drafter"], manifest["models"]["target"]
+    assert (drafter["dtype"], target["dtype"]) == ("float32", "bfloat16")
+    assert (drafter["quant_scope"], target["quant_scope"], target["frame_pick"]) == ("none", "none", "floor")
+    shard = json.loads((out / "shard_000-of-001.json").read_text())["settings"]
+    assert shard["event_frames"]["split_mode"] == "count" and shard["vl_dtype"] == "bfloat16"
+
+
+def test_resume_refuses_other_frames_picking_or_dtypes(quick_world, tmp_path):
+    import shutil
+
+    import preprocess_event_images as pe
+
+    world = tmp_path / "world"
+    shutil.copytree(quick_world / "dataset", world / "dataset")
+    (world / "models").symlink_to(quick_world / "models")
+    out = tmp_path / "out"
+    assert extract(world, out, *FAST) == 0
+    with pytest.raises(UserError, match="different frame_pick"):
+        extract(world, out, *FAST, "--frame_pick", "round")
+    with pytest.raises(UserError, match="different vl_dtype"):
+        extract(world, out, *FAST, "--vl_dtype", "bf16")
+    with pytest.raises(UserError, match=r"--num_event_frames 6 but .* holds 5 frames"):
+        extract(world, tmp_path / "other", *FAST, "--num_event_frames", "6")
+    # A folder written before these facts were recorded is refused too
+    saved = {f: f.read_text() for f in (out / "manifest.json", out / "shard_000-of-001.json")}
+    for record in saved:
+        data = json.loads(record.read_text())
+        for holder in (data, data.get("settings", {})):
+            holder.pop("frame_pick", None)
+        record.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="before frame_pick was recorded"):
+        extract(world, out, *FAST)
+    for record, text in saved.items():
+        record.write_text(text)
+    # The same clips with event frames cut by equal durations on the sensor canvas
+    assert pe.main(pe.parse_args(["--dataset_dir", str(world / "dataset"), "--allow_pickle", "--num_workers", "0",
+                                  "--split", "train", "--split_mode", "time", "--canvas", "sensor",
+                                  "--overwrite"])) == 0
+    with pytest.raises(UserError, match="different event_frames"):
+        extract(world, out, *FAST)

@@ -39,7 +39,10 @@ def randomize(adapter: torch.nn.Module) -> None:
 
 
 def call(adapter, x, mask=None, h_target=None):
-    return adapter(x, mask, h_target=h_target if adapter.consumes == "both" else None)
+    """Call any level: L5F gets h_target, L5E a context vector (here the first position of x, a stand-in
+    for EventGPT's prompt-end state)."""
+    context = x[:, 0] if adapter.config.context == "drafter" else None
+    return adapter(x, mask, h_target=h_target if adapter.consumes == "both" else None, context=context)
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -74,15 +77,16 @@ def test_summary_reports_inputs_and_outputs():
 
 @pytest.mark.parametrize(
     "level,name",
-    [(1, "L1"), ("2", "L2"), ("l3", "L3"), (4, "L4"), ("L5", "L5"), ("b1", "B1"), (6, "L5F"), ("l5f", "L5F")],
+    [(1, "L1"), ("2", "L2"), ("l3", "L3"), (4, "L4"), ("L5", "L5"), ("b1", "B1"), (6, "L5F"), ("l5f", "L5F"),
+     (7, "L5E"), ("l5e", "L5E")],
 )
 def test_factory_accepts_levels_and_names(level, name):
     assert create_adapter(level, D).config.name == name
 
 
-@pytest.mark.parametrize("bad", ["L7", 0, 7, "foo", "", None, True, 2.0])
+@pytest.mark.parametrize("bad", ["L7", 0, 8, "foo", "", None, True, 2.0])
 def test_factory_rejects_unknown_levels_and_lists_valid_names(bad):
-    with pytest.raises(ValueError, match="L1, L2, L3, L4, L5, B1, L5F"):
+    with pytest.raises(ValueError, match="L1, L2, L3, L4, L5, B1, L5F, L5E"):
         create_adapter(bad)
 
 
@@ -102,7 +106,8 @@ def test_shapes_with_different_drafter_and_target_widths(name):
     adapter = create_adapter(name, drafter_dim=24, target_dim=D).eval()
     b, t = 2, 7
     x = torch.randn(b, t, D if adapter.consumes == "target" else 24)
-    out = adapter(x, torch.ones(b, t, dtype=torch.bool), h_target=torch.randn(b, t, D))
+    ctx = torch.randn(b, 24) if adapter.config.context else None
+    out = adapter(x, torch.ones(b, t, dtype=torch.bool), h_target=torch.randn(b, t, D), context=ctx)
     assert out.shape == (b, t, D)
     assert torch.isfinite(out).all()
 
@@ -445,3 +450,128 @@ def test_hf_export_reloads_to_identical_outputs(tmp_path, name):
     assert torch.equal(call(adapter, x, h_target=v), call(loaded, x, h_target=v))
     with pytest.raises(UserError, match="cannot load an exported adapter"):
         load_hf(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- token input, L5E, roll-outs
+
+
+def test_token_input_adds_only_the_fusion_and_keeps_the_table_out_of_the_checkpoint(tmp_path):
+    with torch.device("meta"):
+        plain = count_parameters(create_adapter("B1"))
+        frozen = create_adapter("B1", token_input=True)
+    # the specification's fusion Linear(8192 -> 4096) plus a LayerNorm on the embedding; no 32000 x 4096 table
+    assert count_parameters(frozen) - plain == 33_558_528 + 8_192
+    adapter = make("B1", token_input=True, vocab_size=11)
+    with pytest.raises(ValueError, match="attach_token_table"):
+        adapter(torch.randn(1, 3, D), token_ids=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="11-token vocabulary"):
+        adapter.attach_token_table(torch.randn(12, D))
+    with pytest.raises(ValueError, match=r"\[V, 32\]"):
+        adapter.attach_token_table(torch.randn(11, D + 1))
+    adapter.attach_token_table(torch.randn(11, D))
+    assert "token_table" not in adapter.state_dict()
+    save_adapter(tmp_path / "t.pt", adapter)
+    loaded, _ = load_adapter(tmp_path / "t.pt")
+    assert loaded.config.token_input and loaded.token_table is None
+    with pytest.raises(ValueError, match="next-position levels"):
+        create_adapter("L2", D, token_input=True)
+    with pytest.raises(ValueError, match="choose one"):
+        create_adapter("B1", D, token_input=True, use_token_embed=True)
+
+
+def test_token_input_reads_the_tokens_of_each_position():
+    adapter = make("B1", token_input=True, vocab_size=11)
+    randomize(adapter)
+    adapter.attach_token_table(torch.randn(11, D))
+    x = torch.randn(1, 4, D)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    other = torch.tensor([[1, 2, 3, 5]])  # only the last token differs: causal, so only the last output moves
+    a, b = adapter(x, token_ids=ids), adapter(x, token_ids=other)
+    assert torch.allclose(a[:, :3], b[:, :3]) and not torch.allclose(a[:, 3], b[:, 3])
+
+
+def test_l5e_starts_as_b1_and_reads_its_context():
+    b1, l5e = make("B1"), make("L5E")
+    randomize(b1)
+    shared = {k: v for k, v in b1.state_dict().items()}
+    missing = l5e.load_state_dict(shared, strict=False).missing_keys
+    assert sorted(missing) == ["context_norm.bias", "context_norm.weight", "context_proj.bias", "context_proj.weight"]
+    x, g = torch.randn(2, 5, D), torch.randn(2, D)
+    assert torch.allclose(l5e(x, context=g), b1(x), atol=1e-6)  # zero-initialised context projection
+    randomize(l5e)
+    assert not torch.allclose(l5e(x, context=g), l5e(x, context=torch.randn(2, D)))
+    with pytest.raises(ValueError, match="context"):
+        l5e(x)
+    assert l5e.consumes == "target" and l5e.predicts == "next" and l5e.config.context == "drafter"
+
+
+ROLLOUT_CASES = [(lv, tok) for lv in ("B1", "L5", "L5F", "L5E") for tok in (False, True)]
+
+
+@pytest.mark.parametrize("level,tokens", ROLLOUT_CASES, ids=[f"{lv}{'+tok' if t else ''}" for lv, t in ROLLOUT_CASES])
+def test_rollout_equals_drafting_step_by_step(level, tokens):
+    """outs[k-1][:, t] of one batched roll-out equals what drafting computes after verifying 0..t: the
+    true inputs through `step`, then k-1 steps each fed the adapter's own previous output (L5F: the
+    drafter state of the next position and its own output as the target state)."""
+    torch.manual_seed(0)
+    v_size, t_len, steps = 17, 9, 4
+    adapter = create_adapter(level, D, dropout=0.0, token_input=tokens, vocab_size=v_size, num_layers=2)
+    randomize(adapter)
+    if tokens:
+        adapter.attach_token_table(torch.randn(v_size, D))
+    adapter.eval()
+    x, s = torch.randn(2, t_len, D), torch.randn(2, t_len, D)
+    ids, g0 = torch.randint(0, v_size, (2, t_len)), torch.randn(2, D)
+    mask = torch.ones(2, t_len, dtype=torch.bool)
+    mask[1, 6:] = False
+    inp = s if adapter.consumes == "target" else x
+    kw = {"h_target": s} if level == "L5F" else {}
+    kw |= {"context": g0} if level == "L5E" else {}
+    kw |= {"token_ids": ids} if tokens else {}
+    with torch.no_grad():
+        outs = adapter.rollout(inp, mask, steps, **kw)
+        assert torch.allclose(outs[0][mask], adapter(inp, mask, **kw)[mask], atol=1e-5)
+        for t in range(t_len - steps + 1):
+            ctx = {k: v[:1, : t + 1] if k in ("h_target", "token_ids") else v[:1] for k, v in kw.items()}
+            out, past = adapter.step(inp[:1, : t + 1], None, **ctx)
+            h = out[:, -1:]
+            for k in range(1, steps):
+                assert torch.allclose(h[0, 0], outs[k - 1][0, t], atol=1e-4), (t, k)
+                nxt = {"h_target": h} if level == "L5F" else {}
+                nxt |= {"context": g0[:1]} if level == "L5E" else {}
+                nxt |= {"token_ids": ids[:1, t + k : t + k + 1]} if tokens else {}
+                h, past = adapter.step(x[:1, t + k : t + k + 1] if level == "L5F" else h, past, **nxt)
+            assert torch.allclose(h[0, 0], outs[steps - 1][0, t], atol=1e-4)
+    adapter.train()  # and with gradients, as training runs it
+    assert all(o.requires_grad for o in adapter.rollout(inp, mask, 2, **kw))
+
+
+def test_drafting_loss_one_step_is_the_one_step_loss_and_adds_later_steps_and_tokens():
+    from hidden_adapter import drafting_loss, step_weights
+
+    adapter = make("B1")
+    torch.manual_seed(3)
+    t = torch.randn(2, 6, D)
+    outs = [torch.randn(2, 6, D) for _ in range(3)]
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    one, _ = drafting_loss(adapter, outs[:1], t, mask, mix="convex", prediction_weight=1.0)
+    ref, _ = adapter_loss(adapter, outs[0], t, mask, mix="convex", prediction_weight=1.0)
+    assert torch.allclose(one, ref)
+    w = step_weights(3, 0.5)
+    assert w == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    three, parts = drafting_loss(adapter, outs, t, mask, decay=0.5, mix="convex", prediction_weight=1.0)
+    pair2 = mask[:, :4] & mask[:, 2:]
+    pair3 = mask[:, :3] & mask[:, 3:]
+    by_hand = (w[0] * ref + w[1] * alignment_loss(outs[1][:, :4], t[:, 2:], pair2)
+               + w[2] * alignment_loss(outs[2][:, :3], t[:, 3:], pair3))
+    assert torch.allclose(three, by_hand) and set(parts) >= {"pred", "step2", "step3"}
+    head, tokens = torch.randn(7, D), torch.randint(0, 7, (2, 6))
+    with_ce, parts = drafting_loss(adapter, outs, t, mask, tokens=tokens, lm_head=head, decay=0.5,
+                                   token_loss_weight=0.1, mix="convex", prediction_weight=1.0)
+    ce = sum(wk * F.cross_entropy(o[:, : 6 - k][p] @ head.T, tokens[:, k:][p])
+             for k, (o, wk, p) in enumerate(zip(outs, w, [mask[:, :5] & mask[:, 1:], pair2, pair3], strict=True),
+                                            start=1))
+    assert torch.allclose(with_ce, by_hand + 0.1 * ce)
+    with pytest.raises(ValueError, match="LM head"):
+        drafting_loss(adapter, outs, t, mask, token_loss_weight=0.1)

@@ -66,8 +66,9 @@ def make_split(out: Path, num_samples: int, chunk_size: int, *, seed: int = 0, d
 
 def write_head(path: Path, dim: int = D) -> Path:
     head = torch.randn(V, dim, generator=torch.Generator().manual_seed(98))
-    atomic_torch_save({"format": "xmodal_sd.lm_head", "weight": head.half(), "vocab_size": V, "hidden_dim": dim,
-                       "model": "hand-made", "config_hash": "bbbb"}, path)
+    embed = torch.randn(V, dim, generator=torch.Generator().manual_seed(97)) * 0.1  # the input embeddings
+    atomic_torch_save({"format": "xmodal_sd.lm_head", "weight": head.half(), "embed_weight": embed.half(),
+                       "vocab_size": V, "hidden_dim": dim, "model": "hand-made", "config_hash": "bbbb"}, path)
     return path
 
 

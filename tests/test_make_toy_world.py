@@ -113,7 +113,7 @@ def test_report_examples_are_the_models_answers_to_the_known_scene(quick_world):
             assert runner.tokenizer.decode(ids, skip_special_tokens=True).strip() == ex["ref"]
         ei = egpt.build_inputs([make_toy_world.embed_clip_from_sources(egpt, split_dir, clip)], [ex["question"]])
         vi = vl.build_inputs([make_toy_world.embed_clip_from_sources(vl, split_dir, clip)], [ex["question"]])
-        ge, gv = egpt.generate(ei, 24), vl.generate(vi, 24)
+        ge, gv = egpt.generate(ei, 50), vl.generate(vi, 50)  # answer_rows generates 50 tokens
         vt, et = gv.tokens[0, gv.mask[0]], ge.tokens[0, ge.mask[0]]
         assert vl.tokenizer.decode(vt, skip_special_tokens=True).strip() == ex["vl"]
         assert egpt.tokenizer.decode(et, skip_special_tokens=True).strip() == ex["egpt"]

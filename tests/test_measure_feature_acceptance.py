@@ -50,8 +50,9 @@ def write_test_data(folder, n: int = 6, seed: int = 0, chunk_size: int = 4):
                 "max_new_tokens": T}
     atomic_write_json(manifest, folder / "manifest.json")
     head = folder.parent / "lm_head.pt"
-    atomic_torch_save({"format": "xmodal_sd.lm_head", "weight": weight.half(), "vocab_size": V, "hidden_dim": D,
-                       "model": "hand", "config_hash": "vl-hash"}, head)
+    embed = torch.randn(V, D, generator=g) * 0.1  # the target's input embeddings (token-input adapters read them)
+    atomic_torch_save({"format": "xmodal_sd.lm_head", "weight": weight.half(), "embed_weight": embed.half(),
+                       "vocab_size": V, "hidden_dim": D, "model": "hand", "config_hash": "vl-hash"}, head)
     return tensors, weight.half().float(), head
 
 
@@ -101,9 +102,16 @@ def test_metrics_follow_the_pairing_and_match_a_direct_loop(tmp_path, level, pai
         assert {"shifted_top1", "shifted_top5", "accept_len", "tokens_per_iter"} <= set(m)
         assert result["accept_len_by_gamma"][1] == pytest.approx(m["accept_len"])
         assert m["accept_len"] <= 2
-        assert "teacher-forced one-step" in result["offline_assumption"]
+        assert "roll-out" in result["offline_assumption"]
+        # the drafting figures of one-step drafts equal the accumulator's own every-start figure, and a roll-out's
+        # first draft is the one-step draft
+        d = result["drafting"]
+        assert d["teacher_forced"]["accept_len"] == pytest.approx(m["accept_len"])
+        assert d["rollout"]["per_position"][0] == pytest.approx(d["teacher_forced"]["per_position"][0])
+        assert d["rollout"]["live_iterations"] > 0 and (out / "draft_positions.png").stat().st_size > 1000
+        assert "roll-out: accepted drafts per iteration" in (out / "acceptance_metrics.md").read_text()
     else:
-        assert "shifted_top1" not in m and result["accept_len_by_gamma"] is None
+        assert "shifted_top1" not in m and result["accept_len_by_gamma"] is None and result["drafting"] is None
     on_disk = json.loads((out / "acceptance_metrics.json").read_text())
     assert on_disk["metrics"]["token_top1"] == pytest.approx(top1)
     report = (out / "acceptance_metrics.md").read_text()
@@ -173,7 +181,9 @@ def test_quick_world_subprocess(quick_hidden, tmp_path):
 
     manifest = hidden_data.load_manifest(quick_hidden / "test")
     width = manifest["widths"]["target"]
-    adapter = create_adapter("L5F", width, drafter_dim=manifest["widths"]["drafter"])
+    vocab = torch.load(quick_hidden / "vl_lm_head.pt", weights_only=True)["vocab_size"]
+    adapter = create_adapter("L5F", width, drafter_dim=manifest["widths"]["drafter"], token_input=True,
+                             vocab_size=vocab)
     save_adapter(tmp_path / "L5F" / "best_model.pt", adapter, pairs="teacher_forced",
                  data={"models": manifest["models"]})
     out = tmp_path / "eval"
@@ -189,3 +199,7 @@ def test_quick_world_subprocess(quick_hidden, tmp_path):
     # near-ties between the fp16 stored states and the fp32 states the tokens came from)
     assert m["token_top1"] >= 0.95
     assert "accepted drafts per iteration" in proc.stdout
+    # its token input read the target's embeddings from the LM head file; the roll-out ran beside
+    roll = result["drafting"]["rollout"]
+    assert roll["live_iterations"] > 0 and 0 <= roll["live_accepted_per_iteration"] <= 5
+    assert len(result["calibration"]["accept"]) == 20

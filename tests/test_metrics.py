@@ -238,3 +238,126 @@ def test_cuda_matches_cpu():
         results.append(acc.compute())
     for key, value in results[0].items():  # float32 kernels differ in the last bits between devices
         assert results[1][key] == pytest.approx(value, abs=1e-5, nan_ok=True), key
+
+
+# ----------------------------------------------------------------------------- drafting roll-outs
+
+
+def brute_rollout(drafts, conf, tokens, mask, gamma, max_new):
+    """RolloutAccumulator's figures with explicit loops: every start, the engine's live schedule, and
+    the on-path calibration counts."""
+    b = drafts.shape[1]
+    starts = accepted = 0
+    tries, hits = [0] * gamma, [0] * gamma
+    live = {"its": 0, "acc": 0, "drafted": 0, "tries": [0] * gamma, "hits": [0] * gamma}
+    cal_n, cal_hit = [0] * 20, [0] * 20
+    for i in range(b):
+        n_i = int(mask[i].sum())
+
+        def run(s, k, n_i=n_i, i=i):
+            n = 0
+            while n < k and s + n + 1 < n_i and int(drafts[n, i, s]) == int(tokens[i, s + n + 1]):
+                n += 1
+            return n
+
+        for s in range(n_i - 1):
+            starts += 1
+            n = run(s, gamma)
+            accepted += n
+            for k in range(gamma):
+                if s + k + 1 < n_i:
+                    tries[k] += 1
+                    hits[k] += k < n
+                    if k <= n:  # drafts before this one all accepted: on the path
+                        c = min(int(float(conf[k, i, s]) * 20), 19)
+                        cal_n[c] += 1
+                        cal_hit[c] += k < n
+        verified = 1
+        while n_i and verified < n_i:
+            k = max(0, min(gamma, max_new - verified - 1))
+            n = run(verified - 1, k)
+            live["its"] += 1
+            live["acc"] += n
+            live["drafted"] += k
+            for j in range(k):
+                live["tries"][j] += 1
+                live["hits"][j] += j < n
+            verified += n + 1
+    return starts, accepted, tries, hits, live, cal_n, cal_hit
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rollout_accumulator_matches_brute_force(seed):
+    from metrics import RolloutAccumulator
+
+    g = torch.Generator().manual_seed(seed)
+    b, t, gamma, v = 6, 12, 4, 3  # a small vocabulary, so drafts often hit
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    lengths[0], lengths[1] = 0, t
+    mask = torch.arange(t)[None] < lengths[:, None]
+    drafts = torch.randint(0, v, (gamma + 1, b, t), generator=g)
+    conf = torch.rand(gamma + 1, b, t, generator=g)
+    max_new = t if seed else 7  # seed 0: the cap cuts the live schedule short, as max_new_tokens does
+    acc = RolloutAccumulator(gamma, max_new_tokens=max_new)
+    acc.update(drafts[:, :3], conf[:, :3], tokens[:3], mask[:3])  # two batches add up
+    acc.update(drafts[:, 3:], conf[:, 3:], tokens[3:], mask[3:])
+    m = acc.compute()
+    starts, accepted, tries, hits, live, cal_n, cal_hit = brute_rollout(drafts, conf, tokens, mask, gamma, max_new)
+    assert m["accept_len"] == pytest.approx(accepted / starts)
+    assert m["per_position"] == pytest.approx([h / n if n else math.nan for h, n in zip(hits, tries, strict=True)],
+                                              nan_ok=True)
+    assert m["live_iterations"] == live["its"]
+    assert m["live_accepted_per_iteration"] == pytest.approx(live["acc"] / live["its"])
+    assert m["live_tokens_per_verify"] == pytest.approx((live["acc"] + live["its"]) / live["its"])
+    assert m["live_drafted_per_iteration"] == pytest.approx(live["drafted"] / live["its"])
+    assert m["live_per_position"] == pytest.approx(
+        [h / n if n else math.nan for h, n in zip(live["hits"], live["tries"], strict=True)], nan_ok=True)
+    cal = acc.calibration()
+    assert cal["count"] == cal_n and cal["rate"] == pytest.approx(
+        [h / n if n else math.nan for h, n in zip(cal_hit, cal_n, strict=True)], nan_ok=True)
+    assert all(a <= b_ for a, b_ in zip(cal["accept"], cal["accept"][1:], strict=False))  # monotone
+    merged = RolloutAccumulator(gamma, max_new_tokens=max_new)
+    merged.load_totals(acc.totals())
+    assert strict_json(merged.compute()) == strict_json(m)
+
+
+def test_rollout_accumulator_hand_made_answer():
+    """One answer of 5 tokens [7 8 9 7 2]: drafts from start 0 hit, hit, miss; the engine's schedule
+    verifies token 0 (prefill), accepts 2 drafts + its own token, then drafts from start 3."""
+    from metrics import RolloutAccumulator
+
+    tokens = torch.tensor([[7, 8, 9, 7, 2]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    drafts = torch.full((3, 1, 5), 0)
+    drafts[:, 0, 0] = torch.tensor([8, 9, 1])  # start 0: positions 1, 2 right, 3 wrong
+    drafts[:, 0, 3] = torch.tensor([2, 5, 5])  # start 3: position 4 (EOS) right; nothing to check after it
+    acc = RolloutAccumulator(3, max_new_tokens=50)
+    acc.update(drafts, torch.full((3, 1, 5), 0.99), tokens, mask)
+    m = acc.compute()
+    assert m["live_iterations"] == 2 and m["live_accepted_per_iteration"] == pytest.approx(1.5)
+    assert m["live_drafted_per_iteration"] == pytest.approx(3.0)  # the engine drafts past the answer's end too
+    assert m["accept_len"] == pytest.approx((2 + 0 + 0 + 1) / 4)
+    capped = RolloutAccumulator(3, max_new_tokens=5)  # answers capped at 5 tokens: no room for drafts at the end
+    capped.update(drafts, torch.full((3, 1, 5), 0.99), tokens, mask)
+    assert capped.compute()["live_accepted_per_iteration"] == pytest.approx(1.0)
+
+
+def test_isotonic_pools_violators_and_fills_gaps():
+    from metrics import isotonic
+
+    assert isotonic([0.1, 0.5, 0.3, 0.9], [1, 1, 1, 1]) == pytest.approx([0.1, 0.4, 0.4, 0.9])
+    assert isotonic([math.nan, 0.2, 0.6, math.nan], [0, 2, 1, 0]) == pytest.approx([0.2, 0.2, 0.6, 0.6])
+    assert isotonic([0.8, 0.2], [3, 1]) == pytest.approx([0.65, 0.65])
+
+
+def test_draft_tokens_gives_argmax_and_its_probability():
+    from metrics import draft_tokens
+
+    head = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    out = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [9.0, 9.0]]])
+    valid = torch.tensor([[True, True, False]])
+    tok, conf = draft_tokens([out], head, valid, rows_at_a_time=1)
+    assert tok[0].tolist() == [[0, 1, -1]]
+    assert conf[0, 0, 0] == pytest.approx(float(torch.softmax(torch.tensor([2.0, 0.0, -2.0]), 0)[0]))
+    assert conf[0, 0, 2] == 0

@@ -77,33 +77,37 @@ def test_split_count_and_edge_cases():
 
 def test_pixel_colour_in_its_frame_only():
     # positive at (x=3, y=2) early, negative at (x=5, y=4) late; two time windows split at t=50
-    frames = pe.render_event_frames([3, 5], [2, 4], [0, 100], [1, 0], num_frames=2, height=H, width=W)
-    assert frames.shape == (2, H, W, 3) and frames.dtype == np.uint8
-    assert tuple(frames[0, 2, 3]) == RED and tuple(frames[0, 4, 5]) == WHITE
-    assert tuple(frames[1, 4, 5]) == BLUE and tuple(frames[1, 2, 3]) == WHITE
+    frames = pe.render_event_frames([3, 5], [2, 4], [0, 100], [1, 0], num_frames=2, height=H, width=W,
+                                    split_mode="time", canvas="sensor")
+    assert len(frames) == 2 and all(f.shape == (H, W, 3) and f.dtype == np.uint8 for f in frames)
+    assert tuple(frames[0][2, 3]) == RED and tuple(frames[0][4, 5]) == WHITE
+    assert tuple(frames[1][4, 5]) == BLUE and tuple(frames[1][2, 3]) == WHITE
     assert non_white(frames[0]) == 1 and non_white(frames[1]) == 1
     # -1 is negative too
     frames = pe.render_event_frames([1], [1], [0], [-1], num_frames=1, height=H, width=W)
-    assert tuple(frames[0, 1, 1]) == BLUE
+    assert tuple(frames[0][1, 1]) == BLUE
 
 
 def test_latest_event_on_top():
     n = 20_001  # many repeats of one pixel, alternating polarity, ending positive
     p = (np.arange(n) % 2 == 0).astype(np.int8)
     frames = pe.render_event_frames(np.full(n, 7), np.full(n, 9), np.arange(n), p, 1, H, W)
-    assert tuple(frames[0, 9, 7]) == RED
+    assert tuple(frames[0][9, 7]) == RED
     frames = pe.render_event_frames(np.full(n, 7), np.full(n, 9), np.arange(n), 1 - p, 1, H, W)
-    assert tuple(frames[0, 9, 7]) == BLUE
+    assert tuple(frames[0][9, 7]) == BLUE
 
 
-def test_canvas_is_sensor_size_even_for_a_corner():
-    frames = pe.render_event_frames([0, 1], [0, 1], [0, 10], [1, 1], num_frames=5)
-    assert frames.shape == (5, 480, 640, 3)
+def test_sensor_canvas_is_sensor_size_even_for_a_corner():
+    frames = pe.render_event_frames([0, 1], [0, 1], [0, 10], [1, 1], num_frames=5, split_mode="time",
+                                    canvas="sensor")
+    assert [f.shape for f in frames] == [(480, 640, 3)] * 5
     assert non_white(frames[0]) == 1 and non_white(frames[-1]) == 1
     blank = pe.render_event_frames([], [], [], [], num_frames=3, height=H, width=W)
-    assert blank.shape == (3, H, W, 3) and (blank == 255).all()
+    assert [f.shape for f in blank] == [(H, W, 3)] * 3 and all((f == 255).all() for f in blank)
     with pytest.raises(ValueError, match="outside"):
         pe.render_event_frames([W], [0], [0], [1], num_frames=1, height=H, width=W)
+    with pytest.raises(ValueError, match="canvas"):
+        pe.render_event_frames([1], [0], [0], [1], num_frames=1, height=H, width=W, canvas="bbox")
 
 
 # --------------------------------------------------------------------------- reading and validation
@@ -210,7 +214,8 @@ def test_bad_files_fail_alone_and_exit_1(tmp_path, caplog):
     out = tmp_path / "out"
     rc = run_main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--num_frames", "2"])
     assert rc == 1
-    assert tuple(read_png(out / "seq_a" / "good_0.png")[2, 3]) == RED
+    # one event, two equal-count slices: N // 2 = 0 in the first (white sensor canvas), the event in the last
+    assert tuple(read_png(out / "seq_a" / "good_1.png")[2, 3]) == RED
     assert (read_png(out / "seq_a" / "empty_1.png") == 255).all()
     errors = failure_lines(caplog)
     bad = {k: v for k, v in files.items() if k not in ("good", "empty")}
@@ -248,10 +253,12 @@ def test_rerun_skips_and_blank_is_counted(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["last_run"]["written"] == 1
     # other settings into the same folder are refused unless --overwrite
     with pytest.raises(UserError, match="--overwrite"):
-        run_main([*argv, "--split_mode", "count"])
-    assert run_main([*argv, "--split_mode", "count", "--overwrite"]) == 0
+        run_main([*argv, "--split_mode", "time"])
+    with pytest.raises(UserError, match="--overwrite"):
+        run_main([*argv, "--canvas", "sensor"])
+    assert run_main([*argv, "--split_mode", "time", "--overwrite"]) == 0
     other_sensor = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--height", str(H + 2),
-                    "--width", str(W), "--split_mode", "count"]
+                    "--width", str(W), "--split_mode", "time"]
     with pytest.raises(UserError, match="--overwrite"):
         run_main(other_sensor)
 
@@ -289,8 +296,9 @@ def test_dsec_h5_cut_into_clips(tmp_path, caplog):
     names = sorted(p.name for p in (out / "zurich_00").iterdir())
     assert names == ["000000_0.png", "000000_1.png", "000001_0.png", "000001_1.png"]
     assert tuple(read_png(out / "zurich_00" / "000001_0.png")[5, 0]) == RED
-    assert tuple(read_png(out / "zurich_00" / "000000_0.png")[5, 0]) == WHITE
-    assert tuple(read_png(out / "zurich_00" / "000000_0.png")[0, 3]) == BLUE
+    first = read_png(out / "zurich_00" / "000000_0.png")
+    assert first.shape == (1, W, 3)  # the release's canvas: clip 0 has events on row 0 only
+    assert tuple(first[0, 3]) == BLUE
     errors = failure_lines(caplog)
     assert len(errors) == 1 and str(broken) in errors[0]
     assert pe.list_h5_clips(tmp_path / "in" / "zurich_00" / "events" / "left" / "events.h5", 500) == [
@@ -322,15 +330,16 @@ def test_dataset_mode_with_workers(tmp_path, caplog):
     assert pe.main(pe.parse_args([*argv, "--allow_pickle", "--num_workers", "2"])) == 1
     frames = tmp_path / "ds" / "train" / "event_image" / "seq_000"
     first = read_png(frames / "000000_0.png")
-    assert first.shape == (H, W, 3)  # canvas from the clip record
+    assert first.shape == (4, 5, 3)  # the release's canvas: up to the slice's last event
     assert tuple(first[3, 4]) == BLUE and tuple(read_png(frames / "000000_1.png")[3, 6]) == RED
     assert not (frames / "000001_0.png").exists()
     errors = failure_lines(caplog)
     assert len(errors) == 1 and "000001.npy" in errors[0] and "outside the sensor" in errors[0]
-    # flags override the record's sensor size
+    # flags override the record's sensor size, which is the canvas with --canvas sensor
     assert pe.main(pe.parse_args([*argv, "--allow_pickle", "--num_workers", "0", "--width", "128",
-                                  "--overwrite"])) == 0
+                                  "--canvas", "sensor", "--overwrite"])) == 0
     assert read_png(frames / "000001_0.png").shape == (H, 128, 3)
+    assert read_png(frames / "000000_0.png").shape == (H, 128, 3)
 
 
 def test_parse_args_validation(tmp_path):
@@ -400,7 +409,9 @@ def test_cli_subprocess(tmp_path):
     cmd = [sys.executable, str(ROOT / "preprocess_event_images.py"), "--dataset_dir", str(tmp_path / "ds")]
     proc = subprocess.run([*cmd, "--allow_pickle"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert tuple(read_png(tmp_path / "ds" / "train" / "event_image" / "seq_000" / "000000_0.png")[2, 1]) == RED
+    frames = tmp_path / "ds" / "train" / "event_image" / "seq_000"
+    assert (read_png(frames / "000000_0.png") == 255).all()  # 1 event // 5 slices: the first four are empty
+    assert tuple(read_png(frames / "000000_4.png")[2, 1]) == RED
     assert "1 written" in proc.stderr
     proc = subprocess.run([*cmd, "--split", "val"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")

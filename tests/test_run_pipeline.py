@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hidden_adapter import ADAPTER_NAMES, load_adapter
+from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS, load_adapter
 from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -21,7 +21,8 @@ def run_pipeline(tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATA": str(tmp / "data"), "TASKS": str(tmp / "tasks"), "RESULTS": str(tmp / "results"),
            "TOY_ARGS": "--quick --threads 1", "MAX_QUESTIONS": "2", "MAX_NEW_TOKENS": "8", "CHUNK_SIZE": "4",
            "EXTRACT_BATCH": "4", "BENCH_ARGS": "--max_clips 2 --repeats 1 --warmup 0",
-           "TRAIN_ARGS": "--num_epochs 1 --batch_size 16", "E2E_SAMPLES": "2",
+           "TRAIN_ARGS": "--num_epochs 1 --batch_size 16", "DECODE_TRAIN_ARGS": "--num_epochs 1 --batch_size 16",
+           "E2E_SAMPLES": "2",
            "E2E_ARGS": "--warmup 0 --repeats 1 --synthetic_acceptance 0.5,1.0", "CUDA_VISIBLE_DEVICES": "",
            "DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=ROOT, env=env, capture_output=True,
@@ -40,11 +41,16 @@ def finite_in(x: float, lo: float, hi: float) -> bool:
     return x is not None and math.isfinite(x) and lo <= x <= hi
 
 
+def pairings(level: str) -> tuple[str, ...]:
+    """What the pipeline trains: decode (next-position) levels on teacher-forced pairs only."""
+    return ("teacher_forced",) if level in NEXT_POSITION_LEVELS else ("free", "teacher_forced")
+
+
 @pytest.mark.slow
 def test_every_adapter_is_trained_and_evaluated(pipeline):
     tmp, _ = pipeline
     for level in ADAPTER_NAMES:
-        for pairs in ("free", "teacher_forced"):
+        for pairs in pairings(level):
             runs = sorted((tmp / "tasks").glob(f"{level}_{pairs}_*"))
             assert len(runs) == 1, (level, pairs, runs)
             adapter, extra = load_adapter(runs[0] / "best_model.pt")
@@ -59,6 +65,10 @@ def test_every_adapter_is_trained_and_evaluated(pipeline):
             assert m["token_top1"] <= m["token_top5"]
             if adapter.predicts == "next":
                 assert finite_in(m["accept_len"], 0.0, acc["gamma_decode"])
+                roll = acc["drafting"]["rollout"]
+                assert finite_in(roll["live_accepted_per_iteration"], 0.0, acc["gamma_decode"])
+                assert adapter.config.token_input and extra["drafting"]["rollout_steps"] > 1
+                assert sum(extra["draft_calibration"]["count"]) > 0
             else:
                 assert finite_in(m["prefill_free"], 0.0, acc["gamma_prefill"])
             png = tmp / "results" / "acceptance" / f"{level}_{pairs}" / "per_position.png"
@@ -73,6 +83,10 @@ def test_live_benchmark_two_phase_and_report(pipeline):
     assert live["lossless_checked"] is True and live["num_samples"] == 2
     assert {"target", "synthetic_p1"} <= set(live["configs"])
     assert any(k.startswith("two_phase[") for k in live["configs"])
+    # every decode drafter under both draft-length rules, with the H200 7B profile's modelled speed-up beside
+    for level in ("B1", "L5E", "L5F", "L5"):
+        for name in (f"decode[{level}]", f"decode[{level},expected]"):
+            assert finite_in(live["configs"][name]["modelled_speedup_reference"], 0.01, 100.0), name
     for name, c in live["configs"].items():
         assert finite_in(c["speedup"]["median"], 0.01, 100.0), name
     assert live["configs"]["synthetic_p1"]["accepted_per_iteration"] > live["configs"]["synthetic_p0.5"][
@@ -80,16 +94,16 @@ def test_live_benchmark_two_phase_and_report(pipeline):
     assert (res / "e2e" / "e2e_wallclock.png").read_bytes()[:8] == PNG
     for label in ("toy", "toy_concurrent", "reference_inputs"):
         two = json.loads((res / "two_phase" / f"two_phase_results_{label}.json").read_text())
-        assert len(two["profiles"]) == 3  # the two shipped profiles + the one measured live
+        assert len(two["profiles"]) == 4  # the three shipped profiles + the one measured live
         for profile in two["profiles"]:
-            assert len(profile["configs"]) == 6
+            assert len(profile["configs"]) == (6 if label == "reference_inputs" else 9)
             for cfg in profile["configs"]:
                 assert finite_in(cfg["honest"]["speedup"], 0.01, 100.0)
                 assert finite_in(cfg["reference"]["speedup"], 0.01, 100.0)
     report = (res / "RESULTS.md").read_text()
     for heading in ("## Data", "## Adapters: offline acceptance", "## Free pairs vs teacher-forced pairs",
                     "## Training", "## Two-phase estimates", "## Live speculative decoding (measured)",
-                    "## Offline vs live acceptance"):
+                    "## Decode drafters", "## Offline vs live acceptance", "Do the events add acceptance?"):
         assert heading in report
     assert "nan" not in report.lower().split() and "None" not in report
     for level in ADAPTER_NAMES:
@@ -103,7 +117,9 @@ def test_rerun_skips_finished_work(pipeline):
     tmp, _ = pipeline
     again = run_pipeline(tmp)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("kept ") >= 14 + 3  # 14 trained runs, two benchmarks, the live benchmark
+    trained = sum(len(pairings(level)) for level in ADAPTER_NAMES)
+    assert again.stdout.count("kept ") >= trained + 3  # every trained run, two benchmarks, the live benchmark
     assert "up to date" in again.stdout
     for level in ADAPTER_NAMES:
-        assert len(list((tmp / "tasks").glob(f"{level}_free_*"))) == 1
+        for pairs in pairings(level):
+            assert len(list((tmp / "tasks").glob(f"{level}_{pairs}_*"))) == 1

@@ -188,49 +188,63 @@ def _obj(shape: str, colour: str, motion: str, speed: str, position: str) -> dic
 
 
 # Hand-made scenes and the answers written out by hand from the toy world's answer rules (not by
-# calling scene_answer), one row per question of questions.json.
+# calling scene_answer), one row per question of questions.json: a focused first sentence, then every
+# object with its place and motion, then the place (shorter detail forms where the budget needs them).
 ONE_MOVER = {"place": "park", "objects": [_obj("circle", "red", "left", "fast", "middle left")]}
+_ONE = ("The red circle sits in the middle left of the view and moves quickly to the left. "
+        "The scene is in a green park and the camera does not move.")
 ONE_MOVER_ANSWERS = {
-    "What is moving in the scene?": "A red circle is moving to the left.",
-    "Describe the scene.": "A red circle moves left quickly in a green park.",
-    "Which direction is the object moving?": "The red circle is moving quickly to the left.",
-    "What color is the object?": "The circle is red in color.",
-    "How many objects are there?": "There is one object: a red circle.",
-    "What shape is the object?": "The object is a circle.",
-    "Where is the object?": "The red circle is in the middle left of the view.",
-    "How fast is the object moving?": "The red circle moves quickly to the left.",
-    "Is the camera view static?": "Yes, the camera is static; only the red circle moves.",
-    "What is in the background?": "The background is a green park with a faint texture.",
+    "What is moving in the scene?": "A red circle is moving to the left. " + _ONE,
+    "Describe the scene.": "A red circle moves left quickly in a green park. " + _ONE,
+    "Which direction is the object moving?": "The red circle is moving quickly to the left. " + _ONE,
+    "What color is the object?": "The circle is red in color. " + _ONE,
+    "How many objects are there?": "There is one object: a red circle. " + _ONE,
+    "What shape is the object?": "The object is a circle. " + _ONE,
+    "Where is the object?": "The red circle is in the middle left of the view. " + _ONE,
+    "How fast is the object moving?": "The red circle moves quickly to the left. " + _ONE,
+    "Is the camera view static?": "Yes, the camera is static; only the red circle moves. " + _ONE,
+    "What is in the background?": "The background is a green park with a faint texture. " + _ONE,
 }
 TWO_STILL = {"place": "night", "objects": [_obj("square", "orange", "static", "none", "center"),
                                            _obj("square", "blue", "static", "none", "top right")]}
+_TWO = "The orange square in the center stays still and the blue square in the top right stays still."
+_TWO_FULL = _TWO + " The scene is under a dark sky and the camera does not move."
 TWO_STILL_ANSWERS = {
-    "What is moving in the scene?": "Nothing is moving; all two objects stay still.",
-    "Describe the scene.": "An orange square stays still and a blue square stays still under a dark sky.",
-    "Which direction is the object moving?": "The orange square is not moving; it stays in place.",
-    "What color is the object?": "The objects are orange and blue.",
-    "How many objects are there?": "There are two objects: an orange square and a blue square.",
-    "What shape is the object?": "Both of the objects are squares.",
-    "Where is the object?": "The orange square is in the center of the view.",
-    "How fast is the object moving?": "The orange square does not move at all.",
-    "Is the camera view static?": "Yes, the camera is static and nothing in the scene moves.",
-    "What is in the background?": "The background is a dark sky with a faint texture.",
+    "What is moving in the scene?": "Nothing is moving; both objects stay still. " + _TWO_FULL,
+    "Describe the scene.": "An orange square stays still and a blue square stays still under a dark sky. " + _TWO
+                           + " The scene is under a dark sky.",
+    "Which direction is the object moving?": "The orange square is not moving; it stays in place. " + _TWO_FULL,
+    "What color is the object?": "The objects are orange and blue. " + _TWO_FULL,
+    "How many objects are there?": "There are two objects: an orange square and a blue square. " + _TWO_FULL,
+    "What shape is the object?": "Both of the objects are squares. " + _TWO_FULL,
+    "Where is the object?": "The orange square is in the center of the view. " + _TWO_FULL,
+    "How fast is the object moving?": "The orange square does not move at all. " + _TWO_FULL,
+    "Is the camera view static?": "Yes, the camera is static and nothing in the scene moves. " + _TWO_FULL,
+    "What is in the background?": "The background is a dark sky with a faint texture. " + _TWO_FULL,
 }
 THREE_MIXED = {"place": "beach", "objects": [_obj("triangle", "green", "up", "slow", "bottom center"),
                                              _obj("diamond", "yellow", "down", "fast", "top left"),
                                              _obj("circle", "purple", "static", "none", "center")]}
+_THREE = ("The green triangle moves up slowly, the yellow diamond moves down quickly and the purple circle "
+          "stays still. The scene is on a sandy beach")
+_THREE_FULL = _THREE + " and the camera does not move."
 THREE_MIXED_ANSWERS = {
-    "What is moving in the scene?": "A green triangle moves up and a yellow diamond moves down.",
+    "What is moving in the scene?": "A green triangle moves up and a yellow diamond moves down. " + _THREE_FULL,
     "Describe the scene.": "A green triangle moves up, a yellow diamond moves down and a purple circle stays still "
-                           "on a sandy beach.",
-    "Which direction is the object moving?": "The green triangle is moving slowly up.",
-    "What color is the object?": "The triangle is green, the diamond is yellow and the circle is purple.",
-    "How many objects are there?": "There are three objects: a green triangle, a yellow diamond and a purple circle.",
-    "What shape is the object?": "The objects are a triangle, a diamond and a circle.",
-    "Where is the object?": "The green triangle is in the bottom center of the view.",
-    "How fast is the object moving?": "The green triangle moves slowly up.",
-    "Is the camera view static?": "Yes, the camera is static; only the objects move.",
-    "What is in the background?": "The background is a sandy beach with a faint texture.",
+                           "on a sandy beach. The green triangle moves up, the yellow diamond moves down and the "
+                           "purple circle stays still.",
+    "Which direction is the object moving?": "The green triangle is moving slowly up. " + _THREE_FULL,
+    "What color is the object?": "The triangle is green, the diamond is yellow and the circle is purple. "
+                                 + _THREE + ".",
+    "How many objects are there?": "There are three objects: a green triangle, a yellow diamond and a purple "
+                                   "circle. " + _THREE + ".",
+    "What shape is the object?": "The objects are a triangle, a diamond and a circle. " + _THREE_FULL,
+    "Where is the object?": "The green triangle is in the bottom center of the view. " + _THREE_FULL,
+    "How fast is the object moving?": "The green triangle moves slowly up. The green triangle in the bottom center "
+                                      "moves slowly up, the yellow diamond in the top left moves quickly down and "
+                                      "the purple circle in the center stays still. The scene is on a sandy beach.",
+    "Is the camera view static?": "Yes, the camera is static; only the objects move. " + _THREE_FULL,
+    "What is in the background?": "The background is a sandy beach with a faint texture. " + _THREE_FULL,
 }
 
 
@@ -241,19 +255,22 @@ def test_scene_answer_matches_hand_written_answers(scene: dict, answers: dict) -
     meta = td._meta_from_objects(scene["objects"], scene["place"])
     for question, expected in answers.items():
         assert td.scene_answer(meta, question) == expected, question
-    assert all(5 <= len(a.split()) <= 20 for a in answers.values())
+    # 30-50 tokens as the toy tokenizer counts them (about one per word and punctuation mark)
+    assert all(30 <= td._length(a) <= td.ANSWER_BUDGET for a in answers.values())
 
 
 def test_scene_answer_routes_paraphrases_by_keyword() -> None:
     meta = td._meta_from_objects(ONE_MOVER["objects"], "park")
-    assert td.scene_answer(meta, "What colour is it?") == "The circle is red in color."
-    assert td.scene_answer(meta, "Count the objects.") == "There is one object: a red circle."
-    assert td.scene_answer(meta, "which way does it go") == "The red circle is moving quickly to the left."
-    assert td.scene_answer(meta, "Tell me a story.") == "A red circle moves left quickly in a green park."
+    assert td.scene_answer(meta, "What colour is it?") == "The circle is red in color. " + _ONE
+    assert td.scene_answer(meta, "Count the objects.") == "There is one object: a red circle. " + _ONE
+    assert td.scene_answer(meta, "which way does it go") == "The red circle is moving quickly to the left. " + _ONE
+    assert td.scene_answer(meta, "Tell me a story.") == "A red circle moves left quickly in a green park. " + _ONE
     # A meta written by hand with only the main object's facts at the top level.
     flat = {"place": "room", "shape": "square", "colour": "blue", "motion": "down", "speed": "slow",
             "position": "top left"}
-    assert td.scene_answer(flat, "Where is the object?") == "The blue square is in the top left of the view."
+    assert td.scene_answer(flat, "Where is the object?") == (
+        "The blue square is in the top left of the view. The blue square sits in the top left of the view and "
+        "moves slowly down. The scene is in a beige room and the camera does not move.")
 
 
 def test_text_corpus_covers_every_answer_word():

@@ -54,8 +54,11 @@ def test_loss_falls_for_every_level(data, tmp_path, level):
     # w = 0.5 keeps an alignment term: in these synthetic pairs the target state at t+1 depends on the
     # drafter's state t+1, which a next-position adapter never sees, so prediction alone (the default
     # w = 1) has little to learn here. Which w drafts better is measured on the toy world (TRAINING.md).
+    # Selected on the loss here (next-position levels default to the roll-out's accepted drafts, which
+    # these random tokens barely reach), and without the token input: these tokens are the argmax of a random
+    # head, so their embeddings carry nothing to learn (the token input is measured on the toy world).
     result = train(*flags(data, tmp_path, level, "--pairs", "free", "--dropout", "0", "--num_epochs", "5",
-                          "--prediction_weight", "0.5"))
+                          "--prediction_weight", "0.5", "--select_metric", "loss", "--token_input", "off"))
     history = json.loads((Path(result["run_dir"]) / "history.json").read_text())
     initial = history["initial_val"]["loss"]
     assert result["finished"] and result["best_val"]["loss"] < 0.97 * initial, (initial, result["best_val"])
@@ -74,10 +77,21 @@ def test_run_folder_files_and_checkpoint_description(data, tmp_path):
     assert extra["epoch"] == result["best_epoch"] and extra["args"]["adapter_level"] == "5"
     assert extra["data"]["models"]["target"]["config_hash"] == "bbbb"
     assert extra["data"]["train"]["num_samples"] == 48 and extra["data"]["val"]["manifest"].endswith("manifest.json")
-    assert {"loss", "cos_mean", "accept@0.90", "shifted_top1", "accept_len"} <= set(extra["val_metrics"])
-    hf = load_hf(run / "hf")
-    x = torch.randn(2, 6, D)
-    assert torch.equal(hf(x), adapter(x))
+    assert {"loss", "cos_mean", "accept@0.90", "shifted_top1", "accept_len", "rollout_accept"} <= set(
+        extra["val_metrics"])
+    # trained as it drafts by default: token input, roll-outs of gamma_decode steps, the token loss, selected on
+    # the validation roll-out; the checkpoint says so and carries the draft-length calibration
+    assert adapter.config.token_input and extra["drafting"] == {
+        "token_input": True, "rollout_steps": tha.DEFAULT_ROLLOUT_STEPS, "rollout_decay": tha.DEFAULT_ROLLOUT_DECAY,
+        "token_loss_weight": tha.DEFAULT_TOKEN_LOSS_WEIGHT, "loss_mix": tha.DEFAULT_LOSS_MIX,
+        "prediction_weight": tha.DEFAULT_PREDICTION_WEIGHT, "spec_loss": False, "select_metric": "rollout_accept"}
+    cal = extra["draft_calibration"]
+    assert len(cal["accept"]) == 20 and sum(cal["count"]) > 0
+    table = torch.load(data / "head.pt", weights_only=True)["embed_weight"].float()
+    hf = load_hf(run / "hf").attach_token_table(table)
+    adapter.attach_token_table(table)
+    x, ids = torch.randn(2, 6, D), torch.randint(0, 10, (2, 6))
+    assert torch.equal(hf(x, token_ids=ids), adapter(x, token_ids=ids))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["learning_rate"] == 2e-2 and saved["pairs"] == "teacher_forced"
 
@@ -276,3 +290,32 @@ def test_cuda_bf16_training_runs_and_learns(data, tmp_path, level):
     result = train(*argv)
     history = json.loads((Path(result["run_dir"]) / "history.json").read_text())
     assert result["best_val"]["loss"] < history["initial_val"]["loss"]
+
+
+def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specification(data, tmp_path, capsys):
+    base = ["--train_data", str(data / "train"), "--val_data", str(data / "val"), "--output_dir", str(tmp_path)]
+    head = ["--lm_head", str(data / "head.pt")]
+    a = tha.parse_args([*base, *head, "--adapter_level", "B1"])
+    assert (a.use_token_input, a.steps, a.ce_weight, a.select) == (True, 3, tha.DEFAULT_TOKEN_LOSS_WEIGHT,
+                                                                    "rollout_accept")
+    s = tha.parse_args([*base, *head, "--adapter_level", "B1", "--spec_loss"])
+    assert (s.use_token_input, s.steps, s.ce_weight, s.prediction_weight, s.loss_mix) == (False, 1, 0.0, 0.5,
+                                                                                          "convex")
+    same = tha.parse_args([*base, *head, "--adapter_level", "L3", "--rollout_steps", "4"])
+    assert (same.use_token_input, same.steps, same.ce_weight, same.select) == (False, 1, 0.0, "loss")
+    bare = tha.parse_args([*base, "--adapter_level", "L5F", "--token_input", "off", "--gamma_decode", "2"])
+    assert (bare.use_token_input, bare.steps, bare.ce_weight, bare.select) == (False, 2, 0.0, "loss")
+    for argv, message in (([*base, "--adapter_level", "B1"], "--lm_head"),
+                          ([*base, *head, "--adapter_level", "L2", "--token_input", "on"], "next-position"),
+                          ([*base, *head, "--adapter_level", "L1", "--spec_loss"], "next-position"),
+                          ([*base, *head, "--adapter_level", "B1", "--rollout_decay", "0"], "rollout_decay")):
+        with pytest.raises(SystemExit):
+            tha.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_spec_loss_run_trains_one_teacher_forced_step(data, tmp_path):
+    result = train(*flags(data, tmp_path, "B1", "--spec_loss", "--num_epochs", "2"))
+    _, extra = load_adapter(Path(result["run_dir"]) / "best_model.pt")
+    assert extra["drafting"]["rollout_steps"] == 1 and extra["drafting"]["token_input"] is False
+    assert extra["prediction_weight"] == 0.5 and "step2" not in json.dumps(extra["val_metrics"])
