@@ -207,18 +207,20 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
 
 
 def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperature: float,
-                   gen: torch.Generator, min_confidence: float = 0.0,
-                   length: sd.DraftLength | None = None) -> sd.Drafter:
-    """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding)."""
+                   gen: torch.Generator, length: sd.DraftLength | None = None) -> sd.Drafter:
+    """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding);
+    an adapter the mode cannot run is one error line."""
     level = adapter.config.name
-    if level in sd.ROLLOUT_LEVELS:
-        # L5: EventGPT states of the verified text; L5E: EventGPT's prompt-end state
-        reads_egpt = adapter.config.consumes == "drafter" or adapter.config.context == "drafter"
-        return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None,
-                                 min_confidence=min_confidence, length=length)
-    if level == "L5F":
-        return sd.FusedDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence, length=length)
-    return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, min_confidence=min_confidence, length=length)
+    try:
+        if level in sd.ROLLOUT_LEVELS:
+            # L5: EventGPT states of the verified text; L5E: EventGPT's prompt-end state
+            reads_egpt = adapter.config.consumes == "drafter" or adapter.config.context == "drafter"
+            return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None, length=length)
+        if level == "L5F":
+            return sd.FusedDrafter(lm, adapter, head, temperature, gen, length=length)
+        return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, length=length)
+    except ValueError as err:
+        raise UserError(f"--decode_adapter {level}: {err}") from err
 
 
 def length_rule(stop: str, adapter: Any, args: argparse.Namespace, profile: Any,
@@ -234,10 +236,12 @@ def length_rule(stop: str, adapter: Any, args: argparse.Namespace, profile: Any,
                         "(train it with this release of train_hidden_adapter.py and --lm_head)")
     g = args.gamma_decode
     verify_token = max(0.0, (profile.verify_ms(g + 1) - profile.verify_ms(1)) / g)
+    from cost_model import EGPT_EVERY_DRAFT, EGPT_EVERY_ITERATION
+
     draft, verify = draft_ms[adapter.config.name], profile.verify_ms(1)
-    if adapter.config.name == "L5F":  # lockstep: every draft also costs EventGPT a decode step
+    if adapter.config.name in EGPT_EVERY_DRAFT:  # lockstep: every draft also costs EventGPT a decode step
         draft += profile.egpt_decode_ms
-    elif adapter.config.name == "L5":  # one EventGPT pass over the accepted tokens per iteration
+    elif adapter.config.name in EGPT_EVERY_ITERATION:  # one EventGPT pass over the accepted tokens
         verify += profile.egpt_decode_ms
     rule = sd.ExpectedGainStop.from_calibration(calibration, draft, verify, verify_token)
     return rule, ",expected"

@@ -70,7 +70,7 @@ class TimingProfile:
     adapter_step_ms: dict[str, float]
     notes: list[str] = field(default_factory=list)
 
-    def verify_ms(self, k: int) -> float:
+    def verify_ms(self, k: float) -> float:
         """One target forward over k new tokens: linear between measured k, the nearest measured k
         outside them; never less than one decode step (a pass over k >= 1 tokens does at least its work)."""
         if not self.vl_verify_ms:
@@ -288,7 +288,9 @@ def estimate_two_phase(
         iterations, verify, adapter_iter, egpt_iter = remaining, profile.vl_decode_ms, 0.0, 0.0
     else:
         iterations = remaining / (alpha + 1.0)
-        verify = profile.verify_ms(gamma_decode + 1)
+        # a window cut short by a draft-length rule is verified with its own width (interpolated)
+        verify = profile.verify_ms(gamma_decode + 1 if drafts_per_iter is None or reference
+                                   else min(max(drafts_per_iter, 0.0), gamma_decode) + 1)
         if reference:
             adapter_iter, egpt_iter = profile.adapter_ms(decode_adapter), 0.0
         else:

@@ -289,6 +289,26 @@ class TransformerLayer(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), kv
 
 
+def _ahead(z: Tensor | None, j: int) -> Tensor | None:
+    """z [B, T, ...] shifted j positions to the left (entry t holds z[t + j]), zeros past the end."""
+    if z is None:
+        return None
+    j = min(j, z.shape[1])
+    return torch.cat([z[:, j:], z.new_zeros(z.shape[0], j, *z.shape[2:])], dim=1)
+
+
+def rollout_problem(config: AdapterConfig) -> str | None:
+    """Why an adapter cannot be rolled out on its own outputs (None when it can): L5 feeds its output
+    (target width) back where its input (drafter width) goes, so its two widths must be equal."""
+    if config.predicts != "next":
+        return f"{config.name} is a same-position level; only next-position levels draft by roll-out"
+    if config.consumes == "drafter" and config.drafter_dim != config.target_dim:
+        return (f"{config.name} rolls out on its own outputs, which have the target width {config.target_dim}, "
+                f"but reads drafter states of width {config.drafter_dim}; with models of different widths use "
+                "B1, L5E or L5F")
+    return None
+
+
 def attention_mask(mask: Tensor | None, t: int, causal: bool, device: torch.device, past_len: int = 0) -> Tensor | None:
     """Boolean [B or 1, 1, T, past_len + T] mask (True = may attend).
 
@@ -470,7 +490,8 @@ class EAGLEStyleAdapter(AttentionAdapter):
     concatenated with LayerNorm(embedding of token t), the token that state chose, i.e. the token the
     target reads next, and projected back to the width (8192 -> 4096 at 7B). The embedding comes from
     the target's frozen input-embedding table (`attach_token_table`). `use_token_embed=True` is the
-    specification's variant with a trainable embedding of its own (+131M parameters at 7B).
+    specification's variant with a trainable embedding of its own (+164.6M parameters at 7B: its table and
+    the fusion layer).
     """
 
     causal = True
@@ -561,17 +582,10 @@ class EAGLEStyleAdapter(AttentionAdapter):
         """Inputs of drafting step j+1 (j >= 1) at every index t, i.e. position t+j: the adapter's own
         estimate of target state t+j (`prev`) where the target state would go, and the token of position
         t+j (on the accepted path the drafted token equals it). Positions past the end are zero/0."""
-
-        def ahead(z: Tensor | None) -> Tensor | None:
-            if z is None:
-                return None
-            pad = z.new_zeros(z.shape[0], j, *z.shape[2:])
-            return torch.cat([z[:, j:], pad], dim=1)
-
-        if self.consumes == "drafter" and self.config.drafter_dim != self.config.target_dim:
-            raise ValueError(f"{self.config.name} rolls out on its own outputs, which have the target width "
-                             f"{self.config.target_dim}; its input width is {self.config.drafter_dim}")
-        return prev, None, ahead(token_ids)
+        problem = rollout_problem(self.config)
+        if problem:
+            raise ValueError(problem)
+        return prev, None, _ahead(token_ids, j)
 
     def rollout(
         self, x: Tensor, mask: Tensor | None, steps: int, *, h_target: Tensor | None = None,
@@ -653,13 +667,7 @@ class FusedEAGLEAdapter(EAGLEStyleAdapter):
         """Step j+1 of L5F: EventGPT's state at position t+j (in lockstep drafting EventGPT reads the
         drafts, which equal the true tokens on the accepted path, so the teacher-forced state is the one
         it computes there) and the adapter's own estimate of target state t+j."""
-
-        def ahead(z: Tensor | None) -> Tensor | None:
-            if z is None:
-                return None
-            return torch.cat([z[:, j:], z.new_zeros(z.shape[0], j, *z.shape[2:])], dim=1)
-
-        return ahead(x), prev, ahead(token_ids)
+        return _ahead(x, j), prev, _ahead(token_ids, j)
 
     def rollout(self, x, mask, steps, *, h_target=None, token_ids=None, context=None):
         if h_target is None:
@@ -1128,6 +1136,7 @@ __all__ = [
     "load_hf",
     "masked_cosine_loss",
     "masked_mse",
+    "rollout_problem",
     "save_adapter",
     "shifted",
     "step_weights",

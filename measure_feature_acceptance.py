@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, run_cli
 from extract_vl_lm_head import load_lm_head
-from hidden_adapter import BaseAdapter, adapter_inputs, load_adapter
+from hidden_adapter import BaseAdapter, adapter_inputs, load_adapter, rollout_problem
 from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs
 from metrics import THRESHOLDS, AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json, tau_key
 
@@ -134,7 +134,7 @@ def one_step_drafts(top1: torch.Tensor, conf: torch.Tensor, steps: int) -> tuple
     b, t = top1.shape
     drafts = torch.full((steps, b, t), -1, dtype=top1.dtype, device=top1.device)
     probs = torch.zeros((steps, b, t), dtype=conf.dtype, device=conf.device)
-    for k in range(steps):
+    for k in range(min(steps, t)):
         drafts[k, :, : t - k] = top1[:, k:]
         probs[k, :, : t - k] = conf[:, k:]
     return drafts, probs
@@ -371,6 +371,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.input_states == "target" and adapter.config.drafter_dim != adapter.config.target_dim:
         raise UserError(f"--input_states target needs equal widths; {args.checkpoint} maps "
                         f"{adapter.config.drafter_dim} -> {adapter.config.target_dim}")
+    problem = rollout_problem(adapter.config) if adapter.predicts == "next" else None
+    if problem:
+        raise UserError(f"{args.checkpoint}: {problem}")
     adapter = adapter.to(device).eval()
     if adapter.config.token_input:
         try:

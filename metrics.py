@@ -434,7 +434,7 @@ class RolloutAccumulator:
         lengths = mask.long().sum(dim=1)
         # hit[k-1, b, s]: the step-k draft from start s equals the target's token s + k (inside the answer)
         hit = torch.zeros(g, b, t, dtype=torch.bool)
-        for k in range(1, g + 1):
+        for k in range(1, min(g, t - 1) + 1):  # a window shorter than gamma has no later steps to score
             inside = torch.arange(t)[None, :] + k < lengths[:, None]
             hit[k - 1, :, : t - k] = (drafts[k - 1, :, : t - k] == tokens[:, k:]) & inside[:, : t - k]
         on_path = hit.long().cumprod(dim=0).bool()  # accepted: this and every earlier draft hit

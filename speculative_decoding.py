@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from hidden_adapter import ProjectedContext
+from hidden_adapter import AdapterConfig, ProjectedContext, rollout_problem
 from model_loaders import VLMInputs, to_drafter_vocab
 
 PER_POSITION_LEVELS = ("L1", "L2", "L3", "L4")  # output[t] estimates the target state at t
@@ -418,6 +418,12 @@ class _VerifiedStates:
         self.verified += tokens
         self.states += list(states)
 
+    @staticmethod
+    def _check_table(adapter: Any) -> None:
+        if adapter.config.token_input and getattr(adapter, "token_table", None) is None:
+            raise ValueError(f"{_level(adapter)} has a token input: attach_token_table(the target's input "
+                             "embeddings) before drafting")
+
     def _tokens(self, ids: list[int]) -> dict[str, Tensor]:
         """`token_ids` [1, len(ids)] for an adapter with a token input, else nothing."""
         if not self.adapter.config.uses_tokens:
@@ -446,9 +452,9 @@ class RolloutDrafter(_VerifiedStates):
             raise ValueError(f"{_level(adapter)} consumes {adapter.config.consumes} states"
                              f"{' and EventGPT context' if adapter.config.context else ''}: pass lm (EventGPT) "
                              "exactly when it reads EventGPT states")
-        if adapter.config.token_input and getattr(adapter, "token_table", None) is None:
-            raise ValueError(f"{_level(adapter)} has a token input: attach_token_table(the target's input "
-                             "embeddings) before drafting")
+        self._check_table(adapter)
+        if isinstance(adapter.config, AdapterConfig) and rollout_problem(adapter.config):
+            raise ValueError(rollout_problem(adapter.config))
         self.adapter, self.head, self.lm = adapter, head, lm
         self.temperature, self.generator = temperature, generator
         self.length = draft_length(length, min_confidence)
@@ -509,8 +515,7 @@ class FusedDrafter(_VerifiedStates):
                  length: DraftLength | None = None) -> None:
         if _level(adapter) != "L5F":
             raise ValueError(f"fused drafting needs an L5F adapter, got {_level(adapter)}")
-        if adapter.config.token_input and getattr(adapter, "token_table", None) is None:
-            raise ValueError("L5F has a token input: attach_token_table(the target's input embeddings) first")
+        self._check_table(adapter)
         self.lm, self.adapter, self.head = lm, adapter, head
         self.temperature, self.generator = temperature, generator
         self.length = draft_length(length, min_confidence)

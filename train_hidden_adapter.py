@@ -64,6 +64,7 @@ from hidden_adapter import (
     drafting_loss,
     export_hf,
     load_adapter,
+    rollout_problem,
     save_adapter,
 )
 from hidden_data import PAIRS, ChunkStream, to_device
@@ -82,6 +83,8 @@ DEFAULT_PREDICTION_WEIGHT = 1.0
 # Drafting-oriented training of the next-position levels, measured on the toy world (docs/TRAINING.md,
 # "Training as drafting runs"): each of token input, roll-out training and the token loss adds
 # accepted drafts per iteration; these are the defaults, --spec_loss turns all of them off.
+# What a run folder written before the drafting flags existed was trained with (its config.yaml lacks them).
+PRE_DRAFTING_DEFAULTS = {"token_input": "off", "rollout_steps": 1, "token_loss_weight": 0.0}
 DEFAULT_ROLLOUT_STEPS = 3  # as good as 5 on the toy world at 12 epochs, for 3/5 of the cost (TRAINING.md)
 DEFAULT_ROLLOUT_DECAY = 0.8
 DEFAULT_TOKEN_LOSS_WEIGHT = 0.1
@@ -137,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "defaults to)")
     p.add_argument("--spec_loss", action="store_true",
                    help="the specification's training of next-position levels: one teacher-forced step, no token "
-                        "input, regression loss only, convex mix with w = 0.5 (overrides the four flags above)")
+                        "input, regression loss only, convex mix with w = 0.5, selected on the validation loss "
+                        "(overrides --token_input, --rollout_steps, --token_loss_weight, --prediction_weight and "
+                        "--loss_mix; an explicit --select_metric is kept)")
     p.add_argument("--dropout", type=float, default=0.1, help="adapter dropout")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and dropout")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
@@ -185,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if first.resume:  # the run's own resolved config; explicit flags still win
             defaults = _yaml_defaults(Path(first.resume) / "config.yaml", parser)
             defaults = {k: v for k, v in defaults.items() if k not in RUNTIME_FLAGS}
+            # a run started before the drafting flags existed trained one teacher-forced step, no token input
+            for key, before in PRE_DRAFTING_DEFAULTS.items():
+                defaults.setdefault(key, before)
         elif first.config:
             defaults = _yaml_defaults(Path(first.config), parser)
     except UserError as err:
@@ -212,6 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dropout must lie in [0, 1)")
     if args.select_metric in ("token_top1", "rollout_accept") and not args.lm_head:
         parser.error(f"--select_metric {args.select_metric} needs --lm_head")
+    if args.select_metric == "rollout_accept" and canonical_name(args.level_name) not in NEXT_POSITION_LEVELS:
+        parser.error(f"--select_metric rollout_accept scores drafting roll-outs of the next-position levels "
+                     f"{NEXT_POSITION_LEVELS}; {args.level_name} has none (use loss or token_top1)")
     if args.gamma_decode < 1 or (args.rollout_steps is not None and args.rollout_steps < 1):
         parser.error("--gamma_decode and --rollout_steps must be >= 1")
     if not 0 < args.rollout_decay <= 1 or (args.token_loss_weight is not None and args.token_loss_weight < 0):
@@ -232,6 +243,8 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                              f"{args.level_name} always trains with the specification's alignment loss")
         args.use_token_input, args.steps, args.ce_weight = False, 1, 0.0
         args.prediction_weight, args.loss_mix = 0.5, "convex"
+        if args.select_metric == "auto":  # the specification selects on the validation loss
+            args.select_metric = "loss"
     else:
         if args.token_input == "on" and not nxt:
             raise ValueError(f"--token_input is for the next-position levels {NEXT_POSITION_LEVELS}, "
@@ -679,6 +692,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     widths = train.manifest.get("widths") or {}
     head_file = load_head(args, int(widths.get("target") or 0) or None, train.manifest)
     adapter = build_adapter_for(args, widths, head_file["vocab_size"] if head_file else None).to(proc.device)
+    problem = rollout_problem(adapter.config) if adapter.predicts == "next" else None
+    if problem:  # training rolls it out (validation always does) and the engine would draft that way
+        raise UserError(f"{args.train_data}: {problem}")
     if args.use_token_input:
         adapter.attach_token_table(head_file["embed_weight"])
     head = head_file["weight"].to(proc.device, torch.float32) if head_file else None

@@ -142,13 +142,14 @@ def adapter_section(page: Page, runs: dict, acc: dict) -> None:
              "Same-position levels (L1-L4) are scored on draft t vs target token t: their use is prefill drafting, "
              "where `free tokens` counts the leading matches within the prefill window. Next-position levels "
              "(L5, B1, L5F, L5E) are scored on output t vs target token t+1: `accepted/iter` is the mean number "
-             "of drafts accepted per decode iteration (gamma as stated), without the bonus token, once from "
-             "teacher-forced one-step drafts (every start position: an upper estimate) and once from the "
-             "adapter's roll-out on its own outputs placed where the live engine places iterations (`roll-out`, "
-             "the offline figure of what drafting does).", "")
+             "of drafts accepted per decode iteration (gamma as stated), without the bonus token: from one-step "
+             "drafts (each from true states) counted from every start position, the same on the live engine's "
+             "schedule of iterations, and from the adapter's roll-out on its own outputs on that schedule "
+             "(`roll-out`, the offline figure of what drafting does). Live iterations start right after a "
+             "rejection, where drafting is hardest, so every-start figures run higher.", "")
     header = ["level", "pairs", "params", "epochs (best)", "token top-1", "free tokens", "shifted top-1",
-              "accepted/iter one-step", "accepted/iter roll-out", "roll-out by draft position", "cos",
-              *[f"Accept@{t}" for t in TAUS], "run"]
+              "accepted/iter one-step, every start", "one-step, live schedule", "roll-out, live schedule",
+              "roll-out by draft position", "cos", *[f"Accept@{t}" for t in TAUS], "run"]
     rows, files = [], []
     for level in ADAPTER_NAMES:
         for pairs in PAIRINGS:
@@ -160,10 +161,12 @@ def adapter_section(page: Page, runs: dict, acc: dict) -> None:
             facts = training_facts(run) if (run / "history.json").is_file() else {}
             files.append(f)
             roll = (r.get("drafting") or {}).get("rollout") or {}
+            tf = (r.get("drafting") or {}).get("teacher_forced") or {}
             rows.append([level, pairs, f"{facts.get('params', 0):,}" if facts else "-",
                          f"{facts['epochs']} ({facts['best_epoch']})" if facts else "-",
                          pct(m.get("token_top1")), num(m.get("prefill_free")), pct(m.get("shifted_top1")),
-                         num(m.get("accept_len")), num(roll.get("live_accepted_per_iteration")),
+                         num(m.get("accept_len")), num(tf.get("live_accepted_per_iteration")),
+                         num(roll.get("live_accepted_per_iteration")),
                          ", ".join(num(v) for v in roll.get("per_position", [])) or "-", num(m.get("cos_mean"), 3),
                          *[pct(m.get(f"accept@{t}")) for t in TAUS], f"`{run.name}`"])
     if not rows:
@@ -186,7 +189,7 @@ def pairing_section(page: Page, acc: dict) -> None:
     page.add("## Free pairs vs teacher-forced pairs", "",
              "The same level trained and scored on EventGPT's states over its own answer (free) or over the "
              "target's answer (teacher-forced, what the drafter sees after each verification). The key token "
-             "figure is same-position top-1 for L1-L4 and shifted top-1 for L5, B1, L5F.", "")
+             "figure is same-position top-1 for L1-L4 and shifted top-1 for L5, B1, L5F, L5E.", "")
     rows = []
     for level in ADAPTER_NAMES:
         cells = [level]
@@ -311,9 +314,9 @@ def lossless_text(r: dict[str, Any]) -> str:
 def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) -> None:
     page.add("## Offline vs live acceptance", "",
              "The offline figures of the checkpoint the live benchmark ran, beside what the live loop accepted. "
-             "For decode drafters the offline roll-out feeds the adapter its own outputs and places iterations "
-             "where the engine does (the figure meant to match live drafting, on the live benchmark's own "
-             "samples); the one-step figure drafts every position from true states (an upper estimate). "
+             "For decode drafters the offline figures place iterations where the engine does, on the live "
+             "benchmark's own samples: the roll-out feeds the adapter its own outputs (the figure meant to match "
+             "live drafting), the one-step figure drafts every position from true states. "
              "Configurations with a draft-length rule draft fewer tokens than the fixed-gamma offline figures "
              "assume, so only fixed-gamma rows are compared.", "")
     rows = []
@@ -341,8 +344,9 @@ def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) 
         if r["predicts"] != "next":  # mode c: EventGPT decodes the drafts itself; no offline roll-out
             rows.append([name, f"accepted/iter (gamma {g})", "-", "-", "-", num(c.get("accepted_per_iteration")), "-"])
             continue
-        one_step = _window(same_r.get("accept_len_by_gamma"), g) if same_r else None
-        roll = ((same_r or {}).get("drafting") or {}).get("rollout") or {}
+        drafting = (same_r or {}).get("drafting") or {}
+        one_step = (drafting.get("teacher_forced") or {}).get("live_accepted_per_iteration")
+        roll = drafting.get("rollout") or {}
         whole = ((r.get("drafting") or {}).get("rollout") or {}).get("live_accepted_per_iteration")
         offline_same = roll.get("live_accepted_per_iteration") if roll.get("gamma") == g else None
         gap = (c["accepted_per_iteration"] - offline_same

@@ -100,6 +100,7 @@ def test_honest_model_by_hand():
     # a draft-length rule: 2.5 drafts per iteration on average cost 2.5 adapter steps, not gamma
     short = estimate(p, None, 0, "B1", 0.51, drafts_per_iter=2.5)
     assert short["adapter_ms_per_iter"] == pytest.approx(2.5 * 1.5) and short["speedup"] > b1["speedup"]
+    assert short["verify_ms"] == p.verify_ms(3.5)  # and its verify pass is 3.5 tokens wide, not 6
 
     conc = estimate(p, None, 0, "L5F", 0.73, concurrent_drafter=True)
     assert conc["concurrent_drafter"] is True and conc["egpt_ms_per_iter"] == 0

@@ -161,7 +161,7 @@ def test_eagle_levels_start_as_identity_of_their_residual():
 # ----------------------------------------------------------------------------- causality and padding
 
 
-@pytest.mark.parametrize("name", ["L5", "B1", "L5F"])
+@pytest.mark.parametrize("name", ["L5", "B1", "L5F", "L5E"])
 def test_causal_levels_ignore_the_future(name):
     adapter = make(name)
     randomize(adapter)
@@ -185,7 +185,7 @@ def test_bidirectional_l4_sees_the_future():
     assert not torch.allclose(adapter(x)[:, 0], adapter(x2)[:, 0], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["L4", "L5", "L5F"])
+@pytest.mark.parametrize("name", ["L4", "L5", "L5F", "L5E"])
 def test_padding_never_changes_valid_outputs(name):
     adapter = make(name)
     randomize(adapter)
@@ -206,17 +206,21 @@ def test_fully_padded_row_gives_finite_outputs():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["L5", "B1", "L5F"])
+@pytest.mark.parametrize("name", ["L5", "B1", "L5F", "L5E"])
 def test_incremental_step_matches_full_forward(name):
+    from hidden_adapter import ProjectedContext
+
     adapter = make(name)
     randomize(adapter)
     x, v = torch.randn(2, 9, D), torch.randn(2, 9, D)
     full = call(adapter, x, h_target=v)
     hv = (lambda s: v[:, s]) if adapter.consumes == "both" else (lambda s: None)
-    out, past = adapter.step(x[:, :5], h_target=hv(slice(0, 5)))
+    # L5E's context as drafting passes it: projected once (call() gives it x[:, 0])
+    ctx = {"context": ProjectedContext(adapter.context_vector(x[:, 0]))} if adapter.config.context else {}
+    out, past = adapter.step(x[:, :5], h_target=hv(slice(0, 5)), **ctx)
     outs = [out]
     for t in range(5, 9):
-        o, past = adapter.step(x[:, t : t + 1], past, h_target=hv(slice(t, t + 1)))
+        o, past = adapter.step(x[:, t : t + 1], past, h_target=hv(slice(t, t + 1)), **ctx)
         outs.append(o)
     assert torch.allclose(torch.cat(outs, dim=1), full, atol=1e-5)
 
@@ -363,7 +367,7 @@ def test_explicit_values_of_older_checkpoints_are_kept(tmp_path):
     assert asdict(loaded.config) == asdict(adapter.config) and len(loaded.blocks) == 2
 
 
-@pytest.mark.parametrize("name", ["L4", "L5", "B1", "L5F"])
+@pytest.mark.parametrize("name", ["L4", "L5", "B1", "L5F", "L5E"])
 def test_nan_in_padded_inputs_keeps_attention_levels_finite(name):
     adapter = make(name)
     randomize(adapter)
@@ -575,3 +579,17 @@ def test_drafting_loss_one_step_is_the_one_step_loss_and_adds_later_steps_and_to
     assert torch.allclose(with_ce, by_hand + 0.1 * ce)
     with pytest.raises(ValueError, match="LM head"):
         drafting_loss(adapter, outs, t, mask, token_loss_weight=0.1)
+
+
+def test_rollout_of_l5_needs_equal_widths_and_short_windows_work():
+    from hidden_adapter import AdapterConfig, rollout_problem
+
+    assert "B1, L5E or L5F" in rollout_problem(AdapterConfig("L5", drafter_dim=24, target_dim=D))
+    assert rollout_problem(AdapterConfig("L5", drafter_dim=D, target_dim=D)) is None
+    assert rollout_problem(AdapterConfig("L5F", drafter_dim=24, target_dim=D)) is None
+    assert "same-position" in rollout_problem(AdapterConfig("L2", target_dim=D))
+    with pytest.raises(ValueError, match="rolls out on its own outputs"):
+        create_adapter("L5", drafter_dim=24, target_dim=D).rollout(torch.randn(1, 4, 24), None, 2)
+    # a window shorter than the roll-out: later steps have nothing to read but still come back [B, T, D]
+    outs = make("B1").rollout(torch.randn(2, 3, D), None, 5)
+    assert len(outs) == 5 and all(o.shape == (2, 3, D) for o in outs)

@@ -361,3 +361,15 @@ def test_draft_tokens_gives_argmax_and_its_probability():
     assert tok[0].tolist() == [[0, 1, -1]]
     assert conf[0, 0, 0] == pytest.approx(float(torch.softmax(torch.tensor([2.0, 0.0, -2.0]), 0)[0]))
     assert conf[0, 0, 2] == 0
+
+
+def test_rollout_accumulator_takes_windows_shorter_than_gamma():
+    from metrics import RolloutAccumulator
+
+    acc = RolloutAccumulator(5)
+    tokens = torch.tensor([[3, 4, 5]])
+    drafts = torch.tensor([[[4, 5, 0]], [[5, 0, 0]], [[0, 0, 0]], [[0, 0, 0]], [[0, 0, 0]]])
+    acc.update(drafts, torch.ones(5, 1, 3), tokens, torch.ones(1, 3, dtype=torch.bool))
+    m = acc.compute()
+    assert m["live_iterations"] == 1 and m["live_accepted_per_iteration"] == 1.0  # k = min(5, 3 - 1 - 1) = 1
+    assert m["accept_len"] == pytest.approx((2 + 1) / 2)  # starts 0 (two hits) and 1 (one)

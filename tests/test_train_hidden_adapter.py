@@ -299,8 +299,8 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     assert (a.use_token_input, a.steps, a.ce_weight, a.select) == (True, 3, tha.DEFAULT_TOKEN_LOSS_WEIGHT,
                                                                     "rollout_accept")
     s = tha.parse_args([*base, *head, "--adapter_level", "B1", "--spec_loss"])
-    assert (s.use_token_input, s.steps, s.ce_weight, s.prediction_weight, s.loss_mix) == (False, 1, 0.0, 0.5,
-                                                                                          "convex")
+    assert (s.use_token_input, s.steps, s.ce_weight, s.prediction_weight, s.loss_mix, s.select) == (
+        False, 1, 0.0, 0.5, "convex", "loss")
     same = tha.parse_args([*base, *head, "--adapter_level", "L3", "--rollout_steps", "4"])
     assert (same.use_token_input, same.steps, same.ce_weight, same.select) == (False, 1, 0.0, "loss")
     bare = tha.parse_args([*base, "--adapter_level", "L5F", "--token_input", "off", "--gamma_decode", "2"])
@@ -308,7 +308,9 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     for argv, message in (([*base, "--adapter_level", "B1"], "--lm_head"),
                           ([*base, *head, "--adapter_level", "L2", "--token_input", "on"], "next-position"),
                           ([*base, *head, "--adapter_level", "L1", "--spec_loss"], "next-position"),
-                          ([*base, *head, "--adapter_level", "B1", "--rollout_decay", "0"], "rollout_decay")):
+                          ([*base, *head, "--adapter_level", "B1", "--rollout_decay", "0"], "rollout_decay"),
+                          ([*base, *head, "--adapter_level", "L2", "--select_metric", "rollout_accept"],
+                           "drafting roll-outs")):
         with pytest.raises(SystemExit):
             tha.parse_args(argv)
         assert message in capsys.readouterr().err
@@ -319,3 +321,17 @@ def test_spec_loss_run_trains_one_teacher_forced_step(data, tmp_path):
     _, extra = load_adapter(Path(result["run_dir"]) / "best_model.pt")
     assert extra["drafting"]["rollout_steps"] == 1 and extra["drafting"]["token_input"] is False
     assert extra["prediction_weight"] == 0.5 and "step2" not in json.dumps(extra["val_metrics"])
+
+
+def test_resume_of_a_run_from_before_the_drafting_flags(data, tmp_path):
+    """Its config.yaml lacks token_input and the roll-out flags: it trained one teacher-forced step without the
+    token input, and resumes that way instead of failing on weights that do not fit."""
+    part = train(*flags(data, tmp_path, "B1", "--token_input", "off", "--rollout_steps", "1",
+                        "--token_loss_weight", "0", "--num_epochs", "2", "--stop_after_epoch", "1"))
+    cfg = Path(part["run_dir"]) / "config.yaml"
+    old = {k: v for k, v in yaml.safe_load(cfg.read_text()).items()
+           if k not in ("token_input", "rollout_steps", "token_loss_weight", "rollout_decay", "gamma_decode",
+                        "spec_loss")}
+    cfg.write_text(yaml.safe_dump(old))
+    resumed = train("--resume", part["run_dir"], "--no_progress")
+    assert resumed["finished"] and resumed["epochs"] == 2
