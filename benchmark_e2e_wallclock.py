@@ -214,8 +214,8 @@ def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperatu
     try:
         if level in sd.ROLLOUT_LEVELS:
             # L5: EventGPT states of the verified text; L5E: EventGPT's prompt-end state
-            reads_egpt = adapter.config.consumes == "drafter" or adapter.config.context == "drafter"
-            return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads_egpt else None, length=length)
+            reads = adapter.config.reads_drafter
+            return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads else None, length=length)
         if level == "L5F":
             return sd.FusedDrafter(lm, adapter, head, temperature, gen, length=length)
         return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, length=length)

@@ -134,6 +134,11 @@ class AdapterConfig:
         return "drafter" if self.name == "L5E" else None
 
     @property
+    def reads_drafter(self) -> bool:
+        """Whether the adapter reads anything of EventGPT's (its states, or for L5E its prompt-end state)."""
+        return self.consumes != "target" or self.context == "drafter"
+
+    @property
     def uses_tokens(self) -> bool:
         """Whether forward/step need `token_ids` (either token input)."""
         return self.token_input or self.use_token_embed
@@ -287,6 +292,15 @@ class TransformerLayer(nn.Module):
         a, kv = self.attn.rollout_step(self.attn_norm(x), true_kv, true_mask, diag_kv)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), kv
+
+
+def _zero_padding(x: Tensor, h_target: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """x and h_target with padded positions set to zero. Attention gives padded keys zero weight, but
+    0 * NaN is NaN: padded inputs holding NaN or inf would leak into every valid output."""
+    if mask is None:
+        return x, h_target
+    keep = mask.bool()[..., None]
+    return x.masked_fill(~keep, 0.0), None if h_target is None else h_target.masked_fill(~keep, 0.0)
 
 
 def _ahead(z: Tensor | None, j: int) -> Tensor | None:
@@ -454,13 +468,7 @@ class AttentionAdapter(BaseAdapter):
         past: KVCache | None, context: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
         past_len = past[0][0].shape[2] if past else 0
-        if mask is not None:
-            # Attention gives padded keys zero weight, but 0 * NaN is NaN: padded inputs holding NaN or
-            # inf would leak into every valid output. Zero them before anything mixes positions.
-            keep = mask.bool()[..., None]
-            x = x.masked_fill(~keep, 0.0)
-            if h_target is not None:
-                h_target = h_target.masked_fill(~keep, 0.0)
+        x, h_target = _zero_padding(x, h_target, mask)
         h, residual = self._encode(x, mask, h_target, token_ids, past_len, context)
         if mask is not None and past_len:
             mask = torch.cat([mask.new_ones(mask.shape[0], past_len), mask], dim=1)
@@ -582,9 +590,6 @@ class EAGLEStyleAdapter(AttentionAdapter):
         """Inputs of drafting step j+1 (j >= 1) at every index t, i.e. position t+j: the adapter's own
         estimate of target state t+j (`prev`) where the target state would go, and the token of position
         t+j (on the accepted path the drafted token equals it). Positions past the end are zero/0."""
-        problem = rollout_problem(self.config)
-        if problem:
-            raise ValueError(problem)
         return prev, None, _ahead(token_ids, j)
 
     def rollout(
@@ -602,11 +607,10 @@ class EAGLEStyleAdapter(AttentionAdapter):
         """
         if steps < 1:
             raise ValueError("rollout needs steps >= 1")
-        if mask is not None:
-            keep = mask.bool()[..., None]
-            x = x.masked_fill(~keep, 0.0)
-            if h_target is not None:
-                h_target = h_target.masked_fill(~keep, 0.0)
+        problem = rollout_problem(self.config)
+        if problem:
+            raise ValueError(problem)
+        x, h_target = _zero_padding(x, h_target, mask)
         b, t = x.shape[:2]
         dev = x.device
         h, residual = self._encode(x, mask, h_target, token_ids, 0, context)
@@ -782,6 +786,15 @@ def adapter_inputs(
     return x, kwargs
 
 
+def draft_outputs(adapter: BaseAdapter, x: Tensor, mask: Tensor | None, steps: int = 1,
+                  **kwargs: Tensor) -> list[Tensor]:
+    """The outputs training and evaluation score: `steps` drafting steps of a next-position adapter
+    (`adapter.rollout`; one step equals `forward`), or the one forward of a same-position adapter."""
+    if adapter.predicts == "next":
+        return adapter.rollout(x, mask, steps, **kwargs)
+    return [adapter(x, mask, **kwargs)]
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -897,6 +910,7 @@ def drafting_loss(
     if token_loss_weight > 0 and (lm_head is None or tokens is None):
         raise ValueError("the token loss needs the target's LM head and the target's tokens")
     weights = step_weights(len(outs), decay)
+    head = lm_head.to(outs[0].device, torch.float32) if token_loss_weight > 0 else None
     first, parts = adapter_loss(adapter, outs[0], target, mask, mix=mix, prediction_weight=prediction_weight)
     valid = _valid(mask, outs[0])
     total = weights[0] * first
@@ -911,7 +925,7 @@ def drafting_loss(
             parts[f"step{k}"] = float(reg.detach())
             total = total + w * reg
         if token_loss_weight > 0 and pair.any():
-            logits = out[:, : t - k][pair].float() @ lm_head.to(out.device, torch.float32).T
+            logits = out[:, : t - k][pair].float() @ head.T
             ce = F.cross_entropy(logits, tokens[:, k:][pair].long().to(out.device))
             ce_parts.append(float(ce.detach()))
             ce_sum = ce_sum + w * ce
@@ -1130,6 +1144,7 @@ __all__ = [
     "canonical_name",
     "count_parameters",
     "create_adapter",
+    "draft_outputs",
     "drafting_loss",
     "export_hf",
     "load_adapter",

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, run_cli
 from extract_vl_lm_head import load_lm_head
-from hidden_adapter import BaseAdapter, adapter_inputs, load_adapter, rollout_problem
+from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
 from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs
 from metrics import THRESHOLDS, AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json, tau_key
 
@@ -123,9 +123,7 @@ def run_adapter(adapter: BaseAdapter, drafter: torch.Tensor, target: torch.Tenso
     step, or the `steps` outputs of a roll-out for next-position adapters (outs[0] is the one-step
     output); `input_states="target"` feeds the target's states in place of the drafter's."""
     x, kwargs = adapter_inputs(adapter, target if input_states == "target" else drafter, target, tokens)
-    if adapter.predicts == "next" and steps > 1:
-        return adapter.rollout(x, mask, steps, **kwargs)
-    return [adapter(x, mask, **kwargs)]
+    return draft_outputs(adapter, x, mask, steps, **kwargs)
 
 
 def one_step_drafts(top1: torch.Tensor, conf: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,7 +76,35 @@ def capped_mean(hist: Tensor, cap: int) -> float:
     return float((hist * r.clamp(max=cap)).sum()) / n
 
 
-class AcceptanceAccumulator:
+class RunningSums:
+    """Named float64 running sums that merge across DDP ranks as one vector: `totals()` gives it (the same
+    length on every rank; all_reduce it), `load_totals()` puts the summed vector back."""
+
+    def _init_sums(self, shapes: dict[str, int]) -> None:
+        self._shapes = shapes
+        self._sums = {name: torch.zeros(n, dtype=torch.float64) for name, n in shapes.items()}
+
+    def totals(self) -> Tensor:
+        return torch.cat(list(self._sums.values()))
+
+    def load_totals(self, totals: Tensor) -> None:
+        """Replace the running sums by `totals` (e.g. after summing them across ranks)."""
+        totals = totals.detach().to("cpu", torch.float64).flatten()
+        expected = sum(self._shapes.values())
+        if totals.numel() != expected:
+            raise ValueError(f"totals has {totals.numel()} values, this accumulator keeps {expected}")
+        offset = 0
+        for name, n in self._shapes.items():
+            self._sums[name] = totals[offset:offset + n].clone()
+            offset += n
+
+    def _add(self, name: str, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().to("cpu", torch.float64).flatten()
+        self._sums[name] += value
+
+
+class AcceptanceAccumulator(RunningSums):
     """Running sums of every acceptance metric; see the module docstring and docs/METRICS.md.
 
     predicts: "same" (output[t] estimates target state t: L1-L4) or "next" (output[t] estimates
@@ -133,8 +161,7 @@ class AcceptanceAccumulator:
             "sh_n": 1, "sh_top1": 1, "sh_top5": 1, "pos_sh_n": p, "pos_sh_top1": p, "pos_sh_top5": p,
             "sh_samples": 1, "sh_run0_hist": p + 1, "start_hist": p + 1, "n_starts": 1,
         }
-        self._shapes = shapes
-        self._sums = {name: torch.zeros(n, dtype=torch.float64) for name, n in shapes.items()}
+        self._init_sums(shapes)
 
     # ------------------------------------------------------------------ running sums
 
@@ -142,7 +169,7 @@ class AcceptanceAccumulator:
         """Every running sum as one 1-D float64 tensor (same length on every rank): all_reduce it,
         then `load_totals`. The last element flags whether token-level input was seen."""
         flag = torch.tensor([1.0 if self.has_tokens else 0.0], dtype=torch.float64)
-        return torch.cat([*self._sums.values(), flag])
+        return torch.cat([super().totals(), flag])
 
     def load_totals(self, totals: Tensor) -> None:
         """Replace the running sums by `totals` (e.g. after summing them across ranks)."""
@@ -150,16 +177,8 @@ class AcceptanceAccumulator:
         expected = sum(self._shapes.values()) + 1
         if totals.numel() != expected:
             raise ValueError(f"totals has {totals.numel()} values, this accumulator keeps {expected}")
-        offset = 0
-        for name, n in self._shapes.items():
-            self._sums[name] = totals[offset:offset + n].clone()
-            offset += n
+        super().load_totals(totals[:-1])
         self.has_tokens = bool(totals[-1] > 0)
-
-    def _add(self, name: str, value: Tensor | float) -> None:
-        if isinstance(value, Tensor):
-            value = value.detach().to("cpu", torch.float64).flatten()
-        self._sums[name] += value
 
     def _per_position(self, values: Tensor, valid: Tensor) -> Tensor:
         """Sum over the batch of values [B, T] at valid positions, cut or padded to max_positions."""
@@ -381,7 +400,7 @@ def draft_tokens(outs: Sequence[Tensor], lm_head: Tensor, valid: Tensor, rows_at
     return tok, conf
 
 
-class RolloutAccumulator:
+class RolloutAccumulator(RunningSums):
     """Acceptance of drafting roll-outs, i.e. of what live drafting computes (docs/METRICS.md).
 
     Fed with the greedy drafts of `adapter.rollout` (`draft_tokens`): drafts[k-1][b, t] is the token
@@ -405,22 +424,9 @@ class RolloutAccumulator:
             raise ValueError("gamma and bins must be >= 1")
         self.gamma, self.max_new_tokens, self.bins = gamma, max_new_tokens, bins
         g = gamma
-        self._shapes = {"starts": 1, "start_accepted": 1, "start_drafted": 1, "start_tries": g, "start_hits": g,
-                        "iterations": 1, "accepted": 1, "drafted": 1, "live_tries": g, "live_hits": g,
-                        "samples": 1, "tokens": 1, "cal_n": bins, "cal_hit": bins, "cal_conf": bins}
-        self._sums = {k: torch.zeros(n, dtype=torch.float64) for k, n in self._shapes.items()}
-
-    def totals(self) -> Tensor:
-        return torch.cat(list(self._sums.values()))
-
-    def load_totals(self, totals: Tensor) -> None:
-        totals = totals.detach().to("cpu", torch.float64).flatten()
-        if totals.numel() != sum(self._shapes.values()):
-            raise ValueError(f"totals has {totals.numel()} values, expected {sum(self._shapes.values())}")
-        offset = 0
-        for k, n in self._shapes.items():
-            self._sums[k] = totals[offset:offset + n].clone()
-            offset += n
+        self._init_sums({"starts": 1, "start_accepted": 1, "start_drafted": 1, "start_tries": g, "start_hits": g,
+                         "iterations": 1, "accepted": 1, "drafted": 1, "live_tries": g, "live_hits": g,
+                         "samples": 1, "tokens": 1, "cal_n": bins, "cal_hit": bins, "cal_conf": bins})
 
     @torch.no_grad()
     def update(self, drafts: Tensor, conf: Tensor, tokens: Tensor, mask: Tensor) -> None:
@@ -480,11 +486,6 @@ class RolloutAccumulator:
         self._add("drafted", drafted)
         self._add("live_tries", tries)
         self._add("live_hits", hits)
-
-    def _add(self, name: str, value: Tensor | float) -> None:
-        if isinstance(value, Tensor):
-            value = value.detach().to("cpu", torch.float64).flatten()
-        self._sums[name] += value
 
     def calibration(self) -> dict[str, list[float]]:
         """Per confidence bin (edges i/bins): on-path drafts seen, their acceptance rate (NaN where

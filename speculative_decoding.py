@@ -447,14 +447,14 @@ class RolloutDrafter(_VerifiedStates):
                  min_confidence: float = 0.0, length: DraftLength | None = None) -> None:
         if _level(adapter) not in ROLLOUT_LEVELS:
             raise ValueError(f"roll-out drafting needs {ROLLOUT_LEVELS}, got {_level(adapter)}")
-        reads_egpt = adapter.config.consumes == "drafter" or adapter.config.context == "drafter"
-        if reads_egpt != (lm is not None):
+        if adapter.config.reads_drafter != (lm is not None):
             raise ValueError(f"{_level(adapter)} consumes {adapter.config.consumes} states"
                              f"{' and EventGPT context' if adapter.config.context else ''}: pass lm (EventGPT) "
                              "exactly when it reads EventGPT states")
         self._check_table(adapter)
-        if isinstance(adapter.config, AdapterConfig) and rollout_problem(adapter.config):
-            raise ValueError(rollout_problem(adapter.config))
+        problem = rollout_problem(adapter.config) if isinstance(adapter.config, AdapterConfig) else None
+        if problem:
+            raise ValueError(problem)
         self.adapter, self.head, self.lm = adapter, head, lm
         self.temperature, self.generator = temperature, generator
         self.length = draft_length(length, min_confidence)

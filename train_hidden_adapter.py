@@ -61,6 +61,7 @@ from hidden_adapter import (
     adapter_loss,
     canonical_name,
     create_adapter,
+    draft_outputs,
     drafting_loss,
     export_hf,
     load_adapter,
@@ -382,9 +383,7 @@ class Drafting(nn.Module):
         self.adapter, self.steps = adapter, steps
 
     def forward(self, x: Tensor, mask: Tensor, **kwargs: Tensor) -> list[Tensor]:
-        if self.adapter.predicts == "next":
-            return self.adapter.rollout(x, mask, self.steps, **kwargs)
-        return [self.adapter(x, mask, **kwargs)]
+        return draft_outputs(self.adapter, x, mask, self.steps, **kwargs)
 
 
 def forward(model: nn.Module, adapter: BaseAdapter, batch: dict[str, Tensor]) -> list[Tensor]:
@@ -485,8 +484,7 @@ def validate(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, head: 
         batch = to_device(raw, proc.device)
         x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
         with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
-            outs = adapter.rollout(x, batch["mask"], steps, **kwargs) if adapter.predicts == "next" \
-                else [adapter(x, batch["mask"], **kwargs)]
+            outs = draft_outputs(adapter, x, batch["mask"], steps, **kwargs)
         outs = [o.float() for o in outs]
         loss, _ = loss_of(adapter, outs, batch, args, head)
         n = float(batch["mask"].sum())

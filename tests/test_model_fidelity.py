@@ -11,7 +11,6 @@ import importlib.util
 import io
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,7 @@ from tests.test_model_loaders import TEXTS, _write_mp4
 QUESTIONS = ["what is in the scene?", "which way does the car move?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models are tiny
 
 
 @pytest.fixture(scope="module")

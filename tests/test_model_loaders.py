@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -47,13 +46,7 @@ def _write_mp4(path: Path, values: list[int], size: tuple[int, int] = (48, 64)) 
             container.mux(packet)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: one thread avoids thread overhead and contention on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models are tiny
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,8 @@ class _Oracle(nn.Module):
     def __init__(self, name: str, consumes: str, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.config = SimpleNamespace(name=name, consumes=consumes, use_token_embed=False, token_input=False,
-                                      uses_tokens=False, context="drafter" if name == "L5E" else None)
+                                      uses_tokens=False, context="drafter" if name == "L5E" else None,
+                                      reads_drafter=consumes != "target" or name == "L5E")
         self.scale = nn.Parameter(torch.ones(()))
         self.keys, self.values = keys, values
 
