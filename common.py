@@ -156,3 +156,92 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+# ----------------------------------------------------------------------------- run logs (issue 18)
+
+
+class RunLog:
+    """Appends what a run prints (stdout, log records, its error line) to one file, after the command line.
+
+    The file is created only once its folder exists: output that comes before (a refusal on a bad flag,
+    say) stays in memory and is written when the folder appears, or dropped if it never does, so a run
+    that refuses to start leaves nothing behind. Progress bars (stderr) are not copied.
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self._file: Any = None
+        self._pending: list[str] = []
+        self._stdout: Any = None
+        self._handler: logging.Handler | None = None
+
+    def write(self, text: str) -> None:
+        if not self.enabled or not text:
+            return
+        if self._file is None and self.path.parent.is_dir():
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+            self._file.write("".join(self._pending))
+            self._pending = []
+        if self._file is None:
+            self._pending.append(text)
+        else:
+            self._file.write(text)
+            self._file.flush()
+
+    def __enter__(self) -> RunLog:
+        if not self.enabled:
+            return self
+        import shlex
+        from datetime import datetime
+
+        self.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} in {os.getcwd()}\n"
+                   f"$ python {shlex.join(sys.argv)}\n")
+        log_self = self
+
+        class _Tee:
+            def __init__(self, stream: Any):
+                self.stream = stream
+
+            def write(self, text: str) -> int:
+                log_self.write(text)
+                return self.stream.write(text)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.stream, name)
+
+        self._stdout, sys.stdout = sys.stdout, _Tee(sys.stdout)
+        handler = logging.StreamHandler(_LineSink(self))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+        self._handler = handler
+        return self
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> None:
+        if not self.enabled:
+            return
+        if isinstance(err, UserError):
+            self.write(f"error: {err}\n")
+        elif err is not None and not isinstance(err, SystemExit | KeyboardInterrupt):
+            self.write(f"failed: {type(err).__name__}: {first_line(err)}\n")
+        elif isinstance(err, KeyboardInterrupt):
+            self.write("interrupted\n")
+        sys.stdout = self._stdout
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _LineSink:
+    """A file-like object handing logging output to a RunLog."""
+
+    def __init__(self, run_log: RunLog):
+        self.run_log = run_log
+
+    def write(self, text: str) -> None:
+        self.run_log.write(text)
+
+    def flush(self) -> None:
+        pass

@@ -21,7 +21,11 @@ renders them (its manifest, recorded here), Video-LLaVA's frames picked as Langu
 (`--frame_pick floor`), EventGPT in bf16 and Video-LLaVA in fp16 on CUDA (`--egpt_dtype`, `--vl_dtype`).
 
 Reruns resume: finished chunks (recorded in the shard file) are skipped and only unfinished ones are
-redone. Writes are atomic. A missing or corrupt video or event frame is named, counted and skipped;
+redone. A skipped chunk must have its recorded size, and its recorded SHA-256 when it is at most 1 GiB
+(every chunk, plus a header read of its sample count, with `--verify`); a damaged one is redone and
+counted. `python hidden_data.py --verify DIR` checks a whole folder without the models. Every run
+appends what it printed, after its command line, to OUT/log.txt (OUT/log_s{shard}.txt per shard).
+Writes are atomic. A missing or corrupt video or event frame is named, counted and skipped;
 the run stops with exit code 1 once more than `--max_failures` clips failed, and also exits 1 when a
 shard had clips to do but wrote no sample at all (e.g. event frames never rendered). Target tokens
 the drafter's vocabulary lacks are fed to it as id 0 in the teacher-forced pass and counted.
@@ -41,12 +45,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write_json, read_json, run_cli, set_seed
+from common import RunLog, UserError, atomic_write_json, read_json, run_cli, set_seed
 from hidden_data import (
     CHUNK_KEYS,
     FORMAT_VERSION,
+    HASH_ON_SKIP_BYTES,
     TEACHER_FORCED_KEY,
     chunk_name,
+    chunk_problem,
     merge_manifest,
     shard_name,
     write_chunk,
@@ -144,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard_index", type=int, default=None, help="this process's shard (default: accelerate rank)")
     p.add_argument("--max_failures", type=int, default=10, help="stop (exit 1) once more clips than this failed")
     p.add_argument("--seed", type=int, default=0, help="random seed (generation is greedy; affects nothing else)")
+    p.add_argument("--verify", action="store_true",
+                   help="before skipping finished chunks, hash every one (not only those up to 1 GiB) and read its "
+                   "sample count; damaged ones are redone")
     args = p.parse_args(argv)
     for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_event_frames", "num_frames"):
         if getattr(args, name) < 1:
@@ -392,12 +401,14 @@ def plan_work(args: argparse.Namespace, num_shards: int, shard: int) -> tuple[Sh
     return work, len(plan), chunk_size
 
 
-def load_progress(work: ShardWork, base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
-    """(this shard's progress record, its finished chunks by file name).
+def load_progress(work: ShardWork, base: dict[str, Any], verify: bool = False
+                  ) -> tuple[dict[str, Any], dict[str, dict], list[str]]:
+    """(this shard's progress record, its finished chunks by file name, damaged chunks with why).
 
-    A chunk counts as finished when its file is on disk with the recorded size and it lost no clip:
-    clips that failed before are retried (the data may have been fixed), and only this run's
-    failures count against --max_failures.
+    A chunk counts as finished when it lost no clip and its file is on disk as recorded: the size
+    always, the SHA-256 when the file is at most HASH_ON_SKIP_BYTES or with `verify` (which also reads
+    its sample count). Clips that failed before are retried (the data may have been fixed), and only
+    this run's failures count against --max_failures.
     """
     progress = (
         read_json(work.shard_file, "shard progress file", "delete it to restart this shard")
@@ -406,14 +417,18 @@ def load_progress(work: ShardWork, base: dict[str, Any]) -> tuple[dict[str, Any]
     )
     progress["settings"] = {k: base[k] for k in RUN_IDENTITY}
     progress["failed"] = []
-    finished = {
-        c["file"]: c
-        for c in progress["chunks"]
-        if not c.get("failed_clips")
-        and (work.out_dir / c["file"]).is_file()
-        and (work.out_dir / c["file"]).stat().st_size == c["bytes"]
-    }
-    return progress, finished
+    finished, damaged = {}, []
+    for c in progress["chunks"]:
+        if c.get("failed_clips"):
+            continue
+        hash_it = verify or c["bytes"] <= HASH_ON_SKIP_BYTES
+        why = chunk_problem(work.out_dir, c, hash_it, load=verify, teacher_forced=bool(base.get("teacher_forced")))
+        if why is None:
+            finished[c["file"]] = c
+        elif why != "missing":  # a missing one was never finished (or was deleted to redo it)
+            log.warning("%s: %s; redoing it", work.out_dir / c["file"], why)
+            damaged.append(f"{c['file']}: {why}")
+    return progress, finished, damaged
 
 
 DTYPE_FLAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -459,9 +474,19 @@ def extract_chunks(egpt: Any, vl: Any, args: argparse.Namespace, work: ShardWork
         progress["failed"].append({"clip": clip_id, "error": str(err)})
         result.failed_clips.add(clip_id)
 
-    clips = work.clips
     bar = tqdm(total=sum(len(work.chunks[j]) for j in todo), unit="sample",
                desc=f"extract {args.split} s{work.shard}", dynamic_ncols=True, disable=None)
+    try:
+        _extract_loop(egpt, vl, args, work, todo, progress, result, on_clip_error, bar)
+    finally:  # closed before any error line is printed, so the line does not land inside the bar
+        bar.close()
+    return result
+
+
+def _extract_loop(egpt: Any, vl: Any, args: argparse.Namespace, work: ShardWork, todo: list[int],
+                  progress: dict[str, Any], result: ChunkLoopResult, on_clip_error: Callable[[str, Exception], None],
+                  bar: Any) -> None:
+    clips = work.clips
     for j in todo:
         rows: dict[str, list[torch.Tensor]] = {}
         ids, clip_ids, q_idx = [], [], []
@@ -496,8 +521,6 @@ def extract_chunks(egpt: Any, vl: Any, args: argparse.Namespace, work: ShardWork
         progress["chunks"] = [c for c in progress["chunks"] if c["file"] != entry["file"]] + [entry]
         atomic_write_json(progress, work.shard_file)
         result.written += len(ids)
-    bar.close()
-    return result
 
 
 def exit_status(args: argparse.Namespace, work: ShardWork, result: ChunkLoopResult, already_done: int
@@ -530,16 +553,28 @@ def report(args: argparse.Namespace, work: ShardWork, result: ChunkLoopResult, a
         print(f"  failed clip {f['clip']}: {f['error']}")
 
 
+def log_path(out_dir: Path, shard: int, num_shards: int) -> Path:
+    """The run log: log.txt, or one per shard (log_s000.txt, ...) when several processes write."""
+    return out_dir / ("log.txt" if num_shards == 1 else f"log_s{shard:03d}.txt")
+
+
 def main(args: argparse.Namespace) -> int:
     set_seed(args.seed)
     num_shards, shard, state = resolve_shard(args)
+    with RunLog(log_path(args.output_dir, shard, num_shards)):
+        return extract(args, num_shards, shard, state)
+
+
+def extract(args: argparse.Namespace, num_shards: int, shard: int, state: Any) -> int:
+    """The run once the shard is known (main wraps it in the run log)."""
     work, num_planned, chunk_size = plan_work(args, num_shards, shard)
-    work.out_dir.mkdir(parents=True, exist_ok=True)
+    # Every refusal (device, dtype, other settings in the folder) comes before the folder is created.
     device, dtypes = resolve_compute(args, state)
     base = run_settings(args, work, num_planned, chunk_size, dtypes)
     check_same_run(work.out_dir, base, RUN_IDENTITY)
+    work.out_dir.mkdir(parents=True, exist_ok=True)
 
-    progress, finished = load_progress(work, base)
+    progress, finished, damaged = load_progress(work, base, args.verify)
     todo = [j for j in range(len(work.chunks)) if chunk_name(shard, j) not in finished]
     already_done = sum(c["num_samples"] for c in finished.values())
     if already_done:
@@ -561,6 +596,8 @@ def main(args: argparse.Namespace) -> int:
         state.wait_for_everyone()
     manifest = merge_manifest(work.out_dir, {**base, "format_version": FORMAT_VERSION})
     report(args, work, result, already_done, manifest, progress, time.perf_counter() - start)
+    if damaged:
+        print(f"  {len(damaged)} finished chunk(s) were damaged and redone: " + "; ".join(damaged))
     if why:
         print(f"error: {why}")  # last, after the failed clips it refers to
     return status

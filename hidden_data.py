@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from common import UserError, atomic_torch_save, atomic_write_json, first_line, read_json, safe_torch_load
 
@@ -46,7 +47,11 @@ CHUNK_KEYS: dict[str, tuple[torch.dtype, str]] = {
 }
 TEACHER_FORCED_KEY = "egpt_hidden_tf"  # drafter states on the target's tokens, [N, T, D_drafter] fp16
 
-FIX_RERUN = "rerun extract_hidden_states.py with the same flags: it redoes unfinished chunks"
+FIX_RERUN = ("rerun extract_hidden_states.py with the same flags plus --verify: it redoes unfinished and damaged "
+             "chunks")
+# Chunks up to this size are hashed whenever a rerun skips them (about a second of SHA-256); larger ones
+# get the size check only, unless the rerun passes --verify.
+HASH_ON_SKIP_BYTES = 1 << 30
 
 
 def chunk_name(shard: int, index: int) -> str:
@@ -82,11 +87,13 @@ def write_chunk(path: Path, tensors: dict[str, Tensor], sample_ids: list[str], c
     return {"file": path.name, "num_samples": n, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def load_chunk(path: str | Path, expect_teacher_forced: bool = False, *, mmap: bool = False) -> dict[str, Any]:
+def load_chunk(path: str | Path, expect_teacher_forced: bool = False, *, mmap: bool = False,
+               expect_samples: int | None = None) -> dict[str, Any]:
     """Load and validate a chunk; a truncated, foreign or inconsistent file raises one UserError line.
 
     mmap=True maps the file instead of reading it: tensors are read from disk when first touched, so
     a caller that needs some keys only reads those bytes (checks here look at shapes and dtypes only).
+    `expect_samples`: the manifest's count for this chunk; a chunk holding another count is refused.
     """
     path = Path(path)
     chunk = _mmap_load(path) if mmap else safe_torch_load(path, "hidden-state chunk", FIX_RERUN)
@@ -98,6 +105,8 @@ def load_chunk(path: str | Path, expect_teacher_forced: bool = False, *, mmap: b
     if expect_teacher_forced:
         keys[TEACHER_FORCED_KEY] = (torch.float16, "[N, T, D_drafter]")
     n = len(chunk.get("sample_ids", []))
+    if expect_samples is not None and n != expect_samples:
+        raise UserError(f"{path} holds {n} samples but the manifest says {expect_samples}; {FIX_RERUN}")
     for key, (dtype, _) in keys.items():
         value = chunk.get(key)
         if not isinstance(value, Tensor):
@@ -144,8 +153,8 @@ def merge_manifest(out_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def load_manifest(data_dir: str | Path, require_complete: bool = True) -> dict[str, Any]:
-    """Read DIR/manifest.json and check every listed chunk exists with the recorded size."""
+def load_manifest(data_dir: str | Path, require_complete: bool = True, check_files: bool = True) -> dict[str, Any]:
+    """Read DIR/manifest.json and (check_files) check every listed chunk exists with the recorded size."""
     data_dir = Path(data_dir)
     fix = "point to a folder written by extract_hidden_states.py"
     manifest = read_json(data_dir / "manifest.json", "hidden-state manifest", fix)
@@ -153,7 +162,9 @@ def load_manifest(data_dir: str | Path, require_complete: bool = True) -> dict[s
         raise UserError(f"{data_dir / 'manifest.json'} is not a hidden-state manifest; {fix}")
     if require_complete and not manifest.get("complete"):
         raise UserError(f"{data_dir} is not finished (some shards are still running or were killed); {FIX_RERUN}")
-    for c in manifest["chunks"]:
+    if not isinstance(manifest.get("chunks"), list):
+        raise UserError(f"{data_dir / 'manifest.json'} lists no chunks; {fix}")
+    for c in manifest["chunks"] if check_files else ():
         f = data_dir / c["file"]
         if not f.is_file():
             raise UserError(f"{f} is listed in the manifest but missing; {FIX_RERUN}")
@@ -168,7 +179,49 @@ def iter_chunks(data_dir: str | Path, expect_teacher_forced: bool = False) -> It
     """Yield validated chunks of a finished data folder in manifest order."""
     data_dir = Path(data_dir)
     for c in load_manifest(data_dir)["chunks"]:
-        yield load_chunk(data_dir / c["file"], expect_teacher_forced)
+        yield load_chunk(data_dir / c["file"], expect_teacher_forced, expect_samples=int(c["num_samples"]))
+
+
+def chunk_problem(data_dir: Path, entry: dict[str, Any], hash_it: bool, load: bool = False,
+                  teacher_forced: bool = False) -> str | None:
+    """Why the chunk a manifest or shard entry describes is not as recorded (None when it is): missing,
+    another size, (with `hash_it`) another SHA-256, (with `load`) unreadable or another sample count."""
+    f = Path(data_dir) / entry["file"]
+    if not f.is_file():
+        return "missing"
+    if f.stat().st_size != entry["bytes"]:
+        return f"{f.stat().st_size} bytes, {entry['bytes']} recorded (truncated?)"
+    if hash_it and entry.get("sha256") and file_sha256(f) != entry["sha256"]:
+        return "SHA-256 differs from the recorded one (damaged)"
+    if load:
+        try:
+            load_chunk(f, teacher_forced, mmap=True, expect_samples=int(entry["num_samples"]))
+        except UserError as err:
+            return first_line(err, 400).removeprefix(str(f)).removeprefix(":").strip()
+    return None
+
+
+def verify_folder(data_dir: str | Path) -> list[str]:
+    """Every problem of a data folder, one line each (empty when sound): the manifest, and each chunk's
+    presence, size, SHA-256, readability, keys and sample count against it."""
+    data_dir = Path(data_dir)
+    try:
+        manifest = load_manifest(data_dir, require_complete=False, check_files=False)
+    except UserError as err:
+        return [str(err)]
+    problems = [] if manifest.get("complete") else [f"{data_dir}: not finished (some shards did not complete)"]
+    if not manifest.get("widths"):
+        problems.append(f"{data_dir / 'manifest.json'}: records no state widths (re-extract with this release)")
+    for entry in tqdm(manifest["chunks"], desc=f"verify {data_dir.name}", unit="chunk", disable=None, leave=False):
+        why = chunk_problem(data_dir, entry, hash_it=True, load=True,
+                            teacher_forced=bool(manifest.get("teacher_forced")))
+        if why:
+            problems.append(f"{data_dir / entry['file']}: {why}")
+    counted = sum(int(c["num_samples"]) for c in manifest["chunks"])
+    if manifest.get("num_samples") != counted:
+        problems.append(f"{data_dir / 'manifest.json'}: num_samples {manifest.get('num_samples')} but its chunks "
+                        f"list {counted}")
+    return problems
 
 
 def describe(manifest: dict[str, Any]) -> str:
@@ -237,6 +290,10 @@ class ChunkStream:
                             "--teacher_forced or train with --pairs free")
         self.files = [self.data_dir / c["file"] for c in self.manifest["chunks"]]
         self.sizes = [int(c["num_samples"]) for c in self.manifest["chunks"]]
+        # Cheap (headers only, memory mapped), so a chunk that holds other than the manifest's count stops
+        # the run before any output is written instead of hours in.
+        for path, n in zip(self.files, self.sizes, strict=True):
+            load_chunk(path, pairs == "teacher_forced", mmap=True, expect_samples=n)
         if not self.files or sum(self.sizes) == 0:
             raise UserError(f"{self.data_dir} holds no samples; extract this split first")
         if world_size > len(self.files):
@@ -269,7 +326,8 @@ class ChunkStream:
 
     def _read(self, index: int) -> dict[str, Tensor]:
         path = self.files[index]
-        chunk = load_chunk(path, expect_teacher_forced=self.pairs == "teacher_forced", mmap=True)
+        chunk = load_chunk(path, expect_teacher_forced=self.pairs == "teacher_forced", mmap=True,
+                           expect_samples=self.sizes[index])
         drafter, mask = select_pairs(chunk, self.pairs)
         for role, value in (("drafter", drafter), ("target", chunk["vl_hidden"])):
             want = self.dims[role]
@@ -334,3 +392,38 @@ def to_device(batch: dict[str, Tensor], device: torch.device, dtype: torch.dtype
     out["mask"] = out["mask"].bool()
     out["tokens"] = out["tokens"].long()
     return out
+
+
+# ----------------------------------------------------------------------------- verify command
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    """`python hidden_data.py --verify DIR [DIR ...]`: check whole data folders."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Check hidden-state data folders: manifest, and every chunk's "
+                                "presence, size, SHA-256, keys and sample count.")
+    p.add_argument("--verify", nargs="+", required=True, metavar="DIR",
+                   help="data folders written by extract_hidden_states.py (e.g. data/hidden/train)")
+    return p.parse_args(argv)
+
+
+def main(args: Any) -> int:
+    """Print one line per problem and a verdict per folder; 1 when any folder has a problem."""
+    bad = 0
+    for folder in args.verify:
+        problems = verify_folder(folder)
+        for line in problems:
+            print(f"  {line}")
+        if problems:
+            print(f"{folder}: {len(problems)} problem(s); {FIX_RERUN}")
+        else:
+            print(f"{folder}: ok ({len(load_manifest(folder)['chunks'])} chunks, sizes and SHA-256 as recorded)")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    from common import run_cli
+
+    run_cli(main, parse_args)

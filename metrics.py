@@ -182,7 +182,8 @@ class AcceptanceAccumulator(RunningSums):
 
     def _per_position(self, values: Tensor, valid: Tensor) -> Tensor:
         """Sum over the batch of values [B, T] at valid positions, cut or padded to max_positions."""
-        col = (values.double() * valid).sum(dim=0)[: self.max_positions]
+        # where, not a product: padding may hold NaN or inf, and NaN * 0 is NaN
+        col = torch.where(valid, values.double(), 0.0).sum(dim=0)[: self.max_positions]
         return F.pad(col, (0, self.max_positions - col.numel()))
 
     def _hist(self, runs: Tensor, where: Tensor) -> Tensor:

@@ -404,3 +404,67 @@ def test_resume_refuses_other_frames_picking_or_dtypes(quick_world, tmp_path):
                                   "--overwrite"])) == 0
     with pytest.raises(UserError, match="different event_frames"):
         extract(world, out, *FAST)
+
+
+# ----------------------------------------------------------------------------- hardening (issue 18)
+
+
+def test_damaged_chunk_of_the_same_size_is_found_and_redone(batched, quick_world, tmp_path, capsys):
+    """A chunk damaged in place (size kept) fails the verify command, and a rerun redoes it (its SHA-256 is
+    checked before it is skipped); afterwards the folder verifies clean and holds the same data."""
+    import shutil
+
+    import hidden_data
+
+    copy = tmp_path / "copy"
+    shutil.copytree(batched, copy)
+    victim = copy / chunk_name(0, 1)
+    raw = bytearray(victim.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    victim.write_bytes(bytes(raw))
+    problems = hidden_data.verify_folder(copy)
+    assert len(problems) == 1 and chunk_name(0, 1) in problems[0] and "SHA-256" in problems[0]
+    assert hidden_data.main(hidden_data.parse_args(["--verify", str(copy)])) == 1
+    assert extract(quick_world, copy, "--chunked", "--chunk_size", "4", "--batch_size", "3", "--teacher_forced") == 0
+    printed = capsys.readouterr().out
+    assert "1 finished chunk(s) were damaged and redone" in printed and chunk_name(0, 1) in printed
+    assert "wrote 2 samples" in printed and "4 already done" in printed, printed
+    assert hidden_data.verify_folder(copy) == []
+    assert_same_data(merged(copy, True), merged(batched, True))
+    log_text = (copy / "log.txt").read_text()
+    assert "damaged and redone" in log_text and log_text.count("$ python ") == 2
+
+
+def test_verify_flag_hashes_large_chunks_too(batched, quick_world, tmp_path, monkeypatch):
+    """Chunks over the hash-on-skip size get the size check only, unless --verify."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(batched, copy)
+    victim = copy / chunk_name(0, 0)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    monkeypatch.setattr(ehs, "HASH_ON_SKIP_BYTES", 10)
+    flags = ("--chunked", "--chunk_size", "4", "--batch_size", "3", "--teacher_forced")
+    before = victim.read_bytes()
+    assert extract(quick_world, copy, *flags) == 0
+    assert victim.read_bytes() == before  # size only: not noticed
+    assert extract(quick_world, copy, *flags, "--verify") == 0
+    assert victim.read_bytes() != before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_refused_cuda_device_leaves_no_output_folder(quick_world, tmp_path):
+    out = tmp_path / "never"
+    argv = args_for(quick_world, out)
+    argv[argv.index("--device") + 1] = "cuda"
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        ehs.main(ehs.parse_args(argv))
+    assert not out.exists()
+
+
+def test_extraction_folder_holds_the_run_log(batched):
+    text = (batched / "log.txt").read_text()
+    assert "$ python " in text and "extract train shard 0/1: wrote" in text
