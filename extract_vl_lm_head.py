@@ -104,6 +104,16 @@ def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embedding
     head = safe_torch_load(path, "LM head", fix)
     if not isinstance(head, dict) or head.get("format") != LM_HEAD_FORMAT:
         raise UserError(f"{path} is not an LM head file; {fix}")
+    weight = head.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UserError(f"{path} holds no [vocab, width] LM head weight; {fix}")
+    if (head.get("vocab_size"), head.get("hidden_dim")) != tuple(weight.shape):
+        raise UserError(f"{path} records vocab {head.get('vocab_size')} x width {head.get('hidden_dim')} but its "
+                        f"weight is {list(weight.shape)} (a damaged or hand-edited file); {fix} --overwrite")
+    embed = head.get("embed_weight")
+    if isinstance(embed, torch.Tensor) and tuple(embed.shape) != tuple(weight.shape):
+        raise UserError(f"{path}: input embeddings {list(embed.shape)} and LM head {list(weight.shape)} differ in "
+                        f"shape; {fix} --overwrite")
     if need_embeddings and not isinstance(head.get("embed_weight"), torch.Tensor):
         raise UserError(f"{path} holds no input-embedding table (written by an older release), which adapters "
                         "with a token input read; rewrite it with extract_vl_lm_head.py --overwrite")

@@ -134,7 +134,7 @@ def merge_manifest(out_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
     chunks = [c for s in shards.values() for c in s["chunks"]]
     described = [s for s in shards.values() if s.get("models")]
     if described:  # a shard that had nothing to do never loaded the models
-        base = {**base, "models": described[0]["models"], "widths": described[0]["widths"]}
+        base = {**base, "models": described[0]["models"], "widths": described[0].get("widths")}
     failed = [x for s in shards.values() for x in s["failed"]]
     manifest = {
         **base,

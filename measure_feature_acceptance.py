@@ -142,14 +142,25 @@ def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tens
              device: torch.device) -> tuple[AcceptanceAccumulator, dict[str, RolloutAccumulator], dict[str, float]]:
     """Feed every test batch to the accumulators; returns the one-step accumulator, the drafting ones
     ({"rollout", "teacher_forced"}, empty for same-position adapters) and the data counts."""
-    acc: AcceptanceAccumulator | None = None
     nxt = adapter.predicts == "next"
     rolls = {k: RolloutAccumulator(args.gamma_decode) for k in ("rollout", "teacher_forced")} if nxt else {}
     counts = {"samples": 0, "samples_without_valid_positions": 0, "target_tokens": 0, "drafter_tokens": 0}
     limit = args.max_samples
     manifest = load_manifest(test_data)
     total = min(manifest["num_samples"], limit or manifest["num_samples"])
-    bar = tqdm(total=total, desc=f"{adapter.config.name} {pairs}", unit="sample")
+    with tqdm(total=total, desc=f"{adapter.config.name} {pairs}", unit="sample") as bar:  # closed before errors
+        acc = _evaluate_chunks(adapter, test_data, pairs, head, args, device, rolls, counts, bar)
+    if acc is None or counts["samples"] == 0:
+        raise UserError(f"{test_data} holds no samples; extract the test split first")
+    return acc, rolls, counts
+
+
+def _evaluate_chunks(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tensor, args: argparse.Namespace,
+                     device: torch.device, rolls: dict[str, RolloutAccumulator], counts: dict[str, int], bar: Any
+                     ) -> AcceptanceAccumulator | None:
+    acc: AcceptanceAccumulator | None = None
+    nxt = adapter.predicts == "next"
+    limit = args.max_samples
     for chunk in iter_chunks(test_data, expect_teacher_forced=pairs == "teacher_forced"):
         drafter_all, mask_all = select_pairs(chunk, pairs)
         n = drafter_all.shape[0] if limit is None else min(drafter_all.shape[0], limit - counts["samples"])
@@ -177,10 +188,7 @@ def evaluate(adapter: BaseAdapter, test_data: Path, pairs: str, head: torch.Tens
         bar.update(n)
         if limit is not None and counts["samples"] >= limit:
             break
-    bar.close()
-    if acc is None or counts["samples"] == 0:
-        raise UserError(f"{test_data} holds no samples; extract the test split first")
-    return acc, rolls, counts
+    return acc
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -356,16 +364,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{test_data} has no teacher-forced states; "
                         "extract it with --teacher_forced or pass --pairs free")
     check_same_models(args.checkpoint, extra, manifest, args.allow_model_mismatch)
-    widths = manifest.get("widths") or {}
-    head_file = load_lm_head(args.lm_head, hidden_dim=adapter.config.target_dim,
+    widths = manifest.get("widths")
+    if not isinstance(widths, dict) or not widths.get("target"):
+        raise UserError(f"{test_data / 'manifest.json'} records no state widths (written by an older release); "
+                        "re-extract the test split with extract_hidden_states.py")
+    # the checkpoint against the data first: a checkpoint of other models is not a bad LM head
+    for role, have in (("drafter", adapter.config.drafter_dim), ("target", adapter.config.target_dim)):
+        if widths.get(role) not in (None, have):
+            raise UserError(f"{args.checkpoint} expects {role} width {have}, {test_data} has {widths[role]}; "
+                            "evaluate an adapter trained on states of the test data's models")
+    head_file = load_lm_head(args.lm_head, hidden_dim=int(widths["target"]),
                              need_embeddings=adapter.config.token_input)
     target_hash = model_hashes(manifest.get("models")).get("target")
     if target_hash and head_file.get("config_hash") not in (None, target_hash):
         raise UserError(f"{args.lm_head} is the LM head of another target model than {test_data}'s (config hashes "
                         "differ); extract the head of the model that produced the states")
-    for role, have in (("drafter", adapter.config.drafter_dim), ("target", adapter.config.target_dim)):
-        if widths.get(role) not in (None, have):
-            raise UserError(f"{args.checkpoint} expects {role} width {have}, {test_data} has {widths[role]}")
     if args.input_states == "target" and adapter.config.drafter_dim != adapter.config.target_dim:
         raise UserError(f"--input_states target needs equal widths; {args.checkpoint} maps "
                         f"{adapter.config.drafter_dim} -> {adapter.config.target_dim}")

@@ -203,3 +203,59 @@ def test_quick_world_subprocess(quick_hidden, tmp_path):
     roll = result["drafting"]["rollout"]
     assert roll["live_iterations"] > 0 and 0 <= roll["live_accepted_per_iteration"] <= 5
     assert len(result["calibration"]["accept"]) == 20
+
+
+# ----------------------------------------------------------------------------- hardening (issue 18)
+
+
+def run_cli(*argv: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "measure_feature_acceptance.py"), *argv, "--device", "cpu"],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def only_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line, which must start its own line (no progress bar left open before it)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.split("\n") if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-2000:]
+    return errors[0]
+
+
+def test_manifest_counting_more_samples_than_a_chunk_holds_stops_naming_it(tmp_path):
+    """The manifest says 4 samples for the last chunk, which holds 2: one line naming it, bar closed first."""
+    write_test_data(tmp_path / "test")
+    path = tmp_path / "test" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["chunks"][1]["num_samples"], manifest["num_samples"] = 4, 8
+    path.write_text(json.dumps(manifest))
+    _, ckpt = checkpoint(tmp_path, "L1", "free")
+    args = ["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"), "--lm_head", str(tmp_path / "lm_head.pt"),
+            "--output_dir", str(tmp_path / "o"), "--batch_size", "2"]
+    with pytest.raises(UserError, match=r"chunk_s000_00001\.pt holds 2 samples but the manifest says 4"):
+        mfa.main(mfa.parse_args([*args, "--device", "cpu"]))
+    assert "chunk_s000_00001.pt holds 2 samples" in only_error_line(run_cli(*args, cwd=tmp_path))
+
+
+def test_checkpoint_of_another_width_is_blamed_not_the_head(tmp_path):
+    write_test_data(tmp_path / "test")
+    wide = create_adapter("L1", D + 8, dropout=0.0)
+    save_adapter(tmp_path / "wide.pt", wide, pairs="free", data={"models": MODELS})
+    with pytest.raises(UserError) as err:
+        mfa.main(mfa.parse_args(["--checkpoint", str(tmp_path / "wide.pt"), "--test_data", str(tmp_path / "test"),
+                                 "--lm_head", str(tmp_path / "lm_head.pt"), "--device", "cpu"]))
+    assert str(err.value).startswith(f"{tmp_path / 'wide.pt'} expects drafter width {D + 8}") and "lm_head" not in \
+        str(err.value)
+
+
+def test_manifest_without_widths_and_inconsistent_head_are_one_line(tmp_path):
+    write_test_data(tmp_path / "test")
+    _, ckpt = checkpoint(tmp_path, "L1", "free")
+    args = ["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"), "--lm_head", str(tmp_path / "lm_head.pt"),
+            "--output_dir", str(tmp_path / "o")]
+    head = torch.load(tmp_path / "lm_head.pt", weights_only=True)
+    atomic_torch_save({**head, "hidden_dim": D + 8}, tmp_path / "lm_head.pt")  # records a width its weight lacks
+    assert "records vocab" in only_error_line(run_cli(*args, cwd=tmp_path))
+    atomic_torch_save(head, tmp_path / "lm_head.pt")
+    path = tmp_path / "test" / "manifest.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "widths"}))
+    assert "records no state widths" in only_error_line(run_cli(*args, cwd=tmp_path))
