@@ -320,6 +320,24 @@ class ChunkStream:
     def num_batches(self, epoch: int, rank: int | None = None) -> int:
         return sum(-(-self.sizes[i] // self.batch_size) for i in self.chunk_order(epoch, rank))
 
+    def samples_in_batches(self, epoch: int, rank: int, max_batches: int) -> int:
+        """Samples in the first `max_batches` batches of `rank` in `epoch` (batches never span chunks)."""
+        total = 0
+        for i in self.chunk_order(epoch, rank):
+            full = -(-self.sizes[i] // self.batch_size)
+            take = min(full, max_batches)
+            total += min(self.sizes[i], take * self.batch_size)
+            max_batches -= take
+            if max_batches <= 0:
+                break
+        return total
+
+    def dropped_samples(self, epoch: int) -> int:
+        """Samples that `even_num_batches` leaves unread in `epoch`: the ranks' batches beyond the smallest share."""
+        even = self.even_num_batches(epoch)
+        return sum(sum(self.sizes[i] for i in self.chunk_order(epoch, r)) - self.samples_in_batches(epoch, r, even)
+                   for r in range(self.world_size))
+
     def even_num_batches(self, epoch: int) -> int:
         """Batches every rank can take in `epoch` (the smallest share): DDP needs equal step counts."""
         return min(self.num_batches(epoch, r) for r in range(self.world_size))

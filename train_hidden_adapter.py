@@ -44,10 +44,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from common import (
+    RunLog,
     UserError,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
+    first_line,
     resolve_device,
     run_cli,
     safe_torch_load,
@@ -74,7 +76,9 @@ from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, str
 log = logging.getLogger("xmodal_sd.train")
 STATE_FORMAT = "xmodal_sd.train_state"
 # Flags that may differ on --resume without changing the result: where and how long this process runs.
-RUNTIME_FLAGS = ("resume", "config", "device", "stop_after_epoch", "no_progress")
+RUNTIME_FLAGS = ("resume", "config", "device", "stop_after_epoch", "no_progress", "no_prefetch", "override",
+                 "report_to", "push_to_hub", "hub_model_id")
+REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 # Higher is better for every selection metric except the loss.
 SELECT_METRICS = ("auto", "loss", "cos_mean", "accept@0.90", "token_top1", "rollout_accept")
 # Measured on the toy world (docs/TRAINING.md, "Next-position loss"): convex beats sum, and w = 1
@@ -159,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the input embeddings that the token input reads")
     p.add_argument("--no_prefetch", action="store_true", help="read chunks in the training thread (for benchmarks)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume: continue with the flags given even where they differ from the run's "
+                        "config.yaml (the differences are logged and config.yaml is rewritten); without it such a "
+                        "resume is refused")
+    p.add_argument("--report_to", choices=REPORT_TO, default="auto",
+                   help="per-epoch metrics through accelerate's trackers: tensorboard (RUN/tensorboard/), wandb, or "
+                        "none; auto = tensorboard when it is installed, else none")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="upload the run's hf/ export to the Hugging Face Hub when training finishes (log in first: "
+                        "`hf auth login` or HF_TOKEN)")
+    p.add_argument("--hub_model_id", default=None,
+                   help="Hub repository for --push_to_hub, e.g. me/eventgpt-L5F (default: the run folder's name "
+                        "under your account)")
     return p
 
 
@@ -200,6 +217,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    args.overridden = resume_changes(parser, argv) if first.resume else {}
+    if args.overridden and not args.override:
+        listed = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in args.overridden.items())
+        parser.error(f"--resume {first.resume}: these flags differ from the run's config.yaml: {listed}; drop them "
+                     "to continue the run as it was, or add --override to continue with them")
+    try:
+        args.trackers = resolve_trackers(args.report_to)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.hub_model_id and not args.push_to_hub:
+        parser.error("--hub_model_id names the repository of --push_to_hub; pass both")
     for name in ("train_data", "val_data", "adapter_level"):
         if getattr(args, name) in (None, ""):
             parser.error(f"--{name} is required (on the command line or in --config)")
@@ -233,6 +261,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def resume_changes(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, tuple[Any, Any]]:
+    """{flag: (run's value, given value)} for flags given on the command line of a resume that differ from
+    the run's config.yaml (already the parser's defaults); where and how long it runs does not count."""
+    explicit = build_parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = explicit.parse_known_args(argv)
+    return {k: (parser.get_default(k), v) for k, v in vars(given).items()
+            if k not in RUNTIME_FLAGS and v != parser.get_default(k)}
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """accelerate tracker names for --report_to; an explicit one that is not installed is refused."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if report_to == "none":
+        return []
+    if report_to == "auto":
+        return ["tensorboard"] if available["tensorboard"] else []
+    if not available[report_to]:
+        raise ValueError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), "
+                         "or pass --report_to none")
+    return [report_to]
 
 
 def resolve_drafting(args: argparse.Namespace) -> None:
@@ -428,36 +482,40 @@ def train_epoch(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, opt
                disable=not proc.is_main or args.no_progress, leave=False)
     start = time.perf_counter()
     it = stream.batches(epoch, max_batches=batches)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            raw = next(it)
-        except StopIteration:
-            break
-        batch = to_device(raw, proc.device)
-        wait += time.perf_counter() - t0
-        with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
-            outs = forward(model, adapter, batch)
-        loss, parts = loss_of(adapter, outs, batch, args, head)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        state["step"] += 1
-        n = float(batch["mask"].sum())
-        sums += torch.tensor([loss.item() * n, parts["align"] * n, parts.get("pred", math.nan) * n, n],
-                             dtype=torch.float64)
-        samples += raw["mask"].shape[0]
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{samples / max(elapsed, 1e-9):.0f}")
-        bar.update(1)
-    bar.close()
+    try:  # the bar is closed before an error line is printed
+        while True:
+            t0 = time.perf_counter()
+            try:
+                raw = next(it)
+            except StopIteration:
+                break
+            batch = to_device(raw, proc.device)
+            wait += time.perf_counter() - t0
+            with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
+                outs = forward(model, adapter, batch)
+            loss, parts = loss_of(adapter, outs, batch, args, head)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            n = float(batch["mask"].sum())
+            sums += torch.tensor([loss.item() * n, parts["align"] * n, parts.get("pred", math.nan) * n, n],
+                                 dtype=torch.float64)
+            samples += raw["mask"].shape[0]
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{samples / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - start
     total = all_sum([*sums.tolist(), samples, elapsed, wait], proc)
     n = max(float(total[3]), 1.0)
     return {"train_loss": float(total[0]) / n, "train_align": float(total[1]) / n,
+            # DDP needs equal step counts: the ranks' batches beyond the smallest share are not trained on
+            "train_samples_dropped": stream.dropped_samples(epoch),
             "train_pred": float(total[2]) / n if adapter.predicts == "next" else None,
             "train_samples": int(total[4]), "train_s": float(total[5]) / proc.world_size,
             "samples_per_s": float(total[4]) / max(float(total[5]) / proc.world_size, 1e-9),
@@ -651,6 +709,9 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
                  "val": val, "best": improved, "epoch_s": time.perf_counter() - t0}
         state["history"].append(strict_json(entry))
         roll = f", roll-out accepted/iter {val['rollout_accept']:.3f}" if "rollout_accept" in val else ""
+        if stats["train_samples_dropped"]:
+            roll += f", {stats['train_samples_dropped']} train samples left out to keep the ranks in step"
+        ctx["trackers"].log(tracker_values(entry, adapter.predicts), step=state["epoch"])
         log.info("epoch %d: train loss %.4f, val loss %.4f, Accept@0.90 %.3f, %s %s%s, %.0f samples/s, "
                  "data wait %.0f%%%s", state["epoch"], stats["train_loss"], val["loss"], val["accept@0.90"],
                  token_key(adapter.predicts), f"{val.get(token_key(adapter.predicts), math.nan):.3f}", roll,
@@ -707,11 +768,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     total = min(total, args.max_steps or total)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     run_dir = make_run_dir(args, proc)
+    with RunLog(run_dir / "log.txt", enabled=proc.is_main):
+        return train_in(run_dir, args, proc, train, val, adapter, model, opt, sched, head, total)
+
+
+def train_in(run_dir: Path, args: argparse.Namespace, proc: Proc, train: ChunkStream, val: ChunkStream,
+             adapter: BaseAdapter, model: nn.Module, opt: Any, sched: Any, head: Tensor | None, total: int
+             ) -> dict[str, Any]:
+    """Everything after the run folder exists (main runs it inside the folder's run log)."""
     state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [],
              "finished": False, "stop_reason": None}
     if args.resume:
         state = load_state(run_dir / "last.pt", adapter, opt, sched, proc)
         log.info("resuming %s after epoch %d (step %d)", run_dir, state["epoch"], state["step"])
+        if args.overridden:
+            log.warning("--override: continuing with %s", ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in args.overridden.items()))
+            if proc.is_main:
+                write_config(run_dir / "config.yaml", args)
     else:
         if proc.is_main:
             write_config(run_dir / "config.yaml", args)
@@ -719,9 +793,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         state["initial_val"] = strict_json(validate(model, adapter, val, head, args, proc)[0])
     log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
              adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
+    trackers = Trackers(args.trackers, run_dir, config_values(args), proc)
     ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,
-           "train": train, "val": val, "head": head, "data": data_record(train, val)}
-    state = run_epochs(ctx, args, proc)
+           "train": train, "val": val, "head": head, "data": data_record(train, val), "trackers": trackers}
+    try:
+        state = run_epochs(ctx, args, proc)
+    finally:
+        trackers.finish()
     return finish(state, run_dir, args, proc)
 
 
@@ -734,16 +812,85 @@ def finish(state: dict[str, Any], run_dir: Path, args: argparse.Namespace, proc:
         return result
     best = state["history"][state["best_epoch"] - 1]["val"]
     result["best_val"] = best
+    dropped = sum(h.get("train_samples_dropped") or 0 for h in state["history"])
+    result["train_samples_dropped"] = dropped
     if proc.is_main:
         adapter, _ = load_adapter(run_dir / "best_model.pt")
         export_hf(adapter, run_dir / "hf")
+        if dropped:
+            print(f"{dropped} train samples over {state['epoch']} epochs were left out to keep the "
+                  f"{proc.world_size} processes in step (the ranks' batches beyond the smallest share; a new order "
+                  "every epoch)")
         key = token_key(adapter.predicts)
         top1 = best.get(key)
         top1_text = f"{key.replace('_', ' ')} {top1:.3f}" if top1 is not None else "token top-1 n/a (no --lm_head)"
         print(f"{args.level_name} {args.pairs}: best epoch {state['best_epoch']}/{state['epoch']} "
               f"({state['stop_reason']}): val loss {best['loss']:.4f}, Accept@0.90 {best['accept@0.90']:.3f}, "
               f"{top1_text} -> {run_dir / 'best_model.pt'}")
+        if args.push_to_hub:
+            result["hub_url"] = push_to_hub(run_dir / "hf", args.hub_model_id or run_dir.name)
     return result
+
+
+# ----------------------------------------------------------------------------- trackers and the Hub
+
+
+def tracker_values(entry: dict[str, Any], predicts: str) -> dict[str, float]:
+    """The per-epoch scalars sent to the trackers (finite numbers only)."""
+    val = entry["val"]
+    values = {"lr": entry["lr"], "train/loss": entry["train_loss"], "train/align": entry["train_align"],
+              "train/pred": entry["train_pred"], "train/samples_per_s": entry["samples_per_s"],
+              "train/data_wait_share": entry["data_wait_share"],
+              "train/samples_dropped": entry["train_samples_dropped"]}
+    for key in ("loss", "cos_mean", "accept@0.90", token_key(predicts), "rollout_accept"):
+        values[f"val/{key}"] = val.get(key)
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+class Trackers:
+    """accelerate's experiment trackers, as `Accelerator(log_with=...).init_trackers` would set them up, on the
+    main process only (this script owns its processes through PartialState, not an Accelerator)."""
+
+    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], proc: Proc):
+        self.trackers: list[Any] = []
+        if not names or not proc.is_main:
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        hparams = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.items()}
+        for name in names:
+            cls = LOGGER_TYPE_TO_CLASS[name]
+            tracker = (cls("tensorboard", run_dir) if cls.requires_logging_directory
+                       else cls("xmodal-sd", name=run_dir.name, dir=str(run_dir)))
+            tracker.start()
+            tracker.store_init_configuration(hparams)
+            self.trackers.append(tracker)
+        log.info("reporting per-epoch metrics to %s", ", ".join(names))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload the hf/ export (config.json, model.safetensors) to a Hub model repository; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, repo_type="model",
+                          commit_message=f"xmodal-sd adapter from {folder.parent.name}")
+    except Exception as err:  # network, login, permissions: the export is kept either way
+        raise UserError(f"cannot push {folder} to the Hub as {repo_id}: {first_line(err)}; the export is kept, "
+                        f"upload it later with `hf upload {repo_id} {folder}`") from err
+    url = f"https://huggingface.co/{repo.repo_id}"
+    print(f"pushed {folder} to {url}")
+    return url
 
 
 if __name__ == "__main__":

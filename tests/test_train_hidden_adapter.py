@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -181,8 +182,10 @@ def test_wrong_width_between_train_and_val(data, tmp_path):
 
 def test_wrong_level_on_resume_and_on_the_command_line(data, tmp_path):
     part = train(*flags(data, tmp_path, "L1", "--stop_after_epoch", "1"))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(SystemExit):  # a changed flag on --resume is refused unless --override
         train("--resume", part["run_dir"], "--adapter_level", "L2", "--no_progress")
+    with pytest.raises(UserError) as err:
+        train("--resume", part["run_dir"], "--adapter_level", "L2", "--no_progress", "--override")
     assert "last.pt is an L1 run" in one_line(err)
     with pytest.raises(SystemExit):
         tha.parse_args(flags(data, tmp_path, "L7"))
@@ -269,6 +272,9 @@ def test_accelerate_launch_two_cpu_processes(data, tmp_path):
                                                                                "next")] * 2
     # train chunks of 16 samples over 2 ranks (3 chunks): the smaller share sets the steps of both
     assert history[0]["train_samples"] > 0 and proc.stdout.count("best epoch") == 1
+    # the larger share's extra batches are left out, and said so
+    assert sum(h["train_samples_dropped"] for h in history) > 0 and "left out to keep the 2 processes" in proc.stdout
+    assert (run / "log.txt").read_text().count("$ python ") == 1
     _, extra = load_adapter(run / "best_model.pt")
     assert extra["world_size"] == 2
 
@@ -335,3 +341,138 @@ def test_resume_of_a_run_from_before_the_drafting_flags(data, tmp_path):
     cfg.write_text(yaml.safe_dump(old))
     resumed = train("--resume", part["run_dir"], "--no_progress")
     assert resumed["finished"] and resumed["epochs"] == 2
+
+
+# ----------------------------------------------------------------------------- hardening (issue 18)
+
+
+def test_resume_with_changed_flags_is_refused_then_overridden(data, tmp_path, capsys):
+    part = train(*flags(data, tmp_path, "L1", "--stop_after_epoch", "1"))
+    run = Path(part["run_dir"])
+    with pytest.raises(SystemExit):
+        train("--resume", str(run), "--learning_rate", "0.005", "--no_progress")
+    err = capsys.readouterr().err
+    assert "--learning_rate 0.02 -> 0.005" in err and "--override" in err
+    # runtime flags and flags equal to the saved ones are no change
+    assert tha.parse_args(["--resume", str(run), "--no_progress", "--device", "cpu", "--batch_size", "6"]).overridden \
+        == {}
+    resumed = train("--resume", str(run), "--learning_rate", "0.005", "--no_progress", "--override")
+    assert resumed["finished"] and yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == 0.005
+    text = (run / "log.txt").read_text()
+    assert text.count("$ python ") == 2 and "--override: continuing with learning_rate 0.02 -> 0.005" in text
+    assert "L1 teacher_forced: best epoch" in text  # what was printed
+
+
+def test_manifest_counting_more_samples_than_a_chunk_stops_before_any_run_folder(data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "train"
+    shutil.copytree(data / "train", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["chunks"][2]["num_samples"] += 4
+    manifest["num_samples"] += 4
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    argv = flags(data, tmp_path / "o", "L1")
+    argv[argv.index("--train_data") + 1] = str(broken)
+    with pytest.raises(UserError) as err:
+        train(*argv)
+    assert f"{chunk_name(0, 2)} holds 16 samples but the manifest says 20" in one_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_ddp_dropped_samples_are_counted(data):
+    stream = ChunkStream(data / "train", pairs="free", batch_size=6, rank=0, world_size=2, shuffle=False)
+    # 3 chunks of 16 (3 batches each): rank 0 reads two (6 batches), rank 1 one (3), so rank 0's second is left out
+    assert stream.even_num_batches(0) == 3 and stream.dropped_samples(0) == 16
+    single = ChunkStream(data / "train", pairs="free", batch_size=6)
+    assert single.dropped_samples(0) == 0 and single.samples_in_batches(0, 0, 4) == 22
+
+
+class FakeTracker:
+    """Stands in for accelerate's TensorBoardTracker (tensorboard may not be installed)."""
+
+    requires_logging_directory = True
+    calls: ClassVar[list[tuple[str, object]]] = []
+
+    def __init__(self, run_name, logging_dir):
+        FakeTracker.calls.append(("init", Path(logging_dir) / run_name))
+
+    def start(self):
+        FakeTracker.calls.append(("start", None))
+
+    def store_init_configuration(self, values):
+        assert all(isinstance(v, bool | int | float | str) for v in values.values())
+        FakeTracker.calls.append(("config", values))
+
+    def log(self, values, step=None):
+        FakeTracker.calls.append(("log", (step, values)))
+
+    def finish(self):
+        FakeTracker.calls.append(("finish", None))
+
+
+def test_metrics_reach_the_trackers(data, tmp_path, monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setitem(accelerate.tracking.LOGGER_TYPE_TO_CLASS, "tensorboard", FakeTracker)
+    FakeTracker.calls = []
+    args = tha.parse_args(flags(data, tmp_path, "L1", "--num_epochs", "2", "--report_to", "none"))
+    assert args.trackers == []
+    args.trackers = ["tensorboard"]
+    result = tha.main(args)
+    kinds = [c[0] for c in FakeTracker.calls]
+    assert kinds == ["init", "start", "config", "log", "log", "finish"]
+    assert FakeTracker.calls[0][1] == Path(result["run_dir"]) / "tensorboard"
+    steps = [c[1][0] for c in FakeTracker.calls if c[0] == "log"]
+    logged = [c[1][1] for c in FakeTracker.calls if c[0] == "log"]
+    history = json.loads((Path(result["run_dir"]) / "history.json").read_text())["history"]
+    assert steps == [1, 2] and [v["val/loss"] for v in logged] == [h["val"]["loss"] for h in history]
+    assert {"train/loss", "lr", "val/accept@0.90", "val/token_top1"} <= set(logged[0])
+
+
+def test_report_to_an_uninstalled_tracker_is_refused(data, tmp_path, capsys):
+    from accelerate.utils import is_tensorboard_available
+
+    assert tha.resolve_trackers("none") == []
+    assert tha.resolve_trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(SystemExit):
+        tha.parse_args(flags(data, tmp_path, "L1", "--report_to", "tensorboard"))
+    assert "pip install tensorboard" in capsys.readouterr().err
+
+
+class FakeHub:
+    calls: ClassVar[list[tuple[str, dict]]] = []
+
+    def create_repo(self, repo_id, **kw):
+        FakeHub.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+        return type("RepoUrl", (), {"repo_id": repo_id if "/" in repo_id else f"me/{repo_id}"})()
+
+    def upload_folder(self, **kw):
+        files = sorted(p.name for p in Path(kw["folder_path"]).iterdir())
+        FakeHub.calls.append(("upload_folder", {**kw, "files": files}))
+
+
+def test_push_to_hub_uploads_the_hf_export(data, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls = []
+    result = train(*flags(data, tmp_path, "L1", "--num_epochs", "1", "--push_to_hub", "--hub_model_id", "me/l1"))
+    (create, upload) = FakeHub.calls
+    assert create == ("create_repo", {"repo_id": "me/l1", "repo_type": "model", "exist_ok": True})
+    assert upload[1]["folder_path"] == str(Path(result["run_dir"]) / "hf") and upload[1]["repo_id"] == "me/l1"
+    assert {"config.json", "model.safetensors"} <= set(upload[1]["files"])
+    assert result["hub_url"] == "https://huggingface.co/me/l1"
+
+    class Offline(FakeHub):
+        def create_repo(self, repo_id, **kw):
+            raise OSError("no network\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    with pytest.raises(UserError) as err:
+        train(*flags(data, tmp_path, "L1", "--num_epochs", "1", "--push_to_hub"))
+    assert "cannot push" in one_line(err) and "no network" in str(err.value)
+    with pytest.raises(SystemExit):
+        tha.parse_args(flags(data, tmp_path, "L1", "--hub_model_id", "me/x"))
