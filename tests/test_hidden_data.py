@@ -189,3 +189,29 @@ def test_pinned_batches_reach_the_gpu_unchanged(split):
         assert a["x"].is_pinned()
         on_gpu = to_device(a, torch.device("cuda"))
         assert torch.equal(on_gpu["x"].cpu(), to_device(b, torch.device("cpu"))["x"])
+
+
+# ----------------------------------------------------------------------------- verify command (issue 18)
+
+
+def test_verify_command_names_every_damaged_chunk(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    folder = make_split(tmp_path / "train", 12, 4)
+    cmd = [sys.executable, str(ROOT / "hidden_data.py"), "--verify", str(folder)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "ok (3 chunks" in ok.stdout, ok.stderr
+    same_size = folder / chunk_name(0, 1)
+    raw = bytearray(same_size.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    same_size.write_bytes(bytes(raw))
+    (folder / chunk_name(0, 2)).unlink()
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    lines = [line.strip() for line in bad.stdout.splitlines()]
+    assert any(chunk_name(0, 1) in line and "SHA-256" in line for line in lines)
+    assert any(chunk_name(0, 2) in line and "missing" in line for line in lines)
+    assert "2 problem(s)" in lines[-1] and "--verify" in lines[-1]

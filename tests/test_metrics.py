@@ -373,3 +373,17 @@ def test_rollout_accumulator_takes_windows_shorter_than_gamma():
     m = acc.compute()
     assert m["live_iterations"] == 1 and m["live_accepted_per_iteration"] == 1.0  # k = min(5, 3 - 1 - 1) = 1
     assert m["accept_len"] == pytest.approx((2 + 1) / 2)  # starts 0 (two hits) and 1 (one)
+
+
+def test_per_position_means_ignore_nan_in_the_padding():
+    """Padding holds NaN (random_batch): every per-position mean with a count is a number (issue 18)."""
+    for predicts in ("same", "next"):
+        pred, target, mask, weight, tokens = random_batch(5)
+        acc = AcceptanceAccumulator(predicts=predicts, lm_head=weight, max_positions=pred.shape[1])
+        acc.update(pred, target, mask, tokens)
+        per = acc.per_position()
+        for key, values in per.items():
+            if key in ("position", "count"):
+                continue
+            counted = [v for v, n in zip(values, per["count"], strict=True) if n > 0]
+            assert counted and not any(math.isnan(v) for v in counted), (predicts, key, values)
