@@ -13,6 +13,11 @@ Readers: `select_pairs` applies the pairing rule (free or teacher-forced drafter
 mask that goes with each); `ChunkStream` streams a folder larger than RAM in batches (one chunk at a
 time, memory mapped, reshuffled per epoch from the seed, next chunk read in the background, split
 across DDP ranks) and `to_device` moves a batch to the compute device (docs/TRAINING.md).
+
+Checking whole folders (manifest; every chunk's presence, size, SHA-256, keys and sample count),
+without the models; exit code 1 and one line per problem when any is damaged:
+
+    python hidden_data.py --verify data/toy/hidden/train data/toy/hidden/val data/toy/hidden/test
 """
 
 from __future__ import annotations
