@@ -423,6 +423,7 @@ def test_damaged_chunk_of_the_same_size_is_found_and_redone(batched, quick_world
     middle = len(raw) // 2
     raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
     victim.write_bytes(bytes(raw))
+    runs_before = (copy / "log.txt").read_text().count("$ python ")
     problems = hidden_data.verify_folder(copy)
     assert len(problems) == 1 and chunk_name(0, 1) in problems[0] and "SHA-256" in problems[0]
     assert hidden_data.main(hidden_data.parse_args(["--verify", str(copy)])) == 1
@@ -433,7 +434,7 @@ def test_damaged_chunk_of_the_same_size_is_found_and_redone(batched, quick_world
     assert hidden_data.verify_folder(copy) == []
     assert_same_data(merged(copy, True), merged(batched, True))
     log_text = (copy / "log.txt").read_text()
-    assert "damaged and redone" in log_text and log_text.count("$ python ") == 2
+    assert "damaged and redone" in log_text and log_text.count("$ python ") == runs_before + 1
 
 
 def test_verify_flag_hashes_large_chunks_too(batched, quick_world, tmp_path, monkeypatch):
