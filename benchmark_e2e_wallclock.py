@@ -671,7 +671,7 @@ def main(args: argparse.Namespace) -> int:
     from benchmark_extraction import load_runners
     from extract_hidden_states import plan_samples
     from model_loaders import ClipReadError
-    from toy_dataset import load_index, load_questions
+    from clip_data import load_index, load_questions
 
     set_seed(args.seed)
     split_dir = args.dataset_dir / args.split

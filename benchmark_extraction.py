@@ -394,7 +394,7 @@ def main(args: argparse.Namespace) -> int:
     import transformers
 
     from preprocess_event_images import read_frame_settings
-    from toy_dataset import load_index, load_questions
+    from clip_data import load_index, load_questions
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

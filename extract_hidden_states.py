@@ -377,7 +377,7 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
 
 def plan_work(args: argparse.Namespace, num_shards: int, shard: int) -> tuple[ShardWork, int, int]:
     """(this shard's work, samples planned over all shards, chunk size) from the data set and flags."""
-    from toy_dataset import load_index, load_questions
+    from clip_data import load_index, load_questions
 
     clips = load_index(args.dataset_dir, args.split)
     questions = load_questions(args.questions_file or args.dataset_dir, args.max_questions)

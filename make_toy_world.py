@@ -322,7 +322,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> dict[str, Any]:
     from model_loaders import load_eventgpt, load_video_llava
-    from toy_dataset import load_index, load_questions, scene_description, toy_text_corpus
+    from clip_data import load_index, load_questions
+    from toy_dataset import scene_description, toy_text_corpus
     from toy_models import build_toy_tokenizer, make_base_llm, write_eventgpt_checkpoint, write_video_llava_checkpoint
 
     rng = random.Random(args.seed)
@@ -380,7 +381,8 @@ def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from model_loaders import load_eventgpt, load_video_llava
-    from toy_dataset import load_index, load_questions, write_toy_dataset
+    from clip_data import load_index, load_questions
+    from toy_dataset import write_dsec_layout, write_toy_dataset
 
     torch.set_num_threads(args.threads)
     set_seed(args.seed)

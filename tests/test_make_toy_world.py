@@ -10,7 +10,7 @@ import torch
 
 import make_toy_world
 from model_loaders import load_eventgpt, load_video_llava
-from toy_dataset import load_index, load_questions
+from clip_data import load_index, load_questions
 
 
 def files_of(root: Path) -> dict[str, bytes]:
