@@ -669,9 +669,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from benchmark_extraction import load_runners
+    from clip_data import load_index, load_questions
     from extract_hidden_states import plan_samples
     from model_loaders import ClipReadError
-    from clip_data import load_index, load_questions
 
     set_seed(args.seed)
     split_dir = args.dataset_dir / args.split

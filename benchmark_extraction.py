@@ -393,8 +393,8 @@ def format_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
-    from preprocess_event_images import read_frame_settings
     from clip_data import load_index, load_questions
+    from preprocess_event_images import read_frame_settings
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -924,13 +924,14 @@ DSEC_SPLIT = {"train": "train", "val": "train", "test": "test"}
 RECTIFY_SUBPIXEL = 0.3  # the toy lens is ideal: its rectify map is the identity, offset so rounding matters
 
 
-def _write_h5_recording(path: Path, events: dict[str, np.ndarray], t_offset: int) -> None:
-    """events.h5 as DSEC writes it: events/{x,y,t,p} Blosc/ZSTD, ms_to_idx, t_offset."""
+def _write_h5_recording(path: Path, events: dict[str, np.ndarray], t_offset: int, duration_us: int) -> None:
+    """events.h5 as DSEC writes it: events/{x,y,t,p} Blosc/ZSTD, ms_to_idx (one entry per millisecond of
+    the recording, its end included), t_offset."""
     import h5py
     import hdf5plugin
 
     t = events["t"].astype(np.int64)
-    num_ms = int(t[-1] // 1000) + 2 if t.size else 1
+    num_ms = max(int(t[-1] // 1000) + 2 if t.size else 1, -(-duration_us // 1000) + 1)
     ms_to_idx = np.searchsorted(t, np.arange(num_ms, dtype=np.int64) * 1000, side="left").astype(np.uint64)
     blosc = hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -1012,7 +1013,7 @@ def write_dsec_layout(dataset_dir: str | Path, output_dir: str | Path, progress:
                         atomic_write_bytes(encode_png(frame), png)
                         stamps.append(t_offset + c * clip_us + round(k * 1e6 / cs.fps))
                 joined = {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "t", "p")}
-                _write_h5_recording(ev_dir / "events.h5", joined, t_offset)
+                _write_h5_recording(ev_dir / "events.h5", joined, t_offset, cfg["clips_per_sequence"] * clip_us)
                 _write_rectify_map(ev_dir / "rectify_map.h5", cs.height, cs.width)
                 atomic_write_bytes("".join(f"{s}\n" for s in stamps).encode(), stamps_path)
                 written += 1

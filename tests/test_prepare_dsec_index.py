@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import prepare_dsec_index as prep
-from common import UserError
 from clip_data import clip_paths, load_index, load_questions
+from common import UserError
 
 
 def layout(root: Path, clips: dict[str, list[str]], missing_video: set[str] = frozenset()) -> None:

@@ -489,10 +489,10 @@ def test_offline_rollout_matches_live_acceptance(world: SimpleNamespace, quick_w
     """The offline roll-out on the live schedule (metrics.RolloutAccumulator over adapter.rollout on the
     stored test states) predicts what the live engine accepts on the same samples: same drafter, same
     gamma, same answer cap. They differ only where fp16 storage or batched extraction moves a near-tie."""
+    from clip_data import load_index, load_questions
     from hidden_adapter import adapter_inputs
     from metrics import RolloutAccumulator, draft_tokens
     from tests.conftest import QUICK_T
-    from clip_data import load_index, load_questions
 
     vl, head, gamma = world.vl, world.head, 3
     b1 = fitted_adapter("B1", quick_hidden, token_table=vl.decoder.get_input_embeddings().weight, rollout=2)
