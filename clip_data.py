@@ -229,7 +229,7 @@ def read_clip_events(split_dir: str | Path, record: dict, allow_pickle: bool = F
         ev = load_events(split_dir / record["event_npy"], allow_pickle, columns, height, width)
         return {**ev, "dropped": 0}
     source = split_dir / record["event_h5"]
-    name = f"{source} clip {record['id']}"
+    name = f"{source} clip {record.get('id', '?')}"
     start, end = (int(v) for v in record["event_range"])
     raw = read_h5_events(source, start, end, name)
     dropped = 0

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from clip_data import read_clip_events, read_h5_events, read_recording_header, record_problem
+from clip_data import read_clip_events, read_h5_events, read_recording_header
 from common import UserError, atomic_write_bytes, atomic_write_json, first_line, read_json, run_cli
 
 log = logging.getLogger("xmodal_sd")
@@ -440,13 +440,15 @@ def dataset_tasks(
             raise UserError(f"{index_path}: expected a list of clip records, got {type(records).__name__}")
         roots.append(split_dir / "event_image")
         for k, rec in enumerate(records):
-            problem = record_problem(rec)
-            if problem:
-                failures.append(f"{index_path}: record {k} {problem}")
+            # Rendering needs only the event source and where the frames go (not the video).
+            if (not isinstance(rec, dict) or "event_image_prefix" not in rec
+                    or not ("event_npy" in rec or {"event_h5", "event_range"} <= rec.keys())):
+                failures.append(f"{index_path}: record {k} lacks 'event_npy' (or 'event_h5' + 'event_range') "
+                                "or 'event_image_prefix'")
                 continue
             source = split_dir / (rec["event_npy"] if "event_npy" in rec else rec["event_h5"])
             tasks.append(ClipTask(
-                name=str(source) if "event_npy" in rec else f"{source} clip {rec['id']}",
+                name=str(source) if "event_npy" in rec else f"{source} clip {rec.get('id', k)}",
                 source=split_dir,
                 out_prefix=split_dir / rec["event_image_prefix"],
                 height=height or int(rec.get("height") or DEFAULT_HEIGHT),
@@ -703,8 +705,8 @@ def main(args: argparse.Namespace) -> int:
 
     todo = [t for t in tasks
             if args.overwrite or not all(p.is_file() for p in frame_paths(t.out_prefix, opts.num_frames))]
-    counts = {"written": 0, "blank": 0, "skipped": len(tasks) - len(todo), "failed": len(failures),
-              "events_off_sensor_after_rectification": 0}
+    counts = {"written": 0, "blank": 0, "skipped": len(tasks) - len(todo), "failed": len(failures)}
+    off_sensor = 0  # events the rectification moved off the sensor (DSEC records with a rectify_map)
     num_events, start = 0, time.perf_counter()
     log.info("%d clips: %d to render, %d already done; %d frames each, split by %s, %s canvas, %s",
              len(tasks), len(todo), counts["skipped"], opts.num_frames, opts.split_mode, opts.canvas,
@@ -712,7 +714,7 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(total=len(todo), unit="clip", desc="event frames") as bar:
         for result in run_clips(todo, opts, args.num_workers):
             counts[result.status] += 1
-            counts["events_off_sensor_after_rectification"] += result.dropped
+            off_sensor += result.dropped
             num_events += result.num_events
             if result.message:
                 failures.append(result.message)
@@ -724,7 +726,7 @@ def main(args: argparse.Namespace) -> int:
     log.info("done in %.1f s (%.2f M events/s overall): %d written, %d blank (zero events, white frames), "
              "%d skipped (frames exist), %d failed; %d events dropped by rectification (off the sensor)",
              elapsed, num_events / max(elapsed, 1e-9) / 1e6, counts["written"], counts["blank"], counts["skipped"],
-             counts["failed"], counts["events_off_sensor_after_rectification"])
+             counts["failed"], off_sensor)
     for line in sorted(failures):
         log.error("failed: %s", line)
     return 1 if failures else 0
