@@ -53,7 +53,7 @@ from clip_data import (
     read_rectify_map,
     read_rgb,
 )
-from common import UserError, atomic_write_bytes, atomic_write_json, run_cli
+from common import UserError, atomic_write_bytes, atomic_write_json, read_json, run_cli
 
 log = logging.getLogger("xmodal_sd.prepare")
 INDEX_FORMAT = "xmodal_sd.clip_index"
@@ -210,8 +210,13 @@ def cut_windows(ms_to_idx: np.ndarray, frame_times: np.ndarray, clip_us: int) ->
 
 
 def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, codec: str,
-                    counts: dict[str, int], bar: Any) -> list[dict[str, Any]]:
-    """Cut one recording into clips, write each clip's mp4 (skipped when already there), return the records."""
+                    counts: dict[str, int], bar: Any, reuse: bool) -> list[dict[str, Any]]:
+    """Cut one recording into clips and write each clip's mp4; return the records.
+
+    With `reuse` (the folder was cut with the same settings before) an existing mp4 is kept; otherwise
+    it is encoded again and the clip's old event frames are removed, since a clip of the same name may
+    now be another window (another --clip_s) or another file's (the toy world's own clips).
+    """
     header = read_recording_header(rec.events_h5)
     t_offset = header["t_offset"]
     frame_times = read_timestamps(rec.timestamps) - t_offset
@@ -243,7 +248,10 @@ def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, c
         video = out_split / rel_video
         n = len(win["frames"])
         fps = max(1, round(n / args.clip_s))
-        if not (video.is_file() and video.stat().st_size > 0):
+        if not reuse:
+            for stale in (out_split / "event_image" / rec.name).glob(f"{clip}_*.png"):
+                stale.unlink()
+        if not (reuse and video.is_file() and video.stat().st_size > 0):
             frames = np.stack([read_rgb(pngs[k]) for k in win["frames"]])
             atomic_write_bytes(encode_mp4(frames, fps, codec), video)
             counts["videos_written"] += 1
@@ -265,6 +273,13 @@ def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, c
     return records
 
 
+def cut_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What decides a clip's window, video and event frames (recorded in clip_index.json; a change re-encodes
+    the videos and removes the event frames)."""
+    return {"dsec_root": str(Path(args.dsec_root).resolve()), "clip_s": args.clip_s, "min_frames": args.min_frames,
+            "min_events": args.min_events, "rectify_events": args.rectify_events}
+
+
 def default_val_count(num_sequences: int) -> int:
     return max(1, num_sequences // 10) if num_sequences >= 2 else 0
 
@@ -274,12 +289,15 @@ def prepare_native(args: argparse.Namespace) -> tuple[dict[str, list], dict[str,
     counts = {"windows": 0, "dropped_few_events": 0, "dropped_few_frames": 0, "videos_written": 0,
               "clips_train": 0, "clips_test": 0, "recordings_skipped": len(problems)}
     codec = pick_codec()
+    previous = args.output_dir / "clip_index.json"
+    previous = read_json(previous, "clip index summary", "delete it") if previous.is_file() else {}
+    reuse = isinstance(previous, dict) and all(previous.get(k) == v for k, v in cut_settings(args).items())
     by_split: dict[str, list] = {s: [] for s in DSEC_SPLITS}
     with tqdm(desc="clips", unit="clip") as bar:
         for rec in recordings:
             if args.max_clips is not None and counts["clips_" + rec.split] >= args.max_clips:
                 continue
-            by_split[rec.split] += index_recording(rec, args.output_dir / rec.split, args, codec, counts, bar)
+            by_split[rec.split] += index_recording(rec, args.output_dir / rec.split, args, codec, counts, bar, reuse)
     train_seqs = sorted({r["sequence"] for r in by_split["train"]})
     n_val = default_val_count(len(train_seqs)) if args.val_sequences is None else args.val_sequences
     splits = {"train": by_split["train"], "val": [], "test": by_split["test"]}
@@ -385,8 +403,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("questions: %d from %s -> %s", num_questions, questions_src, out / "questions.json")
     if native:
         atomic_write_json({"format": INDEX_FORMAT, "format_version": INDEX_VERSION, "writer": "prepare_dsec_index.py",
-                           "dsec_root": str(args.dsec_root), "clip_s": args.clip_s, "min_frames": args.min_frames,
-                           "min_events": args.min_events, "rectify_events": args.rectify_events,
+                           **cut_settings(args),
                            "val_sequences": sorted({r["sequence"] for r in splits["val"]}), "seed": args.seed,
                            "counts": counts, "skipped_recordings": problems,
                            "splits": {k: len(v) for k, v in splits.items()}}, out / "clip_index.json")

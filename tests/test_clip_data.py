@@ -68,6 +68,15 @@ def test_native_clips_hold_the_toy_worlds_events_and_frames(native: Path) -> Non
     assert load_questions(native / "cut") == load_questions(DEFAULT_QUESTIONS)
 
 
+def test_a_rerun_keeps_videos_and_a_new_clip_length_redoes_them(native: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    argv = ["--dsec_root", str(native / "dsec"), "--output_dir", str(out)]
+    for extra, written in (([], 8), ([], 0), (["--clip_s", "0.5", "--min_frames", "4"], 16)):
+        assert prep.main(prep.parse_args([*argv, *extra])) == 0
+        assert json.loads((out / "clip_index.json").read_text())["counts"]["videos_written"] == written
+    assert all(r["num_video_frames"] == 5 for r in load_index(out, "test"))
+
+
 def test_split_tree_layout_and_counted_drops(native: Path, tmp_path: Path) -> None:
     """The {train,test}/{seq}/ tree with images/timestamps.txt; a window with too few frames is counted."""
     tree = tmp_path / "tree"

@@ -30,11 +30,14 @@ def test_native_layout_runs_to_a_live_benchmark(quick_world: Path, tmp_path: Pat
                                                    "--layout", "dsec"]))
     assert sorted(p.name for p in (world / "dsec").iterdir()) == ["test_events", "test_images", "train_events",
                                                                   "train_images"]
-    data = world / "dataset_native"
+    data = world / "dataset"  # the done-when commands: the cut clips replace the toy world's own index
+    stale = data / "train" / "event_image" / "seq_000" / "000000_0.png"
+    assert stale.is_file()  # rendered from the toy clips; cutting again must not leave it to be reused
     assert prep.main(prep.parse_args(["--dsec_root", str(world / "dsec"), "--output_dir", str(data)])) == 0
     sizes = {s: len(load_index(data, s)) for s in ("train", "val", "test")}
     assert sizes == {"train": 3, "val": 3, "test": 3}  # two train recordings: one becomes val
     assert load_questions(data) == load_questions(DEFAULT_QUESTIONS)
+    assert all("event_h5" in r for r in load_index(data, "test")) and not stale.exists()
 
     # events are read from the h5 by each record's range: no pickled .npy, so no --allow_pickle
     assert pei.main(pei.parse_args(["--dataset_dir", str(data), "--num_workers", "0"])) == 0
