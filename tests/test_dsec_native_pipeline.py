@@ -16,9 +16,10 @@ import make_toy_world
 import prepare_dsec_index as prep
 import preprocess_event_images as pei
 import train_hidden_adapter as tha
-from clip_data import DEFAULT_QUESTIONS, check_data_folder, load_index, load_questions
+from clip_data import check_data_folder, load_index, load_questions
 from hidden_adapter import load_adapter
 from hidden_data import load_manifest
+from toy_dataset import question_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,12 +37,12 @@ def test_native_layout_runs_to_a_live_benchmark(quick_world: Path, tmp_path: Pat
     assert prep.main(prep.parse_args(["--dsec_root", str(world / "dsec"), "--output_dir", str(data)])) == 0
     sizes = {s: len(load_index(data, s)) for s in ("train", "val", "test")}
     assert sizes == {"train": 3, "val": 3, "test": 3}  # two train recordings: one becomes val
-    assert load_questions(data) == load_questions(DEFAULT_QUESTIONS)
+    assert load_questions(data) == question_texts()  # an existing questions.json is kept (no --questions)
     assert all("event_h5" in r for r in load_index(data, "test")) and not stale.exists()
 
     # events are read from the h5 by each record's range: no pickled .npy, so no --allow_pickle
     assert pei.main(pei.parse_args(["--dataset_dir", str(data), "--num_workers", "0"])) == 0
-    assert check_data_folder(data, ["train", "val", "test"], num_event_images=5)["questions"] == 20
+    assert check_data_folder(data, ["train", "val", "test"], num_event_images=5)["questions"] == 10
 
     models = world / "models"
     hidden = tmp_path / "hidden"
