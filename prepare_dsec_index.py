@@ -36,6 +36,7 @@ import argparse
 import logging
 import os
 import random
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rectify_events", action="store_true",
                    help="with --dsec_root: readers map event coordinates through rectify_map.h5 (DSEC's events "
                         "are in raw sensor coordinates, its frames rectified)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="with --dsec_root: processes encoding the clip videos (default min(4, CPUs); 0: this one)")
     p.add_argument("--max_clips", type=int, default=None, help="with --dsec_root: index at most N clips per split")
     p.add_argument("--events_glob", default="event_npy/*/*.np[yz]",
                    help="with --dataset_dir: event files relative to the split folder; the parent is the sequence")
@@ -112,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--val_sequences takes a count >= 0")
     if args.height <= 0 or args.width <= 0 or args.clip_s <= 0 or round(args.clip_s * 1000) != args.clip_s * 1000:
         p.error("--height, --width and --clip_s must be positive; --clip_s a whole number of milliseconds")
+    if args.num_workers < 0:
+        p.error("--num_workers must be >= 0")
     if args.min_frames < 1 or args.min_events < 0 or (args.max_clips is not None and args.max_clips < 1):
         p.error("--min_frames must be >= 1, --min_events >= 0, --max_clips >= 1")
     for flag in ("dsec_root", "dataset_dir"):
@@ -209,9 +214,25 @@ def cut_windows(ms_to_idx: np.ndarray, frame_times: np.ndarray, clip_us: int) ->
     return windows
 
 
+@dataclass(frozen=True)
+class VideoJob:
+    """One clip's mp4, to be encoded from its rectified PNGs."""
+
+    pngs: tuple[Path, ...]
+    fps: int
+    codec: str
+    video: Path
+
+
+def encode_clip(job: VideoJob) -> str:
+    """Encode one clip's mp4 (in a worker process); returns its path."""
+    atomic_write_bytes(encode_mp4(np.stack([read_rgb(p) for p in job.pngs]), job.fps, job.codec), job.video)
+    return str(job.video)
+
+
 def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, codec: str,
-                    counts: dict[str, int], bar: Any, reuse: bool) -> list[dict[str, Any]]:
-    """Cut one recording into clips and write each clip's mp4; return the records.
+                    counts: dict[str, int], reuse: bool, jobs: list[VideoJob]) -> list[dict[str, Any]]:
+    """Cut one recording into clips; return the records and append the mp4s to encode to `jobs`.
 
     With `reuse` (the folder was cut with the same settings before) an existing mp4 is kept; otherwise
     it is encoded again and the clip's old event frames are removed, since a clip of the same name may
@@ -252,9 +273,7 @@ def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, c
             for stale in (out_split / "event_image" / rec.name).glob(f"{clip}_*.png"):
                 stale.unlink()
         if not (reuse and video.is_file() and video.stat().st_size > 0):
-            frames = np.stack([read_rgb(pngs[k]) for k in win["frames"]])
-            atomic_write_bytes(encode_mp4(frames, fps, codec), video)
-            counts["videos_written"] += 1
+            jobs.append(VideoJob(tuple(pngs[k] for k in win["frames"]), fps, codec, video))
         records.append({
             "id": f"{rec.name}/{clip}", "sequence": rec.name, "clip": clip,
             "event_h5": rel(rec.events_h5), "event_range": win["event_range"],
@@ -266,7 +285,6 @@ def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, c
             "event_image_prefix": f"event_image/{rec.name}/{clip}",
             "height": int(height), "width": int(width), "meta": {},
         })
-        bar.update(1)
         if args.max_clips is not None and counts["clips_" + rec.split] + len(records) >= args.max_clips:
             break
     counts["clips_" + rec.split] += len(records)
@@ -293,11 +311,22 @@ def prepare_native(args: argparse.Namespace) -> tuple[dict[str, list], dict[str,
     previous = read_json(previous, "clip index summary", "delete it") if previous.is_file() else {}
     reuse = isinstance(previous, dict) and all(previous.get(k) == v for k, v in cut_settings(args).items())
     by_split: dict[str, list] = {s: [] for s in DSEC_SPLITS}
-    with tqdm(desc="clips", unit="clip") as bar:
-        for rec in recordings:
-            if args.max_clips is not None and counts["clips_" + rec.split] >= args.max_clips:
-                continue
-            by_split[rec.split] += index_recording(rec, args.output_dir / rec.split, args, codec, counts, bar, reuse)
+    jobs: list[VideoJob] = []
+    for rec in tqdm(recordings, desc="recordings", unit="seq"):
+        if args.max_clips is not None and counts["clips_" + rec.split] >= args.max_clips:
+            continue
+        by_split[rec.split] += index_recording(rec, args.output_dir / rec.split, args, codec, counts, reuse, jobs)
+    with tqdm(total=len(jobs), desc="clip videos", unit="clip") as bar:
+        if args.num_workers == 0 or len(jobs) <= 1:
+            for job in jobs:
+                encode_clip(job)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=args.num_workers) as pool:
+                for future in as_completed([pool.submit(encode_clip, job) for job in jobs]):
+                    future.result()  # a failed encode stops the run: the index is not written yet
+                    bar.update(1)
+    counts["videos_written"] = len(jobs)
     train_seqs = sorted({r["sequence"] for r in by_split["train"]})
     n_val = default_val_count(len(train_seqs)) if args.val_sequences is None else args.val_sequences
     splits = {"train": by_split["train"], "val": [], "test": by_split["test"]}
