@@ -8,7 +8,8 @@ other window is counted in the summary, never silently left out. Both folder lay
     ROOT/train_images/{seq}/images/left/rectified/000000.png ...        (test_events/, test_images/ alike)
     ROOT/train/{seq}/events/left/events.h5, ROOT/train/{seq}/images/...  or one {train,test}/{seq} tree
 
-with the frame times in `{seq}_image_timestamps.txt` (anywhere under ROOT) or `{seq}/images/timestamps.txt`.
+with the frame times in `{seq}_image_timestamps.txt` (up to three folders below ROOT) or
+`{seq}/images/timestamps.txt`.
 Windows start at the first frame's time and are cut on the event clock (t relative to t_offset);
 `ms_to_idx` gives each window's event range without reading any event. Events stay in the h5 and are
 read lazily by that range (the record's event_h5 + event_range; a per-clip copy would store DSEC's
@@ -148,7 +149,9 @@ class Recording:
 def find_recordings(root: Path) -> tuple[list[Recording], list[str]]:
     """Every {train,test} sequence under a DSEC root, in either layout; returns (recordings, problems)."""
     recordings, problems = [], []
-    stamp_files = {p.name[: -len("_image_timestamps.txt")]: p for p in root.rglob("*_image_timestamps.txt")}
+    # Up to three folders deep (not a walk through every PNG of the download).
+    found = [p for depth in range(4) for p in root.glob("*/" * depth + "*_image_timestamps.txt")]
+    stamp_files = {p.name[: -len("_image_timestamps.txt")]: p for p in sorted(found)}
     for split in DSEC_SPLITS:
         event_roots = [root / split, root / f"{split}_events"]
         image_roots = [root / split, root / f"{split}_images"]
