@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset_dir", type=Path, required=True, help="data set folder (index.json per split)")
     p.add_argument("--split", default="test", help="split whose clips are answered")
     p.add_argument("--max_samples", type=int, default=50, help="(clip, question) samples timed")
+    p.add_argument("--questions", default=None, help="questions JSON (default DATASET_DIR/questions.json)")
     p.add_argument("--max_questions", type=int, default=None, help="use only the first N questions")
     p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap")
     p.add_argument("--gamma_decode", type=int, default=5, help="drafts per decode iteration")
@@ -669,14 +670,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from benchmark_extraction import load_runners
+    from clip_data import load_index, load_questions
     from extract_hidden_states import plan_samples
     from model_loaders import ClipReadError
-    from toy_dataset import load_index, load_questions
 
     set_seed(args.seed)
     split_dir = args.dataset_dir / args.split
     clips = load_index(args.dataset_dir, args.split)
-    questions = load_questions(args.dataset_dir, args.max_questions)
+    questions = load_questions(args.questions or args.dataset_dir, args.max_questions)
     samples = plan_samples(len(clips), len(questions), args.max_samples)
     eg, vl = load_runners(args, questions)
     adapters = load_adapters(args, vl, eg)

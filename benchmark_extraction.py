@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=None,
                        help=f"with --random_shape: override the shape's {name.replace('_', ' ')}")
     p.add_argument("--max_clips", type=int, default=8, help="use the first N clips of the split")
+    p.add_argument("--questions", default=None, help="questions JSON (default DATASET_DIR/questions.json)")
     p.add_argument("--max_questions", type=int, default=10, help="questions per clip (the first N, most frequent)")
     p.add_argument("--max_samples", type=int, default=None, help="cap on (clip, question) samples, clip-major")
     p.add_argument("--max_new_tokens", type=int, default=50, help="generated positions per answer")
@@ -393,15 +394,15 @@ def format_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
+    from clip_data import load_index, load_questions
     from preprocess_event_images import read_frame_settings
-    from toy_dataset import load_index, load_questions
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     split_dir = args.dataset_dir / args.split
     clips = load_index(args.dataset_dir, args.split)[: args.max_clips]
-    questions = load_questions(args.dataset_dir, args.max_questions)
+    questions = load_questions(args.questions or args.dataset_dir, args.max_questions)
     samples = plan_samples(len(clips), len(questions), args.max_samples)
     if not samples:
         raise UserError(f"{split_dir / 'index.json'} lists no clips; pick a split that has some")

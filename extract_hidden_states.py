@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split of the data set")
     p.add_argument("--dataset_dir", required=True, help="data set root holding {split}/index.json and questions.json")
     p.add_argument("--output_dir", default=None, help="where chunks and manifest go (default data/hidden/{split})")
-    p.add_argument("--questions_file", default=None, help="questions JSON (default DATASET_DIR/questions.json)")
+    p.add_argument("--questions", "--questions_file", dest="questions_file", default=None,
+                   help="questions JSON (default DATASET_DIR/questions.json; --questions_file: the older spelling)")
     p.add_argument("--max_questions", type=int, default=10, help="use the first N (most frequent) questions per clip")
     p.add_argument("--max_samples", type=int, default=None, help="stop after this many (clip, question) samples")
     p.add_argument("--max_new_tokens", type=int, default=50, help="generated positions per answer (T)")
@@ -386,7 +387,7 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
 
 def plan_work(args: argparse.Namespace, num_shards: int, shard: int) -> tuple[ShardWork, int, int]:
     """(this shard's work, samples planned over all shards, chunk size) from the data set and flags."""
-    from toy_dataset import load_index, load_questions
+    from clip_data import load_index, load_questions
 
     clips = load_index(args.dataset_dir, args.split)
     questions = load_questions(args.questions_file or args.dataset_dir, args.max_questions)

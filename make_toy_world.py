@@ -9,6 +9,9 @@ Writes
     DIR/models/eventgpt/       EventGPT release layout (model_type EventChat_llama)
     DIR/models/video_llava/    transformers' VideoLlavaForConditionalGeneration + processor
     DIR/models/toy_world.json  settings, training losses, and how often the two models agree
+    DIR/dsec/          with --layout dsec: the same scenes as DSEC recordings (docs/TOY_WORLD.md)
+
+    python make_toy_world.py --layout dsec --output_dir data/toy_dsec   # then prepare_dsec_index.py --dsec_root
 
 How the pair is made (it should behave like EventGPT and Video-LLaVA, which both descend from
 Vicuna-7B): one small Llama is pre-trained on the toy world's text (questions, answers, captions);
@@ -45,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--output_dir", required=True, help="folder of the toy world (e.g. data/toy)")
+    p.add_argument("--output_dir", "--output", dest="output_dir", required=True,
+                   help="folder of the toy world (e.g. data/toy); --output is the older spelling")
+    p.add_argument("--layout", choices=("clips", "dsec"), default="clips",
+                   help="clips: the toy data set only (DIR/dataset); dsec: also its recordings in DSEC's native "
+                        "layout under DIR/dsec (events.h5, rectify_map.h5, rectified PNGs, timestamps), the input "
+                        "of prepare_dsec_index.py --dsec_root")
     p.add_argument("--seed", type=int, default=0, help="seed of everything: data, weights, training order")
     p.add_argument(
         "--quick", action="store_true", help="tiny data set and few training steps (for tests; answers are poor)"
@@ -132,9 +140,10 @@ def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[s
 def first_event_frame(split_dir: Path, clip: dict) -> np.ndarray:
     """The first of 5 event frames, exactly as preprocess_event_images.py renders it by default (the
     EventGPT release's rule: equal event counts per slice, canvas up to the slice's last row/column)."""
-    from preprocess_event_images import load_events, render_event_frames
+    from clip_data import read_clip_events
+    from preprocess_event_images import render_event_frames
 
-    ev = load_events(split_dir / clip["event_npy"], allow_pickle=True)  # our own file
+    ev = read_clip_events(split_dir, clip, allow_pickle=True)  # our own file
     frames = render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5, height=clip["height"],
                                  width=clip["width"])
     return frames[0]
@@ -321,8 +330,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> dict[str, Any]:
+    from clip_data import load_index, load_questions
     from model_loaders import load_eventgpt, load_video_llava
-    from toy_dataset import load_index, load_questions, scene_description, toy_text_corpus
+    from toy_dataset import scene_description, toy_text_corpus
     from toy_models import build_toy_tokenizer, make_base_llm, write_eventgpt_checkpoint, write_video_llava_checkpoint
 
     rng = random.Random(args.seed)
@@ -379,8 +389,9 @@ def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> 
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from clip_data import load_index, load_questions
     from model_loaders import load_eventgpt, load_video_llava
-    from toy_dataset import load_index, load_questions, write_toy_dataset
+    from toy_dataset import write_dsec_layout, write_toy_dataset
 
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -388,6 +399,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out = args.output_dir
     data_dir, models_dir = out / "dataset", out / "models"
     summary = write_toy_dataset(data_dir, seed=args.seed, progress=True, **dataset_settings(args.quick))
+    if args.layout == "dsec":
+        write_dsec_layout(data_dir, out / "dsec")
     models_dir.mkdir(parents=True, exist_ok=True)
     report_path = models_dir / "toy_world.json"
     want = settings(args)

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from clip_data import read_clip_events, read_h5_events, read_recording_header
 from common import UserError, atomic_write_bytes, atomic_write_json, first_line, read_json, run_cli
 
 log = logging.getLogger("xmodal_sd")
@@ -136,52 +137,18 @@ def read_event_file(
     return _arrays_from_object(loaded, path, columns)
 
 
-def _open_h5(path: Path) -> Any:
-    try:
-        import h5py
-        import hdf5plugin  # noqa: F401  (registers the Blosc/zstd filters DSEC compresses with)
-    except ImportError as err:
-        raise EventFileError(f"{path}: reading DSEC .h5 needs h5py and hdf5plugin ({err})") from err
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise EventFileError(f"{path}: cannot open as HDF5 ({first_line(err)})") from err
-
-
 def list_h5_clips(path: str | os.PathLike, clip_duration_ms: int = 1000) -> list[tuple[int, int]]:
     """Event-index ranges of the complete `clip_duration_ms` clips of a DSEC events.h5.
 
     DSEC's `ms_to_idx[m]` is the index of the first event with t >= m ms, so clip i spans
     `ms_to_idx[i*D] : ms_to_idx[(i+1)*D]`. A trailing partial clip is left out.
     """
-    path = Path(path)
-    with _open_h5(path) as f:
-        names = [f"events/{k}" for k in EVENT_KEYS] + ["ms_to_idx"]
-        missing = [n for n in names if n not in f]
-        if missing:
-            raise EventFileError(f"{path}: missing datasets {missing}; expected DSEC's events.h5 layout")
-        lengths = {k: f[f"events/{k}"].shape[0] for k in EVENT_KEYS}
-        if len(set(lengths.values())) != 1:
-            raise EventFileError(f"{path}: event datasets have different lengths {lengths}")
-        try:
-            ms_to_idx = np.asarray(f["ms_to_idx"], dtype=np.int64)
-        except OSError as err:
-            raise EventFileError(f"{path}: cannot read ms_to_idx ({first_line(err)})") from err
+    ms_to_idx = read_recording_header(path)["ms_to_idx"]
     num_clips = max(len(ms_to_idx) - 1, 0) // clip_duration_ms
     return [
         (int(ms_to_idx[i * clip_duration_ms]), int(ms_to_idx[(i + 1) * clip_duration_ms]))
         for i in range(num_clips)
     ]
-
-
-def read_h5_clip(path: str | os.PathLike, start: int, end: int, name: str = "") -> dict[str, np.ndarray]:
-    """Raw {x, y, t, p} of events [start, end) of a DSEC events.h5 (t relative to the file's t_offset)."""
-    name = name or str(path)
-    with _open_h5(Path(path)) as f:
-        try:
-            return {k: f[f"events/{k}"][start:end] for k in EVENT_KEYS}
-        except (OSError, KeyError) as err:
-            raise EventFileError(f"{name}: cannot read events ({first_line(err)})") from err
 
 
 # --------------------------------------------------------------------------- validation
@@ -397,6 +364,7 @@ class ClipTask:
     height: int
     width: int
     h5_range: tuple[int, int] | None = None  # event index range inside an events.h5
+    record: dict | None = None  # dataset mode: the index record, read through clip_data (source: its split folder)
 
 
 @dataclass(frozen=True)
@@ -414,15 +382,21 @@ class ClipResult:
     name: str
     num_events: int
     message: str = ""
+    dropped: int = 0  # events the rectification moved off the sensor
 
 
 def process_clip(task: ClipTask, opts: RenderOptions) -> ClipResult:
     """Load, validate, render and write one clip; never raises (failures come back as a result)."""
     try:
-        if task.h5_range is None:
+        dropped = 0
+        if task.record is not None:
+            record = {**task.record, "height": task.height, "width": task.width}
+            ev = read_clip_events(task.source, record, opts.allow_pickle, opts.columns)
+            dropped = ev["dropped"]
+        elif task.h5_range is None:
             ev = load_events(task.source, opts.allow_pickle, opts.columns, task.height, task.width)
         else:
-            raw = read_h5_clip(task.source, *task.h5_range, name=task.name)
+            raw = read_h5_events(task.source, *task.h5_range, name=task.name)
             ev = validate_events(raw, task.height, task.width, source=task.name)
         frames = render_event_frames(
             ev["x"], ev["y"], ev["t"], ev["p"], opts.num_frames, task.height, task.width, opts.split_mode, opts.canvas
@@ -430,7 +404,7 @@ def process_clip(task: ClipTask, opts: RenderOptions) -> ClipResult:
         for frame, path in zip(frames, frame_paths(task.out_prefix, opts.num_frames), strict=True):
             atomic_write_bytes(encode_png(frame), path)
         n = len(ev["t"])
-        return ClipResult("written" if n else "blank", task.name, n)
+        return ClipResult("written" if n else "blank", task.name, n, dropped=dropped)
     except EventFileError as err:
         return ClipResult("failed", task.name, 0, str(err))
     except Exception as err:  # disk full, permissions, ...: report it and let the other clips finish
@@ -466,16 +440,20 @@ def dataset_tasks(
             raise UserError(f"{index_path}: expected a list of clip records, got {type(records).__name__}")
         roots.append(split_dir / "event_image")
         for k, rec in enumerate(records):
-            if not isinstance(rec, dict) or not {"event_npy", "event_image_prefix"} <= rec.keys():
-                failures.append(f"{index_path}: record {k} lacks 'event_npy' or 'event_image_prefix'")
+            # Rendering needs only the event source and where the frames go (not the video).
+            if (not isinstance(rec, dict) or "event_image_prefix" not in rec
+                    or not ("event_npy" in rec or {"event_h5", "event_range"} <= rec.keys())):
+                failures.append(f"{index_path}: record {k} lacks 'event_npy' (or 'event_h5' + 'event_range') "
+                                "or 'event_image_prefix'")
                 continue
-            source = split_dir / rec["event_npy"]
+            source = split_dir / (rec["event_npy"] if "event_npy" in rec else rec["event_h5"])
             tasks.append(ClipTask(
-                name=str(source),
-                source=source,
+                name=str(source) if "event_npy" in rec else f"{source} clip {rec.get('id', k)}",
+                source=split_dir,
                 out_prefix=split_dir / rec["event_image_prefix"],
                 height=height or int(rec.get("height") or DEFAULT_HEIGHT),
                 width=width or int(rec.get("width") or DEFAULT_WIDTH),
+                record=rec,
             ))
     return tasks, failures, roots
 
@@ -728,6 +706,7 @@ def main(args: argparse.Namespace) -> int:
     todo = [t for t in tasks
             if args.overwrite or not all(p.is_file() for p in frame_paths(t.out_prefix, opts.num_frames))]
     counts = {"written": 0, "blank": 0, "skipped": len(tasks) - len(todo), "failed": len(failures)}
+    off_sensor = 0  # events the rectification moved off the sensor (DSEC records with a rectify_map)
     num_events, start = 0, time.perf_counter()
     log.info("%d clips: %d to render, %d already done; %d frames each, split by %s, %s canvas, %s",
              len(tasks), len(todo), counts["skipped"], opts.num_frames, opts.split_mode, opts.canvas,
@@ -735,6 +714,7 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(total=len(todo), unit="clip", desc="event frames") as bar:
         for result in run_clips(todo, opts, args.num_workers):
             counts[result.status] += 1
+            off_sensor += result.dropped
             num_events += result.num_events
             if result.message:
                 failures.append(result.message)
@@ -744,8 +724,9 @@ def main(args: argparse.Namespace) -> int:
         write_manifest(root, opts, counts, (args.height, args.width))
 
     log.info("done in %.1f s (%.2f M events/s overall): %d written, %d blank (zero events, white frames), "
-             "%d skipped (frames exist), %d failed", elapsed, num_events / max(elapsed, 1e-9) / 1e6,
-             counts["written"], counts["blank"], counts["skipped"], counts["failed"])
+             "%d skipped (frames exist), %d failed; %d events dropped by rectification (off the sensor)",
+             elapsed, num_events / max(elapsed, 1e-9) / 1e6, counts["written"], counts["blank"], counts["skipped"],
+             counts["failed"], off_sensor)
     for line in sorted(failures):
         log.error("failed: %s", line)
     return 1 if failures else 0

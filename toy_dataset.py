@@ -18,7 +18,8 @@ Usage:
     python toy_dataset.py --output_dir /tmp/toy_tiny --num_sequences 1 1 1 --clips_per_sequence 2 \\
         --height 48 --width 64 --fps 10                                   # tiny CPU smoke run, ~1 s
 
-    >>> from toy_dataset import write_toy_dataset, load_index, scene_answer
+    >>> from toy_dataset import write_toy_dataset, scene_answer
+    >>> from clip_data import load_index
     >>> summary = write_toy_dataset("data/toy", seed=0)
     >>> record = load_index("data/toy", "train")[0]
     >>> scene_answer(record["meta"], "What is moving in the scene?")
@@ -32,6 +33,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -41,14 +43,15 @@ from typing import Any
 
 import numpy as np
 
+# The readers moved to clip_data.py (the data layer); clip_paths, load_index and load_questions stay
+# importable from here for code written before the move. New code imports them from clip_data.
+from clip_data import SPLITS, clip_paths, encode_mp4, load_index, load_questions, pick_codec  # noqa: F401
 from common import UserError, atomic_write_bytes, read_json, run_cli
 
 log = logging.getLogger("xmodal_sd")
 
-SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 MANIFEST_NAME = "toy_dataset.json"
-RECORD_KEYS = ("id", "sequence", "clip", "event_npy", "video", "event_image_prefix", "height", "width")
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -670,44 +673,6 @@ def num_video_frames(fps: int, duration_s: float) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def pick_codec() -> str:
-    """libx264 (H.264) when this PyAV build can encode it and decode h264, else mpeg4."""
-    import av
-
-    try:
-        av.Codec("libx264", "w")
-        av.Codec("h264", "r")
-        return "libx264"
-    except Exception:  # av raises UnknownCodecError (or ValueError in old releases)
-        return "mpeg4"
-
-
-def encode_mp4(frames: np.ndarray, fps: int, codec: str) -> bytes:
-    """[N, H, W, 3] uint8 -> mp4 bytes, yuv420p, reproducible.
-
-    One encoder thread (x264 output depends on the thread count) and the bitexact flags on both
-    codec and muxer (no library-version strings). x264 still writes its own version and options
-    into the stream, so bytes match for the same libx264 build.
-    """
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        options = {"flags": "+bitexact"}
-        options.update({"crf": "18", "preset": "medium"} if codec == "libx264" else {"qscale": "3"})
-        stream.codec_context.options = options
-        stream.codec_context.thread_count = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
-
-
 def events_to_npy_bytes(events: dict[str, np.ndarray]) -> bytes:
     """np.save of the {x, y, t, p} dict (a pickled 0-d object array: EventGPT's DSEC clip format)."""
     buf = io.BytesIO()
@@ -950,76 +915,111 @@ def write_toy_dataset(
 
 
 # --------------------------------------------------------------------------------------------------
-# Readers
+# The same scenes as DSEC recordings
 # --------------------------------------------------------------------------------------------------
 
-
-def load_index(dataset_dir: str | Path, split: str) -> list[dict]:
-    """Clip records of DIR/{split}/index.json; missing or malformed -> UserError naming the file."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    path = Path(dataset_dir) / split / "index.json"
-    fix = "point --dataset_dir at a folder written by make_toy_world.py / toy_dataset.py or the DSEC preparation"
-    records = read_json(path, f"{split} index", fix)
-    if not isinstance(records, list):
-        raise UserError(f"{path} must hold a JSON list of clip records, got {type(records).__name__} ({fix})")
-    for i, rec in enumerate(records):
-        missing = [k for k in RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise UserError(f"{path}: record {i} lacks {', '.join(missing)} ({fix})")
-    return records
+DSEC_T_OFFSET_US = 50_000_000  # a recording's clock does not start at 0 (DSEC: t_offset); per sequence + g s
+# The toy split -> the DSEC download it goes to: DSEC ships only train and test (val is carved from train).
+DSEC_SPLIT = {"train": "train", "val": "train", "test": "test"}
+RECTIFY_SUBPIXEL = 0.3  # the toy lens is ideal: its rectify map is the identity, offset so rounding matters
 
 
-def load_questions(path_or_dir: str | Path, max_questions: int | None = None) -> list[str]:
-    """Questions from questions.json (a file, or a data-set folder holding one), most frequent first.
+def _write_h5_recording(path: Path, events: dict[str, np.ndarray], t_offset: int, duration_us: int) -> None:
+    """events.h5 as DSEC writes it: events/{x,y,t,p} Blosc/ZSTD, ms_to_idx (one entry per millisecond of
+    the recording, its end included), t_offset."""
+    import h5py
+    import hdf5plugin
 
-    Accepts the seed format [{"question": str, "count": int}, ...] (sorted by count, ties keep file
-    order) or a plain list of strings. `max_questions` keeps the first N.
+    t = events["t"].astype(np.int64)
+    num_ms = max(int(t[-1] // 1000) + 2 if t.size else 1, -(-duration_us // 1000) + 1)
+    ms_to_idx = np.searchsorted(t, np.arange(num_ms, dtype=np.int64) * 1000, side="left").astype(np.uint64)
+    blosc = hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp, "w") as f:
+        for key, dtype in (("x", np.uint16), ("y", np.uint16), ("t", np.uint32), ("p", np.uint8)):
+            f.create_dataset(f"events/{key}", data=events[key].astype(dtype), chunks=True, **blosc)
+        f.create_dataset("ms_to_idx", data=ms_to_idx)
+        f.create_dataset("t_offset", data=np.int64(t_offset))
+    os.replace(tmp, path)
+
+
+def _write_rectify_map(path: Path, height: int, width: int) -> None:
+    import h5py
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    rmap = np.stack([xx, yy], axis=-1) + np.float32(RECTIFY_SUBPIXEL)
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("rectify_map", data=rmap)
+    os.replace(tmp, path)
+
+
+def write_dsec_layout(dataset_dir: str | Path, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Write the toy data set in `dataset_dir` again as DSEC distributes its recordings (docs/TOY_WORLD.md).
+
+    Each toy sequence becomes one recording whose clip c fills [c * duration_s, (c + 1) * duration_s) of
+    its clock, rendered with the same seeds as the clip, so its events and frames are exactly the clip's:
+
+        OUT/{train,test}_events/{seq}/events/left/events.h5        events/{x,y,t,p} (Blosc/ZSTD), ms_to_idx, t_offset
+        OUT/{train,test}_events/{seq}/events/left/rectify_map.h5   [H, W, 2] (the identity + 0.3 px)
+        OUT/{train,test}_images/{seq}/images/left/rectified/NNNNNN.png
+        OUT/{train,test}_images/{seq}/{seq}_image_timestamps.txt   one absolute time (us) per PNG
+
+    The toy's val sequences go into train (DSEC has no val split; prepare_dsec_index.py carves one).
+    Finished recordings (their timestamps file exists) are skipped. Returns a summary dict.
     """
-    path = Path(path_or_dir)
-    if path.is_dir():
-        path = path / "questions.json"
-    fix = 'expected a JSON list of {"question": str, "count": int}'
-    data = read_json(path, "questions file", fix)
-    if not isinstance(data, list) or not data:
-        raise UserError(f"questions file {path} must be a non-empty JSON list ({fix})")
-    entries: list[tuple[str, int]] = []
-    for i, item in enumerate(data):
-        if isinstance(item, str):
-            entries.append((item, 0))
-        elif isinstance(item, dict) and isinstance(item.get("question"), str):
-            count = item.get("count", 0)
-            if not isinstance(count, int) or isinstance(count, bool):
-                raise UserError(f"questions file {path}: entry {i} has a non-integer count ({fix})")
-            entries.append((item["question"], count))
-        else:
-            raise UserError(f"questions file {path}: entry {i} has no string 'question' ({fix})")
-        if not entries[-1][0].strip():
-            raise UserError(f"questions file {path}: entry {i} is an empty question ({fix})")
-    order = sorted(range(len(entries)), key=lambda i: -entries[i][1])
-    questions = [entries[i][0] for i in order]
-    if max_questions is not None:
-        if max_questions < 1:
-            raise UserError(f"max_questions must be >= 1, got {max_questions}")
-        questions = questions[:max_questions]
-    return questions
+    from tqdm import tqdm
 
+    from preprocess_event_images import encode_png
 
-def clip_paths(dataset_dir: str | Path, split: str, record: dict, num_event_images: int = 5) -> dict[str, Any]:
-    """Absolute paths of one clip: split_dir, event_npy, video, event_image_prefix and event_images.
-
-    `event_images` lists f"{prefix}_{i}.png" for i < `num_event_images` (written by
-    preprocess_event_images.py; they need not exist yet).
-    """
-    split_dir = (Path(dataset_dir) / split).resolve()
-    prefix = split_dir / record["event_image_prefix"]
-    return {
-        "split_dir": split_dir,
-        "event_npy": split_dir / record["event_npy"],
-        "video": split_dir / record["video"],
-        "event_image_prefix": prefix,
-        "event_images": [prefix.parent / f"{prefix.name}_{i}.png" for i in range(num_event_images)],
-    }
+    dataset_dir, out = Path(dataset_dir), Path(output_dir)
+    manifest = read_json(dataset_dir / MANIFEST_NAME, "toy data set manifest", "run make_toy_world.py first")
+    if not manifest.get("complete"):
+        raise UserError(f"{dataset_dir} is not a complete toy data set; run make_toy_world.py first")
+    cfg = manifest["config"]
+    cs = _ClipSettings(cfg["height"], cfg["width"], cfg["fps"], float(cfg["duration_s"]), cfg["substeps"],
+                       cfg["contrast_threshold"], cfg["noise_rate_hz"], manifest["codec"],
+                       num_video_frames(cfg["fps"], cfg["duration_s"]))
+    clip_us = round(cs.duration_s * 1e6)
+    plan = _sequence_plan(cfg["num_sequences"])
+    written, sequences = 0, {}
+    total = sum(len(v) for v in plan.values())
+    with tqdm(total=total, desc="toy DSEC recordings", unit="seq", disable=not progress) as bar:
+        for split in SPLITS:
+            for g, seq in plan[split]:
+                dsec_split = DSEC_SPLIT[split]
+                sequences[seq] = {"toy_split": split, "dsec_split": dsec_split}
+                ev_dir = out / f"{dsec_split}_events" / seq / "events" / "left"
+                img_root = out / f"{dsec_split}_images" / seq
+                stamps_path = img_root / f"{seq}_image_timestamps.txt"
+                bar.update(1)
+                if stamps_path.is_file():
+                    continue
+                place = str(_seed(cfg["seed"], g, 0).choice(list(PLACES)))
+                background = make_background(_seed(cfg["seed"], g, 1), place, cs.height, cs.width)
+                t_offset = DSEC_T_OFFSET_US + g * 1_000_000
+                parts, stamps = [], []
+                for c in range(cfg["clips_per_sequence"]):
+                    objects = sample_objects(_seed(cfg["seed"], g, 2, c), cs.height, cs.width, cs.duration_s)
+                    frames, events = render_clip(background, objects, cs.fps, cs.duration_s, cs.substeps,
+                                                 _seed(cfg["seed"], g, 3, c), threshold=cs.contrast_threshold,
+                                                 noise_rate_hz=cs.noise_rate_hz)
+                    parts.append({**events, "t": events["t"] + c * clip_us})
+                    for k, frame in enumerate(frames):
+                        n = c * cs.frames_per_clip + k
+                        png = img_root / "images" / "left" / "rectified" / f"{n:06d}.png"
+                        atomic_write_bytes(encode_png(frame), png)
+                        stamps.append(t_offset + c * clip_us + round(k * 1e6 / cs.fps))
+                joined = {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "t", "p")}
+                _write_h5_recording(ev_dir / "events.h5", joined, t_offset, cfg["clips_per_sequence"] * clip_us)
+                _write_rectify_map(ev_dir / "rectify_map.h5", cs.height, cs.width)
+                atomic_write_bytes("".join(f"{s}\n" for s in stamps).encode(), stamps_path)
+                written += 1
+    log.info("toy DSEC layout in %s: %d recordings (%d written now)", out, total, written)
+    return {"output_dir": str(out), "recordings": total, "written": written, "sequences": sequences,
+            "clip_s": cs.duration_s}
 
 
 # --------------------------------------------------------------------------------------------------

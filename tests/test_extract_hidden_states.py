@@ -16,11 +16,11 @@ import torch
 
 import extract_hidden_states as ehs
 import extract_vl_lm_head
+from clip_data import load_index, load_questions
 from common import UserError
 from hidden_data import chunk_name, iter_chunks, load_chunk, load_manifest
 from model_loaders import load_eventgpt, load_video_llava
 from tests.conftest import ROOT
-from toy_dataset import load_index, load_questions
 
 T = 8  # max_new_tokens in these tests
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import make_toy_world
+from clip_data import load_index, load_questions
 from model_loaders import load_eventgpt, load_video_llava
-from toy_dataset import load_index, load_questions
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -125,3 +125,11 @@ def test_report_examples_are_the_models_answers_to_the_known_scene(quick_world):
         guesses = (hidden[plen - 1 : plen - 1 + n] @ egpt.lm_head_weight().T).argmax(-1)
         assert ex["free_agree"] == pytest.approx(free)
         assert ex["tf_agree"] == pytest.approx(float((guesses == vt).float().mean()), abs=1e-6)
+
+
+def test_layout_flag_and_the_older_output_spelling(tmp_path):
+    args = make_toy_world.parse_args(["--output", str(tmp_path / "w"), "--layout", "dsec"])
+    assert args.output_dir == tmp_path / "w" and args.layout == "dsec"
+    assert make_toy_world.parse_args(["--output_dir", str(tmp_path)]).layout == "clips"
+    with pytest.raises(SystemExit):
+        make_toy_world.parse_args(["--output_dir", str(tmp_path), "--layout", "video"])

@@ -164,7 +164,7 @@ def test_frames_made_the_earlier_way_are_never_mixed_in(tmp_path):
 def test_toy_world_renders_with_the_release_defaults(quick_world):
     """The toy world trains on the same frame the pipeline renders: the release's frame 0."""
     import make_toy_world
-    from toy_dataset import load_index
+    from clip_data import load_index
 
     split_dir = quick_world / "dataset" / "train"
     assert pe.read_frame_settings(split_dir / "event_image")["split_mode"] == "count"

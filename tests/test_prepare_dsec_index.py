@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import prepare_dsec_index as prep
+from clip_data import clip_paths, load_index, load_questions
 from common import UserError
-from toy_dataset import clip_paths, load_index, load_questions
 
 
 def layout(root: Path, clips: dict[str, list[str]], missing_video: set[str] = frozenset()) -> None:
@@ -63,3 +63,21 @@ def test_nothing_to_index_is_one_clear_error(tmp_path):
         run("--dataset_dir", str(tmp_path), "--split", "test")
     with pytest.raises(SystemExit):
         prep.parse_args(["--dataset_dir", str(tmp_path), "--split", "test", "--val_sequences", "2"])
+
+
+def test_a_bad_questions_file_is_refused_before_anything_is_written(tmp_path):
+    """The questions file is checked before the first write: a refused run leaves no index behind."""
+    layout(tmp_path, {"zurich_00": ["000000"]})
+    (tmp_path / "q.json").write_text('[{"question": 3}]')
+    with pytest.raises(UserError, match="no string 'question'"):
+        run("--dataset_dir", str(tmp_path), "--split", "train", "--questions", str(tmp_path / "q.json"),
+            "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "train" / "index.json").exists()
+
+
+def test_old_flag_spellings_still_work(tmp_path):
+    args = prep.parse_args(["--dataset_dir", str(tmp_path), "--split", "test", "--output", str(tmp_path / "o"),
+                            "--duration_s", "2", "--questions_file", str(Path(prep.DEFAULT_QUESTIONS))])
+    assert args.output_dir == tmp_path / "o" and args.clip_s == 2.0 and args.questions == prep.DEFAULT_QUESTIONS
+    with pytest.raises(SystemExit):  # --dsec_root without --output_dir
+        prep.parse_args(["--dsec_root", str(tmp_path)])

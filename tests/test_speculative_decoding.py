@@ -26,7 +26,7 @@ QUESTION_VARIANTS = ("{q}", "{q} Answer briefly.", "Look closely. {q}")
 def world(quick_world: Path) -> SimpleNamespace:
     """Both quick-world runners and NUM_PROMPTS (target inputs, drafter inputs) pairs with greedy answers."""
     import model_loaders as ml
-    from toy_dataset import load_index, load_questions
+    from clip_data import load_index, load_questions
 
     vl = ml.load_video_llava(quick_world / "models" / "video_llava", device="cpu", dtype="fp32")
     eg = ml.load_eventgpt(quick_world / "models" / "eventgpt", device="cpu", dtype="fp32")
@@ -465,7 +465,7 @@ def test_sampling_engine_is_lossless_in_distribution(kind: str) -> None:
 def test_cuda_streams_stay_lossless(quick_world: Path) -> None:
     """The GPU path: phase 1 on a side stream, every stage timed between stream syncs, same answers."""
     import model_loaders as ml
-    from toy_dataset import load_index, load_questions
+    from clip_data import load_index, load_questions
 
     vl = ml.load_video_llava(quick_world / "models" / "video_llava", device="cuda", dtype="fp32")
     eg = ml.load_eventgpt(quick_world / "models" / "eventgpt", device="cuda", dtype="fp32")
@@ -489,10 +489,10 @@ def test_offline_rollout_matches_live_acceptance(world: SimpleNamespace, quick_w
     """The offline roll-out on the live schedule (metrics.RolloutAccumulator over adapter.rollout on the
     stored test states) predicts what the live engine accepts on the same samples: same drafter, same
     gamma, same answer cap. They differ only where fp16 storage or batched extraction moves a near-tie."""
+    from clip_data import load_index, load_questions
     from hidden_adapter import adapter_inputs
     from metrics import RolloutAccumulator, draft_tokens
     from tests.conftest import QUICK_T
-    from toy_dataset import load_index, load_questions
 
     vl, head, gamma = world.vl, world.head, 3
     b1 = fitted_adapter("B1", quick_hidden, token_table=vl.decoder.get_input_embeddings().weight, rollout=2)

@@ -1,0 +1,333 @@
+"""The data layer every stage reads through: the clip index, the questions, and each clip's events and frames.
+
+A data set folder (docs/DATA_FORMAT.md, "Clip index") holds `questions.json` and `{split}/index.json`, a
+list of clip records. Paths in a record are relative to its split folder. A clip's events come from one of
+two sources, named by the record:
+
+    event_npy                   one file per clip (EventGPT's pickled dict, .npz, structured .npy)
+    event_h5 + event_range      a slice [start, end) of a DSEC recording's events.h5, read when needed
+                                (t0_us: the window start relative to the file's t_offset; rectify_map:
+                                optional DSEC rectify_map.h5 applied to the event coordinates)
+
+The video is `video` (an mp4 per clip); `frames` (when present) lists the source images it was made from.
+Event frames (the PNGs EventGPT reads) live at `{event_image_prefix}_{i}.png`. Who writes these folders:
+make_toy_world.py / toy_dataset.py (the toy world's own clips) and prepare_dsec_index.py (clips cut from
+DSEC recordings). `check_data_folder` is the cheap check a stage runs before it loads any model.
+
+    >>> from clip_data import load_index, load_questions, read_clip_events, check_data_folder
+    >>> check_data_folder("data/toy/dataset", ["train"])            # raises UserError naming what is wrong
+    >>> record = load_index("data/toy/dataset", "train")[0]
+    >>> events = read_clip_events("data/toy/dataset/train", record, allow_pickle=True)   # x, y, t (us), p
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import UserError, read_json
+
+SPLITS = ("train", "val", "test")
+# Every record has these; the event source is `event_npy`, or `event_h5` with `event_range`.
+RECORD_KEYS = ("id", "sequence", "clip", "video", "event_image_prefix", "height", "width")
+EVENT_KEYS = ("x", "y", "t", "p")
+ROOT = Path(__file__).resolve().parent
+DEFAULT_QUESTIONS = ROOT / "configs" / "questions_driving.json"
+INDEX_FIX = ("point --dataset_dir at a folder written by make_toy_world.py or prepare_dsec_index.py "
+             "(docs/REAL_MODELS.md)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Index and questions
+# --------------------------------------------------------------------------------------------------
+
+
+def record_problem(rec: Any) -> str | None:
+    """What is wrong with one index record (None when it is usable)."""
+    if not isinstance(rec, dict):
+        return f"is a {type(rec).__name__}, not an object"
+    missing = [k for k in RECORD_KEYS if k not in rec]
+    if "event_npy" not in rec and "event_h5" not in rec:
+        missing.append("event_npy (or event_h5)")
+    if "event_h5" in rec and "event_range" not in rec:
+        missing.append("event_range")
+    return f"lacks {', '.join(missing)}" if missing else None
+
+
+def load_index(dataset_dir: str | Path, split: str) -> list[dict]:
+    """Clip records of DIR/{split}/index.json; missing or malformed -> UserError naming the file."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = Path(dataset_dir) / split / "index.json"
+    records = read_json(path, f"{split} index", INDEX_FIX)
+    if not isinstance(records, list):
+        raise UserError(f"{path} must hold a JSON list of clip records, got {type(records).__name__} ({INDEX_FIX})")
+    for i, rec in enumerate(records):
+        problem = record_problem(rec)
+        if problem:
+            raise UserError(f"{path}: record {i} {problem} ({INDEX_FIX})")
+    return records
+
+
+def questions_path(path_or_dir: str | Path | None, dataset_dir: str | Path | None = None) -> Path:
+    """The questions file a stage uses: `--questions` when given (a file, or a folder holding
+    questions.json), else DATASET_DIR/questions.json."""
+    if path_or_dir is None:
+        if dataset_dir is None:
+            raise UserError("no questions file: pass --questions FILE or --dataset_dir")
+        path_or_dir = dataset_dir
+    path = Path(path_or_dir)
+    return path / "questions.json" if path.is_dir() else path
+
+
+def load_questions(path_or_dir: str | Path, max_questions: int | None = None) -> list[str]:
+    """Questions from questions.json (a file, or a data-set folder holding one), most frequent first.
+
+    Accepts the reference's format [{"question": str, "count": int}, ...] (sorted by count, ties keep
+    file order) or a plain list of strings (file order). `max_questions` keeps the first N.
+    """
+    path = questions_path(path_or_dir)
+    fix = 'expected a JSON list of {"question": str, "count": int} or of strings'
+    data = read_json(path, "questions file", fix)
+    if not isinstance(data, list) or not data:
+        raise UserError(f"questions file {path} must be a non-empty JSON list ({fix})")
+    entries: list[tuple[str, int]] = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            entries.append((item, 0))
+        elif isinstance(item, dict) and isinstance(item.get("question"), str):
+            count = item.get("count", 0)
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise UserError(f"questions file {path}: entry {i} has a non-integer count ({fix})")
+            entries.append((item["question"], count))
+        else:
+            raise UserError(f"questions file {path}: entry {i} has no string 'question' ({fix})")
+        if not entries[-1][0].strip():
+            raise UserError(f"questions file {path}: entry {i} is an empty question ({fix})")
+    order = sorted(range(len(entries)), key=lambda i: -entries[i][1])
+    questions = [entries[i][0] for i in order]
+    if max_questions is not None:
+        if max_questions < 1:
+            raise UserError(f"max_questions must be >= 1, got {max_questions}")
+        questions = questions[:max_questions]
+    return questions
+
+
+def clip_paths(dataset_dir: str | Path, split: str, record: dict, num_event_images: int = 5) -> dict[str, Any]:
+    """Absolute paths of one clip: split_dir, events (the .npy or events.h5), video, event_image_prefix,
+    event_images (f"{prefix}_{i}.png" for i < `num_event_images`; they need not exist yet).
+    `event_npy` is kept as a name for the events path."""
+    split_dir = (Path(dataset_dir) / split).resolve()
+    prefix = split_dir / record["event_image_prefix"]
+    events = split_dir / (record["event_npy"] if "event_npy" in record else record["event_h5"])
+    return {
+        "split_dir": split_dir,
+        "events": events,
+        "event_npy": events,
+        "video": split_dir / record["video"],
+        "event_image_prefix": prefix,
+        "event_images": [prefix.parent / f"{prefix.name}_{i}.png" for i in range(num_event_images)],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------------
+
+
+def open_h5(path: str | os.PathLike) -> Any:
+    """An h5py.File (read-only) with the Blosc/ZSTD filters DSEC compresses with registered."""
+    from preprocess_event_images import EventFileError
+
+    try:
+        import h5py
+        import hdf5plugin  # noqa: F401  (registers the Blosc/zstd filters)
+    except ImportError as err:
+        raise EventFileError(f"{path}: reading DSEC .h5 needs h5py and hdf5plugin ({err})") from err
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        from common import first_line
+
+        raise EventFileError(f"{path}: cannot open as HDF5 ({first_line(err)})") from err
+
+
+def read_recording_header(path: str | os.PathLike) -> dict[str, Any]:
+    """ms_to_idx [L] int64, t_offset (us) and the event count of a DSEC events.h5, without reading events."""
+    from preprocess_event_images import EventFileError
+
+    with open_h5(path) as f:
+        missing = [n for n in (*(f"events/{k}" for k in EVENT_KEYS), "ms_to_idx") if n not in f]
+        if missing:
+            raise EventFileError(f"{path}: missing datasets {missing}; expected DSEC's events.h5 layout")
+        lengths = {k: int(f[f"events/{k}"].shape[0]) for k in EVENT_KEYS}
+        if len(set(lengths.values())) != 1:
+            raise EventFileError(f"{path}: event datasets have different lengths {lengths}")
+        ms_to_idx = np.asarray(f["ms_to_idx"], dtype=np.int64)
+        t_offset = int(np.asarray(f["t_offset"])) if "t_offset" in f else 0
+    return {"ms_to_idx": ms_to_idx, "t_offset": t_offset, "num_events": lengths["t"]}
+
+
+def read_rectify_map(path: str | os.PathLike) -> np.ndarray:
+    """DSEC's rectify_map.h5: [H, W, 2] float32, the rectified (x, y) of each raw sensor pixel."""
+    from preprocess_event_images import EventFileError
+
+    with open_h5(path) as f:
+        if "rectify_map" not in f:
+            raise EventFileError(f"{path}: no 'rectify_map' dataset; expected DSEC's rectify_map.h5")
+        rmap = np.asarray(f["rectify_map"], dtype=np.float32)
+    if rmap.ndim != 3 or rmap.shape[2] != 2:
+        raise EventFileError(f"{path}: rectify_map has shape {rmap.shape}, expected [H, W, 2]")
+    return rmap
+
+
+def rectify_events(events: dict[str, np.ndarray], rmap: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """Map raw sensor coordinates through a rectify map ([H, W, 2]) and round to the nearest pixel.
+
+    Events that land outside the H x W sensor are dropped; returns (events, how many were dropped).
+    """
+    height, width = rmap.shape[:2]
+    x, y = events["x"].astype(np.int64), events["y"].astype(np.int64)
+    xy = rmap[y, x]
+    xr, yr = np.rint(xy[:, 0]).astype(np.int64), np.rint(xy[:, 1]).astype(np.int64)
+    keep = (xr >= 0) & (xr < width) & (yr >= 0) & (yr < height)
+    out = {"x": xr[keep].astype(np.int32), "y": yr[keep].astype(np.int32),
+           "t": np.asarray(events["t"])[keep], "p": np.asarray(events["p"])[keep]}
+    return out, int((~keep).sum())
+
+
+def read_h5_events(path: str | os.PathLike, start: int, end: int, name: str = "") -> dict[str, np.ndarray]:
+    """Raw {x, y, t, p} of events [start, end) of a DSEC events.h5 (t relative to the file's t_offset)."""
+    from common import first_line
+    from preprocess_event_images import EventFileError
+
+    with open_h5(path) as f:
+        try:
+            return {k: f[f"events/{k}"][start:end] for k in EVENT_KEYS}
+        except (OSError, KeyError) as err:
+            raise EventFileError(f"{name or path}: cannot read events ({first_line(err)})") from err
+
+
+def read_clip_events(split_dir: str | Path, record: dict, allow_pickle: bool = False,
+                     columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """One clip's validated events: x, y int32 [N], t int64 [N] (us from the clip's start), p int8 (1/0).
+
+    A record with `event_h5` is read lazily by its `event_range`, its times shifted by `t0_us` (the
+    window start), its coordinates rectified when it names a `rectify_map`; the count of events the
+    rectification pushed off the sensor is returned under "dropped" (0 otherwise). Raises EventFileError.
+    """
+    from preprocess_event_images import load_events, validate_events
+
+    split_dir = Path(split_dir)
+    height, width = int(record["height"]), int(record["width"])
+    if "event_npy" in record:
+        ev = load_events(split_dir / record["event_npy"], allow_pickle, columns, height, width)
+        return {**ev, "dropped": 0}
+    source = split_dir / record["event_h5"]
+    name = f"{source} clip {record.get('id', '?')}"
+    start, end = (int(v) for v in record["event_range"])
+    raw = read_h5_events(source, start, end, name)
+    dropped = 0
+    if record.get("rectify_map"):
+        raw, dropped = rectify_events(raw, read_rectify_map(split_dir / record["rectify_map"]))
+    raw["t"] = np.asarray(raw["t"], dtype=np.int64) - int(record.get("t0_us", 0))
+    return {**validate_events(raw, height, width, source=name), "dropped": dropped}
+
+
+# --------------------------------------------------------------------------------------------------
+# Frames and video
+# --------------------------------------------------------------------------------------------------
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 [H, W, 3] RGB."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def pick_codec() -> str:
+    """libx264 (H.264) when this PyAV build can encode it and decode h264, else mpeg4."""
+    import av
+
+    try:
+        av.Codec("libx264", "w")
+        av.Codec("h264", "r")
+        return "libx264"
+    except Exception:  # av raises UnknownCodecError (or ValueError in old releases)
+        return "mpeg4"
+
+
+def encode_mp4(frames: np.ndarray | Sequence[np.ndarray], fps: int, codec: str) -> bytes:
+    """[N, H, W, 3] uint8 -> mp4 bytes (PyAV, no ffmpeg binary), yuv420p, reproducible.
+
+    One encoder thread (x264 output depends on the thread count) and the bitexact flags on both
+    codec and muxer (no library-version strings). x264 still writes its own version and options
+    into the stream, so bytes match for the same libx264 build.
+    """
+    import av
+
+    first = np.asarray(frames[0])
+    if first.shape[0] % 2 or first.shape[1] % 2:
+        raise UserError(f"frames of {first.shape[1]}x{first.shape[0]} px: yuv420p video needs even sizes")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = first.shape[1], first.shape[0]
+        stream.pix_fmt = "yuv420p"
+        options = {"flags": "+bitexact"}
+        options.update({"crf": "18", "preset": "medium"} if codec == "libx264" else {"qscale": "3"})
+        stream.codec_context.options = options
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# The check before loading
+# --------------------------------------------------------------------------------------------------
+
+
+def check_data_folder(dataset_dir: str | Path, splits: Iterable[str], questions: str | Path | None = None,
+                      num_event_images: int = 0, max_problems: int = 5) -> dict[str, Any]:
+    """Cheap check a stage runs before loading any model: the index of each split parses, every clip's
+    event source and video exist (and its first `num_event_images` event frames, when > 0), and the
+    questions file (default DIR/questions.json) parses. Reads no event or video data.
+
+    Returns {"splits": {split: clips}, "questions": count, "questions_file": path}; raises one UserError
+    listing the first `max_problems` problems and how many there are in all.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserError(f"--dataset_dir {dataset_dir} is not a folder ({INDEX_FIX})")
+    qfile = questions_path(questions, dataset_dir)
+    num_questions = len(load_questions(qfile))
+    counts, problems = {}, []
+    for split in splits:
+        records = load_index(dataset_dir, split)
+        counts[split] = len(records)
+        for rec in records:
+            paths = clip_paths(dataset_dir, split, rec, num_event_images)
+            for what, path in (("events", paths["events"]), ("video", paths["video"]),
+                               *(("event frame", p) for p in paths["event_images"])):
+                if not path.is_file():
+                    problems.append(f"{split} clip {rec['id']}: {what} {path} is missing")
+            if rec.get("rectify_map") and not (paths["split_dir"] / rec["rectify_map"]).is_file():
+                problems.append(f"{split} clip {rec['id']}: rectify map {rec['rectify_map']} is missing")
+    if problems:
+        more = f" (and {len(problems) - max_problems} more)" if len(problems) > max_problems else ""
+        hint = "; render event frames with preprocess_event_images.py" if any("event frame" in p for p in problems) \
+            else ""
+        raise UserError(f"{dataset_dir}: {len(problems)} missing files: "
+                        f"{'; '.join(problems[:max_problems])}{more}{hint}")
+    return {"splits": counts, "questions": num_questions, "questions_file": str(qfile)}
