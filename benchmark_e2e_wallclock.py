@@ -52,10 +52,13 @@ from common import (
     PREFILL_WINDOW_CAP,
     UserError,
     add_config_flag,
+    add_dry_run_flag,
     atomic_write_json,
+    dry_run_report,
     gamma_prefill_arg,
     markdown_table,
     parse_with_config,
+    preflight,
     run_cli,
     set_seed,
     sync_device,
@@ -144,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, adapters and sampling")
     p.add_argument("--output_dir", type=Path, default=Path("results/e2e"), help="where the JSON/MD/PNG go")
     add_config_flag(p)
+    add_dry_run_flag(p)
     args = parse_with_config(p, argv)
     args.gamma_prefill = gamma_prefill_arg(p, args.gamma_prefill, PREFILL_WINDOW_CAP, minimum=0)
     args.configs = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",") if c]
@@ -691,6 +695,12 @@ def main(args: argparse.Namespace) -> int:
     from model_loaders import ClipReadError
     from toy_dataset import load_index, load_questions
 
+    checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
+                              for role in ("prefill", "decode")})  # seconds, before the models load
+    if args.dry_run:
+        return dry_run_report("benchmark_e2e_wallclock.py", checks, [
+            f"time configurations {', '.join(args.configs)} on {args.max_samples} samples of {args.split}, "
+            f"{args.repeats} repeats, into {args.output_dir}"])
     set_seed(args.seed)
     split_dir = args.dataset_dir / args.split
     clips = load_index(args.dataset_dir, args.split)

@@ -41,10 +41,13 @@ from tqdm import tqdm
 from common import (
     UserError,
     add_config_flag,
+    add_dry_run_flag,
     alias_help,
     atomic_write_json,
+    dry_run_report,
     markdown_table,
     parse_with_config,
+    preflight,
     resolve_device,
     run_cli,
     set_seed,
@@ -132,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--output", default="results/extraction_benchmark.json", help="JSON file for the results")
     add_config_flag(p)
+    add_dry_run_flag(p)
     args = parse_with_config(p, argv)
     for name in ("max_clips", "max_questions", "max_new_tokens", "batch_size", "repeats"):
         if getattr(args, name) < 1:
@@ -404,6 +408,11 @@ def main(args: argparse.Namespace) -> int:
     from preprocess_event_images import read_frame_settings
     from toy_dataset import load_index, load_questions
 
+    checks = preflight(args)  # seconds, before the models load
+    if args.dry_run:
+        return dry_run_report("benchmark_extraction.py", checks, [
+            f"time both extraction ways on {args.max_clips} clips of {args.split}, {args.repeats} repeats, "
+            f"into {args.output}"])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)

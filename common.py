@@ -271,6 +271,13 @@ def check_model_path(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id org/name)")
 
 
+def add_dry_run_flag(parser: Any) -> None:
+    """Add `--dry_run`: run the cheap checks, print what would run, exit 0 without loading a model."""
+    parser.add_argument("--dry_run", action="store_true",
+                        help="check the data, questions, adapters, output folder and device, print what would "
+                        "run, and exit without loading a model")
+
+
 def dry_run_report(script: str, checks: list[str], plan: list[str]) -> int:
     """Print what `--dry_run` checked and what would run; the caller returns its 0."""
     print(f"{script} --dry_run: checks passed, no model loaded")
@@ -292,7 +299,7 @@ def check_adapter_role(path: str, role: str) -> str:
     return f"--{role}_adapter {path}: {level} ({extra.get('pairs', '?')} pairs)"
 
 
-def preflight(args: argparse.Namespace) -> list[str]:
+def preflight(args: argparse.Namespace, required_roles: dict[str, list[str]] | None = None) -> list[str]:
     """The cheap checks of a stage that loads the 7B models, run before any model loads.
 
     Reads whichever of these `args` has: dataset_dir + split (+ questions_file), egpt_model, vl_model

@@ -44,9 +44,12 @@ from tqdm import tqdm
 from common import (
     UserError,
     add_config_flag,
+    add_dry_run_flag,
     alias_help,
     atomic_write_json,
+    dry_run_report,
     parse_with_config,
+    preflight,
     read_json,
     run_cli,
     set_seed,
@@ -158,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_failures", type=int, default=10, help="stop (exit 1) once more clips than this failed")
     p.add_argument("--seed", type=int, default=0, help="random seed (generation is greedy; affects nothing else)")
     add_config_flag(p)
+    add_dry_run_flag(p)
     args = parse_with_config(p, argv)
     for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_event_frames", "num_frames"):
         if getattr(args, name) < 1:
@@ -546,6 +550,11 @@ def report(args: argparse.Namespace, work: ShardWork, result: ChunkLoopResult, a
 
 
 def main(args: argparse.Namespace) -> int:
+    checks = preflight(args)  # seconds, before minutes of model loading
+    if args.dry_run:
+        return dry_run_report("extract_hidden_states.py", checks, [
+            f"extract split {args.split} of {args.dataset_dir} with {args.egpt_model} + {args.vl_model} "
+            f"into {args.output_dir}"])
     set_seed(args.seed)
     num_shards, shard, state = resolve_shard(args)
     work, num_planned, chunk_size = plan_work(args, num_shards, shard)
