@@ -304,8 +304,14 @@ def preflight(args: argparse.Namespace, required_roles: dict[str, list[str]] | N
 
     Reads whichever of these `args` has: dataset_dir + split (+ questions_file), egpt_model, vl_model
     (unless random_shape), prefill_adapter / decode_adapter (unless random_adapters), output_dir or
-    output, device. Returns one line per check passed; a failed check is one `UserError` line."""
+    output, device. `required_roles`: {role: [configurations that need a --{role}_adapter]}. Returns one
+    line per check passed; a failed check is one `UserError` line."""
     done: list[str] = []
+    for role, users in (required_roles or {}).items():
+        if users and not getattr(args, f"{role}_adapter", None):
+            raise UserError(f"config(s) {', '.join(users)} need --{role}_adapter (a checkpoint from "
+                            "train_hidden_adapter.py, or a level with --random_adapters), or leave them out of "
+                            "--configs")
     device = getattr(args, "device", None)
     if device:
         check_device(str(device))
