@@ -201,3 +201,30 @@ def test_dry_run_from_the_command_line_is_one_line_on_error(dataset, tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--decode_adapter" in errors[0] and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the docs' commands
+
+
+def test_readme_checkpoint_path_follows_the_run_folder_layout():
+    import re
+
+    import train_hidden_adapter as tha
+
+    paths = re.findall(r'load_adapter\("([^"]+)"\)', (ROOT / "README.md").read_text())
+    assert paths, "README shows load_adapter"
+    for path in paths:  # train_hidden_adapter.make_run_dir: {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/
+        assert re.fullmatch(r"tasks/toy/(L[1-5]|B1|L5F|L5E)_(free|teacher_forced)_\d{8}_\d{6}/best_model\.pt", path)
+    assert "{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}" in tha.__doc__
+
+
+def test_pipeline_doc_config_command_parses():
+    import shlex
+
+    import train_hidden_adapter as tha
+
+    lines = [ln for ln in (ROOT / "docs" / "PIPELINE.md").read_text().splitlines()
+             if ln.startswith("python train_hidden_adapter.py --config")]
+    assert lines
+    args = tha.parse_args(shlex.split(lines[0])[2:])
+    assert args.level_name == "L1" and args.pairs == "free" and args.num_epochs == 4  # file + command line
