@@ -67,7 +67,9 @@ launch() {  # one process, or one per GPU under accelerate launch
 }
 [ "$NUM_GPUS" -gt 1 ] && TRAIN_JOBS=1  # accelerate launch already takes every GPU
 fresh() { [ "$FORCE" = 1 ] || [ ! -f "$1" ]; }       # true when output $1 must be (re)made
-stage() { echo; echo "== $*"; }
+STAGE_NAMES=()
+STAGE_STARTS=()
+stage() { STAGE_NAMES+=("$*"); STAGE_STARTS+=("$SECONDS"); echo; echo "== $*"; }
 
 if [ "$TOY" = 1 ]; then
   stage "1. toy world: data set + tiny EventGPT / Video-LLaVA checkpoints (a few minutes the first time)"
@@ -187,5 +189,11 @@ stage "11. RESULTS.md, generated from this run's files"
 $PY write_results.py --world "$WORLD" --data_dir "$DATA" --tasks_dir "$TASKS" --results_dir "$RESULTS" \
   --output "$RESULTS/RESULTS.md"
 
+echo
+echo "time per stage (this run; kept work costs nothing):"
+STAGE_STARTS+=("$SECONDS")
+for i in "${!STAGE_NAMES[@]}"; do
+  printf '  %5ds  %s\n' "$((STAGE_STARTS[i + 1] - STAGE_STARTS[i]))" "${STAGE_NAMES[i]:0:90}"
+done
 echo
 echo "done: data in $DATA, adapters in $TASKS, results in $RESULTS (read $RESULTS/RESULTS.md)"
