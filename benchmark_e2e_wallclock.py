@@ -48,7 +48,21 @@ import torch
 from tqdm import tqdm
 
 import speculative_decoding as sd
-from common import UserError, atomic_write_json, markdown_table, run_cli, set_seed, sync_device
+from common import (
+    PREFILL_WINDOW_CAP,
+    UserError,
+    add_config_flag,
+    add_dry_run_flag,
+    atomic_write_json,
+    dry_run_report,
+    gamma_prefill_arg,
+    markdown_table,
+    parse_with_config,
+    preflight,
+    run_cli,
+    set_seed,
+    sync_device,
+)
 from model_loaders import (
     DEFAULT_FRAME_PICK,
     DTYPE_CHOICES,
@@ -78,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_questions", type=int, default=None, help="use only the first N questions")
     p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap")
     p.add_argument("--gamma_decode", type=int, default=5, help="drafts per decode iteration")
-    p.add_argument("--gamma_prefill", type=int, default=8, help="at most this many drafts while the target prefills")
+    p.add_argument("--gamma_prefill", default="auto",
+                   help="at most this many drafts while the target prefills (drafting also stops when the "
+                   f"target's prefill ends); auto = {PREFILL_WINDOW_CAP}, the two-phase model's longest window")
     p.add_argument("--draft_confidence", type=float, default=0.0,
                    help="the 'confidence' stop: end a decode draft after a token the drafter gives less than this "
                         "probability (transformers' assistant_confidence_threshold rule; lossless); > 0 with "
@@ -110,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sequential_prefill", action="store_true",
                    help="run the drafter's prefill after the target's instead of beside it (to measure overlap)")
     p.add_argument("--egpt_model", default="data/toy/models/eventgpt", help="EventGPT checkpoint folder")
+    p.add_argument("--vision_tower", default=None,
+                   help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
+                   "config's mm_visual_tower")
     p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder or hub id")
     p.add_argument("--quant", default="none", choices=QUANT_CHOICES, help="bitsandbytes quantisation (CUDA only)")
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
@@ -128,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the samples (paired per repeat)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, adapters and sampling")
     p.add_argument("--output_dir", type=Path, default=Path("results/e2e"), help="where the JSON/MD/PNG go")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    add_dry_run_flag(p)
+    args = parse_with_config(p, argv)
+    args.gamma_prefill = gamma_prefill_arg(p, args.gamma_prefill, PREFILL_WINDOW_CAP, minimum=0)
     args.configs = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",") if c]
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
@@ -674,6 +696,12 @@ def main(args: argparse.Namespace) -> int:
     from extract_hidden_states import plan_samples
     from model_loaders import ClipReadError
 
+    checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
+                              for role in ("prefill", "decode")})  # seconds, before the models load
+    if args.dry_run:
+        return dry_run_report("benchmark_e2e_wallclock.py", checks, [
+            f"time configurations {', '.join(args.configs)} on {args.max_samples} samples of {args.split}, "
+            f"{args.repeats} repeats, into {args.output_dir}"])
     set_seed(args.seed)
     split_dir = args.dataset_dir / args.split
     clips = load_index(args.dataset_dir, args.split)

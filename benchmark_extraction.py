@@ -9,7 +9,8 @@
         --max_questions 2 --max_new_tokens 8 --repeats 2 --output /tmp/extraction_benchmark_tiny.json
     # Vicuna-7B / CLIP ViT-L shapes with random weights on one GPU, fp16 (no checkpoint needed)
     python benchmark_extraction.py --random_shape 7b --dataset_dir data/toy/dataset --device cuda --dtype fp16 \\
-        --max_clips 4 --batch_size 16 --teacher_forced --allow_mismatch --output results/extraction_benchmark_7b.json
+        --max_clips 4 --batch_size 16 --teacher_forced --allow_output_mismatch \\
+        --output results/extraction_benchmark_7b.json
 
 One-by-one is the reference's extraction loop: for every (clip, question) sample both models' vision
 features are computed again (video decoded, event PNG read and encoded), then each model generates
@@ -18,7 +19,7 @@ shared by its questions, and `--batch_size` samples of one or more clips generat
 padding. Both ways call the same `extract_hidden_states.run_models` on the same samples; the repeats
 alternate between them, each timer sits between device synchronisations, and `--warmup` untimed
 passes over the first batch come first. The outputs of the two ways are compared (tokens exactly,
-fp16 hidden states within 2e-2), and the exit code is 1 when they differ (see --allow_mismatch).
+fp16 hidden states within 2e-2), and the exit code is 1 when they differ (see --allow_output_mismatch).
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ from tqdm import tqdm
 
 from common import (
     UserError,
+    add_config_flag,
+    add_dry_run_flag,
+    alias_help,
     atomic_write_json,
+    dry_run_report,
     markdown_table,
+    parse_with_config,
+    preflight,
     resolve_device,
     run_cli,
     set_seed,
@@ -89,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "questions.json and the event PNGs (clips are read from here in both modes)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split the clips come from")
     p.add_argument("--egpt_model", default="data/toy/models/eventgpt", help="EventGPT checkpoint folder (toy mode)")
+    p.add_argument("--vision_tower", default=None,
+                   help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
+                   "config's mm_visual_tower")
     p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder (toy mode)")
     p.add_argument("--quant", default="none", choices=QUANT_CHOICES,
                    help="bitsandbytes quantisation of loaded checkpoints (CUDA only; not with --random_shape)")
@@ -120,12 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint tensor names that may be missing or unknown without stopping the load "
                    "(e.g. position_ids)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--allow_mismatch", action="store_true",
-                   help="exit 0 even when the two ways' outputs differ (random weights in fp16 can flip "
-                   "near-tied argmaxes between batch shapes; the timing is still valid)")
+    p.add_argument("--allow_output_mismatch", "--allow_mismatch", dest="allow_mismatch", action="store_true",
+                   help=alias_help("exit 0 even when the two ways' outputs differ (random weights in fp16 can flip "
+                   "near-tied argmaxes between batch shapes; the timing is still valid)", "--allow_mismatch"))
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--output", default="results/extraction_benchmark.json", help="JSON file for the results")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    add_dry_run_flag(p)
+    args = parse_with_config(p, argv)
     for name in ("max_clips", "max_questions", "max_new_tokens", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -259,7 +271,7 @@ def load_runners(args: argparse.Namespace, questions: list[str]) -> tuple[Any, A
     accept_keys = getattr(args, "accept_weight_keys", None) or ()
     if args.random_shape is None:
         egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=args.device, dtype=egpt_dtype,
-                             accept_keys=accept_keys)
+                             accept_keys=accept_keys, vision_tower=getattr(args, "vision_tower", None))
         vl = load_video_llava(args.vl_model, quant=args.quant, device=args.device, dtype=vl_dtype,
                               frame_pick=frame_pick, accept_keys=accept_keys)
         return egpt, vl
@@ -397,6 +409,11 @@ def main(args: argparse.Namespace) -> int:
     from clip_data import load_index, load_questions
     from preprocess_event_images import read_frame_settings
 
+    checks = preflight(args)  # seconds, before the models load
+    if args.dry_run:
+        return dry_run_report("benchmark_extraction.py", checks, [
+            f"time both extraction ways on {args.max_clips} clips of {args.split}, {args.repeats} repeats, "
+            f"into {args.output}"])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -484,7 +501,7 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"wrote {args.output}")
     if not equality["passed"]:
-        print("error: the two ways produced different outputs" + (" (allowed by --allow_mismatch)"
+        print("error: the two ways produced different outputs" + (" (allowed by --allow_output_mismatch)"
                                                                    if args.allow_mismatch else ""))
         return 0 if args.allow_mismatch else 1
     return 0

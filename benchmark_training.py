@@ -36,7 +36,17 @@ from typing import Any
 
 import torch
 
-from common import UserError, atomic_write_json, markdown_table, resolve_device, run_cli, sync_device
+from common import (
+    UserError,
+    add_config_flag,
+    alias_help,
+    atomic_write_json,
+    markdown_table,
+    parse_with_config,
+    resolve_device,
+    run_cli,
+    sync_device,
+)
 from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, ChunkStream, chunk_name, to_device, write_chunk
 
 log = logging.getLogger("xmodal_sd.bench_train")
@@ -51,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size_gb", type=float, default=4.0, help="total size of the synthetic train split, GB")
     p.add_argument("--hidden_dim", type=int, default=4096, help="state width of both models")
     p.add_argument("--chunk_size", type=int, default=250, help="samples per chunk file")
-    p.add_argument("--level", default="L1", help="adapter level trained in pass 3")
+    p.add_argument("--adapter_level", "--level", dest="level", default="L1",
+                   help=alias_help("adapter level trained in pass 3", "--level"))
     p.add_argument("--pairs", choices=("free", "teacher_forced"), default="teacher_forced",
                    help="pairing read by the loader and the training")
     p.add_argument("--batch_size", type=int, default=64, help="samples per batch")
@@ -60,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--warm", action="store_true", help="keep the files in the page cache between passes")
     p.add_argument("--output", default=None, help="JSON result file")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    args = parse_with_config(p, argv)
     if args.size_gb <= 0 or args.hidden_dim < 8 or args.chunk_size < 1 or args.batch_size < 1:
         p.error("--size_gb, --hidden_dim (>= 8), --chunk_size and --batch_size must be positive")
     if args.max_steps < 1 or args.repeats < 1:

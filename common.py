@@ -5,6 +5,7 @@ Every stage script imports from here instead of re-implementing these ten-line p
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -245,3 +246,201 @@ class _LineSink:
 
     def flush(self) -> None:
         pass
+
+
+# ----------------------------------------------------------------------------- command line (shared)
+# One place for what every stage's parse_args needs: YAML defaults under --config (the command line
+# wins), old flag spellings kept as aliases, and the cheap checks a stage runs before it loads models.
+
+ALIAS_NOTE = "old spelling, kept for one release"
+
+
+def alias_help(text: str, *old: str) -> str:
+    """`text` plus the note that names the old spellings a flag still accepts."""
+    return f"{text} ({', '.join(old)}: {ALIAS_NOTE})"
+
+
+def add_config_flag(parser: Any) -> None:
+    """Add `--config FILE` (YAML defaults; keys are flag names) to a stage's parser."""
+    parser.add_argument("--config", default=None,
+                        help="YAML file of defaults, keys = flag names without dashes (old spellings accepted); "
+                        "flags on the command line win")
+
+
+def config_keys(parser: Any) -> dict[str, str]:
+    """Every name a config key may use -> the flag's dest: the dest and each long option (aliases too)."""
+    keys: dict[str, str] = {}
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        keys[action.dest] = action.dest
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                keys[opt[2:]] = action.dest
+    return keys
+
+
+def read_config(path: str | os.PathLike, parser: Any) -> dict[str, Any]:
+    """YAML file -> {dest: value}; a missing file, bad YAML or an unknown key is one `UserError` line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (--config)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a mapping of flag names to values")
+    keys = config_keys(parser)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in keys:
+            raise UserError(f"{path}: unknown key {key!r}; keys are this script's flag names without dashes "
+                            "(see --help)")
+        out[keys[name]] = value
+    return out
+
+
+def parse_with_config(parser: Any, argv: list[str] | None = None) -> Any:
+    """`parser.parse_args(argv)`, with the file named by `--config` as defaults: the command line wins.
+
+    A required flag given in the file is no longer required on the command line. A config error is
+    reported through `parser.error` (one line, exit 2)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    first, _ = pre.parse_known_args(argv)
+    if first.config:
+        try:
+            defaults = read_config(first.config, parser)
+        except UserError as err:
+            parser.error(str(err))
+        for action in parser._actions:
+            if action.dest in defaults:
+                action.required = False
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None) -> str:
+    """The data set's `{split}/index.json` and its questions file exist and parse (the data layer's own
+    readers, so the check is the one the stage would hit later); returns a one-line description."""
+    from toy_dataset import load_index, load_questions
+
+    clips = load_index(dataset_dir, split)
+    questions = load_questions(questions_file or dataset_dir)
+    return f"{Path(dataset_dir) / split / 'index.json'}: {len(clips)} clips; {len(questions)} questions"
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """`path` (or its nearest existing parent) is a writable folder, checked before any model loads."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
+
+
+def check_device(requested: str) -> None:
+    """A CUDA device that was asked for is visible (before any model loads)."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} was requested but no CUDA GPU is visible; use --device cpu")
+
+
+def check_model_path(path: str, flag: str) -> None:
+    """A local model folder exists (a hub id such as org/name is left to the loader)."""
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or len(p.parts) != 2
+    if looks_local and not p.is_dir():
+        raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id org/name)")
+
+
+def add_dry_run_flag(parser: Any) -> None:
+    """Add `--dry_run`: run the cheap checks, print what would run, exit 0 without loading a model."""
+    parser.add_argument("--dry_run", action="store_true",
+                        help="check the data, questions, adapters, output folder and device, print what would "
+                        "run, and exit without loading a model")
+
+
+def dry_run_report(script: str, checks: list[str], plan: list[str]) -> int:
+    """Print what `--dry_run` checked and what would run; the caller returns its 0."""
+    print(f"{script} --dry_run: checks passed, no model loaded")
+    for line in checks:
+        print(f"  ok: {line}")
+    for line in plan:
+        print(f"  would: {line}")
+    return 0
+
+
+def check_adapter_role(path: str, role: str) -> str:
+    """An adapter checkpoint reads, and its level can play `role` (prefill: a same-position level L1-L4)."""
+    from hidden_adapter import load_adapter
+
+    adapter, extra = load_adapter(path)
+    level = adapter.config.name
+    if role == "prefill" and adapter.predicts != "same":
+        raise UserError(f"--prefill_adapter must be a same-position level (L1-L4), got {level} ({path})")
+    return f"--{role}_adapter {path}: {level} ({extra.get('pairs', '?')} pairs)"
+
+
+def preflight(args: argparse.Namespace, required_roles: dict[str, list[str]] | None = None) -> list[str]:
+    """The cheap checks of a stage that loads the 7B models, run before any model loads.
+
+    Reads whichever of these `args` has: dataset_dir + split (+ questions_file), egpt_model, vl_model
+    (unless random_shape), prefill_adapter / decode_adapter (unless random_adapters), output_dir or
+    output, device. `required_roles`: {role: [configurations that need a --{role}_adapter]}. Returns one
+    line per check passed; a failed check is one `UserError` line."""
+    done: list[str] = []
+    for role, users in (required_roles or {}).items():
+        if users and not getattr(args, f"{role}_adapter", None):
+            raise UserError(f"config(s) {', '.join(users)} need --{role}_adapter (a checkpoint from "
+                            "train_hidden_adapter.py, or a level with --random_adapters), or leave them out of "
+                            "--configs")
+    device = getattr(args, "device", None)
+    if device:
+        check_device(str(device))
+        done.append(f"device {device}")
+    if getattr(args, "dataset_dir", None) is not None and getattr(args, "split", None):
+        done.append(check_dataset_split(args.dataset_dir, args.split, getattr(args, "questions_file", None)))
+    if getattr(args, "random_shape", None) is None:
+        for flag in ("egpt_model", "vl_model"):
+            if getattr(args, flag, None):
+                check_model_path(str(getattr(args, flag)), f"--{flag}")
+                done.append(f"--{flag} {getattr(args, flag)}")
+    if not getattr(args, "random_adapters", False):
+        for role in ("prefill", "decode"):
+            for path in getattr(args, f"{role}_adapter", None) or []:
+                done.append(check_adapter_role(str(path), role))
+    if getattr(args, "output_dir", None) is not None:
+        check_writable_dir(args.output_dir, "--output_dir")
+        done.append(f"--output_dir {args.output_dir} writable")
+    elif getattr(args, "output", None):
+        check_writable_dir(Path(args.output).parent, "--output")
+        done.append(f"--output {args.output} writable")
+    return done
+
+
+# Prefill drafting window, one default everywhere: `auto` = as many drafts as EventGPT finishes while the
+# target prefills. The live engine stops drafting when the target's prefill ends, so there auto is only a
+# cap (PREFILL_WINDOW_CAP, the two-phase model's longest window); the two-phase model fits the window to
+# each timing profile; offline measurement records every window and headlines the reference's 7.
+PREFILL_WINDOW_CAP = 16
+REFERENCE_PREFILL_WINDOW = 7
+
+
+def gamma_prefill_arg(parser: Any, value: Any, auto: int | None, minimum: int = 1) -> Any:
+    """`--gamma_prefill` as given: 'auto' -> `auto` (None keeps the string 'auto'), else an int >= minimum."""
+    if str(value) == "auto":
+        return "auto" if auto is None else auto
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        parser.error(f"--gamma_prefill must be an integer >= {minimum} or 'auto', got {value!r}")
+    if number < minimum:
+        parser.error(f"--gamma_prefill must be >= {minimum} (or 'auto')")
+    return number

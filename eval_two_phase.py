@@ -28,7 +28,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, read_json, run_cli
+from common import (
+    UserError,
+    add_config_flag,
+    atomic_write_bytes,
+    atomic_write_json,
+    markdown_table,
+    parse_with_config,
+    read_json,
+    run_cli,
+)
 from cost_model import (
     DECODE_ADAPTERS,
     PREFILL_ADAPTERS,
@@ -109,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="make the reference's cost model the headline 'speedup' (both are always computed)")
     p.add_argument("--label", default="offline", help="name in the output files: two_phase_results_{label}.json")
     p.add_argument("--output_dir", default="results/two_phase", help="where the JSON and Markdown table go")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    args = parse_with_config(p, argv)
     if args.configs is None:
         args.configs = REFERENCE_CONFIGS if args.reference_inputs else DEFAULT_CONFIGS
     try:

@@ -45,7 +45,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common import RunLog, UserError, atomic_write_json, read_json, run_cli, set_seed
+from common import (
+    RunLog,
+    UserError,
+    add_config_flag,
+    add_dry_run_flag,
+    alias_help,
+    atomic_write_json,
+    dry_run_report,
+    parse_with_config,
+    preflight,
+    read_json,
+    run_cli,
+    set_seed,
+)
 from hidden_data import (
     CHUNK_KEYS,
     FORMAT_VERSION,
@@ -113,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="samples generated together (left padding); a clip's vision features are shared",
     )
     p.add_argument("--egpt_model", required=True, help="EventGPT checkpoint folder (release layout)")
+    p.add_argument("--vision_tower", default=None,
+                   help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
+                   "config's mm_visual_tower")
     p.add_argument("--vl_model", required=True, help="Video-LLaVA folder or hub id (transformers format)")
     p.add_argument(
         "--quant",
@@ -130,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Video-LLaVA's dtype (default --dtype; auto = fp16 on CUDA, as its model card and "
                    "LanguageBind run it)")
     p.add_argument("--num_event_frames", type=int, default=1, help="event frames given to EventGPT (first N)")
-    p.add_argument("--num_frames", type=int, default=8, help="video frames sampled uniformly for Video-LLaVA")
+    p.add_argument("--num_video_frames", "--num_frames", dest="num_frames", type=int, default=8,
+                   help=alias_help("video frames sampled uniformly for Video-LLaVA", "--num_frames"))
     p.add_argument("--frame_pick", default=FRAME_PICKS[0], choices=FRAME_PICKS,
                    help="how Video-LLaVA's frames are indexed: floor of linspace(0, n-1, num_frames) (default, as "
                    "LanguageBind and the research fork) or round (this project's earlier choice)")
@@ -154,7 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify", action="store_true",
                    help="before skipping finished chunks, hash every one (not only those up to 1 GiB) and read its "
                    "sample count; damaged ones are redone")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    add_dry_run_flag(p)
+    args = parse_with_config(p, argv)
     for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_event_frames", "num_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -345,7 +364,7 @@ def event_frame_settings(args: argparse.Namespace) -> dict[str, Any] | None:
         log.warning("no %s: how the event frames were rendered is not known, and not recorded", root / "manifest.json")
     elif args.num_event_frames > settings["num_frames"]:
         raise UserError(f"--num_event_frames {args.num_event_frames} but {root} holds {settings['num_frames']} frames "
-                        "per clip; pass fewer, or re-render with preprocess_event_images.py --num_frames")
+                        "per clip; pass fewer, or re-render with preprocess_event_images.py --event_frames_per_clip")
     return settings
 
 
@@ -452,7 +471,8 @@ def load_models(args: argparse.Namespace, device: torch.device, dtypes: dict[str
     from model_loaders import load_eventgpt, load_video_llava
 
     egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=str(device), dtype=DTYPE_FLAGS[dtypes["eventgpt"]],
-                         num_event_frames=args.num_event_frames, accept_keys=args.accept_weight_keys)
+                         num_event_frames=args.num_event_frames, accept_keys=args.accept_weight_keys,
+                         vision_tower=args.vision_tower)
     vl = load_video_llava(args.vl_model, quant=args.quant, device=str(device),
                           dtype=DTYPE_FLAGS[dtypes["video_llava"]], num_frames=args.num_frames,
                           frame_pick=args.frame_pick, accept_keys=args.accept_weight_keys)
@@ -560,6 +580,11 @@ def log_path(out_dir: Path, shard: int, num_shards: int) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    checks = preflight(args)  # seconds, before minutes of model loading
+    if args.dry_run:
+        return dry_run_report("extract_hidden_states.py", checks, [
+            f"extract split {args.split} of {args.dataset_dir} with {args.egpt_model} + {args.vl_model} "
+            f"into {args.output_dir}"])
     set_seed(args.seed)
     num_shards, shard, state = resolve_shard(args)
     with RunLog(log_path(args.output_dir, shard, num_shards)):

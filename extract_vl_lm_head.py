@@ -23,7 +23,16 @@ from typing import Any
 
 import torch
 
-from common import UserError, atomic_torch_save, read_json, run_cli, safe_torch_load
+from common import (
+    UserError,
+    add_dry_run_flag,
+    atomic_torch_save,
+    dry_run_report,
+    preflight,
+    read_json,
+    run_cli,
+    safe_torch_load,
+)
 from model_loaders import QUANT_CHOICES
 
 log = logging.getLogger("xmodal_sd.lm_head")
@@ -44,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", help="device used when the model has to be loaded")
     p.add_argument("--overwrite", action="store_true", help="rewrite the output even if it exists")
+    add_dry_run_flag(p)
     return p.parse_args(argv)
 
 
@@ -125,7 +135,10 @@ def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embedding
     return head
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> dict[str, Any] | int:
+    checks = preflight(args)
+    if args.dry_run:
+        return dry_run_report("extract_vl_lm_head.py", checks, [f"write {args.vl_model}'s LM head to {args.output}"])
     out = Path(args.output)
     if out.is_file() and not args.overwrite:
         head = load_lm_head(out)

@@ -34,7 +34,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, run_cli
+from common import (
+    REFERENCE_PREFILL_WINDOW,
+    UserError,
+    add_config_flag,
+    atomic_write_bytes,
+    atomic_write_json,
+    gamma_prefill_arg,
+    markdown_table,
+    parse_with_config,
+    resolve_device,
+    run_cli,
+)
 from extract_vl_lm_head import load_lm_head
 from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
 from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs
@@ -59,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm_head", required=True, help="target LM head file written by extract_vl_lm_head.py")
     p.add_argument("--output_dir", default=None,
                    help="where results go (default: acceptance_{pairs}[_target_input]/ next to the checkpoint)")
-    p.add_argument("--gamma_prefill", type=int, default=7, help="prefill drafting window (free tokens are capped here)")
+    p.add_argument("--gamma_prefill", default="auto",
+                   help="prefill drafting window of the headline prefill_free (every window is also recorded "
+                   f"in prefill_free_by_window); auto = {REFERENCE_PREFILL_WINDOW}, the reference's")
     p.add_argument("--gamma_decode", type=int, default=5,
                    help="drafts per decode iteration (accept_len is capped here)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per adapter forward")
@@ -73,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--allow_model_mismatch", action="store_true",
                    help="evaluate even if the checkpoint was trained on states of other models (not recommended)")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    args = parse_with_config(p, argv)
+    args.gamma_prefill = gamma_prefill_arg(p, args.gamma_prefill, REFERENCE_PREFILL_WINDOW)
     for name in ("gamma_prefill", "gamma_decode", "batch_size", "lm_head_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")

@@ -42,7 +42,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip_data import read_clip_events, read_h5_events, read_recording_header
-from common import UserError, atomic_write_bytes, atomic_write_json, first_line, read_json, run_cli
+from common import (
+    UserError,
+    add_config_flag,
+    alias_help,
+    atomic_write_bytes,
+    atomic_write_json,
+    first_line,
+    parse_with_config,
+    read_json,
+    run_cli,
+)
 
 log = logging.getLogger("xmodal_sd")
 
@@ -621,7 +631,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "OUTPUT_DIR/{seq}/{clip}_{i}.png (e.g. .../train/event_image)")
     parser.add_argument("--split", choices=SPLITS, help="with --dataset_dir: only this split "
                         "(default: every split that has an index.json)")
-    parser.add_argument("--num_frames", type=int, default=5, help="frames per clip (default 5)")
+    parser.add_argument("--event_frames_per_clip", "--num_frames", dest="num_frames", type=int, default=5,
+                        help=alias_help("event frames rendered per clip (default 5)", "--num_frames"))
     parser.add_argument("--split_mode", choices=SPLIT_MODES, default=DEFAULT_SPLIT_MODE, help="cut a clip into "
                         "slices of equal event counts ('count', default: EventGPT's released code) or equal "
                         "durations ('time', this project's earlier default)")
@@ -643,7 +654,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="worker processes (default min(4, CPU count); 0 renders in this process)")
     parser.add_argument("--benchmark_events", type=int, default=2_000_000,
                         help="events in the synthetic clip of --benchmark (default 2,000,000)")
-    args = parser.parse_args(argv)
+    add_config_flag(parser)
+    args = parse_with_config(parser, argv)
 
     chosen = [f for f in ("dataset_dir", "input_dir", "benchmark") if getattr(args, f)]
     if len(chosen) != 1:

@@ -7,17 +7,19 @@
 #   TASKS=tasks/real TEST_DATA=data/hidden/test LM_HEAD=data/vl_lm_head.pt OUT=results/acceptance bash run_all_eval.sh
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=shell_help.sh
+source ./shell_help.sh && shell_help "$(basename "$0")" "${1:-}"  # --help: settings, then exit
 
-PY=${PY:-.venv/bin/python}
-TASKS=${TASKS:-tasks/toy}
-TEST_DATA=${TEST_DATA:-data/toy/hidden/test}
-LM_HEAD=${LM_HEAD:-data/toy/vl_lm_head.pt}
-OUT=${OUT:-results/toy/acceptance}
-GAMMA_PREFILL=${GAMMA_PREFILL:-7}
-GAMMA_DECODE=${GAMMA_DECODE:-5}
-BATCH_SIZE=${BATCH_SIZE:-64}
-DEVICE=${DEVICE:-auto}
-FORCE=${FORCE:-0}
+PY=${PY:-.venv/bin/python}  # python of the project's venv
+TASKS=${TASKS:-tasks/toy}  # folder of training runs {LEVEL}_{pairs}_{time}/
+TEST_DATA=${TEST_DATA:-data/toy/hidden/test}  # test split of hidden states (extract_hidden_states.py)
+LM_HEAD=${LM_HEAD:-data/toy/vl_lm_head.pt}  # target LM head file (extract_vl_lm_head.py)
+OUT=${OUT:-results/toy/acceptance}  # results go to OUT/{LEVEL}_{pairs}/
+GAMMA_PREFILL=${GAMMA_PREFILL:-auto}  # prefill window of the headline prefill_free (auto = 7, the reference's)
+GAMMA_DECODE=${GAMMA_DECODE:-5}  # drafts per decode iteration
+BATCH_SIZE=${BATCH_SIZE:-64}  # samples per adapter forward
+DEVICE=${DEVICE:-auto}  # auto | cpu | cuda
+FORCE=${FORCE:-0}  # 1: re-evaluate results that are up to date
 L5_TARGET_INPUT=${L5_TARGET_INPUT:-1}  # also score L5 fed the target's states, as the live engine rolls it out
 
 fail() { echo "error: $*" >&2; exit 1; }

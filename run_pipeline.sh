@@ -3,7 +3,8 @@
 # offline evaluation, two-phase estimates, the live benchmark, and a generated RESULTS.md.
 #
 # With no settings it builds and uses the built-in toy world (CPU, minutes). Every stage skips work
-# that is already done, so a rerun is cheap (FORCE=1 redoes the benchmarks and evaluations).
+# that is already done, so a rerun is cheap (FORCE=1 redoes the benchmarks and evaluations and retrains
+# every level). `bash run_pipeline.sh --help` prints every setting with its current value, and exits.
 # Real data and models are chosen by environment variables, or by one file of them (PIPELINE_ENV):
 #   WORLD=dsec DATASET_DIR=data/dsec EGPT_MODEL=checkpoints/EventGPT-7b \
 #     VL_MODEL=LanguageBind/Video-LLaVA-7B-hf QUANT=4bit NUM_GPUS=4 bash run_pipeline.sh
@@ -15,8 +16,10 @@ if [ -n "${PIPELINE_ENV:-}" ]; then
   # shellcheck disable=SC1090
   source "$PIPELINE_ENV"
 fi
+# shellcheck source=shell_help.sh
+source ./shell_help.sh && shell_help "$(basename "$0")" "${1:-}"  # --help: settings, then exit
 bash setup.sh
-PY=${PY:-.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # python of the project's venv (setup.sh makes it)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 shared cores: one thread per process is fastest and steady
 
 # ---- what to run on (defaults: the toy world) --------------------------------------------------------
@@ -29,29 +32,34 @@ QUANT=${QUANT:-none}                                  # none | 4bit | 8bit (bits
 DEVICE=${DEVICE:-auto}                                # auto | cpu | cuda
 NUM_GPUS=${NUM_GPUS:-0}                               # >1: extraction and training under accelerate launch
 ALLOW_PICKLE=${ALLOW_PICKLE:-1}                       # EventGPT's event .npy files are pickled dicts
-TASKS=${TASKS:-tasks/$WORLD}
-RESULTS=${RESULTS:-results/$WORLD}
-TIMINGS_DIR=${TIMINGS_DIR:-timings}
-FORCE=${FORCE:-0}
+TASKS=${TASKS:-tasks/$WORLD}  # training runs go here
+RESULTS=${RESULTS:-results/$WORLD}  # results and RESULTS.md go here
+TIMINGS_DIR=${TIMINGS_DIR:-timings}  # the shipped timing profiles
+FORCE=${FORCE:-0}  # 1: redo benchmarks, evaluations and the report, and retrain every level
 # ---- how much (toy-sized defaults; the reference used 10 questions, 50 tokens, 50 epochs) -----------
-MAX_QUESTIONS=${MAX_QUESTIONS:-10}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}
-EXTRACT_BATCH=${EXTRACT_BATCH:-16}
-CHUNK_SIZE=${CHUNK_SIZE:-500}
-LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E"}
+MAX_QUESTIONS=${MAX_QUESTIONS:-10}  # questions per clip (the reference: 10)
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}  # answer positions (the reference: 50)
+EXTRACT_BATCH=${EXTRACT_BATCH:-16}  # extraction batch size
+CHUNK_SIZE=${CHUNK_SIZE:-500}  # samples per chunk file
+LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E"}  # adapter levels to train
 PAIRINGS=${PAIRINGS:-"free teacher_forced"}           # pairings of the same-position levels (prefill drafting)
 DECODE_PAIRINGS=${DECODE_PAIRINGS:-teacher_forced}    # next-position levels draft after verification: teacher-forced
-TRAIN_ARGS=${TRAIN_ARGS:-"--num_epochs 4 --batch_size 64 --learning_rate 3e-3 --early_stopping 2"}
+TRAIN_ARGS=${TRAIN_ARGS:-"--num_epochs 4 --batch_size 64 --learning_rate 3e-3 --early_stopping 2"}  # extra flags of train_hidden_adapter.py for L1-L4
 # next-position levels train on roll-outs (a few passes per batch) and need more epochs to draft well
-DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}
+DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}  # the same for L5, B1, L5F, L5E
 TRAIN_JOBS=${TRAIN_JOBS:-2}                           # trainings side by side (one CPU thread each; 1 on GPUs)
 DRAFT_STOP=${DRAFT_STOP:-fixed,expected}              # draft-length rules of the live benchmark
 TOY_ARGS=${TOY_ARGS:-}                                # extra flags of make_toy_world.py (tests: --quick)
 BENCH_ARGS=${BENCH_ARGS:-"--max_clips 12 --repeats 3"}   # extraction benchmark size
 E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, question) samples of the test split
-E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}
+E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}  # live benchmark: extra flags
+# live benchmark configurations; on real data 'assisted' (a second full copy of the target) is left out
+E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted on real data
 
 if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
+if [ "$E2E_CONFIGS" = auto ]; then
+  if [ "$TOY" = 1 ]; then E2E_CONFIGS=all; else E2E_CONFIGS=target,hf_generate,prefill,decode,two_phase,synthetic; fi
+fi
 LM_HEAD=$DATA/vl_lm_head.pt
 mkdir -p "$RESULTS" "$TASKS"
 launch() {  # one process, or one per GPU under accelerate launch
@@ -59,7 +67,9 @@ launch() {  # one process, or one per GPU under accelerate launch
 }
 [ "$NUM_GPUS" -gt 1 ] && TRAIN_JOBS=1  # accelerate launch already takes every GPU
 fresh() { [ "$FORCE" = 1 ] || [ ! -f "$1" ]; }       # true when output $1 must be (re)made
-stage() { echo; echo "== $*"; }
+STAGE_NAMES=()
+STAGE_STARTS=()
+stage() { STAGE_NAMES+=("$*"); STAGE_STARTS+=("$SECONDS"); echo; echo "== $*"; }
 
 if [ "$TOY" = 1 ]; then
   stage "1. toy world: data set + tiny EventGPT / Video-LLaVA checkpoints (a few minutes the first time)"
@@ -157,7 +167,7 @@ if fresh "$E2E_OUT/e2e_wallclock.json" || [ "$PREFILL_RUN/best_model.pt" -nt "$E
   $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
     --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
     --max_new_tokens "$MAX_NEW_TOKENS" --prefill_adapter "$PREFILL_RUN/best_model.pt" --decode_adapter "${DECODE_RUNS[@]}" \
-    --draft_stop "$DRAFT_STOP" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" $E2E_ARGS --output_dir "$E2E_OUT"
+    --draft_stop "$DRAFT_STOP" --configs "$E2E_CONFIGS" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" $E2E_ARGS --output_dir "$E2E_OUT"
 else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
 
 echo "-- offline acceptance of the same checkpoints on the live benchmark's samples (the first $E2E_SAMPLES of the test split)"
@@ -179,5 +189,11 @@ stage "11. RESULTS.md, generated from this run's files"
 $PY write_results.py --world "$WORLD" --data_dir "$DATA" --tasks_dir "$TASKS" --results_dir "$RESULTS" \
   --output "$RESULTS/RESULTS.md"
 
+echo
+echo "time per stage (this run; kept work costs nothing):"
+STAGE_STARTS+=("$SECONDS")
+for i in "${!STAGE_NAMES[@]}"; do
+  printf '  %5ds  %s\n' "$((STAGE_STARTS[i + 1] - STAGE_STARTS[i]))" "${STAGE_NAMES[i]:0:90}"
+done
 echo
 echo "done: data in $DATA, adapters in $TASKS, results in $RESULTS (read $RESULTS/RESULTS.md)"

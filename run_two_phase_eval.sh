@@ -8,17 +8,19 @@
 #   ACCEPTANCE=results/acceptance TIMINGS="a.json b.yaml" OUT=results/two_phase LABEL=dsec bash run_two_phase_eval.sh
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=shell_help.sh
+source ./shell_help.sh && shell_help "$(basename "$0")" "${1:-}"  # --help: settings, then exit
 
-PY=${PY:-.venv/bin/python}
-ACCEPTANCE=${ACCEPTANCE:-results/toy/acceptance}
-TIMINGS_DIR=${TIMINGS_DIR:-timings}
-TIMINGS=${TIMINGS:-"$TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json"}
-OUT=${OUT:-results/toy/two_phase}
-LABEL=${LABEL:-toy}
-CONFIGS=${CONFIGS:-L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1,L5E,L5,L1+B1}
-PREFILL_PAIRS=${PREFILL_PAIRS:-free}
-DECODE_PAIRS=${DECODE_PAIRS:-teacher_forced}
-NUM_TOKENS=${NUM_TOKENS:-auto}
+PY=${PY:-.venv/bin/python}  # python of the project's venv
+ACCEPTANCE=${ACCEPTANCE:-results/toy/acceptance}  # results of run_all_eval.sh
+TIMINGS_DIR=${TIMINGS_DIR:-timings}  # the shipped timing profiles
+TIMINGS=${TIMINGS:-"$TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json"}  # timing profiles, space-separated
+OUT=${OUT:-results/toy/two_phase}  # where the JSON and tables go
+LABEL=${LABEL:-toy}  # name in the output files
+CONFIGS=${CONFIGS:-L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1,L5E,L5,L1+B1}  # prefill+decode configurations (eval_two_phase.py --configs)
+PREFILL_PAIRS=${PREFILL_PAIRS:-free}  # pairing that scores prefill adapters
+DECODE_PAIRS=${DECODE_PAIRS:-teacher_forced}  # pairing that scores decode adapters
+NUM_TOKENS=${NUM_TOKENS:-auto}  # answer length N (auto: the test split's mean)
 
 fail() { echo "error: $*" >&2; exit 1; }
 [ -x "$PY" ] || fail "python not found at $PY (run: bash setup.sh, or set PY=...)"

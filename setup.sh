@@ -2,7 +2,9 @@
 # Create .venv and install the pinned requirements (idempotent: skipped when requirements are unchanged).
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3.11}
+# shellcheck source=shell_help.sh
+source ./shell_help.sh && shell_help "$(basename "$0")" "${1:-}"  # --help: settings, then exit
+PYTHON=${PYTHON:-python3.11}  # interpreter that creates .venv (python3 if python3.11 is missing)
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 stamp=.venv/.requirements.sha256
 want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)

@@ -46,10 +46,12 @@ from tqdm import tqdm
 from common import (
     RunLog,
     UserError,
+    add_config_flag,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
     first_line,
+    read_config,
     resolve_device,
     run_cli,
     safe_torch_load,
@@ -101,7 +103,7 @@ DEFAULT_TOKEN_LOSS_WEIGHT = 0.1
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML file of defaults (keys = flag names); the command line wins")
+    add_config_flag(p)
     p.add_argument("--train_data", default=None, help="train split folder written by extract_hidden_states.py")
     p.add_argument("--val_data", default=None, help="validation split folder (model selection and early stopping)")
     p.add_argument("--adapter_level", default=None,
@@ -180,21 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _yaml_defaults(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
-    if not isinstance(values, dict):
-        raise UserError(f"{path} must hold a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {unknown}; keys are the flag names without dashes")
-    return values
+    return read_config(path, parser)  # keys: flag names, old spellings accepted (common.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -123,3 +123,24 @@ def test_rerun_skips_finished_work(pipeline):
     for level in ADAPTER_NAMES:
         for pairs in pairings(level):
             assert len(list((tmp / "tasks").glob(f"{level}_{pairs}_*"))) == 1
+
+
+@pytest.mark.parametrize("script", ["run_pipeline.sh", "run_all_eval.sh", "run_two_phase_eval.sh", "run_tests.sh",
+                                    "setup.sh"])
+def test_shell_scripts_answer_help_without_working(script, tmp_path):
+    """--help prints the header and every setting with its current value, exits 0, and starts nothing
+    (PY points at a missing python, so any stage that ran would fail)."""
+    env = {**os.environ, "PY": str(tmp_path / "no_python"), "PYTHON": str(tmp_path / "no_python"),
+           "FORCE": "1", "DATA": str(tmp_path / "data")}
+    before = sorted(p.name for p in ROOT.iterdir())
+    proc = subprocess.run(["bash", str(ROOT / script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "settings (environment variables)" in proc.stdout and "setup:" not in proc.stdout
+    assert sorted(p.name for p in ROOT.iterdir()) == before and not (tmp_path / "data").exists()
+    text = (ROOT / script).read_text()
+    for line in text.splitlines():
+        if "=${" in line and line.split("=", 1)[0].isupper() and line.startswith(line.split("=", 1)[0] + "=${"):
+            assert line.split("=", 1)[0] in proc.stdout, f"{script}: {line.split('=', 1)[0]} not in --help"
+    if script == "run_pipeline.sh":
+        assert "FORCE              = 1" in proc.stdout and "retrain" in proc.stdout
