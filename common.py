@@ -325,13 +325,14 @@ def parse_with_config(parser: Any, argv: list[str] | None = None) -> Any:
 
 
 def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None) -> str:
-    """The data set's `{split}/index.json` and its questions file exist and parse (the data layer's own
-    readers, so the check is the one the stage would hit later); returns a one-line description."""
-    from toy_dataset import load_index, load_questions
+    """The data set's `{split}/index.json` parses, every clip's events and video exist, and the questions
+    file parses (the data layer's own check, so it is the one the stage would hit later); returns a
+    one-line description."""
+    from clip_data import check_data_folder
 
-    clips = load_index(dataset_dir, split)
-    questions = load_questions(questions_file or dataset_dir)
-    return f"{Path(dataset_dir) / split / 'index.json'}: {len(clips)} clips; {len(questions)} questions"
+    found = check_data_folder(dataset_dir, [split], questions_file)
+    return (f"{Path(dataset_dir) / split / 'index.json'}: {found['splits'][split]} clips with their files; "
+            f"{found['questions']} questions ({found['questions_file']})")
 
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
@@ -406,7 +407,8 @@ def preflight(args: argparse.Namespace, required_roles: dict[str, list[str]] | N
         check_device(str(device))
         done.append(f"device {device}")
     if getattr(args, "dataset_dir", None) is not None and getattr(args, "split", None):
-        done.append(check_dataset_split(args.dataset_dir, args.split, getattr(args, "questions_file", None)))
+        questions = getattr(args, "questions_file", None) or getattr(args, "questions", None)
+        done.append(check_dataset_split(args.dataset_dir, args.split, questions))
     if getattr(args, "random_shape", None) is None:
         for flag in ("egpt_model", "vl_model"):
             if getattr(args, flag, None):

@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset_dir", required=True, help="data set root holding {split}/index.json and questions.json")
     p.add_argument("--output_dir", default=None, help="where chunks and manifest go (default data/hidden/{split})")
     p.add_argument("--questions", "--questions_file", dest="questions_file", default=None,
-                   help="questions JSON (default DATASET_DIR/questions.json; --questions_file: the older spelling)")
+                   help=alias_help("questions JSON (default DATASET_DIR/questions.json)", "--questions_file"))
     p.add_argument("--max_questions", type=int, default=10, help="use the first N (most frequent) questions per clip")
     p.add_argument("--max_samples", type=int, default=None, help="stop after this many (clip, question) samples")
     p.add_argument("--max_new_tokens", type=int, default=50, help="generated positions per answer (T)")

@@ -38,7 +38,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_write_json, markdown_table, read_json, run_cli, set_seed
+from common import (
+    UserError,
+    add_config_flag,
+    alias_help,
+    atomic_write_json,
+    markdown_table,
+    parse_with_config,
+    read_json,
+    run_cli,
+    set_seed,
+)
 
 log = logging.getLogger("xmodal_sd.toy")
 WORLD_VERSION = 3  # 2: the loop check covers both models' answers; 3: answers of 30-50 tokens
@@ -49,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--output_dir", "--output", dest="output_dir", required=True,
-                   help="folder of the toy world (e.g. data/toy); --output is the older spelling")
+                   help=alias_help("folder of the toy world (e.g. data/toy)", "--output"))
     p.add_argument("--layout", choices=("clips", "dsec"), default="clips",
                    help="clips: the toy data set only (DIR/dataset); dsec: also its recordings in DSEC's native "
                         "layout under DIR/dsec (events.h5, rectify_map.h5, rectified PNGs, timestamps), the input "
@@ -69,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, so results are repeatable)")
     p.add_argument("--overwrite", action="store_true", help="retrain the models even if they are up to date")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    args = parse_with_config(p, argv)
     quick = args.quick
     args.pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else (20 if quick else 600)
     args.finetune_steps = args.finetune_steps if args.finetune_steps is not None else (10 if quick else 800)

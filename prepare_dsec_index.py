@@ -55,7 +55,16 @@ from clip_data import (
     read_rectify_map,
     read_rgb,
 )
-from common import UserError, atomic_write_bytes, atomic_write_json, read_json, run_cli
+from common import (
+    UserError,
+    add_config_flag,
+    alias_help,
+    atomic_write_bytes,
+    atomic_write_json,
+    parse_with_config,
+    read_json,
+    run_cli,
+)
 
 log = logging.getLogger("xmodal_sd.prepare")
 INDEX_FORMAT = "xmodal_sd.clip_index"
@@ -72,12 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--dataset_dir", type=Path, default=None,
                      help="per-clip files: a root holding {split}/event_npy and {split}/mp4")
     p.add_argument("--output_dir", "--output", dest="output_dir", type=Path, default=None,
-                   help="where {split}/index.json, mp4/ and questions.json go (needed with --dsec_root; default "
-                        "with --dataset_dir: that folder). --output is the older spelling")
+                   help=alias_help("where {split}/index.json, mp4/ and questions.json go (needed with --dsec_root; "
+                                  "default with --dataset_dir: that folder)", "--output"))
     p.add_argument("--split", choices=list(SPLITS), default=None,
                    help="with --dataset_dir: which split's files to index (required there)")
     p.add_argument("--clip_s", "--duration_s", dest="clip_s", type=float, default=1.0,
-                   help="clip length in seconds (the reference used 1 s; --duration_s is the older spelling)")
+                   help=alias_help("clip length in seconds (the reference used 1 s)", "--duration_s"))
     p.add_argument("--min_frames", type=int, default=8,
                    help="with --dsec_root: a window needs this many frames (Video-LLaVA samples 8)")
     p.add_argument("--min_events", type=int, default=1, help="with --dsec_root: a window needs this many events")
@@ -96,14 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=640,
                    help="event sensor width in pixels (DSEC: 640; --dsec_root reads it from rectify_map.h5)")
     p.add_argument("--questions", "--questions_file", dest="questions", type=Path, default=None,
-                   help="questions JSON ([{question, count}] or a list of strings) copied to questions.json "
-                        "(default: keep an existing one, else the shipped configs/questions_driving.json); "
-                        "--questions_file is the older spelling")
+                   help=alias_help("questions JSON ([{question, count}] or a list of strings) copied to "
+                                  "questions.json (default: keep an existing one, else the shipped "
+                                  "configs/questions_driving.json)", "--questions_file"))
     p.add_argument("--val_sequences", type=int, default=None,
                    help="move this many whole train sequences (seeded choice) into a val split (default: "
                         "--dsec_root: one in ten, at least 1 when there are 2 or more; --dataset_dir: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation sequence choice")
-    args = p.parse_args(argv)
+    add_config_flag(p)
+    args = parse_with_config(p, argv)
     if (args.dsec_root is None) == (args.dataset_dir is None):
         p.error("pass exactly one of --dsec_root (DSEC recordings) and --dataset_dir (per-clip files)")
     if args.dsec_root is not None and args.output_dir is None:

@@ -130,13 +130,14 @@ def test_gamma_prefill_default_is_auto_everywhere():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A data-set folder with an index and questions, nothing else (enough for the checks)."""
-    from toy_dataset import RECORD_KEYS
-
+    """A data-set folder with an index, the files it names (empty) and questions: enough for the checks."""
     root = tmp_path_factory.mktemp("ds")
     (root / "test").mkdir()
-    record = {k: "x" for k in RECORD_KEYS}
+    record = {"id": "c0", "sequence": "s0", "clip": 0, "video": "c0.mp4", "event_npy": "c0.npy",
+              "event_image_prefix": "event_images/c0", "height": 8, "width": 8}
     (root / "test" / "index.json").write_text(__import__("json").dumps([record]))
+    for name in ("c0.mp4", "c0.npy"):
+        (root / "test" / name).write_bytes(b"")
     (root / "questions.json").write_text('[{"question": "What is there?", "count": 3}]')
     for name in ("eventgpt", "video_llava"):
         (root / name).mkdir()
@@ -228,3 +229,14 @@ def test_pipeline_doc_config_command_parses():
     assert lines
     args = tha.parse_args(shlex.split(lines[0])[2:])
     assert args.level_name == "L1" and args.pairs == "free" and args.num_epochs == 4  # file + command line
+
+
+def test_dry_run_names_a_clip_file_that_is_missing(dataset, tmp_path):
+    video = dataset / "test" / "c0.mp4"
+    video.rename(tmp_path / "moved.mp4")
+    try:
+        args = e2e.parse_args(e2e_argv(dataset, tmp_path, "--configs", "synthetic", "--dry_run"))
+        with pytest.raises(UserError, match=r"c0\.mp4 is missing"):
+            e2e.main(args)
+    finally:
+        (tmp_path / "moved.mp4").rename(video)
