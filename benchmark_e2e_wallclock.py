@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quant", default="none", choices=QUANT_CHOICES, help="bitsandbytes quantisation (CUDA only)")
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
+    p.add_argument("--static_cache", action="store_true",
+                   help="the target decodes in a preallocated KV cache, every verify pass gamma_decode+1 wide")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the target's decode/verify step (CUDA graphs on CUDA); implies --static_cache")
+    p.add_argument("--max_cache_len", type=int, default=4096,
+                   help="static cache positions (prompt + answer + one verify window must fit)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (both models; see the two below)")
     p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES,
@@ -162,6 +168,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance values must be in [0, 1]")
     if args.random_shape is not None and args.quant != "none":
         p.error("--quant applies to loaded checkpoints, not to --random_shape")
+    args.static_cache = args.static_cache or args.compile
+    if args.static_cache and args.quant in ("4bit", "8bit"):
+        p.error("--static_cache/--compile are not for bitsandbytes --quant 4bit/8bit (use int8_ao or int4_ao)")
+    if args.max_cache_len < args.max_new_tokens + args.gamma_decode + 2:
+        p.error("--max_cache_len must hold the prompt, --max_new_tokens and one verify window")
     args.shape = resolve_shape(args.random_shape, {}) if args.random_shape else None
     return args
 
@@ -255,7 +266,8 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
     ...) and each one's (prefill level, decode level) for the cost model."""
     head = vl.lm_head_weight()
     lm = sd.DrafterLM(eg)  # one EventGPT state for every drafter of an answer
-    common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill}
+    common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill,
+              "static_cache": args.static_cache, "compile": args.compile, "max_cache_len": args.max_cache_len}
     engines = {"target": sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, **common)}
     levels: dict[str, tuple] = {"target": (None, None)}
     pre_adapter = adapters.get("prefill", [None])[0]
@@ -500,6 +512,9 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
         llm = [per_token(base[i], llm_only) / per_token(rep, llm_only) for i, rep in enumerate(reps)]
         res: dict[str, Any] = {
             "speedup": _spread(speed), "speedup_llm_only": _spread(llm),
+            # what a user runs today: transformers' eager generate on the same samples
+            "speedup_vs_hf_generate": _spread([per_token(runs["hf_generate"][i], total) / per_token(rep, total)
+                                               for i, rep in enumerate(reps)]) if "hf_generate" in runs else None,
             "tokens_per_s": sum(r["tokens"] for r in flat) / (sum(r["ms"] for r in flat) / 1e3),
             "ms_per_answer": statistics.median(r["ms"] for r in flat),
             "tokens_per_answer": statistics.mean(r["tokens"] for r in flat),
@@ -584,6 +599,7 @@ def format_report(result: dict[str, Any]) -> str:
             name, f"{r['ms_per_answer']:.1f}", f"{r['tokens_per_s']:.1f}",
             f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})",
             f"{ll['median']:.3f} ({ll['min']:.3f}-{ll['max']:.3f})",
+            "-" if r.get("speedup_vs_hf_generate") is None else f"{r['speedup_vs_hf_generate']['median']:.3f}",
             "-" if est is None else f"{est:.3f}",
             "-" if ref is None else f"{ref:.3f}",
             "-" if r.get("tokens_per_verify") is None else f"{r['tokens_per_verify']:.2f}",
@@ -593,6 +609,7 @@ def format_report(result: dict[str, Any]) -> str:
         ])
     lines = [f"# Live speculative decoding: measured wall clock ({result['device']})", "",
              f"Command: `{result['command']}`", "",
+             "Target decode path: " + ", ".join(f"{k} {v}" for k, v in result["decode_path"].items()) + ".", "",
              f"{result['num_samples']} samples x {result['repeats']} repeats, "
              f"max_new_tokens {result['max_new_tokens']}, "
              f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, draft stop rules "
@@ -603,10 +620,12 @@ def format_report(result: dict[str, Any]) -> str:
              "whose top-2 logit margin was within the dtype's rounding, listed under numeric_ties in the JSON).",
              "", "Speed-up = target-alone time per token / configuration time per token on the same samples (in "
              "greedy mode both write the same tokens), median (min-max) over repeats; 'LLM only' leaves out the "
-             "target's vision (video decoding + tower). 'modelled' is the cost model at the acceptance and drafts "
-             "measured here under this run's timing profile; 'modelled ref' the same under "
+             "target's vision (video decoding + tower); 'vs hf generate' is the same ratio against transformers' eager "
+             "`generate` on the same samples (config hf_generate). 'modelled' is the cost model at the acceptance "
+             "and drafts measured here under this run's timing profile; 'modelled ref' the same under "
              f"{result.get('reference_profile') or 'no reference profile'}.", "",
-             markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "modelled",
+             markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "vs hf generate",
+                             "modelled",
                              "modelled ref", "tokens/verify", "accepted/iter", "drafted/iter", "prefill acc/drafted"],
                             rows), ""]
     stage_rows = [[n, *(f"{r['stage_ms_median_per_answer'].get(k, 0.0):.2f}" for k in
@@ -687,11 +706,14 @@ def main(args: argparse.Namespace) -> int:
     samples = plan_samples(len(clips), len(questions), args.max_samples)
     eg, vl = load_runners(args, questions)
     adapters = load_adapters(args, vl, eg)
+    if args.static_cache:  # before the profile and the references, so every timing is on one path
+        vl.use_static_cache(args.max_cache_len, max(args.gamma_decode + 1, args.gamma_prefill), args.compile)
     gen = torch.Generator(device=vl.device).manual_seed(args.seed)
     # The profile comes first: the expected-gain draft stop weighs this machine's measured costs.
     device = str(vl.device) + (f" ({torch.cuda.get_device_name(vl.device)})" if vl.device.type == "cuda" else "")
     command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith(".py") else "main(args)"
     source = (f"benchmark_e2e_wallclock.py, {device}, {str(vl.dtype).removeprefix('torch.')}, quant {args.quant}, "
+              f"path {vl.decode_path['name']}, "
               f"{'random:' + args.random_shape if args.random_shape else vl.model_path}, "
               f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}, {command}")
     c0, q0 = samples[0]
@@ -770,6 +792,7 @@ def main(args: argparse.Namespace) -> int:
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
         "draft_confidence": args.draft_confidence, "draft_stop": args.draft_stop,
         "reference_profile": str(args.reference_profile) if reference is not None else None,
+        "decode_path": vl.decode_path,
         "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,
         "numeric_tie_count": sum(len(r["numeric_ties"]) for r in configs.values())

@@ -648,9 +648,16 @@ class SpeculativeDecoder:
     def __init__(self, target: Any, decode_drafter: Drafter, *, gamma_decode: int = 5,
                  prefill_drafter: Drafter | None = None, gamma_prefill: int = 0, temperature: float = 0.0,
                  generator: torch.Generator | None = None, concurrent_prefill: bool = True,
-                 drafter_device: torch.device | None = None) -> None:
+                 drafter_device: torch.device | None = None, static_cache: bool = False, compile: bool = False,
+                 max_cache_len: int = 4096) -> None:
+        """`static_cache` (implied by `compile`) switches the target to a preallocated KV cache of
+        `max_cache_len` positions with every verify pass one width (runner.use_static_cache); `compile`
+        also compiles its decode/verify step (CUDA graphs on CUDA). The loop is the same on every path."""
         if gamma_decode < 0 or gamma_prefill < 0:
             raise ValueError("gamma_decode and gamma_prefill must be >= 0")
+        if static_cache or compile:  # the first verify pass may check gamma_prefill - 1 prefill drafts
+            target.use_static_cache(max_cache_len, verify_width=max(gamma_decode + 1, gamma_prefill),
+                                    compile=compile)
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator
@@ -659,6 +666,12 @@ class SpeculativeDecoder:
         # One side stream for the engine's life (a new one per answer would strand allocator pools).
         self._stream = torch.cuda.Stream(self.drafter_device) if self.drafter_device.type == "cuda" else None
         self.eos = target.eos_token_id
+        self._ones = torch.ones(1, 0, dtype=torch.long)  # attention masks are views of it, not rebuilt per step
+
+    def _mask(self, width: int) -> Tensor:
+        if self._ones.shape[1] < width:
+            self._ones = torch.ones(1, max(2 * width, 4096), dtype=torch.long, device=self.target.device)
+        return self._ones[:, :width]
 
     # -- phase 1 -----------------------------------------------------------------------------------
     def _drafter_side(self, prompt: Prompt | None, stop: threading.Event, clock: StageClock,
@@ -743,8 +756,7 @@ class SpeculativeDecoder:
                 draft = (pending if pending.tokens else drafter.draft(k)).cut(0, k)
             pending = Draft([])
             ids = torch.tensor([[tokens[-1], *draft.tokens]], device=target.device)
-            mask = torch.ones(1, prompt_len + len(tokens) + len(draft.tokens), dtype=torch.long,
-                              device=target.device)
+            mask = self._mask(prompt_len + len(tokens) + len(draft.tokens))
             with clock.stage(it.ms, "verify"):
                 step = target.decode(ids, cache, mask)  # row i scores position len(tokens) + i
                 n, nxt = accept_drafts(step.logits[0], draft, self.temperature, self.generator)
