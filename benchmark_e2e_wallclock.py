@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the drafter's prefill after the target's instead of beside it (to measure overlap)")
     p.add_argument("--egpt_model", default="data/toy/models/eventgpt", help="EventGPT checkpoint folder")
     p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder or hub id")
-    p.add_argument("--quant", default="none", choices=QUANT_CHOICES, help="bitsandbytes quantisation (CUDA only)")
+    p.add_argument("--quant", default="none", choices=QUANT_CHOICES,
+                   help="4bit/8bit: bitsandbytes (CUDA); int8_ao/int4_ao: torchao weight-only (int4: CUDA)")
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
     p.add_argument("--static_cache", action="store_true",
@@ -166,8 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
     if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
         p.error("--synthetic_acceptance values must be in [0, 1]")
-    if args.random_shape is not None and args.quant != "none":
-        p.error("--quant applies to loaded checkpoints, not to --random_shape")
+    if args.random_shape is not None and args.quant in ("4bit", "8bit"):
+        p.error("bitsandbytes --quant applies to loaded checkpoints; random shapes take none, int8_ao or int4_ao")
     args.static_cache = args.static_cache or args.compile
     if args.static_cache and args.quant in ("4bit", "8bit"):
         p.error("--static_cache/--compile are not for bitsandbytes --quant 4bit/8bit (use int8_ao or int4_ao)")

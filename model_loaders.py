@@ -44,7 +44,12 @@ from common import UserError, first_line, read_json, resolve_device, resolve_dty
 
 log = logging.getLogger("xmodal_sd.model_loaders")
 
-QUANT_CHOICES = ("none", "4bit", "8bit")
+# 4bit/8bit: bitsandbytes (NF4 / LLM.int8) at load time; int8_ao/int4_ao: torchao weight-only int8 / int4
+# (group size 128) of the language model's decoder layers after loading (optional package, fast kernels
+# that also run under torch.compile).
+QUANT_CHOICES = ("none", "4bit", "8bit", "int8_ao", "int4_ao")
+BNB_QUANTS = ("4bit", "8bit")
+AO_QUANTS = ("int8_ao", "int4_ao")
 RUNNER_NAMES = ("eventgpt", "video_llava")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 # What "auto" means on CUDA, per model: each in the precision its released code runs it in (EventGPT's
@@ -154,7 +159,7 @@ def bnb_config(quant: str, device: torch.device, compute_dtype: torch.dtype = to
     """
     if quant not in QUANT_CHOICES:
         raise UserError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
-    if quant == "none":
+    if quant == "none" or quant in AO_QUANTS:
         return None
     if device.type != "cuda":
         raise UserError(f"{quant[0]}-bit needs a CUDA GPU; use --quant none on CPU")
@@ -172,6 +177,22 @@ def bnb_config(quant: str, device: torch.device, compute_dtype: torch.dtype = to
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def torchao_quantize(decoder: nn.Module, quant: str, device: torch.device) -> None:
+    """Weight-only torchao quantisation (`int8_ao`, or `int4_ao` at group size 128, CUDA only) of every
+    Linear of a decoder's layers, in place; embeddings, norms and the LM head stay in the model dtype.
+    torchao is optional: imported only here, one error line when it is missing."""
+    if quant not in AO_QUANTS:
+        raise UserError(f"unknown torchao quant {quant!r}; choose one of {', '.join(AO_QUANTS)}")
+    if quant == "int4_ao" and device.type != "cuda":
+        raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        raise UserError(f"--quant {quant} needs the torchao package: pip install torchao") from err
+    config = Int8WeightOnlyConfig() if quant == "int8_ao" else Int4WeightOnlyConfig(group_size=128)
+    quantize_(decoder.layers, config)
 
 
 def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torch.dtype:
@@ -193,6 +214,10 @@ def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torc
 def _resolve(device: str, dtype: str, quant: str, name: str) -> tuple[torch.device, torch.dtype, Any]:
     dev = resolve_device(device)
     bnb_config(quant, dev)  # fails early (and off CUDA) before the dtype is even looked at
+    if quant in AO_QUANTS and importlib.util.find_spec("torchao") is None:
+        raise UserError(f"--quant {quant} needs the torchao package: pip install torchao")
+    if quant == "int4_ao" and dev.type != "cuda":
+        raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
     dt = resolve_model_dtype(name, dtype, dev)
     if quant == "4bit" and dt == torch.float32:
         log.info("%s: 4-bit layers compute in float32, as --dtype asked (slow; fp16/bf16 is usual)", name)
@@ -525,7 +550,7 @@ class VLMRunner:
         (CUDA: mode reduce-overhead, i.e. CUDA graphs; CPU: inductor, full graph); prefill stays eager.
         Widths only grow when several engines share this runner. bitsandbytes 4/8-bit keeps the dynamic
         path (its kernels do not capture). One live answer per runner: a new prefill reuses the cache."""
-        if self.quant in ("4bit", "8bit"):
+        if self.quant in BNB_QUANTS:
             raise ValueError(f"the static-cache path is not for bitsandbytes {self.quant} (use --quant int8_ao or "
                              "int4_ao, or the dynamic path)")
         if max_cache_len < 2 or verify_width < 1:
@@ -994,8 +1019,10 @@ def load_eventgpt(
         quant=quant,
         # The research fork also quantised the vision side; here it stays in `dt` (recorded, since
         # its features, and so every hidden state, differ between the two).
-        quant_scope="none" if quant == "none" else "language_model",
+        quant_scope="none" if quant == "none" else "language_model" if quant in BNB_QUANTS else "decoder_layers",
     )
+    if quant in AO_QUANTS:
+        torchao_quantize(runner.decoder, quant, dev)
     log.info("EventGPT loaded from %s (quant %s, %s, %d event frame(s), tower %s px)", ckpt, quant, dt,
              num_event_frames, vision_cfg.image_size)
     return runner
@@ -1113,8 +1140,10 @@ def load_video_llava(
         quant=quant,
         # transformers' bitsandbytes integration: every Linear of towers, projector and language model
         # except the LM head.
-        quant_scope="none" if quant == "none" else "whole_model",
+        quant_scope="none" if quant == "none" else "whole_model" if quant in BNB_QUANTS else "decoder_layers",
     )
+    if quant in AO_QUANTS:
+        torchao_quantize(runner.decoder, quant, dev)
     log.info("Video-LLaVA loaded from %s (quant %s, %s, %d frames, %s indices)", source, quant, dt, num_frames,
              frame_pick)
     return runner

@@ -54,6 +54,7 @@ from transformers.models.video_llava import VideoLlavaImageProcessor, VideoLlava
 
 from common import atomic_write_json, resolve_device, set_seed
 from model_loaders import (
+    AO_QUANTS,
     DEFAULT_FRAME_PICK,
     EVENTGPT_EV_END,
     EVENTGPT_EV_START,
@@ -62,6 +63,7 @@ from model_loaders import (
     EVENTGPT_TOWER_PREFIX,
     VIDEO_LLAVA_PROMPT,
     resolve_model_dtype,
+    torchao_quantize,
 )
 
 # Toy vision defaults: 32 px images cut into 8 px patches -> 16 patches + CLS = 17 tokens per frame.
@@ -404,10 +406,11 @@ def resolve_shape(name: str, overrides: dict[str, int]) -> dict[str, int]:
 
 def build_random_runners(shape: dict[str, int], questions: list[str], device: torch.device,
                          dtype: torch.dtype, seed: int, vl_dtype: torch.dtype | None = None,
-                         frame_pick: str = DEFAULT_FRAME_PICK) -> tuple[Any, Any]:
+                         frame_pick: str = DEFAULT_FRAME_PICK, quant: str = "none") -> tuple[Any, Any]:
     """EventGPT and Video-LLaVA runners with random weights at `shape`, built on `device` (no files).
 
-    EventGPT is built in `dtype`, Video-LLaVA in `vl_dtype` (default: `dtype` too).
+    EventGPT is built in `dtype`, Video-LLaVA in `vl_dtype` (default: `dtype` too); `quant` int8_ao or
+    int4_ao quantises both decoders' layers with torchao after building.
 
     The tokenizer is the toy BPE trained on the questions (prompt text is a small part of the
     sequence; the visual tokens dominate: 578 for EventGPT and 2056 for Video-LLaVA at 7b shape).
@@ -465,6 +468,9 @@ def build_random_runners(shape: dict[str, int], questions: list[str], device: to
                           model_path="random:video_llava", config_hash=tag)
     for runner in (egpt, vl):
         runner.eos_token_id = -1
+        if quant in AO_QUANTS:  # torchao weight-only (bitsandbytes quantises only at checkpoint load)
+            torchao_quantize(runner.decoder, quant, device)
+            runner.quant, runner.quant_scope = quant, "decoder_layers"
     return egpt, vl
 
 
@@ -490,4 +496,4 @@ def load_runners(args: argparse.Namespace, questions: list[str]) -> tuple[Any, A
     device = resolve_device(args.device)
     return build_random_runners(args.shape, questions, device, resolve_model_dtype("eventgpt", egpt_dtype, device),
                                 args.seed, vl_dtype=resolve_model_dtype("video_llava", vl_dtype, device),
-                                frame_pick=frame_pick)
+                                frame_pick=frame_pick, quant=getattr(args, "quant", "none"))

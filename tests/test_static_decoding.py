@@ -116,3 +116,33 @@ def test_compiled_cuda_graph_path_is_lossless(world: SimpleNamespace, quick_worl
         tie = sd.check_lossless(out.tokens, ref, f"compiled CUDA, prompt {i}", dtype=vl.dtype,
                                 recompute=lambda prefix, t_in=t_in: sd.tie_logits(vl, t_in, prefix))
         assert tie is None  # fp32: no rounding ties are allowed
+
+
+def test_torchao_int8_path_is_lossless_against_its_own_greedy(world: SimpleNamespace,  # noqa: F811
+                                                             quick_world: Path) -> None:
+    """Weight-only int8 (torchao) of the decoder layers on CPU, static path: the engine gives the
+    quantised target's own greedy answers; without torchao the load is one clear error."""
+    import importlib.util
+
+    import model_loaders as ml
+    from common import UserError
+
+    path = quick_world / "models" / "video_llava"
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(UserError, match="pip install torchao"):
+            ml.load_video_llava(path, device="cpu", dtype="fp32", quant="int8_ao")
+        pytest.skip("torchao is not installed (optional: pip install torchao)")
+    with pytest.raises(UserError, match="int4_ao needs a CUDA GPU"):
+        ml.load_video_llava(path, device="cpu", dtype="fp32", quant="int4_ao")
+    vl = ml.load_video_llava(path, device="cpu", dtype="fp32", quant="int8_ao")
+    assert type(vl.decoder.layers[0].mlp.down_proj.weight).__name__ != "Parameter"  # a torchao tensor
+    assert ml.model_description(vl)["quant"] == "int8_ao"
+    prompts = world.prompts[:12]
+    refs = [sd.greedy_reference(vl, t, MAX_NEW) for t, _ in prompts]
+    vl.use_static_cache(max(t.attention_mask.shape[1] for t, _ in prompts) + MAX_NEW + 5, verify_width=4)
+    synthetic = sd.SyntheticDrafter(0.7, vl.vocab_size)
+    engine = sd.SpeculativeDecoder(vl, synthetic, gamma_decode=3)
+    for (t_in, _), ref in zip(prompts, refs, strict=True):
+        synthetic.set_reference(ref)
+        sd.check_lossless(engine.generate(t_in, None, MAX_NEW).tokens, ref, "int8_ao static")
+    assert sum(r == w for r, w in zip(refs, world.refs, strict=False)) > 0  # int8 keeps most toy answers
