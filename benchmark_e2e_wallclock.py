@@ -794,6 +794,7 @@ def main(args: argparse.Namespace) -> int:
         "draft_confidence": args.draft_confidence, "draft_stop": args.draft_stop,
         "reference_profile": str(args.reference_profile) if reference is not None else None,
         "decode_path": vl.decode_path,
+        "cuda_max_memory_gib": torch.cuda.max_memory_allocated(vl.device) / 2**30 if vl.device.type == "cuda" else None,
         "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,
         "numeric_tie_count": sum(len(r["numeric_ties"]) for r in configs.values())
