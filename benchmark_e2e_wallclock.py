@@ -11,6 +11,9 @@
     python benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset \\
         --configs target,hf_generate,synthetic,assisted --synthetic_cost_ms 1.3 --max_samples 10 \\
         --output_dir results/e2e_7b_fp16
+    # the same on the compiled path (static cache + CUDA graphs), or torchao int4 weights for a 24 GB GPU
+    python benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset \
+        --configs target,hf_generate,synthetic --compile --quant int4_ao --output_dir results/e2e_7b_int4_compiled
 
 Each decode adapter runs under every --draft_stop rule: `fixed` (always gamma_decode drafts), `confidence`
 (transformers' rule at --draft_confidence) and `expected` (drafts on while the acceptance estimate
