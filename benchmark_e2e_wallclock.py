@@ -11,6 +11,9 @@
     python benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset \\
         --configs target,hf_generate,synthetic,assisted --synthetic_cost_ms 1.3 --max_samples 10 \\
         --output_dir results/e2e_7b_fp16
+    # the same on the compiled path (static cache + CUDA graphs), or torchao int4 weights for a 24 GB GPU
+    python benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset \
+        --configs target,hf_generate,synthetic --compile --quant int4_ao --output_dir results/e2e_7b_int4_compiled
 
 Each decode adapter runs under every --draft_stop rule: `fixed` (always gamma_decode drafts), `confidence`
 (transformers' rule at --draft_confidence) and `expected` (drafts on while the acceptance estimate
@@ -40,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -82,7 +86,7 @@ PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from benchmark_extraction import SHAPES, resolve_shape
+    from toy_models import SHAPES, resolve_shape
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset_dir", type=Path, required=True, help="data set folder (index.json per split)")
@@ -130,9 +134,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
                    "config's mm_visual_tower")
     p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder or hub id")
-    p.add_argument("--quant", default="none", choices=QUANT_CHOICES, help="bitsandbytes quantisation (CUDA only)")
+    p.add_argument("--quant", default="none", choices=QUANT_CHOICES,
+                   help="4bit/8bit: bitsandbytes (CUDA); int8_ao/int4_ao: torchao weight-only (int4: CUDA)")
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
+    p.add_argument("--static_cache", action="store_true",
+                   help="the target decodes in a preallocated KV cache, every verify pass gamma_decode+1 wide")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the target's decode/verify step (CUDA graphs on CUDA); implies --static_cache")
+    p.add_argument("--max_cache_len", type=int, default=4096,
+                   help="static cache positions (prompt + answer + one verify window must fit)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (both models; see the two below)")
     p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES,
@@ -182,8 +193,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
     if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
         p.error("--synthetic_acceptance values must be in [0, 1]")
-    if args.random_shape is not None and args.quant != "none":
-        p.error("--quant applies to loaded checkpoints, not to --random_shape")
+    if args.random_shape is not None and args.quant in ("4bit", "8bit"):
+        p.error("bitsandbytes --quant applies to loaded checkpoints; random shapes take none, int8_ao or int4_ao")
+    args.static_cache = args.static_cache or args.compile
+    if args.static_cache and args.quant in ("4bit", "8bit"):
+        p.error("--static_cache/--compile are not for bitsandbytes --quant 4bit/8bit (use int8_ao or int4_ao)")
+    if args.max_cache_len < args.max_new_tokens + args.gamma_decode + 2:
+        p.error("--max_cache_len must hold the prompt, --max_new_tokens and one verify window")
     args.shape = resolve_shape(args.random_shape, {}) if args.random_shape else None
     return args
 
@@ -277,7 +293,8 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
     ...) and each one's (prefill level, decode level) for the cost model."""
     head = vl.lm_head_weight()
     lm = sd.DrafterLM(eg)  # one EventGPT state for every drafter of an answer
-    common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill}
+    common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill,
+              "static_cache": args.static_cache, "compile": args.compile, "max_cache_len": args.max_cache_len}
     engines = {"target": sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, **common)}
     levels: dict[str, tuple] = {"target": (None, None)}
     pre_adapter = adapters.get("prefill", [None])[0]
@@ -364,9 +381,11 @@ def assisted_run(pair: SimpleNamespace, vl: Any, question: str, gamma: int, max_
     theirs = theirs[: theirs.index(vl.eos_token_id) + 1] if vl.eos_token_id in theirs else theirs
     ours = engine.generate(inputs, inputs, max_new_tokens)
     reference = sd.greedy_reference(vl, inputs, max_new_tokens)
-    sd.check_lossless(ours.tokens, reference, "assisted (ours)")
-    sd.check_lossless(theirs, reference, "assisted (transformers)")
+    ties = [sd.check_lossless(tokens, reference, f"assisted ({who})", dtype=vl.dtype,
+                              recompute=lambda prefix: sd.tie_logits(vl, inputs, prefix))
+            for who, tokens in (("ours", ours.tokens), ("transformers", theirs))]
     return {"ours_ms": ours.trace.total_ms, "theirs_ms": theirs_ms, "tokens": len(reference),
+            "numeric_ties": [asdict(t) for t in ties if t is not None],
             "accepted": sum(it.accepted for it in ours.trace.iterations),
             "iterations": len(ours.trace.iterations)}
 
@@ -487,7 +506,9 @@ def run_config(name: str, engine: sd.SpeculativeDecoder | None, vl: Any, eg: Any
                "tokens": len(tokens), "phase1": out.trace.phase1, **summary,
                "foreign_tokens": out.trace.foreign_tokens}
     if args.temperature == 0:
-        sd.check_lossless(tokens, reference, f"{name} on clip {clip.get('id')} / {question!r}")
+        tie = sd.check_lossless(tokens, reference, f"{name} on clip {clip.get('id')} / {question!r}",
+                                recompute=lambda prefix: sd.tie_logits(vl, target_prompt(), prefix), dtype=vl.dtype)
+        rec["numeric_tie"] = None if tie is None else asdict(tie)
     return rec
 
 
@@ -518,9 +539,13 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
         llm = [per_token(base[i], llm_only) / per_token(rep, llm_only) for i, rep in enumerate(reps)]
         res: dict[str, Any] = {
             "speedup": _spread(speed), "speedup_llm_only": _spread(llm),
+            # what a user runs today: transformers' eager generate on the same samples
+            "speedup_vs_hf_generate": _spread([per_token(runs["hf_generate"][i], total) / per_token(rep, total)
+                                               for i, rep in enumerate(reps)]) if "hf_generate" in runs else None,
             "tokens_per_s": sum(r["tokens"] for r in flat) / (sum(r["ms"] for r in flat) / 1e3),
             "ms_per_answer": statistics.median(r["ms"] for r in flat),
             "tokens_per_answer": statistics.mean(r["tokens"] for r in flat),
+            "numeric_ties": [r["numeric_tie"] for r in flat if r.get("numeric_tie")],
         }
         if "iterations" in flat[0]:
             accepted, drafted = sum(r["accepted"] for r in flat), sum(r["drafted"] for r in flat)
@@ -601,6 +626,7 @@ def format_report(result: dict[str, Any]) -> str:
             name, f"{r['ms_per_answer']:.1f}", f"{r['tokens_per_s']:.1f}",
             f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})",
             f"{ll['median']:.3f} ({ll['min']:.3f}-{ll['max']:.3f})",
+            "-" if r.get("speedup_vs_hf_generate") is None else f"{r['speedup_vs_hf_generate']['median']:.3f}",
             "-" if est is None else f"{est:.3f}",
             "-" if ref is None else f"{ref:.3f}",
             "-" if r.get("tokens_per_verify") is None else f"{r['tokens_per_verify']:.2f}",
@@ -610,19 +636,23 @@ def format_report(result: dict[str, Any]) -> str:
         ])
     lines = [f"# Live speculative decoding: measured wall clock ({result['device']})", "",
              f"Command: `{result['command']}`", "",
+             "Target decode path: " + ", ".join(f"{k} {v}" for k, v in result["decode_path"].items()) + ".", "",
              f"{result['num_samples']} samples x {result['repeats']} repeats, "
              f"max_new_tokens {result['max_new_tokens']}, "
              f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, draft stop rules "
              f"{', '.join(result.get('draft_stop') or ['fixed'])} "
              f"(confidence {result.get('draft_confidence', 0.0):g}), "
              f"temperature {result['temperature']}; greedy outputs checked equal to the target's: "
-             f"{result['lossless_checked']}.",
+             f"{result['lossless_checked']} ({result.get('numeric_tie_count', 0)} numeric ties: a differing token "
+             "whose top-2 logit margin was within the dtype's rounding, listed under numeric_ties in the JSON).",
              "", "Speed-up = target-alone time per token / configuration time per token on the same samples (in "
              "greedy mode both write the same tokens), median (min-max) over repeats; 'LLM only' leaves out the "
-             "target's vision (video decoding + tower). 'modelled' is the cost model at the acceptance and drafts "
-             "measured here under this run's timing profile; 'modelled ref' the same under "
+             "target's vision (video decoding + tower); 'vs hf generate' is the same ratio against transformers' eager "
+             "`generate` on the same samples (config hf_generate). 'modelled' is the cost model at the acceptance "
+             "and drafts measured here under this run's timing profile; 'modelled ref' the same under "
              f"{result.get('reference_profile') or 'no reference profile'}.", "",
-             markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "modelled",
+             markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "vs hf generate",
+                             "modelled",
                              "modelled ref", "tokens/verify", "accepted/iter", "drafted/iter", "prefill acc/drafted"],
                             rows), ""]
     stage_rows = [[n, *(f"{r['stage_ms_median_per_answer'].get(k, 0.0):.2f}" for k in
@@ -691,10 +721,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmark_extraction import load_runners
     from clip_data import load_index, load_questions
     from extract_hidden_states import plan_samples
     from model_loaders import ClipReadError
+    from toy_models import load_runners
 
     checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
                               for role in ("prefill", "decode")})  # seconds, before the models load
@@ -709,11 +739,14 @@ def main(args: argparse.Namespace) -> int:
     samples = plan_samples(len(clips), len(questions), args.max_samples)
     eg, vl = load_runners(args, questions)
     adapters = load_adapters(args, vl, eg)
+    if args.static_cache:  # before the profile and the references, so every timing is on one path
+        vl.use_static_cache(args.max_cache_len, max(args.gamma_decode + 1, args.gamma_prefill), args.compile)
     gen = torch.Generator(device=vl.device).manual_seed(args.seed)
     # The profile comes first: the expected-gain draft stop weighs this machine's measured costs.
     device = str(vl.device) + (f" ({torch.cuda.get_device_name(vl.device)})" if vl.device.type == "cuda" else "")
     command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith(".py") else "main(args)"
     source = (f"benchmark_e2e_wallclock.py, {device}, {str(vl.dtype).removeprefix('torch.')}, quant {args.quant}, "
+              f"path {vl.decode_path['name']}, "
               f"{'random:' + args.random_shape if args.random_shape else vl.model_path}, "
               f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}, {command}")
     c0, q0 = samples[0]
@@ -781,6 +814,7 @@ def main(args: argparse.Namespace) -> int:
             "ours_over_theirs": _spread([sum(r["theirs_ms"] for r in rep) / sum(r["ours_ms"] for r in rep)
                                          for rep in reps]),
             "accepted_per_iteration": sum(r["accepted"] for r in flat) / max(sum(r["iterations"] for r in flat), 1),
+            "numeric_ties": [t for r in flat for t in r["numeric_ties"]],
             "assistant_noise": args.assistant_noise, "prompts": len(reps[0]),
         }
 
@@ -791,8 +825,12 @@ def main(args: argparse.Namespace) -> int:
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
         "draft_confidence": args.draft_confidence, "draft_stop": args.draft_stop,
         "reference_profile": str(args.reference_profile) if reference is not None else None,
+        "decode_path": vl.decode_path,
+        "cuda_max_memory_gib": torch.cuda.max_memory_allocated(vl.device) / 2**30 if vl.device.type == "cuda" else None,
         "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,
+        "numeric_tie_count": sum(len(r["numeric_ties"]) for r in configs.values())
+        + len((assisted or {}).get("numeric_ties", [])),
         "random_adapters": args.random_adapters,
         "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},
         "decode_modes": {n: e.drafter.name for n, e in engines.items() if n.startswith("decode")},

@@ -44,7 +44,12 @@ from common import UserError, first_line, read_json, resolve_device, resolve_dty
 
 log = logging.getLogger("xmodal_sd.model_loaders")
 
-QUANT_CHOICES = ("none", "4bit", "8bit")
+# 4bit/8bit: bitsandbytes (NF4 / LLM.int8) at load time; int8_ao/int4_ao: torchao weight-only int8 / int4
+# (group size 128) of the language model's decoder layers after loading (optional package, fast kernels
+# that also run under torch.compile).
+QUANT_CHOICES = ("none", "4bit", "8bit", "int8_ao", "int4_ao")
+BNB_QUANTS = ("4bit", "8bit")
+AO_QUANTS = ("int8_ao", "int4_ao")
 RUNNER_NAMES = ("eventgpt", "video_llava")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 # What "auto" means on CUDA, per model: each in the precision its released code runs it in (EventGPT's
@@ -115,6 +120,21 @@ class StepOutput:
 
 
 @dataclass
+class StaticKV:
+    """A preallocated KV cache (transformers' StaticCache, allocated once per runner and reused by every
+    answer so compiled graphs keep their addresses) with its length and left padding held on the host:
+    reading them never waits for the device. Rolling back only moves the length (no copy)."""
+
+    cache: Any  # transformers StaticCache, [B, heads, max_cache_len, head_dim] per layer
+    mask: Tensor  # [B, max_cache_len] long: the prompt's mask, then ones (causality hides later slots)
+    length: int = 0
+    pad: int = 0  # left padding of the prompt: position = cache index - pad
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+@dataclass
 class GenerationOutput:
     tokens: Tensor  # [B, N] long, pad_token_id after EOS (N = max_new_tokens)
     hidden: Tensor  # [B, N, D] float32; hidden[t] produced the logits that chose tokens[t]; 0 where masked
@@ -139,7 +159,7 @@ def bnb_config(quant: str, device: torch.device, compute_dtype: torch.dtype = to
     """
     if quant not in QUANT_CHOICES:
         raise UserError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
-    if quant == "none":
+    if quant == "none" or quant in AO_QUANTS:
         return None
     if device.type != "cuda":
         raise UserError(f"{quant[0]}-bit needs a CUDA GPU; use --quant none on CPU")
@@ -157,6 +177,22 @@ def bnb_config(quant: str, device: torch.device, compute_dtype: torch.dtype = to
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def torchao_quantize(decoder: nn.Module, quant: str, device: torch.device) -> None:
+    """Weight-only torchao quantisation (`int8_ao`, or `int4_ao` at group size 128, CUDA only) of every
+    Linear of a decoder's layers, in place; embeddings, norms and the LM head stay in the model dtype.
+    torchao is optional: imported only here, one error line when it is missing."""
+    if quant not in AO_QUANTS:
+        raise UserError(f"unknown torchao quant {quant!r}; choose one of {', '.join(AO_QUANTS)}")
+    if quant == "int4_ao" and device.type != "cuda":
+        raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        raise UserError(f"--quant {quant} needs the torchao package: pip install torchao") from err
+    config = Int8WeightOnlyConfig() if quant == "int8_ao" else Int4WeightOnlyConfig(group_size=128)
+    quantize_(decoder.layers, config)
 
 
 def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torch.dtype:
@@ -178,6 +214,10 @@ def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torc
 def _resolve(device: str, dtype: str, quant: str, name: str) -> tuple[torch.device, torch.dtype, Any]:
     dev = resolve_device(device)
     bnb_config(quant, dev)  # fails early (and off CUDA) before the dtype is even looked at
+    if quant in AO_QUANTS and importlib.util.find_spec("torchao") is None:
+        raise UserError(f"--quant {quant} needs the torchao package: pip install torchao")
+    if quant == "int4_ao" and dev.type != "cuda":
+        raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
     dt = resolve_model_dtype(name, dtype, dev)
     if quant == "4bit" and dt == torch.float32:
         log.info("%s: 4-bit layers compute in float32, as --dtype asked (slow; fp16/bf16 is usual)", name)
@@ -424,6 +464,12 @@ class VLMRunner:
         self.pad_token_id = int(pad)
         self._lm_head_cache: Tensor | None = None
         self._lm_head_version: tuple[int, int] | None = None
+        # Decode path (see `use_static_cache`): dynamic cache and eager steps unless switched.
+        self.max_cache_len: int | None = None
+        self.verify_width = 1
+        self.compiled = False
+        self._static: StaticKV | None = None
+        self._step = self._decode_step
 
     # -- visual front end (subclasses) ---------------------------------------------------------
     def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
@@ -495,11 +541,88 @@ class VLMRunner:
         # Left padding: the first real token of every row sits at position 0.
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    # -- the decode path: dynamic (default) or static cache, eager or compiled steps --------------
+    def use_static_cache(self, max_cache_len: int, verify_width: int = 1, compile: bool = False) -> None:
+        """Decode batch-1 answers in one preallocated KV cache of `max_cache_len` positions (prompt + answer
+        + one verify window) instead of a growing DynamicCache. A multi-token step narrower than
+        `verify_width` (gamma_decode + 1) is padded to it, so one shape serves every verify pass; the
+        padded positions are rolled back at once. `compile` puts the decode/verify step under torch.compile
+        (CUDA: mode reduce-overhead, i.e. CUDA graphs; CPU: inductor, full graph); prefill stays eager.
+        Widths only grow when several engines share this runner. bitsandbytes 4/8-bit keeps the dynamic
+        path (its kernels do not capture). One live answer per runner: a new prefill reuses the cache."""
+        if self.quant in BNB_QUANTS:
+            raise ValueError(f"the static-cache path is not for bitsandbytes {self.quant} (use --quant int8_ao or "
+                             "int4_ao, or the dynamic path)")
+        if max_cache_len < 2 or verify_width < 1:
+            raise ValueError("max_cache_len must be >= 2 and verify_width >= 1")
+        if self.max_cache_len != max_cache_len:
+            self._static = None  # reallocated at the next prefill
+        self.max_cache_len = max_cache_len
+        self.verify_width = max(self.verify_width, verify_width)
+        if compile and not self.compiled:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self.compiled = True
+
+    @property
+    def decode_path(self) -> dict[str, Any]:
+        """What a timing is measured on: cache kind, compiled or not, dtype and quantisation."""
+        return {"cache": "static" if self.max_cache_len else "dynamic", "compiled": self.compiled,
+                "max_cache_len": self.max_cache_len, "verify_width": self.verify_width,
+                "dtype": str(self.dtype).removeprefix("torch."), "quant": self.quant,
+                "name": ("compiled" if self.compiled else "static" if self.max_cache_len else "eager")}
+
+    def _decode_step(self, token_ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Tensor]:
+        """(logits [B, T, V] float32, hidden [B, T, D] float32) of one static-cache step; compiled as a unit."""
+        out = self._decoder(inputs_embeds=self._embed(token_ids).to(self.dtype), attention_mask=mask,
+                            position_ids=positions, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        return self._lm_head(hidden).float(), hidden.float()
+
+    def _static_prefill(self, inputs: VLMInputs, logits_for: str) -> StepOutput:
+        from transformers import StaticCache
+
+        mask = inputs.attention_mask.to(self.device)
+        length = mask.shape[1]
+        if length + self.verify_width > self.max_cache_len:
+            raise ValueError(f"a prompt of {length} positions does not fit the static cache of {self.max_cache_len} "
+                             "(raise max_cache_len)")
+        if self._static is None:
+            cache = StaticCache(config=self._decoder.config, max_cache_len=self.max_cache_len)
+            self._static = StaticKV(cache, torch.ones(1, self.max_cache_len, dtype=torch.long, device=self.device))
+        kv = self._static
+        if kv.length:
+            kv.cache.crop(-kv.length)  # the previous answer's positions are overwritten, not cleared
+        kv.mask[:, :length] = mask
+        kv.mask[:, length:] = 1
+        kv.length, kv.pad = length, length - int(mask.sum())  # one host sync per answer
+        out = self._forward(inputs.inputs_embeds.to(self.device, self.dtype), kv.mask, self._positions(mask),
+                            kv.cache, logits_for)
+        return StepOutput(logits=out.logits, hidden=out.hidden, cache=kv)
+
+    def _static_decode(self, token_ids: Tensor, kv: StaticKV) -> StepOutput:
+        n = token_ids.shape[1]
+        width = self.verify_width if 1 < n < self.verify_width else n
+        if width > n:  # pad to the one verify shape; the pad positions are rolled back below
+            token_ids = torch.cat([token_ids, token_ids.new_full((1, width - n), self.pad_token_id)], dim=1)
+        if kv.length + width > self.max_cache_len:
+            raise ValueError(f"the static cache of {self.max_cache_len} positions is full (raise max_cache_len)")
+        positions = torch.arange(kv.length - kv.pad, kv.length - kv.pad + width, device=self.device)[None]
+        logits, hidden = self._step(token_ids, kv.mask, positions, kv.cache)
+        if self.compiled:  # CUDA-graph outputs are overwritten by the next replay; callers keep these
+            logits, hidden = logits.clone(), hidden.clone()
+        if width > n:
+            kv.cache.crop(n - width)
+        kv.length += n
+        return StepOutput(logits=logits[:, :n], hidden=hidden[:, :n], cache=kv)
+
     @torch.no_grad()
     def prefill(self, inputs: VLMInputs, logits_for: str = "all") -> StepOutput:
         """Run the whole prompt; logits/hidden for all positions (`logits_for="last"`: last only)."""
         if logits_for not in ("all", "last"):
             raise ValueError(f"logits_for must be 'all' or 'last', got {logits_for!r}")
+        if self.max_cache_len and inputs.inputs_embeds.shape[0] == 1:
+            return self._static_prefill(inputs, logits_for)
         from transformers import DynamicCache
 
         mask = inputs.attention_mask.to(self.device)
@@ -509,22 +632,29 @@ class VLMRunner:
 
     @torch.no_grad()
     def decode(self, token_ids: Tensor, cache: Any, attention_mask: Tensor) -> StepOutput:
-        """Feed `token_ids` [B, T] after the cached positions; `attention_mask` [B, cache+T]."""
+        """Feed `token_ids` [B, T] after the cached positions; `attention_mask` [B, cache+T] (on the static
+        path only its width is checked: every new position is attended)."""
         token_ids = token_ids.to(self.device)
-        mask = attention_mask.to(self.device)
         expected = cache.get_seq_length() + token_ids.shape[1]
-        if mask.shape[1] != expected:
-            raise ValueError(f"attention_mask covers {mask.shape[1]} positions, cache+new is {expected}")
+        if attention_mask.shape[1] != expected:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, cache+new is {expected}")
+        if isinstance(cache, StaticKV):
+            return self._static_decode(token_ids, cache)
+        mask = attention_mask.to(self.device)
         positions = self._positions(mask)[:, -token_ids.shape[1]:]
         return self._forward(self.embed_ids(token_ids), mask, positions, cache, "all")
 
     def crop_cache(self, cache: Any, length: int) -> None:
-        """Drop cached positions >= `length` (in place)."""
+        """Drop cached positions >= `length` (in place; on the static path only the length moves)."""
         current = cache.get_seq_length()
         if not 0 <= length <= current:
             raise ValueError(f"cannot crop a cache of length {current} to {length}")
         if length < current:
-            cache.crop(length - current)  # negative = number of positions to remove (transformers 5.x)
+            if isinstance(cache, StaticKV):
+                cache.cache.crop(length - current)
+                cache.length = length
+            else:
+                cache.crop(length - current)  # negative = number of positions to remove (transformers 5.x)
 
     @torch.no_grad()
     def lm_head_weight(self) -> Tensor:
@@ -889,8 +1019,10 @@ def load_eventgpt(
         quant=quant,
         # The research fork also quantised the vision side; here it stays in `dt` (recorded, since
         # its features, and so every hidden state, differ between the two).
-        quant_scope="none" if quant == "none" else "language_model",
+        quant_scope="none" if quant == "none" else "language_model" if quant in BNB_QUANTS else "decoder_layers",
     )
+    if quant in AO_QUANTS:
+        torchao_quantize(runner.decoder, quant, dev)
     log.info("EventGPT loaded from %s (quant %s, %s, %d event frame(s), tower %s px)", ckpt, quant, dt,
              num_event_frames, vision_cfg.image_size)
     return runner
@@ -1008,8 +1140,10 @@ def load_video_llava(
         quant=quant,
         # transformers' bitsandbytes integration: every Linear of towers, projector and language model
         # except the LM head.
-        quant_scope="none" if quant == "none" else "whole_model",
+        quant_scope="none" if quant == "none" else "whole_model" if quant in BNB_QUANTS else "decoder_layers",
     )
+    if quant in AO_QUANTS:
+        torchao_quantize(runner.decoder, quant, dev)
     log.info("Video-LLaVA loaded from %s (quant %s, %s, %d frames, %s indices)", source, quant, dt, num_frames,
              frame_pick)
     return runner

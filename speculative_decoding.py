@@ -648,9 +648,16 @@ class SpeculativeDecoder:
     def __init__(self, target: Any, decode_drafter: Drafter, *, gamma_decode: int = 5,
                  prefill_drafter: Drafter | None = None, gamma_prefill: int = 0, temperature: float = 0.0,
                  generator: torch.Generator | None = None, concurrent_prefill: bool = True,
-                 drafter_device: torch.device | None = None) -> None:
+                 drafter_device: torch.device | None = None, static_cache: bool = False, compile: bool = False,
+                 max_cache_len: int = 4096) -> None:
+        """`static_cache` (implied by `compile`) switches the target to a preallocated KV cache of
+        `max_cache_len` positions with every verify pass one width (runner.use_static_cache); `compile`
+        also compiles its decode/verify step (CUDA graphs on CUDA). The loop is the same on every path."""
         if gamma_decode < 0 or gamma_prefill < 0:
             raise ValueError("gamma_decode and gamma_prefill must be >= 0")
+        if static_cache or compile:  # the first verify pass may check gamma_prefill - 1 prefill drafts
+            target.use_static_cache(max_cache_len, verify_width=max(gamma_decode + 1, gamma_prefill),
+                                    compile=compile)
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator
@@ -659,6 +666,12 @@ class SpeculativeDecoder:
         # One side stream for the engine's life (a new one per answer would strand allocator pools).
         self._stream = torch.cuda.Stream(self.drafter_device) if self.drafter_device.type == "cuda" else None
         self.eos = target.eos_token_id
+        self._ones = torch.ones(1, 0, dtype=torch.long)  # attention masks are views of it, not rebuilt per step
+
+    def _mask(self, width: int) -> Tensor:
+        if self._ones.shape[1] < width:
+            self._ones = torch.ones(1, max(2 * width, 4096), dtype=torch.long, device=self.target.device)
+        return self._ones[:, :width]
 
     # -- phase 1 -----------------------------------------------------------------------------------
     def _drafter_side(self, prompt: Prompt | None, stop: threading.Event, clock: StageClock,
@@ -743,8 +756,7 @@ class SpeculativeDecoder:
                 draft = (pending if pending.tokens else drafter.draft(k)).cut(0, k)
             pending = Draft([])
             ids = torch.tensor([[tokens[-1], *draft.tokens]], device=target.device)
-            mask = torch.ones(1, prompt_len + len(tokens) + len(draft.tokens), dtype=torch.long,
-                              device=target.device)
+            mask = self._mask(prompt_len + len(tokens) + len(draft.tokens))
             with clock.stage(it.ms, "verify"):
                 step = target.decode(ids, cache, mask)  # row i scores position len(tokens) + i
                 n, nxt = accept_drafts(step.logits[0], draft, self.temperature, self.generator)
@@ -772,13 +784,80 @@ def greedy_reference(target: Any, inputs: VLMInputs, max_new_tokens: int) -> lis
     return out.tokens[0, : int(out.mask[0].sum())].tolist()
 
 
-def check_lossless(spec: list[int], reference: list[int], what: str) -> None:
-    """Raise LosslessError naming the first differing position."""
-    if spec != reference:
-        pos = next((i for i, (a, b) in enumerate(zip(spec, reference, strict=False)) if a != b),
-                   min(len(spec), len(reference)))
-        raise LosslessError(f"{what}: speculative output differs from the target's greedy output at position "
-                            f"{pos} (lengths {len(spec)} vs {len(reference)})")
+# Rounding unit of each dtype; fp32 gets 0 so the CPU fp32 checks stay exact. A near-tie counts as a
+# numeric tie when the two tokens' logits are within TIE_ULPS rounding units of their size on every path.
+ROUNDING_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 0.0, torch.float64: 0.0}
+TIE_ULPS = 8
+
+
+@dataclass
+class NumericTie:
+    """A greedy difference explained by rounding: at `position` the speculative answer chose `tokens[0]`
+    and the reference `tokens[1]`, the two best logits of the target there, at most `margin` apart on
+    every recomputed path (within `tolerance`)."""
+
+    position: int
+    tokens: tuple[int, int]
+    margin: float
+    tolerance: float
+
+
+def numeric_tie(logits: list[Tensor], a: int, b: int, dtype: torch.dtype, position: int = 0) -> NumericTie | None:
+    """A NumericTie if tokens a and b are the top two of every logits row [V] (one per recomputed path)
+    and |l[a] - l[b]| <= TIE_ULPS * eps(dtype) * max(|l[a]|, |l[b]|, 1) on each; else None (a real
+    divergence)."""
+    eps = ROUNDING_EPS.get(dtype, 0.0)
+    margin, tolerance = 0.0, float("inf")
+    for row in logits:
+        row = row.float().flatten()
+        if set(row.topk(2).indices.tolist()) != {a, b}:
+            return None
+        la, lb = float(row[a]), float(row[b])
+        margin, tolerance = max(margin, abs(la - lb)), min(tolerance, TIE_ULPS * eps * max(abs(la), abs(lb), 1.0))
+    if not logits or margin > tolerance:
+        return None
+    return NumericTie(position, (a, b), margin, tolerance)
+
+
+@torch.no_grad()
+def tie_logits(target: Any, inputs: VLMInputs, prefix: list[int]) -> list[Tensor]:
+    """The target's logits [V] for the position after `prefix`, recomputed both ways the engine and the
+    reference compute them (one wide pass over the prefix, and one decode step per token), each through
+    the model's own LM head and through the fp32 head (`lm_head_weight`) on the same state."""
+    head = target.lm_head_weight()
+    rows = []
+    for wide in (True, False):
+        out = target.prefill(inputs, logits_for="last")
+        length = inputs.attention_mask.shape[1]
+        chunks = [prefix] if wide else [[t] for t in prefix]
+        for chunk in (c for c in chunks if c):
+            length += len(chunk)
+            out = target.decode(torch.tensor([chunk], device=target.device), out.cache,
+                                torch.ones(1, length, dtype=torch.long, device=target.device))
+        rows += [out.logits[0, -1], out.hidden[0, -1].float() @ head.T]
+    return rows
+
+
+def check_lossless(spec: list[int], reference: list[int], what: str,
+                   recompute: Callable[[list[int]], list[Tensor]] | None = None,
+                   dtype: torch.dtype = torch.float32) -> NumericTie | None:
+    """None when equal. At the first differing position, `recompute(prefix)` (e.g. `tie_logits`) gives
+    the target's logits there on several paths: a NumericTie is returned when the difference is within
+    rounding (`numeric_tie`); otherwise, or without `recompute`, LosslessError names the position."""
+    if spec == reference:
+        return None
+    pos = next((i for i, (a, b) in enumerate(zip(spec, reference, strict=False)) if a != b),
+               min(len(spec), len(reference)))
+    margin = ""
+    if recompute is not None and pos < min(len(spec), len(reference)):
+        rows = recompute(spec[:pos])
+        tie = numeric_tie(rows, spec[pos], reference[pos], dtype, pos)
+        if tie is not None:
+            return tie
+        top = rows[0].float().flatten().topk(2)
+        margin = f"; target top-2 margin there {float(top.values[0] - top.values[1]):.4g} (not a rounding tie)"
+    raise LosslessError(f"{what}: speculative output differs from the target's greedy output at position "
+                        f"{pos} (lengths {len(spec)} vs {len(reference)}){margin}")
 
 
 def summarise_trace(trace: Trace) -> dict[str, Any]:
@@ -823,6 +902,7 @@ __all__ = [
     "FusedDrafter",
     "LosslessError",
     "NoDrafter",
+    "NumericTie",
     "RolloutDrafter",
     "SpecOutput",
     "SpeculativeDecoder",
@@ -833,5 +913,7 @@ __all__ = [
     "check_lossless",
     "choose",
     "greedy_reference",
+    "numeric_tie",
     "summarise_trace",
+    "tie_logits",
 ]

@@ -15,6 +15,10 @@ on a laptop CPU. This module writes them; it does not train them (make_toy_world
   right after the base vocabulary and the LM vocabulary is padded to a multiple of 64, as in
   LanguageBind/Video-LLaVA-7B-hf (32000 base tokens, ids 32000-32002, vocab_size 32064).
 
+- `build_random_runners(SHAPES["7b"], ...)` / `load_runners(args, questions)`: both runners with random
+  weights at a real shape, built in memory on the device (the benchmarks' `--random_shape`), or loaded
+  from checkpoints.
+
 Example (tiny, CPU, a few seconds):
     python -c "import toy_models as t; tok = t.build_toy_tokenizer(['a red car drives left']); \
 t.write_eventgpt_checkpoint('/tmp/egpt', None, tok); t.write_video_llava_checkpoint('/tmp/vl', None, tok)"
@@ -22,7 +26,10 @@ t.write_eventgpt_checkpoint('/tmp/egpt', None, tok); t.write_video_llava_checkpo
 
 from __future__ import annotations
 
+import argparse
 import copy
+import hashlib
+import json
 import os
 import string
 from collections.abc import Iterable
@@ -45,14 +52,18 @@ from transformers import (
 )
 from transformers.models.video_llava import VideoLlavaImageProcessor, VideoLlavaVideoProcessor
 
-from common import atomic_write_json
+from common import atomic_write_json, resolve_device, set_seed
 from model_loaders import (
+    AO_QUANTS,
+    DEFAULT_FRAME_PICK,
     EVENTGPT_EV_END,
     EVENTGPT_EV_START,
     EVENTGPT_MODEL_TYPE,
     EVENTGPT_SYSTEM,
     EVENTGPT_TOWER_PREFIX,
     VIDEO_LLAVA_PROMPT,
+    resolve_model_dtype,
+    torchao_quantize,
 )
 
 # Toy vision defaults: 32 px images cut into 8 px patches -> 16 patches + CLS = 17 tokens per frame.
@@ -347,3 +358,142 @@ def video_llava_processor(vl_tok: PreTrainedTokenizerFast, vcfg: CLIPVisionConfi
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-weight runners at real shapes (the GPU benchmarks' --random_shape), built in memory
+# ----------------------------------------------------------------------------------------------
+
+# Random-weight shapes. 7b: Vicuna-7B for both language models (EventGPT keeps Vicuna's 32000 rows,
+# Video-LLaVA-7B-hf pads to 32064), CLIP ViT-L/14 towers: 336 px for EventGPT, 224 px for
+# Video-LLaVA's LanguageBind image and video towers. tiny: the same code path at toy size.
+SHAPES: dict[str, dict[str, int]] = {
+    "7b": {
+        "hidden": 4096, "layers": 32, "heads": 32, "intermediate": 11008, "egpt_vocab": 32000, "vl_vocab": 32064,
+        "vision_hidden": 1024, "vision_layers": 24, "vision_heads": 16, "vision_intermediate": 4096,
+        "patch": 14, "egpt_image_size": 336, "vl_image_size": 224, "max_positions": 4096,
+    },
+    "tiny": {
+        "hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "egpt_vocab": 32000, "vl_vocab": 32064,
+        "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "vision_intermediate": 64,
+        "patch": 8, "egpt_image_size": 32, "vl_image_size": 32, "max_positions": 4096,
+    },
+}
+OVERRIDES = ("hidden", "layers", "heads", "intermediate", "vision_hidden", "vision_layers")
+
+
+
+def resolve_shape(name: str, overrides: dict[str, int]) -> dict[str, int]:
+    """The preset with overrides; heads and MLP width follow a new width at the preset's ratios."""
+    shape = dict(SHAPES[name])
+    for key, value in overrides.items():
+        if value < 1:
+            raise ValueError(f"--{key} must be >= 1")
+    if "hidden" in overrides:
+        head_dim = shape["hidden"] // shape["heads"]
+        shape["heads"] = max(1, overrides["hidden"] // head_dim)
+        shape["intermediate"] = round(overrides["hidden"] * shape["intermediate"] / shape["hidden"])
+    if "vision_hidden" in overrides:
+        head_dim = shape["vision_hidden"] // shape["vision_heads"]
+        shape["vision_heads"] = max(1, overrides["vision_hidden"] // head_dim)
+        shape["vision_intermediate"] = 4 * overrides["vision_hidden"]
+    shape.update(overrides)
+    if shape["hidden"] % shape["heads"] or shape["vision_hidden"] % shape["vision_heads"]:
+        raise ValueError(f"hidden sizes must be multiples of the head counts: {shape}")
+    return shape
+
+
+
+def build_random_runners(shape: dict[str, int], questions: list[str], device: torch.device,
+                         dtype: torch.dtype, seed: int, vl_dtype: torch.dtype | None = None,
+                         frame_pick: str = DEFAULT_FRAME_PICK, quant: str = "none") -> tuple[Any, Any]:
+    """EventGPT and Video-LLaVA runners with random weights at `shape`, built on `device` (no files).
+
+    EventGPT is built in `dtype`, Video-LLaVA in `vl_dtype` (default: `dtype` too); `quant` int8_ao or
+    int4_ao quantises both decoders' layers with torchao after building.
+
+    The tokenizer is the toy BPE trained on the questions (prompt text is a small part of the
+    sequence; the visual tokens dominate: 578 for EventGPT and 2056 for Video-LLaVA at 7b shape).
+    Both runners get eos_token_id -1: random weights would stop at an EOS only by chance, and
+    timing every position is the worst case, which is what we want to know.
+    """
+    from torch import nn
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionModel,
+        LlamaForCausalLM,
+        VideoLlavaForConditionalGeneration,
+    )
+
+    from model_loaders import EventGPTRunner, VideoLlavaRunner
+
+    set_seed(seed)
+    s = shape
+    tag = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
+    tokenizer = build_toy_tokenizer(questions)
+
+    def llama(vocab: int) -> Any:
+        return llama_config(vocab, s["hidden"], s["layers"], s["heads"], s["intermediate"], s["max_positions"])
+
+    def clip(image_size: int) -> Any:
+        return vision_config({"image_size": image_size, "patch_size": s["patch"], "hidden_size": s["vision_hidden"],
+                              "intermediate_size": s["vision_intermediate"], "layers": s["vision_layers"],
+                              "heads": s["vision_heads"]})
+
+    # Parameters are created on the device in the target dtype: a 7B model never sits in host memory.
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(llama(s["egpt_vocab"]), dtype=dtype)
+        tower = CLIPVisionModel._from_config(clip(s["egpt_image_size"]), dtype=dtype)
+        projector = nn.Sequential(nn.Linear(s["vision_hidden"], s["hidden"]), nn.GELU(),
+                                  nn.Linear(s["hidden"], s["hidden"]))
+        adaptor = nn.Linear(s["hidden"], s["hidden"])
+    for module in (llm, tower, projector, adaptor):
+        module.to(device, dtype).eval().requires_grad_(False)
+    size = s["egpt_image_size"]
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    egpt = EventGPTRunner(llm=llm, tower=tower, projector=projector, adaptor=adaptor,
+                          image_processor=image_processor, num_event_frames=1,
+                          tokenizer=tokenizer, device=device, dtype=dtype, model_path="random:eventgpt",
+                          config_hash=tag)
+
+    vl_tok = video_llava_tokenizer(tokenizer)
+    vcfg = clip(s["vl_image_size"])
+    config = video_llava_config(vl_tok, vcfg, llama(s["vl_vocab"]))
+    vl_dtype = vl_dtype or dtype
+    with torch.device(device):
+        model = VideoLlavaForConditionalGeneration._from_config(config, dtype=vl_dtype)
+    model.to(device, vl_dtype).eval().requires_grad_(False)
+    vl = VideoLlavaRunner(model=model, processor=video_llava_processor(vl_tok, vcfg), num_frames=8,
+                          frame_pick=frame_pick, tokenizer=vl_tok, device=device, dtype=vl_dtype,
+                          model_path="random:video_llava", config_hash=tag)
+    for runner in (egpt, vl):
+        runner.eos_token_id = -1
+        if quant in AO_QUANTS:  # torchao weight-only (bitsandbytes quantises only at checkpoint load)
+            torchao_quantize(runner.decoder, quant, device)
+            runner.quant, runner.quant_scope = quant, "decoder_layers"
+    return egpt, vl
+
+
+def load_runners(args: argparse.Namespace, questions: list[str]) -> tuple[Any, Any]:
+    """(EventGPT runner, Video-LLaVA runner): loaded checkpoints, or random weights built in memory.
+
+    Reads args.egpt_model, vl_model, quant, device, dtype, random_shape, shape, seed and, where the
+    caller has them, egpt_dtype and vl_dtype (default: dtype), frame_pick (default floor) and
+    accept_weight_keys (default none), so scripts without those flags get the defaults.
+    """
+    from model_loaders import load_eventgpt, load_video_llava
+
+    egpt_dtype = getattr(args, "egpt_dtype", None) or args.dtype
+    vl_dtype = getattr(args, "vl_dtype", None) or args.dtype
+    frame_pick = getattr(args, "frame_pick", None) or DEFAULT_FRAME_PICK
+    accept_keys = getattr(args, "accept_weight_keys", None) or ()
+    if args.random_shape is None:
+        egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=args.device, dtype=egpt_dtype,
+                             accept_keys=accept_keys, vision_tower=getattr(args, "vision_tower", None))
+        vl = load_video_llava(args.vl_model, quant=args.quant, device=args.device, dtype=vl_dtype,
+                              frame_pick=frame_pick, accept_keys=accept_keys)
+        return egpt, vl
+    device = resolve_device(args.device)
+    return build_random_runners(args.shape, questions, device, resolve_model_dtype("eventgpt", egpt_dtype, device),
+                                args.seed, vl_dtype=resolve_model_dtype("video_llava", vl_dtype, device),
+                                frame_pick=frame_pick, quant=getattr(args, "quant", "none"))

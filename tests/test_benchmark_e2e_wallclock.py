@@ -148,3 +148,26 @@ def test_a_lossless_mismatch_fails_the_run(quick_world: Path, tmp_path: Path,
                              "--output_dir", str(tmp_path)])
     assert bench.main(args) == 1
     assert not (tmp_path / "e2e_wallclock.json").exists()
+
+
+def test_static_cache_run_records_its_path_and_the_generate_baseline(quick_world: Path, tmp_path: Path) -> None:
+    """--static_cache on the quick world: lossless (no ties in fp32), the path in the result and in the
+    profile's source, and each configuration's speed against transformers' generate on the same samples."""
+    models = quick_world / "models"
+    args = bench.parse_args(["--dataset_dir", str(quick_world / "dataset"), "--egpt_model", str(models / "eventgpt"),
+                             "--vl_model", str(models / "video_llava"), "--configs", "target,hf_generate,synthetic",
+                             "--synthetic_acceptance", "1", "--gamma_decode", "3", "--max_samples", "2",
+                             "--max_new_tokens", "6", "--repeats", "1", "--warmup", "1", "--device", "cpu",
+                             "--static_cache", "--max_cache_len", "1024", "--reference_profile", "none",
+                             "--output_dir", str(tmp_path)])
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "e2e_wallclock.json").read_text())
+    assert result["decode_path"]["cache"] == "static" and result["decode_path"]["verify_width"] == 8  # gamma_prefill
+    assert result["numeric_tie_count"] == 0 and result["cuda_max_memory_gib"] is None
+    assert result["configs"]["target"]["speedup_vs_hf_generate"]["median"] > 0
+    assert result["configs"]["synthetic_p1"]["accepted_per_iteration"] > 1
+    assert "path static" in result["profile"]["source"]
+    assert "vs hf generate" in (tmp_path / "e2e_wallclock.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dataset_dir", "d", "--compile", "--quant", "4bit"])
+    assert bench.parse_args(["--dataset_dir", "d", "--compile"]).static_cache

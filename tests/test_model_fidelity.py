@@ -401,8 +401,8 @@ def test_description_records_what_is_quantised(ckpts, monkeypatch):
 
 
 def test_shared_runner_builder_takes_per_model_dtypes_with_old_callers_unchanged():
-    """benchmark_extraction.load_runners serves benchmark_e2e_wallclock too, whose args have only --dtype."""
-    import benchmark_extraction as bx
+    """toy_models.load_runners serves both benchmarks, whose args have only --dtype."""
+    import toy_models as bx
 
     base = {"random_shape": "tiny", "shape": bx.resolve_shape("tiny", {"hidden": 32, "layers": 1}), "device": "cpu",
             "dtype": "fp32", "seed": 0, "quant": "none", "egpt_model": None, "vl_model": None}

@@ -322,6 +322,44 @@ def test_lossless_check_fails_loudly() -> None:
         sd.check_lossless([1, 2, 3], [1, 4, 3], "demo")
 
 
+def test_numeric_tie_within_rounding_is_counted_and_a_real_divergence_fails() -> None:
+    """Hand-built logits at position 1: tokens 2 and 4 one fp16 rounding unit apart (on both recomputed
+    paths, each preferring a different one) are a numeric tie in fp16, never in fp32; a margin of 0.5 at
+    the same size, or a third token on top, is a real divergence and still raises."""
+    base = torch.zeros(6)
+    tie_a, tie_b = base.clone(), base.clone()
+    tie_a[2], tie_a[4] = 20.0, 20.0 - 2.0**-6  # 20 in fp16 has a rounding unit of 2^-6 (eps 2^-10 x 16)
+    tie_b[2], tie_b[4] = 20.0 - 2.0**-6, 20.0
+    tie = sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [tie_a, tie_b],
+                            dtype=torch.float16)
+    assert tie is not None and tie.position == 1 and tie.tokens == (2, 4)
+    assert 0 < tie.margin <= tie.tolerance
+    with pytest.raises(sd.LosslessError, match="position 1"):  # fp32 stays exact
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [tie_a, tie_b])
+    real = base.clone()
+    real[2], real[4] = 20.0, 19.5
+    with pytest.raises(sd.LosslessError, match="not a rounding tie"):
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [real, tie_b],
+                          dtype=torch.float16)
+    third = tie_a.clone()
+    third[0] = 25.0  # neither answer chose the target's best token: not a tie between the two
+    with pytest.raises(sd.LosslessError):
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [third], dtype=torch.float16)
+    assert sd.check_lossless([1, 2], [1, 2], "demo", recompute=lambda prefix: []) is None
+
+
+def test_tie_logits_recomputes_the_same_position_both_ways(world: SimpleNamespace) -> None:
+    """On CPU fp32 the wide and the one-step recomputation agree, and their argmax is the reference's
+    token after the prefix."""
+    (t_in, _), ref = world.prompts[0], world.refs[0]
+    rows = sd.tie_logits(world.vl, t_in, ref[:3])
+    assert len(rows) == 4
+    for row in rows:
+        torch.testing.assert_close(row, rows[0], atol=1e-3, rtol=1e-4)
+    if len(ref) > 3:
+        assert int(rows[1].argmax()) == ref[3]
+
+
 # ----------------------------------------------------------------------------- caches
 
 
