@@ -740,7 +740,7 @@ def main(args: argparse.Namespace) -> int:
     eg, vl = load_runners(args, questions)
     adapters = load_adapters(args, vl, eg)
     if args.static_cache:  # before the profile and the references, so every timing is on one path
-        vl.use_static_cache(args.max_cache_len, max(args.gamma_decode + 1, args.gamma_prefill), args.compile)
+        vl.use_static_cache(args.max_cache_len, args.gamma_decode + 1, args.compile)
     gen = torch.Generator(device=vl.device).manual_seed(args.seed)
     # The profile comes first: the expected-gain draft stop weighs this machine's measured costs.
     device = str(vl.device) + (f" ({torch.cuda.get_device_name(vl.device)})" if vl.device.type == "cuda" else "")

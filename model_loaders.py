@@ -545,8 +545,9 @@ class VLMRunner:
     def use_static_cache(self, max_cache_len: int, verify_width: int = 1, compile: bool = False) -> None:
         """Decode batch-1 answers in one preallocated KV cache of `max_cache_len` positions (prompt + answer
         + one verify window) instead of a growing DynamicCache. A multi-token step narrower than
-        `verify_width` (gamma_decode + 1) is padded to it, so one shape serves every verify pass; the
-        padded positions are rolled back at once. `compile` puts the decode/verify step under torch.compile
+        `verify_width` (gamma_decode + 1) is padded to it and a wider one (the prefill window's drafts)
+        runs in pieces of it, so one shape serves every verify pass; padded positions are rolled back at once.
+        `compile` puts the decode/verify step under torch.compile
         (CUDA: mode reduce-overhead, i.e. CUDA graphs; CPU: inductor, full graph); prefill stays eager.
         Widths only grow when several engines share this runner. bitsandbytes 4/8-bit keeps the dynamic
         path (its kernels do not capture). One live answer per runner: a new prefill reuses the cache."""
@@ -602,6 +603,13 @@ class VLMRunner:
 
     def _static_decode(self, token_ids: Tensor, kv: StaticKV) -> StepOutput:
         n = token_ids.shape[1]
+        if n > self.verify_width > 1:
+            # A step wider than the verify pass (the prefill window's drafts, once per answer) runs as
+            # verify-width pieces, so the compiled step keeps its two shapes (1 and verify_width).
+            parts = [self._static_decode(token_ids[:, i:i + self.verify_width], kv)
+                     for i in range(0, n, self.verify_width)]
+            return StepOutput(logits=torch.cat([p.logits for p in parts], dim=1),
+                              hidden=torch.cat([p.hidden for p in parts], dim=1), cache=kv)
         width = self.verify_width if 1 < n < self.verify_width else n
         if width > n:  # pad to the one verify shape; the pad positions are rolled back below
             token_ids = torch.cat([token_ids, token_ids.new_full((1, width - n), self.pad_token_id)], dim=1)

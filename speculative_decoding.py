@@ -655,9 +655,8 @@ class SpeculativeDecoder:
         also compiles its decode/verify step (CUDA graphs on CUDA). The loop is the same on every path."""
         if gamma_decode < 0 or gamma_prefill < 0:
             raise ValueError("gamma_decode and gamma_prefill must be >= 0")
-        if static_cache or compile:  # the first verify pass may check gamma_prefill - 1 prefill drafts
-            target.use_static_cache(max_cache_len, verify_width=max(gamma_decode + 1, gamma_prefill),
-                                    compile=compile)
+        if static_cache or compile:  # the prefill window's wider verify runs in gamma_decode + 1 pieces
+            target.use_static_cache(max_cache_len, verify_width=gamma_decode + 1, compile=compile)
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator

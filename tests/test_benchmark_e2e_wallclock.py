@@ -162,7 +162,7 @@ def test_static_cache_run_records_its_path_and_the_generate_baseline(quick_world
                              "--output_dir", str(tmp_path)])
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "e2e_wallclock.json").read_text())
-    assert result["decode_path"]["cache"] == "static" and result["decode_path"]["verify_width"] == 8  # gamma_prefill
+    assert result["decode_path"]["cache"] == "static" and result["decode_path"]["verify_width"] == 4  # gamma_decode + 1
     assert result["numeric_tie_count"] == 0 and result["cuda_max_memory_gib"] is None
     assert result["configs"]["target"]["speedup_vs_hf_generate"]["median"] > 0
     assert result["configs"]["synthetic_p1"]["accepted_per_iteration"] > 1

@@ -76,6 +76,12 @@ def test_static_cache_pads_the_verify_pass_and_rolls_back_by_length(world: Simpl
     torch.testing.assert_close(cropped.hidden, want.hidden, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="cannot crop"):
         vl.crop_cache(out.cache, length + 5)
+    # A step wider than the verify width (the prefill window's drafts) runs in width-4 pieces: 6 rows,
+    # equal to the dynamic path's one 6-token pass, the cache 6 longer.
+    wide = vl.decode(torch.arange(11, 17)[None], out.cache, ones(length + 10))
+    want = world.vl.decode(torch.arange(11, 17)[None], dyn.cache, ones(length + 10))
+    assert wide.logits.shape[1] == 6 and out.cache.get_seq_length() == length + 10
+    torch.testing.assert_close(wide.hidden, want.hidden, atol=1e-4, rtol=1e-4)
 
 
 def test_static_path_refuses_bitsandbytes_and_overflow(world: SimpleNamespace, quick_world: Path) -> None:  # noqa: F811
