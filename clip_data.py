@@ -299,35 +299,45 @@ def encode_mp4(frames: np.ndarray | Sequence[np.ndarray], fps: int, codec: str) 
 
 
 def check_data_folder(dataset_dir: str | Path, splits: Iterable[str], questions: str | Path | None = None,
-                      num_event_images: int = 0, max_problems: int = 5) -> dict[str, Any]:
+                      num_event_images: int = 0, max_problems: int = 5, raw_events: bool = True,
+                      strict: bool = True) -> dict[str, Any]:
     """Cheap check a stage runs before loading any model: the index of each split parses, every clip's
     event source and video exist (and its first `num_event_images` event frames, when > 0), and the
-    questions file (default DIR/questions.json) parses. Reads no event or video data.
+    questions file (default DIR/questions.json) parses. Reads no event or video data. `raw_events=False`
+    leaves out the event source (.npy / events.h5) for stages that read only the rendered event frames.
 
-    Returns {"splits": {split: clips}, "questions": count, "questions_file": path}; raises one UserError
-    listing the first `max_problems` problems and how many there are in all.
+    Returns {"splits": {split: clips}, "questions": count, "questions_file": path, "clips_missing_files":
+    count}; raises one UserError listing the first `max_problems` problems and how many there are in all:
+    on any problem when `strict`, otherwise only when no clip of a split has its files (a stage that
+    counts and skips bad clips can still run on the others).
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise UserError(f"--dataset_dir {dataset_dir} is not a folder ({INDEX_FIX})")
     qfile = questions_path(questions, dataset_dir)
     num_questions = len(load_questions(qfile))
-    counts, problems = {}, []
+    counts, problems, bad_clips, fatal = {}, [], 0, strict
     for split in splits:
         records = load_index(dataset_dir, split)
         counts[split] = len(records)
+        bad_here = 0
         for rec in records:
             paths = clip_paths(dataset_dir, split, rec, num_event_images)
-            for what, path in (("events", paths["events"]), ("video", paths["video"]),
+            found = len(problems)
+            for what, path in (*((("events", paths["events"]),) if raw_events else ()), ("video", paths["video"]),
                                *(("event frame", p) for p in paths["event_images"])):
                 if not path.is_file():
                     problems.append(f"{split} clip {rec['id']}: {what} {path} is missing")
             if rec.get("rectify_map") and not (paths["split_dir"] / rec["rectify_map"]).is_file():
                 problems.append(f"{split} clip {rec['id']}: rectify map {rec['rectify_map']} is missing")
-    if problems:
+            bad_here += len(problems) > found
+        bad_clips += bad_here
+        fatal = fatal or (bad_here > 0 and bad_here == len(records))
+    if problems and fatal:
         more = f" (and {len(problems) - max_problems} more)" if len(problems) > max_problems else ""
-        hint = "; render event frames with preprocess_event_images.py" if any("event frame" in p for p in problems) \
-            else ""
+        hint = (f"; render event frames with python preprocess_event_images.py --dataset_dir {dataset_dir}"
+                if any("event frame" in p for p in problems) else "")
         raise UserError(f"{dataset_dir}: {len(problems)} missing files: "
                         f"{'; '.join(problems[:max_problems])}{more}{hint}")
-    return {"splits": counts, "questions": num_questions, "questions_file": str(qfile)}
+    return {"splits": counts, "questions": num_questions, "questions_file": str(qfile),
+            "clips_missing_files": bad_clips}

@@ -324,15 +324,20 @@ def parse_with_config(parser: Any, argv: list[str] | None = None) -> Any:
     return parser.parse_args(argv)
 
 
-def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None) -> str:
-    """The data set's `{split}/index.json` parses, every clip's events and video exist, and the questions
-    file parses (the data layer's own check, so it is the one the stage would hit later); returns a
-    one-line description."""
+def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None,
+                        num_event_images: int = 1) -> str:
+    """The data set's `{split}/index.json` parses, its clips' videos and first `num_event_images` rendered
+    event frames exist (what the model-loading stages read; refused when no clip has them, counted when
+    some lack them), and the questions file parses (the data layer's own check); returns one line."""
     from clip_data import check_data_folder
 
-    found = check_data_folder(dataset_dir, [split], questions_file)
-    return (f"{Path(dataset_dir) / split / 'index.json'}: {found['splits'][split]} clips with their files; "
-            f"{found['questions']} questions ({found['questions_file']})")
+    found = check_data_folder(dataset_dir, [split], questions_file, num_event_images=num_event_images,
+                              raw_events=False, strict=False)
+    missing = found["clips_missing_files"]
+    clips = (f"{found['splits'][split]} clips, {missing} of them missing files (the stage counts and skips "
+             "them)" if missing else f"{found['splits'][split]} clips with their files")
+    return f"{Path(dataset_dir) / split / 'index.json'}: {clips}; {found['questions']} questions " \
+           f"({found['questions_file']})"
 
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
@@ -408,6 +413,8 @@ def preflight(args: argparse.Namespace, required_roles: dict[str, list[str]] | N
         done.append(f"device {device}")
     if getattr(args, "dataset_dir", None) is not None and getattr(args, "split", None):
         questions = getattr(args, "questions_file", None) or getattr(args, "questions", None)
+        # The first rendered frame only: a stage asking for more frames than were rendered has its own,
+        # more precise error (it reads the renderer's manifest).
         done.append(check_dataset_split(args.dataset_dir, args.split, questions))
     if getattr(args, "random_shape", None) is None:
         for flag in ("egpt_model", "vl_model"):

@@ -334,7 +334,8 @@ def sample_video_frames(path: str | os.PathLike, num_frames: int = 8, pick: str 
 def render_hint(dataset_dir: str | os.PathLike) -> str:
     """The command that renders a data set's event frames, for errors about a missing PNG."""
     return (f"event frames are rendered by `python preprocess_event_images.py --dataset_dir {dataset_dir}`; "
-            "add --allow_pickle for pickled .npy clips such as the toy world's, --num_frames N for more than 5")
+            "add --allow_pickle for pickled .npy clips such as the toy world's, --event_frames_per_clip N for more "
+            "than 5")
 
 
 def read_rgb_image(path: str | os.PathLike) -> np.ndarray:

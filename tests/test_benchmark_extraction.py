@@ -87,7 +87,7 @@ def test_missing_event_pngs_are_one_clear_error(quick_world, tmp_path):
     (data / "questions.json").symlink_to(quick_world / "dataset" / "questions.json")
     args = bx.parse_args(toy_args(quick_world, tmp_path / "x.json"))
     args.dataset_dir = data
-    with pytest.raises(UserError, match=r"input files missing, e\.g\. .*_0\.png .*preprocess_event_images"):
+    with pytest.raises(UserError, match=r"_0\.png is missing.*preprocess_event_images"):
         bx.main(args)
 
 

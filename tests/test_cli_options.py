@@ -136,7 +136,8 @@ def dataset(tmp_path_factory) -> Path:
     record = {"id": "c0", "sequence": "s0", "clip": 0, "video": "c0.mp4", "event_npy": "c0.npy",
               "event_image_prefix": "event_images/c0", "height": 8, "width": 8}
     (root / "test" / "index.json").write_text(__import__("json").dumps([record]))
-    for name in ("c0.mp4", "c0.npy"):
+    (root / "test" / "event_images").mkdir()
+    for name in ("c0.mp4", "c0.npy", "event_images/c0_0.png"):
         (root / "test" / name).write_bytes(b"")
     (root / "questions.json").write_text('[{"question": "What is there?", "count": 3}]')
     for name in ("eventgpt", "video_llava"):
