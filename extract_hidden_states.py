@@ -95,6 +95,7 @@ RUN_IDENTITY = (
     "event_frames",
     "egpt_dtype",
     "vl_dtype",
+    "vision_tower",
 )
 # Identity facts recorded since fidelity to the released preprocessing (issue 19): a record without
 # them was made before, when the defaults were other ones, so resuming it is refused too.
@@ -392,6 +393,7 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
         "event_frames": event_frame_settings(args),
         "egpt_dtype": str(dtypes.get("eventgpt", args.egpt_dtype)).removeprefix("torch."),
         "vl_dtype": str(dtypes.get("video_llava", args.vl_dtype)).removeprefix("torch."),
+        "vision_tower": getattr(args, "vision_tower", None),  # EventGPT's CLIP tower override (None: its config's)
         "num_clips": len(work.clips),
         "num_planned_samples": num_planned,
         "dtypes": {k: str(d).removeprefix("torch.") for k, (d, _) in CHUNK_KEYS.items()},
