@@ -27,15 +27,17 @@ if [ ! -d data/toy/dataset/test/event_image ]; then  # the benchmark reads clips
   timeout 300 $PY make_toy_world.py --output_dir data/toy --quick || exit 1
   timeout 300 $PY preprocess_event_images.py --dataset_dir data/toy/dataset --allow_pickle || exit 1
 fi
-case " $STEPS " in *_ao*) $PY -c "import torchao" 2>/dev/null || $PY -m pip install --quiet "torchao>=0.18,<0.19" ;; esac
+# torchao: installed from a carried wheel when the machine has no index (TORCHAO_WHEEL=path/to/torchao-*.whl)
+case " $STEPS " in *_ao*) $PY -c "import torchao" 2>/dev/null || $PY -m pip install --quiet \
+  "${TORCHAO_WHEEL:-torchao>=0.18,<0.19}" ;; esac
 
 # 1. the CUDA-only tests: compiled (CUDA-graph) path lossless, streams, fidelity on GPU
 step tests 240 $PY -m pytest -q -x tests/test_static_decoding.py tests/test_speculative_decoding.py -k cuda
 
 # 2-6. Vicuna-7B shapes with random weights, fp16, batch 1: the target alone on the path, transformers'
-# eager generate on the same samples, the controlled drafter at p=0.8 and 1.3 ms per draft.
+# eager generate on the same samples, the controlled drafter at p=0.7 (the issue's done-when) and 1.3 ms per draft.
 BENCH=($PY benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset
-       --configs target,hf_generate,synthetic --synthetic_acceptance 0.8 --synthetic_cost_ms 1.3
+       --configs target,hf_generate,synthetic --synthetic_acceptance 0.7 --synthetic_cost_ms 1.3
        --max_samples 4 --max_new_tokens 32 --warmup 2 --repeats 2 --reference_profile none)
 step eager 180 "${BENCH[@]}" --output_dir "$OUT/eager"
 step static 180 "${BENCH[@]}" --static_cache --output_dir "$OUT/static"
