@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.static_cache = args.static_cache or args.compile
     if args.static_cache and args.quant in ("4bit", "8bit"):
         p.error("--static_cache/--compile are not for bitsandbytes --quant 4bit/8bit (use int8_ao or int4_ao)")
-    if args.max_cache_len < args.max_new_tokens + args.gamma_decode + 2:
+    if args.static_cache and args.max_cache_len < args.max_new_tokens + args.gamma_decode + 2:
         p.error("--max_cache_len must hold the prompt, --max_new_tokens and one verify window")
     args.shape = resolve_shape(args.random_shape, {}) if args.random_shape else None
     return args

@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "config's mm_visual_tower")
     p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder (toy mode)")
     p.add_argument("--quant", default="none", choices=QUANT_CHOICES,
-                   help="bitsandbytes quantisation of loaded checkpoints (CUDA only; not with --random_shape)")
+                   help="quantisation: bitsandbytes 4bit/8bit of loaded checkpoints (CUDA; not with --random_shape), "
+                   "torchao int8_ao/int4_ao (weight-only; int4_ao: CUDA and bf16)")
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
                    help="build both models in memory with random weights at this shape instead of loading "
                    "checkpoints (7b: Vicuna-7B + CLIP ViT-L/14; tiny: a CPU-sized stand-in)")

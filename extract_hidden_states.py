@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quant",
         default="none",
         choices=QUANT_CHOICES,
-        help="bitsandbytes quantisation of both language models (4bit/8bit need CUDA)",
+        help="quantisation of both language models: bitsandbytes 4bit/8bit (CUDA), torchao int8_ao or int4_ao "
+        "(weight-only; int4_ao needs CUDA and bf16)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (ignored under accelerate launch)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,

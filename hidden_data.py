@@ -217,12 +217,22 @@ def verify_folder(data_dir: str | Path) -> list[str]:
     problems = [] if manifest.get("complete") else [f"{data_dir}: not finished (some shards did not complete)"]
     if not manifest.get("widths"):
         problems.append(f"{data_dir / 'manifest.json'}: records no state widths (re-extract with this release)")
-    for entry in tqdm(manifest["chunks"], desc=f"verify {data_dir.name}", unit="chunk", disable=None, leave=False):
+    chunks = manifest.get("chunks")
+    if not isinstance(chunks, list):
+        return [*problems, f"{data_dir / 'manifest.json'}: has no list of chunks (re-extract into a new folder)"]
+    sound = []
+    for i, entry in enumerate(tqdm(chunks, desc=f"verify {data_dir.name}", unit="chunk", disable=None, leave=False)):
+        lacking = [k for k in ("file", "bytes", "num_samples") if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            problems.append(f"{data_dir / 'manifest.json'}: chunk entry {i} lacks {', '.join(lacking)} (damaged "
+                            "manifest: rerun extract_hidden_states.py with the same flags to rebuild it)")
+            continue
+        sound.append(entry)
         why = chunk_problem(data_dir, entry, hash_it=True, load=True,
                             teacher_forced=bool(manifest.get("teacher_forced")))
         if why:
             problems.append(f"{data_dir / entry['file']}: {why}")
-    counted = sum(int(c["num_samples"]) for c in manifest["chunks"])
+    counted = sum(int(c["num_samples"]) for c in sound)
     if manifest.get("num_samples") != counted:
         problems.append(f"{data_dir / 'manifest.json'}: num_samples {manifest.get('num_samples')} but its chunks "
                         f"list {counted}")

@@ -187,12 +187,24 @@ def torchao_quantize(decoder: nn.Module, quant: str, device: torch.device) -> No
         raise UserError(f"unknown torchao quant {quant!r}; choose one of {', '.join(AO_QUANTS)}")
     if quant == "int4_ao" and device.type != "cuda":
         raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
+    dtype = next(decoder.parameters()).dtype
+    if quant == "int4_ao" and dtype != torch.bfloat16:
+        # The tinygemm int4 kernel (torch's own _weight_int4pack_mm) takes bfloat16 activations only.
+        raise UserError(f"--quant int4_ao runs in bfloat16 (its int4 kernel), this model is {dtype}; "
+                        "add --dtype bf16 (or --vl_dtype/--egpt_dtype bf16)")
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as err:
         raise UserError(f"--quant {quant} needs the torchao package: pip install torchao") from err
-    config = Int8WeightOnlyConfig() if quant == "int8_ao" else Int4WeightOnlyConfig(group_size=128)
-    quantize_(decoder.layers, config)
+    # int4: the tile-packed layout of torch's tinygemm kernel; torchao's default (plain) needs the
+    # separate mslk package.
+    config = (Int8WeightOnlyConfig() if quant == "int8_ao"
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    try:
+        quantize_(decoder.layers, config)
+    except (ImportError, RuntimeError, ValueError, AssertionError, NotImplementedError) as err:
+        raise UserError(f"--quant {quant} failed in torchao ({type(err).__name__}: {first_line(err)}); "
+                        "use --quant int8_ao or none") from err
 
 
 def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torch.dtype:
@@ -587,8 +599,8 @@ class VLMRunner:
         mask = inputs.attention_mask.to(self.device)
         length = mask.shape[1]
         if length + self.verify_width > self.max_cache_len:
-            raise ValueError(f"a prompt of {length} positions does not fit the static cache of {self.max_cache_len} "
-                             "(raise max_cache_len)")
+            raise UserError(f"a prompt of {length} positions does not fit the static cache of {self.max_cache_len} "
+                            "(raise --max_cache_len)")
         if self._static is None:
             cache = StaticCache(config=self._decoder.config, max_cache_len=self.max_cache_len)
             self._static = StaticKV(cache, torch.ones(1, self.max_cache_len, dtype=torch.long, device=self.device))
@@ -604,7 +616,7 @@ class VLMRunner:
 
     def _static_decode(self, token_ids: Tensor, kv: StaticKV) -> StepOutput:
         n = token_ids.shape[1]
-        if n > self.verify_width > 1:
+        if n > self.verify_width:
             # A step wider than the verify pass (the prefill window's drafts, once per answer) runs as
             # verify-width pieces, so the compiled step keeps its two shapes (1 and verify_width).
             parts = [self._static_decode(token_ids[:, i:i + self.verify_width], kv)
@@ -615,7 +627,7 @@ class VLMRunner:
         if width > n:  # pad to the one verify shape; the pad positions are rolled back below
             token_ids = torch.cat([token_ids, token_ids.new_full((1, width - n), self.pad_token_id)], dim=1)
         if kv.length + width > self.max_cache_len:
-            raise ValueError(f"the static cache of {self.max_cache_len} positions is full (raise max_cache_len)")
+            raise UserError(f"the static cache of {self.max_cache_len} positions is full (raise --max_cache_len)")
         positions = torch.arange(kv.length - kv.pad, kv.length - kv.pad + width, device=self.device)[None]
         logits, hidden = self._step(token_ids, kv.mask, positions, kv.cache)
         if self.compiled:  # CUDA-graph outputs are overwritten by the next replay; callers keep these

@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--val_sequences works with --split train only")
     if args.val_sequences is not None and args.val_sequences < 0:
         p.error("--val_sequences takes a count >= 0")
-    if args.height <= 0 or args.width <= 0 or args.clip_s <= 0 or round(args.clip_s * 1000) != args.clip_s * 1000:
+    whole_ms = abs(args.clip_s * 1000 - round(args.clip_s * 1000)) < 1e-6  # 1.001 * 1000 is 1000.99999...
+    if args.height <= 0 or args.width <= 0 or args.clip_s <= 0 or not whole_ms:
         p.error("--height, --width and --clip_s must be positive; --clip_s a whole number of milliseconds")
     if args.num_workers < 0:
         p.error("--num_workers must be >= 0")

@@ -649,14 +649,16 @@ class SpeculativeDecoder:
                  prefill_drafter: Drafter | None = None, gamma_prefill: int = 0, temperature: float = 0.0,
                  generator: torch.Generator | None = None, concurrent_prefill: bool = True,
                  drafter_device: torch.device | None = None, static_cache: bool = False, compile: bool = False,
-                 max_cache_len: int = 4096) -> None:
+                 max_cache_len: int | None = None) -> None:
         """`static_cache` (implied by `compile`) switches the target to a preallocated KV cache of
         `max_cache_len` positions with every verify pass one width (runner.use_static_cache); `compile`
         also compiles its decode/verify step (CUDA graphs on CUDA). The loop is the same on every path."""
         if gamma_decode < 0 or gamma_prefill < 0:
             raise ValueError("gamma_decode and gamma_prefill must be >= 0")
         if static_cache or compile:  # the prefill window's wider verify runs in gamma_decode + 1 pieces
-            target.use_static_cache(max_cache_len, verify_width=gamma_decode + 1, compile=compile)
+            # None keeps a cache the caller sized with runner.use_static_cache (4096 positions if none).
+            size = max_cache_len or getattr(target, "max_cache_len", None) or 4096
+            target.use_static_cache(size, verify_width=gamma_decode + 1, compile=compile)
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator
@@ -784,9 +786,11 @@ def greedy_reference(target: Any, inputs: VLMInputs, max_new_tokens: int) -> lis
 
 
 # Rounding unit of each dtype; fp32 gets 0 so the CPU fp32 checks stay exact. A near-tie counts as a
-# numeric tie when the two tokens' logits are within TIE_ULPS rounding units of their size on every path.
+# numeric tie when the two tokens' logits are within TIE_ULPS rounding units of their size on every path:
+# 8 for fp16 (0.8% of the logit), 2 for bf16 (1.6%: its unit is 8x coarser, and a looser rule would
+# let a real difference of several percent pass as rounding).
 ROUNDING_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 0.0, torch.float64: 0.0}
-TIE_ULPS = 8
+TIE_ULPS = {torch.float16: 8, torch.bfloat16: 2}
 
 
 @dataclass
@@ -803,16 +807,16 @@ class NumericTie:
 
 def numeric_tie(logits: list[Tensor], a: int, b: int, dtype: torch.dtype, position: int = 0) -> NumericTie | None:
     """A NumericTie if tokens a and b are the top two of every logits row [V] (one per recomputed path)
-    and |l[a] - l[b]| <= TIE_ULPS * eps(dtype) * max(|l[a]|, |l[b]|, 1) on each; else None (a real
+    and |l[a] - l[b]| <= TIE_ULPS[dtype] * eps(dtype) * max(|l[a]|, |l[b]|, 1) on each; else None (a real
     divergence)."""
-    eps = ROUNDING_EPS.get(dtype, 0.0)
+    eps = ROUNDING_EPS.get(dtype, 0.0) * TIE_ULPS.get(dtype, 0)
     margin, tolerance = 0.0, float("inf")
     for row in logits:
         row = row.float().flatten()
         if set(row.topk(2).indices.tolist()) != {a, b}:
             return None
         la, lb = float(row[a]), float(row[b])
-        margin, tolerance = max(margin, abs(la - lb)), min(tolerance, TIE_ULPS * eps * max(abs(la), abs(lb), 1.0))
+        margin, tolerance = max(margin, abs(la - lb)), min(tolerance, eps * max(abs(la), abs(lb), 1.0))
     if not logits or margin > tolerance:
         return None
     return NumericTie(position, (a, b), margin, tolerance)

@@ -258,8 +258,16 @@ def resume_changes(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
     for action in explicit._actions:
         action.default = argparse.SUPPRESS
     given, _ = explicit.parse_known_args(argv)
+    def same(key: str, old: Any, new: Any) -> bool:
+        if key == "adapter_level":  # "l1", "1" and "L1" name one level
+            try:
+                return canonical_name(str(old)) == canonical_name(str(new))
+            except (KeyError, ValueError):
+                return False
+        return old == new
+
     return {k: (parser.get_default(k), v) for k, v in vars(given).items()
-            if k not in RUNTIME_FLAGS and v != parser.get_default(k)}
+            if k not in RUNTIME_FLAGS and not same(k, parser.get_default(k), v)}
 
 
 def resolve_trackers(report_to: str) -> list[str]:

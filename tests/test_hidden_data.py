@@ -215,3 +215,14 @@ def test_verify_command_names_every_damaged_chunk(tmp_path):
     assert any(chunk_name(0, 1) in line and "SHA-256" in line for line in lines)
     assert any(chunk_name(0, 2) in line and "missing" in line for line in lines)
     assert "2 problem(s)" in lines[-1] and "--verify" in lines[-1]
+
+
+def test_verify_reports_a_damaged_manifest_entry_as_one_line(tmp_path):
+    from hidden_data import verify_folder
+
+    folder = make_split(tmp_path / "train", 8, 4)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["chunks"][1]["bytes"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_folder(folder)
+    assert any("chunk entry 1 lacks bytes" in p for p in problems)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import speculative_decoding as sd
+from common import UserError
 from hidden_adapter import create_adapter
 from tests.test_speculative_decoding import MAX_NEW, NUM_PROMPTS, world  # noqa: F401 (the shared fixture)
 
@@ -88,7 +89,7 @@ def test_static_path_refuses_bitsandbytes_and_overflow(world: SimpleNamespace, q
     t_in, _ = world.prompts[0]
     vl = static_runner(quick_world, world.prompts[:1], width=2)
     vl.use_static_cache(t_in.attention_mask.shape[1] + 1, verify_width=2)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(UserError, match="does not fit"):
         vl.prefill(t_in)
     vl.quant = "4bit"
     with pytest.raises(ValueError, match="bitsandbytes"):

@@ -356,6 +356,7 @@ def test_resume_with_changed_flags_is_refused_then_overridden(data, tmp_path, ca
     # runtime flags and flags equal to the saved ones are no change
     assert tha.parse_args(["--resume", str(run), "--no_progress", "--device", "cpu", "--batch_size", "6"]).overridden \
         == {}
+    assert tha.parse_args(["--resume", str(run), "--adapter_level", "l1"]).overridden == {}  # one level, two spellings
     resumed = train("--resume", str(run), "--learning_rate", "0.005", "--no_progress", "--override")
     assert resumed["finished"] and yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == 0.005
     text = (run / "log.txt").read_text()

@@ -43,7 +43,7 @@ step eager 180 "${BENCH[@]}" --output_dir "$OUT/eager"
 step static 180 "${BENCH[@]}" --static_cache --output_dir "$OUT/static"
 step compile 300 "${BENCH[@]}" --compile --output_dir "$OUT/compiled"
 step int8_ao 240 "${BENCH[@]}" --compile --quant int8_ao --output_dir "$OUT/int8_ao_compiled"
-step int4_ao 240 "${BENCH[@]}" --compile --quant int4_ao --output_dir "$OUT/int4_ao_compiled"
+step int4_ao 240 "${BENCH[@]}" --dtype bf16 --compile --quant int4_ao --output_dir "$OUT/int4_ao_compiled"
 
 for dir in "$OUT"/*/; do
   name=$(basename "$dir")
