@@ -4,10 +4,14 @@
     python benchmark_adapter_latency.py --hidden_dim 64 --repeats 20 --output results/adapter_latency_toy.json
     # the reference shape (4096 wide, Vicuna-7B) on a GPU, fp16
     python benchmark_adapter_latency.py --device cuda --dtype fp16 --output results/adapter_latency_cuda.json
+    # the causal levels' step as the engine's compiled path runs it (preallocated cache, CUDA graphs)
+    python benchmark_adapter_latency.py --device cuda --dtype fp16 --levels L5 B1 L5F L5E --compile \
+        --output results/adapter_latency_cuda_compiled.json
 
 "Decode step" is what drafting one more token costs: L1-L3 run on the new position alone; L4 is
 bidirectional, so it must rerun the whole window; L5, B1 and L5F run one incremental causal step
-against cached keys/values of the previous positions (`adapter.step`). Every timer is wrapped in a
+against cached keys/values of the previous positions (`adapter.step`; with `--static_cache` or `--compile`
+on a preallocated cache, `StaticAdapterCache`, as the engine's static and compiled paths draft). Every timer is wrapped in a
 device synchronisation; results are the median and spread over `--repeats` runs after `--warmup`.
 """
 
@@ -28,6 +32,7 @@ from hidden_adapter import (
     AttentionAdapter,
     EAGLEStyleAdapter,
     ProjectedContext,
+    StaticAdapterCache,
     canonical_name,
     count_parameters,
     create_adapter,
@@ -41,12 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq_len", type=int, default=50, help="positions in one answer (max_new_tokens)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    parser.add_argument("--static_cache", action="store_true",
+                        help="time the causal levels' step on a preallocated cache (the engine's static path)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile that step (CUDA graphs on CUDA; the engine's --compile); "
+                             "implies --static_cache")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per measurement")
     parser.add_argument("--output", default="results/adapter_latency.json", help="JSON file for the results")
     args = parser.parse_args(argv)
     if args.repeats < 3 or args.warmup < 0 or args.seq_len < 2:
         parser.error("--repeats must be >= 3, --warmup >= 0 and --seq_len >= 2")
+    args.static_cache = args.static_cache or args.compile
     if args.hidden_dim % 8:
         parser.error("--hidden_dim must be a multiple of 8 (8 attention heads)")
     try:
@@ -95,7 +106,16 @@ def bench_level(name: str, args: argparse.Namespace, device: torch.device, dtype
     def whole() -> Any:
         return adapter(x, h_target=v, context=ctx)
 
-    if isinstance(adapter, EAGLEStyleAdapter):
+    if isinstance(adapter, EAGLEStyleAdapter) and args.static_cache:
+        cache = StaticAdapterCache(adapter, width=1, compile=args.compile)
+        cache(x[:, :-1], h_target=None if v is None else v[:, :-1], **step_ctx)
+
+        def one_step() -> Any:
+            cache.crop(t - 1)
+            return cache(x[:, -1:], h_target=None if v is None else v[:, -1:], **step_ctx)
+
+        step_kind = f"{'compiled' if args.compile else 'eager'} step, preallocated cache, after {t - 1} positions"
+    elif isinstance(adapter, EAGLEStyleAdapter):
         _, past = adapter.step(x[:, :-1], h_target=None if v is None else v[:, :-1], **step_ctx)
 
         def one_step() -> Any:
@@ -139,6 +159,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "hidden_dim": args.hidden_dim,
         "seq_len": args.seq_len,
+        "step_path": "compiled" if args.compile else "static" if args.static_cache else "dynamic",
         "batch": 1,
         "warmup": args.warmup,
         "repeats": args.repeats,

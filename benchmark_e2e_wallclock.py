@@ -67,6 +67,7 @@ from common import (
     set_seed,
     sync_device,
 )
+from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_loaders import (
     DEFAULT_FRAME_PICK,
     DTYPE_CHOICES,
@@ -123,7 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="0 = greedy (outputs checked equal to the target's); > 0 = rejection sampling")
     p.add_argument("--synthetic_acceptance", default="0.5,0.7,0.8,0.9,1.0",
                    help="comma list of p for the controlled drafter (each draft right with probability p)")
-    p.add_argument("--synthetic_cost_ms", type=float, default=0.0, help="the controlled drafter's cost per draft (ms)")
+    p.add_argument("--synthetic_cost_ms", default="0",
+                   help="the controlled drafter's cost per draft: milliseconds, or a causal level (B1, L5, L5F, L5E) "
+                        "for that level's roll-out draft step as this run measures it on its decode path "
+                        "(compiled with --compile)")
     p.add_argument("--assistant_noise", type=float, default=0.02,
                    help="relative Gaussian noise on the assistant copy's weights (config 'assisted')")
     p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)}, or all")
@@ -139,9 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
     p.add_argument("--static_cache", action="store_true",
-                   help="the target decodes in a preallocated KV cache, every verify pass gamma_decode+1 wide")
+                   help="the target decodes in a preallocated KV cache, every verify pass gamma_decode+1 wide; "
+                        "roll-out adapters draft in preallocated caches too")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the target's decode/verify step (CUDA graphs on CUDA); implies --static_cache")
+                   help="torch.compile the target's decode/verify step and the roll-out adapters' draft step "
+                        "(CUDA graphs on CUDA); implies --static_cache")
     p.add_argument("--max_cache_len", type=int, default=4096,
                    help="static cache positions (prompt + answer + one verify window must fit)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
@@ -171,8 +177,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_samples", "max_new_tokens", "gamma_decode", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if args.warmup < 0 or args.gamma_prefill < 0 or args.temperature < 0 or args.synthetic_cost_ms < 0:
-        p.error("--warmup, --gamma_prefill, --temperature and --synthetic_cost_ms must be >= 0")
+    if args.warmup < 0 or args.gamma_prefill < 0 or args.temperature < 0:
+        p.error("--warmup, --gamma_prefill and --temperature must be >= 0")
+    try:
+        args.synthetic_cost_ms = float(args.synthetic_cost_ms)
+        bad_cost = args.synthetic_cost_ms < 0
+    except ValueError:
+        try:
+            args.synthetic_cost_ms = canonical_name(args.synthetic_cost_ms)
+        except ValueError:
+            args.synthetic_cost_ms = ""
+        bad_cost = args.synthetic_cost_ms not in NEXT_POSITION_LEVELS
+    if bad_cost:
+        p.error(f"--synthetic_cost_ms takes milliseconds >= 0 or one of {', '.join(NEXT_POSITION_LEVELS)}")
     if not 0.0 <= args.draft_confidence < 1.0:
         p.error("--draft_confidence must be in [0, 1)")
     args.draft_stop = [x.strip() for x in args.draft_stop.split(",") if x.strip()]
@@ -406,10 +423,12 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, n: int = 10, warmup:
 
 
 @torch.no_grad()
-def draft_step_ms(adapter: Any, vl: Any) -> float:
+def draft_step_ms(adapter: Any, vl: Any, path: str = "dynamic") -> float:
     """Median ms of one roll-out draft of a causal adapter at batch 1 after 32 cached positions: the adapter
-    step (with its token input and context when it has them) plus the LM head and argmax."""
-    from hidden_adapter import ProjectedContext
+    step (with its token input and context when it has them) plus the LM head and argmax. `path`: the
+    adapter cache of the engine's decode path, "dynamic" (grown per step), "static" (preallocated) or
+    "compiled" (preallocated, the step compiled; warmed up before timing)."""
+    from hidden_adapter import ProjectedContext, StaticAdapterCache
 
     dev, dt, cfg = vl.device, next(adapter.parameters()).dtype, adapter.config
     head = vl.lm_head_weight()
@@ -421,13 +440,23 @@ def draft_step_ms(adapter: Any, vl: Any) -> float:
     ctx = torch.randn(1, 32, cfg.in_dim, device=dev, dtype=dt)
     v = torch.randn(1, 32, cfg.target_dim, device=dev, dtype=dt) if cfg.consumes == "both" else None
     ids = {"token_ids": torch.zeros(1, 32, dtype=torch.long, device=dev)} if cfg.uses_tokens else {}
-    _, past = adapter.step(ctx, None, h_target=v, **ids, **kw)
     inp = torch.randn(1, 1, cfg.in_dim, device=dev, dtype=dt)
     one = {"token_ids": ids["token_ids"][:, :1]} if ids else {}
+    v1 = inp[..., : cfg.target_dim] if v is not None else None
+    if path == "dynamic":
+        _, past = adapter.step(ctx, None, h_target=v, **ids, **kw)
 
-    def once() -> None:
-        h, _ = adapter.step(inp, past, h_target=inp[..., : cfg.target_dim] if v is not None else None, **one, **kw)
-        int((h[0, 0].float() @ head.T).argmax())
+        def once() -> None:
+            h, _ = adapter.step(inp, past, h_target=v1, **one, **kw)
+            int((h[0, 0].float() @ head.T).argmax())
+    else:  # width 1: the context goes in one position at a time, so a compiled step has a single shape
+        cache = StaticAdapterCache(adapter, width=1, compile=path == "compiled")
+        cache(ctx, h_target=v, **ids, **kw)
+
+        def once() -> None:
+            cache.crop(32)
+            h = cache(inp, h_target=v1, **one, **kw)
+            int((h[0, 0].float() @ head.T).argmax())
 
     return _median_ms(once, dev)
 
@@ -436,7 +465,8 @@ def draft_step_ms(adapter: Any, vl: Any) -> float:
 def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str, gamma: int,
                     source: str, decode_adapters: list[Any] | None = None) -> Any:
     """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1. Adapter steps are
-    roll-out drafts (`draft_step_ms`): every level at random weights, then the run's own decode adapters."""
+    roll-out drafts (`draft_step_ms`, on the decode path of `vl`): every level at random weights, then the run's
+    own decode adapters."""
     from cost_model import TimingProfile
     from hidden_adapter import ADAPTER_NAMES, create_adapter
 
@@ -456,12 +486,13 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         return _median_ms(once, dev)
 
     adapter_ms = {}
+    path = {"compiled": "compiled", "static": "static"}.get(vl.decode_path["name"], "dynamic")
     x = torch.randn(1, 1, eg.hidden_size, device=dev, dtype=vl.dtype)
     for level in ADAPTER_NAMES:
         a = create_adapter(level, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size).to(dev, vl.dtype).eval()
-        adapter_ms[level] = draft_step_ms(a, vl) if hasattr(a, "step") else _median_ms(lambda a=a: a(x), dev)
+        adapter_ms[level] = draft_step_ms(a, vl, path) if hasattr(a, "step") else _median_ms(lambda a=a: a(x), dev)
     for a in decode_adapters or []:  # the adapters this run drafts with, as they are configured
-        adapter_ms[a.config.name] = draft_step_ms(a, vl)
+        adapter_ms[a.config.name] = draft_step_ms(a, vl, path)
     return TimingProfile(
         source=source,
         vl_vision_ms=_median_ms(lambda: vl.clip_features(split_dir, clip), dev, n=5, warmup=1),
@@ -752,6 +783,12 @@ def main(args: argparse.Namespace) -> int:
     c0, q0 = samples[0]
     profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source,
                               decode_adapters=adapters.get("decode"))
+    args.synthetic_cost_level = None
+    if isinstance(args.synthetic_cost_ms, str):  # a level: its roll-out draft step as just measured on this path
+        args.synthetic_cost_level = args.synthetic_cost_ms
+        args.synthetic_cost_ms = profile.adapter_step_ms[args.synthetic_cost_level]
+        log.info("controlled drafter: %.3f ms per draft, the measured %s draft step (%s path)",
+                 args.synthetic_cost_ms, args.synthetic_cost_level, vl.decode_path["name"])
     engines, levels = build_engines(args, vl, eg, adapters, gen, profile, profile.adapter_step_ms)
     names = [n for n in engines if n != "target"]
     names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *names]
@@ -825,7 +862,8 @@ def main(args: argparse.Namespace) -> int:
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
         "draft_confidence": args.draft_confidence, "draft_stop": args.draft_stop,
         "reference_profile": str(args.reference_profile) if reference is not None else None,
-        "decode_path": vl.decode_path,
+        "decode_path": {**vl.decode_path, "adapter_steps": "compiled" if args.compile
+                        else "static" if args.static_cache else "dynamic"},
         "cuda_max_memory_gib": torch.cuda.max_memory_allocated(vl.device) / 2**30 if vl.device.type == "cuda" else None,
         "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,
@@ -835,6 +873,7 @@ def main(args: argparse.Namespace) -> int:
         "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},
         "decode_modes": {n: e.drafter.name for n, e in engines.items() if n.startswith("decode")},
         "synthetic_cost_ms": args.synthetic_cost_ms,
+        "synthetic_cost_level": args.synthetic_cost_level,
         "models": {"eventgpt": model_description(eg), "video_llava": model_description(vl)},
         "configs": configs, "assisted": assisted, "profile": profile.to_json(),
         "runs": runs,

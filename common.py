@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 log = logging.getLogger("xmodal_sd")
+# torchao 0.18, which transformers imports whenever it is installed, registers two enums in a way torch 2.14
+# deprecates, and torch warns at every start of every script; the warning is about torchao's code, not ours.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 class UserError(Exception):

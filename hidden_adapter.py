@@ -247,6 +247,18 @@ class SelfAttention(nn.Module):
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), (k, v)
 
+    def static_forward(self, x: Tensor, allowed: Tensor, pos: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """One drafting step on a preallocated cache: the new keys/values are written in place at `pos` [T]
+        of `keys`/`values` [1, H, S, Dh], and the queries attend over all S slots as `allowed` [1, 1, T, S]
+        lets them (slots past the answer so far are masked, so what they hold never counts)."""
+        b, t, d = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
     def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
                      diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Attention of one roll-out step: query t attends to the true keys the mask allows [B, 1, T, T]
@@ -285,6 +297,11 @@ class TransformerLayer(nn.Module):
         a, kv = self.attn(self.attn_norm(x), attn_mask, past)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), kv
+
+    def static_forward(self, x: Tensor, allowed: Tensor, pos: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """`forward` for one step on a preallocated cache (see SelfAttention.static_forward)."""
+        x = x + self.attn.static_forward(self.attn_norm(x), allowed, pos, keys, values)
+        return x + self.ffn(self.ffn_norm(x))
 
     def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
                      diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -542,7 +559,9 @@ class EAGLEStyleAdapter(AttentionAdapter):
         self.token_table = weight.detach().to(ref.device, ref.dtype)
         return self
 
-    def _positions(self, h: Tensor, offset: int) -> Tensor:
+    def _positions(self, h: Tensor, offset: int | Tensor) -> Tensor:
+        if isinstance(offset, Tensor):  # the static step's positions [T] (range checked by its cache)
+            return h + self.pos_embed[:, offset]
         end = offset + h.shape[1]
         if end > self.config.max_seq_len:
             raise ValueError(
@@ -583,6 +602,22 @@ class EAGLEStyleAdapter(AttentionAdapter):
         are in `past`; returns outputs for the new positions and the extended cache. Equals
         `forward` over the whole sequence at those positions (no padding inside a drafting batch)."""
         return self._run(x, None, h_target, token_ids, past, context)
+
+    def static_step(
+        self, x: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], *, h_target: Tensor | None = None,
+        token_ids: Tensor | None = None, context: Tensor | None = None,
+    ) -> Tensor:
+        """`step` on a preallocated cache (StaticAdapterCache, which calls it): x [1, T, D] at positions
+        `pos` [T]; each layer writes its keys/values at `pos` of `keys[i]`/`values[i]` [1, H, S, Dh]. Fixed
+        shapes and no host reads, so torch.compile can capture it whole. `context` is L5E's projected
+        context vector [1, D_target] (ProjectedContext.vector)."""
+        projected = None if context is None else ProjectedContext(context)
+        h, residual = self._encode(x, None, h_target, token_ids, pos, projected)
+        slots = torch.arange(keys[0].shape[2], device=x.device)
+        allowed = (slots[None, :] <= pos[:, None])[None, None]  # causal over the slots written so far
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
+            h = layer.static_forward(h, allowed, pos, k, v)
+        return self._output(h, residual)
 
     # -- roll-outs: several drafting steps from every start position at once -------------------------
     def _rollout_inputs(self, j: int, prev: Tensor, x: Tensor, h_target: Tensor | None,
@@ -728,6 +763,95 @@ _CLASSES: dict[str, type[BaseAdapter]] = {
     "L5F": FusedEAGLEAdapter,
     "L5E": EventContextAdapter,
 }
+
+
+class StaticAdapterCache:
+    """A causal adapter's drafting steps on preallocated keys/values (one [1, H, max_seq_len, Dh] pair per
+    layer, reused by every answer), with the length held on the host: the adapter's side of the engine's
+    static path. Steps are one position (a roll-out draft) or `width` positions (the verified positions
+    of one iteration, padded to `width`; wider inputs run in pieces), so a compiled step sees two shapes.
+    Rolling back (`crop`) moves only the length; later steps overwrite what lies beyond it.
+
+        cache = StaticAdapterCache(adapter, width=6, compile=True)
+        out = cache(x)                 # like adapter.step(x, past) with the past held here
+        cache.crop(n)                  # keep the first n positions
+    """
+
+    def __init__(self, adapter: EAGLEStyleAdapter, width: int = 1, compile: bool = False) -> None:
+        if not isinstance(adapter, EAGLEStyleAdapter):
+            raise ValueError(f"a static drafting cache is for the causal levels {NEXT_POSITION_LEVELS}, "
+                             f"got {adapter.config.name}")
+        if width < 1:
+            raise ValueError("width must be >= 1")
+        cfg, ref = adapter.config, adapter.pos_embed
+        shape = (1, cfg.num_heads, cfg.max_seq_len, cfg.target_dim // cfg.num_heads)
+        self.keys = [torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in adapter.layers]
+        self.values = [torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in adapter.layers]
+        for buf in (*self.keys, *self.values):  # fixed addresses, so CUDA graphs can write them in place
+            torch._dynamo.mark_static_address(buf)
+        self.adapter, self.width, self.compiled = adapter, width, compile
+        self.max_len = cfg.max_seq_len
+        self.length = 0
+        self._step = adapter.static_step
+        if compile:
+            # Every adapter shares static_step's code, and each one is compiled at two widths: leave room
+            # for several adapters in one process (a benchmark runs one per decode configuration).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            mode = "reduce-overhead" if ref.device.type == "cuda" else "default"
+            self._step = torch.compile(adapter.static_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def reset(self) -> None:
+        """Start a new answer."""
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a drafting cache of length {self.length} to {length}")
+        self.length = length
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, *, h_target: Tensor | None = None, token_ids: Tensor | None = None,
+                 context: Tensor | ProjectedContext | None = None) -> Tensor:
+        """Outputs [1, T, D_target] for the T new positions of x [1, T, D_in] (h_target, token_ids as in step)."""
+        n = x.shape[1]
+        if x.shape[0] != 1:
+            raise ValueError("the static drafting cache is batch 1")
+        if self.length + n > self.max_len:
+            raise ValueError(f"{self.adapter.config.name} has learned positions for {self.max_len} steps, got "
+                             f"{self.length + n}; rebuild with a larger max_seq_len")
+        if isinstance(context, ProjectedContext):
+            context = context.vector
+        elif context is not None:
+            context = self.adapter.context_vector(context)
+        outs, i = [], 0
+        while i < n:
+            m = min(self.width, n - i)
+            if m > 1 and self.length + self.width > self.max_len:
+                m = 1  # no room left to pad: the last positions go one at a time
+            cut = slice(i, i + m)
+            outs.append(self._piece(x[:, cut], None if h_target is None else h_target[:, cut],
+                                    None if token_ids is None else token_ids[:, cut], context))
+            i += m
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _piece(self, x: Tensor, h_target: Tensor | None, token_ids: Tensor | None, context: Tensor | None) -> Tensor:
+        m = x.shape[1]
+        width = 1 if m == 1 else self.width
+        # fresh strides: a compiled step is specialised to its inputs' strides as well as their shapes (a
+        # slice of a longer input keeps the longer one's batch stride even where it is "contiguous")
+        x, h_target, token_ids = (None if t is None else t.clone(memory_format=torch.contiguous_format)
+                                  for t in (x, h_target, token_ids))
+        if width > m:  # pad to the one multi-position shape; the pad slots lie beyond the new length
+            x = F.pad(x, (0, 0, 0, width - m))
+            h_target = None if h_target is None else F.pad(h_target, (0, 0, 0, width - m))
+            token_ids = None if token_ids is None else F.pad(token_ids, (0, width - m))
+        pos = torch.arange(self.length, self.length + width, device=x.device)
+        out = self._step(x, pos, self.keys, self.values, h_target=h_target, token_ids=token_ids, context=context)
+        if self.compiled:  # CUDA-graph outputs are overwritten by the next replay
+            out = out.clone()
+        self.length += m
+        return out[:, :m]
 
 
 def create_adapter(

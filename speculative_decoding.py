@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from hidden_adapter import AdapterConfig, ProjectedContext, rollout_problem
+from hidden_adapter import AdapterConfig, ProjectedContext, StaticAdapterCache, rollout_problem
 from model_loaders import VLMInputs, to_drafter_vocab
 
 PER_POSITION_LEVELS = ("L1", "L2", "L3", "L4")  # output[t] estimates the target state at t
@@ -243,11 +243,15 @@ def _sync(device: torch.device) -> None:
 
 
 class StageClock:
-    """Milliseconds per named stage, each timer between device synchronisations."""
+    """Milliseconds per named stage. `stage` times between device synchronisations (phase 1, where the
+    two threads' intervals are compared on the wall clock); `lap` times the decode loop's stages without
+    any: on CUDA it records a pair of events on the current stream and reads them all in `settle()`
+    (once per answer), so the loop keeps one host sync per iteration, the read of the verified tokens."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.origin = time.perf_counter()
+        self._laps: list[tuple[dict[str, float], str, Any, Any]] = []
 
     def now_ms(self) -> float:
         return (time.perf_counter() - self.origin) * 1e3
@@ -259,6 +263,27 @@ class StageClock:
         yield
         _sync(self.device)
         record[name] = record.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+    @contextlib.contextmanager
+    def lap(self, record: dict[str, float], name: str) -> Iterator[None]:
+        if self.device.type != "cuda":  # CPU work is synchronous: the wall clock is exact
+            start = time.perf_counter()
+            yield
+            record[name] = record.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        yield
+        end.record()
+        self._laps.append((record, name, begin, end))
+
+    def settle(self) -> None:
+        """Add every pending lap to its record (waits for the last one)."""
+        if self._laps:
+            self._laps[-1][3].synchronize()
+        for record, name, begin, end in self._laps:
+            record[name] = record.get(name, 0.0) + begin.elapsed_time(end)
+        self._laps.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +431,40 @@ class EventGPTDrafter:
 
 class _VerifiedStates:
     """What the adapter drafters (modes a and b) keep per answer: the verified tokens and target states,
-    the adapter's KV cache and how many verified positions it holds."""
+    the adapter's KV cache and how many verified positions it holds. The cache grows per step (the
+    default) or is preallocated (`use_static_cache`, the engine's static and compiled paths)."""
+
+    static: StaticAdapterCache | None = None
+
+    def use_static_cache(self, width: int, compile: bool = False) -> None:
+        """Draft on a preallocated adapter cache: steps of one position (roll-out drafts) or `width` (one
+        iteration's verified positions, padded), compiled with `compile` (CUDA graphs on CUDA)."""
+        current = self.static
+        if current is None or current.width < width or (compile and not current.compiled):
+            self.static = StaticAdapterCache(self.adapter, width=max(width, current.width if current else 1),
+                                             compile=compile or bool(current and current.compiled))
 
     def _reset(self) -> None:
         self.verified: list[int] = []
         self.states: list[Tensor] = []  # verified target states, [D] each
         self.past: list | None = None
-        self.fed = 0  # verified positions inside self.past (rolled-out entries come after them)
+        self.fed = 0  # verified positions inside the adapter's cache (rolled-out entries come after them)
+        if self.static is not None:
+            self.static.reset()
+
+    def _rewind(self) -> None:
+        """Drop the rolled-out positions: keep the `fed` verified ones."""
+        if self.static is not None:
+            self.static.crop(self.fed)
+        else:
+            self.past = _crop_adapter_cache(self.past, self.fed)
+
+    def _adapter_step(self, x: Tensor, **kw: Any) -> Tensor:
+        """The adapter's outputs for the new positions x, its cache extended by them."""
+        if self.static is not None:
+            return self.static(x, **kw)
+        out, self.past = self.adapter.step(x, self.past, **kw)
+        return out
 
     def accept(self, tokens: list[int], states: Tensor) -> None:
         self.verified += tokens
@@ -486,17 +538,31 @@ class RolloutDrafter(_VerifiedStates):
         if k == 0:
             return Draft([])
         n = len(self.states)
-        self.past = _crop_adapter_cache(self.past, self.fed)
-        out, self.past = self.adapter.step(self._context(n), self.past, **self._tokens(self.verified[self.fed : n]),
-                                           **self.context)
+        self._rewind()
+        out = self._adapter_step(self._context(n), **self._tokens(self.verified[self.fed : n]), **self.context)
         self.fed = n
+        if self.temperature <= 0 and not self.length.needs_prob:
+            return self._greedy_window(out[:, -1:], k)
 
         def step(i: int, tokens: list[int], h: Tensor) -> Tensor:  # the adapter reads its own output
-            h, self.past = self.adapter.step(h, self.past, **self._tokens(tokens[i:]), **self.context)
-            return h
+            return self._adapter_step(h, **self._tokens(tokens[i:]), **self.context)
 
         # out[:, -1:] estimates the target state at the next position
         return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.length)
+
+    def _greedy_window(self, h: Tensor, k: int) -> Draft:
+        """`roll_out` for a greedy fixed-length window with the tokens kept on the device: each draft's
+        argmax feeds the next step as it is, and the k tokens are read once (one host sync per window,
+        not one per draft)."""
+        self.length.begin()
+        drafted: list[Tensor] = []
+        for i in range(k):
+            tok = (h[0, 0].float() @ self.head.T).argmax().view(1, 1)
+            drafted.append(tok)
+            if i < k - 1:
+                kw = {"token_ids": tok} if self.adapter.config.uses_tokens else {}
+                h = self._adapter_step(h, **kw, **self.context)
+        return Draft(torch.cat(drafted, dim=1)[0].tolist())
 
 
 class FusedDrafter(_VerifiedStates):
@@ -534,17 +600,16 @@ class FusedDrafter(_VerifiedStates):
             return Draft([])
         dt = _dtype(self.adapter)
         g = self.lm.states_for(self.verified[: n - 1])  # g_0 .. g_{N-1}
-        self.past = _crop_adapter_cache(self.past, self.fed)
+        self._rewind()
         x = g[self.fed : n][None].to(self.head.device, dt)
         v = torch.stack(self.states[self.fed : n])[None].to(dt)
-        out, self.past = self.adapter.step(x, self.past, h_target=v, **self._tokens(self.verified[self.fed : n]))
+        out = self._adapter_step(x, h_target=v, **self._tokens(self.verified[self.fed : n]))
         self.fed = n
 
         def step(i: int, tokens: list[int], h: Tensor) -> Tensor:  # EventGPT fed drafts 0..i-1 gives g_{N+i}
             g_next = self.lm.states_for(self.verified + tokens[:i])[-1]
-            h, self.past = self.adapter.step(g_next[None, None].to(self.head.device, dt), self.past, h_target=h,
-                                             **self._tokens(tokens[i:]))
-            return h
+            return self._adapter_step(g_next[None, None].to(self.head.device, dt), h_target=h,
+                                      **self._tokens(tokens[i:]))
 
         return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.length)
 
@@ -659,6 +724,9 @@ class SpeculativeDecoder:
             # None keeps a cache the caller sized with runner.use_static_cache (4096 positions if none).
             size = max_cache_len or getattr(target, "max_cache_len", None) or 4096
             target.use_static_cache(size, verify_width=gamma_decode + 1, compile=compile)
+            for d in (decode_drafter, prefill_drafter):  # the roll-out adapters' steps take the same path
+                if hasattr(d, "use_static_cache"):
+                    d.use_static_cache(gamma_decode + 1, compile=compile)
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator
@@ -753,22 +821,24 @@ class SpeculativeDecoder:
         while tokens[-1] != self.eos and len(tokens) < max_new_tokens:
             it = Iteration(0, 0, from_prefill=bool(pending.tokens))
             k = min(self.gamma if not pending.tokens else len(pending.tokens), max_new_tokens - len(tokens) - 1)
-            with clock.stage(it.ms, "draft"):
+            with clock.lap(it.ms, "draft"):
                 draft = (pending if pending.tokens else drafter.draft(k)).cut(0, k)
             pending = Draft([])
             ids = torch.tensor([[tokens[-1], *draft.tokens]], device=target.device)
             mask = self._mask(prompt_len + len(tokens) + len(draft.tokens))
-            with clock.stage(it.ms, "verify"):
+            with clock.lap(it.ms, "verify"):
                 step = target.decode(ids, cache, mask)  # row i scores position len(tokens) + i
                 n, nxt = accept_drafts(step.logits[0], draft, self.temperature, self.generator)
             new = [*draft.tokens[:n], nxt]
-            with clock.stage(it.ms, "crop"):
+            with clock.lap(it.ms, "crop"):
                 target.crop_cache(cache, prompt_len + len(tokens) + n)  # prompt + every token but the newest
                 drafter.accept(new, step.hidden[0, : n + 1])
             it.drafted, it.accepted = len(draft.tokens), n
             trace.iterations.append(it)
             tokens += new[: new.index(self.eos) + 1] if self.eos in new else new
+        _sync(target.device)
         trace.total_ms = clock.now_ms()
+        clock.settle()
         lms = {id(d.lm): d.lm for d in (drafter, self.prefill_drafter) if getattr(d, "lm", None) is not None}
         trace.foreign_tokens = sum(lm.foreign_tokens for lm in lms.values())
         return SpecOutput(tokens[:max_new_tokens], trace)

@@ -126,7 +126,7 @@ def test_rerun_skips_finished_work(pipeline):
 
 
 @pytest.mark.parametrize("script", ["run_pipeline.sh", "run_all_eval.sh", "run_two_phase_eval.sh", "run_tests.sh",
-                                    "setup.sh"])
+                                    "setup.sh", "timings/gpu_check.sh"])
 def test_shell_scripts_answer_help_without_working(script, tmp_path):
     """--help prints the header and every setting with its current value, exits 0, and starts nothing
     (PY points at a missing python, so any stage that ran would fail)."""

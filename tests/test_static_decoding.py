@@ -1,7 +1,9 @@
 """The target's static-cache path (preallocated KV cache, one verify width, explicit positions) and the
 compiled step: the same answers as the dynamic path and as the target's greedy output, token for
 token, on the 200 toy prompts; the length-only roll-back; one inductor compile on CPU that fails on a
-graph break; on CUDA the compiled (CUDA-graph) path checked the same way."""
+graph break; on CUDA the compiled (CUDA-graph) path checked the same way. The drafting adapters' side:
+preallocated adapter caches equal to the growing ones, the same drafts in the engine, their compiled
+step; and the target-alone loop no heavier per token than transformers' generate."""
 
 from __future__ import annotations
 
@@ -98,16 +100,23 @@ def test_static_path_refuses_bitsandbytes_and_overflow(world: SimpleNamespace, q
 
 def test_compiled_step_on_cpu_has_no_graph_break(world: SimpleNamespace, quick_world: Path) -> None:  # noqa: F811
     """The decode and the padded verify step compile under inductor with fullgraph=True (a graph break
-    raises) and give the target's greedy answers, plain and speculative."""
-    prompts = world.prompts[:2]
+    raises) and give the target's greedy answers, plain and speculative; with a roll-out drafter its
+    adapter step is compiled too."""
+    prompts = world.prompts[:3]
     vl = static_runner(quick_world, prompts, width=3, compile=True)
     assert vl.decode_path["name"] == "compiled"
     synthetic = sd.SyntheticDrafter(0.7, vl.vocab_size)
     engine = sd.SpeculativeDecoder(vl, synthetic, gamma_decode=2, compile=True)
-    for (t_in, _), ref in zip(prompts, world.refs[:2], strict=True):
+    table = vl.decoder.get_input_embeddings().weight
+    rollout = sd.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table),
+                                vl.lm_head_weight())
+    drafting = sd.SpeculativeDecoder(vl, rollout, gamma_decode=2, compile=True)
+    assert rollout.static is not None and rollout.static.compiled
+    for (t_in, _), ref in zip(prompts, world.refs[:3], strict=True):
         assert sd.greedy_reference(vl, t_in, MAX_NEW) == ref
         synthetic.set_reference(ref)
         sd.check_lossless(engine.generate(t_in, None, MAX_NEW).tokens, ref, "compiled on CPU")
+        sd.check_lossless(drafting.generate(t_in, None, MAX_NEW).tokens, ref, "compiled drafter on CPU")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -117,9 +126,13 @@ def test_compiled_cuda_graph_path_is_lossless(world: SimpleNamespace, quick_worl
     vl = static_runner(quick_world, prompts, width=4, compile=True, device="cuda")
     synthetic = sd.SyntheticDrafter(0.8, vl.vocab_size)
     engine = sd.SpeculativeDecoder(vl, synthetic, gamma_decode=3, compile=True)
+    table = vl.decoder.get_input_embeddings().weight
+    adapter = busy_adapter("B1", True, vocab_size=table.shape[0]).cuda().attach_token_table(table)
+    drafting = sd.SpeculativeDecoder(vl, sd.RolloutDrafter(adapter, vl.lm_head_weight()), gamma_decode=3,
+                                     compile=True)  # the adapter's step under CUDA graphs too
     for i, ((t_in, _), ref) in enumerate(zip(prompts, world.refs, strict=False)):
         synthetic.set_reference(ref)
-        out = engine.generate(t_in, None, MAX_NEW)
+        out = (engine if i % 2 else drafting).generate(t_in, None, MAX_NEW)
         tie = sd.check_lossless(out.tokens, ref, f"compiled CUDA, prompt {i}", dtype=vl.dtype,
                                 recompute=lambda prefix, t_in=t_in: sd.tie_logits(vl, t_in, prefix))
         assert tie is None  # fp32: no rounding ties are allowed
@@ -153,3 +166,157 @@ def test_torchao_int8_path_is_lossless_against_its_own_greedy(world: SimpleNames
         synthetic.set_reference(ref)
         sd.check_lossless(engine.generate(t_in, None, MAX_NEW).tokens, ref, "int8_ao static")
     assert sum(r == w for r, w in zip(refs, world.refs, strict=False)) > 0  # int8 keeps most toy answers
+
+
+# ----------------------------------------------------------------------------- the drafting adapters' side
+
+
+def busy_adapter(level: str, token_input: bool = False, seed: int = 0, vocab_size: int = 32000) -> torch.nn.Module:
+    """An adapter at width 64 whose zero-initialised output projection is given weights, so its outputs
+    depend on every input (an untrained one starts as the identity)."""
+    torch.manual_seed(seed)
+    adapter = create_adapter(level, 64, token_input=token_input, vocab_size=vocab_size).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(adapter.output_proj.weight, std=0.2)
+        if level == "L5E":
+            torch.nn.init.normal_(adapter.context_proj.weight, std=0.2)
+    return adapter
+
+
+@pytest.mark.parametrize("level,token_input", [("B1", True), ("L5", False), ("L5F", True), ("L5E", False)])
+def test_static_adapter_cache_matches_the_growing_cache(level: str, token_input: bool) -> None:
+    """StaticAdapterCache gives the outputs of `adapter.step` with a growing cache: single positions,
+    a padded narrow step, a step wider than its width (pieces), and a roll-back followed by new input."""
+    from hidden_adapter import ProjectedContext, StaticAdapterCache
+
+    adapter = busy_adapter(level, token_input)
+    if token_input:
+        adapter.attach_token_table(torch.randn(adapter.config.vocab_size, 64))
+    t = 14
+    x = torch.randn(1, t, 64)
+    v = torch.randn(1, t, 64) if level == "L5F" else None
+    ids = torch.randint(0, 100, (1, t)) if adapter.config.uses_tokens else None
+    ctx = {"context": ProjectedContext(adapter.context_vector(torch.randn(1, 64)))} if level == "L5E" else {}
+    cut = lambda z, c: None if z is None else z[:, c]  # noqa: E731
+    cache = StaticAdapterCache(adapter, width=4)
+    past = None
+    for c in (slice(0, 1), slice(1, 3), slice(3, 7), slice(7, 13), slice(13, 14)):
+        want, past = adapter.step(x[:, c], past, h_target=cut(v, c), token_ids=cut(ids, c), **ctx)
+        got = cache(x[:, c], h_target=cut(v, c), token_ids=cut(ids, c), **ctx)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert cache.length == t
+    cache.crop(5)  # roll back to 5 positions and feed other inputs there
+    past = [(k[:, :, :5], vv[:, :, :5]) for k, vv in past]
+    x2 = torch.randn(1, 3, 64)
+    v2 = None if v is None else torch.randn(1, 3, 64)
+    ids2 = None if ids is None else torch.randint(0, 100, (1, 3))
+    want, _ = adapter.step(x2, past, h_target=v2, token_ids=ids2, **ctx)
+    torch.testing.assert_close(cache(x2, h_target=v2, token_ids=ids2, **ctx), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(9)
+    with pytest.raises(ValueError, match="larger max_seq_len"):
+        cache(torch.randn(1, adapter.config.max_seq_len, 64), h_target=None if v is None else
+              torch.randn(1, adapter.config.max_seq_len, 64))
+
+
+def test_static_adapter_cache_is_for_causal_levels_and_fills_to_the_last_position() -> None:
+    """A bidirectional level is refused in one line; near the end of the learned positions a padded step
+    no longer fits, so the last positions go one at a time and every position up to the last is usable."""
+    from hidden_adapter import StaticAdapterCache
+
+    with pytest.raises(ValueError, match="causal levels"):
+        StaticAdapterCache(create_adapter("L4", 64))
+    adapter = create_adapter("B1", 64, max_seq_len=10).eval()
+    cache = StaticAdapterCache(adapter, width=4)
+    x = torch.randn(1, 10, 64)
+    want, past = adapter.step(x[:, :8])
+    torch.testing.assert_close(cache(x[:, :8]), want, atol=1e-5, rtol=1e-5)
+    want, _ = adapter.step(x[:, 8:], past)
+    torch.testing.assert_close(cache(x[:, 8:]), want, atol=1e-5, rtol=1e-5)  # 2 positions, no room for 4
+    assert cache.length == 10
+
+
+def test_engine_drafts_the_same_on_the_static_adapter_path(world: SimpleNamespace,  # noqa: F811
+                                                           quick_world: Path) -> None:
+    """With static_cache the roll-out (B1 with its token input) and fused (L5F) drafters draft on
+    preallocated adapter caches: the same drafts and acceptances per iteration as on the growing caches,
+    and the target's greedy answers, on 60 prompts."""
+    vl = static_runner(quick_world, world.prompts, width=4)
+    head = vl.lm_head_weight()
+    table = vl.decoder.get_input_embeddings().weight
+    lm = sd.DrafterLM(world.eg)
+
+    def drafters() -> list:
+        return [sd.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table), head),
+                sd.FusedDrafter(lm, busy_adapter("L5F", seed=1), head)]
+
+    dynamic = [sd.SpeculativeDecoder(world.vl, d, gamma_decode=3) for d in drafters()]
+    static = [sd.SpeculativeDecoder(vl, d, gamma_decode=3, static_cache=True) for d in drafters()]
+    assert all(e.drafter.static is not None and e.drafter.static.width == 4 for e in static)
+    accepted = 0
+    for i, ((t_in, e_in), ref) in enumerate(zip(world.prompts[:60], world.refs, strict=False)):
+        a = dynamic[i % 2].generate(t_in, e_in, MAX_NEW)
+        b = static[i % 2].generate(t_in, e_in, MAX_NEW)
+        sd.check_lossless(b.tokens, ref, f"static adapter path, prompt {i}")
+        assert [(it.drafted, it.accepted) for it in b.trace.iterations] == \
+               [(it.drafted, it.accepted) for it in a.trace.iterations], f"drafts differ on prompt {i}"
+        accepted += sum(it.accepted for it in b.trace.iterations)
+    assert accepted > 0
+
+
+def test_compiled_adapter_step_on_cpu_has_no_graph_break() -> None:
+    """Every causal level's static step compiles under inductor with fullgraph=True (a graph break
+    raises) at its two widths, and gives the eager static step's outputs."""
+    from hidden_adapter import ProjectedContext, StaticAdapterCache
+
+    for level, token_input in (("B1", True), ("L5F", True), ("L5E", False)):
+        adapter = busy_adapter(level, token_input)
+        if token_input:
+            adapter.attach_token_table(torch.randn(adapter.config.vocab_size, 64))
+        x = torch.randn(1, 6, 64)
+        kw = {"h_target": torch.randn(1, 6, 64)} if level == "L5F" else {}
+        if adapter.config.uses_tokens:
+            kw["token_ids"] = torch.randint(0, 100, (1, 6))
+        if level == "L5E":
+            kw["context"] = ProjectedContext(adapter.context_vector(torch.randn(1, 64)))
+        eager, compiled = StaticAdapterCache(adapter, width=3), StaticAdapterCache(adapter, width=3, compile=True)
+        for c in (slice(0, 2), slice(2, 3), slice(3, 6)):
+            part = {k: (w[:, c] if isinstance(w, torch.Tensor) else w) for k, w in kw.items()}
+            torch.testing.assert_close(compiled(x[:, c], **part), eager(x[:, c], **part), atol=1e-5, rtol=1e-5)
+
+
+def test_target_alone_loop_issues_no_more_ops_per_token_than_generate() -> None:
+    """The engine's target-alone loop (the baseline of every speed-up) dispatches no more ATen operations
+    per generated token than transformers' `generate` on the same model and prompt. On a GPU in eager
+    mode each operation is a kernel launch, and at batch 1 launches set the pace."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import benchmark_e2e_wallclock as be
+    from toy_models import build_random_runners, resolve_shape
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> object:
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    _, vl = build_random_runners(resolve_shape("tiny", {"layers": 3}), ["what is ahead?"], torch.device("cpu"),
+                                 torch.float32, seed=0)
+    prompt = vl._left_pad([torch.cat([torch.randn(40, vl.hidden_size), vl.embed_ids([5, 6, 7])])])
+    engine = sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0)
+    runs = {"engine": lambda n: engine.generate(prompt, None, n).tokens,
+            "generate": lambda n: be.hf_generate(vl, prompt, n)}
+    per_token = {}
+    for name, run in runs.items():
+        counts = []
+        for n in (4, 20):
+            with Count() as mode:
+                assert len(run(n)) == n  # eos -1: every answer runs to its cap
+            counts.append(sum(mode.ops.values()))
+        per_token[name] = (counts[1] - counts[0]) / 16
+    assert per_token["engine"] <= per_token["generate"], per_token
