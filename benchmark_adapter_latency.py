@@ -10,9 +10,10 @@
 
 "Decode step" is what drafting one more token costs: L1-L3 run on the new position alone; L4 is
 bidirectional, so it must rerun the whole window; L5, B1 and L5F run one incremental causal step
-against cached keys/values of the previous positions (`adapter.step`; with `--static_cache` or `--compile`
-on a preallocated cache, `StaticAdapterCache`, as the engine's static and compiled paths draft). Every timer is wrapped in a
-device synchronisation; results are the median and spread over `--repeats` runs after `--warmup`.
+against cached keys/values of the previous positions (`adapter.step`; with `--static_cache` or
+`--compile` on a preallocated cache, `StaticAdapterCache`, as the engine's static and compiled paths
+draft). Every timer is wrapped in a device synchronisation; results are the median and spread over
+`--repeats` runs after `--warmup`.
 """
 
 from __future__ import annotations

@@ -73,3 +73,18 @@ def test_latency_benchmark_rejects_unknown_level():
     proc = subprocess.run([sys.executable, "benchmark_adapter_latency.py", "--levels", "L9"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "valid: L1, L2" in proc.stderr
+
+
+def test_latency_benchmark_times_the_static_path(tmp_path):
+    """--static_cache times the causal levels' step on a preallocated cache, as the engine's static path
+    drafts; the other levels keep their step; the path is recorded."""
+    out = tmp_path / "lat.json"
+    cmd = [sys.executable, "benchmark_adapter_latency.py", "--hidden_dim", "16", "--repeats", "3", "--warmup", "1",
+           "--seq_len", "6", "--device", "cpu", "--levels", "B1", "L5F", "L1", "--static_cache", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["step_path"] == "static"
+    kinds = {r["level"]: r["decode_step"] for r in report["levels"]}
+    assert kinds["B1"] == kinds["L5F"] == "eager step, preallocated cache, after 5 positions"
+    assert kinds["L1"] == STEP_KIND["L1"]

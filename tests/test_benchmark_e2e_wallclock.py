@@ -30,9 +30,12 @@ def test_flags_are_validated() -> None:
     for bad in (["--configs", "fast"], ["--synthetic_acceptance", "1.5"], ["--gamma_decode", "0"],
                 ["--random_shape", "tiny", "--quant", "4bit"], ["--draft_confidence", "1.5"],
                 ["--draft_stop", "fixed,sometimes"], ["--draft_stop", "confidence"],
-                ["--draft_stop", "expected", "--random_adapters"]):
+                ["--draft_stop", "expected", "--random_adapters"], ["--synthetic_cost_ms", "-1"],
+                ["--synthetic_cost_ms", "L4"], ["--synthetic_cost_ms", "fast"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--dataset_dir", "d", *bad])
+    assert bench.parse_args(["--dataset_dir", "d", "--synthetic_cost_ms", "1.3"]).synthetic_cost_ms == 1.3
+    assert bench.parse_args(["--dataset_dir", "d", "--synthetic_cost_ms", "b1"]).synthetic_cost_ms == "B1"
 
 
 def test_adapter_configs_without_adapters_fail_clearly() -> None:
@@ -159,10 +162,14 @@ def test_static_cache_run_records_its_path_and_the_generate_baseline(quick_world
                              "--synthetic_acceptance", "1", "--gamma_decode", "3", "--max_samples", "2",
                              "--max_new_tokens", "6", "--repeats", "1", "--warmup", "1", "--device", "cpu",
                              "--static_cache", "--max_cache_len", "1024", "--reference_profile", "none",
-                             "--output_dir", str(tmp_path)])
+                             "--synthetic_cost_ms", "B1", "--output_dir", str(tmp_path)])
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "e2e_wallclock.json").read_text())
     assert result["decode_path"]["cache"] == "static" and result["decode_path"]["verify_width"] == 4  # gamma_decode + 1
+    assert result["decode_path"]["adapter_steps"] == "static"
+    # the controlled drafter costs the B1 draft step this run measured on its (static) path
+    assert result["synthetic_cost_level"] == "B1"
+    assert result["synthetic_cost_ms"] == result["profile"]["adapter_step_ms"]["B1"] > 0
     assert result["numeric_tie_count"] == 0 and result["cuda_max_memory_gib"] is None
     assert result["configs"]["target"]["speedup_vs_hf_generate"]["median"] > 0
     assert result["configs"]["synthetic_p1"]["accepted_per_iteration"] > 1
