@@ -130,12 +130,20 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
-def safe_torch_load(path: str | os.PathLike, what: str, fix: str, map_location: Any = "cpu") -> Any:
-    """`torch.load(weights_only=True)` that turns a missing or corrupt file into one `UserError` line."""
+def safe_torch_load(path: str | os.PathLike, what: str, fix: str, map_location: Any = "cpu",
+                    mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` that turns a missing or corrupt file into one `UserError` line.
+    `mmap=True` maps the tensors instead of reading them (for a look at a checkpoint's small entries);
+    a file torch cannot map is read whole."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path} ({fix})")
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            except Exception:  # an old-format or damaged file: the plain read below names the problem
+                pass
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files
         raise UserError(f"cannot read {what} {path}: {first_line(err)} ({fix})") from err
@@ -387,12 +395,13 @@ def dry_run_report(script: str, checks: list[str], plan: list[str]) -> int:
 
 
 def check_adapter_role(path: str, role: str) -> str:
-    """An adapter checkpoint reads, and its level can play `role` (prefill: a same-position level L1-L4)."""
-    from hidden_adapter import load_adapter
+    """An adapter checkpoint's header reads, and its level can play `role` (prefill: a same-position level
+    L1-L4). Only the config is looked at (the tensors are mapped, not read): the stage loads the weights."""
+    from hidden_adapter import read_adapter_config
 
-    adapter, extra = load_adapter(path)
-    level = adapter.config.name
-    if role == "prefill" and adapter.predicts != "same":
+    config, extra = read_adapter_config(path)
+    level = config.name
+    if role == "prefill" and config.predicts != "same":
         raise UserError(f"--prefill_adapter must be a same-position level (L1-L4), got {level} ({path})")
     return f"--{role}_adapter {path}: {level} ({extra.get('pairs', '?')} pairs)"
 

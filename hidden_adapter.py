@@ -1090,6 +1090,32 @@ def save_adapter(path: str | Path, adapter: BaseAdapter, **extra: Any) -> None:
     atomic_torch_save(payload, path)
 
 
+_CHECKPOINT_FIX = "pass a best_model.pt written by train_hidden_adapter.py"
+
+
+def _read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> tuple[dict, AdapterConfig]:
+    """The checkpoint dict and its config, checked (format tag, version, config fields); one UserError line."""
+    ckpt = safe_torch_load(path, "adapter checkpoint", _CHECKPOINT_FIX, map_location=map_location, mmap=mmap)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an adapter checkpoint (no '{CHECKPOINT_FORMAT}' tag); {_CHECKPOINT_FIX}")
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path} has adapter format version {ckpt.get('format_version')}, "
+            f"this code reads version {CHECKPOINT_VERSION}; retrain or use a matching release"
+        )
+    try:
+        return ckpt, AdapterConfig(**ckpt["config"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"{path} holds an unusable adapter config: {err}") from err
+
+
+def read_adapter_config(path: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """(config, extra) of an adapter checkpoint without building the adapter or reading its weights (the
+    tensors are memory-mapped): the quick look of a check before loading. Problems as in load_adapter."""
+    ckpt, config = _read_checkpoint(path, mmap=True)
+    return config, ckpt.get("extra", {})
+
+
 def load_adapter(
     path: str | Path,
     *,
@@ -1103,17 +1129,8 @@ def load_adapter(
     Any problem (missing, corrupt, not an adapter checkpoint, another level or width than expected)
     raises UserError with one line naming the file.
     """
-    fix = "pass a best_model.pt written by train_hidden_adapter.py"
-    ckpt = safe_torch_load(path, "adapter checkpoint", fix, map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not an adapter checkpoint (no '{CHECKPOINT_FORMAT}' tag); {fix}")
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise UserError(
-            f"{path} has adapter format version {ckpt.get('format_version')}, "
-            f"this code reads version {CHECKPOINT_VERSION}; retrain or use a matching release"
-        )
+    ckpt, config = _read_checkpoint(path, map_location)
     try:
-        config = AdapterConfig(**ckpt["config"])
         adapter = build_adapter(config)
     except (TypeError, ValueError, KeyError) as err:
         raise UserError(f"{path} holds an unusable adapter config: {err}") from err
