@@ -35,7 +35,6 @@ eval_two_phase.py --timings reads), with the cost model's estimate beside each m
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import logging
 import platform
@@ -45,7 +44,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -67,6 +65,7 @@ from common import (
     set_seed,
     sync_device,
 )
+from e2e_measure import assisted_run, hf_generate, measure_profile, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_loaders import (
     DEFAULT_FRAME_PICK,
@@ -74,7 +73,6 @@ from model_loaders import (
     FRAME_PICKS,
     QUANT_CHOICES,
     VLMInputs,
-    VLMRunner,
     model_description,
 )
 
@@ -83,7 +81,6 @@ log = logging.getLogger("xmodal_sd.e2e")
 CONFIGS = ("target", "hf_generate", "prefill", "decode", "two_phase", "synthetic", "assisted")
 DRAFT_STOPS = ("fixed", "confidence", "expected")
 ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
-PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -341,169 +338,6 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
             engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
             levels[f"synthetic_p{p:g}"] = (None, None)
     return engines, levels
-
-
-def hf_generate(vl: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
-    """transformers' own greedy `generate` on the target (same prompt embeddings)."""
-    model = vl.model if hasattr(vl, "model") else vl.llm
-    extra = {"min_new_tokens": max_new_tokens} if vl.eos_token_id < 0 else {"eos_token_id": vl.eos_token_id}
-    out = model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra)
-    tokens = out[0, -max_new_tokens:].tolist() if out.shape[1] > max_new_tokens else out[0].tolist()
-    return tokens[: tokens.index(vl.eos_token_id) + 1] if vl.eos_token_id in tokens else tokens
-
-
-# ----------------------------------------------------------------------------------- assisted generation
-
-
-def text_pair(vl: Any, noise: float, seed: int, confidence: float = 0.0) -> SimpleNamespace:
-    """The target's language model as a LlamaForCausalLM (shared weights) and a perturbed copy that
-    drafts with a fixed gamma and the given confidence stop (as our engine is run)."""
-    from transformers import LlamaForCausalLM
-
-    cfg = vl.decoder.config
-    with torch.device("meta"):
-        target = LlamaForCausalLM(cfg)
-    target.model, target.lm_head = vl.decoder, vl.lm_head
-    target.eval()
-    assistant = copy.deepcopy(target)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for param in assistant.parameters():
-            if param.is_floating_point():
-                scale = param.float().std().item() if param.numel() > 1 else 0.0
-                param.add_((torch.randn(param.shape, generator=gen) * noise * scale).to(param.device, param.dtype))
-    g = assistant.generation_config
-    g.num_assistant_tokens_schedule, g.assistant_confidence_threshold = "constant", confidence
-    runner = VLMRunner(tokenizer=vl.tokenizer, decoder=assistant.model, lm_head=assistant.lm_head, device=vl.device,
-                       dtype=vl.dtype, model_path="perturbed-copy", config_hash=vl.config_hash)
-    runner.eos_token_id = vl.eos_token_id
-    return SimpleNamespace(target=target, assistant=assistant, runner=runner)
-
-
-def assisted_run(pair: SimpleNamespace, vl: Any, question: str, gamma: int, max_new_tokens: int,
-                 engine: sd.SpeculativeDecoder) -> dict[str, Any]:
-    """One text prompt through transformers' assisted generation and through our engine, timed."""
-    ids = vl.tokenizer(f"USER: {question} ASSISTANT:", return_tensors="pt").input_ids.to(vl.device)
-    inputs = VLMInputs(vl.embed_ids(ids), torch.ones_like(ids))
-    pair.assistant.generation_config.num_assistant_tokens = gamma
-    extra = {"min_new_tokens": max_new_tokens} if vl.eos_token_id < 0 else {"eos_token_id": vl.eos_token_id}
-    sync_device(vl.device)
-    start = time.perf_counter()
-    out = pair.target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=pair.assistant,
-                               do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra)
-    sync_device(vl.device)
-    theirs_ms = (time.perf_counter() - start) * 1e3
-    theirs = out[0, ids.shape[1]:].tolist()
-    theirs = theirs[: theirs.index(vl.eos_token_id) + 1] if vl.eos_token_id in theirs else theirs
-    ours = engine.generate(inputs, inputs, max_new_tokens)
-    reference = sd.greedy_reference(vl, inputs, max_new_tokens)
-    ties = [sd.check_lossless(tokens, reference, f"assisted ({who})", dtype=vl.dtype,
-                              recompute=lambda prefix: sd.tie_logits(vl, inputs, prefix))
-            for who, tokens in (("ours", ours.tokens), ("transformers", theirs))]
-    return {"ours_ms": ours.trace.total_ms, "theirs_ms": theirs_ms, "tokens": len(reference),
-            "numeric_ties": [asdict(t) for t in ties if t is not None],
-            "accepted": sum(it.accepted for it in ours.trace.iterations),
-            "iterations": len(ours.trace.iterations)}
-
-
-# ----------------------------------------------------------------------------------- timing profile
-
-
-def _median_ms(fn: Callable[[], Any], device: torch.device, n: int = 10, warmup: int = 2) -> float:
-    times = []
-    for i in range(n + warmup):
-        sync_device(device)
-        start = time.perf_counter()
-        fn()
-        sync_device(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def draft_step_ms(adapter: Any, vl: Any, path: str = "dynamic") -> float:
-    """Median ms of one roll-out draft of a causal adapter at batch 1 after 32 cached positions: the adapter
-    step (with its token input and context when it has them) plus the LM head and argmax. `path`: the
-    adapter cache of the engine's decode path, "dynamic" (grown per step), "static" (preallocated) or
-    "compiled" (preallocated, the step compiled; warmed up before timing)."""
-    from hidden_adapter import ProjectedContext, StaticAdapterCache
-
-    dev, dt, cfg = vl.device, next(adapter.parameters()).dtype, adapter.config
-    head = vl.lm_head_weight()
-    kw: dict[str, Any] = {}
-    if cfg.context == "drafter":
-        kw["context"] = ProjectedContext(adapter.context_vector(torch.randn(1, cfg.drafter_dim, device=dev, dtype=dt)))
-    if cfg.token_input and getattr(adapter, "token_table", None) is None:
-        adapter.attach_token_table(vl.decoder.get_input_embeddings().weight)
-    ctx = torch.randn(1, 32, cfg.in_dim, device=dev, dtype=dt)
-    v = torch.randn(1, 32, cfg.target_dim, device=dev, dtype=dt) if cfg.consumes == "both" else None
-    ids = {"token_ids": torch.zeros(1, 32, dtype=torch.long, device=dev)} if cfg.uses_tokens else {}
-    inp = torch.randn(1, 1, cfg.in_dim, device=dev, dtype=dt)
-    one = {"token_ids": ids["token_ids"][:, :1]} if ids else {}
-    v1 = inp[..., : cfg.target_dim] if v is not None else None
-    if path == "dynamic":
-        _, past = adapter.step(ctx, None, h_target=v, **ids, **kw)
-
-        def once() -> None:
-            h, _ = adapter.step(inp, past, h_target=v1, **one, **kw)
-            int((h[0, 0].float() @ head.T).argmax())
-    else:  # width 1: the context goes in one position at a time, so a compiled step has a single shape
-        cache = StaticAdapterCache(adapter, width=1, compile=path == "compiled")
-        cache(ctx, h_target=v, **ids, **kw)
-
-        def once() -> None:
-            cache.crop(32)
-            h = cache(inp, h_target=v1, **one, **kw)
-            int((h[0, 0].float() @ head.T).argmax())
-
-    return _median_ms(once, dev)
-
-
-@torch.no_grad()
-def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str, gamma: int,
-                    source: str, decode_adapters: list[Any] | None = None) -> Any:
-    """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1. Adapter steps are
-    roll-out drafts (`draft_step_ms`, on the decode path of `vl`): every level at random weights, then the run's
-    own decode adapters."""
-    from cost_model import TimingProfile
-    from hidden_adapter import ADAPTER_NAMES, create_adapter
-
-    dev = vl.device
-    fv, fe = vl.clip_features(split_dir, clip), eg.clip_features(split_dir, clip)
-    t_in, e_in = vl.build_inputs([fv], [question]), eg.build_inputs([fe], [question])
-
-    def step_ms(runner: Any, inputs: VLMInputs, k: int) -> float:
-        out = runner.prefill(inputs, logits_for="last")
-        length = inputs.attention_mask.shape[1]
-        ids = torch.full((1, k), 5, device=dev)
-        mask = torch.ones(1, length + k, dtype=torch.long, device=dev)
-
-        def once() -> None:
-            runner.decode(ids, out.cache, mask)
-            runner.crop_cache(out.cache, length)
-        return _median_ms(once, dev)
-
-    adapter_ms = {}
-    path = {"compiled": "compiled", "static": "static"}.get(vl.decode_path["name"], "dynamic")
-    x = torch.randn(1, 1, eg.hidden_size, device=dev, dtype=vl.dtype)
-    for level in ADAPTER_NAMES:
-        a = create_adapter(level, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size).to(dev, vl.dtype).eval()
-        adapter_ms[level] = draft_step_ms(a, vl, path) if hasattr(a, "step") else _median_ms(lambda a=a: a(x), dev)
-    for a in decode_adapters or []:  # the adapters this run drafts with, as they are configured
-        adapter_ms[a.config.name] = draft_step_ms(a, vl, path)
-    return TimingProfile(
-        source=source,
-        vl_vision_ms=_median_ms(lambda: vl.clip_features(split_dir, clip), dev, n=5, warmup=1),
-        egpt_vision_ms=_median_ms(lambda: eg.clip_features(split_dir, clip), dev, n=5, warmup=1),
-        vl_prefill_ms=_median_ms(lambda: vl.prefill(t_in, logits_for="last"), dev, n=5, warmup=1),
-        egpt_prefill_ms=_median_ms(lambda: eg.prefill(e_in, logits_for="last"), dev, n=5, warmup=1),
-        vl_decode_ms=step_ms(vl, t_in, 1),
-        vl_verify_ms={k: step_ms(vl, t_in, k) for k in sorted({*PROFILE_VERIFY_K, gamma + 1})},
-        egpt_decode_ms=step_ms(eg, e_in, 1),
-        adapter_step_ms=adapter_ms,
-    )
 
 
 # ----------------------------------------------------------------------------------- the timed runs

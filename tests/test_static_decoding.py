@@ -293,7 +293,7 @@ def test_target_alone_loop_issues_no_more_ops_per_token_than_generate() -> None:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import benchmark_e2e_wallclock as be
+    import e2e_measure as be
     from toy_models import build_random_runners, resolve_shape
 
     class Count(TorchDispatchMode):
