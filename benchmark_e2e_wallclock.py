@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup, --gamma_prefill and --temperature must be >= 0")
     try:
         args.synthetic_cost_ms = float(args.synthetic_cost_ms)
-        bad_cost = args.synthetic_cost_ms < 0
+        bad_cost = not 0 <= args.synthetic_cost_ms < float("inf")  # also refuses nan
     except ValueError:
         try:
             args.synthetic_cost_ms = canonical_name(args.synthetic_cost_ms)
@@ -615,8 +615,10 @@ def main(args: argparse.Namespace) -> int:
               f"{'random:' + args.random_shape if args.random_shape else vl.model_path}, "
               f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}, {command}")
     c0, q0 = samples[0]
+    used = {a.config.name for a in adapters.get("decode", [])}
+    used |= {args.synthetic_cost_ms} if isinstance(args.synthetic_cost_ms, str) else set()
     profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source,
-                              decode_adapters=adapters.get("decode"))
+                              decode_adapters=adapters.get("decode"), compiled_levels=used)
     args.synthetic_cost_level = None
     if isinstance(args.synthetic_cost_ms, str):  # a level: its roll-out draft step as just measured on this path
         args.synthetic_cost_level = args.synthetic_cost_ms

@@ -147,12 +147,15 @@ def draft_step_ms(adapter: Any, vl: Any, path: str = "dynamic") -> float:
 
 @torch.no_grad()
 def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str, gamma: int,
-                    source: str, decode_adapters: list[Any] | None = None) -> Any:
+                    source: str, decode_adapters: list[Any] | None = None,
+                    compiled_levels: set[str] | None = None) -> Any:
     """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1. Adapter steps are
     roll-out drafts (`draft_step_ms`, on the decode path of `vl`): every level at random weights, then the run's
-    own decode adapters."""
+    own decode adapters. On the compiled path only the levels in `compiled_levels` (the ones the run drafts
+    with or costs the controlled drafter at; None = all) are compiled, each compile taking seconds to
+    a minute; the others are timed on the static path, and the profile's notes say so."""
     from cost_model import TimingProfile
-    from hidden_adapter import ADAPTER_NAMES, create_adapter
+    from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS, create_adapter
 
     dev = vl.device
     fv, fe = vl.clip_features(split_dir, clip), eg.clip_features(split_dir, clip)
@@ -171,12 +174,22 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
 
     adapter_ms = {}
     path = {"compiled": "compiled", "static": "static"}.get(vl.decode_path["name"], "dynamic")
+
+    def level_path(level: str) -> str:
+        return "static" if path == "compiled" and compiled_levels is not None and level not in compiled_levels else path
+
     x = torch.randn(1, 1, eg.hidden_size, device=dev, dtype=vl.dtype)
     for level in ADAPTER_NAMES:
         a = create_adapter(level, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size).to(dev, vl.dtype).eval()
-        adapter_ms[level] = draft_step_ms(a, vl, path) if hasattr(a, "step") else _median_ms(lambda a=a: a(x), dev)
+        adapter_ms[level] = (draft_step_ms(a, vl, level_path(level)) if hasattr(a, "step")
+                             else _median_ms(lambda a=a: a(x), dev))
     for a in decode_adapters or []:  # the adapters this run drafts with, as they are configured
         adapter_ms[a.config.name] = draft_step_ms(a, vl, path)
+    static_only = sorted(lv for lv in adapter_ms if lv in NEXT_POSITION_LEVELS and level_path(lv) != path)
+    note = f"adapter steps on the {path} path"
+    if static_only:
+        note += f"; {', '.join(static_only)} on the static path (not compiled: this run does not draft with them)"
+    notes = [note]
     return TimingProfile(
         source=source,
         vl_vision_ms=_median_ms(lambda: vl.clip_features(split_dir, clip), dev, n=5, warmup=1),
@@ -187,4 +200,5 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         vl_verify_ms={k: step_ms(vl, t_in, k) for k in sorted({*PROFILE_VERIFY_K, gamma + 1})},
         egpt_decode_ms=step_ms(eg, e_in, 1),
         adapter_step_ms=adapter_ms,
+        notes=notes,
     )

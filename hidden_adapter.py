@@ -820,10 +820,14 @@ class StaticAdapterCache:
         if self.length + n > self.max_len:
             raise ValueError(f"{self.adapter.config.name} has learned positions for {self.max_len} steps, got "
                              f"{self.length + n}; rebuild with a larger max_seq_len")
-        if isinstance(context, ProjectedContext):
+        if not self.adapter.config.context:
+            context = None  # as `step`: a level without a context input ignores one
+        elif isinstance(context, ProjectedContext):
             context = context.vector
         elif context is not None:
-            context = self.adapter.context_vector(context)
+            context = self.adapter.context_vector(context.to(self.adapter.pos_embed.dtype))
+        if n == 0:
+            return x.new_zeros(1, 0, self.adapter.config.target_dim)
         outs, i = [], 0
         while i < n:
             m = min(self.width, n - i)

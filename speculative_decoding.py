@@ -271,10 +271,11 @@ class StageClock:
             yield
             record[name] = record.get(name, 0.0) + (time.perf_counter() - start) * 1e3
             return
+        stream = torch.cuda.current_stream(self.device)  # the clock's device, whichever device is current
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
+        begin.record(stream)
         yield
-        end.record()
+        end.record(stream)
         self._laps.append((record, name, begin, end))
 
     def settle(self) -> None:
@@ -438,11 +439,24 @@ class _VerifiedStates:
 
     def use_static_cache(self, width: int, compile: bool = False) -> None:
         """Draft on a preallocated adapter cache: steps of one position (roll-out drafts) or `width` (one
-        iteration's verified positions, padded), compiled with `compile` (CUDA graphs on CUDA)."""
-        current = self.static
-        if current is None or current.width < width or (compile and not current.compiled):
-            self.static = StaticAdapterCache(self.adapter, width=max(width, current.width if current else 1),
-                                             compile=compile or bool(current and current.compiled))
+        iteration's verified positions, padded), compiled with `compile` (CUDA graphs on CUDA). Each
+        (width, compile) keeps its own cache, so engines of different paths can share this drafter:
+        each engine selects its path at the start of every answer."""
+        if not hasattr(self, "_statics"):
+            self._statics: dict[tuple[int, bool], StaticAdapterCache] = {}
+        key = (width, compile)
+        if key not in self._statics:
+            self._statics[key] = StaticAdapterCache(self.adapter, width=width, compile=compile)
+        self.static = self._statics[key]
+
+    def use_dynamic_cache(self) -> None:
+        """Draft on a cache grown per step (the default)."""
+        self.static = None
+
+    @property
+    def decode_path(self) -> str:
+        """The adapter-cache path this drafter drafts on now: dynamic, static or compiled."""
+        return "dynamic" if self.static is None else "compiled" if self.static.compiled else "static"
 
     def _reset(self) -> None:
         self.verified: list[int] = []
@@ -724,9 +738,10 @@ class SpeculativeDecoder:
             # None keeps a cache the caller sized with runner.use_static_cache (4096 positions if none).
             size = max_cache_len or getattr(target, "max_cache_len", None) or 4096
             target.use_static_cache(size, verify_width=gamma_decode + 1, compile=compile)
-            for d in (decode_drafter, prefill_drafter):  # the roll-out adapters' steps take the same path
-                if hasattr(d, "use_static_cache"):
-                    d.use_static_cache(gamma_decode + 1, compile=compile)
+        # The roll-out adapters' steps take the target's path (selected again at every answer: a drafter
+        # may serve several engines).
+        self._adapter_path = (gamma_decode + 1, compile) if static_cache or compile else None
+        self._select_adapter_path(decode_drafter, prefill_drafter)
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator
@@ -736,6 +751,14 @@ class SpeculativeDecoder:
         self._stream = torch.cuda.Stream(self.drafter_device) if self.drafter_device.type == "cuda" else None
         self.eos = target.eos_token_id
         self._ones = torch.ones(1, 0, dtype=torch.long)  # attention masks are views of it, not rebuilt per step
+
+    def _select_adapter_path(self, *drafters: Drafter | None) -> None:
+        for d in drafters:
+            if hasattr(d, "use_static_cache"):
+                if self._adapter_path is None:
+                    d.use_dynamic_cache()
+                else:
+                    d.use_static_cache(*self._adapter_path)
 
     def _mask(self, width: int) -> Tensor:
         if self._ones.shape[1] < width:
@@ -807,6 +830,7 @@ class SpeculativeDecoder:
         clock = StageClock(self.target.device)
         trace = Trace()
         target, drafter = self.target, self.drafter
+        self._select_adapter_path(drafter, self.prefill_drafter)
         out, prompt_len, pre = self._phase1(target_prompt, drafter_prompt, clock, trace.phase1)
         if out.logits.shape[0] != 1:
             raise ValueError("the engine is batch 1: pass one prompt")

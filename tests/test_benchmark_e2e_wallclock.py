@@ -31,6 +31,7 @@ def test_flags_are_validated() -> None:
                 ["--random_shape", "tiny", "--quant", "4bit"], ["--draft_confidence", "1.5"],
                 ["--draft_stop", "fixed,sometimes"], ["--draft_stop", "confidence"],
                 ["--draft_stop", "expected", "--random_adapters"], ["--synthetic_cost_ms", "-1"],
+                ["--synthetic_cost_ms", "nan"], ["--synthetic_cost_ms", "inf"],
                 ["--synthetic_cost_ms", "L4"], ["--synthetic_cost_ms", "fast"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--dataset_dir", "d", *bad])

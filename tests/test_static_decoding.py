@@ -238,30 +238,92 @@ def test_static_adapter_cache_is_for_causal_levels_and_fills_to_the_last_positio
 
 def test_engine_drafts_the_same_on_the_static_adapter_path(world: SimpleNamespace,  # noqa: F811
                                                            quick_world: Path) -> None:
-    """With static_cache the roll-out (B1 with its token input) and fused (L5F) drafters draft on
-    preallocated adapter caches: the same drafts and acceptances per iteration as on the growing caches,
-    and the target's greedy answers, on 60 prompts."""
+    """With static_cache the roll-out drafters (B1 with its token input, L5 on EventGPT's states, L5E with
+    EventGPT's context) and the fused one (L5F) draft on preallocated adapter caches: the same draft
+    tokens, window by window, as on the growing caches, and the target's greedy answers, on 60 prompts.
+    Each drafter object serves both engines, which select their own path at every answer."""
     vl = static_runner(quick_world, world.prompts, width=4)
+    assert world.eg.hidden_size == vl.hidden_size == 64
     head = vl.lm_head_weight()
     table = vl.decoder.get_input_embeddings().weight
     lm = sd.DrafterLM(world.eg)
-
-    def drafters() -> list:
-        return [sd.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table), head),
+    drafters = [sd.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table), head),
+                sd.RolloutDrafter(busy_adapter("L5", seed=2), head, lm=lm),
+                sd.RolloutDrafter(busy_adapter("L5E", seed=3), head, lm=lm),
                 sd.FusedDrafter(lm, busy_adapter("L5F", seed=1), head)]
-
-    dynamic = [sd.SpeculativeDecoder(world.vl, d, gamma_decode=3) for d in drafters()]
-    static = [sd.SpeculativeDecoder(vl, d, gamma_decode=3, static_cache=True) for d in drafters()]
-    assert all(e.drafter.static is not None and e.drafter.static.width == 4 for e in static)
+    windows: list[list[int]] = []
+    for d in drafters:  # record every window a drafter hands the engine
+        d.draft = (lambda k, stop=None, _draft=d.draft: windows.append(_draft(k, stop).tokens)
+                   or sd.Draft(windows[-1]))
+    dynamic = [sd.SpeculativeDecoder(world.vl, d, gamma_decode=3) for d in drafters]
+    static = [sd.SpeculativeDecoder(vl, d, gamma_decode=3, static_cache=True) for d in drafters]
     accepted = 0
     for i, ((t_in, e_in), ref) in enumerate(zip(world.prompts[:60], world.refs, strict=False)):
-        a = dynamic[i % 2].generate(t_in, e_in, MAX_NEW)
-        b = static[i % 2].generate(t_in, e_in, MAX_NEW)
+        j = i % len(drafters)
+        windows.clear()
+        a = dynamic[j].generate(t_in, e_in, MAX_NEW)
+        assert drafters[j].decode_path == "dynamic"
+        grown, windows[:] = list(windows), []
+        b = static[j].generate(t_in, e_in, MAX_NEW)
+        assert drafters[j].decode_path == "static" and drafters[j].static.width == 4
         sd.check_lossless(b.tokens, ref, f"static adapter path, prompt {i}")
-        assert [(it.drafted, it.accepted) for it in b.trace.iterations] == \
-               [(it.drafted, it.accepted) for it in a.trace.iterations], f"drafts differ on prompt {i}"
+        assert windows == grown, f"{drafters[j].name} drafts differently on prompt {i}"
+        assert [it.accepted for it in b.trace.iterations] == [it.accepted for it in a.trace.iterations]
         accepted += sum(it.accepted for it in b.trace.iterations)
     assert accepted > 0
+
+
+def test_greedy_window_drafts_what_roll_out_drafts() -> None:
+    """The device-side greedy window (tokens read once per window) gives roll_out's tokens: with and
+    without a token input, on both adapter caches, for windows of 1 to 5 drafts."""
+    torch.manual_seed(0)
+    head = torch.randn(300, 64)
+    for token_input in (False, True):
+        adapter = busy_adapter("B1", token_input, vocab_size=300)
+        if token_input:
+            adapter.attach_token_table(torch.randn(300, 64))
+        for static in (False, True):
+            drafter = sd.RolloutDrafter(adapter, head)
+            if static:
+                drafter.use_static_cache(4)
+            drafter.begin(None)
+            states = torch.randn(12, 64)
+            drafter.accept([1, 2, 3], states[:3])
+            for k in (1, 2, 5, 3):
+                fed = drafter.fed
+                got = drafter.draft(k).tokens
+                drafter.fed = fed  # the same window again through roll_out (the host-sync path)
+                drafter._rewind()
+                n = len(drafter.states)
+                out = drafter._adapter_step(drafter._context(n), **drafter._tokens(drafter.verified[drafter.fed:n]))
+                drafter.fed = n
+
+                def step(i: int, tokens: list[int], h: torch.Tensor, d: sd.RolloutDrafter = drafter) -> torch.Tensor:
+                    return d._adapter_step(h, **d._tokens(tokens[i:]))
+
+                want = sd.roll_out(out[:, -1:], k, head, 0.0, None, step).tokens
+                assert got == want and len(got) == k, (token_input, static, k)
+                drafter.accept([*got[:1], 7], states[len(drafter.states):len(drafter.states) + 2])
+
+
+def test_a_drafter_shared_by_engines_of_different_paths_follows_each() -> None:
+    """One drafter, three engines (growing cache; static at gamma 2; static at gamma 5): each answer
+    drafts on its own engine's path and width, and a raw L5E context is cast to the adapter's dtype."""
+    from hidden_adapter import StaticAdapterCache
+
+    drafter = sd.RolloutDrafter(busy_adapter("B1"), torch.randn(300, 64))
+    target = SimpleNamespace(use_static_cache=lambda *a, **k: None, device=torch.device("cpu"), eos_token_id=0)
+    engines = [sd.SpeculativeDecoder(target, drafter, gamma_decode=g, static_cache=s)
+               for g, s in ((2, False), (2, True), (5, True))]
+    for engine, path, width in zip(engines, ("dynamic", "static", "static"), (None, 3, 6), strict=True):
+        engine._select_adapter_path(drafter)
+        assert drafter.decode_path == path and (drafter.static is None or drafter.static.width == width)
+    l5e = busy_adapter("L5E")
+    cache = StaticAdapterCache(l5e, width=2)
+    x, ctx = torch.randn(1, 3, 64), torch.randn(1, 64, dtype=torch.float64)
+    want, _ = l5e.step(x, context=ctx.float())
+    torch.testing.assert_close(cache(x, context=ctx), want, atol=1e-5, rtol=1e-5)
+    assert cache(x[:, :0]).shape == (1, 0, 64)
 
 
 def test_compiled_adapter_step_on_cpu_has_no_graph_break() -> None:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the static / compiled / torchao paths, one step per line, each under its own timeout.
-# Run from the repository root on a CUDA machine:   bash timings/gpu_check.sh [OUT_DIR]
-# Writes OUT_DIR/<path>/{e2e_wallclock.json,md,timing_profile.json} per path and copies each profile to
-# timings/<gpu>_<dtype>_<path>_7b.json. A step that fails or times out is reported and the next one still runs;
-# the script exits 1 if any failed. STEPS picks the steps (in the order below, whatever order STEPS names
-# them). One device command may run 10 minutes, so split the list: STEPS="tests compile" (the issue's
-# done-when figures, at most 9 min), then STEPS="adapters int4_ao" (at most 8 min), then
-# STEPS="eager static int8_ao" if device time is left. On the lent GPU machine first run
-# timings/gpu_wheels.sh here and carry .whl with the checkout.
+# Run from the repository root on a CUDA machine:   bash timings/gpu_check.sh [RESULTS_DIR]
+# Writes RESULTS/<dtype>_<path>/{e2e_wallclock.json,md,png,timing_profile.json} per path, copies each
+# profile to timings/<gpu>_<dtype>_<path>_7b.json and RESULTS/profiles/, and after every step packs
+# RESULTS into RESULTS.tar.gz (one file to bring back; a killed call keeps the steps that finished).
+# A step that fails or times out is reported and the next one still runs; the script exits 1 if any
+# failed. STEPS picks the steps, run in the order below whatever order STEPS names them. One device
+# command may run 10 minutes and a session has 15 device minutes, machine start included, so one call
+# holds STEPS="compile tests" (the issue's done-when figures; typically 6-8 min) and the rest waits for
+# a later session: STEPS="adapters int4_ao", then STEPS="eager static int8_ao". On the lent GPU machine
+# first run timings/gpu_wheels.sh here and carry .whl with the checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=../shell_help.sh
@@ -15,6 +17,8 @@ source ./shell_help.sh && shell_help timings/gpu_check.sh "${1:-}"  # --help: se
 # The project's venv where there is one, else the machine's python (the GPU machine's: CPython 3.12 with
 # torch and an older transformers; the wheels from timings/gpu_wheels.sh, carried as .whl/, go on top).
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # the venv's python, else python3
+RESULTS=${RESULTS:-${1:-results/gpu_check}}  # results folder (also the first argument)
+STEPS=${STEPS:-"compile tests adapters int4_ao eager static int8_ao"}  # steps to run (see the header)
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check: installing the carried wheels failed"; exit 1; }
@@ -22,58 +26,67 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 $PY -c "import transformers, sys; sys.exit(0 if tuple(map(int, transformers.__version__.split('.')[:2])) >= (5, 24) else 1)" \
   || { echo "gpu_check: transformers >= 5.24 is needed (bash timings/gpu_wheels.sh, then carry .whl)"; exit 1; }
-OUT=${OUT:-${1:-results/gpu_check}}  # results folder (also the first argument)
-STEPS=${STEPS:-"tests compile adapters int4_ao eager static int8_ao"}  # steps to run (see the header)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
-mkdir -p "$OUT"
+GPU=${GPU:-gpu}
+mkdir -p "$RESULTS/profiles"
 failed=()
+
+pack() {  # the profiles measured so far into timings/ and RESULTS/profiles/, then RESULTS.tar.gz
+  local dir name
+  for dir in "$RESULTS"/*/; do
+    name=$(basename "$dir")
+    [ -f "$dir/timing_profile.json" ] || continue
+    cp "$dir/timing_profile.json" "timings/${GPU}_${name}_7b.json"
+    cp "$dir/timing_profile.json" "$RESULTS/profiles/${GPU}_${name}_7b.json"
+  done
+  tar czf "$RESULTS.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+}
 
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (timeout ${limit}s): $*"
   local start=$SECONDS
-  if timeout "$limit" "$@"; then echo "== $name ok in $((SECONDS - start)) s"
-  else echo "== $name FAILED (exit $?) after $((SECONDS - start)) s"; failed+=("$name"); fi
+  if timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"; then echo "== $name ok in $((SECONDS - start)) s"
+  else echo "== $name FAILED (exit ${PIPESTATUS[0]}) after $((SECONDS - start)) s"; failed+=("$name"); fi
+  pack
 }
 
 if [ ! -d data/toy/dataset/test/event_image ]; then  # the benchmark reads clips from the toy world
-  timeout 300 $PY make_toy_world.py --output_dir data/toy --quick || exit 1
-  timeout 300 $PY preprocess_event_images.py --dataset_dir data/toy/dataset --allow_pickle || exit 1
+  timeout 240 $PY make_toy_world.py --output_dir data/toy --quick || exit 1
+  timeout 120 $PY preprocess_event_images.py --dataset_dir data/toy/dataset --allow_pickle || exit 1
 fi
 # torchao: from the carried wheels (.whl), else from a package index where the machine has one
 case " $STEPS " in *_ao*) $PY -c "import torchao" 2>/dev/null || $PY -m pip install --quiet "torchao>=0.18,<0.19" \
   || echo "gpu_check: no torchao (bash timings/gpu_wheels.sh, then carry .whl); the _ao steps will fail" ;; esac
 
-# 1. the CUDA-only tests: compiled (CUDA-graph) target and adapter steps lossless, streams, fidelity on GPU
-step tests 240 $PY -m pytest -q -x tests/test_static_decoding.py tests/test_speculative_decoding.py -k cuda
-
-# 2. Vicuna-7B shapes with random weights, fp16, batch 1, compiled: the target alone on the path,
-# transformers' eager generate on the same samples, the controlled drafter at p=0.7 costing the compiled B1
-# draft step this run measures (the issue's done-when), and the B1 roll-out drafter itself (random weights:
-# read its row as a cost). Compile time falls in the warm-up.
+# Vicuna-7B shapes with random weights, batch 1, max 32 new tokens, 4 samples x 2 repeats after 2 warm-ups.
 BENCH=($PY benchmark_e2e_wallclock.py --random_shape 7b --device cuda --dtype fp16 --dataset_dir data/toy/dataset
        --synthetic_acceptance 0.7 --max_samples 4 --max_new_tokens 32 --warmup 2 --repeats 2 --reference_profile none)
 PLAIN=(--configs target,hf_generate,synthetic)
+
+# 1. compiled, fp16: the target alone on the path, transformers' eager generate on the same samples, the
+# controlled drafter at p=0.7 costing the compiled B1 draft step this run measures (the issue's done-when),
+# and the B1 roll-out drafter itself (random weights: read its row as a cost). Compiles fall in the warm-up.
 step compile 300 "${BENCH[@]}" --compile --synthetic_cost_ms B1 --configs target,hf_generate,synthetic,decode \
-  --random_adapters --decode_adapter B1 --output_dir "$OUT/fp16_compiled"
+  --random_adapters --decode_adapter B1 --output_dir "$RESULTS/fp16_compiled"
 
-# 3. the causal adapters' draft step at width 4096, eager (growing cache) against compiled (CUDA graphs)
+# 2. the CUDA-only tests: compiled (CUDA-graph) target and adapter steps lossless, streams, fidelity on GPU
+step tests 180 $PY -m pytest -q -x tests/test_static_decoding.py tests/test_speculative_decoding.py -k cuda
+
+# 3. the causal adapters' draft step at width 4096, growing cache against compiled (CUDA graphs)
 step adapters 200 bash -c "$PY benchmark_adapter_latency.py --device cuda --dtype fp16 --levels L5 B1 L5F L5E \
-  --output $OUT/adapter_latency_eager.json && $PY benchmark_adapter_latency.py --device cuda --dtype fp16 \
-  --levels L5 B1 L5F L5E --compile --output $OUT/adapter_latency_compiled.json"
+  --output '$RESULTS/adapter_latency_eager.json' && $PY benchmark_adapter_latency.py --device cuda --dtype fp16 \
+  --levels L5 B1 L5F L5E --compile --output '$RESULTS/adapter_latency_compiled.json'"
 
-# 4-7. torchao int4 (bf16, compiled; both 7B models within 24 GB?), then the eager and static paths at the
-# reference's 1.3 ms per draft, and int8
+# 4-7. torchao int4 (bf16, compiled; do both 7B models fit 24 GB?), then the eager and static paths at the
+# reference's 1.3 ms per draft (the eager loop against generate, side by side), and int8
 step int4_ao 240 "${BENCH[@]}" "${PLAIN[@]}" --dtype bf16 --compile --quant int4_ao --synthetic_cost_ms B1 \
-  --output_dir "$OUT/bf16_int4_ao_compiled"
-step eager 180 "${BENCH[@]}" "${PLAIN[@]}" --synthetic_cost_ms 1.3 --output_dir "$OUT/fp16_eager"
-step static 180 "${BENCH[@]}" "${PLAIN[@]}" --static_cache --synthetic_cost_ms 1.3 --output_dir "$OUT/fp16_static"
-step int8_ao 240 "${BENCH[@]}" "${PLAIN[@]}" --compile --quant int8_ao --synthetic_cost_ms B1 --output_dir "$OUT/fp16_int8_ao_compiled"
+  --output_dir "$RESULTS/bf16_int4_ao_compiled"
+step eager 180 "${BENCH[@]}" "${PLAIN[@]}" --synthetic_cost_ms 1.3 --output_dir "$RESULTS/fp16_eager"
+step static 180 "${BENCH[@]}" "${PLAIN[@]}" --static_cache --synthetic_cost_ms 1.3 --output_dir "$RESULTS/fp16_static"
+step int8_ao 240 "${BENCH[@]}" "${PLAIN[@]}" --compile --quant int8_ao --synthetic_cost_ms B1 \
+  --output_dir "$RESULTS/fp16_int8_ao_compiled"
 
-for dir in "$OUT"/*/; do
-  name=$(basename "$dir")
-  [ -f "$dir/timing_profile.json" ] && cp "$dir/timing_profile.json" "timings/${GPU}_${name}_7b.json"
-done
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed steps: ${failed[*]}"; exit 1; fi
-echo "gpu_check: all steps passed; results in $OUT, profiles in timings/"
+echo "gpu_check: all steps passed; results in $RESULTS and $RESULTS.tar.gz, profiles in timings/"
