@@ -65,7 +65,7 @@ from common import (
     set_seed,
     sync_device,
 )
-from e2e_measure import assisted_run, hf_generate, measure_profile, text_pair
+from e2e_measure import adapter_path, assisted_run, hf_generate, measure_profile, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_loaders import (
     DEFAULT_FRAME_PICK,
@@ -698,8 +698,7 @@ def main(args: argparse.Namespace) -> int:
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
         "draft_confidence": args.draft_confidence, "draft_stop": args.draft_stop,
         "reference_profile": str(args.reference_profile) if reference is not None else None,
-        "decode_path": {**vl.decode_path, "adapter_steps": "compiled" if args.compile
-                        else "static" if args.static_cache else "dynamic"},
+        "decode_path": {**vl.decode_path, "adapter_steps": adapter_path(vl)},
         "cuda_max_memory_gib": torch.cuda.max_memory_allocated(vl.device) / 2**30 if vl.device.type == "cuda" else None,
         "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,

@@ -106,6 +106,12 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, n: int = 10, warmup:
     return statistics.median(times)
 
 
+def adapter_path(vl: Any) -> str:
+    """The adapter-cache path the engine drafts on beside target `vl`: dynamic (the target's eager path),
+    static or compiled, as SpeculativeDecoder sets its roll-out drafters."""
+    return {"compiled": "compiled", "static": "static"}.get(vl.decode_path["name"], "dynamic")
+
+
 @torch.no_grad()
 def draft_step_ms(adapter: Any, vl: Any, path: str = "dynamic") -> float:
     """Median ms of one roll-out draft of a causal adapter at batch 1 after 32 cached positions: the adapter
@@ -173,7 +179,7 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         return _median_ms(once, dev)
 
     adapter_ms = {}
-    path = {"compiled": "compiled", "static": "static"}.get(vl.decode_path["name"], "dynamic")
+    path = adapter_path(vl)
 
     def level_path(level: str) -> str:
         return "static" if path == "compiled" and compiled_levels is not None and level not in compiled_levels else path

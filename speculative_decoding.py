@@ -266,10 +266,9 @@ class StageClock:
 
     @contextlib.contextmanager
     def lap(self, record: dict[str, float], name: str) -> Iterator[None]:
-        if self.device.type != "cuda":  # CPU work is synchronous: the wall clock is exact
-            start = time.perf_counter()
-            yield
-            record[name] = record.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+        if self.device.type != "cuda":  # CPU work is synchronous: `stage`'s wall clock, whose syncs are no-ops
+            with self.stage(record, name):
+                yield
             return
         stream = torch.cuda.current_stream(self.device)  # the clock's device, whichever device is current
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
