@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from common import atomic_write_json, markdown_table, resolve_device, resolve_dtype, run_cli, sync_device
+from common import DTYPE_CHOICES, atomic_write_json, markdown_table, resolve_device, resolve_dtype, run_cli, sync_device
 from hidden_adapter import (
     ADAPTER_NAMES,
     AttentionAdapter,
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden_dim", type=int, default=4096, help="width of both models (4096 = 7B)")
     parser.add_argument("--seq_len", type=int, default=50, help="positions in one answer (max_new_tokens)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto (fp16 on CUDA, as the target runs; fp32 on CPU), fp32, fp16 or bf16")
     parser.add_argument("--static_cache", action="store_true",
                         help="time the causal levels' step on a preallocated cache (the engine's static path)")
     parser.add_argument("--compile", action="store_true",
@@ -151,7 +152,7 @@ def format_table(rows: list[dict[str, Any]], seq_len: int) -> str:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     # Adapters run in fp16 beside 4-bit models on a GPU; fp32 on CPU.
-    dtype = torch.float16 if args.dtype == "auto" and device.type == "cuda" else resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, model="adapter")
     rows = [bench_level(name, args, device, dtype) for name in args.levels]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -50,7 +50,9 @@ import torch
 from tqdm import tqdm
 
 import speculative_decoding as sd
+from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS
 from common import (
+    DTYPE_CHOICES,
     PREFILL_WINDOW_CAP,
     UserError,
     add_config_flag,
@@ -68,9 +70,6 @@ from common import (
 from e2e_measure import adapter_path, assisted_run, hf_generate, measure_profile, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_loaders import (
-    DEFAULT_FRAME_PICK,
-    DTYPE_CHOICES,
-    FRAME_PICKS,
     QUANT_CHOICES,
     VLMInputs,
     model_description,
@@ -586,9 +585,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from clip_data import load_index, load_questions
+    from clip_data import ClipReadError, load_index, load_questions
     from extract_hidden_states import plan_samples
-    from model_loaders import ClipReadError
     from toy_models import load_runners
 
     checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS, render_hint
 from common import (
+    DTYPE_CHOICES,
     UserError,
     add_config_flag,
     add_dry_run_flag,
@@ -51,14 +53,7 @@ from common import (
     sync_device,
 )
 from extract_hidden_states import iter_batches, pair_features, plan_samples, run_models
-from model_loaders import (
-    DEFAULT_FRAME_PICK,
-    DTYPE_CHOICES,
-    FRAME_PICKS,
-    QUANT_CHOICES,
-    model_description,
-    render_hint,
-)
+from model_loaders import QUANT_CHOICES, model_description
 from toy_models import OVERRIDES, SHAPES, load_runners, resolve_shape
 
 log = logging.getLogger("xmodal_sd.bench_extract")
@@ -144,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def features_or_fail(egpt: Any, vl: Any, split_dir: Path, clip: dict, c: int) -> dict[tuple[str, int], torch.Tensor]:
     """`pair_features`, but an unreadable clip stops the benchmark: it needs every clip it times."""
-    from model_loaders import ClipReadError
+    from clip_data import ClipReadError
 
     try:
         return pair_features(egpt, vl, split_dir, clip, c)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,15 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_QUESTIONS = ROOT / "configs" / "questions_driving.json"
 INDEX_FIX = ("point --dataset_dir at a folder written by make_toy_world.py or prepare_dsec_index.py "
              "(docs/REAL_MODELS.md)")
+
+# How Video-LLaVA's frames are picked from the n decoded frames (see `frame_indices`); the first is
+# the default, LanguageBind's and the fork's `np.linspace(0, n - 1, k, dtype=int)`.
+FRAME_PICKS = ("floor", "round")
+DEFAULT_FRAME_PICK = FRAME_PICKS[0]
+
+
+class ClipReadError(ValueError):
+    """A clip's video or event image is missing or unreadable; the message names the file."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,6 +127,12 @@ def load_questions(path_or_dir: str | Path, max_questions: int | None = None) ->
     return questions
 
 
+def event_frame_path(prefix: str | os.PathLike, i: int) -> Path:
+    """Where frame i of a clip's event frames lives: `{prefix}_{i}.png` (the one place this rule is written)."""
+    prefix = Path(prefix)
+    return prefix.parent / f"{prefix.name}_{i}.png"
+
+
 def clip_paths(dataset_dir: str | Path, split: str, record: dict, num_event_images: int = 5) -> dict[str, Any]:
     """Absolute paths of one clip: split_dir, events (the .npy or events.h5), video, event_image_prefix,
     event_images (f"{prefix}_{i}.png" for i < `num_event_images`; they need not exist yet).
@@ -131,7 +146,7 @@ def clip_paths(dataset_dir: str | Path, split: str, record: dict, num_event_imag
         "event_npy": events,
         "video": split_dir / record["video"],
         "event_image_prefix": prefix,
-        "event_images": [prefix.parent / f"{prefix.name}_{i}.png" for i in range(num_event_images)],
+        "event_images": [event_frame_path(prefix, i) for i in range(num_event_images)],
     }
 
 
@@ -244,12 +259,91 @@ def read_clip_events(split_dir: str | Path, record: dict, allow_pickle: bool = F
 # --------------------------------------------------------------------------------------------------
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 [H, W, 3] RGB."""
+def frame_indices(total: int, num_frames: int, pick: str = DEFAULT_FRAME_PICK) -> np.ndarray:
+    """Indices [num_frames] of the frames to keep out of `total` decoded ones (repeats when fewer).
+
+    "floor" (default): `np.linspace(0, total - 1, num_frames, dtype=int)`, LanguageBind's Video-LLaVA
+    video loader and the research fork (20 frames -> 0,2,5,8,10,13,16,19). "round": this project's
+    earlier `round(linspace(...))` (20 frames -> 0,3,5,8,11,14,16,19).
+    """
+    if pick not in FRAME_PICKS:
+        raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
+    points = np.linspace(0, total - 1, num_frames)
+    return (np.floor(points) if pick == "floor" else np.rint(points)).astype(int)
+
+
+def _decode(container: Any) -> Iterator[Any]:
+    """The frames of the first video stream, decoded on one thread.
+
+    PyAV's threaded decoding costs more than it saves on these short clips (docs/MODELS.md has the
+    measurements), and the decode counts towards the target's vision time in every benchmark.
+    """
+    stream = container.streams.video[0]
+    stream.thread_type = "NONE"
+    return container.decode(stream)
+
+
+def sample_video_frames(path: str | os.PathLike, num_frames: int = 8, pick: str = DEFAULT_FRAME_PICK) -> np.ndarray:
+    """Decode every frame of an mp4 with PyAV (one thread) and pick `num_frames` uniformly.
+
+    Indices are `frame_indices(n, num_frames, pick)` over the n frames that actually decode. Returns
+    uint8 [num_frames, H, W, 3] RGB. Raises `ClipReadError` naming the file when it is missing,
+    unreadable or has no frames.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipReadError(f"video not found: {path}")
+    if pick not in FRAME_PICKS:
+        raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
+    try:
+        # Pass 1 counts decoded frames (container headers can disagree with what decodes); pass 2
+        # converts only the chosen ones, so a long video never sits in memory as RGB.
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ClipReadError(f"video {path} has no video stream")
+            total = sum(1 for _ in _decode(container))
+        if total == 0:
+            raise ClipReadError(f"video {path} decoded to zero frames")
+        idx = frame_indices(total, num_frames, pick)
+        wanted = set(idx.tolist())
+        picked: dict[int, np.ndarray] = {}
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(_decode(container)):
+                if i in wanted:
+                    picked[i] = frame.to_ndarray(format="rgb24")
+                if i >= idx[-1]:
+                    break
+    except ClipReadError:
+        raise
+    except Exception as err:  # PyAV raises many error types for truncated or non-video files
+        raise ClipReadError(f"cannot decode video {path}: {type(err).__name__}: {err}") from err
+    if len(picked) != len(wanted):
+        raise ClipReadError(f"video {path}: second decode gave fewer than {total} frames")
+    return np.stack([picked[i] for i in idx])
+
+
+def render_hint(dataset_dir: str | os.PathLike) -> str:
+    """The command that renders a data set's event frames, for errors about a missing PNG."""
+    return (f"event frames are rendered by `python preprocess_event_images.py --dataset_dir {dataset_dir}`; "
+            "add --allow_pickle for pickled .npy clips such as the toy world's, --event_frames_per_clip N for more "
+            "than 5")
+
+
+def read_rgb(path: str | os.PathLike, what: str = "event image") -> np.ndarray:
+    """Read an image as uint8 [H, W, 3] RGB (the release's `load_image(...).convert('RGB')`); a missing or
+    unreadable file raises `ClipReadError` naming it (`what` says which image it is)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    path = Path(path)
+    if not path.is_file():
+        raise ClipReadError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except Exception as err:  # PIL raises several types for truncated/corrupt files
+        raise ClipReadError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
 
 
 def pick_codec() -> str:

@@ -67,19 +67,34 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """Map `auto|fp32|fp16|bf16` to a dtype; `auto` is bf16 on CUDA (fp16 if bf16 is missing), fp32 on CPU."""
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if requested in table:
-        return table[requested]
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What "auto" means on CUDA, per model: each in the precision its released code runs it in (EventGPT's
+# inference.py casts to bfloat16; the Video-LLaVA-7B-hf model card, LanguageBind's inference and the
+# research fork load Video-LLaVA in float16). The adapters run beside the target, in its precision. Without
+# a model, "auto" is the GPU's bf16 (fp16 if it lacks bf16). On CPU "auto" is float32 for everything.
+AUTO_CUDA_DTYPES = {"eventgpt": torch.bfloat16, "video_llava": torch.float16, "adapter": torch.float16}
+
+
+def resolve_dtype(requested: str, device: torch.device, model: str | None = None) -> torch.dtype:
+    """Map `auto|fp32|fp16|bf16` to a dtype, logging why for `auto`: on CUDA the released precision of
+    `model` (`AUTO_CUDA_DTYPES`; bf16 falls back to fp16 on a GPU without it), float32 on CPU."""
+    if requested in DTYPES:
+        return DTYPES[requested]
     if requested != "auto":
-        raise UserError(f"unknown dtype {requested!r}; choose one of auto, fp32, fp16, bf16")
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        log.info("dtype: %s, the fastest exact-enough type on this GPU", dtype)
-        return dtype
-    log.info("dtype: float32, because half precision is slow and inexact on CPU")
-    return torch.float32
+        raise UserError(f"unknown dtype {requested!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if model is not None and model not in AUTO_CUDA_DTYPES:
+        raise UserError(f"unknown model {model!r}; choose one of {', '.join(AUTO_CUDA_DTYPES)}")
+    if device.type != "cuda":
+        log.info("%sdtype: float32, because half precision is slow and inexact on CPU", f"{model} " if model else "")
+        return torch.float32
+    dtype = AUTO_CUDA_DTYPES[model] if model else torch.bfloat16
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        log.info("%sdtype: float16, because this GPU lacks bfloat16", f"{model} " if model else "")
+        return torch.float16
+    why = "the precision its released code runs it in" if model else "the fastest exact-enough type on this GPU"
+    log.info("%sdtype: %s under auto on CUDA, %s", f"{model} " if model else "", str(dtype).removeprefix("torch."), why)
+    return dtype
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
@@ -168,6 +183,29 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def save_figure(path: str | os.PathLike, draw: Callable[..., Any], *, nrows: int = 1, ncols: int = 1,
+                figsize: tuple[float, float] = (6, 4), dpi: int = 120, **subplots: Any) -> Path:
+    """Draw one matplotlib figure off-screen and write it as a PNG atomically: `draw(fig, axes)` fills it
+    (`axes` as `plt.subplots(nrows, ncols)` returns them). matplotlib is imported only here."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, **subplots)
+    try:
+        draw(fig, axes)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- run logs (issue 18)

@@ -36,18 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from common import UserError, atomic_write_json, markdown_table
+from hidden_adapter import levels
 
 PROFILE_FORMAT = "xmodal_sd.timing_profile"
 PROFILE_VERSION = 1
-PREFILL_ADAPTERS = ("L1", "L2", "L3", "L4")
-DECODE_ADAPTERS = ("L5F", "B1", "L5", "L5E")
+# The roles come from the adapter config (hidden_adapter.LEVEL_ROLES), never from a list of names here.
+PREFILL_ADAPTERS = levels(predicts="same")
+DECODE_ADAPTERS = levels(predicts="next")
 # Decode adapters whose drafter states come from EventGPT at every drafted position (the live engine's
 # lockstep L5F drafter); B1 and L5E are rolled out from the target's verified states (no EventGPT step).
-EGPT_EVERY_DRAFT = {"L5F"}
+EGPT_EVERY_DRAFT = set(levels(egpt_per_draft=True))
 # L5's context is EventGPT's states of the verified text: one EventGPT pass over the accepted tokens per iteration.
-EGPT_EVERY_ITERATION = {"L5"}
+EGPT_EVERY_ITERATION = set(levels(egpt_per_iteration=True))
 # Decode adapters that need EventGPT's prefill (run beside the target's vision + prefill).
-EGPT_PREFILL = {"L5F", "L5", "L5E"}
+EGPT_PREFILL = set(levels(predicts="next", reads_drafter=True))
 # A level a profile may lack, costed as the level whose step it shares: L5E's step is B1's plus one add of
 # a vector projected once per answer (profiles measured before L5E existed have no entry for it).
 STEP_LIKE = {"L5E": "B1"}

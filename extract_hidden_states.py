@@ -45,7 +45,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clip_data import FRAME_PICKS
 from common import (
+    DTYPE_CHOICES,
     RunLog,
     UserError,
     add_config_flag,
@@ -70,7 +72,7 @@ from hidden_data import (
     shard_name,
     write_chunk,
 )
-from model_loaders import DTYPE_CHOICES, FRAME_PICKS, QUANT_CHOICES, model_description, to_drafter_vocab
+from model_loaders import QUANT_CHOICES, model_description, to_drafter_vocab
 
 log = logging.getLogger("xmodal_sd.extract")
 
@@ -304,7 +306,7 @@ def iter_batches(egpt: Any, vl: Any, samples: list[tuple[int, int]], clips: list
     one) and its samples are left out. Yields (samples of the batch that were generated, outputs);
     outputs is None when every sample of a batch was left out.
     """
-    from model_loaders import ClipReadError
+    from clip_data import ClipReadError
 
     feats: dict[tuple[str, int], torch.Tensor] = {}
     failed: set[int] = set()
@@ -459,12 +461,11 @@ DTYPE_FLAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 def resolve_compute(args: argparse.Namespace, state: Any) -> tuple[torch.device, dict[str, torch.dtype]]:
     """The device and each model's dtype, resolved (and logged) once, before anything is loaded."""
-    from common import resolve_device
-    from model_loaders import resolve_model_dtype
+    from common import resolve_device, resolve_dtype
 
     device = resolve_device(str(state.device) if state is not None else args.device)
-    dtypes = {"eventgpt": resolve_model_dtype("eventgpt", args.egpt_dtype, device),
-              "video_llava": resolve_model_dtype("video_llava", args.vl_dtype, device)}
+    dtypes = {"eventgpt": resolve_dtype(args.egpt_dtype, device, model="eventgpt"),
+              "video_llava": resolve_dtype(args.vl_dtype, device, model="video_llava")}
     return device, dtypes
 
 

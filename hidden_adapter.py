@@ -50,10 +50,26 @@ from common import UserError, atomic_torch_save, first_line, safe_torch_load
 CHECKPOINT_FORMAT = "xmodal_sd.adapter"
 CHECKPOINT_VERSION = 1
 
+# What each level reads and what it predicts: (consumes, predicts, context). Every role a stage asks about
+# (prefill or decode, roll-out or lockstep, what it costs EventGPT) is derived from this one table through
+# `AdapterConfig`'s properties and `levels(...)`.
+#   consumes: "drafter" (EventGPT's states), "target" (Video-LLaVA's verified states) or "both"
+#   predicts: "same" (output[t] estimates the target state at t) or "next" (at t + 1)
+#   context:  "drafter" when the level also reads EventGPT's prompt-end state, else None
+LEVEL_ROLES: dict[str, tuple[str, str, str | None]] = {
+    "L1": ("drafter", "same", None),
+    "L2": ("drafter", "same", None),
+    "L3": ("drafter", "same", None),
+    "L4": ("drafter", "same", None),
+    "L5": ("drafter", "next", None),
+    "B1": ("target", "next", None),
+    "L5F": ("both", "next", None),
+    "L5E": ("target", "next", "drafter"),
+}
 # Canonical names; level numbers follow the reference (`--adapter_level 1..6`, 6 = L5F, B1 = 5 + vlm_only).
-ADAPTER_NAMES = ("L1", "L2", "L3", "L4", "L5", "B1", "L5F", "L5E")
+ADAPTER_NAMES = tuple(LEVEL_ROLES)
 LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F", 7: "L5E"}
-NEXT_POSITION_LEVELS = ("L5", "B1", "L5F", "L5E")
+NEXT_POSITION_LEVELS = tuple(name for name, (_, predicts, _) in LEVEL_ROLES.items() if predicts == "next")
 
 
 def canonical_name(level: int | str, vlm_only: bool = False) -> str:
@@ -122,16 +138,34 @@ class AdapterConfig:
 
     @property
     def consumes(self) -> str:
-        return {"B1": "target", "L5E": "target", "L5F": "both"}.get(self.name, "drafter")
+        """ "drafter", "target" or "both": the states `x` (and `h_target`) carry (`LEVEL_ROLES`)."""
+        return LEVEL_ROLES[self.name][0]
 
     @property
     def predicts(self) -> str:
-        return "next" if self.name in NEXT_POSITION_LEVELS else "same"
+        """ "same" (output[t] estimates the target state at t) or "next" (at t + 1)."""
+        return LEVEL_ROLES[self.name][1]
 
     @property
     def context(self) -> str | None:
         """ "drafter" when the adapter also reads EventGPT's prompt-end state (L5E), else None."""
-        return "drafter" if self.name == "L5E" else None
+        return LEVEL_ROLES[self.name][2]
+
+    @property
+    def rolls_out(self) -> bool:
+        """Whether the level drafts by feeding its own outputs back (a next-position level that needs no fresh
+        EventGPT state per draft: L5, B1, L5E). L5F reads EventGPT's state at every draft (lockstep)."""
+        return self.predicts == "next" and self.consumes != "both"
+
+    @property
+    def egpt_per_draft(self) -> bool:
+        """Whether every draft also costs EventGPT a decode step (L5F's lockstep)."""
+        return self.consumes == "both"
+
+    @property
+    def egpt_per_iteration(self) -> bool:
+        """Whether EventGPT runs once per iteration over the accepted tokens (L5: its states are the input)."""
+        return self.predicts == "next" and self.consumes == "drafter"
 
     @property
     def reads_drafter(self) -> bool:
@@ -155,6 +189,18 @@ class AdapterConfig:
 _INNER = {"L1": ("bottleneck_dim", 16), "L2": ("bottleneck_dim", 16), "L3": ("bottleneck_dim", 4)}
 _BLOCKS = {"L1": 1, "L2": 3, "L3": 2}
 MIN_INNER_DIM = 4
+
+
+def level_config(level: int | str) -> AdapterConfig:
+    """The default config of a level (its roles; widths at 4096): `level_config("B1").rolls_out`."""
+    return AdapterConfig(name=canonical_name(level))
+
+
+def levels(**roles: Any) -> tuple[str, ...]:
+    """The level names whose config has every given role, in ADAPTER_NAMES order:
+    `levels(predicts="same")` -> L1-L4 (prefill), `levels(rolls_out=True)` -> L5, B1, L5E."""
+    configs = [level_config(name) for name in ADAPTER_NAMES]
+    return tuple(c.name for c in configs if all(getattr(c, key) == value for key, value in roles.items()))
 
 
 def default_options(name: str, target_dim: int) -> dict[str, Any]:
@@ -1271,6 +1317,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "ADAPTER_NAMES",
+    "LEVEL_ROLES",
     "LOSS_MIXES",
     "NEXT_POSITION_LEVELS",
     "AdapterConfig",
@@ -1292,6 +1339,8 @@ __all__ = [
     "draft_outputs",
     "drafting_loss",
     "export_hf",
+    "level_config",
+    "levels",
     "load_adapter",
     "load_hf",
     "masked_cosine_loss",

@@ -40,6 +40,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from clip_data import (
+    DEFAULT_FRAME_PICK,
+    FRAME_PICKS,
+    ClipReadError,
+    event_frame_path,
+    read_rgb,
+    render_hint,
+    sample_video_frames,
+)
 from common import UserError, first_line, read_json, resolve_device, resolve_dtype
 
 log = logging.getLogger("xmodal_sd.model_loaders")
@@ -51,16 +60,6 @@ QUANT_CHOICES = ("none", "4bit", "8bit", "int8_ao", "int4_ao")
 BNB_QUANTS = ("4bit", "8bit")
 AO_QUANTS = ("int8_ao", "int4_ao")
 RUNNER_NAMES = ("eventgpt", "video_llava")
-DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
-# What "auto" means on CUDA, per model: each in the precision its released code runs it in (EventGPT's
-# inference.py casts to bfloat16; the Video-LLaVA-7B-hf model card, LanguageBind's inference and the
-# research fork load Video-LLaVA in float16). On CPU "auto" is float32 for both.
-AUTO_CUDA_DTYPES = {"eventgpt": torch.bfloat16, "video_llava": torch.float16}
-# How Video-LLaVA's frames are picked from the n decoded frames (see `frame_indices`); the first is
-# the default, LanguageBind's and the fork's `np.linspace(0, n - 1, k, dtype=int)`.
-FRAME_PICKS = ("floor", "round")
-DEFAULT_FRAME_PICK = FRAME_PICKS[0]
-
 # --- EventGPT release constants (dataset/constants.py, dataset/conversation.py of the release) ---
 EVENTGPT_MODEL_TYPE = "EventChat_llama"
 EVENT_TOKEN_INDEX = -200  # the release's in-sequence marker for "splice event features here"
@@ -78,10 +77,6 @@ EVENTGPT_ADAPTOR_PREFIX = "model.feature_adaptor."
 # --- Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf model card) ---
 VIDEO_LLAVA_MODEL_TYPE = "video_llava"
 VIDEO_LLAVA_PROMPT = "USER: <video>\n{question} ASSISTANT:"
-
-
-class ClipReadError(ValueError):
-    """A clip's video or event image is missing or unreadable; the message names the file."""
 
 
 def eventgpt_prompt(question: str) -> str:
@@ -207,22 +202,6 @@ def torchao_quantize(decoder: nn.Module, quant: str, device: torch.device) -> No
                         "use --quant int8_ao or none") from err
 
 
-def resolve_model_dtype(name: str, requested: str, device: torch.device) -> torch.dtype:
-    """One model's compute dtype: `auto` is that model's released precision on CUDA (`AUTO_CUDA_DTYPES`:
-    bf16 EventGPT, fp16 Video-LLaVA) and float32 on CPU; fp32/fp16/bf16 are taken as given."""
-    if name not in AUTO_CUDA_DTYPES:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(RUNNER_NAMES)}")
-    if requested != "auto" or device.type != "cuda":
-        return resolve_dtype(requested, device)
-    dtype = AUTO_CUDA_DTYPES[name]
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        log.info("%s dtype: float16, because this GPU lacks bfloat16 (the release runs bfloat16)", name)
-        return torch.float16
-    log.info("%s dtype: %s under auto on CUDA, the precision its released code runs it in", name,
-             str(dtype).removeprefix("torch."))
-    return dtype
-
-
 def _resolve(device: str, dtype: str, quant: str, name: str) -> tuple[torch.device, torch.dtype, Any]:
     dev = resolve_device(device)
     bnb_config(quant, dev)  # fails early (and off CUDA) before the dtype is even looked at
@@ -230,7 +209,7 @@ def _resolve(device: str, dtype: str, quant: str, name: str) -> tuple[torch.devi
         raise UserError(f"--quant {quant} needs the torchao package: pip install torchao")
     if quant == "int4_ao" and dev.type != "cuda":
         raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
-    dt = resolve_model_dtype(name, dtype, dev)
+    dt = resolve_dtype(dtype, dev, model=name)
     if quant == "4bit" and dt == torch.float32:
         log.info("%s: 4-bit layers compute in float32, as --dtype asked (slow; fp16/bf16 is usual)", name)
     return dev, dt, bnb_config(quant, dev, compute_dtype=dt)
@@ -276,92 +255,6 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-def frame_indices(total: int, num_frames: int, pick: str = DEFAULT_FRAME_PICK) -> np.ndarray:
-    """Indices [num_frames] of the frames to keep out of `total` decoded ones (repeats when fewer).
-
-    "floor" (default): `np.linspace(0, total - 1, num_frames, dtype=int)`, LanguageBind's Video-LLaVA
-    video loader and the research fork (20 frames -> 0,2,5,8,10,13,16,19). "round": this project's
-    earlier `round(linspace(...))` (20 frames -> 0,3,5,8,11,14,16,19).
-    """
-    if pick not in FRAME_PICKS:
-        raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
-    points = np.linspace(0, total - 1, num_frames)
-    return (np.floor(points) if pick == "floor" else np.rint(points)).astype(int)
-
-
-def _decode(container: Any) -> Iterator[Any]:
-    """The frames of the first video stream, decoded on one thread.
-
-    PyAV's threaded decoding costs more than it saves on these short clips (docs/MODELS.md has the
-    measurements), and the decode counts towards the target's vision time in every benchmark.
-    """
-    stream = container.streams.video[0]
-    stream.thread_type = "NONE"
-    return container.decode(stream)
-
-
-def sample_video_frames(path: str | os.PathLike, num_frames: int = 8, pick: str = DEFAULT_FRAME_PICK) -> np.ndarray:
-    """Decode every frame of an mp4 with PyAV (one thread) and pick `num_frames` uniformly.
-
-    Indices are `frame_indices(n, num_frames, pick)` over the n frames that actually decode. Returns
-    uint8 [num_frames, H, W, 3] RGB. Raises `ClipReadError` naming the file when it is missing,
-    unreadable or has no frames.
-    """
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise ClipReadError(f"video not found: {path}")
-    if pick not in FRAME_PICKS:
-        raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
-    try:
-        # Pass 1 counts decoded frames (container headers can disagree with what decodes); pass 2
-        # converts only the chosen ones, so a long video never sits in memory as RGB.
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ClipReadError(f"video {path} has no video stream")
-            total = sum(1 for _ in _decode(container))
-        if total == 0:
-            raise ClipReadError(f"video {path} decoded to zero frames")
-        idx = frame_indices(total, num_frames, pick)
-        wanted = set(idx.tolist())
-        picked: dict[int, np.ndarray] = {}
-        with av.open(str(path)) as container:
-            for i, frame in enumerate(_decode(container)):
-                if i in wanted:
-                    picked[i] = frame.to_ndarray(format="rgb24")
-                if i >= idx[-1]:
-                    break
-    except ClipReadError:
-        raise
-    except Exception as err:  # PyAV raises many error types for truncated or non-video files
-        raise ClipReadError(f"cannot decode video {path}: {type(err).__name__}: {err}") from err
-    if len(picked) != len(wanted):
-        raise ClipReadError(f"video {path}: second decode gave fewer than {total} frames")
-    return np.stack([picked[i] for i in idx])
-
-
-def render_hint(dataset_dir: str | os.PathLike) -> str:
-    """The command that renders a data set's event frames, for errors about a missing PNG."""
-    return (f"event frames are rendered by `python preprocess_event_images.py --dataset_dir {dataset_dir}`; "
-            "add --allow_pickle for pickled .npy clips such as the toy world's, --event_frames_per_clip N for more "
-            "than 5")
-
-
-def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 [H, W, 3] RGB (the release's `load_image(...).convert('RGB')`)."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise ClipReadError(f"event image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except Exception as err:  # PIL raises several types for truncated/corrupt files
-        raise ClipReadError(f"cannot read event image {path}: {type(err).__name__}: {err}") from err
 
 
 def spatio_temporal_pool(features: Tensor) -> Tensor:
@@ -775,7 +668,7 @@ class EventGPTRunner(VLMRunner):
 
     def event_image_paths(self, split_dir: Path, clip: dict) -> list[Path]:
         prefix = clip["event_image_prefix"]
-        return [Path(split_dir) / f"{prefix}_{i}.png" for i in range(self.num_event_frames)]
+        return [event_frame_path(Path(split_dir) / prefix, i) for i in range(self.num_event_frames)]
 
     @torch.no_grad()
     def encode_event_images(self, images: list[np.ndarray]) -> Tensor:
@@ -795,7 +688,7 @@ class EventGPTRunner(VLMRunner):
         missing = next((p for p in paths if not p.is_file()), None)
         if missing is not None:
             raise ClipReadError(f"event image not found: {missing} ({render_hint(Path(split_dir).parent)})")
-        return self.encode_event_images([read_rgb_image(p) for p in paths])
+        return self.encode_event_images([read_rgb(p) for p in paths])
 
     def prompt_ids(self, question: str) -> list[int]:
         """The release's `tokenizer_event_token`: chunks around `<event>` tokenised separately,
@@ -1226,10 +1119,6 @@ def to_drafter_vocab(tokens: Tensor, vocab_size: int, mask: Tensor | None = None
 
 
 __all__ = [
-    "AUTO_CUDA_DTYPES",
-    "DTYPE_CHOICES",
-    "FRAME_PICKS",
-    "ClipReadError",
     "EventGPTRunner",
     "GenerationOutput",
     "StepOutput",
@@ -1242,16 +1131,12 @@ __all__ = [
     "checkpoint_tensors",
     "config_hash",
     "eventgpt_prompt",
-    "frame_indices",
     "load_eventgpt",
     "load_runner",
     "load_tokenizer",
     "load_video_llava",
     "model_description",
-    "render_hint",
-    "resolve_model_dtype",
     "runner_manifest",
-    "sample_video_frames",
     "spatio_temporal_pool",
     "to_drafter_vocab",
     "video_llava_prompt",

@@ -57,11 +57,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from hidden_adapter import AdapterConfig, ProjectedContext, StaticAdapterCache, rollout_problem
+from hidden_adapter import AdapterConfig, ProjectedContext, StaticAdapterCache, levels, rollout_problem
 from model_loaders import VLMInputs, to_drafter_vocab
 
-PER_POSITION_LEVELS = ("L1", "L2", "L3", "L4")  # output[t] estimates the target state at t
-ROLLOUT_LEVELS = ("L5", "B1", "L5E")
+PER_POSITION_LEVELS = levels(predicts="same")  # output[t] estimates the target state at t
+ROLLOUT_LEVELS = levels(rolls_out=True)
 
 
 class LosslessError(AssertionError):

@@ -52,17 +52,16 @@ from transformers import (
 )
 from transformers.models.video_llava import VideoLlavaImageProcessor, VideoLlavaVideoProcessor
 
-from common import atomic_write_json, resolve_device, set_seed
+from clip_data import DEFAULT_FRAME_PICK
+from common import atomic_write_json, resolve_device, resolve_dtype, set_seed
 from model_loaders import (
     AO_QUANTS,
-    DEFAULT_FRAME_PICK,
     EVENTGPT_EV_END,
     EVENTGPT_EV_START,
     EVENTGPT_MODEL_TYPE,
     EVENTGPT_SYSTEM,
     EVENTGPT_TOWER_PREFIX,
     VIDEO_LLAVA_PROMPT,
-    resolve_model_dtype,
     torchao_quantize,
 )
 
@@ -494,6 +493,6 @@ def load_runners(args: argparse.Namespace, questions: list[str]) -> tuple[Any, A
                               frame_pick=frame_pick, accept_keys=accept_keys)
         return egpt, vl
     device = resolve_device(args.device)
-    return build_random_runners(args.shape, questions, device, resolve_model_dtype("eventgpt", egpt_dtype, device),
-                                args.seed, vl_dtype=resolve_model_dtype("video_llava", vl_dtype, device),
+    return build_random_runners(args.shape, questions, device, resolve_dtype(egpt_dtype, device, model="eventgpt"),
+                                args.seed, vl_dtype=resolve_dtype(vl_dtype, device, model="video_llava"),
                                 frame_pick=frame_pick, quant=getattr(args, "quant", "none"))

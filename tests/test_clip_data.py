@@ -21,9 +21,9 @@ from clip_data import (
     load_questions,
     read_clip_events,
     rectify_events,
+    sample_video_frames,
 )
 from common import UserError
-from model_loaders import sample_video_frames
 from toy_dataset import write_dsec_layout, write_toy_dataset
 
 SEQS = (2, 1, 1)

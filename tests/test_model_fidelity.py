@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import clip_data as cd
 import model_loaders as ml
 import preprocess_event_images as pe
 import toy_models as tm
-from common import UserError
+from common import UserError, resolve_dtype
 from tests.conftest import ROOT
 from tests.test_model_loaders import TEXTS, _write_mp4
 
@@ -187,21 +188,21 @@ def test_video_frames_are_floored_like_languagebind(ckpts, tmp_path):
     def picked(frames: np.ndarray) -> list[int]:
         return [round(float(f.mean()) / 12) for f in frames]
 
-    assert picked(ml.sample_video_frames(video, 8)) == [0, 2, 5, 8, 10, 13, 16, 19]
-    assert ml.frame_indices(20, 8).tolist() == np.linspace(0, 19, 8, dtype=int).tolist()
-    assert ml.frame_indices(20, 8, "round").tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
-    assert ml.frame_indices(3, 8).tolist() == [0, 0, 0, 0, 1, 1, 1, 2]  # short videos repeat frames
-    assert picked(ml.sample_video_frames(video, 8, pick="round")) == [0, 3, 5, 8, 11, 14, 16, 19]
+    assert picked(cd.sample_video_frames(video, 8)) == [0, 2, 5, 8, 10, 13, 16, 19]
+    assert cd.frame_indices(20, 8).tolist() == np.linspace(0, 19, 8, dtype=int).tolist()
+    assert cd.frame_indices(20, 8, "round").tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
+    assert cd.frame_indices(3, 8).tolist() == [0, 0, 0, 0, 1, 1, 1, 2]  # short videos repeat frames
+    assert picked(cd.sample_video_frames(video, 8, pick="round")) == [0, 3, 5, 8, 11, 14, 16, 19]
     with pytest.raises(UserError, match="frame_pick"):
-        ml.sample_video_frames(video, 8, pick="ceil")
+        cd.sample_video_frames(video, 8, pick="ceil")
     # The runner uses its pick, and says which in its description.
     split = tmp_path
     clip = {"video": "v.mp4"}
-    for pick in ml.FRAME_PICKS:
+    for pick in cd.FRAME_PICKS:
         vl = ml.load_video_llava(ckpts["vl"], device="cpu", frame_pick=pick)
         assert ml.model_description(vl)["frame_pick"] == pick
         torch.testing.assert_close(vl.clip_features(split, clip),
-                                   vl.encode_frames(ml.sample_video_frames(video, 8, pick=pick)))
+                                   vl.encode_frames(cd.sample_video_frames(video, 8, pick=pick)))
     assert ml.load_video_llava(ckpts["vl"], device="cpu").frame_pick == "floor"
 
 
@@ -212,7 +213,7 @@ def test_video_decodes_on_one_thread(tmp_path):
     video = tmp_path / "v.mp4"
     _write_mp4(video, [0, 50, 100])
     with av.open(str(video)) as container:
-        frames = list(ml._decode(container))
+        frames = list(cd._decode(container))
         assert container.streams.video[0].thread_type.name == "NONE"
     assert len(frames) == 3
 
@@ -359,15 +360,15 @@ def test_auto_dtype_is_each_models_released_precision_on_cuda(monkeypatch):
     """Point 6: under auto, EventGPT runs bf16 (its release) and Video-LLaVA fp16 (model card, LanguageBind)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert ml.resolve_model_dtype("eventgpt", "auto", cuda) == torch.bfloat16
-    assert ml.resolve_model_dtype("video_llava", "auto", cuda) == torch.float16
-    assert ml.resolve_model_dtype("video_llava", "bf16", cuda) == torch.bfloat16  # explicit wins
-    assert ml.resolve_model_dtype("eventgpt", "auto", cpu) == ml.resolve_model_dtype("video_llava", "auto", cpu)
-    assert ml.resolve_model_dtype("eventgpt", "auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cuda, model="eventgpt") == torch.bfloat16
+    assert resolve_dtype("auto", cuda, model="video_llava") == torch.float16
+    assert resolve_dtype("bf16", cuda, model="video_llava") == torch.bfloat16  # explicit wins
+    assert resolve_dtype("auto", cpu, model="eventgpt") == resolve_dtype("auto", cpu, model="video_llava")
+    assert resolve_dtype("auto", cpu, model="eventgpt") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert ml.resolve_model_dtype("eventgpt", "auto", cuda) == torch.float16
+    assert resolve_dtype("auto", cuda, model="eventgpt") == torch.float16
     with pytest.raises(UserError, match="unknown model"):
-        ml.resolve_model_dtype("llava", "auto", cpu)
+        resolve_dtype("auto", cpu, model="llava")
 
 
 def test_4bit_computes_in_the_models_own_dtype():

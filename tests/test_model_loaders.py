@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import clip_data as cd
 import model_loaders as ml
 import toy_models as tm
 from common import UserError
@@ -260,7 +261,7 @@ def test_eventgpt_loads_sharded_checkpoints(world: dict, tmp_path: Path) -> None
 
 
 def test_sample_video_frames_uniform(world: dict) -> None:
-    frames = ml.sample_video_frames(world["split"] / world["clip"]["video"], num_frames=8)
+    frames = cd.sample_video_frames(world["split"] / world["clip"]["video"], num_frames=8)
     assert frames.shape == (8, 48, 64, 3) and frames.dtype == np.uint8
     expected = np.linspace(0, N_VIDEO_FRAMES - 1, 8, dtype=int)  # 0 2 5 8 10 13 16 19, as LanguageBind
     brightness = frames.reshape(8, -1).mean(axis=1)
@@ -273,7 +274,7 @@ def test_video_llava_prompt(world: dict) -> None:
 
 def test_video_llava_prefill_equals_model_forward(world: dict) -> None:
     vl = world["vl"]
-    frames = ml.sample_video_frames(world["split"] / world["clip"]["video"], 8)
+    frames = cd.sample_video_frames(world["split"] / world["clip"]["video"], 8)
     inputs = vl.processor(text=ml.video_llava_prompt(Q_LONG), videos=[frames], return_tensors="pt")
     with torch.no_grad():
         ref = vl.model(**inputs).logits[0].float()
@@ -489,27 +490,27 @@ def test_vision_tower_override(world: dict, tmp_path: Path) -> None:
 def test_missing_or_corrupt_event_png(world: dict, tmp_path: Path) -> None:
     egpt = world["egpt"]
     clip = {**world["clip"], "event_image_prefix": "event_image/seq_000/missing"}
-    with pytest.raises(ml.ClipReadError, match=r"missing_0\.png") as err:
+    with pytest.raises(cd.ClipReadError, match=r"missing_0\.png") as err:
         egpt.clip_features(world["split"], clip)
     assert f"python preprocess_event_images.py --dataset_dir {world['split'].parent}" in str(err.value)
     bad = tmp_path / "event_image" / "broken_0.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a png")
-    with pytest.raises(ml.ClipReadError, match=r"broken_0\.png"):
+    with pytest.raises(cd.ClipReadError, match=r"broken_0\.png"):
         egpt.clip_features(tmp_path, {"event_image_prefix": "event_image/broken"})
     too_many = ml.load_eventgpt(world["egpt_dir"], device="cpu", num_event_frames=4)  # only 3 PNGs exist
-    with pytest.raises(ml.ClipReadError, match=rf"{CLIP}_3\.png"):
+    with pytest.raises(cd.ClipReadError, match=rf"{CLIP}_3\.png"):
         too_many.clip_features(world["split"], world["clip"])
 
 
 def test_missing_or_corrupt_mp4(world: dict, tmp_path: Path) -> None:
-    with pytest.raises(ml.ClipReadError, match=r"gone\.mp4"):
+    with pytest.raises(cd.ClipReadError, match=r"gone\.mp4"):
         world["vl"].clip_features(world["split"], {"video": "mp4/gone.mp4"})
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00" * 100)
-    with pytest.raises(ml.ClipReadError, match=r"broken\.mp4"):
-        ml.sample_video_frames(bad)
-    assert issubclass(ml.ClipReadError, ValueError)
+    with pytest.raises(cd.ClipReadError, match=r"broken\.mp4"):
+        cd.sample_video_frames(bad)
+    assert issubclass(cd.ClipReadError, ValueError)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit/8-bit needs a CUDA GPU")
