@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from common import DTYPE_CHOICES, atomic_write_json, markdown_table, resolve_device, resolve_dtype, run_cli, sync_device
+from cli import run_cli
+from common import DTYPE_CHOICES, atomic_write_json, markdown_table, resolve_device, resolve_dtype, sync_device
 from hidden_adapter import (
     ADAPTER_NAMES,
     AttentionAdapter,

@@ -50,23 +50,10 @@ import torch
 from tqdm import tqdm
 
 import speculative_decoding as sd
+from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
 from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS
-from common import (
-    DTYPE_CHOICES,
-    PREFILL_WINDOW_CAP,
-    UserError,
-    add_config_flag,
-    add_dry_run_flag,
-    atomic_write_json,
-    dry_run_report,
-    gamma_prefill_arg,
-    markdown_table,
-    parse_with_config,
-    preflight,
-    run_cli,
-    set_seed,
-    sync_device,
-)
+from common import DTYPE_CHOICES, UserError, atomic_write_json, markdown_table, set_seed, sync_device
+from cost_model import PREFILL_WINDOW_CAP
 from e2e_measure import adapter_path, assisted_run, hf_generate, measure_profile, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_loaders import (
@@ -74,6 +61,7 @@ from model_loaders import (
     VLMInputs,
     model_description,
 )
+from preflight import preflight
 
 log = logging.getLogger("xmodal_sd.e2e")
 

@@ -36,24 +36,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cli import add_config_flag, add_dry_run_flag, alias_help, dry_run_report, parse_with_config, run_cli
 from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS, render_hint
-from common import (
-    DTYPE_CHOICES,
-    UserError,
-    add_config_flag,
-    add_dry_run_flag,
-    alias_help,
-    atomic_write_json,
-    dry_run_report,
-    markdown_table,
-    parse_with_config,
-    preflight,
-    run_cli,
-    set_seed,
-    sync_device,
-)
+from common import DTYPE_CHOICES, UserError, atomic_write_json, markdown_table, set_seed, sync_device
 from extract_hidden_states import iter_batches, pair_features, plan_samples, run_models
 from model_loaders import QUANT_CHOICES, model_description
+from preflight import preflight
 from toy_models import OVERRIDES, SHAPES, load_runners, resolve_shape
 
 log = logging.getLogger("xmodal_sd.bench_extract")

@@ -36,17 +36,8 @@ from typing import Any
 
 import torch
 
-from common import (
-    UserError,
-    add_config_flag,
-    alias_help,
-    atomic_write_json,
-    markdown_table,
-    parse_with_config,
-    resolve_device,
-    run_cli,
-    sync_device,
-)
+from cli import add_config_flag, alias_help, parse_with_config, run_cli
+from common import UserError, atomic_write_json, markdown_table, resolve_device, sync_device
 from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, ChunkStream, chunk_name, to_device, write_chunk
 
 log = logging.getLogger("xmodal_sd.bench_train")

@@ -38,6 +38,13 @@ from typing import Any
 from common import UserError, atomic_write_json, markdown_table
 from hidden_adapter import levels
 
+# Prefill drafting window, one default everywhere: `auto` = as many drafts as EventGPT finishes while the
+# target prefills. The live engine stops drafting when the target's prefill ends, so there auto is only a
+# cap (PREFILL_WINDOW_CAP, the two-phase model's longest window); the two-phase model fits the window to
+# each timing profile; offline measurement records every window and headlines the reference's 7.
+PREFILL_WINDOW_CAP = 16
+REFERENCE_PREFILL_WINDOW = 7
+
 PROFILE_FORMAT = "xmodal_sd.timing_profile"
 PROFILE_VERSION = 1
 # The roles come from the adapter config (hidden_adapter.LEVEL_ROLES), never from a list of names here.
@@ -309,7 +316,7 @@ def estimate_two_phase(
     return out
 
 
-def prefill_window(profile: TimingProfile, prefill_adapter: str, max_window: int = 16) -> int:
+def prefill_window(profile: TimingProfile, prefill_adapter: str, max_window: int = PREFILL_WINDOW_CAP) -> int:
     """Prefill drafts EventGPT finishes before the target's vision + prefill end (what the live engine
     drafts: it stops at the target's prefill): its prefill yields the first draft, each decode step one
     more, plus one adapter pass. At least 1 (then the honest model charges the overrun), at most
@@ -363,7 +370,7 @@ def main(args: argparse.Namespace) -> TimingProfile:
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from cli import run_cli
 
     run_cli(main, parse_args)
 

@@ -28,16 +28,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import (
-    UserError,
-    add_config_flag,
-    atomic_write_bytes,
-    atomic_write_json,
-    markdown_table,
-    parse_with_config,
-    read_json,
-    run_cli,
-)
+from cli import add_config_flag, parse_with_config, run_cli
+from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, read_json
 from cost_model import (
     DECODE_ADAPTERS,
     PREFILL_ADAPTERS,

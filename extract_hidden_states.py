@@ -45,22 +45,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cli import RunLog, add_config_flag, add_dry_run_flag, alias_help, dry_run_report, parse_with_config, run_cli
 from clip_data import FRAME_PICKS
-from common import (
-    DTYPE_CHOICES,
-    RunLog,
-    UserError,
-    add_config_flag,
-    add_dry_run_flag,
-    alias_help,
-    atomic_write_json,
-    dry_run_report,
-    parse_with_config,
-    preflight,
-    read_json,
-    run_cli,
-    set_seed,
-)
+from common import DTYPE_CHOICES, UserError, atomic_write_json, read_json, set_seed
 from hidden_data import (
     CHUNK_KEYS,
     FORMAT_VERSION,
@@ -73,6 +60,7 @@ from hidden_data import (
     write_chunk,
 )
 from model_loaders import QUANT_CHOICES, model_description, to_drafter_vocab
+from preflight import preflight
 
 log = logging.getLogger("xmodal_sd.extract")
 

@@ -23,17 +23,10 @@ from typing import Any
 
 import torch
 
-from common import (
-    UserError,
-    add_dry_run_flag,
-    atomic_torch_save,
-    dry_run_report,
-    preflight,
-    read_json,
-    run_cli,
-    safe_torch_load,
-)
+from cli import add_dry_run_flag, dry_run_report, run_cli
+from common import UserError, atomic_torch_save, read_json, safe_torch_load
 from model_loaders import QUANT_CHOICES
+from preflight import preflight
 
 log = logging.getLogger("xmodal_sd.lm_head")
 LM_HEAD_FORMAT = "xmodal_sd.lm_head"

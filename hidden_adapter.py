@@ -1310,7 +1310,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from cli import run_cli
 
     run_cli(main, parse_args)
 

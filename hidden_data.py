@@ -457,6 +457,6 @@ def main(args: Any) -> int:
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from cli import run_cli
 
     run_cli(main, parse_args)

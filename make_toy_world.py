@@ -38,17 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (
-    UserError,
-    add_config_flag,
-    alias_help,
-    atomic_write_json,
-    markdown_table,
-    parse_with_config,
-    read_json,
-    run_cli,
-    set_seed,
-)
+from cli import add_config_flag, alias_help, parse_with_config, run_cli
+from common import UserError, atomic_write_json, markdown_table, read_json, set_seed
 
 log = logging.getLogger("xmodal_sd.toy")
 WORLD_VERSION = 3  # 2: the loop check covers both models' answers; 3: answers of 30-50 tokens

@@ -34,18 +34,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common import (
-    REFERENCE_PREFILL_WINDOW,
-    UserError,
-    add_config_flag,
-    atomic_write_bytes,
-    atomic_write_json,
-    gamma_prefill_arg,
-    markdown_table,
-    parse_with_config,
-    resolve_device,
-    run_cli,
-)
+from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
+from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device
+from cost_model import REFERENCE_PREFILL_WINDOW
 from extract_vl_lm_head import load_lm_head
 from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
 from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs

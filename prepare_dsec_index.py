@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cli import add_config_flag, alias_help, parse_with_config, run_cli
 from clip_data import (
     DEFAULT_QUESTIONS,
     SPLITS,
@@ -55,16 +56,7 @@ from clip_data import (
     read_rectify_map,
     read_rgb,
 )
-from common import (
-    UserError,
-    add_config_flag,
-    alias_help,
-    atomic_write_bytes,
-    atomic_write_json,
-    parse_with_config,
-    read_json,
-    run_cli,
-)
+from common import UserError, atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger("xmodal_sd.prepare")
 INDEX_FORMAT = "xmodal_sd.clip_index"

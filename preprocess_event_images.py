@@ -41,18 +41,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cli import add_config_flag, alias_help, parse_with_config, run_cli
 from clip_data import read_clip_events, read_h5_events, read_recording_header
-from common import (
-    UserError,
-    add_config_flag,
-    alias_help,
-    atomic_write_bytes,
-    atomic_write_json,
-    first_line,
-    parse_with_config,
-    read_json,
-    run_cli,
-)
+from common import UserError, atomic_write_bytes, atomic_write_json, first_line, read_json
 
 log = logging.getLogger("xmodal_sd")
 

@@ -43,10 +43,12 @@ from typing import Any
 
 import numpy as np
 
+from cli import run_cli
+
 # The readers moved to clip_data.py (the data layer); clip_paths, load_index and load_questions stay
 # importable from here for code written before the move. New code imports them from clip_data.
 from clip_data import SPLITS, clip_paths, encode_mp4, load_index, load_questions, pick_codec  # noqa: F401
-from common import UserError, atomic_write_bytes, read_json, run_cli
+from common import UserError, atomic_write_bytes, read_json
 
 log = logging.getLogger("xmodal_sd")
 

@@ -43,17 +43,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cli import RunLog, add_config_flag, read_config, run_cli
 from common import (
-    RunLog,
     UserError,
-    add_config_flag,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
     first_line,
-    read_config,
     resolve_device,
-    run_cli,
     safe_torch_load,
     set_seed,
 )

@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from common import UserError, atomic_write_bytes, markdown_table, read_json, run_cli
+from cli import run_cli
+from common import UserError, atomic_write_bytes, markdown_table, read_json
 from hidden_adapter import ADAPTER_NAMES, count_parameters, load_adapter
 
 RUN_NAME = re.compile(rf"^({'|'.join(ADAPTER_NAMES)})_(free|teacher_forced)_(\d{{8}}_\d{{6}})$")

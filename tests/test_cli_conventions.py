@@ -49,7 +49,7 @@ def test_import_has_no_side_effects(path, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- one name per meaning
 
-# Stages with more than a handful of flags take --config (common.add_config_flag). The data helper's
+# Stages with more than a handful of flags take --config (cli.add_config_flag). The data helper's
 # scripts (make_toy_world.py, prepare_dsec_index.py, toy_dataset.py) are listed once they have it.
 CONFIG_STAGES = ("train_hidden_adapter.py", "extract_hidden_states.py", "benchmark_e2e_wallclock.py",
                  "benchmark_extraction.py", "preprocess_event_images.py", "eval_two_phase.py",
