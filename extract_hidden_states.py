@@ -55,6 +55,7 @@ from hidden_data import (
     TEACHER_FORCED_KEY,
     chunk_name,
     chunk_problem,
+    differing_models,
     merge_manifest,
     shard_name,
     write_chunk,
@@ -232,16 +233,6 @@ def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...],
             if key in base and key in old and old[key] != base[key]:
                 raise UserError(f"{out_dir} holds data extracted with a different {key} ({old[key]!r} vs "
                                 f"{base[key]!r}, see {path.name}); {fix}")
-
-
-def same_models(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """Same checkpoints (config hash) run in the same compute dtype (when the old record has one)."""
-    if not old:
-        return True
-    return all(
-        k in old and old[k]["config_hash"] == v["config_hash"] and old[k].get("dtype", v["dtype"]) == v["dtype"]
-        for k, v in new.items()
-    )
 
 
 def run_models(
@@ -471,7 +462,8 @@ def load_models(args: argparse.Namespace, device: torch.device, dtypes: dict[str
     models = {"drafter": model_description(egpt), "target": model_description(vl)}
     recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
     for path in (p for p in recorded if p.is_file()):
-        if not same_models(read_json(path, "extraction record", "delete the folder").get("models"), models):
+        recorded_models = read_json(path, "extraction record", "delete the folder").get("models")
+        if differing_models(recorded_models, models, dtype=True):
             raise UserError(f"{out_dir} holds states of other models or another dtype (see {path.name}); "
                             "use a new --output_dir")
     return egpt, vl, models

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from cli import add_dry_run_flag, dry_run_report, run_cli
-from common import UserError, atomic_torch_save, read_json, safe_torch_load
+from common import UserError, atomic_torch_save, read_json
+from hidden_data import LM_HEAD_FORMAT, load_lm_head
 from model_loaders import QUANT_CHOICES
 from preflight import preflight
 
 log = logging.getLogger("xmodal_sd.lm_head")
-LM_HEAD_FORMAT = "xmodal_sd.lm_head"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,34 +98,6 @@ def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[st
         "model": str(vl_model),
         "config_hash": chash,
     }
-
-
-def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embeddings: bool = False) -> dict[str, Any]:
-    """Read an LM head file written here; checks the tag, (optionally) the width, and with
-    `need_embeddings` that it holds the input-embedding table (files from before it was stored do not)."""
-    fix = "write it with extract_vl_lm_head.py --vl_model ... --output ..."
-    head = safe_torch_load(path, "LM head", fix)
-    if not isinstance(head, dict) or head.get("format") != LM_HEAD_FORMAT:
-        raise UserError(f"{path} is not an LM head file; {fix}")
-    weight = head.get("weight")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise UserError(f"{path} holds no [vocab, width] LM head weight; {fix}")
-    if (head.get("vocab_size"), head.get("hidden_dim")) != tuple(weight.shape):
-        raise UserError(f"{path} records vocab {head.get('vocab_size')} x width {head.get('hidden_dim')} but its "
-                        f"weight is {list(weight.shape)} (a damaged or hand-edited file); {fix} --overwrite")
-    embed = head.get("embed_weight")
-    if isinstance(embed, torch.Tensor) and tuple(embed.shape) != tuple(weight.shape):
-        raise UserError(f"{path}: input embeddings {list(embed.shape)} and LM head {list(weight.shape)} differ in "
-                        f"shape; {fix} --overwrite")
-    if need_embeddings and not isinstance(head.get("embed_weight"), torch.Tensor):
-        raise UserError(f"{path} holds no input-embedding table (written by an older release), which adapters "
-                        "with a token input read; rewrite it with extract_vl_lm_head.py --overwrite")
-    if hidden_dim is not None and head["hidden_dim"] != hidden_dim:
-        raise UserError(
-            f"{path} has width {head['hidden_dim']} but the hidden states have width {hidden_dim}; "
-            "extract the LM head of the model that produced the states"
-        )
-    return head
 
 
 def main(args: argparse.Namespace) -> dict[str, Any] | int:

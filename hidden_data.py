@@ -246,6 +246,96 @@ def describe(manifest: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- pairs and streaming
 
+# ----------------------------------------------------------------------------- the models behind the states
+# The one "same models" rule: extraction refuses to add to a folder of other models' states, training refuses
+# train and validation data of different models, evaluation refuses a checkpoint trained on other models' states
+# and an LM head of another target. Each record names its models by config hash (vlm_runners.model_description).
+
+MODEL_ROLES = ("drafter", "target")
+
+
+def _model_records(described: Any) -> dict[str, dict[str, Any]]:
+    """{role: {"config_hash": str, "dtype": str | None}} from a manifest, its `models`, a checkpoint's
+    `extra["data"]` (which may hold the models' descriptions, their hashes, or a `models` entry)."""
+    if not isinstance(described, dict):
+        return {}
+    if isinstance(described.get("models"), dict):
+        described = described["models"]
+    out: dict[str, dict[str, Any]] = {}
+    for role in MODEL_ROLES:
+        value = described.get(role) or described.get(f"{role}_config_hash")
+        record = value if isinstance(value, dict) else {"config_hash": value}
+        if isinstance(record.get("config_hash"), str):
+            out[role] = {"config_hash": record["config_hash"], "dtype": record.get("dtype")}
+    return out
+
+
+def model_hashes(described: Any) -> dict[str, str]:
+    """{"drafter": hash, "target": hash} of whatever a record holds (see `_model_records`)."""
+    return {role: r["config_hash"] for role, r in _model_records(described).items()}
+
+
+def differing_models(a: Any, b: Any, dtype: bool = False) -> list[str]:
+    """The roles whose models differ between two records: another config hash, or with `dtype` another
+    compute dtype where both record one. A role that either record lacks does not count."""
+    ra, rb = _model_records(a), _model_records(b)
+    out = []
+    for role in MODEL_ROLES:
+        x, y = ra.get(role), rb.get(role)
+        if x is None or y is None:
+            continue
+        if x["config_hash"] != y["config_hash"] or (dtype and x["dtype"] and y["dtype"] and x["dtype"] != y["dtype"]):
+            out.append(role)
+    return out
+
+
+# ----------------------------------------------------------------------------- the LM head file
+# Written by extract_vl_lm_head.py; read by training (the token input's embedding table, token metrics) and
+# evaluation (token-level acceptance).
+
+LM_HEAD_FORMAT = "xmodal_sd.lm_head"
+
+
+def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embeddings: bool = False,
+                 data: dict[str, Any] | None = None, data_name: str = "the data") -> dict[str, Any]:
+    """Read an LM head file (extract_vl_lm_head.py): {"weight": [V, D] fp16, "embed_weight": [V, D] fp16 (the
+    target's input embeddings, which token-input adapters look tokens up in), "vocab_size", "hidden_dim",
+    "model", "config_hash"}. Checks the tag, (optionally) the width, with `need_embeddings` that it holds
+    the input-embedding table (files from before it was stored do not), and with `data` (a manifest, or
+    anything `model_hashes` reads) that it is the head of the target model that produced those states."""
+    fix = "write it with extract_vl_lm_head.py --vl_model ... --output ..."
+    head = safe_torch_load(path, "LM head", fix)
+    if not isinstance(head, dict) or head.get("format") != LM_HEAD_FORMAT:
+        raise UserError(f"{path} is not an LM head file; {fix}")
+    weight = head.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UserError(f"{path} holds no [vocab, width] LM head weight; {fix}")
+    if (head.get("vocab_size"), head.get("hidden_dim")) != tuple(weight.shape):
+        raise UserError(f"{path} records vocab {head.get('vocab_size')} x width {head.get('hidden_dim')} but its "
+                        f"weight is {list(weight.shape)} (a damaged or hand-edited file); {fix} --overwrite")
+    embed = head.get("embed_weight")
+    if isinstance(embed, torch.Tensor) and tuple(embed.shape) != tuple(weight.shape):
+        raise UserError(f"{path}: input embeddings {list(embed.shape)} and LM head {list(weight.shape)} differ in "
+                        f"shape; {fix} --overwrite")
+    if need_embeddings and not isinstance(head.get("embed_weight"), torch.Tensor):
+        raise UserError(f"{path} holds no input-embedding table (written by an older release), which adapters "
+                        "with a token input read; rewrite it with extract_vl_lm_head.py --overwrite")
+    if hidden_dim is not None and head["hidden_dim"] != hidden_dim:
+        raise UserError(
+            f"{path} has width {head['hidden_dim']} but the hidden states have width {hidden_dim}; "
+            "extract the LM head of the model that produced the states"
+        )
+    want = model_hashes(data).get("target") if data is not None else None
+    if want and head.get("config_hash") not in (None, want):
+        raise UserError(f"{path} is the LM head of another target model than {data_name}'s (config hashes differ); "
+                        "extract the head of the model that produced the states")
+    return head
+
+
+
+# ----------------------------------------------------------------------------- pairs and streaming
+
+
 PAIRS = ("free", "teacher_forced")
 
 

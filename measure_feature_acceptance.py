@@ -37,9 +37,16 @@ from tqdm import tqdm
 from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device
 from cost_model import REFERENCE_PREFILL_WINDOW
-from extract_vl_lm_head import load_lm_head
 from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
-from hidden_data import PAIRS, iter_chunks, load_manifest, select_pairs
+from hidden_data import (
+    PAIRS,
+    differing_models,
+    iter_chunks,
+    load_lm_head,
+    load_manifest,
+    model_hashes,
+    select_pairs,
+)
 from metrics import THRESHOLDS, AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json, tau_key
 
 log = logging.getLogger("xmodal_sd.acceptance")
@@ -91,31 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- inputs
 
 
-def model_hashes(described: Any) -> dict[str, str]:
-    """{"drafter": hash, "target": hash} from a manifest's `models` or a checkpoint's `extra["data"]`
-    (which may hold the models' descriptions, their hashes, or a `models` entry)."""
-    if not isinstance(described, dict):
-        return {}
-    if isinstance(described.get("models"), dict):
-        described = described["models"]
-    out = {}
-    for role in ("drafter", "target"):
-        value = described.get(role) or described.get(f"{role}_config_hash")
-        if isinstance(value, dict):
-            value = value.get("config_hash")
-        if isinstance(value, str):
-            out[role] = value
-    return out
-
-
 def check_same_models(checkpoint: str, extra: dict[str, Any], manifest: dict[str, Any], allow: bool) -> None:
     """Refuse (one line) a checkpoint trained on states of other models than the test data's."""
-    trained, tested = model_hashes(extra.get("data")), model_hashes(manifest.get("models"))
+    trained, tested = model_hashes(extra.get("data")), model_hashes(manifest)
     if not trained or not tested:
         log.warning("cannot check that %s was trained on states of the test data's models "
                     "(no config hashes recorded)", checkpoint)
         return
-    differ = [r for r in trained if r in tested and trained[r] != tested[r]]
+    differ = differing_models(trained, tested)
     if differ and not allow:
         raise UserError(f"{checkpoint} was trained on states of another {' and '.join(differ)} model than the test "
                         "data (config hashes differ); evaluate on data extracted with the same models")
@@ -380,11 +370,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"{args.checkpoint} expects {role} width {have}, {test_data} has {widths[role]}; "
                             "evaluate an adapter trained on states of the test data's models")
     head_file = load_lm_head(args.lm_head, hidden_dim=int(widths["target"]),
-                             need_embeddings=adapter.config.token_input)
-    target_hash = model_hashes(manifest.get("models")).get("target")
-    if target_hash and head_file.get("config_hash") not in (None, target_hash):
-        raise UserError(f"{args.lm_head} is the LM head of another target model than {test_data}'s (config hashes "
-                        "differ); extract the head of the model that produced the states")
+                             need_embeddings=adapter.config.token_input, data=manifest, data_name=str(test_data))
     if args.input_states == "target" and adapter.config.drafter_dim != adapter.config.target_dim:
         raise UserError(f"--input_states target needs equal widths; {args.checkpoint} maps "
                         f"{adapter.config.drafter_dim} -> {adapter.config.target_dim}")

@@ -69,7 +69,7 @@ from hidden_adapter import (
     rollout_problem,
     save_adapter,
 )
-from hidden_data import PAIRS, ChunkStream, to_device
+from hidden_data import PAIRS, ChunkStream, differing_models, load_lm_head, model_hashes, to_device
 from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
 
 log = logging.getLogger("xmodal_sd.train")
@@ -386,11 +386,9 @@ def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple
     if tw != vw:
         raise UserError(f"{args.train_data} has widths {tw} but {args.val_data} has {vw}; "
                         "use train and validation data extracted with the same models")
-    hashes = [{r: (m.get("models") or {}).get(r, {}).get("config_hash") for r in ("drafter", "target")}
-              for m in (train.manifest, val.manifest)]
-    if hashes[0] != hashes[1]:
+    if differing_models(train.manifest, val.manifest):
         raise UserError(f"{args.train_data} and {args.val_data} were extracted with different models "
-                        f"({hashes[0]} vs {hashes[1]}); re-extract one of them")
+                        f"({model_hashes(train.manifest)} vs {model_hashes(val.manifest)}); re-extract one of them")
     for stream in streams:  # every chunk is checked against the manifest's widths as it is read
         stream.dims = {"drafter": tw.get("drafter"), "target": tw.get("target")}
     return train, val
@@ -410,14 +408,8 @@ def load_head(args: argparse.Namespace, target_dim: int, manifest: dict[str, Any
     """The --lm_head file (LM head and, for the token input, the input embeddings), checked against the data."""
     if not args.lm_head:
         return None
-    from extract_vl_lm_head import load_lm_head
-
-    head = load_lm_head(args.lm_head, hidden_dim=target_dim, need_embeddings=args.use_token_input)
-    want = ((manifest.get("models") or {}).get("target") or {}).get("config_hash")
-    if want and head.get("config_hash") not in (None, want):
-        raise UserError(f"{args.lm_head} is the LM head of another target model than {args.train_data}'s "
-                        "(config hashes differ); extract the head of the model that produced the states")
-    return head
+    return load_lm_head(args.lm_head, hidden_dim=target_dim, need_embeddings=args.use_token_input, data=manifest,
+                        data_name=str(args.train_data))
 
 
 class Drafting(nn.Module):

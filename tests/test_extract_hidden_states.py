@@ -17,6 +17,7 @@ import torch
 
 import extract_hidden_states as ehs
 import extract_vl_lm_head
+import hidden_data
 from clip_data import load_index, load_questions
 from common import UserError
 from hidden_data import chunk_name, iter_chunks, load_chunk, load_manifest
@@ -123,7 +124,7 @@ def test_lm_head_reproduces_stored_tokens(batched, quick_world, tmp_path):
     head = extract_vl_lm_head.main(extract_vl_lm_head.parse_args(
         ["--vl_model", str(quick_world / "models" / "video_llava"), "--output", str(head_path)]))
     assert head_path.is_file() and head["weight"].dtype == torch.float16
-    loaded = extract_vl_lm_head.load_lm_head(head_path, hidden_dim=head["hidden_dim"])
+    loaded = hidden_data.load_lm_head(head_path, hidden_dim=head["hidden_dim"])
     data = merged(batched)
     logits = data["vl_hidden"].float() @ loaded["weight"].float().T
     mask = data["vl_mask"]
@@ -131,7 +132,7 @@ def test_lm_head_reproduces_stored_tokens(batched, quick_world, tmp_path):
     agree = (logits.argmax(-1) == data["vl_tokens"].long())[mask]
     assert agree.float().mean() == 1.0
     with pytest.raises(UserError, match="width"):
-        extract_vl_lm_head.load_lm_head(head_path, hidden_dim=head["hidden_dim"] + 1)
+        hidden_data.load_lm_head(head_path, hidden_dim=head["hidden_dim"] + 1)
 
 
 def test_lm_head_file_equals_the_loaded_model_head(quick_world, runners, tmp_path):

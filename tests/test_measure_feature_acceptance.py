@@ -13,7 +13,7 @@ import torch
 import measure_feature_acceptance as mfa
 from common import UserError, atomic_torch_save, atomic_write_json
 from hidden_adapter import create_adapter, save_adapter
-from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, write_chunk
+from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, differing_models, model_hashes, write_chunk
 from tests.conftest import ROOT
 
 D, T, V = 16, 6, 20
@@ -169,10 +169,21 @@ def test_input_states_target_feeds_the_targets_states(tmp_path):
 
 
 def test_model_hashes_reads_several_layouts():
-    assert mfa.model_hashes({"models": MODELS}) == {"drafter": "egpt-hash", "target": "vl-hash"}
-    assert mfa.model_hashes(MODELS) == {"drafter": "egpt-hash", "target": "vl-hash"}
-    assert mfa.model_hashes({"drafter": "a", "target": "b"}) == {"drafter": "a", "target": "b"}
-    assert mfa.model_hashes(None) == {}
+    assert model_hashes({"models": MODELS}) == {"drafter": "egpt-hash", "target": "vl-hash"}
+    assert model_hashes(MODELS) == {"drafter": "egpt-hash", "target": "vl-hash"}
+    assert model_hashes({"drafter": "a", "target": "b"}) == {"drafter": "a", "target": "b"}
+    assert model_hashes(None) == {}
+
+
+def test_one_same_models_rule_for_every_stage():
+    """Extraction (hash and dtype), training (train vs val) and evaluation (checkpoint vs data) share it."""
+    fp16 = {"drafter": {"config_hash": "a", "dtype": "float16"}, "target": {"config_hash": "b", "dtype": "float16"}}
+    bf16 = {"drafter": {"config_hash": "a", "dtype": "bfloat16"}, "target": {"config_hash": "b", "dtype": "float16"}}
+    assert differing_models(fp16, bf16) == []
+    assert differing_models(fp16, bf16, dtype=True) == ["drafter"]
+    assert differing_models({"models": fp16}, {"drafter": "a", "target": "c"}) == ["target"]
+    assert differing_models(fp16, {"target": "b"}) == []  # a role one record lacks does not count
+    assert differing_models(None, fp16) == []
 
 
 def test_quick_world_subprocess(quick_hidden, tmp_path):
