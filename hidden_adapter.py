@@ -1,5 +1,7 @@
 """The adapter zoo: small networks that map drafter (EventGPT) hidden states into the target's
-(Video-LLaVA) hidden space, plus the losses and the checkpoint format every stage shares.
+(Video-LLaVA) hidden space, the roles of each level, and the checkpoint format every stage shares.
+
+Its layers are in adapter_layers.py, its training losses in losses.py.
 
 Levels (see docs/ADAPTER_ARCHITECTURES.md for the full table):
 
@@ -45,6 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapter_layers import (
+    BottleneckBlock,
+    KVCache,
+    TransformerLayer,
+    WideBlock,
+    attention_mask,
+    input_projection,
+)
 from common import UserError, atomic_torch_save, first_line, safe_torch_load
 
 CHECKPOINT_FORMAT = "xmodal_sd.adapter"
@@ -211,150 +221,7 @@ def default_options(name: str, target_dim: int) -> dict[str, Any]:
     return {"ffn_dim": max(MIN_INNER_DIM, target_dim // 2), "num_heads": 8}
 
 
-# ----------------------------------------------------------------------------- building blocks
-
-
-def _input_projection(in_dim: int, out_dim: int) -> nn.Module:
-    """Identity when widths match (so counts at 4096 equal the spec); a bias-free Linear otherwise."""
-    if in_dim == out_dim:
-        return nn.Identity()
-    proj = nn.Linear(in_dim, out_dim, bias=False)
-    nn.init.xavier_uniform_(proj.weight)
-    return proj
-
-
-class BottleneckBlock(nn.Module):
-    """LoRA-style residual block: x + alpha * up(dropout(gelu(down(LN(x))))). [B, T, D] -> [B, T, D]."""
-
-    def __init__(self, dim: int, bottleneck: int, dropout: float, alpha_init: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.down_proj = nn.Linear(dim, bottleneck, bias=False)
-        self.up_proj = nn.Linear(bottleneck, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
-        nn.init.kaiming_uniform_(self.down_proj.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.up_proj.weight)  # the block starts as the identity
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.alpha * self.up_proj(self.dropout(F.gelu(self.down_proj(self.norm(x)))))
-
-
-class WideBlock(nn.Module):
-    """L3 block: x + alpha * dropout(up(dropout(gelu(LN_mid(down(x)))))), bottleneck 1024."""
-
-    def __init__(self, dim: int, bottleneck: int, dropout: float, alpha_init: float):
-        super().__init__()
-        self.down_proj = nn.Linear(dim, bottleneck, bias=False)
-        self.mid_norm = nn.LayerNorm(bottleneck)
-        self.up_proj = nn.Linear(bottleneck, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
-        nn.init.kaiming_uniform_(self.down_proj.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.up_proj.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.dropout(F.gelu(self.mid_norm(self.down_proj(x))))
-        return x + self.alpha * self.dropout(self.up_proj(h))
-
-
-KVCache = list[tuple[Tensor, Tensor]]
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter layout (fused in_proj with
-    bias, out_proj with bias) but on scaled_dot_product_attention, so it can also run one decode
-    step against cached keys/values."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(
-        self, x: Tensor, attn_mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, T, D]; attn_mask bool [B, 1, T, S] (True = may attend) or None; returns out, (k, v)."""
-        b, t, d = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), (k, v)
-
-    def static_forward(self, x: Tensor, allowed: Tensor, pos: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """One drafting step on a preallocated cache: the new keys/values are written in place at `pos` [T]
-        of `keys`/`values` [1, H, S, Dh], and the queries attend over all S slots as `allowed` [1, 1, T, S]
-        lets them (slots past the answer so far are masked, so what they hold never counts)."""
-        b, t, d = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
-
-    def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
-                     diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Attention of one roll-out step: query t attends to the true keys the mask allows [B, 1, T, T]
-        and to one key per earlier step at its own index t (`diag_kv`, each [B, H, T, Dh]) plus its own.
-        The diagonal keys cost O(T) each instead of a dense [T, T] block. Returns out, own (k, v)."""
-        b, t, d = x.shape
-        h = self.num_heads
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
-        q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))
-        scale = (d // h) ** -0.5
-        dk = torch.stack([*(kk for kk, _ in diag_kv), k], dim=-2)  # [B, H, T, J, Dh]
-        dv = torch.stack([*(vv for _, vv in diag_kv), v], dim=-2)
-        scores = torch.cat([(q @ true_kv[0].transpose(-1, -2)).masked_fill(~true_mask, float("-inf")),
-                            (q[..., None, :] * dk).sum(-1)], dim=-1) * scale  # [B, H, T, T + J]
-        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        p = F.dropout(p, self.dropout, self.training)
-        out = p[..., :t] @ true_kv[1] + (p[..., t:, None] * dv).sum(-2)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), (k, v)
-
-
-class TransformerLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(LN(x)), then + FFN(LN(.)) with FFN dim -> ffn_dim -> dim."""
-
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, num_heads, dropout)
-        self.ffn_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim), nn.Dropout(dropout)
-        )
-
-    def forward(
-        self, x: Tensor, attn_mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, kv = self.attn(self.attn_norm(x), attn_mask, past)
-        x = x + a
-        return x + self.ffn(self.ffn_norm(x)), kv
-
-    def static_forward(self, x: Tensor, allowed: Tensor, pos: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """`forward` for one step on a preallocated cache (see SelfAttention.static_forward)."""
-        x = x + self.attn.static_forward(self.attn_norm(x), allowed, pos, keys, values)
-        return x + self.ffn(self.ffn_norm(x))
-
-    def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
-                     diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """`forward` for one roll-out step (see SelfAttention.rollout_step)."""
-        a, kv = self.attn.rollout_step(self.attn_norm(x), true_kv, true_mask, diag_kv)
-        x = x + a
-        return x + self.ffn(self.ffn_norm(x)), kv
+# ----------------------------------------------------------------------------- roll-out helpers
 
 
 def _zero_padding(x: Tensor, h_target: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -384,30 +251,6 @@ def rollout_problem(config: AdapterConfig) -> str | None:
                 f"but reads drafter states of width {config.drafter_dim}; with models of different widths use "
                 "B1, L5E or L5F")
     return None
-
-
-def attention_mask(mask: Tensor | None, t: int, causal: bool, device: torch.device, past_len: int = 0) -> Tensor | None:
-    """Boolean [B or 1, 1, T, past_len + T] mask (True = may attend).
-
-    Padded keys are hidden from every query, so padding never changes valid outputs. Each query may
-    always attend to itself, so a padded query never sees an empty row (which would give NaN).
-    """
-    s = past_len + t
-    allowed: Tensor | None = None
-    if causal:
-        q_pos = torch.arange(past_len, s, device=device)[:, None]
-        allowed = (torch.arange(s, device=device)[None, :] <= q_pos)[None, None]
-    if mask is not None:
-        keys = mask.bool()
-        if keys.shape[1] != s:
-            raise ValueError(f"mask covers {keys.shape[1]} positions but attention spans {s}")
-        keys = keys[:, None, None, :]
-        allowed = keys if allowed is None else allowed & keys
-    if allowed is None:
-        return None
-    self_pos = torch.zeros(t, s, dtype=torch.bool, device=device)
-    self_pos[torch.arange(t), torch.arange(past_len, s)] = True
-    return allowed | self_pos[None, None]
 
 
 # ----------------------------------------------------------------------------- the adapters
@@ -448,7 +291,7 @@ class HiddenStateAdapter(BaseAdapter):
 
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
-        self.input_proj = _input_projection(config.drafter_dim, config.target_dim)
+        self.input_proj = input_projection(config.drafter_dim, config.target_dim)
         self.blocks = nn.ModuleList(
             BottleneckBlock(config.target_dim, config.bottleneck_dim, config.dropout, config.alpha_init)
             for _ in range(config.num_blocks)
@@ -476,7 +319,7 @@ class WideBottleneckAdapter(BaseAdapter):
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
         dim = config.target_dim
-        self.input_proj = _input_projection(config.drafter_dim, dim)
+        self.input_proj = input_projection(config.drafter_dim, dim)
         self.input_norm = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList(
             WideBlock(dim, config.bottleneck_dim, config.dropout, config.alpha_init) for _ in range(config.num_blocks)
@@ -503,7 +346,7 @@ class AttentionAdapter(BaseAdapter):
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
         dim = config.target_dim
-        self.input_proj = _input_projection(config.in_dim, dim)
+        self.input_proj = input_projection(config.in_dim, dim)
         self.layers = nn.ModuleList(
             TransformerLayer(dim, config.num_heads, config.ffn_dim, config.dropout) for _ in range(config.num_layers)
         )
@@ -973,142 +816,6 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# ----------------------------------------------------------------------------- losses
-
-
-def _valid(mask: Tensor | None, like: Tensor) -> Tensor:
-    if mask is None:
-        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
-    return mask.bool()
-
-
-def _empty_loss(pred: Tensor) -> Tensor:
-    """Zero for a batch without valid positions; still differentiable, so `.backward()` works."""
-    return torch.zeros((), device=pred.device, requires_grad=pred.requires_grad)
-
-
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean squared error over valid positions only ([B, T, D], mask [B, T]); padded positions
-    contribute exactly zero, even when they hold NaN or inf."""
-    valid = _valid(mask, pred)
-    if not valid.any():
-        return _empty_loss(pred)
-    diff = (pred[valid].float() - target[valid].float()).pow(2)
-    return diff.mean()
-
-
-def masked_cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of (1 - cos(pred_t, target_t)) over valid positions."""
-    valid = _valid(mask, pred)
-    if not valid.any():
-        return _empty_loss(pred)
-    cos = F.cosine_similarity(pred[valid].float(), target[valid].float(), dim=-1, eps=1e-6)
-    return (1 - cos).mean()
-
-
-def alignment_loss(pred: Tensor, target: Tensor, mask: Tensor | None, cos_weight: float = 0.5) -> Tensor:
-    """MSE + cos_weight * (1 - cos), both masked."""
-    return masked_mse(pred, target, mask) + cos_weight * masked_cosine_loss(pred, target, mask)
-
-
-def shifted(pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Pair output[t] with target[t+1]: returns (pred[:, :-1], target[:, 1:], mask valid at both t and t+1)."""
-    valid = _valid(mask, pred)
-    return pred[:, :-1], target[:, 1:], valid[:, :-1] & valid[:, 1:]
-
-
-LOSS_MIXES = ("sum", "convex")
-
-
-def adapter_loss(
-    adapter: BaseAdapter | AdapterConfig,
-    pred: Tensor,
-    target: Tensor,
-    mask: Tensor | None,
-    *,
-    mix: str = "sum",
-    prediction_weight: float | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Training loss shared by training and evaluation.
-
-    Alignment: output[t] vs target[t]. Next-position levels (L5, B1, L5F, L5E) add the prediction term,
-    output[t] vs target[t+1], with weight w (`prediction_weight`, default the config's 0.5):
-
-        mix="sum"     align + w * pred          (per position the MSE optimum is (v_t + w v_{t+1}) / (1 + w))
-        mix="convex"  (1 - w) * align + w * pred  (the reference's mix; w = 1 trains prediction only)
-
-    Same-position levels ignore `mix` and `w`. Returns (loss, {"align": .., "pred": ..}).
-    """
-    if mix not in LOSS_MIXES:
-        raise ValueError(f"unknown loss mix {mix!r}; valid: {', '.join(LOSS_MIXES)}")
-    config = adapter.config if isinstance(adapter, BaseAdapter) else adapter
-    w = config.prediction_weight if prediction_weight is None else prediction_weight
-    align = alignment_loss(pred, target, mask)
-    parts = {"align": float(align.detach())}
-    loss = align
-    if config.predicts == "next":
-        pred_loss = alignment_loss(*shifted(pred, target, mask))
-        parts["pred"] = float(pred_loss.detach())
-        loss = align + w * pred_loss if mix == "sum" else (1 - w) * align + w * pred_loss
-    return loss, parts
-
-
-def step_weights(steps: int, decay: float) -> list[float]:
-    """Per-step weights decay**k (k = 0..steps-1) normalised to sum to 1."""
-    raw = [decay**k for k in range(steps)]
-    return [w / sum(raw) for w in raw]
-
-
-def drafting_loss(
-    adapter: BaseAdapter,
-    outs: list[Tensor],
-    target: Tensor,
-    mask: Tensor | None,
-    *,
-    tokens: Tensor | None = None,
-    lm_head: Tensor | None = None,
-    decay: float = 1.0,
-    token_loss_weight: float = 0.0,
-    mix: str = "convex",
-    prediction_weight: float | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Loss of a next-position adapter over a roll-out (`adapter.rollout`): outs[k-1][:, t] is compared
-    with target state t+k at positions where t and t+k are valid, each step weighted decay**(k-1)
-    (weights normalised to sum to 1). Step 1 is `adapter_loss` (its mix and prediction weight, so one
-    step and no token term is exactly the one-step loss). With `token_loss_weight` > 0, each step adds
-    that times the cross-entropy of `lm_head` logits against the target's token t+k (EAGLE's
-    classification term; needs `lm_head` [V, D] and `tokens` [B, T]). Returns (loss, parts) with parts
-    "align", "pred" (step 1), "step{k}" (regression of step k) and "ce" (mean over steps)."""
-    if adapter.predicts != "next":
-        raise ValueError(f"drafting_loss is for next-position levels {NEXT_POSITION_LEVELS}, not {adapter.config.name}")
-    if token_loss_weight > 0 and (lm_head is None or tokens is None):
-        raise ValueError("the token loss needs the target's LM head and the target's tokens")
-    weights = step_weights(len(outs), decay)
-    head = lm_head.to(outs[0].device, torch.float32) if token_loss_weight > 0 else None
-    first, parts = adapter_loss(adapter, outs[0], target, mask, mix=mix, prediction_weight=prediction_weight)
-    valid = _valid(mask, outs[0])
-    total = weights[0] * first
-    ce_sum, ce_parts = 0.0, []
-    for k, (out, w) in enumerate(zip(outs, weights, strict=True), start=1):
-        t = out.shape[1]
-        if k >= t:
-            continue
-        pair = valid[:, : t - k] & valid[:, k:]
-        if k > 1:
-            reg = alignment_loss(out[:, : t - k], target[:, k:], pair)
-            parts[f"step{k}"] = float(reg.detach())
-            total = total + w * reg
-        if token_loss_weight > 0 and pair.any():
-            logits = out[:, : t - k][pair].float() @ head.T
-            ce = F.cross_entropy(logits, tokens[:, k:][pair].long().to(out.device))
-            ce_parts.append(float(ce.detach()))
-            ce_sum = ce_sum + w * ce
-    if token_loss_weight > 0:
-        total = total + token_loss_weight * ce_sum
-        parts["ce"] = sum(ce_parts) / max(len(ce_parts), 1)
-    return total, parts
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -1318,7 +1025,6 @@ if __name__ == "__main__":
 __all__ = [
     "ADAPTER_NAMES",
     "LEVEL_ROLES",
-    "LOSS_MIXES",
     "NEXT_POSITION_LEVELS",
     "AdapterConfig",
     "AttentionAdapter",
@@ -1331,22 +1037,15 @@ __all__ = [
     "ProjectedContext",
     "WideBottleneckAdapter",
     "adapter_inputs",
-    "adapter_loss",
-    "alignment_loss",
     "canonical_name",
     "count_parameters",
     "create_adapter",
     "draft_outputs",
-    "drafting_loss",
     "export_hf",
     "level_config",
     "levels",
     "load_adapter",
     "load_hf",
-    "masked_cosine_loss",
-    "masked_mse",
     "rollout_problem",
     "save_adapter",
-    "shifted",
-    "step_weights",
 ]

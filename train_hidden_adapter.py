@@ -55,21 +55,19 @@ from common import (
     set_seed,
 )
 from hidden_adapter import (
-    LOSS_MIXES,
     NEXT_POSITION_LEVELS,
     BaseAdapter,
     adapter_inputs,
-    adapter_loss,
     canonical_name,
     create_adapter,
     draft_outputs,
-    drafting_loss,
     export_hf,
     load_adapter,
     rollout_problem,
     save_adapter,
 )
 from hidden_data import PAIRS, ChunkStream, differing_models, load_lm_head, model_hashes, to_device
+from losses import LOSS_MIXES, adapter_loss, drafting_loss
 from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
 
 log = logging.getLogger("xmodal_sd.train")

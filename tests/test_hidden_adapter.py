@@ -9,17 +9,14 @@ import torch.nn.functional as F
 from common import UserError
 from hidden_adapter import (
     ADAPTER_NAMES,
-    adapter_loss,
-    alignment_loss,
     canonical_name,
     count_parameters,
     create_adapter,
     load_adapter,
-    masked_cosine_loss,
-    masked_mse,
     save_adapter,
     summary_rows,
 )
+from losses import adapter_loss, alignment_loss, masked_cosine_loss, masked_mse
 
 D = 32  # toy width: divisible by 8 heads
 
@@ -551,7 +548,7 @@ def test_rollout_equals_drafting_step_by_step(level, tokens):
 
 
 def test_drafting_loss_one_step_is_the_one_step_loss_and_adds_later_steps_and_tokens():
-    from hidden_adapter import drafting_loss, step_weights
+    from losses import drafting_loss, step_weights
 
     adapter = make("B1")
     torch.manual_seed(3)

@@ -51,7 +51,8 @@ def fitted_adapter(level: str, quick_hidden: Path, steps: int = 150, token_table
     L1 maps teacher-forced EventGPT states to target states; B1/L5E target to target (L5E with EventGPT's
     prompt-end state); L5F both. With `token_table` the next-position levels read tokens; `rollout` > 1
     trains on roll-outs (drafting_loss), as train_hidden_adapter.py does."""
-    from hidden_adapter import adapter_inputs, drafting_loss
+    from hidden_adapter import adapter_inputs
+    from losses import drafting_loss
 
     torch.manual_seed(0)
     chunks = list(iter_chunks(quick_hidden / "train", expect_teacher_forced=True))
