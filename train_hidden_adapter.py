@@ -712,7 +712,8 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
                              epoch=state["epoch"], val_metrics=strict_json(val), data=ctx["data"],
                              loss_mix=args.loss_mix, prediction_weight=args.prediction_weight,
                              select_metric=args.select, world_size=proc.world_size,
-                             drafting=drafting_record(args), draft_calibration=strict_json(calibration))
+                             drafting=drafting_record(args), draft_calibration=strict_json(calibration),
+                             started=state.get("started"))
             atomic_write_json({"level": adapter.config.name, "pairs": args.pairs, "finished": state["finished"],
                                "stop_reason": state["stop_reason"], "best_epoch": state["best_epoch"],
                                "initial_val": state["initial_val"], "history": state["history"]},
@@ -760,7 +761,7 @@ def train_in(run_dir: Path, args: argparse.Namespace, proc: Proc, train: ChunkSt
              ) -> dict[str, Any]:
     """Everything after the run folder exists (main runs it inside the folder's run log)."""
     state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [],
-             "finished": False, "stop_reason": None}
+             "finished": False, "stop_reason": None, "started": datetime.now().isoformat(timespec="seconds")}
     if args.resume:
         state = load_state(run_dir / "last.pt", adapter, opt, sched, proc)
         log.info("resuming %s after epoch %d (step %d)", run_dir, state["epoch"], state["step"])

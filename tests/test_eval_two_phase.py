@@ -124,20 +124,22 @@ def test_missing_inputs_and_bad_configs(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_tasks(tmp_path_factory):
     """Hand-made test data and a tasks folder: every level, both pairings, an older and a newer run
-    of L1_free (the newer must be chosen), and a folder that is not a run (ignored, counted)."""
+    of L1_free (the newer by its recorded start must be chosen, whatever the folders are called), and a
+    folder that is not a run (ignored, counted). Level and pairing are read from the checkpoints, so the
+    folder names say nothing."""
     from hidden_adapter import create_adapter, save_adapter
     from tests.test_measure_feature_acceptance import MODELS, D, write_test_data
 
     root = tmp_path_factory.mktemp("tiny_eval")
     write_test_data(root / "hidden" / "test")
     tasks = root / "tasks"
-    for level in ("L1", "L2", "L3", "L4", "L5", "B1", "L5F", "L5E"):
+    for i, level in enumerate(("L1", "L2", "L3", "L4", "L5", "B1", "L5F", "L5E")):
         for pairs in ("free", "teacher_forced"):
             adapter = create_adapter(level, D, max_seq_len=16)
-            save_adapter(tasks / f"{level}_{pairs}_20260101_120000" / "best_model.pt", adapter, pairs=pairs,
-                         data={"models": MODELS})
-    save_adapter(tasks / "L1_free_20260102_090000" / "best_model.pt", create_adapter("L1", D), pairs="free",
-                 data={"models": MODELS})
+            save_adapter(tasks / f"run_{i}_{pairs}" / "best_model.pt", adapter, pairs=pairs,
+                         data={"models": MODELS}, started="2026-01-01T12:00:00")
+    save_adapter(tasks / "an_earlier_name" / "best_model.pt", create_adapter("L1", D), pairs="free",
+                 data={"models": MODELS}, started="2026-01-02T09:00:00")
     (tasks / "notes").mkdir()
     return root
 
@@ -155,8 +157,8 @@ def test_shell_scripts_on_a_tiny_tasks_folder(tiny_tasks, tmp_path):
     runs = sorted(p.parent.name for p in (tmp_path / "acceptance").glob("*/acceptance_metrics.json"))
     assert len(runs) == 18 and "L5E_teacher_forced" in runs and "L5_free_target_input" in runs
     l1 = json.loads((tmp_path / "acceptance" / "L1_free" / "acceptance_metrics.json").read_text())
-    assert "20260102_090000" in l1["checkpoint"]  # the newest run of its level and pairing
-    assert "ignored 1" in proc.stdout
+    assert "an_earlier_name" in l1["checkpoint"]  # the newest run of its level and pairing
+    assert "1 folder(s) without a readable best_model.pt passed over" in proc.stderr
     again = subprocess.run(["bash", str(ROOT / "run_all_eval.sh")], env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count(": up to date (") == 16
 
@@ -171,6 +173,12 @@ def test_shell_scripts_on_a_tiny_tasks_folder(tiny_tasks, tmp_path):
     roll = json.loads((tmp_path / "acceptance" / "B1_teacher_forced" / "acceptance_metrics.json").read_text())
     b1 = next(c for c in result["profiles"][0]["configs"] if c["config"] == "B1")
     assert b1["accept_len"] == roll["drafting"]["rollout"]["live_accepted_per_iteration"]  # the roll-out figure
+
+    some = subprocess.run(["bash", str(ROOT / "run_all_eval.sh")],
+                          env={**env, "LEVELS": "L3 b1", "OUT": str(tmp_path / "some")}, capture_output=True, text=True)
+    assert some.returncode == 0, some.stdout[-2000:] + some.stderr[-2000:]
+    assert sorted(p.parent.name for p in (tmp_path / "some").glob("*/acceptance_metrics.json")) == [
+        "B1_free", "B1_teacher_forced", "L3_free", "L3_teacher_forced"]
 
     missing = subprocess.run(["bash", str(ROOT / "run_all_eval.sh")], env={**env, "LM_HEAD": "/nonexistent.pt"},
                              capture_output=True, text=True)
