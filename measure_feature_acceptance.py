@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
-from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device
+from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, save_figure
 from cost_model import REFERENCE_PREFILL_WINDOW
 from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
 from hidden_data import (
@@ -230,28 +230,21 @@ def drafting_rows(result: dict[str, Any]) -> list[list[str]]:
 
 def draft_position_plot(result: dict[str, Any], path: Path) -> None:
     """Share of iterations whose first k drafts are all accepted, k = 1..gamma: roll-out vs one-step."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(fig: Any, ax: Any) -> None:
+        for key, style, label in (("rollout", "-o", "roll-out, every start"),
+                                  ("teacher_forced", "--s", "one-step, every start")):
+            r = result["drafting"][key]
+            ax.plot(range(1, len(r["per_position"]) + 1), r["per_position"], style, label=label)
+        live = result["drafting"]["rollout"]["live_per_position"]
+        ax.plot(range(1, len(live) + 1), live, ":^", label="roll-out, live schedule")
+        ax.set_xlabel("draft position in the window")
+        ax.set_ylabel("drafts 1..k all accepted")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{result['level']} ({result['pairs']} pairs): acceptance along the draft window")
+        ax.legend()
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style, label in (("rollout", "-o", "roll-out, every start"),
-                              ("teacher_forced", "--s", "one-step, every start")):
-        r = result["drafting"][key]
-        ax.plot(range(1, len(r["per_position"]) + 1), r["per_position"], style, label=label)
-    live = result["drafting"]["rollout"]["live_per_position"]
-    ax.plot(range(1, len(live) + 1), live, ":^", label="roll-out, live schedule")
-    ax.set_xlabel("draft position in the window")
-    ax.set_ylabel("drafts 1..k all accepted")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{result['level']} ({result['pairs']} pairs): acceptance along the draft window")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
+    save_figure(path, draw)
 
 
 def hidden_rows(m: dict[str, Any]) -> list[list[str]]:
@@ -315,34 +308,29 @@ def per_position_csv(per: dict[str, list[float]]) -> bytes:
 
 def per_position_plot(result: dict[str, Any], path: Path) -> None:
     """Two panels over answer positions: token-level acceptance (top), hidden-state Accept@tau (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     per = result["per_position"]
     keep = [i for i, c in enumerate(per["count"]) if c > 0]
     x = [per["position"][i] for i in keep]
-    fig, (ax_tok, ax_hid) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for col, style in (("token_top1", "-o"), ("token_top5", "--o"), ("shifted_top1", "-s"), ("shifted_top5", "--s")):
-        if col in per:
-            ax_tok.plot(x, [per[col][i] for i in keep], style, ms=3, label=col.replace("_", " "))
-    ax_tok.set_ylabel("token match rate")
-    ax_tok.set_ylim(0, 1.02)
-    ax_tok.legend(fontsize=8)
-    ax_tok.set_title(f"{result['level']} ({result['pairs']} pairs): per-position acceptance")
-    for t in THRESHOLDS:
-        ax_hid.plot(x, [per[f"accept@{tau_key(t)}"][i] for i in keep], "-o", ms=3, label=f"Accept@{tau_key(t)}")
-    ax_hid.plot(x, [per["cos_mean"][i] for i in keep], "k:", label="mean cosine")
-    ax_hid.set_ylabel("hidden-state level")
-    ax_hid.set_xlabel("answer position t" + (" (predicting t+1)" if result["predicts"] == "next" else ""))
-    ax_hid.set_ylim(0, 1.02)
-    ax_hid.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
+
+    def draw(fig: Any, axes: Any) -> None:
+        ax_tok, ax_hid = axes
+        for col, style in (("token_top1", "-o"), ("token_top5", "--o"), ("shifted_top1", "-s"),
+                           ("shifted_top5", "--s")):
+            if col in per:
+                ax_tok.plot(x, [per[col][i] for i in keep], style, ms=3, label=col.replace("_", " "))
+        ax_tok.set_ylabel("token match rate")
+        ax_tok.set_ylim(0, 1.02)
+        ax_tok.legend(fontsize=8)
+        ax_tok.set_title(f"{result['level']} ({result['pairs']} pairs): per-position acceptance")
+        for t in THRESHOLDS:
+            ax_hid.plot(x, [per[f"accept@{tau_key(t)}"][i] for i in keep], "-o", ms=3, label=f"Accept@{tau_key(t)}")
+        ax_hid.plot(x, [per["cos_mean"][i] for i in keep], "k:", label="mean cosine")
+        ax_hid.set_ylabel("hidden-state level")
+        ax_hid.set_xlabel("answer position t" + (" (predicting t+1)" if result["predicts"] == "next" else ""))
+        ax_hid.set_ylim(0, 1.02)
+        ax_hid.legend(fontsize=8)
+
+    save_figure(path, draw, nrows=2, figsize=(7, 6), sharex=True)
 
 
 # ----------------------------------------------------------------------------- main

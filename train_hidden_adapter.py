@@ -29,7 +29,6 @@ read here. Choices and measurements: docs/TRAINING.md.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import math
 import os
@@ -52,6 +51,7 @@ from common import (
     first_line,
     resolve_device,
     safe_torch_load,
+    save_figure,
     set_seed,
 )
 from hidden_adapter import (
@@ -627,32 +627,27 @@ def load_state(path: Path, adapter: BaseAdapter, opt: Any, sched: Any, proc: Pro
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str, predicts: str) -> None:
     """training_curves.png: losses (left), validation acceptance (right), per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [h["epoch"] for h in history]
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_l.plot(ep, [h["train_loss"] for h in history], "-o", ms=3, label="train")
-    ax_l.plot(ep, [h["val"]["loss"] for h in history], "-o", ms=3, label="validation")
-    ax_l.set_xlabel("epoch")
-    ax_l.set_ylabel("loss")
-    ax_l.legend()
-    for key, label in (("accept@0.90", "Accept@0.90"), (token_key(predicts), token_key(predicts).replace("_", " "))):
-        values = [h["val"].get(key) for h in history]
-        if any(v is not None for v in values):
-            ax_a.plot(ep, [math.nan if v is None else v for v in values], "-o", ms=3, label=label)
-    ax_a.set_xlabel("epoch")
-    ax_a.set_ylabel("validation, share of positions")
-    ax_a.set_ylim(0, 1.02)
-    ax_a.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
+
+    def draw(fig: Any, axes: Any) -> None:
+        ax_l, ax_a = axes
+        ax_l.plot(ep, [h["train_loss"] for h in history], "-o", ms=3, label="train")
+        ax_l.plot(ep, [h["val"]["loss"] for h in history], "-o", ms=3, label="validation")
+        ax_l.set_xlabel("epoch")
+        ax_l.set_ylabel("loss")
+        ax_l.legend()
+        token = token_key(predicts)
+        for key, label in (("accept@0.90", "Accept@0.90"), (token, token.replace("_", " "))):
+            values = [h["val"].get(key) for h in history]
+            if any(v is not None for v in values):
+                ax_a.plot(ep, [math.nan if v is None else v for v in values], "-o", ms=3, label=label)
+        ax_a.set_xlabel("epoch")
+        ax_a.set_ylabel("validation, share of positions")
+        ax_a.set_ylim(0, 1.02)
+        ax_a.legend()
+        fig.suptitle(title)
+
+    save_figure(path, draw, ncols=2, figsize=(10, 4), dpi=110)
 
 
 def write_config(path: Path, args: argparse.Namespace) -> None:
