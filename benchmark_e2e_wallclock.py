@@ -573,8 +573,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from clip_data import ClipReadError, load_index, load_questions
-    from extract_hidden_states import plan_samples
+    from clip_data import ClipReadError, load_index, load_questions, plan_samples
     from toy_models import load_runners
 
     checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from cli import add_config_flag, add_dry_run_flag, alias_help, dry_run_report, parse_with_config, run_cli
 from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS, render_hint
 from common import DTYPE_CHOICES, UserError, atomic_write_json, markdown_table, set_seed, sync_device
-from extract_hidden_states import iter_batches, pair_features, plan_samples, run_models
+from extract_hidden_states import iter_batches, pair_features, run_models
 from model_loaders import QUANT_CHOICES, model_description
 from preflight import preflight
 from toy_models import OVERRIDES, SHAPES, load_runners, resolve_shape
@@ -247,8 +247,8 @@ def format_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
-    from clip_data import load_index, load_questions
-    from preprocess_event_images import read_frame_settings
+    from clip_data import load_index, load_questions, plan_samples
+    from event_frames import read_frame_settings
 
     checks = preflight(args)  # seconds, before the models load
     if args.dry_run:

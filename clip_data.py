@@ -1,4 +1,5 @@
-"""The data layer every stage reads through: the clip index, the questions, and each clip's events and frames.
+"""The data set on disk, the layer every stage reads through: the clip index and its record checks, the
+questions, sample planning, clip paths, each clip's events (read and validated) and its video and RGB images.
 
 A data set folder (docs/DATA_FORMAT.md, "Clip index") holds `questions.json` and `{split}/index.json`, a
 list of clip records. Paths in a record are relative to its split folder. A clip's events come from one of
@@ -10,27 +11,38 @@ two sources, named by the record:
                                 optional DSEC rectify_map.h5 applied to the event coordinates)
 
 The video is `video` (an mp4 per clip); `frames` (when present) lists the source images it was made from.
-Event frames (the PNGs EventGPT reads) live at `{event_image_prefix}_{i}.png`. Who writes these folders:
-make_toy_world.py / toy_dataset.py (the toy world's own clips) and prepare_dsec_index.py (clips cut from
-DSEC recordings). `check_data_folder` is the cheap check a stage runs before it loads any model.
+Event frames (the PNGs EventGPT reads; event_frames.py draws them) live at `event_frame_path(prefix, i)`,
+`{event_image_prefix}_{i}.png`. Who writes these folders: make_toy_world.py / toy_dataset.py (the toy
+world's own clips) and prepare_dsec_index.py (clips cut from DSEC recordings).
+
+What it owns:
+    index       SPLITS, RECORD_KEYS, record_problem, read_index, load_index, plan_samples
+    questions   questions_path, load_questions
+    paths       event_frame_path (the one frame-name rule), clip_paths, render_hint
+    events      EventFileError, EVENT_KEYS, read_event_file, validate_events, load_events (.npy/.npz);
+                open_h5, read_recording_header, list_h5_clips, read_rectify_map, rectify_events,
+                read_h5_events (DSEC events.h5); read_clip_events (one record's events, either source)
+    video/RGB   ClipReadError, frame_indices, sample_video_frames, read_rgb, pick_codec, encode_mp4
+    the check   check_data_folder: the cheap check a stage runs before it loads any model
 
     >>> from clip_data import load_index, load_questions, read_clip_events, check_data_folder
     >>> check_data_folder("data/toy/dataset", ["train"])            # raises UserError naming what is wrong
     >>> record = load_index("data/toy/dataset", "train")[0]
     >>> events = read_clip_events("data/toy/dataset/train", record, allow_pickle=True)   # x, y, t (us), p
+    >>> load_events("clip.npy", height=480, width=640)              # EventFileError("clip.npy: ...") if unusable
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from common import UserError, read_json
+from common import UserError, first_line, read_json
 
 SPLITS = ("train", "val", "test")
 # Every record has these; the event source is `event_npy`, or `event_h5` with `event_range`.
@@ -51,16 +63,22 @@ class ClipReadError(ValueError):
     """A clip's video or event image is missing or unreadable; the message names the file."""
 
 
+class EventFileError(ValueError):
+    """One event file (or clip) cannot be used; the message names it and says what is wrong."""
+
+
 # --------------------------------------------------------------------------------------------------
-# Index and questions
+# Index, questions, sample plan, clip paths
 # --------------------------------------------------------------------------------------------------
 
 
-def record_problem(rec: Any) -> str | None:
-    """What is wrong with one index record (None when it is usable)."""
+def record_problem(rec: Any, required: Sequence[str] = RECORD_KEYS) -> str | None:
+    """What is wrong with one index record (None when it is usable): a key of `required` missing, or no
+    event source (`event_npy`, or `event_h5` with `event_range`). A stage that needs less than every
+    key (rendering needs only the events and `event_image_prefix`) passes its own `required`."""
     if not isinstance(rec, dict):
         return f"is a {type(rec).__name__}, not an object"
-    missing = [k for k in RECORD_KEYS if k not in rec]
+    missing = [k for k in required if k not in rec]
     if "event_npy" not in rec and "event_h5" not in rec:
         missing.append("event_npy (or event_h5)")
     if "event_h5" in rec and "event_range" not in rec:
@@ -68,19 +86,33 @@ def record_problem(rec: Any) -> str | None:
     return f"lacks {', '.join(missing)}" if missing else None
 
 
-def load_index(dataset_dir: str | Path, split: str) -> list[dict]:
-    """Clip records of DIR/{split}/index.json; missing or malformed -> UserError naming the file."""
+def read_index(dataset_dir: str | Path, split: str) -> list[Any]:
+    """The records of DIR/{split}/index.json, not yet checked (`record_problem` checks one); a missing or
+    malformed file, or one that is not a JSON list, -> UserError naming it."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     path = Path(dataset_dir) / split / "index.json"
     records = read_json(path, f"{split} index", INDEX_FIX)
     if not isinstance(records, list):
         raise UserError(f"{path} must hold a JSON list of clip records, got {type(records).__name__} ({INDEX_FIX})")
+    return records
+
+
+def load_index(dataset_dir: str | Path, split: str) -> list[dict]:
+    """Clip records of DIR/{split}/index.json; missing or malformed (any record too) -> UserError naming the file."""
+    records = read_index(dataset_dir, split)
     for i, rec in enumerate(records):
         problem = record_problem(rec)
         if problem:
-            raise UserError(f"{path}: record {i} {problem} ({INDEX_FIX})")
+            raise UserError(f"{Path(dataset_dir) / split / 'index.json'}: record {i} {problem} ({INDEX_FIX})")
     return records
+
+
+def plan_samples(num_clips: int, num_questions: int, max_samples: int | None) -> list[tuple[int, int]]:
+    """Global sample order, (clip, question) index pairs: clip-major, questions in file order, the first
+    `max_samples` of them (all when None or 0)."""
+    plan = [(c, q) for c in range(num_clips) for q in range(num_questions)]
+    return plan[:max_samples] if max_samples else plan
 
 
 def questions_path(path_or_dir: str | Path | None, dataset_dir: str | Path | None = None) -> Path:
@@ -151,14 +183,176 @@ def clip_paths(dataset_dir: str | Path, split: str, record: dict, num_event_imag
 
 
 # --------------------------------------------------------------------------------------------------
-# Events
+# Events: .npy/.npz files, validation, DSEC events.h5
 # --------------------------------------------------------------------------------------------------
+
+
+def _arrays_from_object(obj: Any, path: Path, columns: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    """Turn whatever np.load returned into {x, y, t, p} arrays (not yet validated)."""
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0:
+        obj = obj.item()  # np.save of a dict stores a 0-d object array
+    if isinstance(obj, Mapping):
+        missing = [k for k in EVENT_KEYS if k not in obj]
+        if missing:
+            raise EventFileError(
+                f"{path}: missing keys {missing} (found {sorted(map(str, obj))}); "
+                "the file needs x, y, t, p"
+            )
+        return {k: np.asarray(obj[k]) for k in EVENT_KEYS}
+    if not isinstance(obj, np.ndarray):
+        raise EventFileError(f"{path}: holds a {type(obj).__name__}, expected a dict or array of events")
+    if obj.dtype.names is not None:
+        missing = [k for k in EVENT_KEYS if k not in obj.dtype.names]
+        if missing:
+            raise EventFileError(
+                f"{path}: structured array lacks fields {missing} (has {list(obj.dtype.names)})"
+            )
+        return {k: obj[k] for k in EVENT_KEYS}
+    if obj.ndim == 2 and obj.shape[1] == 4:
+        if columns is None:
+            raise EventFileError(
+                f"{path}: plain [N, 4] array with unknown column order; pass --columns (e.g. x,y,t,p)"
+            )
+        return {name: obj[:, i] for i, name in enumerate(columns)}
+    raise EventFileError(
+        f"{path}: array of shape {obj.shape} and dtype {obj.dtype} is not an event list; expected a "
+        "dict or structured array with x, y, t, p, or an [N, 4] array"
+    )
+
+
+def read_event_file(
+    path: str | os.PathLike, allow_pickle: bool = False, columns: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Read a .npy/.npz event file into raw {x, y, t, p} arrays; raises EventFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise EventFileError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not magic:
+        raise EventFileError(f"{path}: empty file (0 bytes); re-create it")
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK\x03\x04"):
+        raise EventFileError(f"{path}: not a numpy .npy/.npz file (starts with {magic!r})")
+    try:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            if "allow_pickle" not in str(err):
+                raise
+            if not allow_pickle:
+                raise EventFileError(
+                    f"{path}: holds pickled Python objects (e.g. EventGPT's dict clips); pass "
+                    "--allow_pickle if you trust this file, since unpickling can run code"
+                ) from None
+            loaded = np.load(path, allow_pickle=True)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = {k: loaded[k] for k in loaded.files}
+    except EventFileError:
+        raise
+    except Exception as err:  # numpy/pickle/zipfile raise many types for truncated or corrupt files
+        raise EventFileError(
+            f"{path}: cannot read ({first_line(err)}); the file is probably truncated, re-create it"
+        ) from err
+    return _arrays_from_object(loaded, path, columns)
+
+
+def _check_whole(a: np.ndarray, key: str, fail: Callable[[str], NoReturn], hint: str) -> None:
+    """Floats must be finite and whole numbers; uint64 must fit int64."""
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            i = int(np.argmax(bad))
+            kind = "NaN" if np.isnan(a[i]) else "infinite"
+            fail(f"'{key}' has {kind} values (first at index {i}); drop or repair those events")
+        frac = a != np.floor(a)
+        if frac.any():
+            i = int(np.argmax(frac))
+            fail(f"'{key}' has non-integer values (e.g. {a[i]} at index {i}); {hint}")
+    if a.dtype.kind == "u" and a.dtype.itemsize == 8 and int(a.max()) > np.iinfo(np.int64).max:
+        fail(f"'{key}' has values too large for int64")
+
+
+def validate_events(
+    events: Mapping[str, Any],
+    height: int | None = None,
+    width: int | None = None,
+    source: str = "events",
+) -> dict[str, np.ndarray]:
+    """Check one clip's events and return them normalised; raise EventFileError("{source}: problem").
+
+    Returns x, y int32 [N], t int64 [N] (microseconds, sorted) and p int8 [N] (1 positive, 0 negative).
+    Zero events is valid (a blank clip). Coordinates are checked against the sensor when its size is given.
+    """
+
+    def fail(problem: str) -> NoReturn:
+        raise EventFileError(f"{source}: {problem}")
+
+    missing = [k for k in EVENT_KEYS if k not in events]
+    if missing:
+        fail(f"missing keys {missing}; the events need x, y, t, p")
+    arrays = {k: np.asarray(events[k]) for k in EVENT_KEYS}
+    for k, a in arrays.items():
+        if a.ndim != 1:
+            fail(f"'{k}' must be 1-D, got shape {a.shape}")
+        if a.dtype.kind not in "iuf" and not (k == "p" and a.dtype.kind == "b"):
+            fail(f"'{k}' has dtype {a.dtype}; expected numbers")
+    lengths = {k: len(a) for k, a in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        fail(f"arrays have different lengths {lengths}; each event needs all of x, y, t, p")
+    if lengths["t"] == 0:
+        return {
+            "x": np.zeros(0, np.int32),
+            "y": np.zeros(0, np.int32),
+            "t": np.zeros(0, np.int64),
+            "p": np.zeros(0, np.int8),
+        }
+
+    coords = {}
+    for k, size, flag in (("x", width, "--width"), ("y", height, "--height")):
+        a = arrays[k]
+        _check_whole(a, k, fail, "pixel coordinates must be whole numbers")
+        lo, hi = int(a.min()), int(a.max())  # int() of a whole float is exact here
+        limit = size if size is not None else 2**31
+        if lo < 0 or hi >= limit:
+            what = f"the sensor's {flag[2:]} is {size}" if size is not None else "coordinates must be >= 0"
+            fail(f"'{k}' outside the sensor: values span {lo}..{hi} but {what}; pass the real sensor size "
+                 f"with --height/--width")
+        coords[k] = a.astype(np.int32)
+
+    _check_whole(arrays["t"], "t", fail, "timestamps must be integer microseconds")
+    t = arrays["t"].astype(np.int64, copy=False)
+    if (t < 0).any():
+        i = int(np.argmax(t < 0))
+        fail(f"negative timestamp {int(t[i])} at index {i}; timestamps are microseconds >= 0")
+    back = np.diff(t) < 0
+    if back.any():
+        i = int(np.argmax(back))
+        fail(f"timestamps are not sorted (t[{i + 1}]={int(t[i + 1])} < t[{i}]={int(t[i])}); "
+             "sort the events by t before saving")
+
+    p = arrays["p"]
+    bad = ~((p == 1) | (p == 0) | (p == -1))
+    if bad.any():
+        i = int(np.argmax(bad))
+        fail(f"polarity must be 1 (positive) or 0/-1 (negative); found {p[i]} at index {i}")
+    return {"x": coords["x"], "y": coords["y"], "t": t, "p": (p > 0).astype(np.int8)}
+
+
+def load_events(
+    path: str | os.PathLike,
+    allow_pickle: bool = False,
+    columns: tuple[str, ...] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Read and validate one clip file; see `read_event_file` and `validate_events`."""
+    raw = read_event_file(path, allow_pickle=allow_pickle, columns=columns)
+    return validate_events(raw, height=height, width=width, source=str(path))
 
 
 def open_h5(path: str | os.PathLike) -> Any:
     """An h5py.File (read-only) with the Blosc/ZSTD filters DSEC compresses with registered."""
-    from preprocess_event_images import EventFileError
-
     try:
         import h5py
         import hdf5plugin  # noqa: F401  (registers the Blosc/zstd filters)
@@ -167,15 +361,11 @@ def open_h5(path: str | os.PathLike) -> Any:
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        from common import first_line
-
         raise EventFileError(f"{path}: cannot open as HDF5 ({first_line(err)})") from err
 
 
 def read_recording_header(path: str | os.PathLike) -> dict[str, Any]:
     """ms_to_idx [L] int64, t_offset (us) and the event count of a DSEC events.h5, without reading events."""
-    from preprocess_event_images import EventFileError
-
     with open_h5(path) as f:
         missing = [n for n in (*(f"events/{k}" for k in EVENT_KEYS), "ms_to_idx") if n not in f]
         if missing:
@@ -188,10 +378,22 @@ def read_recording_header(path: str | os.PathLike) -> dict[str, Any]:
     return {"ms_to_idx": ms_to_idx, "t_offset": t_offset, "num_events": lengths["t"]}
 
 
+def list_h5_clips(path: str | os.PathLike, clip_duration_ms: int = 1000) -> list[tuple[int, int]]:
+    """Event-index ranges of the complete `clip_duration_ms` clips of a DSEC events.h5.
+
+    DSEC's `ms_to_idx[m]` is the index of the first event with t >= m ms, so clip i spans
+    `ms_to_idx[i*D] : ms_to_idx[(i+1)*D]`. A trailing partial clip is left out.
+    """
+    ms_to_idx = read_recording_header(path)["ms_to_idx"]
+    num_clips = max(len(ms_to_idx) - 1, 0) // clip_duration_ms
+    return [
+        (int(ms_to_idx[i * clip_duration_ms]), int(ms_to_idx[(i + 1) * clip_duration_ms]))
+        for i in range(num_clips)
+    ]
+
+
 def read_rectify_map(path: str | os.PathLike) -> np.ndarray:
     """DSEC's rectify_map.h5: [H, W, 2] float32, the rectified (x, y) of each raw sensor pixel."""
-    from preprocess_event_images import EventFileError
-
     with open_h5(path) as f:
         if "rectify_map" not in f:
             raise EventFileError(f"{path}: no 'rectify_map' dataset; expected DSEC's rectify_map.h5")
@@ -218,9 +420,6 @@ def rectify_events(events: dict[str, np.ndarray], rmap: np.ndarray) -> tuple[dic
 
 def read_h5_events(path: str | os.PathLike, start: int, end: int, name: str = "") -> dict[str, np.ndarray]:
     """Raw {x, y, t, p} of events [start, end) of a DSEC events.h5 (t relative to the file's t_offset)."""
-    from common import first_line
-    from preprocess_event_images import EventFileError
-
     with open_h5(path) as f:
         try:
             return {k: f[f"events/{k}"][start:end] for k in EVENT_KEYS}
@@ -236,8 +435,6 @@ def read_clip_events(split_dir: str | Path, record: dict, allow_pickle: bool = F
     window start), its coordinates rectified when it names a `rectify_map`; the count of events the
     rectification pushed off the sensor is returned under "dropped" (0 otherwise). Raises EventFileError.
     """
-    from preprocess_event_images import load_events, validate_events
-
     split_dir = Path(split_dir)
     height, width = int(record["height"]), int(record["width"])
     if "event_npy" in record:
@@ -429,8 +626,7 @@ def check_data_folder(dataset_dir: str | Path, splits: Iterable[str], questions:
         fatal = fatal or (bad_here > 0 and bad_here == len(records))
     if problems and fatal:
         more = f" (and {len(problems) - max_problems} more)" if len(problems) > max_problems else ""
-        hint = (f"; render event frames with python preprocess_event_images.py --dataset_dir {dataset_dir}"
-                if any("event frame" in p for p in problems) else "")
+        hint = f"; {render_hint(dataset_dir)}" if any("event frame" in p for p in problems) else ""
         raise UserError(f"{dataset_dir}: {len(problems)} missing files: "
                         f"{'; '.join(problems[:max_problems])}{more}{hint}")
     return {"splits": counts, "questions": num_questions, "questions_file": str(qfile),

@@ -183,12 +183,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def plan_samples(num_clips: int, num_questions: int, max_samples: int | None) -> list[tuple[int, int]]:
-    """Global sample order: clip-major, questions in file order, capped at max_samples."""
-    plan = [(c, q) for c in range(num_clips) for q in range(num_questions)]
-    return plan[:max_samples] if max_samples else plan
-
-
 def shard_samples(plan: list[tuple[int, int]], num_shards: int, shard: int) -> list[tuple[int, int]]:
     """Shard by clip, so a clip's vision features are computed by one process only."""
     return [s for s in plan if s[0] % num_shards == shard]
@@ -339,7 +333,7 @@ class ChunkLoopResult:
 
 def event_frame_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """How the split's event frames were rendered (their manifest), None when no manifest says so."""
-    from preprocess_event_images import read_frame_settings
+    from event_frames import read_frame_settings
 
     root = args.dataset_dir / args.split / "event_image"
     settings = read_frame_settings(root)
@@ -390,7 +384,7 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
 
 def plan_work(args: argparse.Namespace, num_shards: int, shard: int) -> tuple[ShardWork, int, int]:
     """(this shard's work, samples planned over all shards, chunk size) from the data set and flags."""
-    from clip_data import load_index, load_questions
+    from clip_data import load_index, load_questions, plan_samples
 
     clips = load_index(args.dataset_dir, args.split)
     questions = load_questions(args.questions_file or args.dataset_dir, args.max_questions)

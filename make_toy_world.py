@@ -143,7 +143,7 @@ def first_event_frame(split_dir: Path, clip: dict) -> np.ndarray:
     """The first of 5 event frames, exactly as preprocess_event_images.py renders it by default (the
     EventGPT release's rule: equal event counts per slice, canvas up to the slice's last row/column)."""
     from clip_data import read_clip_events
-    from preprocess_event_images import render_event_frames
+    from event_frames import render_event_frames
 
     ev = read_clip_events(split_dir, clip, allow_pickle=True)  # our own file
     frames = render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5, height=clip["height"],

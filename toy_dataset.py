@@ -44,11 +44,9 @@ from typing import Any
 import numpy as np
 
 from cli import run_cli
-
-# The readers moved to clip_data.py (the data layer); clip_paths, load_index and load_questions stay
-# importable from here for code written before the move. New code imports them from clip_data.
-from clip_data import SPLITS, clip_paths, encode_mp4, load_index, load_questions, pick_codec  # noqa: F401
+from clip_data import SPLITS, EventFileError, encode_mp4, pick_codec, read_event_file
 from common import UserError, atomic_write_bytes, read_json
+from event_frames import encode_png
 
 log = logging.getLogger("xmodal_sd")
 
@@ -711,8 +709,6 @@ def _clip_done(video: Path, npy: Path) -> int | None:
     """Event count of a finished clip, or None when either file is missing or unreadable."""
     if not video.is_file() or video.stat().st_size == 0 or not npy.is_file():
         return None
-    from preprocess_event_images import EventFileError, read_event_file
-
     try:
         return int(read_event_file(npy, allow_pickle=True)["t"].shape[0])  # our own file: pickle is safe
     except EventFileError:
@@ -973,8 +969,6 @@ def write_dsec_layout(dataset_dir: str | Path, output_dir: str | Path, progress:
     Finished recordings (their timestamps file exists) are skipped. Returns a summary dict.
     """
     from tqdm import tqdm
-
-    from preprocess_event_images import encode_png
 
     dataset_dir, out = Path(dataset_dir), Path(output_dir)
     manifest = read_json(dataset_dir / MANIFEST_NAME, "toy data set manifest", "run make_toy_world.py first")

@@ -19,7 +19,10 @@ from clip_data import (
     check_data_folder,
     load_index,
     load_questions,
+    plan_samples,
     read_clip_events,
+    read_index,
+    record_problem,
     rectify_events,
     sample_video_frames,
 )
@@ -133,3 +136,32 @@ def test_h5_is_dsec_shaped(native: Path) -> None:
         assert int(f["t_offset"][()]) > 0
     for m in (0, 500, 1000, len(ms_to_idx) - 1):
         assert ms_to_idx[m] == np.searchsorted(t, m * 1000)
+
+
+def test_one_record_rule_for_every_reader(tmp_path: Path) -> None:
+    full = {"id": "s/c", "sequence": "s", "clip": "c", "video": "v.mp4", "event_image_prefix": "event_image/s/c",
+            "height": 4, "width": 6, "event_npy": "e.npy"}
+    assert record_problem(full) is None
+    assert record_problem([1]) == "is a list, not an object"
+    assert record_problem({k: v for k, v in full.items() if k != "video"}) == "lacks video"
+    h5 = {**{k: v for k, v in full.items() if k != "event_npy"}, "event_h5": "events.h5"}
+    assert record_problem(h5) == "lacks event_range"
+    assert record_problem({**h5, "event_range": [0, 3]}) is None
+    # a stage that needs less (rendering: the events and where the frames go) asks for less
+    assert record_problem({"event_npy": "e.npy", "event_image_prefix": "p"}, ("event_image_prefix",)) is None
+    assert record_problem({"event_image_prefix": "p"}, ("event_image_prefix",)) == "lacks event_npy (or event_h5)"
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "index.json").write_text(json.dumps([full, {"id": "x"}]))
+    assert read_index(tmp_path, "train")[1] == {"id": "x"}  # read, not checked
+    with pytest.raises(UserError, match=r"index.json: record 1 lacks sequence, clip"):
+        load_index(tmp_path, "train")
+    (tmp_path / "train" / "index.json").write_text("{}")
+    with pytest.raises(UserError, match="must hold a JSON list"):
+        read_index(tmp_path, "train")
+
+
+def test_plan_samples_is_clip_major_and_capped() -> None:
+    assert plan_samples(2, 3, None) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert plan_samples(2, 3, 4) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert plan_samples(2, 3, 0) == plan_samples(2, 3, None)
+    assert plan_samples(0, 3, 5) == []

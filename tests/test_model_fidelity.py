@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import clip_data as cd
+import event_frames as ef
 import model_loaders as ml
 import preprocess_event_images as pe
 import toy_models as tm
@@ -80,19 +81,19 @@ HAND = {"x": np.array([1, 2, 3, 4, 5, 6, 7, 8, 12, 15]), "y": np.array([1, 1, 2,
 
 def test_default_split_is_the_releases_equal_count():
     """Point 1: frame 0 holds the events the model was trained on (N // 5 of them), not a time window."""
-    assert pe.split_indices(HAND["t"], 5) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
-    assert pe.split_indices(HAND["t"], 5, "time")[0] == (0, 8)  # the earlier default: other events
-    first = pe.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"])[0]
+    assert ef.split_indices(HAND["t"], 5) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert ef.split_indices(HAND["t"], 5, "time")[0] == (0, 8)  # the earlier default: other events
+    first = ef.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"])[0]
     assert int((first != 255).any(axis=-1).sum()) == 2
-    old = pe.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"], split_mode="time", canvas="sensor")[0]
+    old = ef.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"], split_mode="time", canvas="sensor")[0]
     assert int((old != 255).any(axis=-1).sum()) == 8
 
 
 def test_default_canvas_ends_at_each_slices_last_row_and_column():
     """Point 2: each slice is drawn on (max y + 1, max x + 1) of its own events, not the 480 x 640 sensor."""
-    frames = pe.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"])
+    frames = ef.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"])
     assert [f.shape for f in frames] == [(2, 3, 3), (3, 5, 3), (4, 7, 3), (5, 9, 3), (12, 16, 3)]
-    sensor = pe.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"], canvas="sensor")
+    sensor = ef.render_event_frames(HAND["x"], HAND["y"], HAND["t"], HAND["p"], canvas="sensor")
     assert [f.shape for f in sensor] == [(480, 640, 3)] * 5
     # the same pixels, only the canvas differs
     for small, full in zip(frames, sensor, strict=True):
@@ -107,7 +108,7 @@ def test_default_frames_equal_the_released_code_bit_for_bit():
     dense = {"x": rng.integers(0, 40, n), "y": rng.integers(0, 30, n), "t": np.sort(rng.integers(0, 50_000, n)),
              "p": rng.integers(0, 2, n)}
     for ev in (HAND, dense):
-        ours = pe.render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5)
+        ours = ef.render_event_frames(ev["x"], ev["y"], ev["t"], ev["p"], num_frames=5)
         ref = release_event_frames(ev["x"], ev["y"], ev["p"], ev["t"], 5)
         assert len(ours) == len(ref) == 5
         for a, b in zip(ours, ref, strict=True):
@@ -139,7 +140,7 @@ def test_cli_defaults_reproduce_the_release_and_the_manifest_says_so(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["split_mode"], manifest["canvas"], manifest["num_frames"]) == ("count", "slice", 5)
     assert manifest["matches_eventgpt_release"] and manifest["format_version"] == 2
-    assert pe.read_frame_settings(out) == {"num_frames": 5, "split_mode": "count", "canvas": "slice",
+    assert ef.read_frame_settings(out) == {"num_frames": 5, "split_mode": "count", "canvas": "slice",
                                            "height": None, "width": None}
 
 
@@ -152,14 +153,14 @@ def test_frames_made_the_earlier_way_are_never_mixed_in(tmp_path):
     legacy = {"format_version": 1, "writer": "preprocess_event_images.py", "num_frames": 5, "split_mode": "time",
               "height": None, "width": None, "canvas": "full sensor size of each clip"}
     (out / "manifest.json").write_text(json.dumps(legacy))
-    assert pe.read_frame_settings(out)["canvas"] == "sensor"
+    assert ef.read_frame_settings(out)["canvas"] == "sensor"
     with pytest.raises(UserError, match="--overwrite"):
         render(root)
     with pytest.raises(UserError, match="--overwrite"):
         render(root, "--split_mode", "time")  # the canvas still differs
     assert render(root, "--split_mode", "time", "--canvas", "sensor") == 0
     assert render(root, "--overwrite") == 0
-    assert pe.read_frame_settings(out)["split_mode"] == "count"
+    assert ef.read_frame_settings(out)["split_mode"] == "count"
 
 
 def test_toy_world_renders_with_the_release_defaults(quick_world):
@@ -168,9 +169,9 @@ def test_toy_world_renders_with_the_release_defaults(quick_world):
     from clip_data import load_index
 
     split_dir = quick_world / "dataset" / "train"
-    assert pe.read_frame_settings(split_dir / "event_image")["split_mode"] == "count"
+    assert ef.read_frame_settings(split_dir / "event_image")["split_mode"] == "count"
     clip = load_index(quick_world / "dataset", "train")[0]
-    ev = pe.load_events(split_dir / clip["event_npy"], allow_pickle=True)
+    ev = cd.load_events(split_dir / clip["event_npy"], allow_pickle=True)
     ref = release_event_frames(ev["x"], ev["y"], ev["p"], ev["t"])[0]
     assert np.array_equal(make_toy_world.first_event_frame(split_dir, clip), ref)
     with Image.open(split_dir / f"{clip['event_image_prefix']}_0.png") as img:

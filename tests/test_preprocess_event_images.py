@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clip_data as cd
+import event_frames as ef
 import preprocess_event_images as pe
 from common import UserError
 from tests.test_benchmark_adapter_latency import FakeClock
@@ -50,26 +52,26 @@ def failure_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_split_time_equal_windows():
     t = np.arange(10, dtype=np.int64)  # span 9 over 5 windows of 1.8 us
-    assert pe.split_indices(t, 5, "time") == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert ef.split_indices(t, 5, "time") == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     # one late event: equal time puts the first four in window 0, equal count does not
     t = np.array([0, 1, 2, 3, 100])
-    assert pe.split_indices(t, 2, "time") == [(0, 4), (4, 5)]
-    assert pe.split_indices(t, 2, "count") == [(0, 2), (2, 5)]
+    assert ef.split_indices(t, 2, "time") == [(0, 4), (4, 5)]
+    assert ef.split_indices(t, 2, "count") == [(0, 2), (2, 5)]
     # an event exactly on a window edge starts the next window; the last window is closed
-    assert pe.split_indices(np.array([0, 50, 100]), 2, "time") == [(0, 1), (1, 3)]
+    assert ef.split_indices(np.array([0, 50, 100]), 2, "time") == [(0, 1), (1, 3)]
 
 
 def test_split_count_and_edge_cases():
     # EventGPT's get_event_images_list: N // n per slice, the remainder goes to the last slice.
-    assert pe.split_indices(np.arange(7), 3, "count") == [(0, 2), (2, 4), (4, 7)]
-    assert pe.split_indices(np.arange(12), 5, "count") == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 12)]
-    assert pe.split_indices(np.arange(2), 4, "count") == [(0, 0), (0, 0), (0, 0), (0, 2)]
-    assert pe.split_indices(np.zeros(0, np.int64), 3, "time") == [(0, 0)] * 3
-    assert pe.split_indices(np.zeros(0, np.int64), 3, "count") == [(0, 0)] * 3
-    assert pe.split_indices(np.full(4, 7), 3, "time") == [(0, 4), (4, 4), (4, 4)]
-    assert pe.split_indices(np.array([0.0, 0.5, 1.0]), 2, "time") == [(0, 1), (1, 3)]
+    assert ef.split_indices(np.arange(7), 3, "count") == [(0, 2), (2, 4), (4, 7)]
+    assert ef.split_indices(np.arange(12), 5, "count") == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 12)]
+    assert ef.split_indices(np.arange(2), 4, "count") == [(0, 0), (0, 0), (0, 0), (0, 2)]
+    assert ef.split_indices(np.zeros(0, np.int64), 3, "time") == [(0, 0)] * 3
+    assert ef.split_indices(np.zeros(0, np.int64), 3, "count") == [(0, 0)] * 3
+    assert ef.split_indices(np.full(4, 7), 3, "time") == [(0, 4), (4, 4), (4, 4)]
+    assert ef.split_indices(np.array([0.0, 0.5, 1.0]), 2, "time") == [(0, 1), (1, 3)]
     with pytest.raises(ValueError, match="split_mode"):
-        pe.split_indices(np.arange(3), 2, "bogus")
+        ef.split_indices(np.arange(3), 2, "bogus")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -77,37 +79,37 @@ def test_split_count_and_edge_cases():
 
 def test_pixel_colour_in_its_frame_only():
     # positive at (x=3, y=2) early, negative at (x=5, y=4) late; two time windows split at t=50
-    frames = pe.render_event_frames([3, 5], [2, 4], [0, 100], [1, 0], num_frames=2, height=H, width=W,
+    frames = ef.render_event_frames([3, 5], [2, 4], [0, 100], [1, 0], num_frames=2, height=H, width=W,
                                     split_mode="time", canvas="sensor")
     assert len(frames) == 2 and all(f.shape == (H, W, 3) and f.dtype == np.uint8 for f in frames)
     assert tuple(frames[0][2, 3]) == RED and tuple(frames[0][4, 5]) == WHITE
     assert tuple(frames[1][4, 5]) == BLUE and tuple(frames[1][2, 3]) == WHITE
     assert non_white(frames[0]) == 1 and non_white(frames[1]) == 1
     # -1 is negative too
-    frames = pe.render_event_frames([1], [1], [0], [-1], num_frames=1, height=H, width=W)
+    frames = ef.render_event_frames([1], [1], [0], [-1], num_frames=1, height=H, width=W)
     assert tuple(frames[0][1, 1]) == BLUE
 
 
 def test_latest_event_on_top():
     n = 20_001  # many repeats of one pixel, alternating polarity, ending positive
     p = (np.arange(n) % 2 == 0).astype(np.int8)
-    frames = pe.render_event_frames(np.full(n, 7), np.full(n, 9), np.arange(n), p, 1, H, W)
+    frames = ef.render_event_frames(np.full(n, 7), np.full(n, 9), np.arange(n), p, 1, H, W)
     assert tuple(frames[0][9, 7]) == RED
-    frames = pe.render_event_frames(np.full(n, 7), np.full(n, 9), np.arange(n), 1 - p, 1, H, W)
+    frames = ef.render_event_frames(np.full(n, 7), np.full(n, 9), np.arange(n), 1 - p, 1, H, W)
     assert tuple(frames[0][9, 7]) == BLUE
 
 
 def test_sensor_canvas_is_sensor_size_even_for_a_corner():
-    frames = pe.render_event_frames([0, 1], [0, 1], [0, 10], [1, 1], num_frames=5, split_mode="time",
+    frames = ef.render_event_frames([0, 1], [0, 1], [0, 10], [1, 1], num_frames=5, split_mode="time",
                                     canvas="sensor")
     assert [f.shape for f in frames] == [(480, 640, 3)] * 5
     assert non_white(frames[0]) == 1 and non_white(frames[-1]) == 1
-    blank = pe.render_event_frames([], [], [], [], num_frames=3, height=H, width=W)
+    blank = ef.render_event_frames([], [], [], [], num_frames=3, height=H, width=W)
     assert [f.shape for f in blank] == [(H, W, 3)] * 3 and all((f == 255).all() for f in blank)
     with pytest.raises(ValueError, match="outside"):
-        pe.render_event_frames([W], [0], [0], [1], num_frames=1, height=H, width=W)
+        ef.render_event_frames([W], [0], [0], [1], num_frames=1, height=H, width=W)
     with pytest.raises(ValueError, match="canvas"):
-        pe.render_event_frames([1], [0], [0], [1], num_frames=1, height=H, width=W, canvas="bbox")
+        ef.render_event_frames([1], [0], [0], [1], num_frames=1, height=H, width=W, canvas="bbox")
 
 
 # --------------------------------------------------------------------------- reading and validation
@@ -116,24 +118,24 @@ def test_sensor_canvas_is_sensor_size_even_for_a_corner():
 def test_structured_flat_npz_and_pickled_inputs(tmp_path):
     ev = structured([1, 2], [3, 4], [10, 20], [1, 0])
     np.save(tmp_path / "s.npy", ev)
-    out = pe.load_events(tmp_path / "s.npy", height=H, width=W)
+    out = cd.load_events(tmp_path / "s.npy", height=H, width=W)
     assert out["x"].tolist() == [1, 2] and out["t"].dtype == np.int64 and out["p"].tolist() == [1, 0]
 
     flat = np.array([[10, 1, 3, 1], [20, 2, 4, -1]], dtype=np.float64)  # t, x, y, p
     np.save(tmp_path / "f.npy", flat)
-    out = pe.load_events(tmp_path / "f.npy", columns=("t", "x", "y", "p"))
+    out = cd.load_events(tmp_path / "f.npy", columns=("t", "x", "y", "p"))
     assert out["x"].tolist() == [1, 2] and out["t"].tolist() == [10, 20] and out["p"].tolist() == [1, 0]
-    with pytest.raises(pe.EventFileError, match="--columns"):
-        pe.load_events(tmp_path / "f.npy")
+    with pytest.raises(cd.EventFileError, match="--columns"):
+        cd.load_events(tmp_path / "f.npy")
 
     np.savez(tmp_path / "z.npz", x=[1], y=[2], t=[3], p=[1])
-    assert pe.load_events(tmp_path / "z.npz")["y"].tolist() == [2]
+    assert cd.load_events(tmp_path / "z.npz")["y"].tolist() == [2]
 
     np.save(tmp_path / "d.npy", {"x": np.array([1]), "y": np.array([2]), "t": np.array([3]), "p": np.array([0])})
-    with pytest.raises(pe.EventFileError, match="--allow_pickle") as err:
-        pe.load_events(tmp_path / "d.npy")
+    with pytest.raises(cd.EventFileError, match="--allow_pickle") as err:
+        cd.load_events(tmp_path / "d.npy")
     assert str(tmp_path / "d.npy") in str(err.value)
-    assert pe.load_events(tmp_path / "d.npy", allow_pickle=True)["p"].tolist() == [0]
+    assert cd.load_events(tmp_path / "d.npy", allow_pickle=True)["p"].tolist() == [0]
 
 
 GOOD = {"x": [1, 2, 3], "y": [1, 2, 3], "t": [0, 5, 9], "p": [1, 0, 1]}
@@ -158,15 +160,15 @@ GOOD = {"x": [1, 2, 3], "y": [1, 2, 3], "t": [0, 5, 9], "p": [1, 0, 1]}
 )
 def test_validate_rejects_bad_events(change, expected):
     events = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
-    with pytest.raises(pe.EventFileError, match=expected) as err:
-        pe.validate_events(events, height=H, width=W, source="clip.npy")
+    with pytest.raises(cd.EventFileError, match=expected) as err:
+        cd.validate_events(events, height=H, width=W, source="clip.npy")
     assert str(err.value).startswith("clip.npy: ") and "\n" not in str(err.value)
 
 
 def test_validate_accepts_empty_and_whole_floats():
-    empty = pe.validate_events({k: np.zeros(0) for k in "xytp"}, height=H, width=W)
+    empty = cd.validate_events({k: np.zeros(0) for k in "xytp"}, height=H, width=W)
     assert all(len(v) == 0 for v in empty.values())
-    out = pe.validate_events({**GOOD, "x": [1.0, 2.0, 3.0], "p": [True, False, True]}, H, W)
+    out = cd.validate_events({**GOOD, "x": [1.0, 2.0, 3.0], "p": [True, False, True]}, H, W)
     assert out["x"].dtype == np.int32 and out["p"].tolist() == [1, 0, 1]
 
 
@@ -301,7 +303,7 @@ def test_dsec_h5_cut_into_clips(tmp_path, caplog):
     assert tuple(first[0, 3]) == BLUE
     errors = failure_lines(caplog)
     assert len(errors) == 1 and str(broken) in errors[0]
-    assert pe.list_h5_clips(tmp_path / "in" / "zurich_00" / "events" / "left" / "events.h5", 500) == [
+    assert cd.list_h5_clips(tmp_path / "in" / "zurich_00" / "events" / "left" / "events.h5", 500) == [
         (i * 500, (i + 1) * 500) for i in range(5)
     ]
 
@@ -340,6 +342,17 @@ def test_dataset_mode_with_workers(tmp_path, caplog):
                                   "--canvas", "sensor", "--overwrite"])) == 0
     assert read_png(frames / "000001_0.png").shape == (H, 128, 3)
     assert read_png(frames / "000000_0.png").shape == (H, 128, 3)
+
+
+def test_dataset_mode_counts_a_bad_record(tmp_path, caplog):
+    good = {"x": np.array([4]), "y": np.array([3]), "t": np.array([0]), "p": np.array([1])}
+    make_dataset(tmp_path / "ds", {"000000": good})
+    index = tmp_path / "ds" / "train" / "index.json"
+    records = json.loads(index.read_text())
+    index.write_text(json.dumps([*records, {"id": "seq_000/x", "event_image_prefix": "event_image/seq_000/x"}]))
+    assert run_main(["--dataset_dir", str(tmp_path / "ds"), "--allow_pickle"]) == 1
+    assert failure_lines(caplog) == [f"failed: {index}: record 1 lacks event_npy (or event_h5)"]
+    assert (tmp_path / "ds" / "train" / "event_image" / "seq_000" / "000000_4.png").is_file()
 
 
 def test_parse_args_validation(tmp_path):
@@ -415,3 +428,77 @@ def test_cli_subprocess(tmp_path):
     assert "1 written" in proc.stderr
     proc = subprocess.run([*cmd, "--split", "val"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# --------------------------------------------------------------------------- as a script: one counted line per bad file
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    """The stage run as users run it: `__main__`, so its error classes are the ones clip_data raises only if
+    no second copy of a module is loaded (the bug this guards against doubled or escaped them)."""
+    cmd = [sys.executable, str(ROOT / "preprocess_event_images.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def the_failure_line(proc: subprocess.CompletedProcess, bad: Path) -> str:
+    """The run's one error line; it names `bad` once, and nothing else went wrong (exit code 1: clips failed)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr
+    line = errors[0]
+    assert "failed: " in line and line.count(str(bad)) == 1, line  # named, and the message not doubled
+    assert "EventFileError" not in line, line  # caught as the stage's own error, not as an unexpected one
+    assert re.search(r"\b1 failed\b", proc.stderr), proc.stderr  # counted in the summary
+    return line
+
+
+@pytest.mark.parametrize("broken", ["not_hdf5", "no_ms_to_idx", "bad_polarity"])
+def test_script_input_dir_counts_a_malformed_events_h5(tmp_path, broken):
+    import h5py
+
+    t = np.arange(0, 1_200_000, 1000, dtype=np.uint32)  # one complete 1 s clip
+    x, y, p = (t // 1000 % W).astype(np.uint16), np.zeros(len(t), np.uint16), np.ones(len(t), np.uint8)
+    write_dsec_h5(tmp_path / "in" / "good_seq" / "events" / "left" / "events.h5", t, x, y, p)
+    bad = tmp_path / "in" / "bad_seq" / "events" / "left" / "events.h5"
+    if broken == "not_hdf5":
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(b"not hdf5 at all")
+    elif broken == "no_ms_to_idx":
+        bad.parent.mkdir(parents=True)
+        with h5py.File(bad, "w") as f:
+            for name in ("x", "y", "t", "p"):
+                f.create_dataset(f"events/{name}", data=np.zeros(3, np.int64))
+    else:  # readable, but its one clip holds a polarity of 5
+        write_dsec_h5(bad, t, x, y, np.full(len(t), 5, np.uint8))
+    out = tmp_path / "out"
+    proc = run_script("--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--height", str(H),
+                      "--width", str(W), "--num_frames", "2", "--num_workers", "0")
+    line = the_failure_line(proc, bad)
+    expected = {"not_hdf5": "cannot open as HDF5", "no_ms_to_idx": "missing datasets",
+                "bad_polarity": "polarity must be 1"}[broken]
+    assert expected in line
+    assert sorted(q.name for q in (out / "good_seq").iterdir()) == ["000000_0.png", "000000_1.png"]
+    assert not (out / "bad_seq").exists()
+    assert json.loads((out / "manifest.json").read_text())["last_run"]["failed"] == 1
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_script_dataset_dir_counts_a_malformed_npy(tmp_path, workers):
+    import clip_data
+    import toy_dataset
+
+    root = tmp_path / "toy"
+    toy_dataset.write_toy_dataset(root, num_sequences=(1, 1, 0), clips_per_sequence=2, height=48, width=64,
+                                  fps=10, progress=False)
+    records = clip_data.load_index(root, "train")
+    bad = clip_data.clip_paths(root, "train", records[0])["events"]
+    bad.write_bytes(bad.read_bytes()[:-20])  # truncated
+    proc = run_script("--dataset_dir", str(root), "--allow_pickle", "--num_workers", workers)
+    assert "probably truncated" in the_failure_line(proc, bad)
+    written, blank = map(int, re.search(r"(\d+) written, (\d+) blank", proc.stderr).groups())
+    assert written + blank == 3, proc.stderr  # the other train clip and both val clips
+    for split in ("train", "val"):
+        for rec in clip_data.load_index(root, split):
+            frames = clip_data.clip_paths(root, split, rec)["event_images"]
+            assert all(f.is_file() for f in frames) == ((split, rec["id"]) != ("train", records[0]["id"])), rec["id"]

@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 
+import clip_data as cd
 import toy_dataset as td
 from common import UserError
 
@@ -48,10 +49,10 @@ def test_layout_and_index_match_the_shared_layout(tiny):
     assert all(set(q) == {"question", "count"} for q in questions) and len(questions) == len(td.QUESTIONS)
     counts = [q["count"] for q in questions]
     assert counts == sorted(counts, reverse=True)
-    assert td.load_questions(out) == [q["question"] for q in questions]
-    assert td.load_questions(out / "questions.json", max_questions=3) == td.question_texts()[:3]
-    for split in td.SPLITS:
-        records = td.load_index(out, split)
+    assert cd.load_questions(out) == [q["question"] for q in questions]
+    assert cd.load_questions(out / "questions.json", max_questions=3) == td.question_texts()[:3]
+    for split in cd.SPLITS:
+        records = cd.load_index(out, split)
         assert len(records) == 2 == summary["splits"][split]["clips"]
         for rec in records:
             seq, clip = rec["sequence"], rec["clip"]
@@ -61,7 +62,7 @@ def test_layout_and_index_match_the_shared_layout(tiny):
             assert rec["video"] == f"mp4/{seq}/{clip}.mp4"
             assert rec["event_image_prefix"] == f"event_image/{seq}/{clip}"
             assert (rec["height"], rec["width"], rec["duration_s"], rec["t0_us"]) == (48, 64, 1.0, 0)
-            paths = td.clip_paths(out, split, rec)
+            paths = cd.clip_paths(out, split, rec)
             assert paths["event_npy"].is_absolute() and paths["event_npy"].is_file()
             assert paths["video"].is_file()
             assert paths["event_images"][0] == paths["split_dir"] / f"event_image/{seq}/{clip}_0.png"
@@ -75,11 +76,11 @@ def test_layout_and_index_match_the_shared_layout(tiny):
 
 def test_splits_are_disjoint_by_sequence(tiny):
     out, _ = tiny
-    seqs = {s: {r["sequence"] for r in td.load_index(out, s)} for s in td.SPLITS}
+    seqs = {s: {r["sequence"] for r in cd.load_index(out, s)} for s in cd.SPLITS}
     assert seqs["train"].isdisjoint(seqs["val"]) and seqs["train"].isdisjoint(seqs["test"])
     assert seqs["val"].isdisjoint(seqs["test"])
     plan = td._sequence_plan((6, 2, 2))
-    names = [name for s in td.SPLITS for _, name in plan[s]]
+    names = [name for s in cd.SPLITS for _, name in plan[s]]
     assert len(names) == len(set(names)) == 10
 
 
@@ -123,8 +124,8 @@ def test_reusing_a_folder_with_other_settings_is_refused(tiny):
 
 def test_mp4_decodes_to_the_rendered_frames(tiny):
     out, _ = tiny
-    rec = td.load_index(out, "val")[0]
-    with av.open(str(td.clip_paths(out, "val", rec)["video"])) as container:
+    rec = cd.load_index(out, "val")[0]
+    with av.open(str(cd.clip_paths(out, "val", rec)["video"])) as container:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
     assert frames.shape == (10, 48, 64, 3)
     # Re-render the same clip from its seeds: video and meta describe the same scene.
@@ -137,9 +138,9 @@ def test_mp4_decodes_to_the_rendered_frames(tiny):
 
 def test_event_files_have_eventgpt_format(tiny):
     out, _ = tiny
-    for split in td.SPLITS:
-        for rec in td.load_index(out, split):
-            raw = np.load(td.clip_paths(out, split, rec)["event_npy"], allow_pickle=True).item()
+    for split in cd.SPLITS:
+        for rec in cd.load_index(out, split):
+            raw = np.load(cd.clip_paths(out, split, rec)["event_npy"], allow_pickle=True).item()
             assert set(raw) == {"x", "y", "t", "p"}
             x, y, t, p = raw["x"], raw["y"], raw["t"], raw["p"]
             assert x.dtype == np.int16 and y.dtype == np.int16 and t.dtype == np.int64 and p.dtype == np.int8
@@ -286,23 +287,23 @@ def test_text_corpus_covers_every_answer_word():
 
 def test_readers_give_clear_errors(tmp_path):
     with pytest.raises(UserError, match=re.escape(str(tmp_path / "train" / "index.json"))):
-        td.load_index(tmp_path, "train")
+        cd.load_index(tmp_path, "train")
     with pytest.raises(UserError, match="unknown split"):
-        td.load_index(tmp_path, "dev")
+        cd.load_index(tmp_path, "dev")
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "index.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        td.load_index(tmp_path, "val")
+        cd.load_index(tmp_path, "val")
     (tmp_path / "val" / "index.json").write_text('[{"id": "a"}]')
     with pytest.raises(UserError, match="record 0 lacks"):
-        td.load_index(tmp_path, "val")
+        cd.load_index(tmp_path, "val")
     with pytest.raises(UserError, match="questions file not found"):
-        td.load_questions(tmp_path)
+        cd.load_questions(tmp_path)
     (tmp_path / "questions.json").write_text('[{"count": 3}]')
     with pytest.raises(UserError, match=r"questions\.json: entry 0"):
-        td.load_questions(tmp_path)
+        cd.load_questions(tmp_path)
     (tmp_path / "questions.json").write_text('[{"question": "b?", "count": 1}, {"question": "a?", "count": 9}]')
-    assert td.load_questions(tmp_path) == ["a?", "b?"]
+    assert cd.load_questions(tmp_path) == ["a?", "b?"]
 
 
 def test_cli_writes_a_tiny_data_set(tmp_path):
@@ -310,7 +311,7 @@ def test_cli_writes_a_tiny_data_set(tmp_path):
            "1", "--clips_per_sequence", "1", "--height", "32", "--width", "32", "--fps", "4", "--no_progress"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert len(td.load_index(tmp_path / "toy", "train")) == 1
-    assert td.load_index(tmp_path / "toy", "val") == []
+    assert len(cd.load_index(tmp_path / "toy", "train")) == 1
+    assert cd.load_index(tmp_path / "toy", "val") == []
     bad = subprocess.run([*cmd, "--height", "33"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "even" in bad.stderr
