@@ -51,17 +51,13 @@ from tqdm import tqdm
 
 import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
-from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS
-from common import DTYPE_CHOICES, UserError, atomic_write_json, markdown_table, set_seed, sync_device
+from common import UserError, atomic_write_json, markdown_table, set_seed, sync_device
 from cost_model import PREFILL_WINDOW_CAP
 from e2e_measure import adapter_path, assisted_run, hf_generate, measure_profile, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
-from model_loaders import (
-    QUANT_CHOICES,
-    VLMInputs,
-    model_description,
-)
+from model_builders import add_model_args, check_model_args, load_runners
 from preflight import preflight
+from vlm_runners import VLMInputs, model_description
 
 log = logging.getLogger("xmodal_sd.e2e")
 
@@ -71,8 +67,6 @@ ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from toy_models import SHAPES, resolve_shape
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset_dir", type=Path, required=True, help="data set folder (index.json per split)")
     p.add_argument("--split", default="test", help="split whose clips are answered")
@@ -117,15 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)}, or all")
     p.add_argument("--sequential_prefill", action="store_true",
                    help="run the drafter's prefill after the target's instead of beside it (to measure overlap)")
-    p.add_argument("--egpt_model", default="data/toy/models/eventgpt", help="EventGPT checkpoint folder")
-    p.add_argument("--vision_tower", default=None,
-                   help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
-                   "config's mm_visual_tower")
-    p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder or hub id")
-    p.add_argument("--quant", default="none", choices=QUANT_CHOICES,
-                   help="4bit/8bit: bitsandbytes (CUDA); int8_ao/int4_ao: torchao weight-only (int4: CUDA)")
-    p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
-                   help="random weights at this shape instead of checkpoints (as benchmark_extraction.py)")
+    add_model_args(p)
     p.add_argument("--static_cache", action="store_true",
                    help="the target decodes in a preallocated KV cache, every verify pass gamma_decode+1 wide; "
                         "roll-out adapters draft in preallocated caches too")
@@ -134,16 +120,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(CUDA graphs on CUDA); implies --static_cache")
     p.add_argument("--max_cache_len", type=int, default=4096,
                    help="static cache positions (prompt + answer + one verify window must fit)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (both models; see the two below)")
-    p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES,
-                   help="EventGPT's dtype (default --dtype; auto = bf16 on CUDA, as its release runs)")
-    p.add_argument("--vl_dtype", default=None, choices=DTYPE_CHOICES,
-                   help="Video-LLaVA's dtype (default --dtype; auto = fp16 on CUDA, as its model card runs)")
-    p.add_argument("--frame_pick", default=DEFAULT_FRAME_PICK, choices=FRAME_PICKS,
-                   help="how the 8 video frames are picked: floor (LanguageBind's linspace indices) or round")
-    p.add_argument("--accept_weight_keys", nargs="+", default=[],
-                   help="checkpoint keys known to be harmless when missing or unexpected (e.g. position_ids)")
     p.add_argument("--warmup", type=int, default=3, help="untimed samples run through every configuration first")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the samples (paired per repeat)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, adapters and sampling")
@@ -194,14 +170,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
     if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
         p.error("--synthetic_acceptance values must be in [0, 1]")
-    if args.random_shape is not None and args.quant in ("4bit", "8bit"):
-        p.error("bitsandbytes --quant applies to loaded checkpoints; random shapes take none, int8_ao or int4_ao")
+    check_model_args(p, args)
     args.static_cache = args.static_cache or args.compile
     if args.static_cache and args.quant in ("4bit", "8bit"):
         p.error("--static_cache/--compile are not for bitsandbytes --quant 4bit/8bit (use int8_ao or int4_ao)")
     if args.static_cache and args.max_cache_len < args.max_new_tokens + args.gamma_decode + 2:
         p.error("--max_cache_len must hold the prompt, --max_new_tokens and one verify window")
-    args.shape = resolve_shape(args.random_shape, {}) if args.random_shape else None
     return args
 
 
@@ -574,7 +548,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from clip_data import ClipReadError, load_index, load_questions, plan_samples
-    from toy_models import load_runners
 
     checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
                               for role in ("prefill", "decode")})  # seconds, before the models load

@@ -37,12 +37,12 @@ import torch
 from tqdm import tqdm
 
 from cli import add_config_flag, add_dry_run_flag, alias_help, dry_run_report, parse_with_config, run_cli
-from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS, render_hint
-from common import DTYPE_CHOICES, UserError, atomic_write_json, markdown_table, set_seed, sync_device
+from clip_data import plan_samples, render_hint
+from common import UserError, atomic_write_json, markdown_table, set_seed, sync_device
 from extract_hidden_states import iter_batches, pair_features, run_models
-from model_loaders import QUANT_CHOICES, model_description
+from model_builders import add_model_args, check_model_args, load_runners
 from preflight import preflight
-from toy_models import OVERRIDES, SHAPES, load_runners, resolve_shape
+from vlm_runners import model_description
 
 log = logging.getLogger("xmodal_sd.bench_extract")
 
@@ -57,20 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset_dir", default="data/toy/dataset", help="data set root with {split}/index.json, "
                    "questions.json and the event PNGs (clips are read from here in both modes)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split the clips come from")
-    p.add_argument("--egpt_model", default="data/toy/models/eventgpt", help="EventGPT checkpoint folder (toy mode)")
-    p.add_argument("--vision_tower", default=None,
-                   help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
-                   "config's mm_visual_tower")
-    p.add_argument("--vl_model", default="data/toy/models/video_llava", help="Video-LLaVA folder (toy mode)")
-    p.add_argument("--quant", default="none", choices=QUANT_CHOICES,
-                   help="quantisation: bitsandbytes 4bit/8bit of loaded checkpoints (CUDA; not with --random_shape), "
-                   "torchao int8_ao/int4_ao (weight-only; int4_ao: CUDA and bf16)")
-    p.add_argument("--random_shape", default=None, choices=sorted(SHAPES),
-                   help="build both models in memory with random weights at this shape instead of loading "
-                   "checkpoints (7b: Vicuna-7B + CLIP ViT-L/14; tiny: a CPU-sized stand-in)")
-    for name in OVERRIDES:
-        p.add_argument(f"--{name}", type=int, default=None,
-                       help=f"with --random_shape: override the shape's {name.replace('_', ' ')}")
     p.add_argument("--max_clips", type=int, default=8, help="use the first N clips of the split")
     p.add_argument("--questions", default=None, help="questions JSON (default DATASET_DIR/questions.json)")
     p.add_argument("--max_questions", type=int, default=10, help="questions per clip (the first N, most frequent)")
@@ -81,17 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add the drafter's teacher-forced pass on the target's answer to both ways")
     p.add_argument("--repeats", type=int, default=3, help="timed passes of each way (alternating)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes of each way over the first batch")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="both models' dtype unless --egpt_dtype/--vl_dtype say otherwise (auto: bf16 EventGPT and "
-                   "fp16 Video-LLaVA on CUDA, as their released code runs them; fp32 on CPU)")
-    p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES, help="EventGPT's dtype (default --dtype)")
-    p.add_argument("--vl_dtype", default=None, choices=DTYPE_CHOICES, help="Video-LLaVA's dtype (default --dtype)")
-    p.add_argument("--frame_pick", default=DEFAULT_FRAME_PICK, choices=FRAME_PICKS,
-                   help="Video-LLaVA frame indices: floor (default, LanguageBind's) or round of linspace(0, n-1, 8)")
-    p.add_argument("--accept_weight_keys", nargs="+", default=[], metavar="KEY",
-                   help="checkpoint tensor names that may be missing or unknown without stopping the load "
-                   "(e.g. position_ids)")
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--allow_output_mismatch", "--allow_mismatch", dest="allow_mismatch", action="store_true",
                    help=alias_help("exit 0 even when the two ways' outputs differ (random weights in fp16 can flip "
@@ -108,16 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be >= 0 and --max_samples >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
-    given = [n for n in OVERRIDES if getattr(args, n) is not None]
-    if args.random_shape is None and given:
-        p.error(f"--{given[0]} only applies with --random_shape")
-    if args.random_shape is not None and args.quant != "none":
-        p.error("--quant is for loaded checkpoints; random weights run unquantised (use --dtype fp16)")
-    if args.random_shape is not None:
-        try:
-            args.shape = resolve_shape(args.random_shape, {n: getattr(args, n) for n in given})
-        except ValueError as err:
-            p.error(str(err))
+    check_model_args(p, args)
     args.dataset_dir = Path(args.dataset_dir)
     return args
 

@@ -22,7 +22,7 @@ import torch
 
 import speculative_decoding as sd
 from common import sync_device
-from model_loaders import VLMInputs, VLMRunner
+from vlm_runners import VLMInputs, VLMRunner
 
 PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
 

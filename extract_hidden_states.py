@@ -46,8 +46,7 @@ import torch
 from tqdm import tqdm
 
 from cli import RunLog, add_config_flag, add_dry_run_flag, alias_help, dry_run_report, parse_with_config, run_cli
-from clip_data import FRAME_PICKS
-from common import DTYPE_CHOICES, UserError, atomic_write_json, read_json, set_seed
+from common import UserError, atomic_write_json, read_json, set_seed
 from hidden_data import (
     CHUNK_KEYS,
     FORMAT_VERSION,
@@ -60,8 +59,9 @@ from hidden_data import (
     shard_name,
     write_chunk,
 )
-from model_loaders import QUANT_CHOICES, model_description, to_drafter_vocab
+from model_builders import add_model_args, check_model_args, load_runners, resolve_compute
 from preflight import preflight
+from vlm_runners import model_description, to_drafter_vocab
 
 log = logging.getLogger("xmodal_sd.extract")
 
@@ -117,36 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="samples generated together (left padding); a clip's vision features are shared",
     )
-    p.add_argument("--egpt_model", required=True, help="EventGPT checkpoint folder (release layout)")
-    p.add_argument("--vision_tower", default=None,
-                   help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
-                   "config's mm_visual_tower")
-    p.add_argument("--vl_model", required=True, help="Video-LLaVA folder or hub id (transformers format)")
-    p.add_argument(
-        "--quant",
-        default="none",
-        choices=QUANT_CHOICES,
-        help="quantisation of both language models: bitsandbytes 4bit/8bit (CUDA), torchao int8_ao or int4_ao "
-        "(weight-only; int4_ao needs CUDA and bf16)",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (ignored under accelerate launch)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="both models' dtype unless --egpt_dtype/--vl_dtype say otherwise (auto: each model's "
-                   "released precision on CUDA, fp32 on CPU)")
-    p.add_argument("--egpt_dtype", default=None, choices=DTYPE_CHOICES,
-                   help="EventGPT's dtype (default --dtype; auto = bf16 on CUDA, as the release runs it)")
-    p.add_argument("--vl_dtype", default=None, choices=DTYPE_CHOICES,
-                   help="Video-LLaVA's dtype (default --dtype; auto = fp16 on CUDA, as its model card and "
-                   "LanguageBind run it)")
+    add_model_args(p, required=True, random_shape=False, device_note=" (ignored under accelerate launch)")
     p.add_argument("--num_event_frames", type=int, default=1, help="event frames given to EventGPT (first N)")
     p.add_argument("--num_video_frames", "--num_frames", dest="num_frames", type=int, default=8,
                    help=alias_help("video frames sampled uniformly for Video-LLaVA", "--num_frames"))
-    p.add_argument("--frame_pick", default=FRAME_PICKS[0], choices=FRAME_PICKS,
-                   help="how Video-LLaVA's frames are indexed: floor of linspace(0, n-1, num_frames) (default, as "
-                   "LanguageBind and the research fork) or round (this project's earlier choice)")
-    p.add_argument("--accept_weight_keys", nargs="+", default=[], metavar="KEY",
-                   help="checkpoint tensor names (a full name, its last dotted parts, or a glob) that may be "
-                   "missing from or unknown to either model without stopping the load, e.g. position_ids")
     p.add_argument(
         "--teacher_forced",
         action="store_true",
@@ -178,8 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--shard_index must be in [0, --num_shards)")
     args.output_dir = Path(args.output_dir or f"data/hidden/{args.split}")
     args.dataset_dir = Path(args.dataset_dir)
-    args.egpt_dtype = args.egpt_dtype or args.dtype
-    args.vl_dtype = args.vl_dtype or args.dtype
+    check_model_args(p, args)
     return args
 
 
@@ -202,9 +175,6 @@ def resolve_shard(args: argparse.Namespace) -> tuple[int, int, Any]:
     if state is not None:
         return state.num_processes, state.process_index, state
     return 1, 0, None
-
-
-model_facts = model_description  # the earlier name (benchmark_extraction, notebooks)
 
 
 def check_same_run(out_dir: Path, base: dict[str, Any], keys: tuple[str, ...],
@@ -429,30 +399,10 @@ def load_progress(work: ShardWork, base: dict[str, Any], verify: bool = False
     return progress, finished, damaged
 
 
-DTYPE_FLAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def resolve_compute(args: argparse.Namespace, state: Any) -> tuple[torch.device, dict[str, torch.dtype]]:
-    """The device and each model's dtype, resolved (and logged) once, before anything is loaded."""
-    from common import resolve_device, resolve_dtype
-
-    device = resolve_device(str(state.device) if state is not None else args.device)
-    dtypes = {"eventgpt": resolve_dtype(args.egpt_dtype, device, model="eventgpt"),
-              "video_llava": resolve_dtype(args.vl_dtype, device, model="video_llava")}
-    return device, dtypes
-
-
 def load_models(args: argparse.Namespace, device: torch.device, dtypes: dict[str, torch.dtype], out_dir: Path
                 ) -> tuple[Any, Any, dict[str, Any]]:
     """(EventGPT, Video-LLaVA, their descriptions); refuses a folder holding other models' states."""
-    from model_loaders import load_eventgpt, load_video_llava
-
-    egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=str(device), dtype=DTYPE_FLAGS[dtypes["eventgpt"]],
-                         num_event_frames=args.num_event_frames, accept_keys=args.accept_weight_keys,
-                         vision_tower=args.vision_tower)
-    vl = load_video_llava(args.vl_model, quant=args.quant, device=str(device),
-                          dtype=DTYPE_FLAGS[dtypes["video_llava"]], num_frames=args.num_frames,
-                          frame_pick=args.frame_pick, accept_keys=args.accept_weight_keys)
+    egpt, vl = load_runners(args, [], (device, dtypes))
     models = {"drafter": model_description(egpt), "target": model_description(vl)}
     recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
     for path in (p for p in recorded if p.is_file()):
@@ -573,7 +523,7 @@ def extract(args: argparse.Namespace, num_shards: int, shard: int, state: Any) -
     """The run once the shard is known (main wraps it in the run log)."""
     work, num_planned, chunk_size = plan_work(args, num_shards, shard)
     # Every refusal (device, dtype, other settings in the folder) comes before the folder is created.
-    device, dtypes = resolve_compute(args, state)
+    device, dtypes = resolve_compute(args, str(state.device) if state is not None else None)
     base = run_settings(args, work, num_planned, chunk_size, dtypes)
     check_same_run(work.out_dir, base, RUN_IDENTITY)
     work.out_dir.mkdir(parents=True, exist_ok=True)

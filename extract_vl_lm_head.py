@@ -26,10 +26,11 @@ import torch
 from cli import add_dry_run_flag, dry_run_report, run_cli
 from common import UserError, atomic_torch_save, read_json
 from hidden_data import LM_HEAD_FORMAT, load_lm_head
-from model_loaders import QUANT_CHOICES
 from preflight import preflight
+from vlm_runners import QUANT_CHOICES
 
 log = logging.getLogger("xmodal_sd.lm_head")
+HEAD_KEYS = ("lm_head.weight", "embed_tokens.weight")  # the LM head and the input embeddings, by key suffix
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,24 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_from_safetensors(folder: Path, suffix: str = "lm_head.weight") -> torch.Tensor | None:
-    """One tensor whose key ends with `suffix` (the LM head by default; the language model's
-    `embed_tokens.weight` for the input embeddings) straight from local safetensors shards, no model
-    build; None if not found. Vision towers' embeddings never match: their keys end otherwise."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
-                if key.endswith(suffix):
-                    log.info("read %s from %s", key, f.name)
-                    return st.get_tensor(key)
-    return None
-
-
 def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[str, Any]:
-    from model_loaders import VIDEO_LLAVA_MODEL_TYPE, config_hash
+    from model_builders import VIDEO_LLAVA_MODEL_TYPE, checkpoint_tensors, config_hash
 
     folder = Path(vl_model)
     if folder.is_dir():
@@ -75,12 +60,15 @@ def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[st
         if cfg.get("model_type") != VIDEO_LLAVA_MODEL_TYPE:
             raise UserError(f"{folder / 'config.json'} has model_type {cfg.get('model_type')!r}, not "
                             f"{VIDEO_LLAVA_MODEL_TYPE!r}: the LM head must be the target's (Video-LLaVA's)")
-    weight = read_from_safetensors(folder) if folder.is_dir() else None
-    embed = read_from_safetensors(folder, "embed_tokens.weight") if folder.is_dir() else None
+    # Straight from a local folder's files, no model build. Vision towers' embeddings never match: their
+    # keys end otherwise.
+    found = checkpoint_tensors(folder, suffixes=HEAD_KEYS) if folder.is_dir() else {}
+    weight, embed = (next((v for k, v in found.items() if k.endswith(suffix)), None) for suffix in HEAD_KEYS)
     if weight is not None and embed is not None:
+        log.info("read the LM head and input embeddings from the files in %s", folder)
         chash = config_hash(folder / "config.json")
     else:
-        from model_loaders import load_video_llava
+        from model_builders import load_video_llava
 
         runner = load_video_llava(vl_model, quant=quant, device=device)
         weight = runner.lm_head_weight()

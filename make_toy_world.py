@@ -241,8 +241,8 @@ def answer_rows(
     target's positions, given the target's prefix: what speculative decoding would accept).
     `foreign` counts target tokens the drafter's vocabulary lacks (fed to it as id 0).
     """
-    from model_loaders import to_drafter_vocab
     from toy_dataset import scene_answer
+    from vlm_runners import to_drafter_vocab
 
     rows, foreign = [], 0
     for clip in tqdm(clips, desc="agreement", unit="clip", disable=None):
@@ -333,9 +333,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> dict[str, Any]:
     from clip_data import load_index, load_questions
-    from model_loaders import load_eventgpt, load_video_llava
+    from model_builders import build_toy_tokenizer, load_eventgpt, load_video_llava
     from toy_dataset import scene_description, toy_text_corpus
-    from toy_models import build_toy_tokenizer, make_base_llm, write_eventgpt_checkpoint, write_video_llava_checkpoint
+    from toy_models import ToyDims, make_base_llm, write_eventgpt_checkpoint, write_video_llava_checkpoint
 
     rng = random.Random(args.seed)
     questions = load_questions(data_dir)
@@ -344,25 +344,21 @@ def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> 
     corpus = toy_text_corpus(seed=args.seed)
     tokenizer = build_toy_tokenizer(corpus)
     heads = max(1, args.hidden_size // 16)
-    dims = {
-        "hidden_size": args.hidden_size,
-        "num_layers": args.num_layers,
-        "num_heads": heads,
-        "intermediate_size": 2 * args.hidden_size,
-    }
+    dims = ToyDims(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads,
+                   intermediate_size=2 * args.hidden_size)
 
     texts = [f"USER: {q} ASSISTANT: {a}" for q, a in qa_texts(metas, questions)]
     texts += [scene_description(m) for m in metas] + corpus[:2000]
-    base = make_base_llm(tokenizer, seed=args.seed, **dims)
+    base = make_base_llm(tokenizer, dims, seed=args.seed)
     pre_losses = pretrain_base(base, tokenizer, texts, args.pretrain_steps, args.batch_size * 2, args.lr, rng)
 
     tmp = {name: models_dir / f".{name}.tmp" for name in ("eventgpt", "video_llava")}
     for d in tmp.values():
         shutil.rmtree(d, ignore_errors=True)
     base_state = base.state_dict()
-    write_video_llava_checkpoint(tmp["video_llava"], base_state, tokenizer, seed=args.seed, **dims)
+    write_video_llava_checkpoint(tmp["video_llava"], base_state, tokenizer, dims, seed=args.seed)
     write_eventgpt_checkpoint(
-        tmp["eventgpt"], perturbed(base_state, args.perturbation, args.seed + 7), tokenizer, seed=args.seed, **dims
+        tmp["eventgpt"], perturbed(base_state, args.perturbation, args.seed + 7), tokenizer, dims, seed=args.seed
     )
 
     runners = {
@@ -392,7 +388,7 @@ def build_models(args: argparse.Namespace, data_dir: Path, models_dir: Path) -> 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from clip_data import load_index, load_questions
-    from model_loaders import load_eventgpt, load_video_llava
+    from model_builders import load_eventgpt, load_video_llava
     from toy_dataset import write_dsec_layout, write_toy_dataset
 
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Live lossless speculative decoding: EventGPT (or an adapter) drafts, Video-LLaVA verifies.
 
-The engine works over the shared runner interface of model_loaders.py (prefill, multi-token decode,
+The engine works over the shared runner interface of vlm_runners.py (prefill, multi-token decode,
 crop_cache, lm_head_weight) and is batch 1 only: one user, one GPU is the product case, and batch 1
 keeps every cache a plain prefix that can be cropped.
 
@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from hidden_adapter import AdapterConfig, ProjectedContext, StaticAdapterCache, levels, rollout_problem
-from model_loaders import VLMInputs, to_drafter_vocab
+from vlm_runners import VLMInputs, to_drafter_vocab
 
 PER_POSITION_LEVELS = levels(predicts="same")  # output[t] estimates the target state at t
 ROLLOUT_LEVELS = levels(rolls_out=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import benchmark_extraction as bx
-import toy_models
+import model_builders
 from common import UserError
 from tests.conftest import ROOT
 
@@ -101,8 +101,8 @@ def test_bad_flags_are_refused(flags):
 
 def test_7b_shape_builds_the_reference_sizes_on_meta():
     """The GPU timing mode builds Vicuna-7B / CLIP ViT-L sized models (checked without memory)."""
-    shape = toy_models.resolve_shape("7b", {})
-    egpt, vl = toy_models.build_random_runners(shape, ["What is moving?"], torch.device("meta"), torch.float16, 0)
+    shape = model_builders.resolve_shape("7b", {})
+    egpt, vl = model_builders.build_random_runners(shape, ["What is moving?"], torch.device("meta"), torch.float16, 0)
 
     def count(module):
         return sum(p.numel() for p in module.parameters())

@@ -40,6 +40,27 @@ def test_script_skeleton_and_flags(path):
             assert ast.unparse(kwargs["type"]) != "bool", f"{path.name}: {flag} uses type=bool"
 
 
+def flag_block_calls(tree: ast.AST) -> list[ast.Call]:
+    """The add_argument calls inside a shared module's `add_*` functions (the flag blocks stages call)."""
+    return [c for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.startswith("add_")
+            for c in add_argument_calls(f)]
+
+
+# Shared modules whose `add_*` functions add flags for the stages (model_builders.add_model_args, cli's
+# add_config_flag): every flag has help there too.
+FLAG_MODULES = sorted(p for p in ROOT.glob("*.py") if p not in SCRIPTS and flag_block_calls(ast.parse(p.read_text())))
+
+
+@pytest.mark.parametrize("path", FLAG_MODULES, ids=lambda p: p.name)
+def test_shared_flag_blocks_have_help(path):
+    for call in flag_block_calls(ast.parse(path.read_text())):
+        kwargs = {k.arg: k.value for k in call.keywords}
+        flag = ast.unparse(call.args[0]) if call.args else "?"
+        assert "help" in kwargs, f"{path.name}: {flag} has no help text"
+        if "type" in kwargs:
+            assert ast.unparse(kwargs["type"]) != "bool", f"{path.name}: {flag} uses type=bool"
+
+
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
 def test_import_has_no_side_effects(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -105,12 +126,14 @@ def test_aliases_always_carry_the_note():
                 assert "alias_help" in ast.unparse(call), f"{path.name}: {longs} without the old-spelling note"
 
 
-def test_flag_names_mean_one_thing():
+def test_flag_names_mean_one_thing(capsys):
     """--output names a file, --output_dir a folder; --num_frames, --level and --allow_mismatch survive
-    only as aliases; --vision_tower is on every stage that loads EventGPT."""
-    for path in SCRIPTS:
+    only as aliases; --vision_tower is on every stage that loads EventGPT (through the shared model flags)."""
+    for path in SCRIPTS + FLAG_MODULES:
         for opts in option_strings(path):
             if opts and opts[0] in ("--num_frames", "--level", "--allow_mismatch"):
                 raise AssertionError(f"{path.name}: {opts[0]} is an old spelling; use the new name first")
-    for name in ("extract_hidden_states.py", "benchmark_extraction.py", "benchmark_e2e_wallclock.py"):
-        assert any(o and o[0] == "--vision_tower" for o in option_strings(ROOT / name)), name
+    for name in ("extract_hidden_states", "benchmark_extraction", "benchmark_e2e_wallclock"):
+        with pytest.raises(SystemExit):
+            importlib.import_module(name).parse_args(["--help"])
+        assert "--vision_tower" in capsys.readouterr().out, name

@@ -21,7 +21,7 @@ import hidden_data
 from clip_data import load_index, load_questions
 from common import UserError
 from hidden_data import chunk_name, iter_chunks, load_chunk, load_manifest
-from model_loaders import load_eventgpt, load_video_llava
+from model_builders import load_eventgpt, load_video_llava
 from tests.conftest import ROOT
 
 T = 8  # max_new_tokens in these tests

@@ -10,7 +10,7 @@ import torch
 
 import make_toy_world
 from clip_data import load_index, load_questions
-from model_loaders import load_eventgpt, load_video_llava
+from model_builders import load_eventgpt, load_video_llava
 
 
 def files_of(root: Path) -> dict[str, bytes]:

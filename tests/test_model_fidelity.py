@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 import clip_data as cd
 import event_frames as ef
-import model_loaders as ml
+import model_builders as mb
 import preprocess_event_images as pe
 import toy_models as tm
+import vlm_runners as vr
 from common import UserError, resolve_dtype
 from tests.conftest import ROOT
 from tests.test_model_loaders import TEXTS, _write_mp4
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these m
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fidelity")
-    tok = tm.build_toy_tokenizer(TEXTS, vocab_size=300)
+    tok = mb.build_toy_tokenizer(TEXTS, vocab_size=300)
     llm = tm.make_base_llm(tok, seed=0)
     return {"root": root,
             "egpt": tm.write_eventgpt_checkpoint(root / "eventgpt", llm.state_dict(), tok, seed=1),
@@ -200,11 +201,11 @@ def test_video_frames_are_floored_like_languagebind(ckpts, tmp_path):
     split = tmp_path
     clip = {"video": "v.mp4"}
     for pick in cd.FRAME_PICKS:
-        vl = ml.load_video_llava(ckpts["vl"], device="cpu", frame_pick=pick)
-        assert ml.model_description(vl)["frame_pick"] == pick
+        vl = mb.load_video_llava(ckpts["vl"], device="cpu", frame_pick=pick)
+        assert vr.model_description(vl)["frame_pick"] == pick
         torch.testing.assert_close(vl.clip_features(split, clip),
                                    vl.encode_frames(cd.sample_video_frames(video, 8, pick=pick)))
-    assert ml.load_video_llava(ckpts["vl"], device="cpu").frame_pick == "floor"
+    assert mb.load_video_llava(ckpts["vl"], device="cpu").frame_pick == "floor"
 
 
 def test_video_decodes_on_one_thread(tmp_path):
@@ -238,7 +239,7 @@ def train_sentencepiece(path: Path, texts: list[str], vocab_size: int = 400) -> 
 
 
 def sp_texts() -> list[str]:
-    return TEXTS + [chunk for q in QUESTIONS for chunk in ml.eventgpt_prompt(q).split(ml.EVENTGPT_EVENT_TOKEN)]
+    return TEXTS + [chunk for q in QUESTIONS for chunk in vr.eventgpt_prompt(q).split(vr.EVENTGPT_EVENT_TOKEN)]
 
 
 def test_tokenizer_model_only_folder_loads_through_the_eventgpt_loader(tmp_path):
@@ -258,10 +259,10 @@ def test_tokenizer_model_only_folder_loads_through_the_eventgpt_loader(tmp_path)
     shutil.copy(tmp_path / "sp" / "tokenizer.model", ckpt / "tokenizer.model")
     assert sorted(p.name for p in ckpt.iterdir() if "token" in p.name) == ["tokenizer.model"]
 
-    runner = ml.load_eventgpt(ckpt, device="cpu")
+    runner = mb.load_eventgpt(ckpt, device="cpu")
     for q in QUESTIONS:
-        before, after = ml.eventgpt_prompt(q).split(ml.EVENTGPT_EVENT_TOKEN)
-        release_ids = [sp.bos_id(), *sp.encode(before), ml.EVENT_TOKEN_INDEX, *sp.encode(after)]
+        before, after = vr.eventgpt_prompt(q).split(vr.EVENTGPT_EVENT_TOKEN)
+        release_ids = [sp.bos_id(), *sp.encode(before), vr.EVENT_TOKEN_INDEX, *sp.encode(after)]
         assert runner.prompt_ids(q) == release_ids
     for text in ["Hello  World\n  x", *TEXTS[:3]]:
         assert runner.tokenizer(text).input_ids == [1, *sp.encode(text)]
@@ -270,7 +271,7 @@ def test_tokenizer_model_only_folder_loads_through_the_eventgpt_loader(tmp_path)
     out = runner.generate(runner.build_inputs([feats], [QUESTIONS[0]]), max_new_tokens=3)
     assert out.tokens.shape == (1, 3)
     # The same loader on a folder holding nothing but tokenizer.model
-    bare = ml.load_tokenizer(tmp_path / "sp")
+    bare = mb.load_tokenizer(tmp_path / "sp")
     assert len(bare) == 400 and bare(QUESTIONS[1]).input_ids == [1, *sp.encode(QUESTIONS[1])]
 
 
@@ -280,10 +281,10 @@ def test_tokenizer_model_without_protobuf_is_one_clear_error(tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "google.protobuf"
                         else real(name, *a))
     with pytest.raises(UserError, match="protobuf") as err:
-        ml.load_tokenizer(tmp_path / "sp")
+        mb.load_tokenizer(tmp_path / "sp")
     assert "requirements.txt" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="holds no tokenizer"):
-        ml.load_tokenizer(tmp_path)
+        mb.load_tokenizer(tmp_path)
 
 
 def test_requirements_name_protobuf_and_the_installed_one_fits():
@@ -305,7 +306,7 @@ def test_video_llava_with_missing_weights_is_refused(ckpts, tmp_path):
     key = "multi_modal_projector.linear_1.bias"
     bad = edit_weights(ckpts["vl"], tmp_path / "vl", drop=(key,))
     with pytest.raises(UserError, match=r"1 missing \(.*multi_modal_projector\.linear_1\.bias\)") as err:
-        ml.load_video_llava(bad, device="cpu")
+        mb.load_video_llava(bad, device="cpu")
     assert "--accept_weight_keys" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -317,41 +318,41 @@ def test_unexpected_weights_are_refused_in_either_checkpoint(ckpts, tmp_path):
     vl_key = "language_model.model.layers.0.self_attn.o_proj.bias"
     vl_bad = edit_weights(ckpts["vl"], tmp_path / "vl", add={vl_key: bias})
     with pytest.raises(UserError, match=r"1 unexpected \(.*layers\.0\.self_attn\.o_proj\.bias\)"):
-        ml.load_video_llava(vl_bad, device="cpu")
-    assert ml.load_video_llava(vl_bad, device="cpu", accept_keys=["*.o_proj.bias"]).name == "video_llava"
+        mb.load_video_llava(vl_bad, device="cpu")
+    assert mb.load_video_llava(vl_bad, device="cpu", accept_keys=["*.o_proj.bias"]).name == "video_llava"
 
     eg_bad = edit_weights(ckpts["egpt"], tmp_path / "eg", add={"model.layers.0.self_attn.o_proj.bias": bias,
                                                                  "model.mm_projector.weight": torch.ones(2)})
     with pytest.raises(UserError, match=r"2 unexpected \(model\.layers\.0\.self_attn\.o_proj\.bias, "
                                         r"model\.mm_projector\.weight\)"):
-        ml.load_eventgpt(eg_bad, device="cpu")
+        mb.load_eventgpt(eg_bad, device="cpu")
     with pytest.raises(UserError, match="mm_projector"):  # accepting one key does not accept the others
-        ml.load_eventgpt(eg_bad, device="cpu", accept_keys=["o_proj.bias"])
-    ml.load_eventgpt(eg_bad, device="cpu", accept_keys=["o_proj.bias", "model.mm_projector.weight"])
+        mb.load_eventgpt(eg_bad, device="cpu", accept_keys=["o_proj.bias"])
+    mb.load_eventgpt(eg_bad, device="cpu", accept_keys=["o_proj.bias", "model.mm_projector.weight"])
 
     proj_bad = edit_weights(ckpts["egpt"], tmp_path / "proj", add={"model.visual_projector.4.weight": torch.ones(2)})
     with pytest.raises(UserError, match=r"unexpected \(model\.visual_projector\.4\.weight\)"):
-        ml.load_eventgpt(proj_bad, device="cpu")
+        mb.load_eventgpt(proj_bad, device="cpu")
 
 
 def test_tower_position_ids_need_the_flag(ckpts, tmp_path):
     """Point 7: transformers 4.x wrote CLIP's position_ids buffer; it stopped the load with no way round."""
-    key = f"{ml.EVENTGPT_TOWER_PREFIX}vision_model.embeddings.position_ids"
+    key = f"{mb.EVENTGPT_TOWER_PREFIX}vision_model.embeddings.position_ids"
     bad = edit_weights(ckpts["egpt"], tmp_path / "eg", add={key: torch.arange(17)[None]})
     with pytest.raises(UserError, match=r"1 unexpected \(model\.visual_tower\.visual_tower\.vision_model\."
                                         r"embeddings\.position_ids\)"):
-        ml.load_eventgpt(bad, device="cpu")
-    runner = ml.load_eventgpt(bad, device="cpu", accept_keys=["position_ids"])
-    good = ml.load_eventgpt(ckpts["egpt"], device="cpu")
+        mb.load_eventgpt(bad, device="cpu")
+    runner = mb.load_eventgpt(bad, device="cpu", accept_keys=["position_ids"])
+    good = mb.load_eventgpt(ckpts["egpt"], device="cpu")
     image = np.full((40, 56, 3), 90, dtype=np.uint8)
     torch.testing.assert_close(runner.encode_event_images([image]), good.encode_event_images([image]))
 
 
 def test_accepted_key_patterns():
-    assert ml.accepted_key("vision_model.embeddings.position_ids", ["position_ids"])
-    assert ml.accepted_key("a.b.rotary_emb.inv_freq", ["*.inv_freq"])
-    assert not ml.accepted_key("model.my_position_ids", ["position_ids"])  # whole dotted parts only
-    assert not ml.accepted_key("model.norm.weight", [])
+    assert mb.accepted_key("vision_model.embeddings.position_ids", ["position_ids"])
+    assert mb.accepted_key("a.b.rotary_emb.inv_freq", ["*.inv_freq"])
+    assert not mb.accepted_key("model.my_position_ids", ["position_ids"])  # whole dotted parts only
+    assert not mb.accepted_key("model.norm.weight", [])
 
 
 # ---------------------------------------------------------------- point 6: one dtype per model
@@ -375,42 +376,40 @@ def test_auto_dtype_is_each_models_released_precision_on_cuda(monkeypatch):
 def test_4bit_computes_in_the_models_own_dtype():
     """Point 6: 4-bit no longer forces bf16 on Video-LLaVA; its layers compute in the model's dtype."""
     pytest.importorskip("bitsandbytes")
-    assert ml.bnb_config("4bit", torch.device("cuda"), torch.float16).bnb_4bit_compute_dtype == torch.float16
-    assert ml.bnb_config("4bit", torch.device("cuda")).bnb_4bit_compute_dtype == torch.bfloat16
+    assert mb.bnb_config("4bit", torch.device("cuda"), torch.float16).bnb_4bit_compute_dtype == torch.float16
+    assert mb.bnb_config("4bit", torch.device("cuda")).bnb_4bit_compute_dtype == torch.bfloat16
 
 
 def test_each_model_loads_in_its_own_dtype(ckpts):
-    egpt = ml.load_eventgpt(ckpts["egpt"], device="cpu", dtype="bf16")
-    vl = ml.load_video_llava(ckpts["vl"], device="cpu", dtype="fp16")
+    egpt = mb.load_eventgpt(ckpts["egpt"], device="cpu", dtype="bf16")
+    vl = mb.load_video_llava(ckpts["vl"], device="cpu", dtype="fp16")
     assert {p.dtype for p in egpt.llm.parameters()} | {p.dtype for p in egpt.tower.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in vl.model.parameters()} == {torch.float16}
-    assert (ml.model_description(egpt)["dtype"], ml.model_description(vl)["dtype"]) == ("bfloat16", "float16")
+    assert (vr.model_description(egpt)["dtype"], vr.model_description(vl)["dtype"]) == ("bfloat16", "float16")
 
 
 def test_description_records_what_is_quantised(ckpts, monkeypatch):
     """Point 7: EventGPT's 4-bit path quantises its language model only (the fork also quantised the
     vision side), Video-LLaVA's the whole model; the description says which. Quantisation itself needs
     CUDA, so the config is stubbed out here: only what is recorded is checked."""
-    monkeypatch.setattr(ml, "bnb_config", lambda quant, device, compute_dtype=None: None)
-    egpt = ml.load_eventgpt(ckpts["egpt"], device="cpu", quant="4bit")
-    vl = ml.load_video_llava(ckpts["vl"], device="cpu", quant="8bit")
-    assert {k: ml.model_description(egpt)[k] for k in ("quant", "quant_scope")} == {
+    monkeypatch.setattr(mb, "bnb_config", lambda quant, device, compute_dtype=None: None)
+    egpt = mb.load_eventgpt(ckpts["egpt"], device="cpu", quant="4bit")
+    vl = mb.load_video_llava(ckpts["vl"], device="cpu", quant="8bit")
+    assert {k: vr.model_description(egpt)[k] for k in ("quant", "quant_scope")} == {
         "quant": "4bit", "quant_scope": "language_model"}
-    assert {k: ml.model_description(vl)[k] for k in ("quant", "quant_scope")} == {
+    assert {k: vr.model_description(vl)[k] for k in ("quant", "quant_scope")} == {
         "quant": "8bit", "quant_scope": "whole_model"}
-    plain = ml.load_eventgpt(ckpts["egpt"], device="cpu")
-    assert ml.model_description(plain)["quant_scope"] == "none"
+    plain = mb.load_eventgpt(ckpts["egpt"], device="cpu")
+    assert vr.model_description(plain)["quant_scope"] == "none"
 
 
 def test_shared_runner_builder_takes_per_model_dtypes_with_old_callers_unchanged():
-    """toy_models.load_runners serves both benchmarks, whose args have only --dtype."""
-    import toy_models as bx
-
-    base = {"random_shape": "tiny", "shape": bx.resolve_shape("tiny", {"hidden": 32, "layers": 1}), "device": "cpu",
+    """model_builders.load_runners serves both benchmarks; args with only --dtype still work."""
+    base = {"random_shape": "tiny", "shape": mb.resolve_shape("tiny", {"hidden": 32, "layers": 1}), "device": "cpu",
             "dtype": "fp32", "seed": 0, "quant": "none", "egpt_model": None, "vl_model": None}
-    egpt, vl = bx.load_runners(argparse.Namespace(**base), QUESTIONS)
+    egpt, vl = mb.load_runners(argparse.Namespace(**base), QUESTIONS)
     assert (egpt.dtype, vl.dtype, vl.frame_pick) == (torch.float32, torch.float32, "floor")
-    egpt, vl = bx.load_runners(argparse.Namespace(**base, egpt_dtype="bf16", vl_dtype="fp16", frame_pick="round"),
+    egpt, vl = mb.load_runners(argparse.Namespace(**base, egpt_dtype="bf16", vl_dtype="fp16", frame_pick="round"),
                                QUESTIONS)
     assert (egpt.dtype, vl.dtype, vl.frame_pick) == (torch.bfloat16, torch.float16, "round")
     assert next(vl.model.parameters()).dtype == torch.float16 and next(egpt.llm.parameters()).dtype == torch.bfloat16

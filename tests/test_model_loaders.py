@@ -1,4 +1,4 @@
-"""model_loaders.py + toy_models.py on tiny random checkpoints (CPU, fp32, a few seconds)."""
+"""vlm_runners.py + model_builders.py + toy_models.py on tiny random checkpoints (CPU, fp32, a few seconds)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import clip_data as cd
-import model_loaders as ml
+import model_builders as mb
 import toy_models as tm
+import vlm_runners as vr
 from common import UserError
 
 TEXTS = [
@@ -53,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these m
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("toy_models")
-    tok = tm.build_toy_tokenizer(TEXTS, vocab_size=300)
+    tok = mb.build_toy_tokenizer(TEXTS, vocab_size=300)
     llm = tm.make_base_llm(tok, seed=0)
     egpt_dir = tm.write_eventgpt_checkpoint(root / "eventgpt", llm.state_dict(), tok, seed=1)
     vl_dir = tm.write_video_llava_checkpoint(root / "video_llava", llm.state_dict(), tok, seed=2)
@@ -81,18 +82,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "split": split,
         "clip": clip,
         "images": images,
-        "egpt": ml.load_eventgpt(egpt_dir, device="cpu"),
-        "vl": ml.load_video_llava(vl_dir, device="cpu"),
+        "egpt": mb.load_eventgpt(egpt_dir, device="cpu"),
+        "vl": mb.load_video_llava(vl_dir, device="cpu"),
     }
 
 
 @pytest.fixture(params=["egpt", "vl"])
-def runner(request: pytest.FixtureRequest, world: dict) -> ml.VLMRunner:
+def runner(request: pytest.FixtureRequest, world: dict) -> vr.VLMRunner:
     return world[request.param]
 
 
 # --------------------------------------------------------------------------------------------
-# toy_models
+# toy_models (and the tokenizer model_builders trains)
 # --------------------------------------------------------------------------------------------
 
 
@@ -102,7 +103,7 @@ def test_toy_tokenizer_is_llama_like(world: dict) -> None:
     ids = tok("the red car moves left.").input_ids
     assert ids[0] == 1 and 0 not in ids  # BOS first, nothing unknown
     assert tok.convert_ids_to_tokens(ids[1]).startswith("▁")  # Metaspace prefix on the first word
-    again = tm.build_toy_tokenizer(TEXTS, vocab_size=300)
+    again = mb.build_toy_tokenizer(TEXTS, vocab_size=300)
     assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
 
 
@@ -161,7 +162,7 @@ def test_eventgpt_checkpoint_uses_release_key_names(world: dict) -> None:
 
 
 def test_eventgpt_prompt_follows_the_release(world: dict) -> None:
-    prompt = ml.eventgpt_prompt("what is in the scene?")
+    prompt = vr.eventgpt_prompt("what is in the scene?")
     assert prompt == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the human's questions. USER: <ev_start><event><ev_end>\n"
@@ -175,14 +176,14 @@ def test_eventgpt_prompt_follows_the_release(world: dict) -> None:
 
 def test_spatio_temporal_pool_order() -> None:
     feats = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # [T=2, S=3, D=4]
-    pooled = ml.spatio_temporal_pool(feats)
+    pooled = vr.spatio_temporal_pool(feats)
     assert pooled.shape == (2 + 3, 4)
     assert torch.equal(pooled[0], feats[0].mean(0)) and torch.equal(pooled[1], feats[1].mean(0))
     assert torch.equal(pooled[2:], (feats[0] + feats[1]) / 2)
 
 
 def _reference_eventgpt_logits(world: dict, images: list[np.ndarray], question: str) -> torch.Tensor:
-    """EventGPT's forward rebuilt from the raw tensors, sharing no code with model_loaders."""
+    """EventGPT's forward rebuilt from the raw tensors, sharing no code with vlm_runners."""
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     ckpt = world["egpt_dir"]
@@ -221,7 +222,7 @@ def _reference_eventgpt_logits(world: dict, images: list[np.ndarray], question: 
 
 
 def test_eventgpt_matches_independent_reference(world: dict) -> None:
-    runner = ml.load_eventgpt(world["egpt_dir"], device="cpu", num_event_frames=2)
+    runner = mb.load_eventgpt(world["egpt_dir"], device="cpu", num_event_frames=2)
     feats = runner.clip_features(world["split"], world["clip"])
     assert feats.shape == (2 + 17, runner.hidden_size)  # 2 temporal + (16 patches + CLS) spatial
     out = runner.prefill(runner.build_inputs([feats], [Q_LONG]))
@@ -248,7 +249,7 @@ def test_eventgpt_loads_sharded_checkpoints(world: dict, tmp_path: Path) -> None
         save_file({k: sd[k] for k in names}, str(ckpt / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, name))
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    sharded = ml.load_eventgpt(ckpt, device="cpu")
+    sharded = mb.load_eventgpt(ckpt, device="cpu")
     a = sharded.prefill(sharded.build_inputs([sharded.clip_features(world["split"], world["clip"])], [Q_SHORT]))
     egpt = world["egpt"]
     b = egpt.prefill(egpt.build_inputs([egpt.clip_features(world["split"], world["clip"])], [Q_SHORT]))
@@ -269,13 +270,13 @@ def test_sample_video_frames_uniform(world: dict) -> None:
 
 
 def test_video_llava_prompt(world: dict) -> None:
-    assert ml.video_llava_prompt("what is in the scene?") == "USER: <video>\nwhat is in the scene? ASSISTANT:"
+    assert vr.video_llava_prompt("what is in the scene?") == "USER: <video>\nwhat is in the scene? ASSISTANT:"
 
 
 def test_video_llava_prefill_equals_model_forward(world: dict) -> None:
     vl = world["vl"]
     frames = cd.sample_video_frames(world["split"] / world["clip"]["video"], 8)
-    inputs = vl.processor(text=ml.video_llava_prompt(Q_LONG), videos=[frames], return_tensors="pt")
+    inputs = vl.processor(text=vr.video_llava_prompt(Q_LONG), videos=[frames], return_tensors="pt")
     with torch.no_grad():
         ref = vl.model(**inputs).logits[0].float()
     feats = vl.clip_features(world["split"], world["clip"])
@@ -291,16 +292,16 @@ def test_video_llava_prefill_equals_model_forward(world: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _features(runner: ml.VLMRunner, world: dict) -> torch.Tensor:
+def _features(runner: vr.VLMRunner, world: dict) -> torch.Tensor:
     return runner.clip_features(world["split"], world["clip"])
 
 
 def test_positions_restart_after_left_padding() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert ml.VLMRunner._positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert vr.VLMRunner._positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
-def test_left_padded_batch_equals_one_by_one(runner: ml.VLMRunner, world: dict) -> None:
+def test_left_padded_batch_equals_one_by_one(runner: vr.VLMRunner, world: dict) -> None:
     feats = _features(runner, world)
     batch = runner.build_inputs([feats, feats], [Q_SHORT, Q_LONG])
     assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[1].all()  # the short one is padded
@@ -312,7 +313,7 @@ def test_left_padded_batch_equals_one_by_one(runner: ml.VLMRunner, world: dict) 
         torch.testing.assert_close(together.hidden[row], alone.hidden[0], rtol=1e-4, atol=1e-4)
 
 
-def test_decode_after_crop_reproduces_logits(runner: ml.VLMRunner, world: dict) -> None:
+def test_decode_after_crop_reproduces_logits(runner: vr.VLMRunner, world: dict) -> None:
     feats = _features(runner, world)
     inputs = runner.build_inputs([feats, feats], [Q_SHORT, Q_LONG])
     n = inputs.attention_mask.shape[1]
@@ -331,7 +332,7 @@ def test_decode_after_crop_reproduces_logits(runner: ml.VLMRunner, world: dict) 
         runner.crop_cache(step.cache, n + 10)
 
 
-def test_generate_hidden_reproduces_tokens(runner: ml.VLMRunner, world: dict) -> None:
+def test_generate_hidden_reproduces_tokens(runner: vr.VLMRunner, world: dict) -> None:
     feats = _features(runner, world)
     out = runner.generate(runner.build_inputs([feats, feats], [Q_SHORT, Q_LONG]), max_new_tokens=7)
     assert out.tokens.shape == (2, 7) and out.hidden.shape == (2, 7, runner.hidden_size)
@@ -341,7 +342,7 @@ def test_generate_hidden_reproduces_tokens(runner: ml.VLMRunner, world: dict) ->
     assert torch.equal(predicted[out.mask], out.tokens[out.mask])
 
 
-def test_teacher_forced_hidden_matches_generate(runner: ml.VLMRunner, world: dict) -> None:
+def test_teacher_forced_hidden_matches_generate(runner: vr.VLMRunner, world: dict) -> None:
     feats = _features(runner, world)
     inputs = runner.build_inputs([feats, feats], [Q_SHORT, Q_LONG])
     out = runner.generate(inputs, max_new_tokens=6)
@@ -370,7 +371,7 @@ def test_generate_pads_and_masks_after_eos(world: dict, monkeypatch: pytest.Monk
     assert stopped.mask[1].sum() == end
 
 
-def test_runner_calls_raise_no_deprecation(runner: ml.VLMRunner, world: dict,
+def test_runner_calls_raise_no_deprecation(runner: vr.VLMRunner, world: dict,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step of the interface uses the installed transformers' current API: no FutureWarning or
     DeprecationWarning, and none of transformers' own `logger.warning_once` deprecation notes (which
@@ -398,20 +399,20 @@ def test_to_drafter_vocab_maps_and_counts() -> None:
     """Hand-made case: vocabulary of 10; ids 10, 12 and -1 are foreign, and only valid positions count."""
     tokens = torch.tensor([[3, 10, 9, 12], [11, 0, -1, 4]])
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    mapped, counted = ml.to_drafter_vocab(tokens, 10, mask)
+    mapped, counted = vr.to_drafter_vocab(tokens, 10, mask)
     assert mapped.tolist() == [[3, 0, 9, 0], [0, 0, 0, 4]]
     assert counted == 3  # 10, 11 and -1; the 12 sits on a padded position
-    assert ml.to_drafter_vocab(tokens, 10)[1] == 4
-    assert ml.to_drafter_vocab(tokens, 13, mask)[1] == 1
+    assert vr.to_drafter_vocab(tokens, 10)[1] == 4
+    assert vr.to_drafter_vocab(tokens, 13, mask)[1] == 1
     assert tokens.tolist()[0] == [3, 10, 9, 12]  # the input is not modified
 
 
-def test_config_hash_and_attributes(runner: ml.VLMRunner) -> None:
+def test_config_hash_and_attributes(runner: vr.VLMRunner) -> None:
     expected = hashlib.sha256((Path(runner.model_path) / "config.json").read_bytes()).hexdigest()[:16]
     assert runner.config_hash == expected and len(expected) == 16
-    assert runner.name in ml.RUNNER_NAMES
+    assert runner.name in mb.RUNNER_NAMES
     assert runner.eos_token_id == 2 and runner.device == torch.device("cpu") and runner.dtype == torch.float32
-    description = ml.model_description(runner)
+    description = vr.model_description(runner)
     visual = ({"num_frames": 8, "frame_pick": "floor"} if runner.name == "video_llava"
               else {"num_event_frames": 1})
     assert description == {
@@ -419,7 +420,6 @@ def test_config_hash_and_attributes(runner: ml.VLMRunner) -> None:
         "quant": "none", "quant_scope": "none", "hidden_size": runner.hidden_size, "vocab_size": runner.vocab_size,
         "eos_token_id": 2, "pad_token_id": runner.pad_token_id, "device": "cpu", **visual,
     }
-    assert ml.runner_manifest(runner) == description  # the earlier name still answers
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,29 +429,29 @@ def test_config_hash_and_attributes(runner: ml.VLMRunner) -> None:
 
 def test_missing_checkpoint_dir(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="checkpoint folder not found"):
-        ml.load_eventgpt(tmp_path / "nope", device="cpu")
+        mb.load_eventgpt(tmp_path / "nope", device="cpu")
     with pytest.raises(UserError, match="checkpoint folder not found"):
-        ml.load_video_llava(tmp_path / "nope", device="cpu")
+        mb.load_video_llava(tmp_path / "nope", device="cpu")
 
 
 def test_wrong_model_type(world: dict) -> None:
     with pytest.raises(UserError, match="model_type 'video_llava'"):
-        ml.load_eventgpt(world["vl_dir"], device="cpu")
+        mb.load_eventgpt(world["vl_dir"], device="cpu")
     with pytest.raises(UserError, match="model_type 'EventChat_llama'"):
-        ml.load_video_llava(world["egpt_dir"], device="cpu")
+        mb.load_video_llava(world["egpt_dir"], device="cpu")
     with pytest.raises(UserError, match="eventgpt, video_llava"):
-        ml.load_runner("llava", world["vl_dir"])
+        mb.load_runner("llava", world["vl_dir"])
 
 
 def test_quantisation_needs_cuda(world: dict) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the CPU refusal cannot be seen here")
     with pytest.raises(UserError, match="4-bit needs a CUDA GPU; use --quant none on CPU"):
-        ml.load_eventgpt(world["egpt_dir"], quant="4bit", device="cpu")
+        mb.load_eventgpt(world["egpt_dir"], quant="4bit", device="cpu")
     with pytest.raises(UserError, match="8-bit needs a CUDA GPU"):
-        ml.load_video_llava(world["vl_dir"], quant="8bit", device="cpu")
+        mb.load_video_llava(world["vl_dir"], quant="8bit", device="cpu")
     with pytest.raises(UserError, match="unknown quant"):
-        ml.load_video_llava(world["vl_dir"], quant="3bit", device="cpu")
+        mb.load_video_llava(world["vl_dir"], quant="3bit", device="cpu")
 
 
 def test_tower_crop_must_match_tower(world: dict, tmp_path: Path) -> None:
@@ -462,7 +462,7 @@ def test_tower_crop_must_match_tower(world: dict, tmp_path: Path) -> None:
     cfg["crop_size"] = {"height": 224, "width": 224}
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="expects 32 px"):
-        ml.load_eventgpt(ckpt, device="cpu")
+        mb.load_eventgpt(ckpt, device="cpu")
 
 
 def test_incomplete_eventgpt_checkpoint(world: dict, tmp_path: Path) -> None:
@@ -472,7 +472,7 @@ def test_incomplete_eventgpt_checkpoint(world: dict, tmp_path: Path) -> None:
     del sd["model.layers.1.mlp.down_proj.weight"]
     save_file(sd, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"1 missing \(model\.layers\.1\.mlp\.down_proj\.weight\)"):
-        ml.load_eventgpt(ckpt, device="cpu")
+        mb.load_eventgpt(ckpt, device="cpu")
 
 
 def test_vision_tower_override(world: dict, tmp_path: Path) -> None:
@@ -481,8 +481,8 @@ def test_vision_tower_override(world: dict, tmp_path: Path) -> None:
     tower = tmp_path / "elsewhere"
     shutil.move(ckpt / "clip_vision_tower", tower)
     with pytest.raises(UserError, match="vision_tower="):
-        ml.load_eventgpt(ckpt, device="cpu")
-    moved = ml.load_eventgpt(ckpt, device="cpu", vision_tower=str(tower))
+        mb.load_eventgpt(ckpt, device="cpu")
+    moved = mb.load_eventgpt(ckpt, device="cpu", vision_tower=str(tower))
     torch.testing.assert_close(moved.encode_event_images(world["images"][:1]),
                                world["egpt"].encode_event_images(world["images"][:1]))
 
@@ -498,7 +498,7 @@ def test_missing_or_corrupt_event_png(world: dict, tmp_path: Path) -> None:
     bad.write_bytes(b"not a png")
     with pytest.raises(cd.ClipReadError, match=r"broken_0\.png"):
         egpt.clip_features(tmp_path, {"event_image_prefix": "event_image/broken"})
-    too_many = ml.load_eventgpt(world["egpt_dir"], device="cpu", num_event_frames=4)  # only 3 PNGs exist
+    too_many = mb.load_eventgpt(world["egpt_dir"], device="cpu", num_event_frames=4)  # only 3 PNGs exist
     with pytest.raises(cd.ClipReadError, match=rf"{CLIP}_3\.png"):
         too_many.clip_features(world["split"], world["clip"])
 
@@ -516,7 +516,7 @@ def test_missing_or_corrupt_mp4(world: dict, tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit/8-bit needs a CUDA GPU")
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
 def test_quantised_runners_on_gpu(world: dict, quant: str) -> None:
-    for loader, path in ((ml.load_eventgpt, world["egpt_dir"]), (ml.load_video_llava, world["vl_dir"])):
+    for loader, path in ((mb.load_eventgpt, world["egpt_dir"]), (mb.load_video_llava, world["vl_dir"])):
         runner = loader(path, quant=quant, device="cuda")
         # auto: EventGPT bf16, Video-LLaVA fp16, and the 4-bit layers compute in that dtype
         assert runner.dtype == (torch.bfloat16 if runner.name == "eventgpt" else torch.float16)

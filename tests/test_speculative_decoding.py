@@ -25,11 +25,11 @@ QUESTION_VARIANTS = ("{q}", "{q} Answer briefly.", "Look closely. {q}")
 @pytest.fixture(scope="module")
 def world(quick_world: Path) -> SimpleNamespace:
     """Both quick-world runners and NUM_PROMPTS (target inputs, drafter inputs) pairs with greedy answers."""
-    import model_loaders as ml
+    import model_builders as mb
     from clip_data import load_index, load_questions
 
-    vl = ml.load_video_llava(quick_world / "models" / "video_llava", device="cpu", dtype="fp32")
-    eg = ml.load_eventgpt(quick_world / "models" / "eventgpt", device="cpu", dtype="fp32")
+    vl = mb.load_video_llava(quick_world / "models" / "video_llava", device="cpu", dtype="fp32")
+    eg = mb.load_eventgpt(quick_world / "models" / "eventgpt", device="cpu", dtype="fp32")
     ds = quick_world / "dataset"
     questions = load_questions(ds)
     prompts = []
@@ -425,7 +425,7 @@ def test_prefill_overlap_is_measured(world: SimpleNamespace) -> None:
 def _tiny_runner(seed: int, vocab: int = 4) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model_loaders import VLMRunner
+    from vlm_runners import VLMRunner
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -503,11 +503,11 @@ def test_sampling_engine_is_lossless_in_distribution(kind: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_streams_stay_lossless(quick_world: Path) -> None:
     """The GPU path: phase 1 on a side stream, every stage timed between stream syncs, same answers."""
-    import model_loaders as ml
+    import model_builders as mb
     from clip_data import load_index, load_questions
 
-    vl = ml.load_video_llava(quick_world / "models" / "video_llava", device="cuda", dtype="fp32")
-    eg = ml.load_eventgpt(quick_world / "models" / "eventgpt", device="cuda", dtype="fp32")
+    vl = mb.load_video_llava(quick_world / "models" / "video_llava", device="cuda", dtype="fp32")
+    eg = mb.load_eventgpt(quick_world / "models" / "eventgpt", device="cuda", dtype="fp32")
     ds = quick_world / "dataset"
     head = vl.lm_head_weight()
     lm = sd.DrafterLM(eg)

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def static_runner(quick_world: Path, prompts: list, width: int, compile: bool = False, device: str = "cpu") -> object:
     """A second Video-LLaVA runner (the shared one stays dynamic) on the static path, sized for `prompts`."""
-    import model_loaders as ml
+    import model_builders as mb
 
-    vl = ml.load_video_llava(quick_world / "models" / "video_llava", device=device, dtype="fp32")
+    vl = mb.load_video_llava(quick_world / "models" / "video_llava", device=device, dtype="fp32")
     longest = max(t.attention_mask.shape[1] for t, _ in prompts)
     vl.use_static_cache(longest + MAX_NEW + width + 1, verify_width=width, compile=compile)
     return vl
@@ -144,19 +144,20 @@ def test_torchao_int8_path_is_lossless_against_its_own_greedy(world: SimpleNames
     quantised target's own greedy answers; without torchao the load is one clear error."""
     import importlib.util
 
-    import model_loaders as ml
+    import model_builders as mb
     from common import UserError
+    from vlm_runners import model_description
 
     path = quick_world / "models" / "video_llava"
     if importlib.util.find_spec("torchao") is None:
         with pytest.raises(UserError, match="pip install torchao"):
-            ml.load_video_llava(path, device="cpu", dtype="fp32", quant="int8_ao")
+            mb.load_video_llava(path, device="cpu", dtype="fp32", quant="int8_ao")
         pytest.skip("torchao is not installed (optional: pip install torchao)")
     with pytest.raises(UserError, match="int4_ao needs a CUDA GPU"):
-        ml.load_video_llava(path, device="cpu", dtype="fp32", quant="int4_ao")
-    vl = ml.load_video_llava(path, device="cpu", dtype="fp32", quant="int8_ao")
+        mb.load_video_llava(path, device="cpu", dtype="fp32", quant="int4_ao")
+    vl = mb.load_video_llava(path, device="cpu", dtype="fp32", quant="int8_ao")
     assert type(vl.decoder.layers[0].mlp.down_proj.weight).__name__ != "Parameter"  # a torchao tensor
-    assert ml.model_description(vl)["quant"] == "int8_ao"
+    assert model_description(vl)["quant"] == "int8_ao"
     prompts = world.prompts[:12]
     refs = [sd.greedy_reference(vl, t, MAX_NEW) for t, _ in prompts]
     vl.use_static_cache(max(t.attention_mask.shape[1] for t, _ in prompts) + MAX_NEW + 5, verify_width=4)
@@ -356,7 +357,7 @@ def test_target_alone_loop_issues_no_more_ops_per_token_than_generate() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import e2e_measure as be
-    from toy_models import build_random_runners, resolve_shape
+    from model_builders import build_random_runners, resolve_shape
 
     class Count(TorchDispatchMode):
         def __init__(self) -> None:

@@ -1,37 +1,29 @@
-"""EventGPT and Video-LLaVA behind one step-by-step interface (`VLMRunner`).
+"""EventGPT and Video-LLaVA behind one step-by-step interface (`VLMRunner`): the runner contract.
 
 Later stages (hidden-state extraction, live speculative decoding) drive either model through the
-same calls without knowing which one it is, or whether it is a toy or a 7B checkpoint:
+same calls without knowing which one it is, or whether it is a toy, a random-weight 7B shape or a
+release checkpoint. This module is the interface and the two front ends only; every way of getting a
+runner (checkpoints, quantisation, tokenizer, random weights) is in model_builders.py:
 
-    runner = load_eventgpt("checkpoints/EventGPT-7b", quant="4bit")      # or load_video_llava(...)
+    from model_builders import load_eventgpt
+    runner = load_eventgpt("checkpoints/EventGPT-7b", quant="4bit")     # an EventGPTRunner
     feats = runner.clip_features(split_dir, clip)                       # [P, D], once per clip
     inputs = runner.build_inputs([feats, feats], ["Q1?", "Q2?"])         # left-padded batch
     out = runner.generate(inputs, max_new_tokens=50)                    # tokens, hidden, mask
 
-Low-level steps: `prefill`, `decode` (KV cache), `crop_cache`, `lm_head_weight`,
+Low-level steps: `prefill`, `decode` (KV cache, dynamic or static), `crop_cache`, `lm_head_weight`,
 `teacher_forced_hidden`. Hidden states are always the last decoder layer AFTER the final RMSNorm,
-so `logits = hidden @ lm_head_weight().T` (transformers' `LlamaModel.last_hidden_state`).
-
-Video-LLaVA loads with transformers' own `VideoLlavaForConditionalGeneration`/`VideoLlavaProcessor`.
-EventGPT (model_type `EventChat_llama`, not registered in transformers) loads its language model
-with `LlamaForCausalLM.from_pretrained` (so 4-bit/8-bit quantisation works unchanged) and assembles
-the CLIP tower, projector and feature adaptor around it from the checkpoint's tensors. See
-docs/MODELS.md for the release semantics this follows.
+so `logits = hidden @ lm_head_weight().T` (transformers' `LlamaModel.last_hidden_state`). Also here:
+the release prompts and their constants, `model_description` (what manifests record about a runner)
+and `to_drafter_vocab` (target tokens made safe for the drafter's vocabulary). See docs/MODELS.md.
 
 Example (tiny CPU smoke run on the toy checkpoints that make_toy_world.py writes):
-    python -c "import model_loaders as m; r = m.load_video_llava('data/toy/models/video_llava', \
-device='cpu'); print(r.name, r.hidden_size, r.vocab_size, r.config_hash)"
+    python -c "import model_builders as mb; r = mb.load_video_llava('data/toy/models/video_llava', \
+device='cpu'); print(type(r).__name__, r.hidden_size, r.vocab_size, r.config_hash)"
 """
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import hashlib
-import importlib.util
-import logging
-import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,19 +41,16 @@ from clip_data import (
     render_hint,
     sample_video_frames,
 )
-from common import UserError, first_line, read_json, resolve_device, resolve_dtype
-
-log = logging.getLogger("xmodal_sd.model_loaders")
+from common import UserError
 
 # 4bit/8bit: bitsandbytes (NF4 / LLM.int8) at load time; int8_ao/int4_ao: torchao weight-only int8 / int4
 # (group size 128) of the language model's decoder layers after loading (optional package, fast kernels
-# that also run under torch.compile).
+# that also run under torch.compile). Here, not with the builders, because a runner's decode path depends
+# on which kind it holds (bitsandbytes kernels do not capture into a static, compiled step).
 QUANT_CHOICES = ("none", "4bit", "8bit", "int8_ao", "int4_ao")
 BNB_QUANTS = ("4bit", "8bit")
 AO_QUANTS = ("int8_ao", "int4_ao")
-RUNNER_NAMES = ("eventgpt", "video_llava")
-# --- EventGPT release constants (dataset/constants.py, dataset/conversation.py of the release) ---
-EVENTGPT_MODEL_TYPE = "EventChat_llama"
+# --- EventGPT's prompt (dataset/constants.py, dataset/conversation.py of the release) ---
 EVENT_TOKEN_INDEX = -200  # the release's in-sequence marker for "splice event features here"
 EVENTGPT_EVENT_TOKEN = "<event>"
 EVENTGPT_EV_START = "<ev_start>"
@@ -70,12 +59,7 @@ EVENTGPT_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-EVENTGPT_TOWER_PREFIX = "model.visual_tower.visual_tower."
-EVENTGPT_PROJECTOR_PREFIX = "model.visual_projector."
-EVENTGPT_ADAPTOR_PREFIX = "model.feature_adaptor."
-
-# --- Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf model card) ---
-VIDEO_LLAVA_MODEL_TYPE = "video_llava"
+# --- Video-LLaVA's prompt (LanguageBind/Video-LLaVA-7B-hf model card) ---
 VIDEO_LLAVA_PROMPT = "USER: <video>\n{question} ASSISTANT:"
 
 
@@ -136,127 +120,6 @@ class GenerationOutput:
     mask: Tensor  # [B, N] bool, True up to and including EOS
 
 
-# ----------------------------------------------------------------------------------------------
-# Small shared helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def config_hash(path: str | os.PathLike) -> str:
-    """First 16 hex characters of the sha256 of a config.json file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def bnb_config(quant: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
-    """`BitsAndBytesConfig` for `quant` (None for "none"); raises `UserError` off CUDA.
-
-    `compute_dtype` is the 4-bit layers' compute dtype: the model's own dtype (bf16 EventGPT, fp16
-    Video-LLaVA under "auto"), so quantising a model does not change its precision elsewhere.
-    """
-    if quant not in QUANT_CHOICES:
-        raise UserError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
-    if quant == "none" or quant in AO_QUANTS:
-        return None
-    if device.type != "cuda":
-        raise UserError(f"{quant[0]}-bit needs a CUDA GPU; use --quant none on CPU")
-    try:
-        import bitsandbytes  # noqa: F401  (imported only to fail early with a clear message)
-    except ImportError as err:
-        raise UserError(f"--quant {quant} needs the bitsandbytes package: pip install bitsandbytes") from err
-    from transformers import BitsAndBytesConfig
-
-    if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def torchao_quantize(decoder: nn.Module, quant: str, device: torch.device) -> None:
-    """Weight-only torchao quantisation (`int8_ao`, or `int4_ao` at group size 128, CUDA only) of every
-    Linear of a decoder's layers, in place; embeddings, norms and the LM head stay in the model dtype.
-    torchao is optional: imported only here, one error line when it is missing."""
-    if quant not in AO_QUANTS:
-        raise UserError(f"unknown torchao quant {quant!r}; choose one of {', '.join(AO_QUANTS)}")
-    if quant == "int4_ao" and device.type != "cuda":
-        raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
-    dtype = next(decoder.parameters()).dtype
-    if quant == "int4_ao" and dtype != torch.bfloat16:
-        # The tinygemm int4 kernel (torch's own _weight_int4pack_mm) takes bfloat16 activations only.
-        raise UserError(f"--quant int4_ao runs in bfloat16 (its int4 kernel), this model is {dtype}; "
-                        "add --dtype bf16 (or --vl_dtype/--egpt_dtype bf16)")
-    try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError as err:
-        raise UserError(f"--quant {quant} needs the torchao package: pip install torchao") from err
-    # int4: the tile-packed layout of torch's tinygemm kernel; torchao's default (plain) needs the
-    # separate mslk package.
-    config = (Int8WeightOnlyConfig() if quant == "int8_ao"
-              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
-    try:
-        quantize_(decoder.layers, config)
-    except (ImportError, RuntimeError, ValueError, AssertionError, NotImplementedError) as err:
-        raise UserError(f"--quant {quant} failed in torchao ({type(err).__name__}: {first_line(err)}); "
-                        "use --quant int8_ao or none") from err
-
-
-def _resolve(device: str, dtype: str, quant: str, name: str) -> tuple[torch.device, torch.dtype, Any]:
-    dev = resolve_device(device)
-    bnb_config(quant, dev)  # fails early (and off CUDA) before the dtype is even looked at
-    if quant in AO_QUANTS and importlib.util.find_spec("torchao") is None:
-        raise UserError(f"--quant {quant} needs the torchao package: pip install torchao")
-    if quant == "int4_ao" and dev.type != "cuda":
-        raise UserError("--quant int4_ao needs a CUDA GPU (its int4 kernels); use int8_ao or none on CPU")
-    dt = resolve_dtype(dtype, dev, model=name)
-    if quant == "4bit" and dt == torch.float32:
-        log.info("%s: 4-bit layers compute in float32, as --dtype asked (slow; fp16/bf16 is usual)", name)
-    return dev, dt, bnb_config(quant, dev, compute_dtype=dt)
-
-
-def accepted_key(key: str, patterns: Iterable[str]) -> bool:
-    """Whether a tensor name matches one of `patterns`: the whole name, its last dotted parts
-    (`position_ids` matches `vision_model.embeddings.position_ids`), or a glob (`*.rotary_emb.inv_freq`)."""
-    return any(key == pat or key.endswith("." + pat) or fnmatch.fnmatchcase(key, pat) for pat in patterns)
-
-
-def check_weight_keys(what: str, source: Any, missing: Iterable[str], unexpected: Iterable[str],
-                      accept_keys: Iterable[str] = ()) -> None:
-    """Raise one `UserError` naming every tensor the model lacks or does not know (`accept_keys` excepted).
-
-    A missing tensor would silently stay at its random initialisation and an unexpected one would be
-    silently dropped; both mean the checkpoint is not the model the loader builds.
-    """
-    accept_keys = tuple(accept_keys)
-    missing = sorted(k for k in missing if not accepted_key(k, accept_keys))
-    unexpected = sorted(k for k in unexpected if not accepted_key(k, accept_keys))
-    if not missing and not unexpected:
-        return
-
-    def listed(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
-
-    parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
-    parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
-    raise UserError(f"{what} checkpoint {source}: {' and '.join(parts)} tensors; re-download it if it is incomplete, "
-                    "or, for keys known to be harmless (e.g. position_ids buffers of older transformers), accept "
-                    "them with --accept_weight_keys KEY")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports (expected unexpected-key notes) for one block."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def spatio_temporal_pool(features: Tensor) -> Tensor:
     """EventGPT's aggregator: [T, S, D] -> [T + S, D].
 
@@ -267,58 +130,6 @@ def spatio_temporal_pool(features: Tensor) -> Tensor:
     if features.ndim != 3:
         raise ValueError(f"expected features [T, S, D], got {tuple(features.shape)}")
     return torch.cat([features.mean(dim=1), features.mean(dim=0)], dim=0)
-
-
-def checkpoint_tensors(ckpt_dir: str | os.PathLike, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    """Load only the tensors whose names start with one of `prefixes` from a HF checkpoint folder.
-
-    Handles a single `model.safetensors`/`pytorch_model.bin` and sharded ones with an
-    `*.index.json`; only the shards that hold matching keys are opened.
-    """
-    ckpt = Path(ckpt_dir)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = ckpt / index_name
-        if index.is_file():
-            weight_map = read_json(index, "checkpoint index", "re-download the checkpoint")["weight_map"]
-            files = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (ckpt / n).is_file()][:1]
-        if not files:
-            raise UserError(
-                f"no weights in {ckpt}: expected model.safetensors, pytorch_model.bin or a sharded index "
-                "(point --checkpoint at the downloaded model folder)"
-            )
-    out: dict[str, Tensor] = {}
-    for name in files:
-        file = ckpt / name
-        if not file.is_file():
-            raise UserError(f"checkpoint shard {file} listed in the index is missing (re-download it)")
-        if name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118  (safe_open is not a dict)
-                    if key.startswith(prefixes):
-                        out[key] = handle.get_tensor(key)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
-    return out
-
-
-def _check_model_dir(path: str | os.PathLike, model_type: str, what: str, fix: str) -> tuple[Path, dict]:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"{what} checkpoint folder not found: {folder} ({fix})")
-    cfg = read_json(folder / "config.json", f"{what} config", fix)
-    found = cfg.get("model_type")
-    if found != model_type:
-        raise UserError(
-            f"{folder / 'config.json'} has model_type {found!r}, but a {what} checkpoint has {model_type!r} "
-            f"({fix})"
-        )
-    return folder, cfg
 
 
 def _weight_is_quantized(weight: Tensor) -> bool:
@@ -718,230 +529,6 @@ class EventGPTRunner(VLMRunner):
         return torch.cat(parts)
 
 
-def _tower_dir(ckpt: Path, name: str) -> str:
-    """`mm_visual_tower` as a folder (relative to the checkpoint, the working dir, or absolute) or a hub id."""
-    candidate = Path(name).expanduser()
-    for folder in ((candidate,) if candidate.is_absolute() else (ckpt / candidate, candidate)):
-        if folder.is_dir():
-            return str(folder)
-    if candidate.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
-        raise UserError(
-            f"vision tower folder {name!r} (mm_visual_tower in {ckpt / 'config.json'}) not found; pass "
-            "vision_tower= a local CLIP folder or a hub id such as openai/clip-vit-large-patch14-336"
-        )
-    return name  # a hub id such as openai/clip-vit-large-patch14-336
-
-
-def _clip_vision_config(tower: str) -> Any:
-    from transformers import CLIPVisionConfig
-
-    local = Path(tower) / "config.json"
-    if local.is_file():
-        cfg = read_json(local, "CLIP vision tower config", "re-download the vision tower")
-        if "vision_config" in cfg:  # a full CLIPConfig, as in openai/clip-vit-large-patch14-336
-            cfg = cfg["vision_config"]
-        cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
-        return CLIPVisionConfig(**cfg)
-    return CLIPVisionConfig.from_pretrained(tower)  # hub id (base_config_key picks vision_config)
-
-
-def _clip_image_processor(tower: str) -> Any:
-    # The release ran transformers 4.x's PIL-based CLIPImageProcessor; 5.x keeps it as *Pil.
-    try:
-        from transformers import CLIPImageProcessorPil as ProcessorClass
-    except ImportError:  # older transformers: CLIPImageProcessor is the PIL one
-        from transformers import CLIPImageProcessor as ProcessorClass
-    return ProcessorClass.from_pretrained(tower)
-
-
-def _output_size(processor: Any) -> tuple[Any, Any]:
-    """(height, width) a CLIP image processor produces: its crop size, or a fixed resize size."""
-
-    def hw(size: Any) -> tuple[Any, Any]:
-        if size is None:
-            return None, None
-        if isinstance(size, dict):
-            return size.get("height"), size.get("width")
-        return getattr(size, "height", None), getattr(size, "width", None)
-
-    if getattr(processor, "do_center_crop", False):
-        return hw(getattr(processor, "crop_size", None))
-    return hw(getattr(processor, "size", None))
-
-
-def _fit_tower_state(tower: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map release keys (`vision_model.*`, transformers 4.x) onto the installed CLIPVisionModel."""
-    own = set(tower.state_dict())
-    fitted = {}
-    for key, value in state.items():
-        if key not in own and key.startswith("vision_model.") and key[len("vision_model."):] in own:
-            key = key[len("vision_model."):]
-        elif key not in own and f"vision_model.{key}" in own:
-            key = f"vision_model.{key}"
-        fitted[key] = value
-    return fitted
-
-
-def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _load_exactly(module: nn.Module, state: dict[str, Tensor], prefix: str, ckpt: Path,
-                  accept_keys: tuple[str, ...]) -> None:
-    """`load_state_dict` that names every missing or unexpected tensor (with its checkpoint prefix)."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    check_weight_keys("EventGPT", ckpt, [prefix + k for k in missing], [prefix + k for k in unexpected], accept_keys)
-
-
-def load_tokenizer(folder: str | os.PathLike) -> Any:
-    """A checkpoint's tokenizer, also from a folder that ships only sentencepiece's `tokenizer.model`.
-
-    Release-style LLaMA folders (EventGPT's among them) often have `tokenizer.model` without
-    `tokenizer.json`. transformers 5.x then converts the sentencepiece model, which needs `protobuf`
-    (without it, it falls back to a tiktoken reader and fails with an unrelated message). Such a
-    folder loads as a `LlamaTokenizer` and, unless its tokenizer_config.json says otherwise, adds BOS,
-    as the slow `LlamaTokenizer` (`use_fast=False`) the release ran does; 5.x's default would not.
-    """
-    from transformers import AutoTokenizer, LlamaTokenizer
-
-    folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        with _quiet_transformers():  # AutoTokenizer peeks at config.json and does not know EventChat_llama
-            return AutoTokenizer.from_pretrained(str(folder))
-    if not (folder / "tokenizer.model").is_file():
-        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or sentencepiece tokenizer.model); copy the "
-                        "tokenizer files of the checkpoint into it")
-    if importlib.util.find_spec("google.protobuf") is None:
-        raise UserError(f"{folder / 'tokenizer.model'} is a sentencepiece tokenizer, which transformers converts with "
-                        "protobuf: pip install -r requirements.txt (or pip install protobuf)")
-    config_file = folder / "tokenizer_config.json"
-    config = read_json(config_file, "tokenizer config", "re-download the checkpoint") if config_file.is_file() else {}
-    kwargs = {} if "add_bos_token" in config else {"add_bos_token": True}
-    cls = LlamaTokenizer if config.get("tokenizer_class") in (None, "LlamaTokenizer", "LlamaTokenizerFast") else None
-    with _quiet_transformers():
-        if cls is None:
-            return AutoTokenizer.from_pretrained(str(folder), **kwargs)
-        return cls.from_pretrained(str(folder), **kwargs)
-
-
-def load_eventgpt(
-    path: str | os.PathLike,
-    quant: str = "none",
-    device: str = "auto",
-    dtype: str = "auto",
-    num_event_frames: int = 1,
-    vision_tower: str | None = None,
-    accept_keys: Iterable[str] = (),
-) -> EventGPTRunner:
-    """Load an EventGPT checkpoint folder (release layout) as an `EventGPTRunner`.
-
-    The LLaMA part goes through `LlamaForCausalLM.from_pretrained` (quantised with bitsandbytes
-    when `quant` is 4bit/8bit); tower, projector and adaptor are built here in `dtype` (`auto`: bf16
-    on CUDA, as the release; they are never quantised). `num_event_frames`: event PNGs per clip
-    (`{prefix}_0.png` .. `_{n-1}.png`); the paper's extraction uses the first only. `vision_tower`
-    overrides the config's `mm_visual_tower` (a CLIP folder or hub id; only its config and
-    preprocessor config are read when the checkpoint holds the tower tensors, as the release's does).
-    Every tensor of the checkpoint must be used and every weight of the model must be in it;
-    `accept_keys` names exceptions known to be harmless (see `accepted_key`).
-    """
-    from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    if num_event_frames < 1:
-        raise UserError(f"num_event_frames must be >= 1, got {num_event_frames}")
-    accept_keys = tuple(accept_keys)
-    fix = "point it at an EventGPT checkpoint folder (config.json with model_type EventChat_llama)"
-    ckpt, cfg = _check_model_dir(path, EVENTGPT_MODEL_TYPE, "EventGPT", fix)
-    dev, dt, quant_cfg = _resolve(device, dtype, quant, "eventgpt")
-
-    llama_cfg = LlamaConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})
-    load_kwargs: dict[str, Any] = {"config": llama_cfg, "dtype": dt}
-    if quant_cfg is not None:
-        load_kwargs["quantization_config"] = quant_cfg
-    if dev.type == "cuda":
-        load_kwargs["device_map"] = {"": dev}
-    prefixes = (EVENTGPT_TOWER_PREFIX, EVENTGPT_PROJECTOR_PREFIX, EVENTGPT_ADAPTOR_PREFIX)
-    with _quiet_transformers():  # the vision tensors in the same files are "unexpected" to LLaMA
-        llm, info = LlamaForCausalLM.from_pretrained(str(ckpt), output_loading_info=True, **load_kwargs)
-    # from_pretrained would leave missing tensors randomly initialised and drop unknown ones silently;
-    # only the three vision prefixes, which are loaded below, are expected to be foreign to LLaMA.
-    check_weight_keys("EventGPT", ckpt, info.get("missing_keys", []),
-                      [k for k in info.get("unexpected_keys", []) if not k.startswith(prefixes)], accept_keys)
-    llm = llm.to(dev) if dev.type != "cuda" else llm
-
-    tower_name = vision_tower or cfg.get("mm_visual_tower")
-    if not tower_name:
-        raise UserError(f"{ckpt / 'config.json'} has no mm_visual_tower; is this an EventGPT checkpoint?")
-    tower_path = _tower_dir(ckpt, str(tower_name))
-    vision_cfg = _clip_vision_config(tower_path)
-    image_processor = _clip_image_processor(tower_path)
-    crop_hw = _output_size(image_processor)
-    if crop_hw != (vision_cfg.image_size, vision_cfg.image_size):
-        raise UserError(
-            f"vision tower {tower_path}: preprocessor crops to {crop_hw} but the tower expects "
-            f"{vision_cfg.image_size} px (fix its preprocessor_config.json)"
-        )
-
-    state = checkpoint_tensors(ckpt, prefixes)
-    tower_state = _strip(state, EVENTGPT_TOWER_PREFIX)
-    if tower_state:
-        tower = CLIPVisionModel(vision_cfg)
-        fitted = _fit_tower_state(tower, tower_state)
-        missing, unexpected = tower.load_state_dict(fitted, strict=False)
-        check_weight_keys("EventGPT", ckpt, [EVENTGPT_TOWER_PREFIX + k for k in missing],
-                          [EVENTGPT_TOWER_PREFIX + k for k in unexpected], accept_keys)
-    else:  # a checkpoint without tower tensors uses the tower's own pre-trained weights
-        log.info("EventGPT: no %s* tensors in %s; loading the tower from %s", EVENTGPT_TOWER_PREFIX, ckpt,
-                 tower_path)
-        tower = CLIPVisionModel.from_pretrained(tower_path, config=vision_cfg)
-
-    proj_state = _strip(state, EVENTGPT_PROJECTOR_PREFIX)
-    if not {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(proj_state):
-        raise UserError(f"{ckpt} lacks the projector tensors {EVENTGPT_PROJECTOR_PREFIX}{{0,2}}.{{weight,bias}}")
-    text_dim = int(llama_cfg.hidden_size)
-    mm_dim = int(proj_state["0.weight"].shape[1])
-    if mm_dim != vision_cfg.hidden_size or cfg.get("mm_hidden_size", mm_dim) != mm_dim:
-        raise UserError(f"{ckpt}: projector input {mm_dim}, mm_hidden_size {cfg.get('mm_hidden_size')} and "
-                        f"tower width {vision_cfg.hidden_size} disagree")
-    projector = nn.Sequential(nn.Linear(mm_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
-    _load_exactly(projector, proj_state, EVENTGPT_PROJECTOR_PREFIX, ckpt, accept_keys)
-
-    adaptor_state = _strip(state, EVENTGPT_ADAPTOR_PREFIX)
-    adaptor = None
-    if adaptor_state:
-        adaptor = nn.Linear(text_dim, text_dim)
-        _load_exactly(adaptor, adaptor_state, EVENTGPT_ADAPTOR_PREFIX, ckpt, accept_keys)
-    elif cfg.get("event_feature_adaptor"):
-        raise UserError(f"{ckpt / 'config.json'} sets event_feature_adaptor but no {EVENTGPT_ADAPTOR_PREFIX}* "
-                        "tensors are in the checkpoint")
-
-    for module in (tower, projector, adaptor):
-        if module is not None:
-            module.to(dev, dt).eval().requires_grad_(False)
-    llm.eval().requires_grad_(False)
-    runner = EventGPTRunner(
-        llm=llm,
-        tower=tower,
-        projector=projector,
-        adaptor=adaptor,
-        image_processor=image_processor,
-        num_event_frames=num_event_frames,
-        tokenizer=load_tokenizer(ckpt),
-        device=dev,
-        dtype=dt,
-        model_path=str(ckpt),
-        config_hash=config_hash(ckpt / "config.json"),
-        quant=quant,
-        # The research fork also quantised the vision side; here it stays in `dt` (recorded, since
-        # its features, and so every hidden state, differ between the two).
-        quant_scope="none" if quant == "none" else "language_model" if quant in BNB_QUANTS else "decoder_layers",
-    )
-    if quant in AO_QUANTS:
-        torchao_quantize(runner.decoder, quant, dev)
-    log.info("EventGPT loaded from %s (quant %s, %s, %d event frame(s), tower %s px)", ckpt, quant, dt,
-             num_event_frames, vision_cfg.image_size)
-    return runner
-
-
 # ----------------------------------------------------------------------------------------------
 # Video-LLaVA
 # ----------------------------------------------------------------------------------------------
@@ -988,88 +575,9 @@ class VideoLlavaRunner(VLMRunner):
         return embeds
 
 
-def load_video_llava(
-    path: str | os.PathLike,
-    quant: str = "none",
-    device: str = "auto",
-    dtype: str = "auto",
-    num_frames: int = 8,
-    frame_pick: str = DEFAULT_FRAME_PICK,
-    accept_keys: Iterable[str] = (),
-) -> VideoLlavaRunner:
-    """Load Video-LLaVA (a local folder, or a hub id such as LanguageBind/Video-LLaVA-7B-hf).
-
-    `dtype` `auto` is fp16 on CUDA (the model card's and LanguageBind's precision), fp32 on CPU.
-    `num_frames` frames are picked from each video by `frame_pick` (see `frame_indices`). Missing or
-    unexpected checkpoint tensors are an error unless `accept_keys` names them (see `accepted_key`).
-    """
-    from transformers import VideoLlavaForConditionalGeneration, VideoLlavaProcessor
-
-    if num_frames < 1:
-        raise UserError(f"num_frames must be >= 1, got {num_frames}")
-    if frame_pick not in FRAME_PICKS:
-        raise UserError(f"unknown frame_pick {frame_pick!r}; choose one of {', '.join(FRAME_PICKS)}")
-    fix = "point it at a Video-LLaVA folder (config.json with model_type video_llava) or a hub id"
-    source = str(path)
-    local = Path(source)
-    looks_like_hub_id = (not local.exists() and source.count("/") == 1
-                         and not source.startswith((".", "/", "~")))
-    if looks_like_hub_id:
-        from transformers.utils import cached_file
-
-        try:
-            cfg_file = Path(cached_file(source, "config.json"))
-        except OSError as err:  # offline, gated, or a mistyped local folder that looks like "org/name"
-            raise UserError(f"{source!r} is neither a local folder nor reachable on the model hub "
-                            f"({first_line(err, 160)}); {fix}") from err
-    else:
-        local, _ = _check_model_dir(local, VIDEO_LLAVA_MODEL_TYPE, "Video-LLaVA", fix)
-        cfg_file = local / "config.json"
-    dev, dt, quant_cfg = _resolve(device, dtype, quant, "video_llava")
-    load_kwargs: dict[str, Any] = {"dtype": dt}
-    if quant_cfg is not None:
-        load_kwargs["quantization_config"] = quant_cfg
-    if dev.type == "cuda":
-        load_kwargs["device_map"] = {"": dev}
-    model, info = VideoLlavaForConditionalGeneration.from_pretrained(source, output_loading_info=True,
-                                                                     **load_kwargs)
-    # Missing tensors would run at their random initialisation, unexpected ones would be dropped.
-    check_weight_keys("Video-LLaVA", source, info.get("missing_keys", []), info.get("unexpected_keys", []),
-                      accept_keys)
-    if dev.type != "cuda":
-        model = model.to(dev)
-    model.eval().requires_grad_(False)
-    with _quiet_transformers():  # "no torchvision image processor for Video-LLaVA, using PIL" notes
-        processor = VideoLlavaProcessor.from_pretrained(source)
-    runner = VideoLlavaRunner(
-        model=model,
-        processor=processor,
-        num_frames=num_frames,
-        frame_pick=frame_pick,
-        tokenizer=processor.tokenizer,
-        device=dev,
-        dtype=dt,
-        model_path=source,
-        config_hash=config_hash(cfg_file),
-        quant=quant,
-        # transformers' bitsandbytes integration: every Linear of towers, projector and language model
-        # except the LM head.
-        quant_scope="none" if quant == "none" else "whole_model" if quant in BNB_QUANTS else "decoder_layers",
-    )
-    if quant in AO_QUANTS:
-        torchao_quantize(runner.decoder, quant, dev)
-    log.info("Video-LLaVA loaded from %s (quant %s, %s, %d frames, %s indices)", source, quant, dt, num_frames,
-             frame_pick)
-    return runner
-
-
-def load_runner(name: str, path: str | os.PathLike, **kwargs: Any) -> VLMRunner:
-    """`load_eventgpt` or `load_video_llava` by name; unknown names fail listing the valid ones."""
-    if name == "eventgpt":
-        return load_eventgpt(path, **kwargs)
-    if name == "video_llava":
-        return load_video_llava(path, **kwargs)
-    raise UserError(f"unknown model {name!r}; choose one of {', '.join(RUNNER_NAMES)}")
+# ----------------------------------------------------------------------------------------------
+# What a runner is, and tokens between the two vocabularies
+# ----------------------------------------------------------------------------------------------
 
 
 def model_description(runner: VLMRunner) -> dict[str, Any]:
@@ -1101,9 +609,6 @@ def model_description(runner: VLMRunner) -> dict[str, Any]:
     return description
 
 
-runner_manifest = model_description  # the earlier name, kept for callers
-
-
 def to_drafter_vocab(tokens: Tensor, vocab_size: int, mask: Tensor | None = None) -> tuple[Tensor, int]:
     """Target token ids made safe to feed to a drafter whose vocabulary has `vocab_size` rows.
 
@@ -1117,27 +622,3 @@ def to_drafter_vocab(tokens: Tensor, vocab_size: int, mask: Tensor | None = None
     counted = foreign if mask is None else foreign & mask.to(foreign.device).bool()
     return mapped, int(counted.sum())
 
-
-__all__ = [
-    "EventGPTRunner",
-    "GenerationOutput",
-    "StepOutput",
-    "VLMInputs",
-    "VLMRunner",
-    "VideoLlavaRunner",
-    "accepted_key",
-    "bnb_config",
-    "check_weight_keys",
-    "checkpoint_tensors",
-    "config_hash",
-    "eventgpt_prompt",
-    "load_eventgpt",
-    "load_runner",
-    "load_tokenizer",
-    "load_video_llava",
-    "model_description",
-    "runner_manifest",
-    "spatio_temporal_pool",
-    "to_drafter_vocab",
-    "video_llava_prompt",
-]
