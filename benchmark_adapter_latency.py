@@ -10,35 +10,33 @@
 
 "Decode step" is what drafting one more token costs: L1-L3 run on the new position alone; L4 is
 bidirectional, so it must rerun the whole window; L5, B1 and L5F run one incremental causal step
-against cached keys/values of the previous positions (`adapter.step`; with `--static_cache` or
-`--compile` on a preallocated cache, `StaticAdapterCache`, as the engine's static and compiled paths
-draft). Every timer is wrapped in a device synchronisation; results are the median and spread over
-`--repeats` runs after `--warmup`.
+against cached keys/values of the previous positions (`drafters.draft_step`: `adapter.step` on a
+growing cache; with `--static_cache` or `--compile` on a preallocated one, `drafters.StaticAdapterCache`,
+as the engine's static and compiled paths draft). Every run is timed between device synchronisations
+(`timing.time_ms`); results are the median and spread over `--repeats` runs after `--warmup`.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from cli import run_cli
-from common import DTYPE_CHOICES, atomic_write_json, markdown_table, resolve_device, resolve_dtype, sync_device
+from common import DTYPE_CHOICES, atomic_write_json, markdown_table, resolve_device, resolve_dtype
+from drafters import draft_step
 from hidden_adapter import (
     ADAPTER_NAMES,
     AttentionAdapter,
     EAGLEStyleAdapter,
-    ProjectedContext,
-    StaticAdapterCache,
     canonical_name,
     count_parameters,
     create_adapter,
 )
+from timing import spread, time_ms
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,29 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median / p10 / p90 / min / max wall time of fn() in milliseconds, synchronising around each run."""
+def step_path(args: argparse.Namespace) -> str:
+    """The adapter-cache path the causal levels' step is timed on: dynamic, static or compiled."""
+    return "compiled" if args.compile else "static" if args.static_cache else "dynamic"
 
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        sync_device(device)
-        start = time.perf_counter()
-        fn()
-        sync_device(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    # "inclusive": p10/p90 interpolate between measured runs; the default ("exclusive") extrapolates
-    # beyond the fastest and slowest run when there are few repeats.
-    q = statistics.quantiles(samples, n=10, method="inclusive")
-    return {
-        "median_ms": statistics.median(samples),
-        "p10_ms": q[0],
-        "p90_ms": q[-1],
-        "min_ms": samples[0],
-        "max_ms": samples[-1],
-    }
+
+def latency(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median / p10 / p90 / min / max wall time of fn() in milliseconds (timing.time_ms and timing.spread)."""
+    return {f"{key}_ms": value for key, value in spread(time_ms(fn, device, warmup, repeats), percentiles=True).items()}
 
 
 @torch.inference_mode()
@@ -102,29 +85,16 @@ def bench_level(name: str, args: argparse.Namespace, device: torch.device, dtype
     d, t = args.hidden_dim, args.seq_len
     x = torch.randn(1, t, d, device=device, dtype=dtype)
     v = torch.randn(1, t, d, device=device, dtype=dtype) if adapter.consumes == "both" else None
-    # L5E's EventGPT context: raw for a whole answer; projected once per answer when drafting, as the engine does
+    # L5E's EventGPT context: raw for a whole answer; the drafting step reads it projected once per answer
     ctx = torch.randn(1, d, device=device, dtype=dtype) if adapter.config.context else None
-    step_ctx = {"context": ProjectedContext(adapter.context_vector(ctx))} if ctx is not None else {}
 
     def whole() -> Any:
         return adapter(x, h_target=v, context=ctx)
 
-    if isinstance(adapter, EAGLEStyleAdapter) and args.static_cache:
-        cache = StaticAdapterCache(adapter, width=1, compile=args.compile)
-        cache(x[:, :-1], h_target=None if v is None else v[:, :-1], **step_ctx)
-
-        def one_step() -> Any:
-            cache.crop(t - 1)
-            return cache(x[:, -1:], h_target=None if v is None else v[:, -1:], **step_ctx)
-
-        step_kind = f"{'compiled' if args.compile else 'eager'} step, preallocated cache, after {t - 1} positions"
-    elif isinstance(adapter, EAGLEStyleAdapter):
-        _, past = adapter.step(x[:, :-1], h_target=None if v is None else v[:, :-1], **step_ctx)
-
-        def one_step() -> Any:
-            return adapter.step(x[:, -1:], past, h_target=None if v is None else v[:, -1:], **step_ctx)
-
-        step_kind = f"incremental step after {t - 1} cached positions"
+    if isinstance(adapter, EAGLEStyleAdapter):  # the step the engine drafts with, on the engine's cache path
+        one_step = draft_step(adapter, t - 1, step_path(args))
+        step_kind = (f"{'compiled' if args.compile else 'eager'} step, preallocated cache, after {t - 1} positions"
+                     if args.static_cache else f"incremental step after {t - 1} cached positions")
     elif isinstance(adapter, AttentionAdapter):  # L4: bidirectional, no cache possible
         one_step = whole
         step_kind = f"full {t}-position rerun (bidirectional)"
@@ -136,8 +106,8 @@ def bench_level(name: str, args: argparse.Namespace, device: torch.device, dtype
 
         step_kind = "one position"
     row = {"level": name, "params": count_parameters(adapter), "decode_step": step_kind}
-    row["sequence"] = time_ms(whole, device, args.warmup, args.repeats)
-    row["step"] = time_ms(one_step, device, args.warmup, args.repeats)
+    row["sequence"] = latency(whole, device, args.warmup, args.repeats)
+    row["step"] = latency(one_step, device, args.warmup, args.repeats)
     return row
 
 
@@ -162,7 +132,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "hidden_dim": args.hidden_dim,
         "seq_len": args.seq_len,
-        "step_path": "compiled" if args.compile else "static" if args.static_cache else "dynamic",
+        "step_path": step_path(args),
         "batch": 1,
         "warmup": args.warmup,
         "repeats": args.repeats,

@@ -40,7 +40,6 @@ import logging
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -51,12 +50,23 @@ from tqdm import tqdm
 
 import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
-from common import UserError, atomic_write_json, markdown_table, set_seed, sync_device
+from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
+from drafters import (
+    ConfidenceStop,
+    DrafterLM,
+    DraftLength,
+    ExpectedGainStop,
+    NoDrafter,
+    SyntheticDrafter,
+    drafter_problem,
+    make_drafter,
+)
 from e2e_measure import adapter_path, assisted_run, hf_generate, measure_profile, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_builders import add_model_args, check_model_args, load_runners
 from preflight import preflight
+from timing import Stopwatch, spread
 from vlm_runners import VLMInputs, model_description
 
 log = logging.getLogger("xmodal_sd.e2e")
@@ -206,10 +216,9 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
             else:
                 adapter, extra = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
                 adapter.extra = extra  # training record: the draft-length calibration lives here
-            level = adapter.config.name
-            if role == "prefill" and level not in sd.PER_POSITION_LEVELS:
-                raise UserError(f"--prefill_adapter must be a per-position level {sd.PER_POSITION_LEVELS}, "
-                                f"got {level} ({spec})")
+            problem = drafter_problem(adapter.config, role)
+            if problem:
+                raise UserError(f"--{role}_adapter {spec}: {problem}")
             adapter = adapter.to(vl.device, vl.dtype).eval()
             if adapter.config.token_input:  # the target's own input embeddings, shared, not copied per adapter
                 try:
@@ -220,44 +229,19 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
     return out
 
 
-def decode_drafter(adapter: Any, lm: sd.DrafterLM, head: torch.Tensor, temperature: float,
-                   gen: torch.Generator, length: sd.DraftLength | None = None) -> sd.Drafter:
-    """The drafting mode follows the adapter's level (see the module docstring of speculative_decoding);
-    an adapter the mode cannot run is one error line."""
-    level = adapter.config.name
-    try:
-        if level in sd.ROLLOUT_LEVELS:
-            # L5: EventGPT states of the verified text; L5E: EventGPT's prompt-end state
-            reads = adapter.config.reads_drafter
-            return sd.RolloutDrafter(adapter, head, temperature, gen, lm=lm if reads else None, length=length)
-        if level == "L5F":
-            return sd.FusedDrafter(lm, adapter, head, temperature, gen, length=length)
-        return sd.EventGPTDrafter(lm, adapter, head, temperature, gen, length=length)
-    except ValueError as err:
-        raise UserError(f"--decode_adapter {level}: {err}") from err
-
-
 def length_rule(stop: str, adapter: Any, args: argparse.Namespace, profile: Any,
-                draft_ms: dict[str, float]) -> tuple[sd.DraftLength | None, str]:
+                draft_ms: dict[str, float]) -> tuple[DraftLength, str]:
     """(draft-length rule, config-name suffix) for one decode adapter under one --draft_stop rule."""
     if stop == "fixed":
-        return sd.DraftLength(), ""
+        return DraftLength(), ""
     if stop == "confidence":
-        return sd.ConfidenceStop(args.draft_confidence), f",conf{args.draft_confidence:g}"
+        return ConfidenceStop(args.draft_confidence), f",conf{args.draft_confidence:g}"
     calibration = (getattr(adapter, "extra", None) or {}).get("draft_calibration")
     if not calibration:
         raise UserError(f"--draft_stop expected: the {adapter.config.name} checkpoint holds no draft_calibration "
                         "(train it with this release of train_hidden_adapter.py and --lm_head)")
-    g = args.gamma_decode
-    verify_token = max(0.0, (profile.verify_ms(g + 1) - profile.verify_ms(1)) / g)
-    from cost_model import EGPT_EVERY_DRAFT, EGPT_EVERY_ITERATION
-
-    draft, verify = draft_ms[adapter.config.name], profile.verify_ms(1)
-    if adapter.config.name in EGPT_EVERY_DRAFT:  # lockstep: every draft also costs EventGPT a decode step
-        draft += profile.egpt_decode_ms
-    elif adapter.config.name in EGPT_EVERY_ITERATION:  # one EventGPT pass over the accepted tokens
-        verify += profile.egpt_decode_ms
-    rule = sd.ExpectedGainStop.from_calibration(calibration, draft, verify, verify_token)
+    rule = ExpectedGainStop.from_profile(calibration, adapter.config, profile, args.gamma_decode,
+                                         draft_ms[adapter.config.name])
     return rule, ",expected"
 
 
@@ -267,23 +251,27 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
     """Engines by config name (`decode[B1]`, `decode[B1,expected]`, `two_phase[L1+B1]`, `synthetic_p0.8`,
     ...) and each one's (prefill level, decode level) for the cost model."""
     head = vl.lm_head_weight()
-    lm = sd.DrafterLM(eg)  # one EventGPT state for every drafter of an answer
+    lm = DrafterLM(eg)  # one EventGPT state for every drafter of an answer
     common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill,
               "static_cache": args.static_cache, "compile": args.compile, "max_cache_len": args.max_cache_len}
-    engines = {"target": sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, **common)}
+    engines = {"target": sd.SpeculativeDecoder(vl, NoDrafter(), gamma_decode=0, **common)}
     levels: dict[str, tuple] = {"target": (None, None)}
     pre_adapter = adapters.get("prefill", [None])[0]
-    pre = sd.EventGPTDrafter(lm, pre_adapter, head, args.temperature, gen) if pre_adapter is not None else None
+    pre = (make_drafter(pre_adapter, head, lm=lm, phase="prefill", temperature=args.temperature, generator=gen)
+           if pre_adapter is not None else None)
     p_name = pre_adapter.config.name if pre_adapter is not None else None
     if "prefill" in args.configs:
-        engines[f"prefill[{p_name}]"] = sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0, prefill_drafter=pre,
+        engines[f"prefill[{p_name}]"] = sd.SpeculativeDecoder(vl, NoDrafter(), gamma_decode=0, prefill_drafter=pre,
                                                               gamma_prefill=args.gamma_prefill, **common)
         levels[f"prefill[{p_name}]"] = (p_name, None)
     for adapter in adapters.get("decode", []):
         for stop in args.draft_stop:
             d_name = adapter.config.name
             rule, suffix = length_rule(stop, adapter, args, profile, draft_ms or {})
-            dec = decode_drafter(adapter, lm, head, args.temperature, gen, length=rule)
+            try:  # the drafting mode follows the adapter's roles (drafters.make_drafter)
+                dec = make_drafter(adapter, head, lm=lm, temperature=args.temperature, generator=gen, length=rule)
+            except ValueError as err:
+                raise UserError(f"--decode_adapter {d_name}: {err}") from err
             if "decode" in args.configs:
                 engines[f"decode[{d_name}{suffix}]"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode,
                                                                              **common)
@@ -295,7 +283,7 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
                 levels[name] = (p_name, d_name)
     if "synthetic" in args.configs:
         for p in args.synthetic_acceptance:
-            drafter = sd.SyntheticDrafter(p, vl.vocab_size, args.synthetic_cost_ms, seed=args.seed)
+            drafter = SyntheticDrafter(p, vl.vocab_size, args.synthetic_cost_ms, seed=args.seed)
             engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
             levels[f"synthetic_p{p:g}"] = (None, None)
     return engines, levels
@@ -314,16 +302,13 @@ def run_config(name: str, engine: sd.SpeculativeDecoder | None, vl: Any, eg: Any
         return eg.build_inputs([eg.clip_features(split_dir, clip)], [question])
 
     if name == "hf_generate":
-        sync_device(vl.device)
-        start = time.perf_counter()
+        watch = Stopwatch(vl.device)
         inputs = target_prompt()
-        sync_device(vl.device)
-        vision = (time.perf_counter() - start) * 1e3
+        vision = watch.ms()
         tokens = hf_generate(vl, inputs, args.max_new_tokens)
-        sync_device(vl.device)
-        rec = {"ms": (time.perf_counter() - start) * 1e3, "vision_ms": vision, "tokens": len(tokens)}
+        rec = {"ms": watch.ms(), "vision_ms": vision, "tokens": len(tokens)}
     else:
-        if isinstance(engine.drafter, sd.SyntheticDrafter):
+        if isinstance(engine.drafter, SyntheticDrafter):
             engine.drafter.set_reference(reference)
         out = engine.generate(target_prompt, drafter_prompt, args.max_new_tokens)
         tokens = out.tokens
@@ -336,10 +321,6 @@ def run_config(name: str, engine: sd.SpeculativeDecoder | None, vl: Any, eg: Any
                                 recompute=lambda prefix: sd.tie_logits(vl, target_prompt(), prefix), dtype=vl.dtype)
         rec["numeric_tie"] = None if tie is None else asdict(tie)
     return rec
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[str, Any]:
@@ -364,9 +345,9 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
         speed = [per_token(base[i], total) / per_token(rep, total) for i, rep in enumerate(reps)]
         llm = [per_token(base[i], llm_only) / per_token(rep, llm_only) for i, rep in enumerate(reps)]
         res: dict[str, Any] = {
-            "speedup": _spread(speed), "speedup_llm_only": _spread(llm),
+            "speedup": spread(speed), "speedup_llm_only": spread(llm),
             # what a user runs today: transformers' eager generate on the same samples
-            "speedup_vs_hf_generate": _spread([per_token(runs["hf_generate"][i], total) / per_token(rep, total)
+            "speedup_vs_hf_generate": spread([per_token(runs["hf_generate"][i], total) / per_token(rep, total)
                                                for i, rep in enumerate(reps)]) if "hf_generate" in runs else None,
             "tokens_per_s": sum(r["tokens"] for r in flat) / (sum(r["ms"] for r in flat) / 1e3),
             "ms_per_answer": statistics.median(r["ms"] for r in flat),
@@ -628,8 +609,9 @@ def main(args: argparse.Namespace) -> int:
     assisted = None
     if "assisted" in args.configs:
         pair = text_pair(vl, args.assistant_noise, args.seed, args.draft_confidence)
-        drafter = sd.EventGPTDrafter(sd.DrafterLM(pair.runner), None, pair.runner.lm_head_weight(),
-                                     min_confidence=args.draft_confidence)
+        # classic two-model drafting: the perturbed copy's own greedy tokens through its own head
+        drafter = make_drafter(None, pair.runner.lm_head_weight(), lm=DrafterLM(pair.runner),
+                               min_confidence=args.draft_confidence)
         drafter.name = "assistant (own head)"
         engine = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode)
         for q in questions[: max(args.warmup, 1)]:
@@ -642,7 +624,7 @@ def main(args: argparse.Namespace) -> int:
         assisted = {
             "ours_tokens_per_s": tokens / (sum(r["ours_ms"] for r in flat) / 1e3),
             "theirs_tokens_per_s": tokens / (sum(r["theirs_ms"] for r in flat) / 1e3),
-            "ours_over_theirs": _spread([sum(r["theirs_ms"] for r in rep) / sum(r["ours_ms"] for r in rep)
+            "ours_over_theirs": spread([sum(r["theirs_ms"] for r in rep) / sum(r["ours_ms"] for r in rep)
                                          for rep in reps]),
             "accepted_per_iteration": sum(r["accepted"] for r in flat) / max(sum(r["iterations"] for r in flat), 1),
             "numeric_ties": [t for r in flat for t in r["numeric_ties"]],

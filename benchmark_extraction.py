@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,10 +36,11 @@ from tqdm import tqdm
 
 from cli import add_config_flag, add_dry_run_flag, alias_help, dry_run_report, parse_with_config, run_cli
 from clip_data import plan_samples, render_hint
-from common import UserError, atomic_write_json, markdown_table, set_seed, sync_device
+from common import UserError, atomic_write_json, markdown_table, set_seed
 from extract_hidden_states import iter_batches, pair_features, run_models
 from model_builders import add_model_args, check_model_args, load_runners
 from preflight import preflight
+from timing import Stopwatch, spread
 from vlm_runners import model_description
 
 log = logging.getLogger("xmodal_sd.bench_extract")
@@ -133,11 +132,9 @@ def timed_pass(way: str, egpt: Any, vl: Any, samples: list[tuple[int, int]], ctx
     """(seconds, outputs concatenated over samples) of one pass, between device synchronisations."""
 
     with tqdm(total=len(samples), desc=desc, unit="sample", leave=False, dynamic_ncols=True, disable=None) as bar:
-        sync_device(device)
-        start = time.perf_counter()
+        watch = Stopwatch(device)
         outs = WAYS[way](egpt, vl, samples, ctx, bar)
-        sync_device(device)
-        seconds = time.perf_counter() - start
+        seconds = watch.ms() / 1e3
     return seconds, {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -173,13 +170,14 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float =
 
 def summarise(seconds: list[float], samples: int, positions: int) -> dict[str, Any]:
     """Median and range of the repeats; samples/s from the median time (min/max from the extremes)."""
-    med = statistics.median(seconds)
+    s = spread(seconds)
+    med = s["median"]
     return {
         "samples": samples,
         "seconds": seconds,
         "median_s": med,
-        "min_s": min(seconds),
-        "max_s": max(seconds),
+        "min_s": s["min"],
+        "max_s": s["max"],
         "samples_per_s": samples / med,
         "samples_per_s_min": samples / max(seconds),
         "samples_per_s_max": samples / min(seconds),
@@ -214,7 +212,7 @@ def format_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
-    from clip_data import load_index, load_questions, plan_samples
+    from clip_data import load_index, load_questions
     from event_frames import read_frame_settings
 
     checks = preflight(args)  # seconds, before the models load
@@ -292,10 +290,8 @@ def main(args: argparse.Namespace) -> int:
         # Each repeat times both ways back to back: the median of these paired ratios shrugs off
         # load that other processes put on the machine better than a ratio of two medians does.
         "speedup": {
-            "median": statistics.median(ratios),
-            "ratio_of_median_times": statistics.median(seconds["one_by_one"]) / statistics.median(seconds["batched"]),
-            "min": min(ratios),
-            "max": max(ratios),
+            **spread(ratios),
+            "ratio_of_median_times": spread(seconds["one_by_one"])["median"] / spread(seconds["batched"])["median"],
             "per_repeat": ratios,
         },
         "equality": equality,

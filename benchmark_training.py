@@ -29,16 +29,15 @@ import json
 import logging
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cli import add_config_flag, alias_help, parse_with_config, run_cli
-from common import UserError, atomic_write_json, markdown_table, resolve_device, sync_device
+from common import UserError, atomic_write_json, markdown_table, resolve_device
 from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, ChunkStream, chunk_name, to_device, write_chunk
+from timing import Stopwatch, spread
 
 log = logging.getLogger("xmodal_sd.bench_train")
 T = 50
@@ -124,24 +123,23 @@ def drop_cache(folder: Path) -> None:
 
 
 def plain_read(folder: Path) -> dict[str, float]:
-    start, total = time.perf_counter(), 0
+    watch, total = Stopwatch(), 0  # the disk alone: no device work to wait for
     for f in sorted(folder.glob("chunk_*.pt")):
         with open(f, "rb", buffering=0) as fh:
             while block := fh.read(16 << 20):
                 total += len(block)
-    seconds = time.perf_counter() - start
+    seconds = watch.ms() / 1e3
     return {"seconds": seconds, "gb_per_s": total / seconds / 1e9, "bytes": total}
 
 
 def loader_pass(folder: Path, args: argparse.Namespace, device: torch.device, epoch: int) -> dict[str, float]:
     stream = ChunkStream(folder, pairs=args.pairs, batch_size=args.batch_size, seed=0, prefetch=True,
                          pin_memory=device.type == "cuda")
-    start, samples = time.perf_counter(), 0
+    watch, samples = Stopwatch(device), 0
     for raw in stream.batches(epoch):
         batch = to_device(raw, device)
         samples += batch["mask"].shape[0]
-    sync_device(device)
-    seconds = time.perf_counter() - start
+    seconds = watch.ms() / 1e3
     file_bytes = sum(c["bytes"] for c in stream.manifest["chunks"])
     return {"seconds": seconds, "samples_per_s": samples / seconds, "file_gb_per_s": file_bytes / seconds / 1e9}
 
@@ -160,10 +158,6 @@ def training_pass(train_dir: Path, val_dir: Path, out: Path, args: argparse.Name
     entry = json.loads((Path(result["run_dir"]) / "history.json").read_text())["history"][0]
     return {k: entry[k] for k in ("samples_per_s", "data_wait_share", "train_s", "train_samples")} | {
         "steps": result["steps"]}
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 import torch
 
 import speculative_decoding as sd
-from common import sync_device
+from drafters import draft_step
+from timing import Stopwatch, time_ms
 from vlm_runners import VLMInputs, VLMRunner
 
 PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
@@ -72,12 +72,10 @@ def assisted_run(pair: SimpleNamespace, vl: Any, question: str, gamma: int, max_
     inputs = VLMInputs(vl.embed_ids(ids), torch.ones_like(ids))
     pair.assistant.generation_config.num_assistant_tokens = gamma
     extra = {"min_new_tokens": max_new_tokens} if vl.eos_token_id < 0 else {"eos_token_id": vl.eos_token_id}
-    sync_device(vl.device)
-    start = time.perf_counter()
+    watch = Stopwatch(vl.device)
     out = pair.target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=pair.assistant,
                                do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra)
-    sync_device(vl.device)
-    theirs_ms = (time.perf_counter() - start) * 1e3
+    theirs_ms = watch.ms()
     theirs = out[0, ids.shape[1]:].tolist()
     theirs = theirs[: theirs.index(vl.eos_token_id) + 1] if vl.eos_token_id in theirs else theirs
     ours = engine.generate(inputs, inputs, max_new_tokens)
@@ -95,15 +93,8 @@ def assisted_run(pair: SimpleNamespace, vl: Any, question: str, gamma: int, max_
 
 
 def _median_ms(fn: Callable[[], Any], device: torch.device, n: int = 10, warmup: int = 2) -> float:
-    times = []
-    for i in range(n + warmup):
-        sync_device(device)
-        start = time.perf_counter()
-        fn()
-        sync_device(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """The profile's figure for one operation: the median of n timed runs after `warmup` (timing.time_ms)."""
+    return statistics.median(time_ms(fn, device, warmup, n))
 
 
 def adapter_path(vl: Any) -> str:
@@ -112,43 +103,15 @@ def adapter_path(vl: Any) -> str:
     return {"compiled": "compiled", "static": "static"}.get(vl.decode_path["name"], "dynamic")
 
 
-@torch.no_grad()
 def draft_step_ms(adapter: Any, vl: Any, path: str = "dynamic") -> float:
-    """Median ms of one roll-out draft of a causal adapter at batch 1 after 32 cached positions: the adapter
-    step (with its token input and context when it has them) plus the LM head and argmax. `path`: the
-    adapter cache of the engine's decode path, "dynamic" (grown per step), "static" (preallocated) or
-    "compiled" (preallocated, the step compiled; warmed up before timing)."""
-    from hidden_adapter import ProjectedContext, StaticAdapterCache
-
-    dev, dt, cfg = vl.device, next(adapter.parameters()).dtype, adapter.config
-    head = vl.lm_head_weight()
-    kw: dict[str, Any] = {}
-    if cfg.context == "drafter":
-        kw["context"] = ProjectedContext(adapter.context_vector(torch.randn(1, cfg.drafter_dim, device=dev, dtype=dt)))
-    if cfg.token_input and getattr(adapter, "token_table", None) is None:
+    """Median ms of one roll-out draft of a causal adapter at batch 1 after 32 cached positions
+    (drafters.draft_step with the target's LM head: the adapter step, with its token input and context
+    when it has them, plus the LM head and argmax). `path`: the adapter cache of the engine's decode path,
+    "dynamic" (grown per step), "static" (preallocated) or "compiled" (preallocated, the step compiled;
+    warmed up before timing)."""
+    if adapter.config.token_input and getattr(adapter, "token_table", None) is None:
         adapter.attach_token_table(vl.decoder.get_input_embeddings().weight)
-    ctx = torch.randn(1, 32, cfg.in_dim, device=dev, dtype=dt)
-    v = torch.randn(1, 32, cfg.target_dim, device=dev, dtype=dt) if cfg.consumes == "both" else None
-    ids = {"token_ids": torch.zeros(1, 32, dtype=torch.long, device=dev)} if cfg.uses_tokens else {}
-    inp = torch.randn(1, 1, cfg.in_dim, device=dev, dtype=dt)
-    one = {"token_ids": ids["token_ids"][:, :1]} if ids else {}
-    v1 = inp[..., : cfg.target_dim] if v is not None else None
-    if path == "dynamic":
-        _, past = adapter.step(ctx, None, h_target=v, **ids, **kw)
-
-        def once() -> None:
-            h, _ = adapter.step(inp, past, h_target=v1, **one, **kw)
-            int((h[0, 0].float() @ head.T).argmax())
-    else:  # width 1: the context goes in one position at a time, so a compiled step has a single shape
-        cache = StaticAdapterCache(adapter, width=1, compile=path == "compiled")
-        cache(ctx, h_target=v, **ids, **kw)
-
-        def once() -> None:
-            cache.crop(32)
-            h = cache(inp, h_target=v1, **one, **kw)
-            int((h[0, 0].float() @ head.T).argmax())
-
-    return _median_ms(once, dev)
+    return _median_ms(draft_step(adapter, 32, path, head=vl.lm_head_weight()), vl.device)
 
 
 @torch.no_grad()

@@ -496,7 +496,7 @@ class EAGLEStyleAdapter(AttentionAdapter):
         self, x: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], *, h_target: Tensor | None = None,
         token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> Tensor:
-        """`step` on a preallocated cache (StaticAdapterCache, which calls it): x [1, T, D] at positions
+        """`step` on a preallocated cache (drafters.StaticAdapterCache, which calls it): x [1, T, D] at positions
         `pos` [T]; each layer writes its keys/values at `pos` of `keys[i]`/`values[i]` [1, H, S, Dh]. Fixed
         shapes and no host reads, so torch.compile can capture it whole. `context` is L5E's projected
         context vector [1, D_target] (ProjectedContext.vector)."""
@@ -652,99 +652,6 @@ _CLASSES: dict[str, type[BaseAdapter]] = {
     "L5F": FusedEAGLEAdapter,
     "L5E": EventContextAdapter,
 }
-
-
-class StaticAdapterCache:
-    """A causal adapter's drafting steps on preallocated keys/values (one [1, H, max_seq_len, Dh] pair per
-    layer, reused by every answer), with the length held on the host: the adapter's side of the engine's
-    static path. Steps are one position (a roll-out draft) or `width` positions (the verified positions
-    of one iteration, padded to `width`; wider inputs run in pieces), so a compiled step sees two shapes.
-    Rolling back (`crop`) moves only the length; later steps overwrite what lies beyond it.
-
-        cache = StaticAdapterCache(adapter, width=6, compile=True)
-        out = cache(x)                 # like adapter.step(x, past) with the past held here
-        cache.crop(n)                  # keep the first n positions
-    """
-
-    def __init__(self, adapter: EAGLEStyleAdapter, width: int = 1, compile: bool = False) -> None:
-        if not isinstance(adapter, EAGLEStyleAdapter):
-            raise ValueError(f"a static drafting cache is for the causal levels {NEXT_POSITION_LEVELS}, "
-                             f"got {adapter.config.name}")
-        if width < 1:
-            raise ValueError("width must be >= 1")
-        cfg, ref = adapter.config, adapter.pos_embed
-        shape = (1, cfg.num_heads, cfg.max_seq_len, cfg.target_dim // cfg.num_heads)
-        self.keys = [torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in adapter.layers]
-        self.values = [torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in adapter.layers]
-        for buf in (*self.keys, *self.values):  # fixed addresses, so CUDA graphs can write them in place
-            torch._dynamo.mark_static_address(buf)
-        self.adapter, self.width, self.compiled = adapter, width, compile
-        self.max_len = cfg.max_seq_len
-        self.length = 0
-        self._step = adapter.static_step
-        if compile:
-            # Every adapter shares static_step's code, and each one is compiled at two widths: leave room
-            # for several adapters in one process (a benchmark runs one per decode configuration).
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            mode = "reduce-overhead" if ref.device.type == "cuda" else "default"
-            self._step = torch.compile(adapter.static_step, mode=mode, fullgraph=True, dynamic=False)
-
-    def reset(self) -> None:
-        """Start a new answer."""
-        self.length = 0
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a drafting cache of length {self.length} to {length}")
-        self.length = length
-
-    @torch.no_grad()
-    def __call__(self, x: Tensor, *, h_target: Tensor | None = None, token_ids: Tensor | None = None,
-                 context: Tensor | ProjectedContext | None = None) -> Tensor:
-        """Outputs [1, T, D_target] for the T new positions of x [1, T, D_in] (h_target, token_ids as in step)."""
-        n = x.shape[1]
-        if x.shape[0] != 1:
-            raise ValueError("the static drafting cache is batch 1")
-        if self.length + n > self.max_len:
-            raise ValueError(f"{self.adapter.config.name} has learned positions for {self.max_len} steps, got "
-                             f"{self.length + n}; rebuild with a larger max_seq_len")
-        if not self.adapter.config.context:
-            context = None  # as `step`: a level without a context input ignores one
-        elif isinstance(context, ProjectedContext):
-            context = context.vector
-        elif context is not None:
-            context = self.adapter.context_vector(context.to(self.adapter.pos_embed.dtype))
-        if n == 0:
-            return x.new_zeros(1, 0, self.adapter.config.target_dim)
-        outs, i = [], 0
-        while i < n:
-            m = min(self.width, n - i)
-            if m > 1 and self.length + self.width > self.max_len:
-                m = 1  # no room left to pad: the last positions go one at a time
-            cut = slice(i, i + m)
-            outs.append(self._piece(x[:, cut], None if h_target is None else h_target[:, cut],
-                                    None if token_ids is None else token_ids[:, cut], context))
-            i += m
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
-    def _piece(self, x: Tensor, h_target: Tensor | None, token_ids: Tensor | None, context: Tensor | None) -> Tensor:
-        m = x.shape[1]
-        width = 1 if m == 1 else self.width
-        # fresh strides: a compiled step is specialised to its inputs' strides as well as their shapes (a
-        # slice of a longer input keeps the longer one's batch stride even where it is "contiguous")
-        x, h_target, token_ids = (None if t is None else t.clone(memory_format=torch.contiguous_format)
-                                  for t in (x, h_target, token_ids))
-        if width > m:  # pad to the one multi-position shape; the pad slots lie beyond the new length
-            x = F.pad(x, (0, 0, 0, width - m))
-            h_target = None if h_target is None else F.pad(h_target, (0, 0, 0, width - m))
-            token_ids = None if token_ids is None else F.pad(token_ids, (0, width - m))
-        pos = torch.arange(self.length, self.length + width, device=x.device)
-        out = self._step(x, pos, self.keys, self.values, h_target=h_target, token_ids=token_ids, context=context)
-        if self.compiled:  # CUDA-graph outputs are overwritten by the next replay
-            out = out.clone()
-        self.length += m
-        return out[:, :m]
 
 
 def create_adapter(

@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+import drafters as dr
 import speculative_decoding as sd
 from hidden_adapter import adapter_loss, create_adapter
 from hidden_data import iter_chunks
+from vlm_runners import VLMInputs
 
 MAX_NEW = 8
 CONFIDENCE = 0.5  # the drafters' confidence stop where a test uses one
@@ -83,10 +85,10 @@ def fitted_adapter(level: str, quick_hidden: Path, steps: int = 150, token_table
 def test_greedy_accepts_prefix_plus_target_token() -> None:
     logits = torch.full((4, 6), -1.0)
     logits[torch.arange(4), torch.tensor([2, 3, 1, 5])] = 1.0  # target argmax per row
-    assert sd.accept_drafts(logits, sd.Draft([2, 3, 4]), 0.0, None) == (2, 1)
-    assert sd.accept_drafts(logits, sd.Draft([2, 3, 1]), 0.0, None) == (3, 5)  # all + bonus
-    assert sd.accept_drafts(logits, sd.Draft([0, 3, 1]), 0.0, None) == (0, 2)
-    assert sd.accept_drafts(logits[:1], sd.Draft([2]), 0.0, None) == (1, None)  # no row for a bonus
+    assert sd.accept_drafts(logits, dr.Draft([2, 3, 4]), 0.0, None) == (2, 1)
+    assert sd.accept_drafts(logits, dr.Draft([2, 3, 1]), 0.0, None) == (3, 5)  # all + bonus
+    assert sd.accept_drafts(logits, dr.Draft([0, 3, 1]), 0.0, None) == (0, 2)
+    assert sd.accept_drafts(logits[:1], dr.Draft([2]), 0.0, None) == (1, None)  # no row for a bonus
 
 
 def test_rejection_sampling_leaves_target_distribution() -> None:
@@ -100,7 +102,7 @@ def test_rejection_sampling_leaves_target_distribution() -> None:
     naive = torch.zeros(5)
     for _ in range(n):
         d = int(torch.multinomial(q, 1, generator=gen))
-        acc, nxt = sd.accept_drafts(p_logits, sd.Draft([d], q[None]), 1.0, gen)
+        acc, nxt = sd.accept_drafts(p_logits, dr.Draft([d], q[None]), 1.0, gen)
         counts[d if acc == 1 else nxt] += 1
         naive[d] += 1
     tv = 0.5 * (counts / n - p).abs().sum()
@@ -120,7 +122,8 @@ class _Oracle(nn.Module):
         super().__init__()
         self.config = SimpleNamespace(name=name, consumes=consumes, use_token_embed=False, token_input=False,
                                       uses_tokens=False, context="drafter" if name == "L5E" else None,
-                                      reads_drafter=consumes != "target" or name == "L5E")
+                                      reads_drafter=consumes != "target" or name == "L5E", predicts="next",
+                                      rolls_out=consumes != "both", egpt_per_draft=consumes == "both")
         self.scale = nn.Parameter(torch.ones(()))
         self.keys, self.values = keys, values
 
@@ -158,18 +161,18 @@ def test_no_draft_is_one_position_late(world: SimpleNamespace) -> None:
             continue
         ref_states = gen.hidden[0, :length]
         reference = gen.tokens[0, :length].tolist()
-        self_lm = sd.DrafterLM(vl)
-        egpt = sd.DrafterLM(world.eg)
+        self_lm = dr.DrafterLM(vl)
+        egpt = dr.DrafterLM(world.eg)
         egpt.start(e_in)
         g_states = egpt.states_for(reference).clone()  # g_t: EventGPT after the target's first t tokens
         for drafter, drafter_in in (
-            (sd.EventGPTDrafter(self_lm, None, head), t_in),
-            (sd.RolloutDrafter(_next_state_oracle("B1", "target", ref_states, None), head), None),
-            (sd.RolloutDrafter(_next_state_oracle("L5E", "target", ref_states, None), head,
-                               lm=sd.DrafterLM(world.eg)), e_in),
-            (sd.RolloutDrafter(_next_state_oracle("L5", "drafter", ref_states, g_states), head,
-                               lm=sd.DrafterLM(world.eg)), e_in),
-            (sd.FusedDrafter(sd.DrafterLM(world.eg), _next_state_oracle("L5F", "both", ref_states, None), head),
+            (dr.EventGPTDrafter(self_lm, None, head), t_in),
+            (dr.RolloutDrafter(_next_state_oracle("B1", "target", ref_states, None), head), None),
+            (dr.RolloutDrafter(_next_state_oracle("L5E", "target", ref_states, None), head,
+                               lm=dr.DrafterLM(world.eg)), e_in),
+            (dr.RolloutDrafter(_next_state_oracle("L5", "drafter", ref_states, g_states), head,
+                               lm=dr.DrafterLM(world.eg)), e_in),
+            (dr.FusedDrafter(dr.DrafterLM(world.eg), _next_state_oracle("L5F", "both", ref_states, None), head),
              e_in),
         ):
             out = sd.SpeculativeDecoder(vl, drafter, gamma_decode=3).generate(t_in, drafter_in, 12)
@@ -177,7 +180,7 @@ def test_no_draft_is_one_position_late(world: SimpleNamespace) -> None:
             its = [it for it in out.trace.iterations if it.drafted]
             assert its and all(it.accepted == it.drafted for it in its[:-1]), (drafter.name, its)
         # the same with the prefill drafter: every prefill draft is accepted too
-        eng = sd.SpeculativeDecoder(vl, sd.NoDrafter(), prefill_drafter=sd.EventGPTDrafter(self_lm, None, head),
+        eng = sd.SpeculativeDecoder(vl, dr.NoDrafter(), prefill_drafter=dr.EventGPTDrafter(self_lm, None, head),
                                     gamma_prefill=4, concurrent_prefill=False)
         out = eng.generate(t_in, t_in, 12)
         assert out.tokens == reference
@@ -191,58 +194,58 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
     vl, eg, head = world.vl, world.eg, world.head
     assert len(world.prompts) >= NUM_PROMPTS
     torch.manual_seed(0)
-    lm = sd.DrafterLM(eg)
+    lm = dr.DrafterLM(eg)
     trained_l1 = fitted_adapter("L1", quick_hidden)
     trained_b1 = fitted_adapter("B1", quick_hidden)
-    never, always = sd.SyntheticDrafter(0.0, vl.vocab_size), sd.SyntheticDrafter(1.0, vl.vocab_size)
+    never, always = dr.SyntheticDrafter(0.0, vl.vocab_size), dr.SyntheticDrafter(1.0, vl.vocab_size)
     table = vl.decoder.get_input_embeddings().weight
     tok_b1 = fitted_adapter("B1", quick_hidden, token_table=table, rollout=2)
     tok_l5e = fitted_adapter("L5E", quick_hidden, token_table=table)
     tok_l5f = fitted_adapter("L5F", quick_hidden, token_table=table)
     calibrated = [0.05 * i for i in range(20)]  # acceptance estimate rising with the drafter's confidence
 
-    def gain() -> sd.ExpectedGainStop:  # a cost ratio where only confident drafts pay
-        return sd.ExpectedGainStop(calibrated, 0.5, draft_ms=0.3, verify_ms=0.9, verify_token_ms=0.03)
+    def gain() -> dr.ExpectedGainStop:  # a cost ratio where only confident drafts pay
+        return dr.ExpectedGainStop(calibrated, 0.5, draft_ms=0.3, verify_ms=0.9, verify_token_ms=0.03)
 
     def with_table(adapter: nn.Module) -> nn.Module:
         return adapter.attach_token_table(table).eval()
 
     token_configs = [
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(tok_b1, head), gamma_decode=4),
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(tok_l5e, head, lm=lm), gamma_decode=4),
-        sd.SpeculativeDecoder(vl, sd.FusedDrafter(lm, tok_l5f, head), gamma_decode=4),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(tok_b1, head), gamma_decode=4),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(tok_l5e, head, lm=lm), gamma_decode=4),
+        sd.SpeculativeDecoder(vl, dr.FusedDrafter(lm, tok_l5f, head), gamma_decode=4),
     ]
     stopped_configs = [
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(tok_b1, head, length=gain()), gamma_decode=4),
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(tok_l5e, head, lm=lm, length=gain()), gamma_decode=4),
-        sd.SpeculativeDecoder(vl, sd.FusedDrafter(lm, tok_l5f, head, length=gain()), gamma_decode=4),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(tok_b1, head, length=gain()), gamma_decode=4),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(tok_l5e, head, lm=lm, length=gain()), gamma_decode=4),
+        sd.SpeculativeDecoder(vl, dr.FusedDrafter(lm, tok_l5f, head, length=gain()), gamma_decode=4),
     ]
     random_token_configs = [
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(with_table(create_adapter(lv, 64, token_input=True,
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(with_table(create_adapter(lv, 64, token_input=True,
                                                                               vocab_size=table.shape[0])),
                                                     head, lm=lm if lv != "B1" else None), gamma_decode=3)
         for lv in ("B1", "L5", "L5E")
-    ] + [sd.SpeculativeDecoder(vl, sd.FusedDrafter(lm, with_table(create_adapter(
+    ] + [sd.SpeculativeDecoder(vl, dr.FusedDrafter(lm, with_table(create_adapter(
         "L5F", 64, token_input=True, vocab_size=table.shape[0])), head), gamma_decode=3)]
     # Every prompt runs both synthetic drafters, one trained and one random drafter (they take turns).
     random_configs = [
-        sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head), gamma_decode=3,
-                              prefill_drafter=sd.EventGPTDrafter(lm, create_adapter("L2", 64).eval(), head),
+        sd.SpeculativeDecoder(vl, dr.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head), gamma_decode=3,
+                              prefill_drafter=dr.EventGPTDrafter(lm, create_adapter("L2", 64).eval(), head),
                               gamma_prefill=3),
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(create_adapter("B1", 64).eval(), head), gamma_decode=3),
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(create_adapter("L5", 64).eval(), head, lm=lm), gamma_decode=3),
-        sd.SpeculativeDecoder(vl, sd.FusedDrafter(lm, create_adapter("L5F", 64).eval(), head), gamma_decode=3),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(create_adapter("B1", 64).eval(), head), gamma_decode=3),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(create_adapter("L5", 64).eval(), head, lm=lm), gamma_decode=3),
+        sd.SpeculativeDecoder(vl, dr.FusedDrafter(lm, create_adapter("L5F", 64).eval(), head), gamma_decode=3),
     ]
     configs = {
         "trained L1 (c) + prefill / B1 (a)": [
-            sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, trained_l1, head), gamma_decode=3,
-                                  prefill_drafter=sd.EventGPTDrafter(lm, trained_l1, head), gamma_prefill=3),
-            sd.SpeculativeDecoder(vl, sd.RolloutDrafter(trained_b1, head), gamma_decode=3)],
+            sd.SpeculativeDecoder(vl, dr.EventGPTDrafter(lm, trained_l1, head), gamma_decode=3,
+                                  prefill_drafter=dr.EventGPTDrafter(lm, trained_l1, head), gamma_prefill=3),
+            sd.SpeculativeDecoder(vl, dr.RolloutDrafter(trained_b1, head), gamma_decode=3)],
         "trained, confidence stop": [
-            sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, trained_l1, head, min_confidence=CONFIDENCE),
-                                  gamma_decode=3, prefill_drafter=sd.EventGPTDrafter(lm, trained_l1, head),
+            sd.SpeculativeDecoder(vl, dr.EventGPTDrafter(lm, trained_l1, head, min_confidence=CONFIDENCE),
+                                  gamma_decode=3, prefill_drafter=dr.EventGPTDrafter(lm, trained_l1, head),
                                   gamma_prefill=3),
-            sd.SpeculativeDecoder(vl, sd.RolloutDrafter(trained_b1, head, min_confidence=CONFIDENCE), gamma_decode=3)],
+            sd.SpeculativeDecoder(vl, dr.RolloutDrafter(trained_b1, head, min_confidence=CONFIDENCE), gamma_decode=3)],
         "trained token input B1, L5E (a) / L5F (b)": token_configs,
         "trained token input, expected-gain stop": stopped_configs,
         "random token input B1, L5, L5E (a) / L5F (b)": random_token_configs,
@@ -275,6 +278,39 @@ def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> 
     assert acc_tok > 0 and 0 < drafted_gain < drafted_tok and acc_gain / drafted_gain > acc_tok / drafted_tok, accepted
 
 
+def test_make_drafter_follows_the_level_roles() -> None:
+    """make_drafter picks the drafter from the adapter's config: per-position levels draft on EventGPT's text
+    (both phases), B1 rolls out without EventGPT, L5 and L5E roll out with it, L5F in lockstep; no adapter
+    is two-model drafting with EventGPT, or the target alone. A level a phase or a drafter cannot run, or a
+    missing EventGPT, is one line naming what it needs."""
+    head = torch.randn(300, 64)
+    lm = dr.DrafterLM(SimpleNamespace())  # never started here
+    picks = {"L1": ("EventGPTDrafter", True), "L4": ("EventGPTDrafter", True), "B1": ("RolloutDrafter", False),
+             "L5": ("RolloutDrafter", True), "L5E": ("RolloutDrafter", True), "L5F": ("FusedDrafter", True)}
+    for level, (cls, uses_egpt) in picks.items():
+        drafter = dr.make_drafter(create_adapter(level, 64).eval(), head, lm=lm, min_confidence=CONFIDENCE)
+        assert type(drafter).__name__ == cls == dr.drafter_for(create_adapter(level, 64).config), level
+        assert drafter.uses_drafter_model == uses_egpt and isinstance(drafter.length, dr.ConfidenceStop), level
+        assert getattr(drafter, "lm", None) is (lm if uses_egpt else None), level
+    assert type(dr.make_drafter(create_adapter("L2", 64), head, lm=lm, phase="prefill")) is dr.EventGPTDrafter
+    assert dr.make_drafter(None, head, lm=lm).name == "eventgpt+own-head"
+    assert type(dr.make_drafter(None, head)) is dr.NoDrafter
+    for call, message in (
+        (lambda: dr.make_drafter(create_adapter("B1", 64), head, lm=lm, phase="prefill"),
+         "per-position level.*got B1.*RolloutDrafter"),
+        (lambda: dr.make_drafter(create_adapter("L5F", 64), head, phase="prefill"), "got L5F.*FusedDrafter"),
+        (lambda: dr.make_drafter(create_adapter("L5E", 64), head), "L5E .RolloutDrafter. reads EventGPT's prompt-end"),
+        (lambda: dr.make_drafter(create_adapter("L1", 64), head), "pass lm="),
+        (lambda: dr.make_drafter(None, head, phase="verify"), "phase must be one of prefill, decode"),
+        (lambda: dr.RolloutDrafter(create_adapter("L1", 64), head), "got L1 .it drafts with EventGPTDrafter"),
+        (lambda: dr.FusedDrafter(lm, create_adapter("B1", 64), head), "got B1 .it drafts with RolloutDrafter"),
+        (lambda: dr.EventGPTDrafter(lm, create_adapter("L5F", 64), head), "got L5F .it drafts with FusedDrafter"),
+    ):
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
 def test_confidence_stop_keeps_the_unsure_draft_and_stops_there() -> None:
     """roll_out with states whose drafts are sure, unsure, sure: the stop keeps draft 1 (unsure) and
     calls no further adapter step; without a stop all k drafts come."""
@@ -287,13 +323,13 @@ def test_confidence_stop_keeps_the_unsure_draft_and_stops_there() -> None:
             calls.append(i)
             return states[i + 1][None, None]
 
-        draft = sd.roll_out(states[0][None, None], 3, head, 0.0, None, step, sd.draft_length(None, min_confidence))
+        draft = dr.roll_out(states[0][None, None], 3, head, 0.0, None, step, dr.draft_length(None, min_confidence))
         assert len(draft.tokens) == want_tokens and len(calls) == want_steps, (min_confidence, draft, calls)
         assert draft.tokens[0] == 0
-    assert sd.draft_prob(torch.tensor([0.0, 0.0]), 0, None) == pytest.approx(0.5)
-    assert sd.draft_prob(torch.zeros(2), 1, torch.tensor([0.3, 0.7])) == pytest.approx(0.7)  # sampling: q
+    assert dr.draft_prob(torch.tensor([0.0, 0.0]), 0, None) == pytest.approx(0.5)
+    assert dr.draft_prob(torch.zeros(2), 1, torch.tensor([0.3, 0.7])) == pytest.approx(0.7)  # sampling: q
     with pytest.raises(ValueError, match="min_confidence"):
-        sd.ConfidenceStop(1.5)
+        dr.ConfidenceStop(1.5)
 
 
 def test_expected_gain_stop_by_hand() -> None:
@@ -302,20 +338,20 @@ def test_expected_gain_stop_by_hand() -> None:
     After an unsure draft the chance that all drafts so far hold falls to 0.18 and 0.18 * 0.8 * 12 < 1 * 2.08:
     stop. Where a verify pass is cheap (2 ms), the same confident drafts stop after two."""
     accept = [0.2] * 10 + [0.9] * 10
-    rule = sd.ExpectedGainStop(accept, 0.8, draft_ms=1.0, verify_ms=10.0)
+    rule = dr.ExpectedGainStop(accept, 0.8, draft_ms=1.0, verify_ms=10.0)
     rule.begin()
     assert rule.more(0.95) is True
     assert rule.more(0.3) is False
     rule.begin()
     assert all(rule.more(0.99) for _ in range(3))  # 0.9, 0.81, 0.73 all pay at these costs
-    cheap = sd.ExpectedGainStop(accept, 0.8, draft_ms=1.0, verify_ms=2.0)
+    cheap = dr.ExpectedGainStop(accept, 0.8, draft_ms=1.0, verify_ms=2.0)
     cheap.begin()
     assert [cheap.more(0.99) for _ in range(2)] == [True, False]  # 0.72 * 3 >= 1.9, then 0.648 * 4 < 2.71
     cal = {"count": [0, 10, 30], "rate": [None, 0.5, 0.9], "accept": [0.5, 0.5, 0.9]}
-    built = sd.ExpectedGainStop.from_calibration(cal, draft_ms=1.0, verify_ms=10.0)
+    built = dr.ExpectedGainStop.from_calibration(cal, draft_ms=1.0, verify_ms=10.0)
     assert built.mean == pytest.approx((5 + 27) / 40) and built.accept == [0.5, 0.5, 0.9]
     with pytest.raises(ValueError):
-        sd.ExpectedGainStop([1.5], 0.5, 1.0, 10.0)
+        dr.ExpectedGainStop([1.5], 0.5, 1.0, 10.0)
 
 
 def test_lossless_check_fails_loudly() -> None:
@@ -382,12 +418,12 @@ def test_target_cache_crop_then_continue_equals_fresh(world: SimpleNamespace) ->
 def test_drafter_resync_equals_fresh_and_counts_foreign_tokens(world: SimpleNamespace) -> None:
     eg = world.eg
     _, e_in = world.prompts[1]
-    lm = sd.DrafterLM(eg)
+    lm = dr.DrafterLM(eg)
     lm.start(e_in)
     lm.states_for([3, 4, 5, 6])
     resynced = lm.states_for([3, 4, 9]).clone()  # crop to [3, 4], feed 9
-    fresh = sd.DrafterLM(eg)
-    fresh.start(sd.VLMInputs(e_in.inputs_embeds.clone(), e_in.attention_mask.clone()))
+    fresh = dr.DrafterLM(eg)
+    fresh.start(VLMInputs(e_in.inputs_embeds.clone(), e_in.attention_mask.clone()))
     torch.testing.assert_close(resynced, fresh.states_for([3, 4, 9]), atol=1e-4, rtol=1e-4)
     assert lm.cache.get_seq_length() == e_in.attention_mask.shape[1] + 3
     assert world.vl.vocab_size > eg.vocab_size  # the toy pair differs as the 7B pair does
@@ -402,18 +438,18 @@ def test_prefill_overlap_is_measured(world: SimpleNamespace) -> None:
     vl, eg, head = world.vl, world.eg, world.head
     t_in, e_in = world.prompts[2]
 
-    def slow_target_vision() -> sd.VLMInputs:
+    def slow_target_vision() -> VLMInputs:
         time.sleep(0.15)  # a slow vision tower: the drafter's whole prefill fits inside it
         return t_in
 
-    lm = sd.DrafterLM(eg)
-    pre = sd.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head)
-    threaded = sd.SpeculativeDecoder(vl, sd.NoDrafter(), prefill_drafter=pre, gamma_prefill=100_000)
+    lm = dr.DrafterLM(eg)
+    pre = dr.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head)
+    threaded = sd.SpeculativeDecoder(vl, dr.NoDrafter(), prefill_drafter=pre, gamma_prefill=100_000)
     p1 = threaded.generate(slow_target_vision, e_in, 4).trace.phase1
     assert p1["overlap_ms"] > 0
     assert p1["drafter_start_ms"] < p1["target_end_ms"]
     assert 1 <= p1["drafted"] < 100_000  # drafting stopped when the target's prefill ended
-    sequential = sd.SpeculativeDecoder(vl, sd.NoDrafter(), prefill_drafter=pre, gamma_prefill=5,
+    sequential = sd.SpeculativeDecoder(vl, dr.NoDrafter(), prefill_drafter=pre, gamma_prefill=5,
                                        concurrent_prefill=False)
     p1 = sequential.generate(t_in, e_in, 4).trace.phase1
     assert p1["overlap_ms"] == 0 and p1["drafted"] == 5
@@ -448,8 +484,8 @@ def test_sampling_engine_is_lossless_in_distribution(kind: str) -> None:
     draft), and random-weight token-input heads in roll-out mode (B1; L5E with EventGPT's context and
     the expected-gain stop) and in lockstep mode (L5F), whose drafts come from the target's LM head."""
     target, draft_model = _tiny_runner(0), _tiny_runner(1)
-    prompt = sd.VLMInputs(target.embed_ids([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
-    d_prompt = sd.VLMInputs(draft_model.embed_ids([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    prompt = VLMInputs(target.embed_ids([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    d_prompt = VLMInputs(draft_model.embed_ids([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
     exact = torch.zeros(4, 4)
     first = torch.softmax(target.prefill(prompt).logits[0, -1], -1)
     for a in range(4):
@@ -457,7 +493,7 @@ def test_sampling_engine_is_lossless_in_distribution(kind: str) -> None:
         second = torch.softmax(target.decode(torch.tensor([[a]]), out.cache, torch.ones(1, 4)).logits[0, -1], -1)
         exact[a] = first[a] * second
     gen = torch.Generator().manual_seed(0)
-    lm, head = sd.DrafterLM(draft_model), target.lm_head_weight()
+    lm, head = dr.DrafterLM(draft_model), target.lm_head_weight()
     table = target.decoder.get_input_embeddings().weight
 
     def head_of(level: str) -> nn.Module:
@@ -468,14 +504,14 @@ def test_sampling_engine_is_lossless_in_distribution(kind: str) -> None:
                 p.add_(0.3 * torch.randn_like(p))
         return adapter.attach_token_table(table).eval()
 
-    gain = sd.ExpectedGainStop([0.05 * i for i in range(20)], 0.5, draft_ms=0.5, verify_ms=1.0)
+    gain = dr.ExpectedGainStop([0.05 * i for i in range(20)], 0.5, draft_ms=0.5, verify_ms=1.0)
     drafter = {
-        "eventgpt": lambda: sd.EventGPTDrafter(lm, None, draft_model.lm_head_weight(), 1.0, gen),
-        "eventgpt-confidence": lambda: sd.EventGPTDrafter(lm, None, draft_model.lm_head_weight(), 1.0, gen,
+        "eventgpt": lambda: dr.EventGPTDrafter(lm, None, draft_model.lm_head_weight(), 1.0, gen),
+        "eventgpt-confidence": lambda: dr.EventGPTDrafter(lm, None, draft_model.lm_head_weight(), 1.0, gen,
                                                           min_confidence=0.3),
-        "b1-token": lambda: sd.RolloutDrafter(head_of("B1"), head, 1.0, gen),
-        "l5e-token-gain": lambda: sd.RolloutDrafter(head_of("L5E"), head, 1.0, gen, lm=lm, length=gain),
-        "l5f-token": lambda: sd.FusedDrafter(lm, head_of("L5F"), head, 1.0, gen),
+        "b1-token": lambda: dr.RolloutDrafter(head_of("B1"), head, 1.0, gen),
+        "l5e-token-gain": lambda: dr.RolloutDrafter(head_of("L5E"), head, 1.0, gen, lm=lm, length=gain),
+        "l5f-token": lambda: dr.FusedDrafter(lm, head_of("L5F"), head, 1.0, gen),
     }[kind]()
     prefill = drafter if kind.startswith("eventgpt") else None
     engine = sd.SpeculativeDecoder(target, drafter, gamma_decode=2, prefill_drafter=prefill,
@@ -510,10 +546,10 @@ def test_cuda_streams_stay_lossless(quick_world: Path) -> None:
     eg = mb.load_eventgpt(quick_world / "models" / "eventgpt", device="cuda", dtype="fp32")
     ds = quick_world / "dataset"
     head = vl.lm_head_weight()
-    lm = sd.DrafterLM(eg)
+    lm = dr.DrafterLM(eg)
     adapter = create_adapter("L1", 64).cuda().eval()
-    engine = sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, adapter, head), gamma_decode=3,
-                                   prefill_drafter=sd.EventGPTDrafter(lm, adapter, head), gamma_prefill=4)
+    engine = sd.SpeculativeDecoder(vl, dr.EventGPTDrafter(lm, adapter, head), gamma_decode=3,
+                                   prefill_drafter=dr.EventGPTDrafter(lm, adapter, head), gamma_prefill=4)
     for clip in load_index(ds, "test"):
         for q in load_questions(ds)[:3]:
             t_in = vl.build_inputs([vl.clip_features(ds / "test", clip)], [q])
@@ -546,7 +582,7 @@ def test_offline_rollout_matches_live_acceptance(world: SimpleNamespace, quick_w
     ds = quick_world / "dataset"
     clips = {c["id"]: c for c in load_index(ds, "test")}
     questions = load_questions(ds)
-    engine = sd.SpeculativeDecoder(vl, sd.RolloutDrafter(b1, head), gamma_decode=gamma)
+    engine = sd.SpeculativeDecoder(vl, dr.RolloutDrafter(b1, head), gamma_decode=gamma)
     accepted = iterations = 0
     for sample in ids:
         clip_id, q = sample.split("#q")

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import drafters as dr
 import speculative_decoding as sd
 from common import UserError
 from hidden_adapter import create_adapter
@@ -38,14 +39,14 @@ def test_static_path_is_lossless_on_200_prompts(world: SimpleNamespace, quick_wo
     vl = static_runner(quick_world, world.prompts, width=4)
     assert vl.decode_path["cache"] == "static" and vl.decode_path["name"] == "static"
     head = vl.lm_head_weight()
-    lm = sd.DrafterLM(world.eg)
+    lm = dr.DrafterLM(world.eg)
     torch.manual_seed(0)
-    synthetic = sd.SyntheticDrafter(0.7, vl.vocab_size)
+    synthetic = dr.SyntheticDrafter(0.7, vl.vocab_size)
     engines = [
         sd.SpeculativeDecoder(vl, synthetic, gamma_decode=3),
-        sd.SpeculativeDecoder(vl, sd.RolloutDrafter(create_adapter("B1", 64).eval(), head), gamma_decode=3),
-        sd.SpeculativeDecoder(vl, sd.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head), gamma_decode=3,
-                              prefill_drafter=sd.EventGPTDrafter(lm, create_adapter("L2", 64).eval(), head),
+        sd.SpeculativeDecoder(vl, dr.RolloutDrafter(create_adapter("B1", 64).eval(), head), gamma_decode=3),
+        sd.SpeculativeDecoder(vl, dr.EventGPTDrafter(lm, create_adapter("L1", 64).eval(), head), gamma_decode=3,
+                              prefill_drafter=dr.EventGPTDrafter(lm, create_adapter("L2", 64).eval(), head),
                               gamma_prefill=4),
     ]
     accepted = 0
@@ -105,13 +106,13 @@ def test_compiled_step_on_cpu_has_no_graph_break(world: SimpleNamespace, quick_w
     prompts = world.prompts[:3]
     vl = static_runner(quick_world, prompts, width=3, compile=True)
     assert vl.decode_path["name"] == "compiled"
-    synthetic = sd.SyntheticDrafter(0.7, vl.vocab_size)
+    synthetic = dr.SyntheticDrafter(0.7, vl.vocab_size)
     engine = sd.SpeculativeDecoder(vl, synthetic, gamma_decode=2, compile=True)
     table = vl.decoder.get_input_embeddings().weight
-    rollout = sd.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table),
+    rollout = dr.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table),
                                 vl.lm_head_weight())
     drafting = sd.SpeculativeDecoder(vl, rollout, gamma_decode=2, compile=True)
-    assert rollout.static is not None and rollout.static.compiled
+    assert rollout.decode_path == "compiled" and rollout.cache.compiled
     for (t_in, _), ref in zip(prompts, world.refs[:3], strict=True):
         assert sd.greedy_reference(vl, t_in, MAX_NEW) == ref
         synthetic.set_reference(ref)
@@ -124,11 +125,11 @@ def test_compiled_cuda_graph_path_is_lossless(world: SimpleNamespace, quick_worl
     """On CUDA: reduce-overhead (CUDA graphs) target steps, fp32, same answers as the CPU reference."""
     prompts = [(t.__class__(t.inputs_embeds.cuda(), t.attention_mask.cuda()), e) for t, e in world.prompts[:40]]
     vl = static_runner(quick_world, prompts, width=4, compile=True, device="cuda")
-    synthetic = sd.SyntheticDrafter(0.8, vl.vocab_size)
+    synthetic = dr.SyntheticDrafter(0.8, vl.vocab_size)
     engine = sd.SpeculativeDecoder(vl, synthetic, gamma_decode=3, compile=True)
     table = vl.decoder.get_input_embeddings().weight
     adapter = busy_adapter("B1", True, vocab_size=table.shape[0]).cuda().attach_token_table(table)
-    drafting = sd.SpeculativeDecoder(vl, sd.RolloutDrafter(adapter, vl.lm_head_weight()), gamma_decode=3,
+    drafting = sd.SpeculativeDecoder(vl, dr.RolloutDrafter(adapter, vl.lm_head_weight()), gamma_decode=3,
                                      compile=True)  # the adapter's step under CUDA graphs too
     for i, ((t_in, _), ref) in enumerate(zip(prompts, world.refs, strict=False)):
         synthetic.set_reference(ref)
@@ -161,7 +162,7 @@ def test_torchao_int8_path_is_lossless_against_its_own_greedy(world: SimpleNames
     prompts = world.prompts[:12]
     refs = [sd.greedy_reference(vl, t, MAX_NEW) for t, _ in prompts]
     vl.use_static_cache(max(t.attention_mask.shape[1] for t, _ in prompts) + MAX_NEW + 5, verify_width=4)
-    synthetic = sd.SyntheticDrafter(0.7, vl.vocab_size)
+    synthetic = dr.SyntheticDrafter(0.7, vl.vocab_size)
     engine = sd.SpeculativeDecoder(vl, synthetic, gamma_decode=3)
     for (t_in, _), ref in zip(prompts, refs, strict=True):
         synthetic.set_reference(ref)
@@ -186,9 +187,11 @@ def busy_adapter(level: str, token_input: bool = False, seed: int = 0, vocab_siz
 
 @pytest.mark.parametrize("level,token_input", [("B1", True), ("L5", False), ("L5F", True), ("L5E", False)])
 def test_static_adapter_cache_matches_the_growing_cache(level: str, token_input: bool) -> None:
-    """StaticAdapterCache gives the outputs of `adapter.step` with a growing cache: single positions,
-    a padded narrow step, a step wider than its width (pieces), and a roll-back followed by new input."""
-    from hidden_adapter import ProjectedContext, StaticAdapterCache
+    """Both adapter caches (StaticAdapterCache, DynamicAdapterCache: one interface) give the outputs of
+    `adapter.step` with a growing cache: single positions, a padded narrow step, a step wider than its
+    width (pieces), and a roll-back followed by new input."""
+    from drafters import DynamicAdapterCache, StaticAdapterCache
+    from hidden_adapter import ProjectedContext
 
     adapter = busy_adapter(level, token_input)
     if token_input:
@@ -199,31 +202,37 @@ def test_static_adapter_cache_matches_the_growing_cache(level: str, token_input:
     ids = torch.randint(0, 100, (1, t)) if adapter.config.uses_tokens else None
     ctx = {"context": ProjectedContext(adapter.context_vector(torch.randn(1, 64)))} if level == "L5E" else {}
     cut = lambda z, c: None if z is None else z[:, c]  # noqa: E731
-    cache = StaticAdapterCache(adapter, width=4)
+    cache, grown = StaticAdapterCache(adapter, width=4), DynamicAdapterCache(adapter)
     past = None
     for c in (slice(0, 1), slice(1, 3), slice(3, 7), slice(7, 13), slice(13, 14)):
         want, past = adapter.step(x[:, c], past, h_target=cut(v, c), token_ids=cut(ids, c), **ctx)
-        got = cache(x[:, c], h_target=cut(v, c), token_ids=cut(ids, c), **ctx)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert cache.length == t
-    cache.crop(5)  # roll back to 5 positions and feed other inputs there
+        for each in (cache, grown):
+            got = each(x[:, c], h_target=cut(v, c), token_ids=cut(ids, c), **ctx)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert cache.length == grown.length == t
     past = [(k[:, :, :5], vv[:, :, :5]) for k, vv in past]
     x2 = torch.randn(1, 3, 64)
     v2 = None if v is None else torch.randn(1, 3, 64)
     ids2 = None if ids is None else torch.randint(0, 100, (1, 3))
     want, _ = adapter.step(x2, past, h_target=v2, token_ids=ids2, **ctx)
-    torch.testing.assert_close(cache(x2, h_target=v2, token_ids=ids2, **ctx), want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="cannot crop"):
-        cache.crop(9)
+    for each in (cache, grown):
+        each.crop(5)  # roll back to 5 positions and feed other inputs there
+        torch.testing.assert_close(each(x2, h_target=v2, token_ids=ids2, **ctx), want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="cannot crop"):
+            each.crop(9)
+    assert (cache.path, cache.width, grown.path, grown.width) == ("static", 4, "dynamic", None)
     with pytest.raises(ValueError, match="larger max_seq_len"):
         cache(torch.randn(1, adapter.config.max_seq_len, 64), h_target=None if v is None else
               torch.randn(1, adapter.config.max_seq_len, 64))
+    for each in (cache, grown):
+        each.reset()
+        assert each.length == 0
 
 
 def test_static_adapter_cache_is_for_causal_levels_and_fills_to_the_last_position() -> None:
     """A bidirectional level is refused in one line; near the end of the learned positions a padded step
     no longer fits, so the last positions go one at a time and every position up to the last is usable."""
-    from hidden_adapter import StaticAdapterCache
+    from drafters import StaticAdapterCache
 
     with pytest.raises(ValueError, match="causal levels"):
         StaticAdapterCache(create_adapter("L4", 64))
@@ -237,6 +246,33 @@ def test_static_adapter_cache_is_for_causal_levels_and_fills_to_the_last_positio
     assert cache.length == 10
 
 
+def test_draft_step_is_one_step_after_the_cached_positions() -> None:
+    """drafters.draft_step (what both benchmarks time): on every cache path, each call crops back to the
+    cached positions and gives the same output, equal across paths for the same random inputs, and the
+    adapter's own step after those positions; with a head, the draft token."""
+    from drafters import draft_step
+
+    for level, token_input in (("B1", True), ("L5F", False), ("L5E", False)):
+        adapter = busy_adapter(level, token_input, vocab_size=300)
+        if token_input:
+            adapter.attach_token_table(torch.randn(300, 64))
+        outs = []
+        for path in ("dynamic", "static", "compiled"):
+            torch.manual_seed(1)
+            once = draft_step(adapter, 5, path)
+            first = once()
+            torch.testing.assert_close(once(), first)  # the same step again, not a sixth position
+            outs.append(first)
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+        assert outs[0].shape == (1, 1, 64)
+        head = torch.randn(300, 64)
+        torch.manual_seed(1)
+        assert draft_step(adapter, 5, "dynamic", head=head)() == int((outs[0][0, 0] @ head.T).argmax())
+    with pytest.raises(ValueError, match="path must be"):
+        draft_step(adapter, 5, "eager")
+
+
 def test_engine_drafts_the_same_on_the_static_adapter_path(world: SimpleNamespace,  # noqa: F811
                                                            quick_world: Path) -> None:
     """With static_cache the roll-out drafters (B1 with its token input, L5 on EventGPT's states, L5E with
@@ -247,15 +283,15 @@ def test_engine_drafts_the_same_on_the_static_adapter_path(world: SimpleNamespac
     assert world.eg.hidden_size == vl.hidden_size == 64
     head = vl.lm_head_weight()
     table = vl.decoder.get_input_embeddings().weight
-    lm = sd.DrafterLM(world.eg)
-    drafters = [sd.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table), head),
-                sd.RolloutDrafter(busy_adapter("L5", seed=2), head, lm=lm),
-                sd.RolloutDrafter(busy_adapter("L5E", seed=3), head, lm=lm),
-                sd.FusedDrafter(lm, busy_adapter("L5F", seed=1), head)]
+    lm = dr.DrafterLM(world.eg)
+    drafters = [dr.RolloutDrafter(busy_adapter("B1", True, vocab_size=table.shape[0]).attach_token_table(table), head),
+                dr.RolloutDrafter(busy_adapter("L5", seed=2), head, lm=lm),
+                dr.RolloutDrafter(busy_adapter("L5E", seed=3), head, lm=lm),
+                dr.FusedDrafter(lm, busy_adapter("L5F", seed=1), head)]
     windows: list[list[int]] = []
     for d in drafters:  # record every window a drafter hands the engine
         d.draft = (lambda k, stop=None, _draft=d.draft: windows.append(_draft(k, stop).tokens)
-                   or sd.Draft(windows[-1]))
+                   or dr.Draft(windows[-1]))
     dynamic = [sd.SpeculativeDecoder(world.vl, d, gamma_decode=3) for d in drafters]
     static = [sd.SpeculativeDecoder(vl, d, gamma_decode=3, static_cache=True) for d in drafters]
     accepted = 0
@@ -266,7 +302,7 @@ def test_engine_drafts_the_same_on_the_static_adapter_path(world: SimpleNamespac
         assert drafters[j].decode_path == "dynamic"
         grown, windows[:] = list(windows), []
         b = static[j].generate(t_in, e_in, MAX_NEW)
-        assert drafters[j].decode_path == "static" and drafters[j].static.width == 4
+        assert drafters[j].decode_path == "static" and drafters[j].cache.width == 4
         sd.check_lossless(b.tokens, ref, f"static adapter path, prompt {i}")
         assert windows == grown, f"{drafters[j].name} drafts differently on prompt {i}"
         assert [it.accepted for it in b.trace.iterations] == [it.accepted for it in a.trace.iterations]
@@ -284,7 +320,7 @@ def test_greedy_window_drafts_what_roll_out_drafts() -> None:
         if token_input:
             adapter.attach_token_table(torch.randn(300, 64))
         for static in (False, True):
-            drafter = sd.RolloutDrafter(adapter, head)
+            drafter = dr.RolloutDrafter(adapter, head)
             if static:
                 drafter.use_static_cache(4)
             drafter.begin(None)
@@ -294,15 +330,15 @@ def test_greedy_window_drafts_what_roll_out_drafts() -> None:
                 fed = drafter.fed
                 got = drafter.draft(k).tokens
                 drafter.fed = fed  # the same window again through roll_out (the host-sync path)
-                drafter._rewind()
+                drafter.cache.crop(drafter.fed)
                 n = len(drafter.states)
-                out = drafter._adapter_step(drafter._context(n), **drafter._tokens(drafter.verified[drafter.fed:n]))
+                out = drafter.cache(drafter._context(n), **drafter._tokens(drafter.verified[drafter.fed:n]))
                 drafter.fed = n
 
-                def step(i: int, tokens: list[int], h: torch.Tensor, d: sd.RolloutDrafter = drafter) -> torch.Tensor:
-                    return d._adapter_step(h, **d._tokens(tokens[i:]))
+                def step(i: int, tokens: list[int], h: torch.Tensor, d: dr.RolloutDrafter = drafter) -> torch.Tensor:
+                    return d.cache(h, **d._tokens(tokens[i:]))
 
-                want = sd.roll_out(out[:, -1:], k, head, 0.0, None, step).tokens
+                want = dr.roll_out(out[:, -1:], k, head, 0.0, None, step).tokens
                 assert got == want and len(got) == k, (token_input, static, k)
                 drafter.accept([*got[:1], 7], states[len(drafter.states):len(drafter.states) + 2])
 
@@ -310,15 +346,15 @@ def test_greedy_window_drafts_what_roll_out_drafts() -> None:
 def test_a_drafter_shared_by_engines_of_different_paths_follows_each() -> None:
     """One drafter, three engines (growing cache; static at gamma 2; static at gamma 5): each answer
     drafts on its own engine's path and width, and a raw L5E context is cast to the adapter's dtype."""
-    from hidden_adapter import StaticAdapterCache
+    from drafters import StaticAdapterCache
 
-    drafter = sd.RolloutDrafter(busy_adapter("B1"), torch.randn(300, 64))
+    drafter = dr.RolloutDrafter(busy_adapter("B1"), torch.randn(300, 64))
     target = SimpleNamespace(use_static_cache=lambda *a, **k: None, device=torch.device("cpu"), eos_token_id=0)
     engines = [sd.SpeculativeDecoder(target, drafter, gamma_decode=g, static_cache=s)
                for g, s in ((2, False), (2, True), (5, True))]
     for engine, path, width in zip(engines, ("dynamic", "static", "static"), (None, 3, 6), strict=True):
         engine._select_adapter_path(drafter)
-        assert drafter.decode_path == path and (drafter.static is None or drafter.static.width == width)
+        assert drafter.decode_path == path and drafter.cache.width == width
     l5e = busy_adapter("L5E")
     cache = StaticAdapterCache(l5e, width=2)
     x, ctx = torch.randn(1, 3, 64), torch.randn(1, 64, dtype=torch.float64)
@@ -330,7 +366,8 @@ def test_a_drafter_shared_by_engines_of_different_paths_follows_each() -> None:
 def test_compiled_adapter_step_on_cpu_has_no_graph_break() -> None:
     """Every causal level's static step compiles under inductor with fullgraph=True (a graph break
     raises) at its two widths, and gives the eager static step's outputs."""
-    from hidden_adapter import ProjectedContext, StaticAdapterCache
+    from drafters import StaticAdapterCache
+    from hidden_adapter import ProjectedContext
 
     for level, token_input in (("B1", True), ("L5F", True), ("L5E", False)):
         adapter = busy_adapter(level, token_input)
@@ -371,7 +408,7 @@ def test_target_alone_loop_issues_no_more_ops_per_token_than_generate() -> None:
     _, vl = build_random_runners(resolve_shape("tiny", {"layers": 3}), ["what is ahead?"], torch.device("cpu"),
                                  torch.float32, seed=0)
     prompt = vl._left_pad([torch.cat([torch.randn(40, vl.hidden_size), vl.embed_ids([5, 6, 7])])])
-    engine = sd.SpeculativeDecoder(vl, sd.NoDrafter(), gamma_decode=0)
+    engine = sd.SpeculativeDecoder(vl, dr.NoDrafter(), gamma_decode=0)
     runs = {"engine": lambda n: engine.generate(prompt, None, n).tokens,
             "generate": lambda n: be.hf_generate(vl, prompt, n)}
     per_token = {}
