@@ -213,9 +213,11 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
                 except ValueError as err:
                     raise UserError(f"--{role}_adapter {spec!r}: {err}") from err
                 adapter.extra = {}
+                adapter.source = f"random {spec}"
             else:
                 adapter, extra = load_adapter(spec, drafter_dim=eg.hidden_size, target_dim=vl.hidden_size)
                 adapter.extra = extra  # training record: the draft-length calibration lives here
+                adapter.source = str(spec)
             problem = drafter_problem(adapter.config, role)
             if problem:
                 raise UserError(f"--{role}_adapter {spec}: {problem}")
@@ -245,17 +247,28 @@ def length_rule(stop: str, adapter: Any, args: argparse.Namespace, profile: Any,
     return rule, ",expected"
 
 
+def adapter_record(adapter: Any) -> dict[str, Any] | None:
+    """What the result records of a configuration's adapter: level, pairing and checkpoint (file content)."""
+    if adapter is None:
+        return None
+    return {"level": adapter.config.name, "pairs": (getattr(adapter, "extra", None) or {}).get("pairs"),
+            "checkpoint": getattr(adapter, "source", None)}
+
+
 def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str, list[Any]],
                   gen: torch.Generator, profile: Any = None, draft_ms: dict[str, float] | None = None,
-                  ) -> tuple[dict[str, sd.SpeculativeDecoder], dict[str, tuple]]:
+                  ) -> tuple[dict[str, sd.SpeculativeDecoder], dict[str, tuple], dict[str, dict[str, Any]]]:
     """Engines by config name (`decode[B1]`, `decode[B1,expected]`, `two_phase[L1+B1]`, `synthetic_p0.8`,
-    ...) and each one's (prefill level, decode level) for the cost model."""
+    ...), each one's (prefill level, decode level) for the cost model, and what each one drafts with as the
+    result records it (kind, adapters with level, pairing and checkpoint, draft-length rule): readers of the
+    result take these fields, never the config's name apart."""
     head = vl.lm_head_weight()
     lm = DrafterLM(eg)  # one EventGPT state for every drafter of an answer
     common = {"temperature": args.temperature, "generator": gen, "concurrent_prefill": not args.sequential_prefill,
               "static_cache": args.static_cache, "compile": args.compile, "max_cache_len": args.max_cache_len}
     engines = {"target": sd.SpeculativeDecoder(vl, NoDrafter(), gamma_decode=0, **common)}
     levels: dict[str, tuple] = {"target": (None, None)}
+    drafting: dict[str, dict[str, Any]] = {"target": {"kind": "target"}}
     pre_adapter = adapters.get("prefill", [None])[0]
     pre = (make_drafter(pre_adapter, head, lm=lm, phase="prefill", temperature=args.temperature, generator=gen)
            if pre_adapter is not None else None)
@@ -264,6 +277,7 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
         engines[f"prefill[{p_name}]"] = sd.SpeculativeDecoder(vl, NoDrafter(), gamma_decode=0, prefill_drafter=pre,
                                                               gamma_prefill=args.gamma_prefill, **common)
         levels[f"prefill[{p_name}]"] = (p_name, None)
+        drafting[f"prefill[{p_name}]"] = {"kind": "prefill", "prefill": adapter_record(pre_adapter)}
     for adapter in adapters.get("decode", []):
         for stop in args.draft_stop:
             d_name = adapter.config.name
@@ -276,17 +290,22 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
                 engines[f"decode[{d_name}{suffix}]"] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode,
                                                                              **common)
                 levels[f"decode[{d_name}{suffix}]"] = (None, d_name)
+                drafting[f"decode[{d_name}{suffix}]"] = {"kind": "decode", "decode": adapter_record(adapter),
+                                                         "draft_stop": stop}
             if "two_phase" in args.configs:
                 name = f"two_phase[{p_name}+{d_name}{suffix}]"
                 engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
                                                       gamma_prefill=args.gamma_prefill, **common)
                 levels[name] = (p_name, d_name)
+                drafting[name] = {"kind": "two_phase", "prefill": adapter_record(pre_adapter),
+                                  "decode": adapter_record(adapter), "draft_stop": stop}
     if "synthetic" in args.configs:
         for p in args.synthetic_acceptance:
             drafter = SyntheticDrafter(p, vl.vocab_size, args.synthetic_cost_ms, seed=args.seed)
             engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
             levels[f"synthetic_p{p:g}"] = (None, None)
-    return engines, levels
+            drafting[f"synthetic_p{p:g}"] = {"kind": "synthetic", "p": p}
+    return engines, levels, drafting
 
 
 # ----------------------------------------------------------------------------------- the timed runs
@@ -564,7 +583,7 @@ def main(args: argparse.Namespace) -> int:
         args.synthetic_cost_ms = profile.adapter_step_ms[args.synthetic_cost_level]
         log.info("controlled drafter: %.3f ms per draft, the measured %s draft step (%s path)",
                  args.synthetic_cost_ms, args.synthetic_cost_level, vl.decode_path["name"])
-    engines, levels = build_engines(args, vl, eg, adapters, gen, profile, profile.adapter_step_ms)
+    engines, levels, drafting = build_engines(args, vl, eg, adapters, gen, profile, profile.adapter_step_ms)
     names = [n for n in engines if n != "target"]
     names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *names]
     log.info("configs: %s; %d samples x %d repeats (+%d warm-up)", ", ".join(names), len(samples), args.repeats,
@@ -602,6 +621,7 @@ def main(args: argparse.Namespace) -> int:
     configs = aggregate(runs, args.gamma_decode)
     reference = reference_profile(args)
     for name, res in configs.items():
+        res["drafting"] = drafting.get(name, {"kind": name})
         res["modelled_speedup"] = modelled(name, res, profile, args, levels.get(name, (None, None)))
         if reference is not None:
             res["modelled_speedup_reference"] = modelled(name, res, reference, args, levels.get(name, (None, None)))

@@ -113,15 +113,17 @@ if fresh "$RESULTS/adapter_latency.json"; then
 else echo "kept $RESULTS/adapter_latency.json"; fi
 
 stage "7. train every adapter level: L1-L4 on both pairings, the decode levels on teacher-forced pairs as they draft (selected on val; the test split is never read)"
-newest_run() {  # newest finished run folder of level $1, pairing $2 (timestamps sort lexically)
-  local d found=""
-  for d in "$TASKS/$1_$2_"*/; do
-    [ -f "$d/best_model.pt" ] && [ -f "$d/history.json" ] && grep -q '"finished": true' "$d/history.json" && found=${d%/}
-  done
-  echo "$found"
+# Runs are found by what their best_model.pt says (level, pairing, start), not by folder names: training_runs.py
+# lists the newest finished run of each level and pairing, one `level<TAB>pairs<TAB>..<TAB>folder` line each.
+list_runs() { RUNS=$($PY training_runs.py "$TASKS" --finished 2>/dev/null) || RUNS=""; }
+newest_run() {  # newest finished run folder of level $1, pairing $2 (from the last list_runs)
+  awk -F'\t' -v l="$1" -v p="$2" '$1 == l && $2 == p {print $4}' <<< "$RUNS"
 }
-is_decode_level() { case "$1" in L5|B1|L5F|L5E) return 0 ;; *) return 1 ;; esac; }
+# the decode (next-position) levels, from the adapter configs' roles
+DECODE_LEVELS=" $($PY -c 'from hidden_adapter import levels; print(*levels(predicts="next"))') "
+is_decode_level() { [[ "$DECODE_LEVELS" == *" $1 "* ]]; }
 mkdir -p "$TASKS/logs"
+list_runs
 PIDS=()
 NAMES=()
 wait_one() {  # wait for the oldest running training; stop the pipeline if it failed
@@ -154,6 +156,7 @@ PY=$PY TASKS=$TASKS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/ac
   bash run_all_eval.sh
 
 stage "9. live lossless speculative decoding, measured against the target alone"
+list_runs
 PREFILL_RUN=$(newest_run L1 free)
 DECODE_RUNS=()
 for LEVEL in B1 L5E L5F L5; do
@@ -172,8 +175,8 @@ else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
 
 echo "-- offline acceptance of the same checkpoints on the live benchmark's samples (the first $E2E_SAMPLES of the test split)"
 for CKPT in "$PREFILL_RUN/best_model.pt" "${DECODE_RUNS[@]}"; do
-  RUN=$(basename "$(dirname "$CKPT")")
-  DEST=$RESULTS/acceptance_e2e_samples/${RUN%_*_*}
+  KEY=$(awk -F'\t' -v f="$(dirname "$CKPT")" '$4 == f {print $1 "_" $2}' <<< "$RUNS")  # level_pairs, from the checkpoint
+  DEST=$RESULTS/acceptance_e2e_samples/$KEY
   if fresh "$DEST/acceptance_metrics.json" || [ "$CKPT" -nt "$DEST/acceptance_metrics.json" ]; then
     $PY measure_feature_acceptance.py --checkpoint "$CKPT" --test_data "$DATA/hidden/test" --lm_head "$LM_HEAD" \
       --max_samples "$E2E_SAMPLES" --device "$DEVICE" --output_dir "$DEST" > /dev/null

@@ -6,6 +6,7 @@ and the offline evaluation of every adapter (run_all_eval.sh, through the comman
 
     python training_runs.py tasks/toy                      # level, pairing, roles, folder: one tab-separated line each
     python training_runs.py tasks/toy --levels L3 L4 B1    # only these levels
+    python training_runs.py tasks/toy --finished           # only runs that ran to their end
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cli import run_cli
-from common import UserError
+from common import UserError, read_json
 from hidden_adapter import AdapterConfig, canonical_name, read_adapter_config
 
 log = logging.getLogger("xmodal_sd.runs")
@@ -53,9 +54,20 @@ def read_run(folder: str | Path) -> Run:
     return Run(folder, config, pairs, when if when is not None else (folder / "best_model.pt").stat().st_mtime)
 
 
-def newest_runs(tasks_dir: str | Path, levels: list[str] | None = None) -> tuple[dict[tuple[str, str], Run], int]:
+def finished(run: Run) -> bool:
+    """Whether the run's history.json says it ran to its end (every epoch, or early stopping)."""
+    path = run.folder / "history.json"
+    try:
+        return path.is_file() and read_json(path, "training history", "rerun the training").get("finished") is True
+    except UserError:
+        return False
+
+
+def newest_runs(tasks_dir: str | Path, levels: list[str] | None = None, only_finished: bool = False
+                ) -> tuple[dict[tuple[str, str], Run], int]:
     """({(level, pairing): newest run}, how many folders were passed over: no best_model.pt, or one that
-    cannot be read, which is logged). `levels` keeps only those levels (any spelling: 3, "l3", "L3")."""
+    cannot be read, which is logged). `levels` keeps only those levels (any spelling: 3, "l3", "L3");
+    `only_finished` only runs whose history says they finished (an interrupted run is resumed, not used)."""
     wanted = {canonical_name(level) for level in levels} if levels else None
     runs: dict[tuple[str, str], Run] = {}
     ignored = 0
@@ -69,7 +81,7 @@ def newest_runs(tasks_dir: str | Path, levels: list[str] | None = None) -> tuple
             log.warning("passing over %s: %s", folder, err)
             ignored += 1
             continue
-        if wanted is not None and run.level not in wanted:
+        if (wanted is not None and run.level not in wanted) or (only_finished and not finished(run)):
             continue
         key = (run.level, run.pairs)
         if key not in runs or (run.started, run.folder.name) > (runs[key].started, runs[key].folder.name):
@@ -82,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks_dir", type=Path, help="folder of training runs (train_hidden_adapter.py --output_dir)")
     p.add_argument("--levels", nargs="+", default=None, help="only these levels (e.g. L3 L4 L5 B1 L5F)")
+    p.add_argument("--finished", action="store_true",
+                   help="only runs whose history.json says they finished (run_pipeline.sh keeps those)")
     args = p.parse_args(argv)
     for level in args.levels or []:
         try:
@@ -97,7 +111,7 @@ def main(args: argparse.Namespace) -> dict[tuple[str, str], Run]:
     """Print `level<TAB>pairs<TAB>rolls_out_from_drafter<TAB>folder` per newest run, sorted; a count on stderr."""
     import sys
 
-    runs, ignored = newest_runs(args.tasks_dir, args.levels)
+    runs, ignored = newest_runs(args.tasks_dir, args.levels, only_finished=args.finished)
     for (level, pairs), run in sorted(runs.items()):
         # L5: a roll-out head that reads drafter states is also scored fed the target's states (the live engine)
         target_input = int(run.config.rolls_out and run.config.consumes == "drafter")

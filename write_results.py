@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from hidden_adapter import ADAPTER_NAMES, count_parameters, load_adapter
 from training_runs import newest_runs
 
 # a live config name: kind[level] / kind[prefill+decode,rule], e.g. decode[B1,expected], two_phase[L1+L5F]
-LIVE_NAME = re.compile(r"^(decode|prefill|two_phase)\[(?:(\w+)\+)?(\w+)(?:,([\w.]+))?\]$")
 PAIRINGS = ("free", "teacher_forced")
 TAUS = ("0.80", "0.85", "0.90", "0.95")
 
@@ -92,9 +90,12 @@ def training_facts(run: Path) -> dict[str, Any]:
             "drafting": extra.get("drafting") or {}}
 
 
-def acceptance_results(results_dir: Path) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+def acceptance_results(results_dir: Path, folder: str = "acceptance"
+                       ) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+    """(level, pairing) -> (file, result) of every offline acceptance result under RESULTS/folder, keyed by
+    what each result file records (the checkpoint's level and pairing), not by its folder's name."""
     out = {}
-    for f in sorted(results_dir.glob("acceptance/*/acceptance_metrics.json")):
+    for f in sorted(results_dir.glob(f"{folder}/*/acceptance_metrics.json")):
         r = read_json(f, "acceptance result", "rerun run_all_eval.sh")
         if r.get("input_states", "trained") == "trained":
             out[(r["level"], r["pairs"])] = (f, r)
@@ -312,19 +313,19 @@ def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) 
              "Configurations with a draft-length rule draft fewer tokens than the fixed-gamma offline figures "
              "assume, so only fixed-gamma rows are compared.", "")
     rows = []
-    same = results_dir / "acceptance_e2e_samples"
+    same = acceptance_results(results_dir, "acceptance_e2e_samples")
     for name, c in live["configs"].items():
-        m = LIVE_NAME.match(name)
-        if not m or m.group(4) or m.group(1) == "two_phase":
+        roles = c.get("drafting") or {}
+        kind = roles.get("kind")
+        if kind not in ("prefill", "decode") or roles.get("draft_stop", "fixed") != "fixed":
             continue
-        kind, level = m.group(1), m.group(3)
-        pairs = "free" if kind == "prefill" else "teacher_forced"
-        entry = acc.get((level, pairs))
+        adapter = roles[kind] or {}
+        key = (adapter.get("level"), adapter.get("pairs"))
+        entry = acc.get(key)
         if entry is None:
             continue
         _, r = entry
-        same_file = same / f"{level}_{pairs}" / "acceptance_metrics.json"
-        same_r = read_json(same_file, "acceptance result", "rerun run_pipeline.sh") if same_file.is_file() else None
+        same_r = same[key][1] if key in same else None
         if kind == "prefill":
             g = live["gamma_prefill"]
             offline = _window(r.get("prefill_free_by_window"), g)
@@ -363,8 +364,7 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
              "EventGPT's states of the verified text.", "")
     rows = []
     for name, c in live["configs"].items():
-        m = LIVE_NAME.match(name)
-        if not m or m.group(1) != "decode" or "tokens_per_verify" not in c:
+        if (c.get("drafting") or {}).get("kind") != "decode" or "tokens_per_verify" not in c:
             continue
         pos = list((c.get("per_position_acceptance") or {}).values())
         rows.append([name, num(c["tokens_per_verify"]), ", ".join(num(v) for v in pos) or "-",
@@ -424,14 +424,15 @@ def main(args: argparse.Namespace) -> Path:
     acc = acceptance_results(results_dir)
     live = read_json(results_dir / "e2e" / "e2e_wallclock.json", "live benchmark result",
                      "run benchmark_e2e_wallclock.py (run_pipeline.sh stage 9) first")
-    trained = [(k, c) for k, c in live["configs"].items() if c.get("speedup") and not k.startswith("synthetic")
-               and k not in ("target", "hf_generate")]
+    trained = [(k, c) for k, c in live["configs"].items() if c.get("speedup")
+               and (c.get("drafting") or {}).get("kind") in ("prefill", "decode", "two_phase")]
     best = max(trained, key=lambda kc: kc[1]["speedup"]["median"], default=None)
     if best:
         page.add(f"**Headline (measured, live):** best trained configuration `{best[0]}` ran at "
                  f"{span(best[1]['speedup'])} the speed of the target alone on {live['device']}; lossless check: "
                  f"{lossless_text(live)}.", "")
-    decoders = [(k, c) for k, c in trained if k.startswith("decode[") and "," not in k and c.get("tokens_per_verify")]
+    decoders = [(k, c) for k, c in trained if c["drafting"]["kind"] == "decode"
+                and c["drafting"].get("draft_stop") == "fixed" and c.get("tokens_per_verify")]
     top = max(decoders, key=lambda kc: kc[1]["tokens_per_verify"], default=None)
     if top:
         pos = list((top[1].get("per_position_acceptance") or {}).values())
