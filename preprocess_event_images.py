@@ -68,6 +68,7 @@ from event_frames import (
     render_event_frames,
     write_manifest,
 )
+from timing import Stopwatch
 
 log = logging.getLogger("xmodal_sd")
 RENDER_KEYS = ("event_image_prefix",)  # what rendering needs of an index record besides its event source
@@ -229,9 +230,9 @@ def benchmark_rendering(
         out = fn()  # warm-up
         seconds = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            watch = Stopwatch()
             out = fn()
-            seconds.append(time.perf_counter() - start)
+            seconds.append(watch.ms() / 1e3)
         return seconds, out
 
     val_s, ev = timed(lambda: validate_events(raw, height, width))
