@@ -16,6 +16,7 @@ from PIL import Image
 import clip_data as cd
 import event_frames as ef
 import preprocess_event_images as pe
+import timing
 from common import UserError
 from tests.test_benchmark_adapter_latency import FakeClock
 
@@ -374,7 +375,7 @@ def test_benchmark_reports_what_was_timed(monkeypatch):
     """Each step's seconds are set by hand, so every figure of the JSON is known: millions of events per
     second of rendering (median, min, max over repeats), of validation, and PNG milliseconds per clip."""
     clock = FakeClock()
-    monkeypatch.setattr(pe, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)  # the benchmark times through timing.Stopwatch
     # Seconds per call: one warm-up, then 3 timed repeats. PNG encoding is called once per frame
     # (2 frames a clip), so its clips take 2, 4 and 3 ms.
     durations = {

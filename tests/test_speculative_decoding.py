@@ -14,8 +14,9 @@ from torch import nn
 
 import drafters as dr
 import speculative_decoding as sd
-from hidden_adapter import adapter_loss, create_adapter
+from hidden_adapter import create_adapter
 from hidden_data import iter_chunks
+from losses import adapter_loss
 from vlm_runners import VLMInputs
 
 MAX_NEW = 8
