@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(compiled with --compile)")
     p.add_argument("--assistant_noise", type=float, default=0.02,
                    help="relative Gaussian noise on the assistant copy's weights (config 'assisted')")
-    p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)}, or all")
+    p.add_argument("--configs", default="all",
+                   help=f"comma list of {', '.join(CONFIGS)}, or all (every one whose adapters are given)")
     p.add_argument("--sequential_prefill", action="store_true",
                    help="run the drafter's prefill after the target's instead of beside it (to measure overlap)")
     add_model_args(p)
@@ -138,10 +139,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dry_run_flag(p)
     args = parse_with_config(p, argv)
     args.gamma_prefill = gamma_prefill_arg(p, args.gamma_prefill, PREFILL_WINDOW_CAP, minimum=0)
-    args.configs = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",") if c]
+    every = args.configs == "all"
+    args.configs = list(CONFIGS) if every else [c.strip() for c in args.configs.split(",") if c]
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
         p.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    # "all" is every configuration whose adapters were given; one named in --configs without its adapter is
+    # refused by the check before loading
+    args.left_out = []
+    if every:
+        for name, roles in ADAPTER_CONFIGS.items():
+            missing = [f"--{role}_adapter" for role in roles if not getattr(args, f"{role}_adapter", None)]
+            if missing:
+                args.configs.remove(name)
+                args.left_out.append(f"{name} (needs {' and '.join(missing)})")
     if "target" not in args.configs:
         args.configs.insert(0, "target")  # every speed-up is measured against it
     for name in ("max_samples", "max_new_tokens", "gamma_decode", "repeats"):
@@ -549,6 +560,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from clip_data import ClipReadError, load_index, load_questions, plan_samples
 
+    if args.left_out:
+        print(f"left out: {', '.join(args.left_out)}; give a checkpoint from train_hidden_adapter.py (or a level "
+              "with --random_adapters) to run them")
     checks = preflight(args, {role: [c for c in args.configs if role in ADAPTER_CONFIGS.get(c, ())]
                               for role in ("prefill", "decode")})  # seconds, before the models load
     if args.dry_run:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import add_config_flag, parse_with_config, run_cli
-from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, read_json
+from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table
 from cost_model import (
     DECODE_ADAPTERS,
     PREFILL_ADAPTERS,
@@ -40,6 +40,7 @@ from cost_model import (
     prefill_window,
 )
 from hidden_data import PAIRS
+from metrics import acceptance_results
 
 log = logging.getLogger("xmodal_sd.two_phase")
 RESULT_FORMAT = "xmodal_sd.two_phase_results"
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--acceptance_dir",
-                     help="folder of {LEVEL}_{pairs}/acceptance_metrics.json (written by run_all_eval.sh)")
+                     help="folder of */acceptance_metrics.json (run_all_eval.sh; each names its level and pairing)")
     src.add_argument("--reference_inputs", action="store_true",
                      help="use the reference's published free tokens and alphas instead of measured ones")
     p.add_argument("--timings", nargs="+", required=True,
@@ -159,16 +160,16 @@ class AcceptanceInputs:
         self.loaded: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
         self._found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        # every result under the folder, keyed by the level and pairing it records (not by folder names)
+        self.results = {} if self.reference else acceptance_results(args.acceptance_dir)
 
     def _load(self, level: str, want: str) -> tuple[dict[str, Any], str]:
         """The acceptance result of `level` for pairing `want`, else the other pairing (noted once)."""
         if (level, want) in self._found:
             return self._found[level, want]
-        root = Path(self.args.acceptance_dir)
         for pairs in (want, *(p for p in PAIRS if p != want)):
-            path = root / f"{level}_{pairs}" / "acceptance_metrics.json"
-            if path.is_file():
-                result = read_json(path, "acceptance result", "rerun measure_feature_acceptance.py")
+            if (level, pairs) in self.results:
+                path, result = self.results[level, pairs]
                 if pairs != want:
                     note = f"{level}: no {want} result, used the {pairs} one ({path})"
                     log.warning(note)
@@ -176,21 +177,18 @@ class AcceptanceInputs:
                 self.loaded[f"{level}_{pairs}"] = result
                 self._found[level, want] = result, str(path)
                 return result, str(path)
-        raise UserError(f"no acceptance result for {level} in {root} (looked for {level}_{want}/ and the other "
-                        "pairing); run run_all_eval.sh (or measure_feature_acceptance.py) for it first")
+        raise UserError(f"no acceptance result for {level} in {self.args.acceptance_dir} (for pairing {want} or "
+                        "the other); run run_all_eval.sh (or measure_feature_acceptance.py) for it first")
 
     def check_available(self, configs: list[tuple[str | None, str | None]]) -> None:
         """One error line naming every adapter without an acceptance result (in either pairing)."""
         if self.reference:
             return
-        root = Path(self.args.acceptance_dir)
         needed = sorted({lvl for pair in configs for lvl in pair if lvl})
-        missing = [lvl for lvl in needed
-                   if not any((root / f"{lvl}_{p}" / "acceptance_metrics.json").is_file() for p in PAIRS)]
+        missing = [lvl for lvl in needed if not any((lvl, p) in self.results for p in PAIRS)]
         if missing:
-            raise UserError(f"no acceptance result for {', '.join(missing)} in {root} (looked for "
-                            "{LEVEL}_free/ and {LEVEL}_teacher_forced/); run run_all_eval.sh "
-                            "(or measure_feature_acceptance.py) for them first")
+            raise UserError(f"no acceptance result for {', '.join(missing)} in {self.args.acceptance_dir}; run "
+                            "run_all_eval.sh (or measure_feature_acceptance.py) for them first")
 
     def free_tokens(self, level: str, gamma: int) -> tuple[float, str]:
         if self.reference:

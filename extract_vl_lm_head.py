@@ -24,20 +24,20 @@ from typing import Any
 import torch
 
 from cli import add_dry_run_flag, dry_run_report, run_cli
-from common import UserError, atomic_torch_save, read_json
-from hidden_data import LM_HEAD_FORMAT, load_lm_head
+from common import UserError, atomic_torch_save
+from hidden_data import load_lm_head
 from preflight import preflight
 from vlm_runners import QUANT_CHOICES
 
 log = logging.getLogger("xmodal_sd.lm_head")
-HEAD_KEYS = ("lm_head.weight", "embed_tokens.weight")  # the LM head and the input embeddings, by key suffix
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--vl_model", required=True, help="Video-LLaVA folder or hub id (transformers format)")
+    p.add_argument("--vl_model", default="LanguageBind/Video-LLaVA-7B-hf",
+                   help="Video-LLaVA folder or hub id (transformers format); default the released 7B model")
     p.add_argument("--output", default="data/vl_lm_head.pt", help="where to write the LM head .pt")
     p.add_argument(
         "--quant",
@@ -52,40 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def extract(vl_model: str, quant: str = "none", device: str = "auto") -> dict[str, Any]:
-    from model_builders import VIDEO_LLAVA_MODEL_TYPE, checkpoint_tensors, config_hash
+    """The LM head file's contents (model_builders.read_lm_head): from a local folder's files, else loaded."""
+    from model_builders import read_lm_head
 
-    folder = Path(vl_model)
-    if folder.is_dir():
-        cfg = read_json(folder / "config.json", "model config", "point --vl_model at a Video-LLaVA folder")
-        if cfg.get("model_type") != VIDEO_LLAVA_MODEL_TYPE:
-            raise UserError(f"{folder / 'config.json'} has model_type {cfg.get('model_type')!r}, not "
-                            f"{VIDEO_LLAVA_MODEL_TYPE!r}: the LM head must be the target's (Video-LLaVA's)")
-    # Straight from a local folder's files, no model build. Vision towers' embeddings never match: their
-    # keys end otherwise.
-    found = checkpoint_tensors(folder, suffixes=HEAD_KEYS) if folder.is_dir() else {}
-    weight, embed = (next((v for k, v in found.items() if k.endswith(suffix)), None) for suffix in HEAD_KEYS)
-    if weight is not None and embed is not None:
-        log.info("read the LM head and input embeddings from the files in %s", folder)
-        chash = config_hash(folder / "config.json")
-    else:
-        from model_builders import load_video_llava
-
-        runner = load_video_llava(vl_model, quant=quant, device=device)
-        weight = runner.lm_head_weight()
-        embed = runner.decoder.get_input_embeddings().weight  # bitsandbytes leaves embeddings unquantised
-        chash = runner.config_hash
-    if tuple(embed.shape) != tuple(weight.shape):
-        raise UserError(f"{vl_model}: input embeddings {tuple(embed.shape)} and LM head {tuple(weight.shape)} differ "
-                        "in shape; this is not a Video-LLaVA language model")
-    return {
-        "format": LM_HEAD_FORMAT,
-        "weight": weight.detach().float().cpu().half().contiguous(),
-        "embed_weight": embed.detach().float().cpu().half().contiguous(),
-        "vocab_size": int(weight.shape[0]),
-        "hidden_dim": int(weight.shape[1]),
-        "model": str(vl_model),
-        "config_hash": chash,
-    }
+    return read_lm_head(vl_model, quant=quant, device=device)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any] | int:

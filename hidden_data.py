@@ -304,7 +304,14 @@ def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embedding
     the input-embedding table (files from before it was stored do not), and with `data` (a manifest, or
     anything `model_hashes` reads) that it is the head of the target model that produced those states."""
     fix = "write it with extract_vl_lm_head.py --vl_model ... --output ..."
-    head = safe_torch_load(path, "LM head", fix)
+    return check_lm_head(safe_torch_load(path, "LM head", fix), path, hidden_dim, need_embeddings, data, data_name)
+
+
+def check_lm_head(head: Any, path: str | Path, hidden_dim: int | None = None, need_embeddings: bool = False,
+                  data: dict[str, Any] | None = None, data_name: str = "the data") -> dict[str, Any]:
+    """`load_lm_head`'s checks of an LM head dict that came from `path` (a file, or a model folder read by
+    model_builders.read_lm_head); returns it."""
+    fix = "write it with extract_vl_lm_head.py --vl_model ... --output ..."
     if not isinstance(head, dict) or head.get("format") != LM_HEAD_FORMAT:
         raise UserError(f"{path} is not an LM head file; {fix}")
     weight = head.get("weight")
@@ -330,7 +337,6 @@ def load_lm_head(path: str | Path, hidden_dim: int | None = None, need_embedding
         raise UserError(f"{path} is the LM head of another target model than {data_name}'s (config hashes differ); "
                         "extract the head of the model that produced the states")
     return head
-
 
 
 # ----------------------------------------------------------------------------- pairs and streaming

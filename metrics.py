@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from common import read_json
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 TOPK = 5
@@ -544,3 +547,16 @@ def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
 
 __all__ = ["CALIBRATION_BINS", "THRESHOLDS", "AcceptanceAccumulator", "RolloutAccumulator", "capped_mean",
            "draft_tokens", "isotonic", "run_from_start", "runs_from_every_start", "strict_json", "tau_key"]
+
+
+def acceptance_results(folder: str | Path) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+    """(level, pairing) -> (file, result) of every `*/acceptance_metrics.json` under `folder` (what
+    measure_feature_acceptance.py writes) whose adapter was fed the states it was trained on, keyed by what
+    each file records (the checkpoint's level and pairing), never by the name of its folder."""
+    out = {}
+    for path in sorted(Path(folder).glob("*/acceptance_metrics.json")):
+        result = read_json(path, "acceptance result", "rerun run_all_eval.sh (or measure_feature_acceptance.py)")
+        if result.get("input_states", "trained") == "trained" and "level" in result and "pairs" in result:
+            out[(result["level"], result["pairs"])] = (path, result)
+    return out
+

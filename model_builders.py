@@ -549,6 +549,57 @@ def load_runner(name: str, path: str | os.PathLike, **kwargs: Any) -> VLMRunner:
 
 
 # ----------------------------------------------------------------------------------------------
+# The target's LM head and input embeddings, for the LM head file (hidden_data.load_lm_head reads it)
+# ----------------------------------------------------------------------------------------------
+
+LM_HEAD_KEYS = ("lm_head.weight", "embed_tokens.weight")  # the LM head and the input embeddings, by key suffix
+
+
+def read_lm_head(vl_model: str | os.PathLike, quant: str = "none", device: str = "auto",
+                 load_model: bool = True) -> dict[str, Any] | None:
+    """The LM head file's contents for a Video-LLaVA checkpoint: {"format", "weight": [V, D] fp16,
+    "embed_weight": [V, D] fp16, "vocab_size", "hidden_dim", "model", "config_hash"}.
+
+    A local folder is read straight from its files (only those two tensors: no model is built; vision
+    towers' embeddings never match, their keys end otherwise). Otherwise (a hub id, or files without the
+    tensors) the model is loaded (`quant`, `device`; 4-bit layers are dequantised by `lm_head_weight`),
+    unless `load_model` is False, which returns None instead."""
+    from hidden_data import LM_HEAD_FORMAT
+
+    folder = Path(vl_model)
+    weight = embed = None
+    if folder.is_dir():
+        cfg = read_json(folder / "config.json", "model config", "point --vl_model at a Video-LLaVA folder")
+        if cfg.get("model_type") != VIDEO_LLAVA_MODEL_TYPE:
+            raise UserError(f"{folder / 'config.json'} has model_type {cfg.get('model_type')!r}, not "
+                            f"{VIDEO_LLAVA_MODEL_TYPE!r}: the LM head must be the target's (Video-LLaVA's)")
+        found = checkpoint_tensors(folder, suffixes=LM_HEAD_KEYS)
+        weight, embed = (next((v for k, v in found.items() if k.endswith(suffix)), None) for suffix in LM_HEAD_KEYS)
+    if weight is not None and embed is not None:
+        log.info("read the LM head and input embeddings from the files in %s", folder)
+        chash = config_hash(folder / "config.json")
+    elif not load_model:
+        return None
+    else:
+        runner = load_video_llava(vl_model, quant=quant, device=device)
+        weight = runner.lm_head_weight()
+        embed = runner.decoder.get_input_embeddings().weight  # bitsandbytes leaves embeddings unquantised
+        chash = runner.config_hash
+    if tuple(embed.shape) != tuple(weight.shape):
+        raise UserError(f"{vl_model}: input embeddings {tuple(embed.shape)} and LM head {tuple(weight.shape)} differ "
+                        "in shape; this is not a Video-LLaVA language model")
+    return {
+        "format": LM_HEAD_FORMAT,
+        "weight": weight.detach().float().cpu().half().contiguous(),
+        "embed_weight": embed.detach().float().cpu().half().contiguous(),
+        "vocab_size": int(weight.shape[0]),
+        "hidden_dim": int(weight.shape[1]),
+        "model": str(vl_model),
+        "config_hash": chash,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Architectures: the configs, tokenizer and processor the random builder and the toy writers share
 # ----------------------------------------------------------------------------------------------
 

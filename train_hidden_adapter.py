@@ -49,6 +49,7 @@ from common import (
     atomic_write_bytes,
     atomic_write_json,
     first_line,
+    read_json,
     resolve_device,
     safe_torch_load,
     save_figure,
@@ -66,7 +67,7 @@ from hidden_adapter import (
     rollout_problem,
     save_adapter,
 )
-from hidden_data import PAIRS, ChunkStream, differing_models, load_lm_head, model_hashes, to_device
+from hidden_data import PAIRS, ChunkStream, check_lm_head, differing_models, load_lm_head, model_hashes, to_device
 from losses import LOSS_MIXES, adapter_loss, drafting_loss
 from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
 
@@ -230,7 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--prediction_weight must lie in [0, 1] with --loss_mix convex")
     if not 0 <= args.dropout < 1:
         parser.error("--dropout must lie in [0, 1)")
-    if args.select_metric in ("token_top1", "rollout_accept") and not args.lm_head:
+    locate_lm_head(args)
+    if args.select_metric in ("token_top1", "rollout_accept") and not has_head(args):
         parser.error(f"--select_metric {args.select_metric} needs --lm_head")
     if args.select_metric == "rollout_accept" and canonical_name(args.level_name) not in NEXT_POSITION_LEVELS:
         parser.error(f"--select_metric rollout_accept scores drafting roll-outs of the next-position levels "
@@ -280,6 +282,54 @@ def resolve_trackers(report_to: str) -> list[str]:
     return [report_to]
 
 
+LM_HEAD_NAME = "vl_lm_head.pt"  # what extract_vl_lm_head.py writes by default, beside the data folders
+
+
+def has_head(args: argparse.Namespace) -> bool:
+    """Whether training has the target's LM head: a file (--lm_head, or one found), or the model's files."""
+    return bool(args.lm_head or getattr(args, "lm_head_model", None))
+
+
+def locate_lm_head(args: argparse.Namespace) -> None:
+    """Without --lm_head, find the target's LM head and input embeddings where the data says they are: an LM
+    head file beside the data (DATA/../vl_lm_head.pt or DATA/../../vl_lm_head.pt) of the target that
+    produced the states, else that target model's own folder as the extraction recorded it (checked
+    against the recorded config hash; only the two tensors are read). Sets args.lm_head (a file found),
+    args.lm_head_model (the folder) and args.lm_head_note (the one line saying where it came from)."""
+    args.lm_head_model, args.lm_head_note = None, f"LM head: {args.lm_head} (--lm_head)" if args.lm_head else ""
+    if args.lm_head:
+        return
+    data = Path(args.train_data)
+    try:
+        manifest = read_json(data / "manifest.json", "hidden-state manifest", "extract the data first")
+    except UserError:
+        manifest = {}  # open_data reports a missing or broken manifest properly
+    want = model_hashes(manifest).get("target")
+    for candidate in (data.parent / LM_HEAD_NAME, data.parent.parent / LM_HEAD_NAME):
+        if not candidate.is_file():
+            continue
+        try:
+            found = safe_torch_load(candidate, "LM head", "", mmap=True).get("config_hash")
+        except (UserError, AttributeError):
+            continue
+        if want is None or found in (None, want):
+            args.lm_head = str(candidate)
+            args.lm_head_note = f"LM head: {candidate} (found beside the training data; --lm_head names another)"
+            return
+    from model_builders import config_hash
+
+    target = (manifest.get("models") or {}).get("target") or {}
+    folder = Path(str(target.get("path", "")))
+    config = folder / "config.json"
+    if target.get("path") and config.is_file() and want in (None, config_hash(config)):
+        args.lm_head_model = str(folder)
+        args.lm_head_note = (f"LM head and input embeddings: read from {folder}, the target model that extracted "
+                             f"{data} (config hash {want}); --lm_head FILE names another")
+        return
+    args.lm_head_note = (f"no LM head: no --lm_head, no {LM_HEAD_NAME} beside {data}, and the target model the data "
+                         f"records ({target.get('path') or 'none'}) is not here")
+
+
 def resolve_drafting(args: argparse.Namespace) -> None:
     """Fill args.use_token_input, args.steps, args.ce_weight, args.select from the flags and the level."""
     nxt = canonical_name(args.level_name) in NEXT_POSITION_LEVELS
@@ -299,14 +349,18 @@ def resolve_drafting(args: argparse.Namespace) -> None:
         args.steps = (args.rollout_steps or min(DEFAULT_ROLLOUT_STEPS, args.gamma_decode)) if nxt else 1
         args.ce_weight = 0.0 if not nxt else (
             args.token_loss_weight if args.token_loss_weight is not None
-            else (DEFAULT_TOKEN_LOSS_WEIGHT if args.lm_head else 0.0))
-    if args.use_token_input and not args.lm_head:
-        raise ValueError("the token input reads the target's input embeddings from the LM head file: pass --lm_head "
-                         "(extract_vl_lm_head.py), or --token_input off")
-    if args.ce_weight > 0 and not args.lm_head:
+            else (DEFAULT_TOKEN_LOSS_WEIGHT if has_head(args) else 0.0))
+    if args.use_token_input and not has_head(args):
+        if args.token_input == "on":
+            raise ValueError("the token input reads the target's input embeddings from the LM head file: pass "
+                             "--lm_head (extract_vl_lm_head.py), or --token_input off")
+        args.use_token_input = False  # the specification's head; locate_lm_head's note says so
+        args.lm_head_note += ("; training the specification's head (no token input, no token loss): pass --lm_head "
+                              "FILE (extract_vl_lm_head.py) for the head with the token input, which drafts better")
+    if args.ce_weight > 0 and not has_head(args):
         raise ValueError("--token_loss_weight > 0 needs --lm_head")
     if args.select_metric == "auto":
-        args.select = "rollout_accept" if nxt and args.lm_head else "loss"
+        args.select = "rollout_accept" if nxt and has_head(args) else "loss"
     else:
         args.select = args.select_metric
 
@@ -320,7 +374,8 @@ def drafting_record(args: argparse.Namespace) -> dict[str, Any]:
     """How a next-position level was trained, as resolved from the flags (stored in best_model.pt)."""
     return {"token_input": args.use_token_input, "rollout_steps": args.steps, "rollout_decay": args.rollout_decay,
             "token_loss_weight": args.ce_weight, "loss_mix": args.loss_mix,
-            "prediction_weight": args.prediction_weight, "spec_loss": args.spec_loss, "select_metric": args.select}
+            "prediction_weight": args.prediction_weight, "spec_loss": args.spec_loss, "select_metric": args.select,
+            "lm_head": args.lm_head or getattr(args, "lm_head_model", None)}
 
 
 # ----------------------------------------------------------------------------- processes
@@ -403,7 +458,19 @@ def build_adapter_for(args: argparse.Namespace, widths: dict[str, int], vocab_si
 
 
 def load_head(args: argparse.Namespace, target_dim: int, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The --lm_head file (LM head and, for the token input, the input embeddings), checked against the data."""
+    """The target's LM head (and, for the token input, the input embeddings), checked against the data: the
+    --lm_head file, or what locate_lm_head found (a file beside the data, or the target model's files)."""
+    if args.lm_head_note:
+        log.info("%s", args.lm_head_note)
+    if getattr(args, "lm_head_model", None):
+        from model_builders import read_lm_head
+
+        head = read_lm_head(args.lm_head_model, load_model=False)
+        if head is None:
+            raise UserError(f"{args.lm_head_model} holds no lm_head/embed_tokens tensors to read; pass --lm_head FILE "
+                            "(extract_vl_lm_head.py)")
+        return check_lm_head(head, args.lm_head_model, hidden_dim=target_dim, need_embeddings=args.use_token_input,
+                             data=manifest, data_name=str(args.train_data))
     if not args.lm_head:
         return None
     return load_lm_head(args.lm_head, hidden_dim=target_dim, need_embeddings=args.use_token_input, data=manifest,

@@ -65,20 +65,23 @@ def finished(run: Run) -> bool:
 
 def newest_runs(tasks_dir: str | Path, levels: list[str] | None = None, only_finished: bool = False
                 ) -> tuple[dict[tuple[str, str], Run], int]:
-    """({(level, pairing): newest run}, how many folders were passed over: no best_model.pt, or one that
-    cannot be read, which is logged). `levels` keeps only those levels (any spelling: 3, "l3", "L3");
+    """({(level, pairing): newest run}, how many folders were passed over: a folder of `tasks_dir` without a
+    best_model.pt anywhere below it, or a checkpoint that cannot be read, which is logged). `levels` keeps
+    only those levels (any spelling: 3, "l3", "L3");
     `only_finished` only runs whose history says they finished (an interrupted run is resumed, not used)."""
     wanted = {canonical_name(level) for level in levels} if levels else None
+    tasks_dir = Path(tasks_dir)
     runs: dict[tuple[str, str], Run] = {}
-    ignored = 0
-    for folder in sorted(p for p in Path(tasks_dir).glob("*") if p.is_dir()):
-        if not (folder / "best_model.pt").is_file():
-            ignored += 1
-            continue
+    # a run folder is any folder holding a best_model.pt, at any depth (tasks/L1/<run>/ as the specification
+    # lays them out, or tasks/<run>/ as the pipeline does)
+    checkpoints = sorted(tasks_dir.glob("**/best_model.pt"))
+    ignored = sum(1 for top in tasks_dir.iterdir() if top.is_dir() and not any(
+        c.is_relative_to(top) for c in checkpoints))
+    for checkpoint in checkpoints:
         try:
-            run = read_run(folder)
+            run = read_run(checkpoint.parent)
         except UserError as err:
-            log.warning("passing over %s: %s", folder, err)
+            log.warning("passing over %s: %s", checkpoint.parent, err)
             ignored += 1
             continue
         if (wanted is not None and run.level not in wanted) or (only_finished and not finished(run)):

@@ -21,6 +21,7 @@ from typing import Any
 from cli import run_cli
 from common import UserError, atomic_write_bytes, markdown_table, read_json
 from hidden_adapter import ADAPTER_NAMES, count_parameters, load_adapter
+from metrics import acceptance_results
 from training_runs import newest_runs
 
 # a live config name: kind[level] / kind[prefill+decode,rule], e.g. decode[B1,expected], two_phase[L1+L5F]
@@ -88,18 +89,6 @@ def training_facts(run: Path) -> dict[str, Any]:
     return {"params": count_parameters(adapter), "epochs": len(history), "best_epoch": best["epoch"],
             "val": best["val"], "loss_mix": extra.get("loss_mix"), "predicts": adapter.predicts,
             "drafting": extra.get("drafting") or {}}
-
-
-def acceptance_results(results_dir: Path, folder: str = "acceptance"
-                       ) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
-    """(level, pairing) -> (file, result) of every offline acceptance result under RESULTS/folder, keyed by
-    what each result file records (the checkpoint's level and pairing), not by its folder's name."""
-    out = {}
-    for f in sorted(results_dir.glob(f"{folder}/*/acceptance_metrics.json")):
-        r = read_json(f, "acceptance result", "rerun run_all_eval.sh")
-        if r.get("input_states", "trained") == "trained":
-            out[(r["level"], r["pairs"])] = (f, r)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -313,7 +302,7 @@ def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) 
              "Configurations with a draft-length rule draft fewer tokens than the fixed-gamma offline figures "
              "assume, so only fixed-gamma rows are compared.", "")
     rows = []
-    same = acceptance_results(results_dir, "acceptance_e2e_samples")
+    same = acceptance_results(results_dir / "acceptance_e2e_samples")
     for name, c in live["configs"].items():
         roles = c.get("drafting") or {}
         kind = roles.get("kind")
@@ -421,7 +410,7 @@ def main(args: argparse.Namespace) -> Path:
              f"`{tasks_dir}`, results `{results_dir}`. Nothing on this page is typed by hand; rerun "
              "`bash run_pipeline.sh` to regenerate it.", "")
     runs = {key: run.folder for key, run in newest_runs(tasks_dir)[0].items()}  # level, pairing from best_model.pt
-    acc = acceptance_results(results_dir)
+    acc = acceptance_results(results_dir / "acceptance")
     live = read_json(results_dir / "e2e" / "e2e_wallclock.json", "live benchmark result",
                      "run benchmark_e2e_wallclock.py (run_pipeline.sh stage 9) first")
     trained = [(k, c) for k, c in live["configs"].items() if c.get("speedup")

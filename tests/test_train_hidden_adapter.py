@@ -85,7 +85,8 @@ def test_run_folder_files_and_checkpoint_description(data, tmp_path):
     assert adapter.config.token_input and extra["drafting"] == {
         "token_input": True, "rollout_steps": tha.DEFAULT_ROLLOUT_STEPS, "rollout_decay": tha.DEFAULT_ROLLOUT_DECAY,
         "token_loss_weight": tha.DEFAULT_TOKEN_LOSS_WEIGHT, "loss_mix": tha.DEFAULT_LOSS_MIX,
-        "prediction_weight": tha.DEFAULT_PREDICTION_WEIGHT, "spec_loss": False, "select_metric": "rollout_accept"}
+        "prediction_weight": tha.DEFAULT_PREDICTION_WEIGHT, "spec_loss": False, "select_metric": "rollout_accept",
+        "lm_head": str(data / "head.pt")}
     cal = extra["draft_calibration"]
     assert len(cal["accept"]) == 20 and sum(cal["count"]) > 0
     table = torch.load(data / "head.pt", weights_only=True)["embed_weight"].float()
@@ -311,7 +312,10 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     assert (same.use_token_input, same.steps, same.ce_weight, same.select) == (False, 1, 0.0, "loss")
     bare = tha.parse_args([*base, "--adapter_level", "L5F", "--token_input", "off", "--gamma_decode", "2"])
     assert (bare.use_token_input, bare.steps, bare.ce_weight, bare.select) == (False, 2, 0.0, "loss")
-    for argv, message in (([*base, "--adapter_level", "B1"], "--lm_head"),
+    spec = tha.parse_args([*base, "--adapter_level", "B1"])  # no LM head anywhere: the specification's head
+    assert (spec.use_token_input, spec.ce_weight, spec.select) == (False, 0.0, "loss")
+    assert "no LM head" in spec.lm_head_note and "--lm_head FILE" in spec.lm_head_note
+    for argv, message in (([*base, "--adapter_level", "B1", "--token_input", "on"], "--lm_head"),
                           ([*base, *head, "--adapter_level", "L2", "--token_input", "on"], "next-position"),
                           ([*base, *head, "--adapter_level", "L1", "--spec_loss"], "next-position"),
                           ([*base, *head, "--adapter_level", "B1", "--rollout_decay", "0"], "rollout_decay"),
@@ -477,3 +481,42 @@ def test_push_to_hub_uploads_the_hf_export(data, tmp_path, monkeypatch):
     assert "cannot push" in one_line(err) and "no network" in str(err.value)
     with pytest.raises(SystemExit):
         tha.parse_args(flags(data, tmp_path, "L1", "--hub_model_id", "me/x"))
+
+
+def test_token_input_levels_find_the_lm_head_without_the_flag(data, tmp_path):
+    """The specification's commands name no --lm_head: the head is found beside the data (the file the
+    pipeline writes), else read from the target model folder the extraction recorded (hash checked)."""
+    import shutil
+
+    import hidden_data
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(data / split, root / split)
+    base = ["--train_data", str(root / "train"), "--val_data", str(root / "val"), "--output_dir", str(tmp_path),
+            "--adapter_level", "5", "--vlm_only"]
+    shutil.copy(data / "head.pt", root / tha.LM_HEAD_NAME)
+    beside = tha.parse_args(base)
+    assert beside.lm_head == str(root / tha.LM_HEAD_NAME) and beside.use_token_input
+    assert "found beside the training data" in beside.lm_head_note
+    # a head of another target beside the data is passed over
+    head = torch.load(data / "head.pt", weights_only=True)
+    torch.save({**head, "config_hash": "another"}, root / tha.LM_HEAD_NAME)
+    other = tha.parse_args(base)
+    assert other.lm_head is None and not other.use_token_input
+    # the recorded target folder: its config.json must hash to what the manifest recorded
+    folder = tmp_path / "target_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "video_llava"}')
+    from model_builders import config_hash
+
+    for split in ("train", "val"):
+        manifest = json.loads((root / split / "manifest.json").read_text())
+        manifest["models"]["target"].update(path=str(folder), config_hash=config_hash(folder / "config.json"))
+        (root / split / "manifest.json").write_text(json.dumps(manifest))
+    (root / tha.LM_HEAD_NAME).unlink()
+    found = tha.parse_args(base)
+    assert found.lm_head is None and found.lm_head_model == str(folder) and found.use_token_input
+    assert "read from" in found.lm_head_note
+    assert hidden_data.model_hashes(json.loads((root / "train" / "manifest.json").read_text()))["target"] == \
+        config_hash(folder / "config.json")
