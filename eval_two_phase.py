@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="results/two_phase", help="where the JSON and Markdown table go")
     add_config_flag(p)
     args = parse_with_config(p, argv)
+    args.configs_named = args.configs is not None  # the defaults leave out what has no acceptance result
     if args.configs is None:
         args.configs = REFERENCE_CONFIGS if args.reference_inputs else DEFAULT_CONFIGS
     try:
@@ -180,15 +181,29 @@ class AcceptanceInputs:
         raise UserError(f"no acceptance result for {level} in {self.args.acceptance_dir} (for pairing {want} or "
                         "the other); run run_all_eval.sh (or measure_feature_acceptance.py) for it first")
 
-    def check_available(self, configs: list[tuple[str | None, str | None]]) -> None:
-        """One error line naming every adapter without an acceptance result (in either pairing)."""
+    def check_available(self, configs: list[tuple[str | None, str | None]], named: bool = True
+                        ) -> list[tuple[str | None, str | None]]:
+        """The configurations to run. Named ones (--configs) must all have their acceptance results: one error
+        line names every adapter without one (in either pairing). The default list leaves out a configuration
+        whose adapter has none, and says so in one line (an error only when nothing is left)."""
         if self.reference:
-            return
+            return configs
+        have = {lvl for lvl, _ in self.results}
+        if not named:
+            kept = [c for c in configs if all(lvl in have for lvl in c if lvl)]
+            left = [c for c in configs if c not in kept]
+            if left and kept:
+                names = ", ".join("+".join(lvl for lvl in c if lvl) for c in left)
+                absent = sorted({lvl for c in left for lvl in c if lvl and lvl not in have})
+                print(f"left out: {names} (no acceptance result for {', '.join(absent)} in "
+                      f"{self.args.acceptance_dir}; --configs names configurations explicitly)")
+                return kept
         needed = sorted({lvl for pair in configs for lvl in pair if lvl})
-        missing = [lvl for lvl in needed if not any((lvl, p) in self.results for p in PAIRS)]
+        missing = [lvl for lvl in needed if lvl not in have]
         if missing:
             raise UserError(f"no acceptance result for {', '.join(missing)} in {self.args.acceptance_dir}; run "
                             "run_all_eval.sh (or measure_feature_acceptance.py) for them first")
+        return configs
 
     def free_tokens(self, level: str, gamma: int) -> tuple[float, str]:
         if self.reference:
@@ -325,7 +340,7 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     inputs = AcceptanceInputs(args)
-    inputs.check_available(args.config_list)
+    args.config_list = inputs.check_available(args.config_list, args.configs_named)
     gamma_decode = args.gamma_decode or REFERENCE_INPUTS["gamma_decode"]
     gamma_prefill = REFERENCE_INPUTS["gamma_prefill"] if args.gamma_prefill == "auto" else args.gamma_prefill
     profiles = [(str(path), load_timing_profile(path)) for path in args.timings]

@@ -17,7 +17,7 @@ TIMINGS_DIR=${TIMINGS_DIR:-timings}  # the shipped timing profiles
 TIMINGS=${TIMINGS:-"$TIMINGS_DIR/h100_fp16_eager_7b.json $TIMINGS_DIR/rtx4090_4bit_reference.json"}  # timing profiles, space-separated
 OUT=${OUT:-results/toy/two_phase}  # where the JSON and tables go
 LABEL=${LABEL:-toy}  # name in the output files
-CONFIGS=${CONFIGS:-L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1,L5E,L5,L1+B1}  # prefill+decode configurations (eval_two_phase.py --configs)
+CONFIGS=${CONFIGS:-}  # prefill+decode configurations, e.g. L1+L5F,B1 (default: eval_two_phase.py's, less those without results)
 PREFILL_PAIRS=${PREFILL_PAIRS:-free}  # pairing that scores prefill adapters
 DECODE_PAIRS=${DECODE_PAIRS:-teacher_forced}  # pairing that scores decode adapters
 NUM_TOKENS=${NUM_TOKENS:-auto}  # answer length N (auto: the test split's mean)
@@ -31,12 +31,12 @@ for f in "${PROFILES[@]}"; do
   [ -f "$f" ] || fail "timing profile not found: $f (set TIMINGS_DIR=... or TIMINGS=\"a.json b.json\")"
 done
 
-echo "== measured acceptance, $CONFIGS"
-"$PY" eval_two_phase.py --acceptance_dir "$ACCEPTANCE" --timings "${PROFILES[@]}" --configs "$CONFIGS" \
+echo "== measured acceptance, ${CONFIGS:-the default configurations}"
+"$PY" eval_two_phase.py --acceptance_dir "$ACCEPTANCE" --timings "${PROFILES[@]}" ${CONFIGS:+--configs "$CONFIGS"} \
   --prefill_pairs "$PREFILL_PAIRS" --decode_pairs "$DECODE_PAIRS" --num_tokens "$NUM_TOKENS" \
   --label "$LABEL" --output_dir "$OUT"
 echo "== measured acceptance, EventGPT assumed concurrent"
-"$PY" eval_two_phase.py --acceptance_dir "$ACCEPTANCE" --timings "${PROFILES[@]}" --configs "$CONFIGS" \
+"$PY" eval_two_phase.py --acceptance_dir "$ACCEPTANCE" --timings "${PROFILES[@]}" ${CONFIGS:+--configs "$CONFIGS"} \
   --prefill_pairs "$PREFILL_PAIRS" --decode_pairs "$DECODE_PAIRS" --num_tokens "$NUM_TOKENS" \
   --concurrent_drafter --label "${LABEL}_concurrent" --output_dir "$OUT"
 echo "== the reference's own inputs (its table under --reference_cost_model, beside the honest model)"

@@ -107,8 +107,9 @@ def test_evaluation_commands(spec, trained):
         run("run_all_eval.sh", cwd=ROOT, env={**env, "TASKS": str(work / "tasks"), "LEVELS": levels})
     results = sorted(p.parent.name for p in (work / "results" / "acceptance").glob("*/acceptance_metrics.json"))
     assert {f"{name}_teacher_forced" for name in TRAINING} <= set(results)
-    run("run_two_phase_eval.sh", cwd=ROOT, env={**ENV, "ACCEPTANCE": str(work / "results" / "acceptance"),
-                                                "OUT": str(work / "results" / "two_phase"), "LABEL": "spec"})
+    proc = run("run_two_phase_eval.sh", cwd=ROOT, env={**ENV, "ACCEPTANCE": str(work / "results" / "acceptance"),
+                                                       "OUT": str(work / "results" / "two_phase"), "LABEL": "spec"})
+    assert "left out: L5E (no acceptance result for L5E" in proc.stdout  # the specification trains no L5E
     assert (work / "results" / "two_phase" / "two_phase_results_spec.json").is_file()
 
 
