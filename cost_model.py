@@ -58,8 +58,10 @@ EGPT_EVERY_ITERATION = set(levels(egpt_per_iteration=True))
 # Decode adapters that need EventGPT's prefill (run beside the target's vision + prefill).
 EGPT_PREFILL = set(levels(predicts="next", reads_drafter=True))
 # A level a profile may lack, costed as the level whose step it shares: L5E's step is B1's plus one add of
-# a vector projected once per answer (profiles measured before L5E existed have no entry for it).
-STEP_LIKE = {"L5E": "B1"}
+# a vector projected once per answer (profiles measured before L5E existed have no entry for it); a drafted
+# position of E3 and E3E reads the head's own output, so their draft step is B1's (their layer fusion runs on
+# verified positions only, once per verify pass).
+STEP_LIKE = {"L5E": "B1", "E3": "B1", "E3E": "B1"}
 
 
 @dataclass

@@ -13,6 +13,8 @@ Levels (see docs/ADAPTER_ARCHITECTURES.md for the full table):
     B1  L5 trained target->target  target  -> target, next position      ~103M
     L5F gated fusion, causal       drafter + target -> target, next      ~170M
     L5E B1 + EventGPT context      target (+ drafter prompt) -> target   ~120M
+    E3  B1 on EAGLE-3's features   target low/mid/high layers -> target  ~153M
+    E3E E3 + EventGPT context      E3 (+ drafter prompt) -> target       ~170M
 
 Usage:
     python hidden_adapter.py --summary                       # parameter table at width 4096
@@ -26,8 +28,10 @@ Every adapter takes `forward(x, mask=None, *, h_target=None, token_ids=None, con
 the state it consumes first (drafter states; target states for B1 and L5E), `h_target` the verified
 target states (L5F only), `mask` [B, T] bool marks valid positions, `token_ids` [B, T] the token each
 position's state chose (next-position levels with a token input), `context` [B, D_drafter] EventGPT's
-prompt-end state (L5E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
-states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next").
+prompt-end state (L5E, E3E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
+states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next"); for E3 and
+E3E (`adapter.config.reads_layers`) `x` holds the target's states at the layers `config.target_layers`
+names, [B, T, K * D_target] (`adapter_inputs` builds it from a batch's `layers` [B, T, K, D_target]).
 
 Next-position levels can read the token of each position (EAGLE's shifted token): `token_input=True`
 takes its embedding from the target's own frozen input-embedding table, attached at run time with
@@ -60,26 +64,33 @@ from common import UserError, atomic_torch_save, first_line, safe_torch_load
 CHECKPOINT_FORMAT = "xmodal_sd.adapter"
 CHECKPOINT_VERSION = 1
 
-# What each level reads and what it predicts: (consumes, predicts, context). Every role a stage asks about
-# (prefill or decode, roll-out or lockstep, what it costs EventGPT) is derived from this one table through
-# `AdapterConfig`'s properties and `levels(...)`.
+# What each level reads and what it predicts: (consumes, predicts, context, features). Every role a stage asks
+# about (prefill or decode, roll-out or lockstep, what it costs EventGPT, which target states it needs) is
+# derived from this one table through `AdapterConfig`'s properties and `levels(...)`.
 #   consumes: "drafter" (EventGPT's states), "target" (Video-LLaVA's verified states) or "both"
 #   predicts: "same" (output[t] estimates the target state at t) or "next" (at t + 1)
 #   context:  "drafter" when the level also reads EventGPT's prompt-end state, else None
-LEVEL_ROLES: dict[str, tuple[str, str, str | None]] = {
-    "L1": ("drafter", "same", None),
-    "L2": ("drafter", "same", None),
-    "L3": ("drafter", "same", None),
-    "L4": ("drafter", "same", None),
-    "L5": ("drafter", "next", None),
-    "B1": ("target", "next", None),
-    "L5F": ("both", "next", None),
-    "L5E": ("target", "next", "drafter"),
+#   features: which target states a verified position gives it: "last" (the last layer after the final norm)
+#             or "layers" (EAGLE-3's low, middle and high layer, `AdapterConfig.target_layers`)
+LEVEL_ROLES: dict[str, tuple[str, str, str | None, str]] = {
+    "L1": ("drafter", "same", None, "last"),
+    "L2": ("drafter", "same", None, "last"),
+    "L3": ("drafter", "same", None, "last"),
+    "L4": ("drafter", "same", None, "last"),
+    "L5": ("drafter", "next", None, "last"),
+    "B1": ("target", "next", None, "last"),
+    "L5F": ("both", "next", None, "last"),
+    "L5E": ("target", "next", "drafter", "last"),
+    "E3": ("target", "next", None, "layers"),
+    "E3E": ("target", "next", "drafter", "layers"),
 }
 # Canonical names; level numbers follow the reference (`--adapter_level 1..6`, 6 = L5F, B1 = 5 + vlm_only).
 ADAPTER_NAMES = tuple(LEVEL_ROLES)
-LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F", 7: "L5E"}
-NEXT_POSITION_LEVELS = tuple(name for name, (_, predicts, _) in LEVEL_ROLES.items() if predicts == "next")
+LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F", 7: "L5E", 8: "E3", 9: "E3E"}
+NEXT_POSITION_LEVELS = tuple(name for name, roles in LEVEL_ROLES.items() if roles[1] == "next")
+# The target layers a layer-fusing level reads when its config names none: EAGLE-3's choice for a 32-layer
+# LLaMA (vlm_runners.eagle3_layer_ids(32)); training sets them from the data's manifest.
+DEFAULT_TARGET_LAYERS = (2, 16, 29)
 
 
 def canonical_name(level: int | str, vlm_only: bool = False) -> str:
@@ -97,7 +108,8 @@ def canonical_name(level: int | str, vlm_only: bool = False) -> str:
             name = text
     if name is None:
         valid = ", ".join(ADAPTER_NAMES)
-        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-7 (6 = L5F, 7 = L5E)")
+        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-9 (6 = L5F, 7 = L5E, 8 = E3, "
+                         "9 = E3E)")
     if vlm_only:
         if name not in ("L5", "B1"):
             raise ValueError(f"vlm_only (target->target training) applies to the EAGLE level L5 only, not {name}")
@@ -129,6 +141,9 @@ class AdapterConfig:
     # EAGLE's token input from the target's frozen input embeddings (attach_token_table); only the fusion
     # layer is trained, so the embedding table is stored once (with the LM head), not in each adapter.
     token_input: bool = False
+    # E3, E3E: the target's hidden-state indices they fuse (vlm_runners.LAYER_IDS_MEANING), from the data's
+    # manifest; None = DEFAULT_TARGET_LAYERS for those levels, [] for the others.
+    target_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
@@ -145,6 +160,21 @@ class AdapterConfig:
         if (self.token_input or self.use_token_embed) and self.predicts != "next":
             raise ValueError(f"a token input belongs to the next-position levels {NEXT_POSITION_LEVELS}, "
                              f"not {self.name}")
+        self._check_target_layers()
+
+    def _check_target_layers(self) -> None:
+        """target_layers: a list of >= 2 distinct indices >= 0 for the layer-fusing levels, [] for the others."""
+        if not self.reads_layers:
+            if self.target_layers:
+                raise ValueError(f"{self.name} reads the target's last-layer state only; target_layers is for "
+                                 f"{', '.join(levels(reads_layers=True))}")
+            self.target_layers = []
+            return
+        ids = list(DEFAULT_TARGET_LAYERS if self.target_layers is None else self.target_layers)
+        if len(ids) < 2 or len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError(f"{self.name} fuses two or more distinct target layers (hidden-state indices >= 0), "
+                             f"got {ids}")
+        self.target_layers = [int(i) for i in ids]
 
     @property
     def consumes(self) -> str:
@@ -160,6 +190,12 @@ class AdapterConfig:
     def context(self) -> str | None:
         """ "drafter" when the adapter also reads EventGPT's prompt-end state (L5E), else None."""
         return LEVEL_ROLES[self.name][2]
+
+    @property
+    def reads_layers(self) -> bool:
+        """Whether a verified position gives the level the target's states at several layers (E3, E3E: EAGLE-3's
+        features, `target_layers`) instead of its last-layer state alone."""
+        return LEVEL_ROLES[self.name][3] == "layers"
 
     @property
     def rolls_out(self) -> bool:
@@ -189,7 +225,9 @@ class AdapterConfig:
 
     @property
     def in_dim(self) -> int:
-        """Width of the primary input `x`."""
+        """Width of the primary input `x` at a verified position (K * D_target for the layer-fusing levels)."""
+        if self.reads_layers:
+            return len(self.target_layers) * self.target_dim
         return self.target_dim if self.consumes == "target" else self.drafter_dim
 
 
@@ -208,7 +246,7 @@ def level_config(level: int | str) -> AdapterConfig:
 
 def levels(**roles: Any) -> tuple[str, ...]:
     """The level names whose config has every given role, in ADAPTER_NAMES order:
-    `levels(predicts="same")` -> L1-L4 (prefill), `levels(rolls_out=True)` -> L5, B1, L5E."""
+    `levels(predicts="same")` -> L1-L4 (prefill), `levels(rolls_out=True)` -> L5, B1, L5E, E3, E3E."""
     configs = [level_config(name) for name in ADAPTER_NAMES]
     return tuple(c.name for c in configs if all(getattr(c, key) == value for key, value in roles.items()))
 
@@ -642,6 +680,50 @@ class ProjectedContext:
     vector: Tensor
 
 
+# ----------------------------------------------------------------------------- EAGLE-3's features: E3, E3E
+
+
+class LayerFusionAdapter(EAGLEStyleAdapter):
+    """E3: the B1 head on EAGLE-3's features. At a verified position t it reads the target's states at a low,
+    a middle and a high layer (`config.target_layers`, K of them; EAGLE-3's rule scaled to the target's depth),
+    concatenated [B, T, K * D] and fused into the head's width by one bias-free linear layer (EAGLE-3's `fc`,
+    K*D -> D); at a drafted position it reads its own previous output [B, T, D], as B1 does, so every draft
+    step costs what B1's does. Then B1's path: LayerNorm, the token input, learned positions, the causal
+    layer, output LayerNorm, a zero-initialised output projection scaled by alpha, and a residual from the
+    fused input. Output[t] estimates the target's last-layer state at t+1 (the frozen LM head reads it).
+
+    The fusion starts as the identity on the highest layer (its block of the weight is I, the others 0), so
+    an untrained E3 is B1 fed that layer's state: on a 2-layer target, whose highest index is its last layer,
+    exactly the untrained B1."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        # AttentionAdapter built input_proj as Linear(K * D -> D, no bias): EAGLE-3's fc
+        with torch.no_grad():
+            d = config.target_dim
+            self.input_proj.weight.zero_()
+            self.input_proj.weight[:, -d:] = torch.eye(d)
+
+    def _encode(self, x, mask, h_target, token_ids, offset, context=None):
+        """Layer states [.., K * D] (a verified position) are fused; a [.., D] input is the head's own output."""
+        if x.dim() == 3 and x.shape[-1] == self.config.in_dim:
+            residual = self.input_proj(x)
+        elif x.dim() == 3 and x.shape[-1] == self.config.target_dim:
+            residual = x
+        else:
+            raise ValueError(f"{self.config.name} expects the target's {len(self.config.target_layers)} layer states "
+                             f"[B, T, {self.config.in_dim}] or its own outputs [B, T, {self.config.target_dim}], got "
+                             f"{tuple(x.shape)}; was the adapter built for another model width or layer set?")
+        h = self._add_context(self._fuse_tokens(self.input_norm(residual), token_ids), context)
+        return self._positions(h, offset), residual
+
+
+class LayerContextAdapter(LayerFusionAdapter, EventContextAdapter):
+    """E3E: E3 plus L5E's context, EventGPT's prompt-end state through LayerNorm and a zero-initialised
+    projection added to every position's input (so an untrained E3E is E3), computed once per answer by
+    EventGPT's prefill beside the target's: the cross-modal variant of the EAGLE-3 head."""
+
+
 _CLASSES: dict[str, type[BaseAdapter]] = {
     "L1": HiddenStateAdapter,
     "L2": MultiLayerBottleneckAdapter,
@@ -651,6 +733,8 @@ _CLASSES: dict[str, type[BaseAdapter]] = {
     "B1": EAGLEStyleAdapter,
     "L5F": FusedEAGLEAdapter,
     "L5E": EventContextAdapter,
+    "E3": LayerFusionAdapter,
+    "E3E": LayerContextAdapter,
 }
 
 
@@ -663,7 +747,7 @@ def create_adapter(
     vlm_only: bool = False,
     **overrides: Any,
 ) -> BaseAdapter:
-    """Build an adapter by level (1-7) or name (L1..L5, B1, L5F, L5E; any case).
+    """Build an adapter by level (1-9) or name (L1..L5, B1, L5F, L5E, E3, E3E; any case).
 
     `hidden_dim` sets both widths; `drafter_dim` / `target_dim` override them separately when the
     two models differ. Inner widths follow the reference's ratios to the target width (bottleneck
@@ -688,12 +772,19 @@ def build_adapter(config: AdapterConfig) -> BaseAdapter:
 
 
 def adapter_inputs(
-    adapter: BaseAdapter, drafter: Tensor | None, target: Tensor, tokens: Tensor | None = None
+    adapter: BaseAdapter, drafter: Tensor | None, target: Tensor, tokens: Tensor | None = None,
+    layers: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(x, keyword arguments) to call `adapter(x, mask, **kwargs)` (or `adapter.rollout`) with, from what
-    it consumes: drafter states (L1-L5), target states (B1, L5E) or both (L5F); token ids when it reads
-    tokens; EventGPT's prompt-end state (`drafter[:, 0]`, the state before its first answer token) for L5E."""
+    it consumes: drafter states (L1-L5), target states (B1, L5E) or both (L5F), the target's layer states
+    `layers` [B, T, K, D] flattened to [B, T, K * D] (E3, E3E); token ids when it reads tokens; EventGPT's
+    prompt-end state (`drafter[:, 0]`, the state before its first answer token) for L5E and E3E."""
     x = target if adapter.consumes == "target" else drafter
+    if adapter.config.reads_layers:
+        if layers is None:
+            raise ValueError(f"{adapter.config.name} fuses the target's layer states {adapter.config.target_layers}; "
+                             "none were given (extract with --target_layers)")
+        x = layers.flatten(-2)
     if x is None:
         raise ValueError(f"{adapter.config.name} consumes drafter states, none were given")
     kwargs: dict[str, Tensor] = {}
@@ -879,7 +970,7 @@ def summary_rows(hidden_dim: int = 4096) -> list[dict[str, Any]]:
                 "level": name,
                 "class": type(adapter).__name__,
                 "params": count_parameters(adapter),
-                "consumes": adapter.consumes,
+                "consumes": "layers" if adapter.config.reads_layers else adapter.consumes,  # E3: target layers
                 "predicts": adapter.predicts,
                 "attention": attn,
             }
@@ -940,6 +1031,8 @@ __all__ = [
     "EventContextAdapter",
     "FusedEAGLEAdapter",
     "HiddenStateAdapter",
+    "LayerContextAdapter",
+    "LayerFusionAdapter",
     "MultiLayerBottleneckAdapter",
     "ProjectedContext",
     "WideBottleneckAdapter",

@@ -14,11 +14,17 @@
     python train_hidden_adapter.py --resume tasks/L5F_teacher_forced_20260101_120000
     # the specification's training of a next-position level (one teacher-forced step, no token input)
     python train_hidden_adapter.py ... --adapter_level B1 --spec_loss
+    # the EAGLE-3 head on the target's low/middle/high layers, trained EAGLE-3's way (7-step roll-out,
+    # distillation of the target's distribution, no regression)
+    python train_hidden_adapter.py ... --adapter_level E3 --rollout_steps 7 --gamma_decode 7 \
+        --regression_weight 0 --distill_weight 1
 
 Next-position levels (L5, B1, L5F, L5E) are trained by default as they draft: with the token input
 (the embedding of each position's token, from the target's frozen table in the --lm_head file), on
 roll-outs of --rollout_steps drafting steps fed their own outputs, with the LM head's cross-entropy
 beside the regression loss, and selected on the validation roll-out's accepted drafts per iteration.
+E3 and E3E read the target's layer states that extraction stored (`--target_layers`); the layers they
+fuse are the data's (its manifest), recorded in the checkpoint's config.
 
 Writes {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/: best_model.pt (load_adapter), last.pt (the
 resume state), history.json, training_curves.png, config.yaml (the resolved flags) and hf/
@@ -63,11 +69,21 @@ from hidden_adapter import (
     create_adapter,
     draft_outputs,
     export_hf,
+    level_config,
     load_adapter,
     rollout_problem,
     save_adapter,
 )
-from hidden_data import PAIRS, ChunkStream, check_lm_head, differing_models, load_lm_head, model_hashes, to_device
+from hidden_data import (
+    PAIRS,
+    ChunkStream,
+    check_lm_head,
+    differing_models,
+    load_lm_head,
+    manifest_layer_ids,
+    model_hashes,
+    to_device,
+)
 from losses import LOSS_MIXES, adapter_loss, drafting_loss
 from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
 
@@ -87,10 +103,16 @@ DEFAULT_PREDICTION_WEIGHT = 1.0
 # "Training as drafting runs"): each of token input, roll-out training and the token loss adds
 # accepted drafts per iteration; these are the defaults, --spec_loss turns all of them off.
 # What a run folder written before the drafting flags existed was trained with (its config.yaml lacks them).
-PRE_DRAFTING_DEFAULTS = {"token_input": "off", "rollout_steps": 1, "token_loss_weight": 0.0}
+PRE_DRAFTING_DEFAULTS = {"token_input": "off", "rollout_steps": 1, "token_loss_weight": 0.0,
+                         "regression_weight": 1.0, "distill_weight": 0.0, "distill_topk": 0,
+                         "distill_temperature": 1.0}
 DEFAULT_ROLLOUT_STEPS = 3  # as good as 5 on the toy world at 12 epochs, for 3/5 of the cost (TRAINING.md)
 DEFAULT_ROLLOUT_DECAY = 0.8
 DEFAULT_TOKEN_LOSS_WEIGHT = 0.1
+# EAGLE-3-grade training (docs/TRAINING.md, "EAGLE-3-grade training"): the weight of the regression terms
+# (EAGLE-3 drops them: 0) and of the distillation of the target's distribution through the frozen LM head.
+DEFAULT_REGRESSION_WEIGHT = 1.0
+DEFAULT_DISTILL_WEIGHT = 0.0
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -103,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_data", default=None, help="train split folder written by extract_hidden_states.py")
     p.add_argument("--val_data", default=None, help="validation split folder (model selection and early stopping)")
     p.add_argument("--adapter_level", default=None,
-                   help="1-7 or L1, L2, L3, L4, L5, B1, L5F, L5E (6 = L5F, 7 = L5E)")
+                   help="1-9 or L1, L2, L3, L4, L5, B1, L5F, L5E, E3, E3E (6 = L5F, 7 = L5E, 8 = E3, 9 = E3E)")
     p.add_argument("--vlm_only", action="store_true", help="train level 5 on target states only (= B1)")
     p.add_argument("--pairs", choices=PAIRS, default="teacher_forced",
                    help="drafter input: egpt_hidden (free) or egpt_hidden_tf (teacher_forced); docs/DATA_FORMAT.md")
@@ -138,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the cross-entropy of the target LM head's logits against the target's token at "
                         f"every roll-out step (EAGLE's classification term); default {DEFAULT_TOKEN_LOSS_WEIGHT} for "
                         "next-position levels with --lm_head, else 0")
+    p.add_argument("--regression_weight", type=float, default=DEFAULT_REGRESSION_WEIGHT,
+                   help="next-position levels: weight of the state-regression terms (MSE + cosine against the target "
+                        "states) at every roll-out step; 0 drops them, as EAGLE-3 does (then a token or distillation "
+                        "loss must be on)")
+    p.add_argument("--distill_weight", type=float, default=DEFAULT_DISTILL_WEIGHT,
+                   help="next-position levels with --lm_head: weight of the distillation term at every roll-out step, "
+                        "KL(target's next-token distribution || the head's), both through the frozen LM head "
+                        "(HASS / EAGLE-3's soft labels); 0 = off")
+    p.add_argument("--distill_topk", type=int, default=0,
+                   help="distill only the target's K most likely tokens (renormalised); 0 = its whole distribution")
+    p.add_argument("--distill_temperature", type=float, default=1.0,
+                   help="temperature of both distributions in the distillation term")
     p.add_argument("--gamma_decode", type=int, default=5,
                    help="drafts per iteration scored by the validation roll-out (and the most --rollout_steps "
                         "defaults to)")
@@ -241,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--gamma_decode and --rollout_steps must be >= 1")
     if not 0 < args.rollout_decay <= 1 or (args.token_loss_weight is not None and args.token_loss_weight < 0):
         parser.error("--rollout_decay must lie in (0, 1] and --token_loss_weight be >= 0")
+    if args.regression_weight < 0 or args.distill_weight < 0 or args.distill_topk < 0 or args.distill_temperature <= 0:
+        parser.error("--regression_weight, --distill_weight and --distill_topk must be >= 0, --distill_temperature > 0")
     try:
         resolve_drafting(args)
     except ValueError as err:
@@ -339,6 +375,7 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                              f"{args.level_name} always trains with the specification's alignment loss")
         args.use_token_input, args.steps, args.ce_weight = False, 1, 0.0
         args.prediction_weight, args.loss_mix = 0.5, "convex"
+        args.regression_weight, args.distill_weight = 1.0, 0.0
         if args.select_metric == "auto":  # the specification selects on the validation loss
             args.select_metric = "loss"
     else:
@@ -359,6 +396,12 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                               "FILE (extract_vl_lm_head.py) for the head with the token input, which drafts better")
     if args.ce_weight > 0 and not has_head(args):
         raise ValueError("--token_loss_weight > 0 needs --lm_head")
+    if not nxt:  # same-position levels train on the alignment loss alone
+        args.regression_weight, args.distill_weight = 1.0, 0.0
+    if args.distill_weight > 0 and not has_head(args):
+        raise ValueError("--distill_weight > 0 distils the target's distribution through its LM head: pass --lm_head")
+    if nxt and args.regression_weight == 0 and args.ce_weight == 0 and args.distill_weight == 0:
+        raise ValueError("--regression_weight 0 leaves no loss: add --distill_weight or --token_loss_weight")
     if args.select_metric == "auto":
         args.select = "rollout_accept" if nxt and has_head(args) else "loss"
     else:
@@ -373,7 +416,9 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
 def drafting_record(args: argparse.Namespace) -> dict[str, Any]:
     """How a next-position level was trained, as resolved from the flags (stored in best_model.pt)."""
     return {"token_input": args.use_token_input, "rollout_steps": args.steps, "rollout_decay": args.rollout_decay,
-            "token_loss_weight": args.ce_weight, "loss_mix": args.loss_mix,
+            "token_loss_weight": args.ce_weight, "regression_weight": args.regression_weight,
+            "distill_weight": args.distill_weight, "distill_topk": args.distill_topk,
+            "distill_temperature": args.distill_temperature, "loss_mix": args.loss_mix,
             "prediction_weight": args.prediction_weight, "spec_loss": args.spec_loss, "select_metric": args.select,
             "lm_head": args.lm_head or getattr(args, "lm_head_model", None)}
 
@@ -424,13 +469,16 @@ def broadcast(obj: Any, proc: Proc) -> Any:
 # ----------------------------------------------------------------------------- data and model
 
 
-def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple[ChunkStream, ChunkStream]:
-    """Streams over the train and val folders, after checking they come from the same models."""
+def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool, need_layers: bool = False
+              ) -> tuple[ChunkStream, ChunkStream]:
+    """Streams over the train and val folders, after checking they come from the same models (and, for the
+    layer-fusing levels, hold the same target layers)."""
     manifests = {}
     streams = []
     for split, folder, shuffle in (("train", args.train_data, True), ("val", args.val_data, False)):
         stream = ChunkStream(folder, pairs=args.pairs, batch_size=args.batch_size, seed=args.seed, shuffle=shuffle,
                              rank=proc.rank, world_size=proc.world_size, need_drafter=need_drafter,
+                             need_layers=need_layers,
                              prefetch=not args.no_prefetch, pin_memory=proc.device.type == "cuda")
         manifests[split] = stream.manifest
         streams.append(stream)
@@ -442,17 +490,24 @@ def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple
     if differing_models(train.manifest, val.manifest):
         raise UserError(f"{args.train_data} and {args.val_data} were extracted with different models "
                         f"({model_hashes(train.manifest)} vs {model_hashes(val.manifest)}); re-extract one of them")
+    if need_layers and manifest_layer_ids(train.manifest) != manifest_layer_ids(val.manifest):
+        raise UserError(f"{args.train_data} holds the target's layers {manifest_layer_ids(train.manifest)} but "
+                        f"{args.val_data} holds {manifest_layer_ids(val.manifest)}; extract both with the same "
+                        "--target_layers")
     for stream in streams:  # every chunk is checked against the manifest's widths as it is read
         stream.dims = {"drafter": tw.get("drafter"), "target": tw.get("target")}
     return train, val
 
 
-def build_adapter_for(args: argparse.Namespace, widths: dict[str, int], vocab_size: int | None = None) -> BaseAdapter:
+def build_adapter_for(args: argparse.Namespace, widths: dict[str, int], vocab_size: int | None = None,
+                      target_layers: tuple[int, ...] | None = None) -> BaseAdapter:
     if not widths.get("drafter") or not widths.get("target"):
         raise UserError(f"{args.train_data}/manifest.json records no state widths; re-extract with this release")
     extra: dict[str, Any] = {}
     if args.use_token_input:
         extra = {"token_input": True, "vocab_size": vocab_size}
+    if target_layers:  # E3, E3E fuse the layers the data holds
+        extra["target_layers"] = list(target_layers)
     return create_adapter(args.level_name, drafter_dim=widths["drafter"], target_dim=widths["target"],
                           dropout=args.dropout, prediction_weight=args.prediction_weight, **extra)
 
@@ -491,7 +546,7 @@ class Drafting(nn.Module):
 
 
 def forward(model: nn.Module, adapter: BaseAdapter, batch: dict[str, Tensor]) -> list[Tensor]:
-    x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
+    x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"], batch.get("layers"))
     return model(x, batch["mask"], **kwargs)
 
 
@@ -505,7 +560,9 @@ def loss_of(adapter: BaseAdapter, outs: list[Tensor], batch: dict[str, Tensor], 
                             prediction_weight=args.prediction_weight)
     return drafting_loss(adapter, outs[: args.steps], batch["target"], batch["mask"], tokens=batch["tokens"],
                          lm_head=head, decay=args.rollout_decay, token_loss_weight=args.ce_weight, mix=args.loss_mix,
-                         prediction_weight=args.prediction_weight)
+                         prediction_weight=args.prediction_weight, regression_weight=args.regression_weight,
+                         distill_weight=args.distill_weight, distill_topk=args.distill_topk,
+                         distill_temperature=args.distill_temperature)
 
 
 def token_key(predicts: str) -> str:
@@ -590,7 +647,7 @@ def validate(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, head: 
     steps = max(args.steps, args.gamma_decode) if roll is not None else args.steps
     for raw in stream.batches(0):
         batch = to_device(raw, proc.device)
-        x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
+        x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"], batch.get("layers"))
         with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
             outs = draft_outputs(adapter, x, batch["mask"], steps, **kwargs)
         outs = [o.float() for o in outs]
@@ -792,11 +849,12 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
 def main(args: argparse.Namespace) -> dict[str, Any]:
     proc = setup_processes(args)
     set_seed(args.seed)
-    need_drafter = canonical_name(args.level_name) != "B1"
-    train, val = open_data(args, proc, need_drafter)
+    roles = level_config(args.level_name)  # what the level reads decides which keys are read
+    train, val = open_data(args, proc, roles.reads_drafter, roles.reads_layers)
     widths = train.manifest.get("widths") or {}
     head_file = load_head(args, int(widths.get("target") or 0) or None, train.manifest)
-    adapter = build_adapter_for(args, widths, head_file["vocab_size"] if head_file else None).to(proc.device)
+    adapter = build_adapter_for(args, widths, head_file["vocab_size"] if head_file else None,
+                                manifest_layer_ids(train.manifest) if roles.reads_layers else None).to(proc.device)
     problem = rollout_problem(adapter.config) if adapter.predicts == "next" else None
     if problem:  # training rolls it out (validation always does) and the engine would draft that way
         raise UserError(f"{args.train_data}: {problem}")

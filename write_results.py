@@ -352,15 +352,19 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
              "of every drafted position (one EventGPT 7B step per draft, the specification's lockstep); L5 reads "
              "EventGPT's states of the verified text.", "")
     rows = []
+    perfect = (live["configs"].get("synthetic_p1") or {}).get("speedup") or {}
     for name, c in live["configs"].items():
         if (c.get("drafting") or {}).get("kind") != "decode" or "tokens_per_verify" not in c:
             continue
         pos = list((c.get("per_position_acceptance") or {}).values())
+        share = c["speedup"]["median"] / perfect["median"] if perfect.get("median") and c.get("speedup") else None
         rows.append([name, num(c["tokens_per_verify"]), ", ".join(num(v) for v in pos) or "-",
-                     num(c.get("drafted_per_iteration")), span(c.get("speedup")),
+                     num(c.get("drafted_per_iteration")), span(c.get("speedup")), num(share),
                      num(c.get("modelled_speedup_reference"))])
     page.add(markdown_table(["config", "tokens/verify", "drafts 1..k all accepted, k = 1..gamma", "drafted/iter",
-                             "speed-up here (measured)", "modelled, H200 7B profile"], rows), "")
+                             "speed-up here (measured)", "share of the perfect drafter's (synthetic_p1)",
+                             "modelled, H200 7B profile"], rows), "")
+    eagle3_paragraph(page, live, acc)
     b1, l5e = acc.get(("B1", "teacher_forced")), acc.get(("L5E", "teacher_forced"))
     if b1 and l5e:
         def fig(entry: tuple[Path, dict[str, Any]]) -> float | None:
@@ -374,6 +378,32 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
                  f"per iteration ({'-' if fb is None or fe is None else f'{fe - fb:+.2f}'}); live on the benchmark's "
                  f"samples: B1 {num(lb)}, L5E {num(le)} "
                  f"({'-' if lb is None or le is None else f'{le - lb:+.2f}'}).", "")
+
+
+def eagle3_paragraph(page: Page, live: dict[str, Any], acc: dict) -> None:
+    """E3 beside B1: the EAGLE-3 features against the last-layer state, offline (whole test split) and live
+    (the benchmark's samples, the same depth), with the training each checkpoint records."""
+    b1, e3 = acc.get(("B1", "teacher_forced")), acc.get(("E3", "teacher_forced"))
+    if not (b1 and e3):
+        return
+
+    def offline(entry: tuple[Path, dict[str, Any]]) -> float | None:
+        return ((entry[1].get("drafting") or {}).get("rollout") or {}).get("live_tokens_per_verify")
+
+    def recipe(entry: tuple[Path, dict[str, Any]]) -> str:
+        d = (entry[1].get("trained") or {}).get("drafting") or {}
+        return (f"{d.get('rollout_steps')}-step roll-out, regression {d.get('regression_weight', 1.0) or 0:g}, "
+                f"distillation {d.get('distill_weight') or 0:g}, token loss {d.get('token_loss_weight') or 0:g}")
+
+    cfg = live["configs"]
+    lb, le = (cfg.get(f"decode[{lv}]", {}).get("tokens_per_verify") for lv in ("B1", "E3"))
+    sb, se = (cfg.get(f"decode[{lv}]", {}).get("speedup", {}).get("median") for lv in ("B1", "E3"))
+    fb, fe = offline(b1), offline(e3)
+    page.add("Does the EAGLE-3 head add acceptance? E3 reads the target's low, middle and high layer states where "
+             f"B1 reads its last-layer state; B1 trained with {recipe(b1)}; E3 with {recipe(e3)}. Tokens per verify "
+             f"pass, offline roll-out on the whole test split at gamma {e3[1].get('gamma_decode')}: B1 {num(fb)}, E3 "
+             f"{num(fe)}; live on the benchmark's samples at gamma {live['gamma_decode']}: B1 {num(lb)}, E3 {num(le)} "
+             f"(speed-up here {num(sb)} and {num(se)}).", "")
 
 
 def _window(values: list[float] | None, g: int) -> float | None:
