@@ -577,8 +577,9 @@ class _AdapterDrafter:
         self.verified += tokens
         if self.target_layers:  # E3: a verified position's input is its K layer states, [K * D]
             if layers is None or layers.shape[-2] != len(self.target_layers):
-                raise ValueError(f"{self.adapter.config.name} reads the target's layer states {list(self.target_layers)} "
-                                 "of every verified position: the target must return them (runner.capture_layers)")
+                raise ValueError(f"{self.adapter.config.name} reads the target's layer states "
+                                 f"{list(self.target_layers)} of every verified position: the target must return them "
+                                 "(runner.capture_layers)")
             states = layers.flatten(-2)
         self.states += list(states)
 
@@ -847,7 +848,7 @@ def draft_step(adapter: Any, cached: int, path: str = "dynamic", head: Tensor | 
         StaticAdapterCache(adapter, width=1, compile=path == "compiled")
     cache(x[:, :cached], **inputs(slice(0, cached)))
     last, step_inputs = x[:, cached:], inputs(slice(cached, cached + 1))
-    if getattr(cfg, "reads_layers", False):  # E3: cached positions are verified (layer states), a draft reads its own output
+    if getattr(cfg, "reads_layers", False):  # E3: the cached positions hold layer states, a draft its own output
         last = torch.randn(1, 1, cfg.target_dim, device=dev, dtype=dt)
 
     def once() -> Any:

@@ -32,7 +32,7 @@ from hidden_adapter import (
 )
 from losses import distill_loss, drafting_loss
 from tests.conftest import ROOT
-from tests.test_hidden_data import D, make_split, write_head
+from tests.test_hidden_data import make_split, write_head
 from vlm_runners import eagle3_layer_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
