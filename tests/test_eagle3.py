@@ -400,30 +400,37 @@ def test_engine_hands_each_verify_pass_layer_states_to_the_drafter(runners: Simp
     assert vl.layer_ids == ()  # an engine whose drafter reads no layers switches the capture off
 
 
-@pytest.mark.parametrize("path", ["dynamic", "static"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static", pytest.param("cuda_compiled", marks=CUDA)])
 def test_e3_drafts_losslessly_on_many_prompts(runners: SimpleNamespace, path: str) -> None:
     import model_builders as mb
 
-    vl = runners.vl
-    if path == "static":
-        vl = mb.load_video_llava(runners.world / "models" / "video_llava", device="cpu", dtype="fp32")
+    vl, refs = runners.vl, runners.refs
+    if path != "dynamic":
+        device = "cuda" if path == "cuda_compiled" else "cpu"
+        vl = mb.load_video_llava(runners.world / "models" / "video_llava", device=device, dtype="fp32")
         longest = max(p.attention_mask.shape[1] for p in runners.prompts)
-        vl.use_static_cache(longest + MAX_NEW + 8, verify_width=4)
+        vl.use_static_cache(longest + MAX_NEW + 8, verify_width=4, compile=path == "cuda_compiled")
+        if device == "cuda":  # the references of this device's arithmetic
+            refs = [sd.greedy_reference(vl, p, MAX_NEW) for p in runners.prompts]
     ids = list(eagle3_layer_ids(vl.num_layers))
     head = vl.lm_head_weight()
-    e3 = noisy(create_adapter("E3", vl.hidden_size, target_layers=ids, dropout=0.0), seed=1)
-    engine = sd.SpeculativeDecoder(vl, dr.make_drafter(e3, head), gamma_decode=3, static_cache=path == "static")
-    for i, (inputs, ref) in enumerate(zip(runners.prompts, runners.refs, strict=True)):
+    e3 = noisy(create_adapter("E3", vl.hidden_size, target_layers=ids, dropout=0.0), seed=1).to(vl.device)
+    engine = sd.SpeculativeDecoder(vl, dr.make_drafter(e3, head), gamma_decode=3, static_cache=path != "dynamic",
+                                   compile=path == "cuda_compiled")
+    for i, (inputs, ref) in enumerate(zip(runners.prompts, refs, strict=True)):
         out = engine.generate(inputs, None, MAX_NEW)
         sd.check_lossless(out.tokens, ref, f"E3 on the {path} path, prompt {i}")
     assert vl.layer_ids == tuple(ids)
     drafter = dr.make_drafter(e3, head)
     with pytest.raises(ValueError, match="must return them"):
         drafter.begin(None)
-        drafter.accept([1], torch.zeros(1, vl.hidden_size))
+        drafter.accept([1], torch.zeros(1, vl.hidden_size, device=vl.device))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@CUDA
 def test_compiled_cuda_path_returns_the_same_layer_states(quick_world: Path, runners: SimpleNamespace) -> None:
     import model_builders as mb
 

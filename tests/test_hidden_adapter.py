@@ -81,7 +81,7 @@ def test_factory_accepts_levels_and_names(level, name):
     assert create_adapter(level, D).config.name == name
 
 
-@pytest.mark.parametrize("bad", ["L7", 0, 8, "foo", "", None, True, 2.0])
+@pytest.mark.parametrize("bad", ["L7", 0, 10, "foo", "", None, True, 2.0])
 def test_factory_rejects_unknown_levels_and_lists_valid_names(bad):
     with pytest.raises(ValueError, match="L1, L2, L3, L4, L5, B1, L5F, L5E"):
         create_adapter(bad)

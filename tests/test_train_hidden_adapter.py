@@ -84,7 +84,9 @@ def test_run_folder_files_and_checkpoint_description(data, tmp_path):
     # the validation roll-out; the checkpoint says so and carries the draft-length calibration
     assert adapter.config.token_input and extra["drafting"] == {
         "token_input": True, "rollout_steps": tha.DEFAULT_ROLLOUT_STEPS, "rollout_decay": tha.DEFAULT_ROLLOUT_DECAY,
-        "token_loss_weight": tha.DEFAULT_TOKEN_LOSS_WEIGHT, "loss_mix": tha.DEFAULT_LOSS_MIX,
+        "token_loss_weight": tha.DEFAULT_TOKEN_LOSS_WEIGHT, "regression_weight": tha.DEFAULT_REGRESSION_WEIGHT,
+        "distill_weight": tha.DEFAULT_DISTILL_WEIGHT, "distill_topk": 0, "distill_temperature": 1.0,
+        "loss_mix": tha.DEFAULT_LOSS_MIX,
         "prediction_weight": tha.DEFAULT_PREDICTION_WEIGHT, "spec_loss": False, "select_metric": "rollout_accept",
         "lm_head": str(data / "head.pt")}
     cal = extra["draft_calibration"]
