@@ -73,6 +73,8 @@ log = logging.getLogger("xmodal_sd.e2e")
 
 CONFIGS = ("target", "hf_generate", "prefill", "decode", "two_phase", "synthetic", "assisted")
 DRAFT_STOPS = ("fixed", "confidence", "expected")
+# 2: every configuration records what it drafts with (`drafting`), and the result the configurations left out
+E2E_FORMAT_VERSION = 2
 ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
 
 
@@ -666,7 +668,7 @@ def main(args: argparse.Namespace) -> int:
         }
 
     result = {
-        "format": "xmodal_sd.e2e_wallclock", "format_version": 1, "command": command, "device": device,
+        "format": "xmodal_sd.e2e_wallclock", "format_version": E2E_FORMAT_VERSION, "command": command, "device": device,
         "platform": platform.platform(), "torch": torch.__version__, "num_samples": len(samples),
         "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
@@ -684,7 +686,7 @@ def main(args: argparse.Namespace) -> int:
         "synthetic_cost_ms": args.synthetic_cost_ms,
         "synthetic_cost_level": args.synthetic_cost_level,
         "models": {"eventgpt": model_description(eg), "video_llava": model_description(vl)},
-        "configs": configs, "assisted": assisted, "profile": profile.to_json(),
+        "left_out": args.left_out, "configs": configs, "assisted": assisted, "profile": profile.to_json(),
         "runs": runs,
     }
     out = args.output_dir

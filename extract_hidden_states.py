@@ -407,7 +407,7 @@ def load_models(args: argparse.Namespace, device: torch.device, dtypes: dict[str
     recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
     for path in (p for p in recorded if p.is_file()):
         recorded_models = read_json(path, "extraction record", "delete the folder").get("models")
-        if differing_models(recorded_models, models, dtype=True):
+        if recorded_models and differing_models(recorded_models, models, dtype=True, strict=True):
             raise UserError(f"{out_dir} holds states of other models or another dtype (see {path.name}); "
                             "use a new --output_dir")
     return egpt, vl, models

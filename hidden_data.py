@@ -244,8 +244,6 @@ def describe(manifest: dict[str, Any]) -> str:
     return json.dumps({k: manifest[k] for k in ("split", "num_samples", "complete") if k in manifest})
 
 
-# ----------------------------------------------------------------------------- pairs and streaming
-
 # ----------------------------------------------------------------------------- the models behind the states
 # The one "same models" rule: extraction refuses to add to a folder of other models' states, training refuses
 # train and validation data of different models, evaluation refuses a checkpoint trained on other models' states
@@ -275,14 +273,17 @@ def model_hashes(described: Any) -> dict[str, str]:
     return {role: r["config_hash"] for role, r in _model_records(described).items()}
 
 
-def differing_models(a: Any, b: Any, dtype: bool = False) -> list[str]:
+def differing_models(a: Any, b: Any, dtype: bool = False, strict: bool = False) -> list[str]:
     """The roles whose models differ between two records: another config hash, or with `dtype` another
-    compute dtype where both record one. A role that either record lacks does not count."""
+    compute dtype where both record one. A role that either record lacks does not count, unless `strict`
+    (extraction: a folder whose record lacks a model is not known to hold these models' states)."""
     ra, rb = _model_records(a), _model_records(b)
     out = []
     for role in MODEL_ROLES:
         x, y = ra.get(role), rb.get(role)
         if x is None or y is None:
+            if strict and (x is None) != (y is None):
+                out.append(role)
             continue
         if x["config_hash"] != y["config_hash"] or (dtype and x["dtype"] and y["dtype"] and x["dtype"] != y["dtype"]):
             out.append(role)

@@ -237,6 +237,7 @@ def checkpoint_tensors(ckpt_dir: str | os.PathLike, prefixes: tuple[str, ...] = 
             break
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if (ckpt / n).is_file()][:1]
+        files = files or sorted(p.name for p in ckpt.glob("*.safetensors"))  # shards without an index
         if not files:
             raise UserError(
                 f"no weights in {ckpt}: expected model.safetensors, pytorch_model.bin or a sharded index "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from clip_data import check_data_folder
 from common import UserError, check_device
-from hidden_adapter import read_adapter_config
+from hidden_adapter import levels, read_adapter_config
 
 
 def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None,
@@ -55,7 +55,8 @@ def check_adapter_role(path: str, role: str) -> str:
     config, extra = read_adapter_config(path)
     level = config.name
     if role == "prefill" and config.predicts != "same":
-        raise UserError(f"--prefill_adapter must be a same-position level (L1-L4), got {level} ({path})")
+        raise UserError(f"--prefill_adapter must be a same-position level ({', '.join(levels(predicts='same'))}), "
+                        f"got {level} ({path})")
     return f"--{role}_adapter {path}: {level} ({extra.get('pairs', '?')} pairs)"
 
 
