@@ -496,6 +496,44 @@ def test_a_tie_then_a_tie_counts_two() -> None:
     assert target.asked == [(1, 2), (1, 2, 3, 7)]
 
 
+class VerifySpy:
+    """A runner wrapper recording, per answer position, the logits row the engine's last pass over it
+    produced (the prefill's, then each verify pass's rows; a later pass re-scores positions after a
+    rejection)."""
+
+    def __init__(self, runner: Any, prompt_len: int) -> None:
+        self.runner, self.prompt_len = runner, prompt_len
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def prefill(self, inputs: VLMInputs, logits_for: str = "all") -> Any:
+        out = self.runner.prefill(inputs, logits_for=logits_for)
+        self.rows[0] = out.logits[0, -1].clone()
+        return out
+
+    def decode(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor) -> Any:
+        out = self.runner.decode(ids, cache, mask)
+        start = mask.shape[1] - self.prompt_len - ids.shape[1] + 1  # the position row 0 scores
+        for i in range(ids.shape[1]):
+            self.rows[start + i] = out.logits[0, i].clone()
+        return out
+
+    def check_replay(self, t_in: VLMInputs, ref: list[int], gamma: int, **engine: Any) -> sd.SpecOutput:
+        """Answer with a controlled drafter (70% right) through this spy, and check that verify_logits gives,
+        at every position of the answer, the very row the engine's own pass produced."""
+        sometimes = dr.SyntheticDrafter(0.7, self.runner.vocab_size, seed=1)
+        sometimes.set_reference(ref)
+        out = sd.SpeculativeDecoder(self, sometimes, gamma_decode=gamma, **engine).generate(t_in, None, MAX_NEW)
+        assert out.tokens == ref and any(it.accepted for it in out.trace.iterations)
+        for pos in range(len(out.tokens)):
+            row = sd.verify_logits(self.runner, t_in, out, pos)
+            assert torch.equal(row, self.rows[pos]), pos
+            assert int(row.argmax()) == out.tokens[pos]
+        return out
+
+
 def test_greedy_continuation_and_the_engines_verify_rows(world: SimpleNamespace) -> None:
     """greedy_continuation of the reference's own prefix is the reference; of a prefix that leaves it, the
     target's greedy answer after that prefix. verify_logits replays the engine's verify passes: on every
@@ -509,35 +547,8 @@ def test_greedy_continuation_and_the_engines_verify_rows(world: SimpleNamespace)
     assert forced[:2] == [ref[0], other] and len(forced) <= MAX_NEW
     assert forced[2] == int(sd.tie_logits(vl, t_in, [ref[0], other])[1].argmax())
 
-    class Spy:  # the runner, recording every verify row the engine computes
-        def __init__(self) -> None:
-            self.rows: dict[int, torch.Tensor] = {}
-            self.done = 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(vl, name)
-
-        def prefill(self, inputs: VLMInputs, logits_for: str = "all") -> Any:
-            out = vl.prefill(inputs, logits_for=logits_for)
-            self.rows[0] = out.logits[0, -1].clone()
-            return out
-
-        def decode(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor) -> Any:
-            out = vl.decode(ids, cache, mask)
-            start = mask.shape[1] - t_in.attention_mask.shape[1] - ids.shape[1] + 1  # position of row 0
-            for i in range(ids.shape[1]):  # a later pass re-scores the positions after a rejection
-                self.rows[start + i] = out.logits[0, i].clone()
-            return out
-
-    spy = Spy()
-    sometimes = dr.SyntheticDrafter(0.7, vl.vocab_size, seed=1)
-    sometimes.set_reference(ref)
-    out = sd.SpeculativeDecoder(spy, sometimes, gamma_decode=3).generate(t_in, None, MAX_NEW)
-    assert out.tokens == ref and any(it.accepted for it in out.trace.iterations)
-    for pos in range(len(out.tokens)):
-        row = sd.verify_logits(vl, t_in, out, pos)
-        assert torch.equal(row, spy.rows[pos]), pos
-        assert int(row.argmax()) == out.tokens[pos]
+    spy = VerifySpy(vl, t_in.attention_mask.shape[1])
+    out = spy.check_replay(t_in, ref, gamma=3)
     rows = sd.TargetRecompute(vl, lambda: t_in, MAX_NEW, engine=out).logits(out.tokens[:2])
     assert len(rows) == 5 and torch.equal(rows[-1], spy.rows[2])
     assert len(sd.TargetRecompute(vl, t_in, MAX_NEW).logits(out.tokens[:2])) == 4
