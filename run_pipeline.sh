@@ -58,7 +58,7 @@ E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted
 
 if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
 if [ "$E2E_CONFIGS" = auto ]; then
-  if [ "$TOY" = 1 ]; then E2E_CONFIGS=all; else E2E_CONFIGS=target,hf_generate,prefill,decode,two_phase,synthetic; fi
+  if [ "$TOY" = 1 ]; then E2E_CONFIGS=all; else E2E_CONFIGS=target,hf_generate,prompt_lookup,prefill,decode,two_phase,synthetic; fi
 fi
 LM_HEAD=$DATA/vl_lm_head.pt
 mkdir -p "$RESULTS" "$TASKS"
