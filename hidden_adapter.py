@@ -27,7 +27,9 @@ the state it consumes first (drafter states; target states for B1 and L5E), `h_t
 target states (L5F only), `mask` [B, T] bool marks valid positions, `token_ids` [B, T] the token each
 position's state chose (next-position levels with a token input), `context` [B, D_drafter] EventGPT's
 prompt-end state (L5E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
-states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next").
+states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next"); `adapter.reads()`
+says it in words. An input the level does not read is refused (it is never silently dropped), and states
+are cast to the adapter's dtype (fp16 chunks into an fp32 adapter).
 
 Next-position levels can read the token of each position (EAGLE's shifted token): `token_input=True`
 takes its embedding from the target's own frozen input-embedding table, attached at run time with
