@@ -243,3 +243,32 @@ def test_dry_run_names_a_clip_file_that_is_missing(dataset, tmp_path):
             e2e.main(args)
     finally:
         (tmp_path / "moved.mp4").rename(video)
+
+
+# ----------------------------------------------------------------------------- one torch thread on the CPU
+
+
+@pytest.mark.parametrize(("device", "env", "threads", "expected"), [
+    ("cpu", None, None, 1),            # a CPU run: one thread
+    ("cpu", "3", None, "unchanged"),   # OMP_NUM_THREADS says otherwise (torch read it at start)
+    ("cpu", None, 2, "unchanged"),     # the stage's own --threads sets the count in main
+    ("cuda", None, None, "unchanged"),  # a GPU run is left as it is
+])
+def test_run_cli_gives_a_cpu_run_one_thread_unless_told_otherwise(monkeypatch, device, env, threads, expected):
+    import torch
+
+    from cli import run_cli
+
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        run_cli(lambda args: seen.append(torch.get_num_threads()),
+                lambda: argparse.Namespace(device=device, threads=threads))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1 if expected == 1 else 2]
