@@ -118,7 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="samples generated together (left padding); a clip's vision features are shared",
     )
     add_model_args(p, required=True, random_shape=False, device_note=" (ignored under accelerate launch)")
-    p.add_argument("--num_event_frames", type=int, default=1, help="event frames given to EventGPT (first N)")
     p.add_argument("--num_video_frames", "--num_frames", dest="num_frames", type=int, default=8,
                    help=alias_help("video frames sampled uniformly for Video-LLaVA", "--num_frames"))
     p.add_argument(
@@ -141,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_flag(p)
     add_dry_run_flag(p)
     args = parse_with_config(p, argv)
-    for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_event_frames", "num_frames"):
+    for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:

@@ -190,13 +190,16 @@ def iter_chunks(data_dir: str | Path, expect_teacher_forced: bool = False) -> It
 def chunk_problem(data_dir: Path, entry: dict[str, Any], hash_it: bool, load: bool = False,
                   teacher_forced: bool = False) -> str | None:
     """Why the chunk a manifest or shard entry describes is not as recorded (None when it is): missing,
-    another size, (with `hash_it`) another SHA-256, (with `load`) unreadable or another sample count."""
+    another size, (with `hash_it`) no recorded SHA-256 or another one, (with `load`) unreadable or another
+    sample count. Every entry `write_chunk` makes has a SHA-256: one without cannot be checked, so it counts."""
     f = Path(data_dir) / entry["file"]
     if not f.is_file():
         return "missing"
     if f.stat().st_size != entry["bytes"]:
         return f"{f.stat().st_size} bytes, {entry['bytes']} recorded (truncated?)"
-    if hash_it and entry.get("sha256") and file_sha256(f) != entry["sha256"]:
+    if hash_it and not entry.get("sha256"):
+        return "no SHA-256 recorded, so its contents cannot be checked (a damaged or hand-edited entry)"
+    if hash_it and file_sha256(f) != entry["sha256"]:
         return "SHA-256 differs from the recorded one (damaged)"
     if load:
         try:
