@@ -22,14 +22,24 @@ profile is therefore measured before the timed runs). In one process and on the 
 the target alone through the engine's own loop
 (`target`) and through transformers' `generate` (`hf_generate`, to show the loop is not slower);
 `prefill` (prefill hiding only), `decode` (decode drafting only), `two_phase` (both); the controlled
-drafter at every `--synthetic_acceptance` p (`synthetic`); and ours against transformers' assisted
-generation on a text-only pair, the target's language model and a perturbed copy (`assisted`).
-Every timer sits between device synchronisations; `--warmup` samples run untimed first; each of
-`--repeats` repeats runs every sample through every configuration (order rotated per repeat), and the
-speed-up is the median (min-max) over repeats of target time / configuration time on the same samples.
-Greedy outputs are checked sample by sample against the target's own greedy answer; one mismatch ends
-the run with an error. Writes e2e_wallclock.{json,md,png} and timing_profile.json (the format that
-eval_two_phase.py --timings reads), with the cost model's estimate beside each measured speed-up.
+drafter at every `--synthetic_acceptance` p (`synthetic`); transformers' prompt lookup decoding, which
+needs no trained drafter, at every (K, N) of `--prompt_lookup_tokens` x `--prompt_lookup_ngram`
+(`prompt_lookup[K5,N2]`, ...; the report headlines the fastest, picked on the same timed runs); and ours
+against transformers' assisted generation on a text-only pair, the target's language model and a
+perturbed copy (`assisted`). Every timer sits between device synchronisations; `--warmup` samples run
+untimed first; each of `--repeats` repeats runs every sample through every configuration (order rotated
+per repeat), and the speed-up is the median (min-max) over repeats of target time / configuration time
+on the same samples.
+
+Every greedy output (warm-up included) is checked at every position against the target's own greedy
+answer. A differing token is excused only as a numeric tie (speculative_decoding.check_lossless: the two
+tokens the target's top two within the dtype's rounding on every recomputed path, the engine's own
+verify pass included), after which the check goes on against the target's own continuation; any other
+difference ends the run with an error and no result. A configuration whose ties exceed the target-alone
+run's by more than max(2, --tie_margin x its checked outputs) fails: the result is written with the
+failure marked and the run exits 1. Writes e2e_wallclock.{json,md,png} and timing_profile.json (the
+format that eval_two_phase.py --timings reads), with the cost model's estimate beside each measured
+speed-up.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import math
 import platform
 import statistics
 import sys
@@ -62,7 +73,7 @@ from drafters import (
     drafter_problem,
     make_drafter,
 )
-from e2e_measure import adapter_path, assisted_run, hf_generate, measure_profile, text_pair
+from e2e_measure import adapter_path, assisted_run, hf_generate, lookup_ids, measure_profile, prompt_lookup, text_pair
 from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_builders import add_model_args, check_model_args, load_runners
 from preflight import preflight
@@ -71,9 +82,12 @@ from vlm_runners import VLMInputs, eagle3_layer_ids, model_description
 
 log = logging.getLogger("xmodal_sd.e2e")
 
-CONFIGS = ("target", "hf_generate", "prefill", "decode", "two_phase", "synthetic", "assisted")
+CONFIGS = ("target", "hf_generate", "prompt_lookup", "prefill", "decode", "two_phase", "synthetic", "assisted")
 DRAFT_STOPS = ("fixed", "confidence", "expected")
+# 2: every configuration records what it drafts with (`drafting`), and the result the configurations left out
+E2E_FORMAT_VERSION = 2
 ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
+TIE_MARGIN_MIN = 2  # a configuration may exceed the target-alone run's ties by max(this, --tie_margin x outputs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +130,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the controlled drafter's cost per draft: milliseconds, or a causal level (B1, L5, L5F, L5E) "
                         "for that level's roll-out draft step as this run measures it on its decode path "
                         "(compiled with --compile)")
+    p.add_argument("--prompt_lookup_tokens", default="3,5,10",
+                   help="config prompt_lookup: comma list of K, transformers' prompt_lookup_num_tokens (candidate "
+                        "tokens copied per step); every K is run with every N of --prompt_lookup_ngram")
+    p.add_argument("--prompt_lookup_ngram", default="2,3",
+                   help="config prompt_lookup: comma list of N, transformers' max_matching_ngram_size (longest "
+                        "n-gram matched against the prompt and the answer so far)")
+    p.add_argument("--tie_margin", type=float, default=0.01,
+                   help="a configuration fails the lossless check when its numeric ties exceed the target-alone "
+                        f"run's by more than max({TIE_MARGIN_MIN}, TIE_MARGIN x its checked outputs); default "
+                        "0.01, i.e. 1%%")
     p.add_argument("--assistant_noise", type=float, default=0.02,
                    help="relative Gaussian noise on the assistant copy's weights (config 'assisted')")
     p.add_argument("--configs", default="all",
@@ -191,6 +215,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
     if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
         p.error("--synthetic_acceptance values must be in [0, 1]")
+    for name in ("prompt_lookup_tokens", "prompt_lookup_ngram"):
+        try:
+            values = [int(x) for x in getattr(args, name).split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            p.error(f"--{name} takes a comma list of integers >= 1")
+        setattr(args, name, values)
+    if not 0 <= args.tie_margin < 1:
+        p.error("--tie_margin must be in [0, 1)")
     check_model_args(p, args)
     args.static_cache = args.static_cache or args.compile
     if args.static_cache and args.quant in ("4bit", "8bit"):
@@ -259,8 +293,9 @@ def length_rule(stop: str, adapter: Any, args: argparse.Namespace, profile: Any,
     if not calibration:
         raise UserError(f"--draft_stop expected: the {adapter.config.name} checkpoint holds no draft_calibration "
                         "(train it with this release of train_hidden_adapter.py and --lm_head)")
+    # on the static and compiled paths every verify pass is padded to gamma + 1: an extra draft costs no verify time
     rule = ExpectedGainStop.from_profile(calibration, adapter.config, profile, args.gamma_decode,
-                                         draft_ms[adapter.config.name])
+                                         draft_ms[adapter.config.name], padded_verify=args.static_cache)
     return rule, ",expected"
 
 
@@ -325,24 +360,40 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
     return engines, levels, drafting
 
 
+def lookup_configs(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """The prompt-lookup grid, {`prompt_lookup[K5,N2]`: (K, N)}, when the configuration is asked for."""
+    if "prompt_lookup" not in args.configs:
+        return {}
+    return {f"prompt_lookup[K{k},N{n}]": (k, n) for k in args.prompt_lookup_tokens for n in args.prompt_lookup_ngram}
+
+
 # ----------------------------------------------------------------------------------- the timed runs
 
 
 def run_config(name: str, engine: sd.SpeculativeDecoder | None, vl: Any, eg: Any, split_dir: Path, clip: dict,
-               question: str, reference: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """One sample through one configuration: ms, tokens, stage times, acceptance; greedy checked."""
+               question: str, reference: list[int], args: argparse.Namespace,
+               lookup: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One sample through one configuration (an engine; transformers' `generate`, or its prompt lookup
+    decoding with `lookup` = (K, N)): ms, tokens, stage times, acceptance; greedy checked at every
+    position, the numeric ties listed."""
     def target_prompt() -> VLMInputs:
         return vl.build_inputs([vl.clip_features(split_dir, clip)], [question])
 
     def drafter_prompt() -> VLMInputs:
         return eg.build_inputs([eg.clip_features(split_dir, clip)], [question])
 
-    if name == "hf_generate":
+    out = None
+    if name == "hf_generate" or lookup is not None:
         watch = Stopwatch(vl.device)
         inputs = target_prompt()
         vision = watch.ms()
-        tokens = hf_generate(vl, inputs, args.max_new_tokens)
-        rec = {"ms": watch.ms(), "vision_ms": vision, "tokens": len(tokens)}
+        if lookup is None:
+            tokens, stats = hf_generate(vl, inputs, args.max_new_tokens), {}
+        else:
+            tokens, stats = prompt_lookup(vl, inputs, question, args.max_new_tokens, *lookup,
+                                          ids=lookup_ids(vl, inputs, question))  # the ids are tokenising, timed
+        rec = {"ms": watch.ms(), "vision_ms": vision, "tokens": len(tokens), **stats}
+        prompt: Any = inputs
     else:
         if isinstance(engine.drafter, SyntheticDrafter):
             engine.drafter.set_reference(reference)
@@ -352,10 +403,12 @@ def run_config(name: str, engine: sd.SpeculativeDecoder | None, vl: Any, eg: Any
         rec = {"ms": out.trace.total_ms, "vision_ms": out.trace.phase1.get("target_vision_ms", 0.0),
                "tokens": len(tokens), "phase1": out.trace.phase1, **summary,
                "foreign_tokens": out.trace.foreign_tokens}
+        prompt = target_prompt
     if args.temperature == 0:
-        tie = sd.check_lossless(tokens, reference, f"{name} on clip {clip.get('id')} / {question!r}",
-                                recompute=lambda prefix: sd.tie_logits(vl, target_prompt(), prefix), dtype=vl.dtype)
-        rec["numeric_tie"] = None if tie is None else asdict(tie)
+        ties = sd.check_lossless(tokens, reference, f"{name} on clip {clip.get('id')} / {question!r}",
+                                 recompute=sd.TargetRecompute(vl, prompt, args.max_new_tokens, engine=out),
+                                 dtype=vl.dtype)
+        rec["numeric_ties"] = [asdict(t) for t in ties]
     return rec
 
 
@@ -388,8 +441,14 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
             "tokens_per_s": sum(r["tokens"] for r in flat) / (sum(r["ms"] for r in flat) / 1e3),
             "ms_per_answer": statistics.median(r["ms"] for r in flat),
             "tokens_per_answer": statistics.mean(r["tokens"] for r in flat),
-            "numeric_ties": [r["numeric_tie"] for r in flat if r.get("numeric_tie")],
         }
+        if "forwards" in flat[0]:  # transformers' prompt lookup: every pass after the prompt's verifies candidates
+            verify_passes = sum(r["forwards"] - 1 for r in flat)
+            accepted, drafted = sum(r["tokens"] - r["forwards"] for r in flat), sum(r["drafted"] for r in flat)
+            res.update(accepted_per_iteration=accepted / max(verify_passes, 1),
+                       drafted_per_iteration=drafted / max(verify_passes, 1),
+                       tokens_per_verify=(accepted + verify_passes) / max(verify_passes, 1),
+                       acceptance_rate=accepted / drafted if drafted else None)
         if "iterations" in flat[0]:
             accepted, drafted = sum(r["accepted"] for r in flat), sum(r["drafted"] for r in flat)
             verify_passes = sum(r["iterations"] for r in flat)
@@ -423,6 +482,21 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
     return out
 
 
+def tie_verdicts(checks: dict[str, dict[str, Any]], margin: float) -> dict[str, dict[str, Any]]:
+    """Per configuration, from {"outputs": checked, "ties": [NumericTie as dict]}: the ties beside the
+    target-alone run's count, and whether they stay within max(TIE_MARGIN_MIN, margin x outputs) of it.
+    The target alone shares the reference's path (one decode step per token), so its ties measure how far
+    that path repeats itself; it is the baseline and is not failed."""
+    base = len(checks["target"]["ties"])
+    out = {}
+    for name, c in checks.items():
+        allowed = base + max(TIE_MARGIN_MIN, math.ceil(margin * c["outputs"]))
+        out[name] = {"outputs_checked": c["outputs"], "numeric_tie_count": len(c["ties"]), "target_ties": base,
+                     "max_ties": allowed, "passed": name == "target" or len(c["ties"]) <= allowed,
+                     "numeric_ties": c["ties"]}
+    return out
+
+
 def reference_profile(args: argparse.Namespace) -> Any:
     """The --reference_profile (None when skipped); a missing file is one warning, not an error."""
     from cost_model import load_timing_profile
@@ -440,8 +514,9 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
     """The offline cost model's speed-up for this configuration at the acceptance measured here."""
     from cost_model import DECODE_ADAPTERS, estimate_two_phase
 
-    if "accepted_per_iteration" not in res or name == "target":
-        return None
+    kind = res.get("drafting", {}).get("kind")
+    if "accepted_per_iteration" not in res or kind not in (*ADAPTER_CONFIGS, "synthetic"):
+        return None  # the target itself, and transformers' loops: no configuration of the cost model
     if name.startswith("synthetic"):  # decode phase only: (alpha + 1) x t_step / (t_verify + gamma x t_draft)
         g = args.gamma_decode
         return (res["tokens_per_verify"] * profile.vl_decode_ms
@@ -460,6 +535,20 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
 # ----------------------------------------------------------------------------------- reporting
 
 
+def tie_cell(verdict: dict[str, Any] | None) -> str:
+    """`ties (target alone) / most allowed`, with FAILED where the margin is exceeded."""
+    if not verdict:
+        return "-"
+    cell = f"{verdict['numeric_tie_count']} ({verdict['target_ties']}) / {verdict['max_ties']}"
+    return cell if verdict["passed"] else f"{cell} FAILED"
+
+
+def best_lookup(configs: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The fastest prompt-lookup configuration of the grid (median speed-up over the target alone)."""
+    grid = [(n, c) for n, c in configs.items() if (c.get("drafting") or {}).get("kind") == "prompt_lookup"]
+    return max(grid, key=lambda nc: nc[1]["speedup"]["median"], default=None)
+
+
 def format_report(result: dict[str, Any]) -> str:
     rows = []
     for name, r in result["configs"].items():
@@ -476,6 +565,7 @@ def format_report(result: dict[str, Any]) -> str:
             "-" if r.get("accepted_per_iteration") is None else f"{r['accepted_per_iteration']:.2f}",
             "-" if r.get("drafted_per_iteration") is None else f"{r['drafted_per_iteration']:.2f}",
             "-" if r.get("prefill_accepted") is None else f"{r['prefill_accepted']:.2f}/{r['prefill_drafted']:.1f}",
+            tie_cell(r.get("lossless")),
         ])
     lines = [f"# Live speculative decoding: measured wall clock ({result['device']})", "",
              f"Command: `{result['command']}`", "",
@@ -485,9 +575,15 @@ def format_report(result: dict[str, Any]) -> str:
              f"gamma_decode {result['gamma_decode']}, gamma_prefill {result['gamma_prefill']}, draft stop rules "
              f"{', '.join(result.get('draft_stop') or ['fixed'])} "
              f"(confidence {result.get('draft_confidence', 0.0):g}), "
-             f"temperature {result['temperature']}; greedy outputs checked equal to the target's: "
-             f"{result['lossless_checked']} ({result.get('numeric_tie_count', 0)} numeric ties: a differing token "
-             "whose top-2 logit margin was within the dtype's rounding, listed under numeric_ties in the JSON).",
+             f"temperature {result['temperature']}; greedy outputs checked equal to the target's at every "
+             f"position: {result['lossless_checked']} ({result['lossless_outputs_checked']} outputs, "
+             f"{result.get('numeric_tie_count', 0)} numeric ties: a differing token whose top-2 logit margin was "
+             "within the dtype's rounding on every recomputed path, the engine's own verify pass included, after "
+             "which the check went on against the target's own continuation; listed per configuration under "
+             "lossless in the JSON). 'ties' = this configuration's ties (the target alone's) / the most allowed, "
+             f"the target alone's + max({result['tie_margin']['minimum']}, {result['tie_margin']['fraction']:g} x "
+             "its checked outputs)"
+             + (": " + "; ".join(result["lossless_failures"]) if result.get("lossless_failures") else "") + ".",
              "", "Speed-up = target-alone time per token / configuration time per token on the same samples (in "
              "greedy mode both write the same tokens), median (min-max) over repeats; 'LLM only' leaves out the "
              "target's vision (video decoding + tower); 'vs hf generate' is the same ratio against transformers' eager "
@@ -496,8 +592,19 @@ def format_report(result: dict[str, Any]) -> str:
              f"{result.get('reference_profile') or 'no reference profile'}.", "",
              markdown_table(["config", "ms/answer", "tokens/s", "speed-up", "speed-up LLM only", "vs hf generate",
                              "modelled",
-                             "modelled ref", "tokens/verify", "accepted/iter", "drafted/iter", "prefill acc/drafted"],
+                             "modelled ref", "tokens/verify", "accepted/iter", "drafted/iter", "prefill acc/drafted",
+                             "ties"],
                             rows), ""]
+    lookup = best_lookup(result["configs"])
+    if lookup is not None:
+        name, c = lookup
+        vs_hf = c.get("speedup_vs_hf_generate")
+        lines += [f"Prompt lookup decoding (transformers' `generate(..., prompt_lookup_num_tokens=K, "
+                  f"max_matching_ngram_size=N)`, no trained drafter): fastest of the grid `{name}` at "
+                  f"{c['speedup']['median']:.3f} the target alone"
+                  + (f", {vs_hf['median']:.3f} `generate`" if vs_hf else "")
+                  + f", {c['tokens_per_verify']:.2f} tokens per verify pass (picked on these timed runs, which "
+                  "favours it).", ""]
     stage_rows = [[n, *(f"{r['stage_ms_median_per_answer'].get(k, 0.0):.2f}" for k in
                         ("target_vision", "target_prefill", "drafter_vision", "drafter_prefill", "prefill_draft",
                          "overlap", "draft", "verify", "crop"))]
@@ -604,13 +711,16 @@ def main(args: argparse.Namespace) -> int:
         log.info("controlled drafter: %.3f ms per draft, the measured %s draft step (%s path)",
                  args.synthetic_cost_ms, args.synthetic_cost_level, vl.decode_path["name"])
     engines, levels, drafting = build_engines(args, vl, eg, adapters, gen, profile, profile.adapter_step_ms)
+    lookups = lookup_configs(args)
+    drafting |= {n: {"kind": "prompt_lookup", "num_tokens": k, "max_ngram": m} for n, (k, m) in lookups.items()}
     names = [n for n in engines if n != "target"]
-    names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *names]
+    names = ["target", *(["hf_generate"] if "hf_generate" in args.configs else []), *lookups, *names]
     log.info("configs: %s; %d samples x %d repeats (+%d warm-up)", ", ".join(names), len(samples), args.repeats,
              args.warmup)
 
     references = {}
     checked = 0  # greedy outputs compared with the target's own (run_config raises on a mismatch)
+    checks = {n: {"outputs": 0, "ties": []} for n in names}  # per configuration, warm-up included
     try:
         for c, q in tqdm(samples, desc="reference answers", unit="sample"):
             inputs = vl.build_inputs([vl.clip_features(split_dir, clips[c])], [questions[q]])
@@ -623,8 +733,10 @@ def main(args: argparse.Namespace) -> int:
             for c, q in warm if rep < 0 else samples:
                 for name in order:
                     rec = run_config(name, engines.get(name), vl, eg, split_dir, clips[c], questions[q],
-                                     references[(c, q)], args)
+                                     references[(c, q)], args, lookup=lookups.get(name))
                     checked += args.temperature == 0
+                    checks[name]["outputs"] += args.temperature == 0
+                    checks[name]["ties"] += rec.get("numeric_ties", [])
                     if rep >= 0:
                         runs[name][rep].append(rec)
                     bar.update(1)
@@ -654,12 +766,18 @@ def main(args: argparse.Namespace) -> int:
                                min_confidence=args.draft_confidence)
         drafter.name = "assistant (own head)"
         engine = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode)
-        for q in questions[: max(args.warmup, 1)]:
-            assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
-        reps = [[assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
-                 for q in questions[: args.max_samples]] for _ in range(args.repeats)]
+        try:
+            warm_runs = [assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
+                         for q in questions[: max(args.warmup, 1)]]
+            reps = [[assisted_run(pair, vl, q, args.gamma_decode, args.max_new_tokens, engine)
+                     for q in questions[: args.max_samples]] for _ in range(args.repeats)]
+        except sd.LosslessError as err:
+            log.error("LOSSLESS CHECK FAILED: %s", err)
+            return 1
         flat = [r for rep in reps for r in rep]
-        checked += 2 * (len(flat) + max(args.warmup, 1))  # ours and transformers', warm-up included
+        checked += 2 * (len(flat) + len(warm_runs))  # ours and transformers', warm-up included
+        checks["assisted"] = {"outputs": 2 * (len(flat) + len(warm_runs)),
+                              "ties": [t for r in warm_runs + flat for t in r["numeric_ties"]]}
         tokens = sum(r["tokens"] for r in flat)
         assisted = {
             "ours_tokens_per_s": tokens / (sum(r["ours_ms"] for r in flat) / 1e3),
@@ -667,12 +785,19 @@ def main(args: argparse.Namespace) -> int:
             "ours_over_theirs": spread([sum(r["theirs_ms"] for r in rep) / sum(r["ours_ms"] for r in rep)
                                          for rep in reps]),
             "accepted_per_iteration": sum(r["accepted"] for r in flat) / max(sum(r["iterations"] for r in flat), 1),
-            "numeric_ties": [t for r in flat for t in r["numeric_ties"]],
             "assistant_noise": args.assistant_noise, "prompts": len(reps[0]),
         }
 
+    verdicts = tie_verdicts(checks, args.tie_margin)
+    for name, res in configs.items():
+        res["lossless"] = verdicts[name]
+    if assisted is not None:
+        assisted["lossless"] = verdicts["assisted"]
+    failures = [f"{n}: {v['numeric_tie_count']} numeric ties in {v['outputs_checked']} outputs, the target alone "
+                f"{v['target_ties']}, at most {v['max_ties']} allowed" for n, v in verdicts.items() if not v["passed"]]
+
     result = {
-        "format": "xmodal_sd.e2e_wallclock", "format_version": 1, "command": command, "device": device,
+        "format": "xmodal_sd.e2e_wallclock", "format_version": E2E_FORMAT_VERSION, "command": command, "device": device,
         "platform": platform.platform(), "torch": torch.__version__, "num_samples": len(samples),
         "repeats": args.repeats, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "gamma_decode": args.gamma_decode, "gamma_prefill": args.gamma_prefill, "temperature": args.temperature,
@@ -682,15 +807,16 @@ def main(args: argparse.Namespace) -> int:
         "cuda_max_memory_gib": torch.cuda.max_memory_allocated(vl.device) / 2**30 if vl.device.type == "cuda" else None,
         "lossless_checked": args.temperature == 0,
         "lossless_outputs_checked": checked,
-        "numeric_tie_count": sum(len(r["numeric_ties"]) for r in configs.values())
-        + len((assisted or {}).get("numeric_ties", [])),
+        "numeric_tie_count": sum(v["numeric_tie_count"] for v in verdicts.values()),
+        "tie_margin": {"fraction": args.tie_margin, "minimum": TIE_MARGIN_MIN},
+        "lossless_passed": not failures, "lossless_failures": failures,
         "random_adapters": args.random_adapters,
         "adapters": {role: [a.config.name for a in group] for role, group in adapters.items()},
         "decode_modes": {n: e.drafter.name for n, e in engines.items() if n.startswith("decode")},
         "synthetic_cost_ms": args.synthetic_cost_ms,
         "synthetic_cost_level": args.synthetic_cost_level,
         "models": {"eventgpt": model_description(eg), "video_llava": model_description(vl)},
-        "configs": configs, "assisted": assisted, "profile": profile.to_json(),
+        "left_out": args.left_out, "configs": configs, "assisted": assisted, "profile": profile.to_json(),
         "runs": runs,
     }
     out = args.output_dir
@@ -702,7 +828,9 @@ def main(args: argparse.Namespace) -> int:
     plot(result, out / "e2e_wallclock.png")
     print(report)
     log.info("wrote %s/{e2e_wallclock.json,e2e_wallclock.md,e2e_wallclock.png,timing_profile.json}", out)
-    return 0
+    for failure in failures:
+        log.error("LOSSLESS CHECK FAILED (numeric ties beyond the margin): %s", failure)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ kept as aliases, `--dry_run`, and the run log (`log.txt`) that keeps what a run 
         ...
         return parse_with_config(p, argv)       # the command line wins over the file
 
-    run_cli(main, parse_args)                   # under the main guard: a UserError is one `error: ...` line,
-                                                # exit 2
+    run_cli(main, parse_args)                   # under the main guard: a UserError or a bad flag is one
+                                                # `error: ...` line, exit 2; CPU runs get one torch thread
 
 Imports only common.py, so every module (a stage, or a library module with a command line) can use it.
 """
@@ -16,27 +16,50 @@ Imports only common.py, so every module (a stage, or a library module with a com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from common import UserError, first_line, setup_logging
+from common import UserError, default_cpu_threads, first_line, setup_logging
 
 
 def run_cli(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
-    """Run `main(parse_args())`; a `UserError` becomes one `error: ...` line and exit code 2."""
+    """Run `main(parse_args())`: a bad flag or a `UserError` is one `error: ...` line and exit code 2 (no usage
+    block), and a run on the CPU gets one torch thread unless the stage's `--threads` or `OMP_NUM_THREADS`
+    says otherwise (common.default_cpu_threads)."""
     setup_logging()
+    with one_line_parse_errors():
+        args = parse_args()
+    if getattr(args, "threads", None) is None:  # a stage with --threads sets its own count
+        default_cpu_threads(getattr(args, "device", None))
     try:
-        result = main(parse_args())
+        result = main(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if isinstance(result, int) and result != 0:
         sys.exit(result)
 
+
+@contextlib.contextmanager
+def one_line_parse_errors() -> Iterator[None]:
+    """While parsing, argparse's `parser.error` (an unknown or missing flag, a bad value, a stage's own
+    checks) prints one line, `error: MESSAGE (python SCRIPT --help lists the flags)`, and exits 2, instead of
+    the usage block before it. `--help` is unchanged."""
+
+    def error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+        parser.exit(2, f"error: {message} (python {parser.prog} --help lists the flags)\n")
+
+    before = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = before  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------- run logs

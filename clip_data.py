@@ -59,8 +59,9 @@ FRAME_PICKS = ("floor", "round")
 DEFAULT_FRAME_PICK = FRAME_PICKS[0]
 
 
-class ClipReadError(ValueError):
-    """A clip's video or event image is missing or unreadable; the message names the file."""
+class ClipReadError(UserError, ValueError):
+    """A clip's video or event image is missing or unreadable; the message names the file. Extraction counts
+    and skips such clips; a stage that needs the clip stops on it with this one line (a `UserError`)."""
 
 
 class EventFileError(ValueError):
@@ -491,7 +492,7 @@ def sample_video_frames(path: str | os.PathLike, num_frames: int = 8, pick: str 
 
     path = Path(path)
     if not path.is_file():
-        raise ClipReadError(f"video not found: {path}")
+        raise ClipReadError(f"video not found: {path} (restore it, or drop its clip from the split's index.json)")
     if pick not in FRAME_PICKS:
         raise UserError(f"unknown frame_pick {pick!r}; choose one of {', '.join(FRAME_PICKS)}")
     try:

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,24 @@ def resolve_device(requested: str = "auto") -> torch.device:
     check_device(requested)
     log.info("device: %s, as requested", requested)
     return torch.device(requested)
+
+
+def default_cpu_threads(device: str | None) -> int | None:
+    """One torch thread for a run on the CPU unless `OMP_NUM_THREADS` says otherwise; returns the count set
+    (None: left as it was). The models of the toy world are so small that a second thread costs more in
+    hand-over than it saves, and on a machine others share every extra thread competes with them, so one
+    thread is fastest for this project's CPU runs (`OMP_NUM_THREADS=N` gives N, which torch itself reads). A
+    run on a GPU (`device` cuda, or auto with one visible) is left as it is: its CPU threads decode videos
+    and images."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    on_cpu = str(device or "auto").startswith("cpu") or (str(device or "auto") == "auto"
+                                                         and not torch.cuda.is_available())
+    if not on_cpu:
+        return None
+    torch.set_num_threads(1)
+    log.info("cpu: 1 torch thread, the fastest for these models on a shared machine (OMP_NUM_THREADS=N for N)")
+    return 1
 
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
@@ -141,21 +160,47 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 
 def safe_torch_load(path: str | os.PathLike, what: str, fix: str, map_location: Any = "cpu",
                     mmap: bool = False) -> Any:
-    """`torch.load(weights_only=True)` that turns a missing or corrupt file into one `UserError` line.
-    `mmap=True` maps the tensors instead of reading them (for a look at a checkpoint's small entries);
-    a file torch cannot map is read whole."""
+    """`torch.load(weights_only=True)` that turns a missing or unreadable file into one `UserError` line
+    saying what is wrong with it (`torch_file_problem`), never torch's own message (cut mid-sentence, or
+    advising `weights_only=False`). `mmap=True` maps the tensors instead of reading them (for a look at a
+    checkpoint's small entries); a file torch cannot map is read whole."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path} ({fix})")
     try:
-        if mmap:
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-            except Exception:  # an old-format or damaged file: the plain read below names the problem
-                pass
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it is about to refuse
+            warnings.simplefilter("ignore", UserWarning)
+            if mmap:
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+                except Exception:  # an old-format or damaged file: the plain read below names the problem
+                    pass
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files
-        raise UserError(f"cannot read {what} {path}: {first_line(err)} ({fix})") from err
+        log.debug("torch.load(%s): %s", path, err)
+        raise UserError(f"cannot read {what} {path}: {torch_file_problem(path, err)} ({fix})") from err
+
+
+def torch_file_problem(path: Path, err: BaseException) -> str:
+    """What is wrong with a file `torch.load(weights_only=True)` refused, judged from the file itself."""
+    import zipfile
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        return "the file is empty (0 bytes; an interrupted write or copy)"
+    if "unsupported global" in str(err).lower():
+        return ("it holds Python objects beyond tensors and plain types, which this project never writes and "
+                "will not unpickle (a file from another program, or one that is not safe to load)")
+    if head == b"PK\x03\x04":  # torch.save's zip container
+        if not zipfile.is_zipfile(path):
+            return (f"the file is truncated ({size:,} bytes of a torch zip archive without its end; an "
+                    "interrupted write or copy)")
+        return f"a damaged torch archive ({size:,} bytes; {type(err).__name__})"
+    if head[:1] == b"\x80":
+        return f"not a torch file, or a damaged one ({size:,} bytes of a pickle that torch cannot read)"
+    return f"not a torch file ({size:,} bytes that are neither a torch zip archive nor a pickle)"
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:

@@ -131,7 +131,10 @@ class ExpectedGainStop(DraftLength):
     equal-width bins over [0, 1], measured on validation roll-outs by train_hidden_adapter.py). One
     more draft adds about P_i * mean_accept tokens for draft_ms + verify_token_ms, which pays iff
     P_i * mean_accept * C >= (draft_ms + verify_token_ms) * E. Costs come from a timing profile of
-    the machine the engine runs on, so the same drafter drafts longer where target steps are dear.
+    the machine the engine runs on, so the same drafter drafts longer where target steps are dear, and
+    from the path it runs: on the static and compiled paths every verify pass is padded to gamma + 1
+    positions, so there verify_token_ms is 0 and an extra draft costs its draft step only
+    (`from_profile(..., padded_verify=True)`).
     """
 
     needs_prob = True
@@ -159,13 +162,19 @@ class ExpectedGainStop(DraftLength):
 
     @classmethod
     def from_profile(cls, calibration: dict[str, Any], config: AdapterConfig, profile: Any, gamma: int,
-                     draft_ms: float) -> ExpectedGainStop:
+                     draft_ms: float, padded_verify: bool = False) -> ExpectedGainStop:
         """At a timing profile's costs (cost_model.TimingProfile) for an adapter of `config` whose draft step
-        takes `draft_ms`: one verified token costs (verify(gamma + 1) - verify(1)) / gamma; a lockstep
+        takes `draft_ms`, on the engine's path: on the eager path a verify pass grows with its drafts, one
+        verified token costing (verify(gamma + 1) - verify(1)) / gamma on top of verify(1); with
+        `padded_verify` (the static and compiled paths, where every verify pass with a draft is padded to
+        gamma + 1 positions) each pass costs verify(gamma + 1) and an extra draft no verify time. A lockstep
         level (`egpt_per_draft`) adds EventGPT's decode step to every draft, a level that reads EventGPT
         once per iteration (`egpt_per_iteration`) adds it to every verify pass."""
-        verify_token = max(0.0, (profile.verify_ms(gamma + 1) - profile.verify_ms(1)) / gamma)
-        verify = profile.verify_ms(1)
+        if padded_verify:
+            verify, verify_token = profile.verify_ms(gamma + 1), 0.0
+        else:
+            verify_token = max(0.0, (profile.verify_ms(gamma + 1) - profile.verify_ms(1)) / gamma)
+            verify = profile.verify_ms(1)
         if config.egpt_per_draft:
             draft_ms += profile.egpt_decode_ms
         elif config.egpt_per_iteration:

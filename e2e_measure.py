@@ -1,9 +1,11 @@
 """What the live benchmark (benchmark_e2e_wallclock.py) measures beside its engine configurations: the
 per-operation timing profile, on the run's decode path, that the cost model reads, and transformers' own
-baselines on the same prompts (greedy `generate`, and assisted generation with a perturbed copy).
+baselines on the same prompts (greedy `generate`, prompt lookup decoding, and assisted generation with a
+perturbed copy).
 
-    from e2e_measure import hf_generate, measure_profile
+    from e2e_measure import hf_generate, measure_profile, prompt_lookup
     tokens = hf_generate(vl, inputs, max_new_tokens=50)        # what a user runs today
+    tokens, stats = prompt_lookup(vl, inputs, question, 50, num_tokens=5, max_ngram=2)  # no drafter to train
     profile = measure_profile(vl, eg, split_dir, clip, question, gamma=5, source="...")
 """
 
@@ -18,23 +20,82 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import speculative_decoding as sd
 from drafters import draft_step
 from timing import Stopwatch, time_ms
-from vlm_runners import VLMInputs, VLMRunner
+from vlm_runners import VLMInputs, VLMRunner, video_llava_prompt
 
 PROFILE_VERIFY_K = (1, 2, 4, 6, 8, 16)
 
 
-def hf_generate(vl: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
-    """transformers' own greedy `generate` on the target (same prompt embeddings)."""
+def _generate(vl: Any, max_new_tokens: int, prompt_len: int = 0, **kwargs: Any) -> list[int]:
+    """transformers' greedy `generate` on the target's model; the answer up to and including EOS (output
+    positions from `prompt_len` on: the prompt's ids come back first when they were passed)."""
     model = vl.model if hasattr(vl, "model") else vl.llm
     extra = {"min_new_tokens": max_new_tokens} if vl.eos_token_id < 0 else {"eos_token_id": vl.eos_token_id}
-    out = model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra)
-    tokens = out[0, -max_new_tokens:].tolist() if out.shape[1] > max_new_tokens else out[0].tolist()
+    out = model.generate(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=vl.pad_token_id, **extra,
+                         **kwargs)
+    tokens = out[0, prompt_len:].tolist()
+    tokens = tokens[-max_new_tokens:] if len(tokens) > max_new_tokens else tokens
     return tokens[: tokens.index(vl.eos_token_id) + 1] if vl.eos_token_id in tokens else tokens
+
+
+def hf_generate(vl: Any, inputs: VLMInputs, max_new_tokens: int) -> list[int]:
+    """transformers' own greedy `generate` on the target (same prompt embeddings)."""
+    return _generate(vl, max_new_tokens, inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask)
+
+
+# ----------------------------------------------------------------------------------- prompt lookup
+
+
+def lookup_ids(vl: Any, inputs: VLMInputs, question: str) -> Tensor:
+    """The prompt's token ids [1, L] that transformers' prompt lookup searches for n-grams: Video-LLaVA's
+    prompt with the video token once per visual position (as its processor expands it), checked against
+    the prompt embeddings at every text position, and the last id replaced by one the prompt does not
+    hold. Why the last: transformers' assisted loop (5.24, `_assisted_decoding`) runs its first forward
+    on `inputs_embeds` and ignores candidate tokens there, so a match at the first step misaligns the
+    logits and the answer is wrong (Video-LLaVA's prompt ends in ':' as 'USER:' does; reproduced on the
+    toy world with a question holding 'ASSISTANT:'). With a unique last id the first step finds no match;
+    every later step looks the answer's n-grams up in the prompt and the answer as transformers does."""
+    ids = vl.tokenizer(video_llava_prompt(question)).input_ids
+    at = ids.index(vl.video_token_id)
+    length = inputs.inputs_embeds.shape[1]
+    ids = ids[:at] + [vl.video_token_id] * (length - len(ids) + 1) + ids[at + 1:]
+    ids_t = torch.tensor([ids], device=vl.device)
+    text = ids_t[0] != vl.video_token_id
+    if inputs.inputs_embeds.shape[0] != 1 or len(ids) != length or not torch.equal(
+            vl.embed_ids(ids_t[0][text]), inputs.inputs_embeds[0][text].to(vl.dtype)):
+        raise ValueError("the lookup ids do not match the target's prompt embeddings (batch 1, Video-LLaVA prompt)")
+    taken = set(ids) | {vl.eos_token_id, vl.pad_token_id}
+    ids_t[0, -1] = next(i for i in range(vl.vocab_size) if i not in taken)
+    return ids_t
+
+
+def prompt_lookup(vl: Any, inputs: VLMInputs, question: str, max_new_tokens: int, num_tokens: int,
+                  max_ngram: int, ids: Tensor | None = None) -> tuple[list[int], dict[str, int]]:
+    """transformers' prompt lookup decoding (`generate(..., prompt_lookup_num_tokens=num_tokens,
+    max_matching_ngram_size=max_ngram)`, greedy) on the target's prompt embeddings, with `lookup_ids` for
+    the n-gram search (pass `ids` to reuse them). Returns the answer and its passes: `forwards` (the
+    prompt's pass included) and `drafted` (candidate tokens verified after the prompt's pass), counted by
+    a forward hook on the model."""
+    model = vl.model if hasattr(vl, "model") else vl.llm
+    ids = lookup_ids(vl, inputs, question) if ids is None else ids
+    widths: list[int] = []
+
+    def count(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        x = kwargs.get("input_ids")
+        widths.append((kwargs["inputs_embeds"] if x is None else x).shape[1])
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        tokens = _generate(vl, max_new_tokens, prompt_len=ids.shape[1], input_ids=ids,
+                           inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           prompt_lookup_num_tokens=num_tokens, max_matching_ngram_size=max_ngram)
+    finally:
+        handle.remove()
+    return tokens, {"forwards": len(widths), "drafted": sum(w - 1 for w in widths[1:])}
 
 
 # ----------------------------------------------------------------------------------- assisted generation
@@ -80,11 +141,12 @@ def assisted_run(pair: SimpleNamespace, vl: Any, question: str, gamma: int, max_
     theirs = theirs[: theirs.index(vl.eos_token_id) + 1] if vl.eos_token_id in theirs else theirs
     ours = engine.generate(inputs, inputs, max_new_tokens)
     reference = sd.greedy_reference(vl, inputs, max_new_tokens)
-    ties = [sd.check_lossless(tokens, reference, f"assisted ({who})", dtype=vl.dtype,
-                              recompute=lambda prefix: sd.tie_logits(vl, inputs, prefix))
-            for who, tokens in (("ours", ours.tokens), ("transformers", theirs))]
+    answers = (("ours", ours.tokens, ours), ("transformers", theirs, None))
+    ties = [{"who": who, **asdict(tie)} for who, tokens, out in answers
+            for tie in sd.check_lossless(tokens, reference, f"assisted ({who})", dtype=vl.dtype,
+                                         recompute=sd.TargetRecompute(vl, inputs, max_new_tokens, engine=out))]
     return {"ours_ms": ours.trace.total_ms, "theirs_ms": theirs_ms, "tokens": len(reference),
-            "numeric_ties": [asdict(t) for t in ties if t is not None],
+            "numeric_ties": ties,
             "accepted": sum(it.accepted for it in ours.trace.iterations),
             "iterations": len(ours.trace.iterations)}
 

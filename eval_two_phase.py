@@ -195,8 +195,10 @@ class AcceptanceInputs:
             if left and kept:
                 names = ", ".join("+".join(lvl for lvl in c if lvl) for c in left)
                 absent = sorted({lvl for c in left for lvl in c if lvl and lvl not in have})
-                print(f"left out: {names} (no acceptance result for {', '.join(absent)} in "
-                      f"{self.args.acceptance_dir}; --configs names configurations explicitly)")
+                line = (f"left out: {names} (no acceptance result for {', '.join(absent)} in "
+                        f"{self.args.acceptance_dir}; --configs names configurations explicitly)")
+                print(line)
+                self.notes.append(line)
                 return kept
         needed = sorted({lvl for pair in configs for lvl in pair if lvl})
         missing = [lvl for lvl in needed if lvl not in have]

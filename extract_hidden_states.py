@@ -123,7 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="samples generated together (left padding); a clip's vision features are shared",
     )
     add_model_args(p, required=True, random_shape=False, device_note=" (ignored under accelerate launch)")
-    p.add_argument("--num_event_frames", type=int, default=1, help="event frames given to EventGPT (first N)")
     p.add_argument("--num_video_frames", "--num_frames", dest="num_frames", type=int, default=8,
                    help=alias_help("video frames sampled uniformly for Video-LLaVA", "--num_frames"))
     p.add_argument(
@@ -151,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_flag(p)
     add_dry_run_flag(p)
     args = parse_with_config(p, argv)
-    for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_event_frames", "num_frames"):
+    for name in ("max_questions", "max_new_tokens", "chunk_size", "batch_size", "num_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
@@ -479,7 +478,7 @@ def load_models(args: argparse.Namespace, device: torch.device, dtypes: dict[str
     recorded = [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]
     for path in (p for p in recorded if p.is_file()):
         recorded_models = read_json(path, "extraction record", "delete the folder").get("models")
-        if differing_models(recorded_models, models, dtype=True):
+        if recorded_models and differing_models(recorded_models, models, dtype=True, strict=True):
             raise UserError(f"{out_dir} holds states of other models or another dtype (see {path.name}); "
                             "use a new --output_dir")
     return egpt, vl, models

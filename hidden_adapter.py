@@ -29,9 +29,11 @@ the state it consumes first (drafter states; target states for B1 and L5E), `h_t
 target states (L5F only), `mask` [B, T] bool marks valid positions, `token_ids` [B, T] the token each
 position's state chose (next-position levels with a token input), `context` [B, D_drafter] EventGPT's
 prompt-end state (L5E, E3E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
-states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next"); for E3 and
-E3E (`adapter.config.reads_layers`) `x` holds the target's states at the layers `config.target_layers`
-names, [B, T, K * D_target] (`adapter_inputs` builds it from a batch's `layers` [B, T, K, D_target]).
+states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next"); `adapter.reads()`
+says it in words. For E3 and E3E (`adapter.config.reads_layers`) `x` holds the target's states at the layers
+`config.target_layers` names, [B, T, K * D_target] (`adapter_inputs` builds it from a batch's `layers`
+[B, T, K, D_target]). An input the level does not read is refused (it is never silently dropped), and states
+are cast to the adapter's dtype (fp16 chunks into an fp32 adapter).
 
 Next-position levels can read the token of each position (EAGLE's shifted token): `token_input=True`
 takes its embedding from the target's own frozen input-embedding table, attached at run time with
@@ -316,6 +318,53 @@ class BaseAdapter(nn.Module):
         return (f"level={c.name}, drafter_dim={c.drafter_dim}, target_dim={c.target_dim}, "
                 f"consumes={self.consumes}, predicts={self.predicts}, params={count_parameters(self):,}")
 
+    def reads(self) -> str:
+        """What `forward` reads, in words with shapes (the message of a call that passes something else)."""
+        c = self.config
+        states = "Video-LLaVA's (the target's)" if c.consumes == "target" else "EventGPT's (the drafter's)"
+        parts = [f"x = {states} states [B, T, {c.in_dim}]", "mask [B, T]"]
+        if c.reads_layers:  # E3, E3E: the K layer states at a verified position, the head's own output at a draft
+            parts[0] = (f"x = Video-LLaVA's (the target's) states at layers {c.target_layers} [B, T, {c.in_dim}] "
+                        f"(at a drafted position its own output states [B, T, {c.target_dim}])")
+        if c.consumes == "both":
+            parts.append(f"h_target = Video-LLaVA's states [B, T, {c.target_dim}]")
+        if c.uses_tokens:
+            parts.append("token_ids [B, T]")
+        if c.context:
+            parts.append(f"context = EventGPT's prompt-end state [B, {c.drafter_dim}]")
+        return ", ".join(parts)
+
+    def _inputs(self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None,
+                context: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The inputs of a call, checked and cast: an input this level does not read is refused, naming what it
+        reads (`B1(h, mask, h_target=...)` would otherwise run B1 on the wrong states); states are cast to the
+        adapter's dtype (fp16 chunks into an fp32 adapter), the mask to bool, token ids to int64."""
+        c = self.config
+        unread = [name for name, value, used in (("h_target", h_target, c.consumes == "both"),
+                                                 ("token_ids", token_ids, c.uses_tokens),
+                                                 ("context", context, c.context is not None))
+                  if value is not None and not used]
+        if unread:
+            hint = " (L5F is the level that reads both models' states)" if "h_target" in unread else ""
+            raise ValueError(f"{c.name} does not read {', '.join(unread)}; it reads {self.reads()}{hint}")
+        ref = next(self.parameters())
+        for name, value in (("x", x), ("h_target", h_target), ("context", context)):
+            if value is None or isinstance(value, ProjectedContext):  # drafting's context, already projected
+                continue
+            if not value.is_floating_point():
+                raise ValueError(f"{c.name}: {name} must hold floating-point hidden states, got {value.dtype}")
+            if value.device != ref.device:
+                raise ValueError(f"{c.name}: {name} is on {value.device} but the adapter is on {ref.device}; move "
+                                 f"the inputs with .to({str(ref.device)!r}) (or the adapter with .to(device))")
+        if token_ids is not None and token_ids.is_floating_point():
+            raise ValueError(f"{c.name}: token_ids must be integer token ids, got {token_ids.dtype}")
+
+        def cast(v: Any) -> Any:
+            return v if v is None or isinstance(v, ProjectedContext) else v.to(ref.dtype)
+
+        return (x.to(ref.dtype), None if mask is None else mask.to(torch.bool), cast(h_target),
+                None if token_ids is None else token_ids.long(), cast(context))
+
     def _check(self, x: Tensor, dim: int, what: str) -> None:
         if x.dim() != 3 or x.shape[-1] != dim:
             raise ValueError(
@@ -340,6 +389,7 @@ class HiddenStateAdapter(BaseAdapter):
         self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
         token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> Tensor:
+        x = self._inputs(x, mask, h_target, token_ids, context)[0]
         self._check(x, self.config.drafter_dim, "drafter states")
         h = self.input_proj(x)
         for block in self.blocks:
@@ -368,6 +418,7 @@ class WideBottleneckAdapter(BaseAdapter):
         self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
         token_ids: Tensor | None = None, context: Tensor | None = None,
     ) -> Tensor:
+        x = self._inputs(x, mask, h_target, token_ids, context)[0]
         self._check(x, self.config.drafter_dim, "drafter states")
         h = self.input_norm(self.input_proj(x))
         for block in self.blocks:
@@ -411,6 +462,7 @@ class AttentionAdapter(BaseAdapter):
         self, x: Tensor, mask: Tensor | None, h_target: Tensor | None, token_ids: Tensor | None,
         past: KVCache | None, context: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
+        x, mask, h_target, token_ids, context = self._inputs(x, mask, h_target, token_ids, context)
         past_len = past[0][0].shape[2] if past else 0
         x, h_target = _zero_padding(x, h_target, mask)
         h, residual = self._encode(x, mask, h_target, token_ids, past_len, context)
@@ -572,6 +624,7 @@ class EAGLEStyleAdapter(AttentionAdapter):
         problem = rollout_problem(self.config)
         if problem:
             raise ValueError(problem)
+        x, mask, h_target, token_ids, context = self._inputs(x, mask, h_target, token_ids, context)
         x, h_target = _zero_padding(x, h_target, mask)
         b, t = x.shape[:2]
         dev = x.device

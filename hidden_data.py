@@ -200,13 +200,16 @@ def iter_chunks(data_dir: str | Path, expect_teacher_forced: bool = False, expec
 def chunk_problem(data_dir: Path, entry: dict[str, Any], hash_it: bool, load: bool = False,
                   teacher_forced: bool = False, layers: bool = False) -> str | None:
     """Why the chunk a manifest or shard entry describes is not as recorded (None when it is): missing,
-    another size, (with `hash_it`) another SHA-256, (with `load`) unreadable or another sample count."""
+    another size, (with `hash_it`) no recorded SHA-256 or another one, (with `load`) unreadable or another
+    sample count. Every entry `write_chunk` makes has a SHA-256: one without cannot be checked, so it counts."""
     f = Path(data_dir) / entry["file"]
     if not f.is_file():
         return "missing"
     if f.stat().st_size != entry["bytes"]:
         return f"{f.stat().st_size} bytes, {entry['bytes']} recorded (truncated?)"
-    if hash_it and entry.get("sha256") and file_sha256(f) != entry["sha256"]:
+    if hash_it and not entry.get("sha256"):
+        return "no SHA-256 recorded, so its contents cannot be checked (a damaged or hand-edited entry)"
+    if hash_it and file_sha256(f) != entry["sha256"]:
         return "SHA-256 differs from the recorded one (damaged)"
     if load:
         try:
@@ -255,8 +258,6 @@ def describe(manifest: dict[str, Any]) -> str:
     return json.dumps({k: manifest[k] for k in ("split", "num_samples", "complete") if k in manifest})
 
 
-# ----------------------------------------------------------------------------- pairs and streaming
-
 # ----------------------------------------------------------------------------- the models behind the states
 # The one "same models" rule: extraction refuses to add to a folder of other models' states, training refuses
 # train and validation data of different models, evaluation refuses a checkpoint trained on other models' states
@@ -286,14 +287,17 @@ def model_hashes(described: Any) -> dict[str, str]:
     return {role: r["config_hash"] for role, r in _model_records(described).items()}
 
 
-def differing_models(a: Any, b: Any, dtype: bool = False) -> list[str]:
+def differing_models(a: Any, b: Any, dtype: bool = False, strict: bool = False) -> list[str]:
     """The roles whose models differ between two records: another config hash, or with `dtype` another
-    compute dtype where both record one. A role that either record lacks does not count."""
+    compute dtype where both record one. A role that either record lacks does not count, unless `strict`
+    (extraction: a folder whose record lacks a model is not known to hold these models' states)."""
     ra, rb = _model_records(a), _model_records(b)
     out = []
     for role in MODEL_ROLES:
         x, y = ra.get(role), rb.get(role)
         if x is None or y is None:
+            if strict and (x is None) != (y is None):
+                out.append(role)
             continue
         if x["config_hash"] != y["config_hash"] or (dtype and x["dtype"] and y["dtype"] and x["dtype"] != y["dtype"]):
             out.append(role)

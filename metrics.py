@@ -24,6 +24,7 @@ Masks are right-padded prefixes (True up to and including EOS), as the extractio
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common import read_json
+
+log = logging.getLogger("xmodal_sd.metrics")
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 TOPK = 5
@@ -545,8 +548,20 @@ def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
     return out
 
 
-__all__ = ["CALIBRATION_BINS", "THRESHOLDS", "AcceptanceAccumulator", "RolloutAccumulator", "capped_mean",
-           "draft_tokens", "isotonic", "run_from_start", "runs_from_every_start", "strict_json", "tau_key"]
+__all__ = [
+    "CALIBRATION_BINS",
+    "THRESHOLDS",
+    "AcceptanceAccumulator",
+    "RolloutAccumulator",
+    "acceptance_results",
+    "capped_mean",
+    "draft_tokens",
+    "isotonic",
+    "run_from_start",
+    "runs_from_every_start",
+    "strict_json",
+    "tau_key",
+]
 
 
 def acceptance_results(folder: str | Path) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
@@ -557,6 +572,10 @@ def acceptance_results(folder: str | Path) -> dict[tuple[str, str], tuple[Path, 
     for path in sorted(Path(folder).glob("*/acceptance_metrics.json")):
         result = read_json(path, "acceptance result", "rerun run_all_eval.sh (or measure_feature_acceptance.py)")
         if result.get("input_states", "trained") == "trained" and "level" in result and "pairs" in result:
-            out[(result["level"], result["pairs"])] = (path, result)
+            key = (result["level"], result["pairs"])
+            if key in out:
+                log.warning("two acceptance results of %s %s under %s: %s wins over %s", *key, folder, path,
+                            out[key][0])
+            out[key] = (path, result)
     return out
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from clip_data import DEFAULT_FRAME_PICK, FRAME_PICKS
 from common import DTYPE_CHOICES, UserError, first_line, read_json, resolve_device, resolve_dtype, set_seed
+from preflight import EVENTGPT_MODEL_TYPE, VIDEO_LLAVA_MODEL_TYPE
 from vlm_runners import (
     AO_QUANTS,
     BNB_QUANTS,
@@ -64,13 +65,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("xmodal_sd.model_builders")
 
 RUNNER_NAMES = (EventGPTRunner.name, VideoLlavaRunner.name)
-# --- EventGPT's checkpoint layout (model/EventChatModel.py of the release) ---
-EVENTGPT_MODEL_TYPE = "EventChat_llama"
+# --- EventGPT's checkpoint layout (model/EventChatModel.py of the release; its model_type: preflight.py) ---
 EVENTGPT_TOWER_PREFIX = "model.visual_tower.visual_tower."
 EVENTGPT_PROJECTOR_PREFIX = "model.visual_projector."
 EVENTGPT_ADAPTOR_PREFIX = "model.feature_adaptor."
+EVENTGPT_PATCH_TOKEN = "<ev_patch>"  # added by inference.py with mm_use_im_patch_token, never in a prompt
 # --- Video-LLaVA's (LanguageBind/Video-LLaVA-7B-hf, transformers' format) ---
-VIDEO_LLAVA_MODEL_TYPE = "video_llava"
 VL_EXTRA_TOKENS = ("<image>", "<video>", "<pad>")  # ids base, base+1, base+2 after Vicuna's 32000
 
 
@@ -237,6 +237,7 @@ def checkpoint_tensors(ckpt_dir: str | os.PathLike, prefixes: tuple[str, ...] = 
             break
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if (ckpt / n).is_file()][:1]
+        files = files or sorted(p.name for p in ckpt.glob("*.safetensors"))  # shards without an index
         if not files:
             raise UserError(
                 f"no weights in {ckpt}: expected model.safetensors, pytorch_model.bin or a sharded index "
@@ -385,6 +386,30 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
         return cls.from_pretrained(str(folder), **kwargs)
 
 
+def eventgpt_tokenizer(ckpt: Path, cfg: dict[str, Any]) -> Any:
+    """EventGPT's tokenizer, set up as the release's inference.py does. With `mm_use_im_start_end` in
+    config.json, `<ev_start>` and `<ev_end>` become single special tokens, added after `<ev_patch>` when
+    `mm_use_im_patch_token` is set (the release's default), so their ids are the release's; without it they
+    stay plain text, and nothing is added. A checkpoint whose embeddings lack rows for the added ids (the
+    release would resize them into new, untrained rows) is refused in one line."""
+    tokenizer = load_tokenizer(ckpt)
+    if not cfg.get("mm_use_im_start_end", False):
+        return tokenizer
+    if cfg.get("mm_use_im_patch_token", True):
+        tokenizer.add_tokens([EVENTGPT_PATCH_TOKEN], special_tokens=True)
+    tokenizer.add_tokens([EVENTGPT_EV_START, EVENTGPT_EV_END], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids([EVENTGPT_EV_START, EVENTGPT_EV_END])
+    rows = int(cfg.get("vocab_size") or 0)
+    if max(ids) >= rows:
+        raise UserError(f"{ckpt / 'config.json'} sets mm_use_im_start_end, which makes {EVENTGPT_EV_START}/"
+                        f"{EVENTGPT_EV_END} tokens of their own (ids {ids[0]}, {ids[1]}), but the checkpoint has "
+                        f"{rows} embedding rows (vocab_size): use a checkpoint trained with those tokens, or set "
+                        "mm_use_im_start_end to false in its config.json")
+    log.info("EventGPT: mm_use_im_start_end, so %s/%s are single tokens (ids %d, %d), as in the release",
+             EVENTGPT_EV_START, EVENTGPT_EV_END, ids[0], ids[1])
+    return tokenizer
+
+
 def load_eventgpt(path: str | os.PathLike, quant: str = "none", device: str | torch.device = "auto",
                   dtype: str | torch.dtype = "auto", num_event_frames: int = 1, vision_tower: str | None = None,
                   accept_keys: Iterable[str] = ()) -> EventGPTRunner:
@@ -406,6 +431,7 @@ def load_eventgpt(path: str | os.PathLike, quant: str = "none", device: str | to
     accept_keys = tuple(accept_keys)
     fix = "point it at an EventGPT checkpoint folder (config.json with model_type EventChat_llama)"
     ckpt, cfg = _check_model_dir(path, EVENTGPT_MODEL_TYPE, "EventGPT", fix)
+    tokenizer = eventgpt_tokenizer(ckpt, cfg)  # before the weights: a refusal costs no load
     dev, dt, load_kwargs = _resolve(device, dtype, quant, "eventgpt")
 
     llama_cfg = LlamaConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})
@@ -471,7 +497,7 @@ def load_eventgpt(path: str | os.PathLike, quant: str = "none", device: str | to
     llm.eval().requires_grad_(False)
     runner = EventGPTRunner(llm=llm, tower=tower, projector=projector, adaptor=adaptor,
                             image_processor=image_processor, num_event_frames=num_event_frames,
-                            tokenizer=load_tokenizer(ckpt), device=dev, dtype=dt, model_path=str(ckpt),
+                            tokenizer=tokenizer, device=dev, dtype=dt, model_path=str(ckpt),
                             config_hash=config_hash(ckpt / "config.json"))
     # The research fork also quantised the vision side; here it stays in `dt` (recorded, since its
     # features, and so every hidden state, differ between the two).
@@ -785,9 +811,10 @@ def resolve_shape(name: str, overrides: dict[str, int]) -> dict[str, int]:
 
 def build_random_runners(shape: dict[str, int], questions: list[str], device: torch.device,
                          dtype: torch.dtype, seed: int, vl_dtype: torch.dtype | None = None,
-                         frame_pick: str = DEFAULT_FRAME_PICK, quant: str = "none"
+                         frame_pick: str = DEFAULT_FRAME_PICK, quant: str = "none", num_event_frames: int = 1
                          ) -> tuple[EventGPTRunner, VideoLlavaRunner]:
-    """EventGPT and Video-LLaVA runners with random weights at `shape`, built on `device` (no files).
+    """EventGPT and Video-LLaVA runners with random weights at `shape`, built on `device` (no files); EventGPT
+    reads `num_event_frames` event frames per clip.
 
     EventGPT is built in `dtype`, Video-LLaVA in `vl_dtype` (default: `dtype` too); `quant` int8_ao or
     int4_ao quantises both decoders' layers with torchao after building (bitsandbytes quantises only at
@@ -828,7 +855,7 @@ def build_random_runners(shape: dict[str, int], questions: list[str], device: to
     image_processor = _clip_image_processor_class()(size={"shortest_edge": size},
                                                     crop_size={"height": size, "width": size})
     egpt = EventGPTRunner(llm=llm, tower=tower, projector=projector, adaptor=adaptor,
-                          image_processor=image_processor, num_event_frames=1,
+                          image_processor=image_processor, num_event_frames=num_event_frames,
                           tokenizer=tokenizer, device=device, dtype=dtype, model_path="random:eventgpt",
                           config_hash=tag)
 
@@ -856,7 +883,7 @@ def build_random_runners(shape: dict[str, int], questions: list[str], device: to
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = False, random_shape: bool = True,
                    device_note: str = "") -> None:
     """The model flags of the stages that load both models, one dest per meaning, in a "models" group:
-    --egpt_model, --vision_tower, --vl_model, --quant, --device, --dtype, --egpt_dtype, --vl_dtype,
+    --egpt_model, --vision_tower, --num_event_frames, --vl_model, --quant, --device, --dtype, --egpt_dtype, --vl_dtype,
     --frame_pick, --accept_weight_keys and, with `random_shape`, --random_shape with its shape overrides
     (--hidden, --layers, ...). `required`: the two model paths have no default (else the toy world's);
     `device_note` is added to --device's help. Call `check_model_args` after parsing."""
@@ -867,6 +894,10 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False, random
     g.add_argument("--vision_tower", default=None,
                    help="EventGPT's CLIP tower (a local CLIP folder or a hub id), instead of the checkpoint "
                    "config's mm_visual_tower")
+    g.add_argument("--num_event_frames", type=int, default=1,
+                   help="event frames EventGPT reads per clip, the first N rendered (default 1, the specification's "
+                   "extraction; 5 is the release's inference, which pools all five); extraction, the benchmarks "
+                   "and the live drafters must use the same N")
     g.add_argument("--vl_model", required=required, default=None if required else "data/toy/models/video_llava",
                    help=f"Video-LLaVA folder or hub id (transformers format{default})")
     g.add_argument("--quant", default="none", choices=QUANT_CHOICES,
@@ -903,6 +934,8 @@ def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     overrides (None without it), the overrides need it and bitsandbytes --quant is refused."""
     args.egpt_dtype = args.egpt_dtype or args.dtype
     args.vl_dtype = args.vl_dtype or args.dtype
+    if args.num_event_frames < 1:
+        p.error("--num_event_frames must be >= 1")
     if not hasattr(args, "random_shape"):
         return
     given = {n: getattr(args, n) for n in OVERRIDES if getattr(args, n) is not None}
@@ -936,14 +969,15 @@ def load_runners(args: argparse.Namespace, questions: list[str],
     args.seed).
 
     Reads the flags of `add_model_args`; where a caller lacks them, egpt_dtype / vl_dtype default to dtype,
-    frame_pick to floor, accept_weight_keys to none, and extraction's num_event_frames / num_frames to 1 / 8.
+    frame_pick to floor, accept_weight_keys to none, num_event_frames to 1 and extraction's num_frames to 8.
     `compute`: (device, dtypes) from `resolve_compute`, when the caller resolved them already.
     """
     device, dtypes = compute or resolve_compute(args)
     frame_pick = getattr(args, "frame_pick", None) or DEFAULT_FRAME_PICK
     if getattr(args, "random_shape", None) is not None:
         return build_random_runners(args.shape, questions, device, dtypes["eventgpt"], args.seed,
-                                    vl_dtype=dtypes["video_llava"], frame_pick=frame_pick, quant=args.quant)
+                                    vl_dtype=dtypes["video_llava"], frame_pick=frame_pick, quant=args.quant,
+                                    num_event_frames=getattr(args, "num_event_frames", 1))
     accept_keys = getattr(args, "accept_weight_keys", None) or ()
     egpt = load_eventgpt(args.egpt_model, quant=args.quant, device=device, dtype=dtypes["eventgpt"],
                          num_event_frames=getattr(args, "num_event_frames", 1), accept_keys=accept_keys,

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from clip_data import check_data_folder
-from common import UserError, check_device
-from hidden_adapter import read_adapter_config
+from common import UserError, check_device, read_json
+from hidden_adapter import levels, read_adapter_config
 
 
 def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None,
@@ -23,8 +23,9 @@ def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_fi
     found = check_data_folder(dataset_dir, [split], questions_file, num_event_images=num_event_images,
                               raw_events=False, strict=False)
     missing = found["clips_missing_files"]
-    clips = (f"{found['splits'][split]} clips, {missing} of them missing files (the stage counts and skips "
-             "them)" if missing else f"{found['splits'][split]} clips with their files")
+    clips = (f"{found['splits'][split]} clips, {missing} of them missing files (extraction counts and skips "
+             "them; a benchmark stops at the first one it times)" if missing
+             else f"{found['splits'][split]} clips with their files")
     return f"{Path(dataset_dir) / split / 'index.json'}: {clips}; {found['questions']} questions " \
            f"({found['questions_file']})"
 
@@ -41,12 +42,31 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
         raise UserError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
 
 
-def check_model_path(path: str, flag: str) -> None:
-    """A local model folder exists (a hub id such as org/name is left to the loader)."""
+# The `model_type` of each model's config.json: EventGPT's release and transformers' Video-LLaVA. The loaders
+# (model_builders.py) refuse any other, and the check before loading reads it too.
+EVENTGPT_MODEL_TYPE = "EventChat_llama"
+VIDEO_LLAVA_MODEL_TYPE = "video_llava"
+MODEL_FLAGS = {"--egpt_model": (EVENTGPT_MODEL_TYPE, "EventGPT"), "--vl_model": (VIDEO_LLAVA_MODEL_TYPE, "Video-LLaVA")}
+
+
+def check_model_path(path: str, flag: str) -> str:
+    """A local model folder exists and its config.json names the model `flag` takes (`MODEL_FLAGS`: an
+    EventGPT folder given as --vl_model is refused here, before EventGPT loads); a hub id such as org/name
+    is left to the loader. Returns the model_type read ("" for a hub id)."""
     p = Path(path)
     looks_local = p.is_absolute() or path.startswith(".") or p.exists() or len(p.parts) != 2
-    if looks_local and not p.is_dir():
+    if not looks_local:
+        return ""
+    if not p.is_dir():
         raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id org/name)")
+    want, what = MODEL_FLAGS[flag]
+    found = read_json(p / "config.json", f"{flag} config", f"{flag} takes {what}'s checkpoint folder").get("model_type")
+    if found == want:
+        return found
+    other = next((f"{name}'s, which {other_flag} takes" for other_flag, (kind, name) in MODEL_FLAGS.items()
+                  if kind == found), "")
+    raise UserError(f"{flag} {path}: config.json has model_type {found!r}{f' ({other})' if other else ''}; {flag} "
+                    f"takes {what}'s checkpoint folder (model_type {want!r})")
 
 
 def check_adapter_role(path: str, role: str) -> str:
@@ -55,7 +75,8 @@ def check_adapter_role(path: str, role: str) -> str:
     config, extra = read_adapter_config(path)
     level = config.name
     if role == "prefill" and config.predicts != "same":
-        raise UserError(f"--prefill_adapter must be a same-position level (L1-L4), got {level} ({path})")
+        raise UserError(f"--prefill_adapter must be a same-position level ({', '.join(levels(predicts='same'))}), "
+                        f"got {level} ({path})")
     return f"--{role}_adapter {path}: {level} ({extra.get('pairs', '?')} pairs)"
 
 
@@ -84,8 +105,8 @@ def preflight(args: argparse.Namespace, required_roles: dict[str, list[str]] | N
     if getattr(args, "random_shape", None) is None:
         for flag in ("egpt_model", "vl_model"):
             if getattr(args, flag, None):
-                check_model_path(str(getattr(args, flag)), f"--{flag}")
-                done.append(f"--{flag} {getattr(args, flag)}")
+                found = check_model_path(str(getattr(args, flag)), f"--{flag}")
+                done.append(f"--{flag} {getattr(args, flag)}" + (f" (model_type {found})" if found else ""))
     if not getattr(args, "random_adapters", False):
         for role in ("prefill", "decode"):
             for path in getattr(args, f"{role}_adapter", None) or []:

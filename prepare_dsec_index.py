@@ -196,17 +196,25 @@ def read_timestamps(path: Path) -> np.ndarray:
     return stamps
 
 
+def frames_before_events(frame_times: np.ndarray) -> int:
+    """How many of a recording's frames (times relative to t_offset, increasing) come before its first event
+    time, t_offset: a window cannot start there, since ms_to_idx has no negative milliseconds."""
+    return int(np.searchsorted(frame_times, 0, side="left"))
+
+
 def cut_windows(ms_to_idx: np.ndarray, frame_times: np.ndarray, clip_us: int) -> list[dict[str, Any]]:
     """The clip windows of one recording, before any filtering.
 
     frame_times [K] are relative to t_offset. Windows are [t0 + i * clip_us, t0 + (i + 1) * clip_us) with
-    t0 the first frame's time floored to the millisecond, as long as ms_to_idx covers the window's end
-    (ms_to_idx[m] is the first event with t >= m ms). Each window: t0_us, t1_us, event_range, frame
-    indices (the frames whose times fall inside it).
+    t0 the time of the first frame at or after t_offset floored to the millisecond, as long as ms_to_idx
+    covers the window's end (ms_to_idx[m] is the first event with t >= m ms). Frames before t_offset come
+    before the event stream (ms_to_idx starts at 0 ms): no window holds them (`frames_before_events` counts
+    them). Each window: t0_us, t1_us, event_range, frame indices (the frames whose times fall inside it).
     """
-    if frame_times.size == 0:
+    first = frames_before_events(frame_times)
+    if first == frame_times.size:
         return []
-    start_ms, clip_ms = int(frame_times[0] // 1000), clip_us // 1000
+    start_ms, clip_ms = int(frame_times[first] // 1000), clip_us // 1000
     last_ms = len(ms_to_idx) - 1
     windows = []
     i = 0
@@ -261,6 +269,7 @@ def index_recording(rec: Recording, out_split: Path, args: argparse.Namespace, c
         return Path(os.path.relpath(path, out_split)).as_posix()
 
     records = []
+    counts["frames_before_events"] += frames_before_events(frame_times)
     for i, win in enumerate(cut_windows(header["ms_to_idx"], frame_times, clip_us)):
         counts["windows"] += 1
         n_events = win["event_range"][1] - win["event_range"][0]
@@ -310,8 +319,8 @@ def default_val_count(num_sequences: int) -> int:
 
 def prepare_native(args: argparse.Namespace) -> tuple[dict[str, list], dict[str, int], list[str]]:
     recordings, problems = find_recordings(args.dsec_root)
-    counts = {"windows": 0, "dropped_few_events": 0, "dropped_few_frames": 0, "videos_written": 0,
-              "clips_train": 0, "clips_test": 0, "recordings_skipped": len(problems)}
+    counts = {"windows": 0, "dropped_few_events": 0, "dropped_few_frames": 0, "frames_before_events": 0,
+              "videos_written": 0, "clips_train": 0, "clips_test": 0, "recordings_skipped": len(problems)}
     codec = pick_codec()
     previous = args.output_dir / "clip_index.json"
     previous = read_json(previous, "clip index summary", "delete it") if previous.is_file() else {}
@@ -447,7 +456,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:<6} {len({r['sequence'] for r in recs}):>9} {len(recs):>6}")
         print(f"windows {counts['windows']}: indexed {sum(map(len, splits.values()))}, dropped "
               f"{counts['dropped_few_events']} for too few events (< {max(args.min_events, 1)}), "
-              f"{counts['dropped_few_frames']} for too few frames (< {args.min_frames}); "
+              f"{counts['dropped_few_frames']} for too few frames (< {args.min_frames}); skipped "
+              f"{counts['frames_before_events']} frames before the first event (t_offset); "
               f"{counts['videos_written']} mp4 written; skipped {len(problems)} recordings")
     else:
         print(f"indexed {len(splits[args.split])} clips, skipped {len(problems)}")

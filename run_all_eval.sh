@@ -30,8 +30,9 @@ fail() { echo "error: $*" >&2; exit 1; }
 [ -f "$TEST_DATA/manifest.json" ] || fail "test data not found: $TEST_DATA/manifest.json (run extract_hidden_states.py --split test, or set TEST_DATA=...)"
 [ -f "$LM_HEAD" ] || fail "LM head not found: $LM_HEAD (run extract_vl_lm_head.py, or set LM_HEAD=...)"
 
-# newest run per (level, pairing), read from each best_model.pt (training_runs.py): level<TAB>pairs<TAB>L5-style<TAB>folder
-runs=$("$PY" training_runs.py "$TASKS" ${LEVELS:+--levels $LEVELS}) || fail "cannot list the runs of $TASKS"
+# newest finished run per (level, pairing), read from each best_model.pt and history.json (training_runs.py):
+# level<TAB>pairs<TAB>L5-style<TAB>folder; an interrupted run is resumed by training, not evaluated
+runs=$("$PY" training_runs.py "$TASKS" --finished ${LEVELS:+--levels $LEVELS}) || fail "cannot list the runs of $TASKS"
 [ -n "$runs" ] || fail "no finished runs (a folder with best_model.pt) in $TASKS${LEVELS:+ for levels $LEVELS}"
 
 evaluated=0

@@ -60,7 +60,7 @@ E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted
 
 if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
 if [ "$E2E_CONFIGS" = auto ]; then
-  if [ "$TOY" = 1 ]; then E2E_CONFIGS=all; else E2E_CONFIGS=target,hf_generate,prefill,decode,two_phase,synthetic; fi
+  if [ "$TOY" = 1 ]; then E2E_CONFIGS=all; else E2E_CONFIGS=target,hf_generate,prompt_lookup,prefill,decode,two_phase,synthetic; fi
 fi
 LM_HEAD=$DATA/vl_lm_head.pt
 mkdir -p "$RESULTS" "$TASKS"
@@ -118,7 +118,7 @@ else echo "kept $RESULTS/adapter_latency.json"; fi
 stage "7. train every adapter level: L1-L4 on both pairings, the decode levels on teacher-forced pairs as they draft (selected on val; the test split is never read)"
 # Runs are found by what their best_model.pt says (level, pairing, start), not by folder names: training_runs.py
 # lists the newest finished run of each level and pairing, one `level<TAB>pairs<TAB>..<TAB>folder` line each.
-list_runs() { RUNS=$($PY training_runs.py "$TASKS" --finished 2>/dev/null) || RUNS=""; }
+list_runs() { RUNS=$($PY training_runs.py "$TASKS" --finished) || { echo "error: cannot list the runs of $TASKS" >&2; exit 1; }; }
 newest_run() {  # newest finished run folder of level $1, pairing $2 (from the last list_runs)
   awk -F'\t' -v l="$1" -v p="$2" '$1 == l && $2 == p {print $4}' <<< "$RUNS"
 }
@@ -155,14 +155,14 @@ done
 while [ "${#PIDS[@]}" -gt 0 ]; do wait_one; done
 
 stage "8. offline acceptance of every adapter on the test split (hidden-state and token level)"
-PY=$PY TASKS=$TASKS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/acceptance DEVICE=$DEVICE FORCE=$FORCE \
+PY=$PY TASKS=$TASKS LEVELS=$LEVELS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/acceptance DEVICE=$DEVICE FORCE=$FORCE \
   GAMMA_DECODE=$GAMMA_DECODE bash run_all_eval.sh
 
 stage "9. live lossless speculative decoding, measured against the target alone"
 list_runs
 PREFILL_RUN=$(newest_run L1 free)
 DECODE_RUNS=()
-for LEVEL in E3 B1 E3E L5E L5F L5; do
+for LEVEL in $DECODE_LEVELS; do  # every decode level, from the adapter roles
   r=$(newest_run "$LEVEL" teacher_forced)
   [ -n "$r" ] && DECODE_RUNS+=("$r/best_model.pt")
 done

@@ -40,7 +40,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -102,9 +102,10 @@ def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
 @dataclass
 class Iteration:
     drafted: int
-    accepted: int
+    accepted: int  # drafts accepted up to the answer's end: none after an accepted EOS (as offline, metrics.py)
     from_prefill: bool = False  # verified drafts written during the target's prefill (phase 1)
     ms: dict[str, float] = field(default_factory=dict)  # draft, verify, crop (crop includes drafter re-sync)
+    draft: list[int] = field(default_factory=list)  # the drafts verified (the lossless check replays the pass)
 
 
 @dataclass
@@ -271,9 +272,11 @@ class SpeculativeDecoder:
             with clock.lap(it.ms, "crop"):
                 target.crop_cache(cache, prompt_len + len(tokens) + n)  # prompt + every token but the newest
                 drafter.accept(new, step.hidden[0, : n + 1], layers=_rows(step.layers, 0, n + 1))
-            it.drafted, it.accepted = len(draft.tokens), n
+            if self.eos in new:  # the answer ends at EOS: drafts accepted after it are neither kept nor counted
+                new = new[: new.index(self.eos) + 1]
+            it.drafted, it.accepted, it.draft = len(draft.tokens), min(n, len(new)), draft.tokens
             trace.iterations.append(it)
-            tokens += new[: new.index(self.eos) + 1] if self.eos in new else new
+            tokens += new
         sync_stream(target.device)
         trace.total_ms = clock.now_ms()
         clock.settle()
@@ -288,7 +291,7 @@ def _rows(layers: Tensor | None, start: int, stop: int | None) -> Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers shared by the benchmark and the tests
+# The lossless check
 # ----------------------------------------------------------------------------------------------
 
 
@@ -296,6 +299,48 @@ def greedy_reference(target: Any, inputs: VLMInputs, max_new_tokens: int) -> lis
     """The target's own greedy answer (runner.generate), up to and including EOS."""
     out = target.generate(inputs, max_new_tokens)
     return out.tokens[0, : int(out.mask[0].sum())].tolist()
+
+
+@torch.no_grad()
+def greedy_continuation(target: Any, inputs: VLMInputs, prefix: list[int], max_new_tokens: int) -> list[int]:
+    """`prefix`, then the target's own greedy tokens after it, up to and including EOS or `max_new_tokens`
+    tokens in all: runner.generate's path (the prompt in one pass, then one decode step per token) forced
+    through `prefix`. With the reference's own prefix it is the reference."""
+    step = target.prefill(inputs, logits_for="last")
+    length = inputs.attention_mask.shape[1]
+    answer: list[int] = []
+    while len(answer) < max_new_tokens:
+        tok = prefix[len(answer)] if len(answer) < len(prefix) else int(step.logits[0, -1].argmax())
+        answer.append(tok)
+        if tok == target.eos_token_id or len(answer) == max_new_tokens:
+            break
+        length += 1
+        step = target.decode(torch.tensor([[tok]], device=target.device), step.cache,
+                             torch.ones(1, length, dtype=torch.long, device=target.device))
+    return answer
+
+
+@torch.no_grad()
+def verify_logits(target: Any, inputs: VLMInputs, out: SpecOutput, position: int) -> Tensor:
+    """The target's logits [V] at `position` of the engine's answer `out` as the engine's own passes
+    computed them: the same prefill, then the trace's verify passes replayed (each [last token, drafts]
+    at its width, the cache cropped as the engine cropped it), on the runner's current path (dynamic,
+    static or compiled), so the rows come from the kernels and shapes the engine ran."""
+    tokens = out.tokens
+    step = target.prefill(inputs, logits_for="last")
+    if position == 0:
+        return step.logits[0, -1]
+    length = inputs.attention_mask.shape[1]
+    done, cache = 1, step.cache  # tokens verified so far (the prefill's own is the first)
+    for it in out.trace.iterations:
+        ids = torch.tensor([[tokens[done - 1], *it.draft]], device=target.device)
+        step = target.decode(ids, cache, torch.ones(1, length + done + len(it.draft), dtype=torch.long,
+                                                    device=target.device))  # row i scores position done + i
+        if position <= done + it.accepted:
+            return step.logits[0, position - done]
+        target.crop_cache(cache, length + done + it.accepted)
+        done += it.accepted + 1
+    raise ValueError(f"position {position} lies beyond the {done} tokens the trace verified")
 
 
 # Rounding unit of each dtype; fp32 gets 0 so the CPU fp32 checks stay exact. A near-tie counts as a
@@ -309,13 +354,14 @@ TIE_ULPS = {torch.float16: 8, torch.bfloat16: 2}
 @dataclass
 class NumericTie:
     """A greedy difference explained by rounding: at `position` the speculative answer chose `tokens[0]`
-    and the reference `tokens[1]`, the two best logits of the target there, at most `margin` apart on
-    every recomputed path (within `tolerance`)."""
+    and the target's own greedy path `tokens[1]`, the two best logits of the target there, at most
+    `margin` apart on every one of `paths` recomputed paths (within `tolerance`)."""
 
     position: int
     tokens: tuple[int, int]
     margin: float
     tolerance: float
+    paths: int = 0
 
 
 def numeric_tie(logits: list[Tensor], a: int, b: int, dtype: torch.dtype, position: int = 0) -> NumericTie | None:
@@ -332,14 +378,14 @@ def numeric_tie(logits: list[Tensor], a: int, b: int, dtype: torch.dtype, positi
         margin, tolerance = max(margin, abs(la - lb)), min(tolerance, eps * max(abs(la), abs(lb), 1.0))
     if not logits or margin > tolerance:
         return None
-    return NumericTie(position, (a, b), margin, tolerance)
+    return NumericTie(position, (a, b), margin, tolerance, len(logits))
 
 
 @torch.no_grad()
 def tie_logits(target: Any, inputs: VLMInputs, prefix: list[int]) -> list[Tensor]:
-    """The target's logits [V] for the position after `prefix`, recomputed both ways the engine and the
-    reference compute them (one wide pass over the prefix, and one decode step per token), each through
-    the model's own LM head and through the fp32 head (`lm_head_weight`) on the same state."""
+    """The target's logits [V] for the position after `prefix`, recomputed on the two clean paths (one
+    wide pass over the prefix, and one decode step per token as the reference runs), each through the
+    model's own LM head and through the fp32 head (`lm_head_weight`) on the same state."""
     head = target.lm_head_weight()
     rows = []
     for wide in (True, False):
@@ -354,26 +400,77 @@ def tie_logits(target: Any, inputs: VLMInputs, prefix: list[int]) -> list[Tensor
     return rows
 
 
-def check_lossless(spec: list[int], reference: list[int], what: str,
-                   recompute: Callable[[list[int]], list[Tensor]] | None = None,
-                   dtype: torch.dtype = torch.float32) -> NumericTie | None:
-    """None when equal. At the first differing position, `recompute(prefix)` (e.g. `tie_logits`) gives
-    the target's logits there on several paths: a NumericTie is returned when the difference is within
-    rounding (`numeric_tie`); otherwise, or without `recompute`, LosslessError names the position."""
-    if spec == reference:
-        return None
-    pos = next((i for i, (a, b) in enumerate(zip(spec, reference, strict=False)) if a != b),
-               min(len(spec), len(reference)))
-    margin = ""
-    if recompute is not None and pos < min(len(spec), len(reference)):
-        rows = recompute(spec[:pos])
-        tie = numeric_tie(rows, spec[pos], reference[pos], dtype, pos)
-        if tie is not None:
-            return tie
-        top = rows[0].float().flatten().topk(2)
-        margin = f"; target top-2 margin there {float(top.values[0] - top.values[1]):.4g} (not a rounding tie)"
-    raise LosslessError(f"{what}: speculative output differs from the target's greedy output at position "
-                        f"{pos} (lengths {len(spec)} vs {len(reference)}){margin}")
+class TieOracle(Protocol):
+    """What the lossless check asks the target: its logits [V] after `prefix` on every path a tie must
+    hold on, and its own greedy continuation of `prefix`."""
+
+    def logits(self, prefix: list[int]) -> list[Tensor]: ...
+
+    def continuation(self, prefix: list[int]) -> list[int]: ...
+
+
+class TargetRecompute:
+    """The TieOracle of one prompt on a runner: `logits` gives tie_logits' four clean rows plus, for an
+    engine answer (`engine` = its SpecOutput), the engine's own verify-pass row at that position
+    (verify_logits), so a difference the engine's verify path makes is never excused by clean paths
+    alone; `continuation` is greedy_continuation. `prompt` may be a zero-argument callable (built once,
+    only when a difference needs it)."""
+
+    def __init__(self, target: Any, prompt: Prompt, max_new_tokens: int, engine: SpecOutput | None = None) -> None:
+        self.target, self.prompt, self.max_new_tokens, self.engine = target, prompt, max_new_tokens, engine
+        self._inputs: VLMInputs | None = None
+
+    @property
+    def inputs(self) -> VLMInputs:
+        if self._inputs is None:
+            self._inputs = _build(self.prompt)
+        return self._inputs
+
+    def logits(self, prefix: list[int]) -> list[Tensor]:
+        rows = tie_logits(self.target, self.inputs, prefix)
+        if self.engine is not None:
+            if self.engine.tokens[: len(prefix)] != prefix:
+                raise ValueError("the engine's verify row exists only on the engine's own answer")
+            rows.append(verify_logits(self.target, self.inputs, self.engine, len(prefix)))
+        return rows
+
+    def continuation(self, prefix: list[int]) -> list[int]:
+        return greedy_continuation(self.target, self.inputs, prefix, self.max_new_tokens)
+
+
+def check_lossless(spec: list[int], reference: list[int], what: str, recompute: TieOracle | None = None,
+                   dtype: torch.dtype = torch.float32) -> list[NumericTie]:
+    """The numeric ties between a greedy answer `spec` and the target's (`reference`), every position
+    compared: [] when equal. At each differing position i, `recompute.logits(spec[:i])` gives the
+    target's logits there on every path: within rounding (`numeric_tie`) the difference is a NumericTie,
+    and the check goes on against the target's own greedy continuation of spec[:i + 1]
+    (`recompute.continuation`), where each later difference is again a tie or an error. A difference
+    beyond rounding, a length mismatch, or any difference without `recompute` raises LosslessError
+    naming the position."""
+    ties: list[NumericTie] = []
+    while spec != reference:
+        pos = next((i for i, (a, b) in enumerate(zip(spec, reference, strict=False)) if a != b),
+                   min(len(spec), len(reference)))
+        after = f" (after numeric ties at {[t.position for t in ties]}, against the target's own greedy " \
+                "continuation of the speculative prefix)" if ties else ""
+        margin = ""
+        if recompute is not None and pos < min(len(spec), len(reference)):
+            rows = recompute.logits(spec[:pos])
+            tie = numeric_tie(rows, spec[pos], reference[pos], dtype, pos)
+            if tie is not None:
+                ties.append(tie)
+                reference = recompute.continuation(spec[: pos + 1])
+                continue
+            top = rows[0].float().flatten().topk(2)
+            margin = f"; target top-2 margin there {float(top.values[0] - top.values[1]):.4g} (not a rounding tie)"
+        raise LosslessError(f"{what}: speculative output differs from the target's greedy output at position "
+                            f"{pos} (lengths {len(spec)} vs {len(reference)}){after}{margin}")
+    return ties
+
+
+# ----------------------------------------------------------------------------------------------
+# The trace's figures
+# ----------------------------------------------------------------------------------------------
 
 
 def summarise_trace(trace: Trace) -> dict[str, Any]:
@@ -413,11 +510,15 @@ __all__ = [
     "NumericTie",
     "SpecOutput",
     "SpeculativeDecoder",
+    "TargetRecompute",
+    "TieOracle",
     "Trace",
     "accept_drafts",
     "check_lossless",
+    "greedy_continuation",
     "greedy_reference",
     "numeric_tie",
     "summarise_trace",
     "tie_logits",
+    "verify_logits",
 ]

@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--lm_head", default=None,
-                   help="target LM head file (extract_vl_lm_head.py): token metrics in validation, the token loss, "
-                        "and the input embeddings that the token input reads")
+                   help="target LM head file (extract_vl_lm_head.py), or the target's Video-LLaVA folder (its two "
+                        "tensors are read): token metrics in validation, the token loss, and the input embeddings "
+                        "that the token input reads; token-input levels without it look beside the data and in "
+                        "the target folder the extraction recorded")
     p.add_argument("--no_prefetch", action="store_true", help="read chunks in the training thread (for benchmarks)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
     p.add_argument("--override", action="store_true",
@@ -322,20 +324,31 @@ LM_HEAD_NAME = "vl_lm_head.pt"  # what extract_vl_lm_head.py writes by default, 
 
 
 def has_head(args: argparse.Namespace) -> bool:
-    """Whether training has the target's LM head: a file (--lm_head, or one found), or the model's files."""
-    return bool(args.lm_head or getattr(args, "lm_head_model", None))
+    """Whether training has the target's LM head (--lm_head, given or found: a file or the model's folder)."""
+    return bool(args.lm_head)
+
+
+def _recorded_model_folder(recorded: str, data: Path) -> Path | None:
+    """The folder a manifest records for a model, as a path from here: as recorded (absolute, or relative to
+    this working folder), else relative to a folder above the data (extraction may have run from there)."""
+    path = Path(recorded)
+    candidates = [path] if path.is_absolute() else [path, *(parent / path for parent in data.parents)]
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
 def locate_lm_head(args: argparse.Namespace) -> None:
-    """Without --lm_head, find the target's LM head and input embeddings where the data says they are: an LM
-    head file beside the data (DATA/../vl_lm_head.pt or DATA/../../vl_lm_head.pt) of the target that
-    produced the states, else that target model's own folder as the extraction recorded it (checked
-    against the recorded config hash; only the two tensors are read). Sets args.lm_head (a file found),
-    args.lm_head_model (the folder) and args.lm_head_note (the one line saying where it came from)."""
-    args.lm_head_model, args.lm_head_note = None, f"LM head: {args.lm_head} (--lm_head)" if args.lm_head else ""
-    if args.lm_head:
+    """A token-input level (a next-position level with --token_input auto/on) without --lm_head finds the
+    target's LM head and input embeddings where the data says they are: an LM head file beside the data
+    (DATA/../vl_lm_head.pt or DATA/../../vl_lm_head.pt) of the target that produced the states, else that
+    target model's own folder as the extraction recorded it (checked against the recorded config hash; only
+    the two tensors are read). What it finds becomes args.lm_head, so config.yaml records it and a resume
+    reads the same head (a resume never looks again); args.lm_head_note is the one line saying where it came
+    from. Other levels, and --token_input off, keep the defaults of a run without --lm_head."""
+    args.lm_head_note = f"LM head: {args.lm_head} (--lm_head)" if args.lm_head else ""
+    nxt = canonical_name(args.level_name) in NEXT_POSITION_LEVELS
+    if args.lm_head or args.resume or not nxt or args.token_input == "off" or args.spec_loss:
         return
-    data = Path(args.train_data)
+    data = Path(args.train_data).resolve()
     try:
         manifest = read_json(data / "manifest.json", "hidden-state manifest", "extract the data first")
     except UserError:
@@ -354,16 +367,17 @@ def locate_lm_head(args: argparse.Namespace) -> None:
             return
     from model_builders import config_hash
 
-    target = (manifest.get("models") or {}).get("target") or {}
-    folder = Path(str(target.get("path", "")))
-    config = folder / "config.json"
-    if target.get("path") and config.is_file() and want in (None, config_hash(config)):
-        args.lm_head_model = str(folder)
+    recorded = str(((manifest.get("models") or {}).get("target") or {}).get("path") or "")
+    folder = _recorded_model_folder(recorded, data) if recorded else None
+    found_hash = config_hash(folder / "config.json") if folder else None
+    if folder is not None and want in (None, found_hash):
+        args.lm_head = str(folder)
         args.lm_head_note = (f"LM head and input embeddings: read from {folder}, the target model that extracted "
                              f"{data} (config hash {want}); --lm_head FILE names another")
         return
-    args.lm_head_note = (f"no LM head: no --lm_head, no {LM_HEAD_NAME} beside {data}, and the target model the data "
-                         f"records ({target.get('path') or 'none'}) is not here")
+    where = (f"the target model the data records ({recorded}) is not here" if folder is None else
+             f"{folder} is another model than the data's target (config hash {found_hash}, not {want})")
+    args.lm_head_note = f"no LM head: no --lm_head, no {LM_HEAD_NAME} beside {data}, and {where}"
 
 
 def resolve_drafting(args: argparse.Namespace) -> None:
@@ -420,7 +434,7 @@ def drafting_record(args: argparse.Namespace) -> dict[str, Any]:
             "distill_weight": args.distill_weight, "distill_topk": args.distill_topk,
             "distill_temperature": args.distill_temperature, "loss_mix": args.loss_mix,
             "prediction_weight": args.prediction_weight, "spec_loss": args.spec_loss, "select_metric": args.select,
-            "lm_head": args.lm_head or getattr(args, "lm_head_model", None)}
+            "lm_head": args.lm_head}
 
 
 # ----------------------------------------------------------------------------- processes
@@ -517,14 +531,14 @@ def load_head(args: argparse.Namespace, target_dim: int, manifest: dict[str, Any
     --lm_head file, or what locate_lm_head found (a file beside the data, or the target model's files)."""
     if args.lm_head_note:
         log.info("%s", args.lm_head_note)
-    if getattr(args, "lm_head_model", None):
+    if args.lm_head and Path(args.lm_head).is_dir():  # a Video-LLaVA folder: its two tensors, no model built
         from model_builders import read_lm_head
 
-        head = read_lm_head(args.lm_head_model, load_model=False)
+        head = read_lm_head(args.lm_head, load_model=False)
         if head is None:
-            raise UserError(f"{args.lm_head_model} holds no lm_head/embed_tokens tensors to read; pass --lm_head FILE "
+            raise UserError(f"{args.lm_head} holds no lm_head/embed_tokens tensors to read; pass --lm_head FILE "
                             "(extract_vl_lm_head.py)")
-        return check_lm_head(head, args.lm_head_model, hidden_dim=target_dim, need_embeddings=args.use_token_input,
+        return check_lm_head(head, args.lm_head, hidden_dim=target_dim, need_embeddings=args.use_token_input,
                              data=manifest, data_name=str(args.train_data))
     if not args.lm_head:
         return None

@@ -26,7 +26,7 @@ log = logging.getLogger("xmodal_sd.runs")
 
 @dataclass(frozen=True)
 class Run:
-    """One finished training run: its folder and what its best_model.pt says about itself."""
+    """One training run (finished or not: see `finished`): its folder and what its best_model.pt says."""
 
     folder: Path
     config: AdapterConfig
@@ -49,8 +49,12 @@ def read_run(folder: str | Path) -> Run:
     pairs = extra.get("pairs")
     if not isinstance(pairs, str):
         raise UserError(f"{folder / 'best_model.pt'} records no pairing (not written by train_hidden_adapter.py)")
-    started = extra.get("started")
-    when = datetime.fromisoformat(started).timestamp() if isinstance(started, str) else None
+    started, when = extra.get("started"), None
+    if isinstance(started, str):
+        try:
+            when = datetime.fromisoformat(started).timestamp()
+        except ValueError:
+            log.warning("%s: unreadable start time %r; using the file's time", folder / "best_model.pt", started)
     return Run(folder, config, pairs, when if when is not None else (folder / "best_model.pt").stat().st_mtime)
 
 
@@ -58,9 +62,10 @@ def finished(run: Run) -> bool:
     """Whether the run's history.json says it ran to its end (every epoch, or early stopping)."""
     path = run.folder / "history.json"
     try:
-        return path.is_file() and read_json(path, "training history", "rerun the training").get("finished") is True
+        history = read_json(path, "training history", "rerun the training") if path.is_file() else None
     except UserError:
         return False
+    return isinstance(history, dict) and history.get("finished") is True
 
 
 def newest_runs(tasks_dir: str | Path, levels: list[str] | None = None, only_finished: bool = False
@@ -71,6 +76,8 @@ def newest_runs(tasks_dir: str | Path, levels: list[str] | None = None, only_fin
     `only_finished` only runs whose history says they finished (an interrupted run is resumed, not used)."""
     wanted = {canonical_name(level) for level in levels} if levels else None
     tasks_dir = Path(tasks_dir)
+    if not tasks_dir.is_dir():
+        raise UserError(f"tasks folder not found: {tasks_dir} (train adapters with train_hidden_adapter.py)")
     runs: dict[tuple[str, str], Run] = {}
     # a run folder is any folder holding a best_model.pt, at any depth (tasks/L1/<run>/ as the specification
     # lays them out, or tasks/<run>/ as the pipeline does)

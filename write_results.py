@@ -263,19 +263,27 @@ def live_section(page: Page, results_dir: Path) -> dict[str, Any]:
              f"the target's own greedy output, {lossless_text(r)}.", "")
     rows = []
     for name, c in r["configs"].items():
-        rows.append([name, span(c.get("speedup")), num(c.get("modelled_speedup")),
+        rows.append([name, span(c.get("speedup")), span(c.get("speedup_vs_hf_generate")),
+                     num(c.get("modelled_speedup")),
                      num(c.get("modelled_speedup_reference")), num(c.get("accepted_per_iteration")),
                      num(c.get("tokens_per_verify")), num(c.get("drafted_per_iteration")),
                      f"{num(c.get('prefill_accepted'))}/{num(c.get('prefill_drafted'), 1)}"
-                     if c.get("prefill_drafted") else "-", num(c.get("ms_per_answer"), 1)])
+                     if c.get("prefill_drafted") else "-", num(c.get("ms_per_answer"), 1), ties_cell(c)])
     ref = profile_name(r["reference_profile"]) if r.get("reference_profile") else "no reference profile"
     page.add(f"`modelled` is the cost model at the acceptance and drafts measured here under this run's own timing "
              f"profile; `modelled {ref}` the same under that measured 7B profile, i.e. what these drafters would "
              "give at the real models' costs if they accepted there as here. Draft-length rules: `fixed` configs "
              "always draft gamma tokens, `,expected` ones stop where the calibrated acceptance estimate says "
              "another draft does not pay at this machine's costs.", "")
-    page.add(markdown_table(["config", "speed-up (measured)", "modelled", f"modelled {ref}", "accepted/iter",
-                             "tokens/verify", "drafted/iter", "prefill accepted/drafted", "ms/answer"], rows))
+    page.add("`vs generate` is the same ratio against transformers' `generate` on the same samples; `ties` the "
+             "configuration's numeric ties (the target alone's) / the most allowed, the target alone's + "
+             f"{tie_rule(r)}, every output checked at every position.", "")
+    page.add(markdown_table(["config", "speed-up (measured)", "vs generate", "modelled", f"modelled {ref}",
+                             "accepted/iter", "tokens/verify", "drafted/iter", "prefill accepted/drafted", "ms/answer",
+                             "ties"], rows))
+    lookup = prompt_lookup_text(r)
+    if lookup:
+        page.add("", lookup)
     a = r.get("assisted")
     if a:
         page.add("", f"Against transformers' assisted generation on a text-only pair ({a['prompts']} prompts): ours "
@@ -287,10 +295,49 @@ def live_section(page: Page, results_dir: Path) -> dict[str, Any]:
 
 
 def lossless_text(r: dict[str, Any]) -> str:
-    checked = r.get("lossless_outputs_checked")
-    if checked is not None:
-        return f"{checked} outputs checked, all equal" if r.get("lossless_checked") else "a mismatch was found"
-    return "all equal" if r.get("lossless_checked") else "NOT checked (sampling run)"
+    """What the lossless check found: outputs checked, numeric ties, and any configuration over the margin."""
+    if not r.get("lossless_checked"):
+        return "NOT checked (sampling run)"
+    ties = r.get("numeric_tie_count", 0)
+    text = (f"{r.get('lossless_outputs_checked')} outputs checked at every position, all equal to the target's "
+            f"own greedy output{f' but for {ties} numeric ties' if ties else ''}")
+    if r.get("lossless_failures"):
+        text += "; FAILED (numeric ties beyond the margin): " + "; ".join(r["lossless_failures"])
+    return text
+
+
+def tie_rule(r: dict[str, Any]) -> str:
+    margin = r.get("tie_margin") or {"fraction": 0.01, "minimum": 2}
+    return f"max({margin['minimum']}, {margin['fraction']:g} x its checked outputs)"
+
+
+def ties_cell(c: dict[str, Any]) -> str:
+    v = c.get("lossless")
+    if not v:
+        return "-"
+    cell = f"{v['numeric_tie_count']} ({v['target_ties']}) / {v['max_ties']}"
+    return cell if v["passed"] else f"{cell} FAILED"
+
+
+def prompt_lookup_text(r: dict[str, Any]) -> str | None:
+    """The prompt-lookup row: transformers' prompt lookup decoding (no trained drafter), the fastest point
+    of its grid, beside plain `generate`, the target alone and the best fixed-window trained decoder."""
+    grid = [(n, c) for n, c in r["configs"].items() if (c.get("drafting") or {}).get("kind") == "prompt_lookup"]
+    if not grid:
+        return None
+    name, c = max(grid, key=lambda nc: nc[1]["speedup"]["median"])
+    ours = [(n, d) for n, d in r["configs"].items() if (d.get("drafting") or {}).get("kind") == "decode"
+            and (d.get("drafting") or {}).get("draft_stop", "fixed") == "fixed"]
+    best = max(ours, key=lambda nd: nd[1]["speedup"]["median"], default=None)
+    text = (f"**prompt_lookup** (transformers' prompt lookup decoding: `generate(..., prompt_lookup_num_tokens=K, "
+            f"max_matching_ngram_size=N)`, no trained drafter; {len(grid)} (K, N) points timed, the fastest picked "
+            f"on the same runs): `{name}` at {span(c['speedup'])} the target alone and "
+            f"{span(c.get('speedup_vs_hf_generate'))} transformers' `generate`, "
+            f"{num(c.get('tokens_per_verify'))} tokens per verify pass")
+    if best:
+        text += (f"; the best trained decoder here, `{best[0]}`, at {span(best[1]['speedup'])} the target alone, "
+                 f"{num(best[1].get('tokens_per_verify'))} tokens per verify pass")
+    return text + "."
 
 
 def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) -> None:
@@ -311,10 +358,11 @@ def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) 
         adapter = roles[kind] or {}
         key = (adapter.get("level"), adapter.get("pairs"))
         entry = acc.get(key)
-        if entry is None:
-            continue
+        if entry is None or not same_file(entry[1].get("checkpoint"), adapter.get("checkpoint")):
+            continue  # offline figures of another checkpoint than the one the live run drafted with
         _, r = entry
-        same_r = same[key][1] if key in same else None
+        same_r = same[key][1] if key in same and same_file(same[key][1].get("checkpoint"),
+                                                              adapter.get("checkpoint")) else None
         if kind == "prefill":
             g = live["gamma_prefill"]
             offline = _window(r.get("prefill_free_by_window"), g)
@@ -371,8 +419,7 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
             return ((entry[1].get("drafting") or {}).get("rollout") or {}).get("live_accepted_per_iteration")
 
         fb, fe = fig(b1), fig(l5e)
-        lb = live["configs"].get("decode[B1]", {}).get("accepted_per_iteration")
-        le = live["configs"].get("decode[L5E]", {}).get("accepted_per_iteration")
+        lb, le = (live_fixed_decode(live, level).get("accepted_per_iteration") for level in ("B1", "L5E"))
         page.add("Do the events add acceptance? L5E and B1 are trained the same way (same data, flags and "
                  f"epochs). Offline roll-out on the whole test split: B1 {num(fb)}, L5E {num(fe)} accepted drafts "
                  f"per iteration ({'-' if fb is None or fe is None else f'{fe - fb:+.2f}'}); live on the benchmark's "
@@ -395,15 +442,25 @@ def eagle3_paragraph(page: Page, live: dict[str, Any], acc: dict) -> None:
         return (f"{d.get('rollout_steps')}-step roll-out, regression {d.get('regression_weight', 1.0) or 0:g}, "
                 f"distillation {d.get('distill_weight') or 0:g}, token loss {d.get('token_loss_weight') or 0:g}")
 
-    cfg = live["configs"]
-    lb, le = (cfg.get(f"decode[{lv}]", {}).get("tokens_per_verify") for lv in ("B1", "E3"))
-    sb, se = (cfg.get(f"decode[{lv}]", {}).get("speedup", {}).get("median") for lv in ("B1", "E3"))
+    lb, le = (live_fixed_decode(live, lv).get("tokens_per_verify") for lv in ("B1", "E3"))
+    sb, se = ((live_fixed_decode(live, lv).get("speedup") or {}).get("median") for lv in ("B1", "E3"))
     fb, fe = offline(b1), offline(e3)
     page.add("Does the EAGLE-3 head add acceptance? E3 reads the target's low, middle and high layer states where "
              f"B1 reads its last-layer state; B1 trained with {recipe(b1)}; E3 with {recipe(e3)}. Tokens per verify "
              f"pass, offline roll-out on the whole test split at gamma {e3[1].get('gamma_decode')}: B1 {num(fb)}, E3 "
              f"{num(fe)}; live on the benchmark's samples at gamma {live['gamma_decode']}: B1 {num(lb)}, E3 {num(le)} "
              f"(speed-up here {num(sb)} and {num(se)}).", "")
+
+
+def same_file(a: str | None, b: str | None) -> bool:
+    """Whether two recorded paths name one file (one may be relative to this folder, the other absolute)."""
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def live_fixed_decode(live: dict[str, Any], level: str) -> dict[str, Any]:
+    """The live result of the fixed-window decode configuration of `level`, found by what it drafted with."""
+    return next((c for c in live["configs"].values() if (d := c.get("drafting") or {}).get("kind") == "decode"
+                 and d.get("draft_stop") == "fixed" and (d.get("decode") or {}).get("level") == level), {})
 
 
 def _window(values: list[float] | None, g: int) -> float | None:
@@ -439,10 +496,14 @@ def main(args: argparse.Namespace) -> Path:
              f"Generated by `write_results.py` on {now} from the files of this run: data `{data_dir}`, adapters "
              f"`{tasks_dir}`, results `{results_dir}`. Nothing on this page is typed by hand; rerun "
              "`bash run_pipeline.sh` to regenerate it.", "")
-    runs = {key: run.folder for key, run in newest_runs(tasks_dir)[0].items()}  # level, pairing from best_model.pt
+    # level, pairing from best_model.pt; the finished runs only, as run_all_eval.sh and the pipeline choose them
+    runs = {key: run.folder for key, run in newest_runs(tasks_dir, only_finished=True)[0].items()}
     acc = acceptance_results(results_dir / "acceptance")
     live = read_json(results_dir / "e2e" / "e2e_wallclock.json", "live benchmark result",
                      "run benchmark_e2e_wallclock.py (run_pipeline.sh stage 9) first")
+    if live.get("format_version", 1) < 2:  # before each configuration recorded its adapters (`drafting`)
+        raise UserError(f"{results_dir / 'e2e' / 'e2e_wallclock.json'} was written by an older release; rerun the "
+                        "live benchmark (FORCE=1 bash run_pipeline.sh, or benchmark_e2e_wallclock.py)")
     trained = [(k, c) for k, c in live["configs"].items() if c.get("speedup")
                and (c.get("drafting") or {}).get("kind") in ("prefill", "decode", "two_phase")]
     best = max(trained, key=lambda kc: kc[1]["speedup"]["median"], default=None)
@@ -461,6 +522,9 @@ def main(args: argparse.Namespace) -> Path:
                  f"{top[1]['tokens_per_verify']:.2f} tokens per verify pass, its first three drafts all accepted in "
                  f"{third} of iterations. Under the measured H200 7B profile the best trained configuration, "
                  f"`{modelled[0]}`, is modelled at {num(modelled[1].get('modelled_speedup_reference'))}x.", "")
+    lookup = prompt_lookup_text(live)
+    if lookup:
+        page.add(lookup, "")
     data_section(page, data_dir)
     adapter_section(page, runs, acc)
     pairing_section(page, acc)

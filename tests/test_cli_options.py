@@ -143,8 +143,9 @@ def dataset(tmp_path_factory) -> Path:
     for name in ("c0.mp4", "c0.npy", "event_images/c0_0.png"):
         (root / "test" / name).write_bytes(b"")
     (root / "questions.json").write_text('[{"question": "What is there?", "count": 3}]')
-    for name in ("eventgpt", "video_llava"):
+    for name, model_type in (("eventgpt", "EventChat_llama"), ("video_llava", "video_llava")):
         (root / name).mkdir()
+        (root / name / "config.json").write_text(f'{{"model_type": "{model_type}"}}')  # what the check reads
     return root
 
 
@@ -212,14 +213,12 @@ def test_dry_run_from_the_command_line_is_one_line_on_error(dataset, tmp_path):
 
 
 def test_readme_checkpoint_path_follows_the_run_folder_layout():
-    import re
-
     import train_hidden_adapter as tha
 
-    paths = re.findall(r'load_adapter\("([^"]+)"\)', (ROOT / "README.md").read_text())
-    assert paths, "README shows load_adapter"
-    for path in paths:  # train_hidden_adapter.make_run_dir: {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/
-        assert re.fullmatch(r"tasks/toy/(L[1-5]|B1|L5F|L5E)_(free|teacher_forced)_\d{8}_\d{6}/best_model\.pt", path)
+    readme = (ROOT / "README.md").read_text()
+    # train_hidden_adapter.make_run_dir: {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/
+    assert "tasks/toy/{LEVEL}_{pairs}_{time}/best_model.pt" in readme, "README says where trained adapters are"
+    assert "load_adapter(" in readme
     assert "{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}" in tha.__doc__
 
 
@@ -244,3 +243,32 @@ def test_dry_run_names_a_clip_file_that_is_missing(dataset, tmp_path):
             e2e.main(args)
     finally:
         (tmp_path / "moved.mp4").rename(video)
+
+
+# ----------------------------------------------------------------------------- one torch thread on the CPU
+
+
+@pytest.mark.parametrize(("device", "env", "threads", "expected"), [
+    ("cpu", None, None, 1),            # a CPU run: one thread
+    ("cpu", "3", None, "unchanged"),   # OMP_NUM_THREADS says otherwise (torch read it at start)
+    ("cpu", None, 2, "unchanged"),     # the stage's own --threads sets the count in main
+    ("cuda", None, None, "unchanged"),  # a GPU run is left as it is
+])
+def test_run_cli_gives_a_cpu_run_one_thread_unless_told_otherwise(monkeypatch, device, env, threads, expected):
+    import torch
+
+    from cli import run_cli
+
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        run_cli(lambda args: seen.append(torch.get_num_threads()),
+                lambda: argparse.Namespace(device=device, threads=threads))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1 if expected == 1 else 2]

@@ -140,6 +140,11 @@ def tiny_tasks(tmp_path_factory):
                          data={"models": MODELS}, started="2026-01-01T12:00:00")
     save_adapter(tasks / "an_earlier_name" / "best_model.pt", create_adapter("L1", D), pairs="free",
                  data={"models": MODELS}, started="2026-01-02T09:00:00")
+    save_adapter(tasks / "interrupted" / "best_model.pt", create_adapter("L1", D), pairs="free",
+                 data={"models": MODELS}, started="2026-01-03T09:00:00")  # newest, but not finished: not used
+    for run in tasks.glob("*/best_model.pt"):
+        finished = run.parent.name != "interrupted"
+        (run.parent / "history.json").write_text(json.dumps({"finished": finished, "history": []}))
     (tasks / "notes").mkdir()
     return root
 

@@ -104,7 +104,8 @@ def test_shapes_with_different_drafter_and_target_widths(name):
     b, t = 2, 7
     x = torch.randn(b, t, D if adapter.consumes == "target" else 24)
     ctx = torch.randn(b, 24) if adapter.config.context else None
-    out = adapter(x, torch.ones(b, t, dtype=torch.bool), h_target=torch.randn(b, t, D), context=ctx)
+    v = torch.randn(b, t, D) if adapter.consumes == "both" else None
+    out = adapter(x, torch.ones(b, t, dtype=torch.bool), h_target=v, context=ctx)
     assert out.shape == (b, t, D)
     assert torch.isfinite(out).all()
 
@@ -114,6 +115,59 @@ def test_wrong_width_is_a_clear_error(name):
     adapter = make(name)
     with pytest.raises(ValueError, match="another model width"):
         call(adapter, torch.randn(1, 3, D + 8), h_target=torch.randn(1, 3, D))
+
+
+@pytest.mark.parametrize("name", [n for n in ADAPTER_NAMES if n != "L5F"])
+def test_an_input_the_level_does_not_read_is_refused_naming_what_it_reads(name):
+    """`B1(h, mask, h_target=...)` used to run B1 on `h` and drop h_target without a word."""
+    adapter = make(name)
+    x = torch.randn(1, 3, D)
+    with pytest.raises(ValueError, match=rf"{name} does not read h_target; it reads x = .*states \[B, T, {D}\]"):
+        adapter(x, h_target=torch.randn(1, 3, D))
+    if not adapter.config.uses_tokens:
+        with pytest.raises(ValueError, match=f"{name} does not read token_ids"):
+            adapter(x, token_ids=torch.zeros(1, 3, dtype=torch.long))
+    if not adapter.config.context:
+        with pytest.raises(ValueError, match=f"{name} does not read context"):
+            adapter(x, context=torch.randn(1, D))
+
+
+def test_what_each_level_reads_is_said_in_words():
+    assert "Video-LLaVA's (the target's) states" in make("B1").reads()
+    assert "EventGPT's (the drafter's) states" in make("L5").reads()
+    assert "h_target = Video-LLaVA's states" in make("L5F").reads()
+    assert "context = EventGPT's prompt-end state" in make("L5E").reads()
+    assert "token_ids" in make("B1", token_input=True).reads()
+    assert "states at layers [2, 16, 29]" in make("E3").reads()
+    assert "context = EventGPT's prompt-end state" in make("E3E").reads()
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_fp16_inputs_are_cast_to_the_adapters_dtype(name):
+    """Stored chunks are fp16; an fp32 adapter casts them (torch would raise its raw dtype error), and the result
+    equals the call on the same values in fp32."""
+    adapter = make(name)
+    randomize(adapter)
+    x, v = torch.randn(2, 4, D).half(), torch.randn(2, 4, D).half()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])  # 0/1 integers are taken as a bool mask
+    out = call(adapter, x, mask, h_target=v)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, call(adapter, x.float(), mask.bool(), h_target=v.float()))
+    if adapter.predicts == "next":
+        kw = {"h_target": v} if adapter.consumes == "both" else {}
+        kw |= {"context": x[:, 0]} if adapter.config.context else {}
+        assert adapter.rollout(x, mask, 2, **kw)[1].dtype == torch.float32
+
+
+def test_inputs_that_cannot_be_cast_are_refused_in_one_line():
+    adapter = make("B1", token_input=True)
+    with pytest.raises(ValueError, match=r"floating-point hidden states, got torch\.int64"):
+        adapter(torch.zeros(1, 3, D, dtype=torch.long))
+    with pytest.raises(ValueError, match="token_ids must be integer token ids"):
+        adapter(torch.randn(1, 3, D), token_ids=torch.zeros(1, 3))
+    meta = torch.randn(1, 3, D, device="meta")
+    with pytest.raises(ValueError, match=r"x is on meta but the adapter is on cpu; move the inputs with \.to\('cpu'\)"):
+        adapter(meta, token_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_l5f_requires_target_states():

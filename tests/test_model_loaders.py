@@ -465,6 +465,56 @@ def test_tower_crop_must_match_tower(world: dict, tmp_path: Path) -> None:
         mb.load_eventgpt(ckpt, device="cpu")
 
 
+def _with_start_end_tokens(world: dict, folder: Path, extra_rows: int, patch_token: bool | None = None) -> Path:
+    """The toy EventGPT with `mm_use_im_start_end` set and `extra_rows` more embedding (and LM head) rows, as a
+    checkpoint trained with the release's added tokens has them."""
+    shutil.copytree(world["egpt_dir"], folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[key] = torch.cat([sd[key], sd[key][:extra_rows] * 0.5])
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(mm_use_im_start_end=True, vocab_size=cfg["vocab_size"] + extra_rows)
+    if patch_token is None:
+        del cfg["mm_use_im_patch_token"]  # the release's default: True
+    else:
+        cfg["mm_use_im_patch_token"] = patch_token
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_mm_use_im_start_end_makes_single_special_tokens_as_the_release(world: dict, tmp_path: Path) -> None:
+    """inference.py of the release: with mm_use_im_start_end, <ev_patch> (mm_use_im_patch_token, default on) and
+    then <ev_start>/<ev_end> are added as special tokens, so each marker is one id after those of the vocabulary."""
+    base = len(world["tok"])
+    runner = mb.load_eventgpt(_with_start_end_tokens(world, tmp_path / "start_end", 3), device="cpu")
+    ids = runner.prompt_ids("what is in the scene?")
+    start, end = runner.tokenizer.convert_tokens_to_ids(["<ev_start>", "<ev_end>"])
+    assert (start, end) == (base + 1, base + 2)  # base + 0 is <ev_patch>
+    marker = ids.index(-200)
+    assert ids[marker - 1] == start and ids[marker + 1] == end
+    plain = world["egpt"].prompt_ids("what is in the scene?")
+    assert len(plain) > len(ids)  # as text, each marker took several tokens
+    assert runner.tokenizer.tokenize("<ev_start>") == ["<ev_start>"]
+    # the prompt runs: prefill over the new ids gives finite logits
+    feats = runner.clip_features(world["split"], world["clip"])
+    out = runner.prefill(runner.build_inputs([feats], ["what is in the scene?"]))
+    assert torch.isfinite(out.logits).all()
+    # without the patch token the two markers take the first two new ids
+    no_patch = mb.load_eventgpt(_with_start_end_tokens(world, tmp_path / "no_patch", 2, patch_token=False),
+                                device="cpu")
+    assert no_patch.tokenizer.convert_tokens_to_ids(["<ev_start>", "<ev_end>"]) == [base, base + 1]
+
+
+def test_mm_use_im_start_end_without_embedding_rows_is_refused_in_one_line(world: dict, tmp_path: Path) -> None:
+    folder = _with_start_end_tokens(world, tmp_path / "no_rows", 0)
+    base = len(world["tok"])
+    with pytest.raises(UserError, match=rf"sets mm_use_im_start_end, .*<ev_start>/<ev_end> tokens of their own "
+                       rf"\(ids {base + 1}, {base + 2}\), but the checkpoint has {base} embedding rows") as err:
+        mb.load_eventgpt(folder, device="cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_incomplete_eventgpt_checkpoint(world: dict, tmp_path: Path) -> None:
     ckpt = tmp_path / "incomplete"
     shutil.copytree(world["egpt_dir"], ckpt)

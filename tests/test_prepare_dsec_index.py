@@ -81,3 +81,18 @@ def test_old_flag_spellings_still_work(tmp_path):
     assert args.output_dir == tmp_path / "o" and args.clip_s == 2.0 and args.questions == prep.DEFAULT_QUESTIONS
     with pytest.raises(SystemExit):  # --dsec_root without --output_dir
         prep.parse_args(["--dsec_root", str(tmp_path)])
+
+
+def test_windows_start_at_the_first_frame_after_t_offset():
+    """ms_to_idx[m] is the first event at or after m ms past t_offset: a frame before t_offset (negative time) may
+    not start a window, which would index ms_to_idx at a negative millisecond (from its end)."""
+    import numpy as np
+
+    ms_to_idx = np.arange(0, 3001) * 10  # 10 events per millisecond over 3 s
+    frames = np.arange(-400_000, 3_000_000, 50_000)  # 20 fps from 0.4 s before t_offset
+    assert prep.frames_before_events(frames) == 8
+    windows = prep.cut_windows(ms_to_idx, frames, 1_000_000)
+    assert [w["t0_us"] for w in windows] == [0, 1_000_000, 2_000_000]
+    assert [w["event_range"] for w in windows] == [[0, 10_000], [10_000, 20_000], [20_000, 30_000]]
+    assert windows[0]["frames"][0] == 8 and all(frames[i] >= 0 for w in windows for i in w["frames"])
+    assert prep.cut_windows(ms_to_idx, np.array([-2_000, -1_000]), 1_000_000) == []

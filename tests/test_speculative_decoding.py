@@ -191,6 +191,41 @@ def test_no_draft_is_one_position_late(world: SimpleNamespace) -> None:
     pytest.skip("quick world gave no answer of 6+ tokens")
 
 
+def test_live_acceptance_stops_at_eos(world: SimpleNamespace) -> None:
+    """A controlled drafter that drafts the target's own greedy tokens through its EOS and on past it: the
+    verify pass accepts the drafts after EOS too (they are the target's continuation), but the answer
+    ends at EOS and so do the figures, as offline (metrics.RolloutAccumulator): the window counts its
+    drafts up to and including EOS, every token of the answer comes from exactly one accepted draft or
+    target token, and no draft position after EOS counts as a hit. (The quick world's answers never
+    reach its EOS in a few tokens, so a token the target writes early is made its EOS for this test.)"""
+    vl = world.vl
+    eos = vl.eos_token_id
+    for t_in, _ in world.prompts[:20]:
+        through = sd.greedy_reference(vl, t_in, 24)  # no EOS in it: the target's tokens "past" the one chosen
+        end = next((e for e in range(1, 12) if through[e] not in through[:e]), None)
+        if eos in through or end is None:
+            continue
+        gamma = end + 2  # one window drafts positions 1..gamma: EOS at draft end - 1, two drafts after it
+        try:
+            vl.eos_token_id = through[end]
+            ref = sd.greedy_reference(vl, t_in, 24)
+            drafter = dr.SyntheticDrafter(1.0, vl.vocab_size)
+            drafter.set_reference(through)  # drafts on past the EOS
+            out = sd.SpeculativeDecoder(vl, drafter, gamma_decode=gamma).generate(t_in, None, 24)
+        finally:
+            vl.eos_token_id = eos
+        assert ref == through[: end + 1] and out.tokens == ref
+        (it,) = out.trace.iterations
+        assert it.draft == through[1 : gamma + 1] and it.drafted == gamma
+        assert it.accepted == end  # drafts 1..end (EOS included), though the verify pass accepted all gamma
+        summary = sd.summarise_trace(out.trace)
+        assert summary["accepted"] + summary["iterations"] == len(ref)  # prefill token + accepted drafts
+        assert summary["per_position_tries"] == dict.fromkeys(range(gamma), 1)
+        assert summary["per_position_hits"] == dict.fromkeys(range(end), 1)  # no hit after EOS
+        return
+    pytest.skip("no quick-world answer had a token to serve as an early EOS")
+
+
 def test_lossless_on_200_prompts(world: SimpleNamespace, quick_hidden: Path) -> None:
     vl, eg, head = world.vl, world.eg, world.head
     assert len(world.prompts) >= NUM_PROMPTS
@@ -355,35 +390,168 @@ def test_expected_gain_stop_by_hand() -> None:
         dr.ExpectedGainStop([1.5], 0.5, 1.0, 10.0)
 
 
+def test_expected_gain_stop_prices_the_paths_real_verify_cost() -> None:
+    """From a timing profile whose verify pass grows 2 ms per token (10 ms for one, 20 ms for gamma + 1 = 6):
+    on the eager path an extra draft costs its 1 ms step plus 2 ms of verify; on the static and compiled
+    paths every verify pass with a draft is padded to gamma + 1 anyway, so it costs 20 ms whatever the window
+    and an extra draft only its step. At 40% acceptance for the first draft (mean 0.5) the eager rule stops
+    after it (0.2 x 13 < 3 x 1.4), the padded one drafts on (0.2 x 21 >= 1 x 1.4)."""
+    profile = SimpleNamespace(verify_ms=lambda k: 10.0 + 2.0 * (k - 1), egpt_decode_ms=4.0)
+    cal = {"count": [10, 10], "rate": [0.5, 0.5], "accept": [0.4, 0.4]}
+    b1 = create_adapter("B1", 64).config
+    eager = dr.ExpectedGainStop.from_profile(cal, b1, profile, gamma=5, draft_ms=1.0)
+    padded = dr.ExpectedGainStop.from_profile(cal, b1, profile, gamma=5, draft_ms=1.0, padded_verify=True)
+    assert (eager.verify_ms, eager.step_ms) == (10.0, 3.0) and (padded.verify_ms, padded.step_ms) == (20.0, 1.0)
+    for rule, goes_on in ((eager, False), (padded, True)):
+        rule.begin()
+        assert rule.more(0.3) is goes_on
+    # a lockstep level still pays EventGPT's step per draft on the padded path, L5 its pass per verify
+    l5f = dr.ExpectedGainStop.from_profile(cal, create_adapter("L5F", 64).config, profile, 5, 1.0, padded_verify=True)
+    l5 = dr.ExpectedGainStop.from_profile(cal, create_adapter("L5", 64).config, profile, 5, 1.0, padded_verify=True)
+    assert (l5f.verify_ms, l5f.step_ms) == (20.0, 5.0) and (l5.verify_ms, l5.step_ms) == (24.0, 1.0)
+
+
 def test_lossless_check_fails_loudly() -> None:
     with pytest.raises(sd.LosslessError, match="position 1"):
         sd.check_lossless([1, 2, 3], [1, 4, 3], "demo")
 
 
+def _fp16_pair(a: int, b: int, size: float = 20.0, gap: float = 2.0**-6, v: int = 10) -> list[torch.Tensor]:
+    """Two logits rows [v] whose best two tokens a, b sit `gap` apart at `size` (2^-6 is one fp16 rounding
+    unit at 20: eps 2^-10 x 16), each row preferring a different one: one tie on two paths."""
+    rows = [torch.zeros(v), torch.zeros(v)]
+    rows[0][a], rows[0][b] = size, size - gap
+    rows[1][a], rows[1][b] = size - gap, size
+    return rows
+
+
+class _ScriptedTarget:
+    """A TieOracle with scripted answers: `rows[position]` are the logits rows at that position, and
+    `continuations[prefix]` the target's own greedy continuation of that prefix."""
+
+    def __init__(self, rows: dict[int, list[torch.Tensor]], continuations: dict[tuple[int, ...], list[int]]) -> None:
+        self.rows, self.continuations = rows, continuations
+        self.asked: list[tuple[int, ...]] = []
+
+    def logits(self, prefix: list[int]) -> list[torch.Tensor]:
+        return self.rows[len(prefix)]
+
+    def continuation(self, prefix: list[int]) -> list[int]:
+        self.asked.append(tuple(prefix))
+        return self.continuations[tuple(prefix)]
+
+
 def test_numeric_tie_within_rounding_is_counted_and_a_real_divergence_fails() -> None:
     """Hand-built logits at position 1: tokens 2 and 4 one fp16 rounding unit apart (on both recomputed
-    paths, each preferring a different one) are a numeric tie in fp16, never in fp32; a margin of 0.5 at
-    the same size, or a third token on top, is a real divergence and still raises."""
-    base = torch.zeros(6)
-    tie_a, tie_b = base.clone(), base.clone()
-    tie_a[2], tie_a[4] = 20.0, 20.0 - 2.0**-6  # 20 in fp16 has a rounding unit of 2^-6 (eps 2^-10 x 16)
-    tie_b[2], tie_b[4] = 20.0 - 2.0**-6, 20.0
-    tie = sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [tie_a, tie_b],
-                            dtype=torch.float16)
-    assert tie is not None and tie.position == 1 and tie.tokens == (2, 4)
-    assert 0 < tie.margin <= tie.tolerance
+    paths, each preferring a different one) are a numeric tie in fp16, never in fp32; the check then goes
+    on against the target's continuation of [1, 2]. A margin of 0.5 at the same size, a third token on
+    top, or a tie that holds on the clean paths but not on the engine's own verify row is a real
+    divergence and raises."""
+    tie_rows = _fp16_pair(2, 4)
+    target = _ScriptedTarget({1: tie_rows}, {(1, 2): [1, 2, 3]})
+    ties = sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=target, dtype=torch.float16)
+    assert [(t.position, t.tokens, t.paths) for t in ties] == [(1, (2, 4), 2)]
+    assert 0 < ties[0].margin <= ties[0].tolerance and target.asked == [(1, 2)]
     with pytest.raises(sd.LosslessError, match="position 1"):  # fp32 stays exact
-        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [tie_a, tie_b])
-    real = base.clone()
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=target)
+    real = torch.zeros(10)
     real[2], real[4] = 20.0, 19.5
     with pytest.raises(sd.LosslessError, match="not a rounding tie"):
-        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [real, tie_b],
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=_ScriptedTarget({1: [real, tie_rows[1]]}, {}),
                           dtype=torch.float16)
-    third = tie_a.clone()
+    third = tie_rows[0].clone()
     third[0] = 25.0  # neither answer chose the target's best token: not a tie between the two
     with pytest.raises(sd.LosslessError):
-        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=lambda prefix: [third], dtype=torch.float16)
-    assert sd.check_lossless([1, 2], [1, 2], "demo", recompute=lambda prefix: []) is None
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=_ScriptedTarget({1: [third]}, {}),
+                          dtype=torch.float16)
+    # the clean paths tie, the engine's verify row (appended last by TargetRecompute) is 0.5 apart: not excused
+    with pytest.raises(sd.LosslessError, match="not a rounding tie"):
+        sd.check_lossless([1, 2, 3], [1, 4, 5], "demo", recompute=_ScriptedTarget({1: [*tie_rows, real]}, {}),
+                          dtype=torch.float16)
+    assert sd.check_lossless([1, 2], [1, 2], "demo", recompute=_ScriptedTarget({}, {})) == []
+
+
+def test_a_tie_then_a_divergence_raises() -> None:
+    """After the tie at position 1 the answer is compared with the target's own continuation of [1, 2]
+    (not with the reference, which went another way, and not left unchecked): the difference there at
+    position 3 is beyond rounding and raises, naming the earlier tie."""
+    rows3 = torch.zeros(10)
+    rows3[7], rows3[9] = 20.0, 18.0
+    target = _ScriptedTarget({1: _fp16_pair(2, 4), 3: [rows3]}, {(1, 2): [1, 2, 3, 9, 5]})
+    with pytest.raises(sd.LosslessError, match=r"position 3 .*after numeric ties at \[1\]"):
+        sd.check_lossless([1, 2, 3, 7, 5], [1, 4, 5, 6, 5], "demo", recompute=target, dtype=torch.float16)
+    # and a length the continuation does not share (it ends at EOS where the answer goes on) raises too
+    target = _ScriptedTarget({1: _fp16_pair(2, 4)}, {(1, 2): [1, 2, 3]})
+    with pytest.raises(sd.LosslessError, match=r"position 3 \(lengths 4 vs 3"):
+        sd.check_lossless([1, 2, 3, 7], [1, 4, 5], "demo", recompute=target, dtype=torch.float16)
+
+
+def test_a_tie_then_a_tie_counts_two() -> None:
+    """Two rounding ties on one answer: each is checked on its own logits, the second against the
+    continuation after the first, and the answer then matches the continuation after the second."""
+    target = _ScriptedTarget({1: _fp16_pair(2, 4), 3: _fp16_pair(7, 9)},
+                             {(1, 2): [1, 2, 3, 9, 8], (1, 2, 3, 7): [1, 2, 3, 7, 6]})
+    ties = sd.check_lossless([1, 2, 3, 7, 6], [1, 4, 5, 6, 5], "demo", recompute=target, dtype=torch.float16)
+    assert [(t.position, t.tokens) for t in ties] == [(1, (2, 4)), (3, (7, 9))]
+    assert target.asked == [(1, 2), (1, 2, 3, 7)]
+
+
+class VerifySpy:
+    """A runner wrapper recording, per answer position, the logits row the engine's last pass over it
+    produced (the prefill's, then each verify pass's rows; a later pass re-scores positions after a
+    rejection)."""
+
+    def __init__(self, runner: Any, prompt_len: int) -> None:
+        self.runner, self.prompt_len = runner, prompt_len
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def prefill(self, inputs: VLMInputs, logits_for: str = "all") -> Any:
+        out = self.runner.prefill(inputs, logits_for=logits_for)
+        self.rows[0] = out.logits[0, -1].clone()
+        return out
+
+    def decode(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor) -> Any:
+        out = self.runner.decode(ids, cache, mask)
+        start = mask.shape[1] - self.prompt_len - ids.shape[1] + 1  # the position row 0 scores
+        for i in range(ids.shape[1]):
+            self.rows[start + i] = out.logits[0, i].clone()
+        return out
+
+    def check_replay(self, t_in: VLMInputs, ref: list[int], gamma: int, **engine: Any) -> sd.SpecOutput:
+        """Answer with a controlled drafter (70% right) through this spy, and check that verify_logits gives,
+        at every position of the answer, the very row the engine's own pass produced."""
+        sometimes = dr.SyntheticDrafter(0.7, self.runner.vocab_size, seed=1)
+        sometimes.set_reference(ref)
+        out = sd.SpeculativeDecoder(self, sometimes, gamma_decode=gamma, **engine).generate(t_in, None, MAX_NEW)
+        assert out.tokens == ref and any(it.accepted for it in out.trace.iterations)
+        for pos in range(len(out.tokens)):
+            row = sd.verify_logits(self.runner, t_in, out, pos)
+            assert torch.equal(row, self.rows[pos]), pos
+            assert int(row.argmax()) == out.tokens[pos]
+        return out
+
+
+def test_greedy_continuation_and_the_engines_verify_rows(world: SimpleNamespace) -> None:
+    """greedy_continuation of the reference's own prefix is the reference; of a prefix that leaves it, the
+    target's greedy answer after that prefix. verify_logits replays the engine's verify passes: on every
+    position of the engine's answer it gives the very logits row the engine's pass produced (recorded by a
+    spy on the runner), and TargetRecompute appends that row to the four clean ones."""
+    vl = world.vl
+    (t_in, _), ref = world.prompts[0], world.refs[0]
+    assert sd.greedy_continuation(vl, t_in, ref[:2], MAX_NEW) == ref
+    other = (ref[1] + 1) % vl.vocab_size
+    forced = sd.greedy_continuation(vl, t_in, [ref[0], other], MAX_NEW)
+    assert forced[:2] == [ref[0], other] and len(forced) <= MAX_NEW
+    assert forced[2] == int(sd.tie_logits(vl, t_in, [ref[0], other])[1].argmax())
+
+    spy = VerifySpy(vl, t_in.attention_mask.shape[1])
+    out = spy.check_replay(t_in, ref, gamma=3)
+    rows = sd.TargetRecompute(vl, lambda: t_in, MAX_NEW, engine=out).logits(out.tokens[:2])
+    assert len(rows) == 5 and torch.equal(rows[-1], spy.rows[2])
+    assert len(sd.TargetRecompute(vl, t_in, MAX_NEW).logits(out.tokens[:2])) == 4
 
 
 def test_tie_logits_recomputes_the_same_position_both_ways(world: SimpleNamespace) -> None:

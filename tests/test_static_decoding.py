@@ -17,7 +17,7 @@ import drafters as dr
 import speculative_decoding as sd
 from common import UserError
 from hidden_adapter import create_adapter
-from tests.test_speculative_decoding import MAX_NEW, NUM_PROMPTS, world  # noqa: F401 (the shared fixture)
+from tests.test_speculative_decoding import MAX_NEW, NUM_PROMPTS, VerifySpy, world  # noqa: F401 (the shared fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,6 +57,9 @@ def test_static_path_is_lossless_on_200_prompts(world: SimpleNamespace, quick_wo
         sd.check_lossless(out.tokens, ref, f"static path, prompt {i}")
         accepted += sum(it.accepted for it in out.trace.iterations)
     assert accepted > 0  # drafts were kept, so rolled-back and padded verify passes were exercised
+    # the lossless check's replay of the engine's verify passes gives the padded static rows the engine saw
+    t_in, _ = world.prompts[0]
+    VerifySpy(vl, t_in.attention_mask.shape[1]).check_replay(t_in, world.refs[0], gamma=3)
 
 
 def test_static_cache_pads_the_verify_pass_and_rolls_back_by_length(world: SimpleNamespace,  # noqa: F811
@@ -118,6 +121,9 @@ def test_compiled_step_on_cpu_has_no_graph_break(world: SimpleNamespace, quick_w
         synthetic.set_reference(ref)
         sd.check_lossless(engine.generate(t_in, None, MAX_NEW).tokens, ref, "compiled on CPU")
         sd.check_lossless(drafting.generate(t_in, None, MAX_NEW).tokens, ref, "compiled drafter on CPU")
+    # the lossless check's replay of the engine's verify passes runs the compiled, padded step the engine ran
+    VerifySpy(vl, prompts[0][0].attention_mask.shape[1]).check_replay(prompts[0][0], world.refs[0], gamma=2,
+                                                                      compile=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -134,9 +140,9 @@ def test_compiled_cuda_graph_path_is_lossless(world: SimpleNamespace, quick_worl
     for i, ((t_in, _), ref) in enumerate(zip(prompts, world.refs, strict=False)):
         synthetic.set_reference(ref)
         out = (engine if i % 2 else drafting).generate(t_in, None, MAX_NEW)
-        tie = sd.check_lossless(out.tokens, ref, f"compiled CUDA, prompt {i}", dtype=vl.dtype,
-                                recompute=lambda prefix, t_in=t_in: sd.tie_logits(vl, t_in, prefix))
-        assert tie is None  # fp32: no rounding ties are allowed
+        ties = sd.check_lossless(out.tokens, ref, f"compiled CUDA, prompt {i}", dtype=vl.dtype,
+                                 recompute=sd.TargetRecompute(vl, t_in, MAX_NEW, engine=out))
+        assert ties == []  # fp32: no rounding ties are allowed
 
 
 def test_torchao_int8_path_is_lossless_against_its_own_greedy(world: SimpleNamespace,  # noqa: F811

@@ -506,6 +506,8 @@ def test_token_input_levels_find_the_lm_head_without_the_flag(data, tmp_path):
     torch.save({**head, "config_hash": "another"}, root / tha.LM_HEAD_NAME)
     other = tha.parse_args(base)
     assert other.lm_head is None and not other.use_token_input
+    off = tha.parse_args([*base, "--token_input", "off"])
+    assert off.lm_head is None  # only token-input levels look for a head: other runs keep their defaults
     # the recorded target folder: its config.json must hash to what the manifest recorded
     folder = tmp_path / "target_model"
     folder.mkdir()
@@ -518,7 +520,7 @@ def test_token_input_levels_find_the_lm_head_without_the_flag(data, tmp_path):
         (root / split / "manifest.json").write_text(json.dumps(manifest))
     (root / tha.LM_HEAD_NAME).unlink()
     found = tha.parse_args(base)
-    assert found.lm_head is None and found.lm_head_model == str(folder) and found.use_token_input
+    assert found.lm_head == str(folder) and found.use_token_input
     assert "read from" in found.lm_head_note
     assert hidden_data.model_hashes(json.loads((root / "train" / "manifest.json").read_text()))["target"] == \
         config_hash(folder / "config.json")
