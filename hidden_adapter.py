@@ -391,21 +391,24 @@ class HiddenStateAdapter(BaseAdapter):
     ) -> Tensor:
         x = self._inputs(x, mask, h_target, token_ids, context)[0]
         self._check(x, self.config.drafter_dim, "drafter states")
-        h = self.input_proj(x)
+        h = self._project(x)
         for block in self.blocks:
             h = block(h)
         return self.final_norm(h)
+
+    def _project(self, x: Tensor) -> Tensor:
+        return self.input_proj(x)
 
 
 class MultiLayerBottleneckAdapter(HiddenStateAdapter):
     """L2: three stacked L1 blocks (each with its own alpha) and one final LayerNorm."""
 
 
-class WideBottleneckAdapter(BaseAdapter):
+class WideBottleneckAdapter(HiddenStateAdapter):
     """L3: input LayerNorm, two wide (1024) residual blocks with a mid LayerNorm, final LayerNorm."""
 
     def __init__(self, config: AdapterConfig):
-        super().__init__(config)
+        BaseAdapter.__init__(self, config)  # its own blocks, not L1's
         dim = config.target_dim
         self.input_proj = input_projection(config.drafter_dim, dim)
         self.input_norm = nn.LayerNorm(dim)
@@ -414,16 +417,8 @@ class WideBottleneckAdapter(BaseAdapter):
         )
         self.final_norm = nn.LayerNorm(dim)
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
-        token_ids: Tensor | None = None, context: Tensor | None = None,
-    ) -> Tensor:
-        x = self._inputs(x, mask, h_target, token_ids, context)[0]
-        self._check(x, self.config.drafter_dim, "drafter states")
-        h = self.input_norm(self.input_proj(x))
-        for block in self.blocks:
-            h = block(h)
-        return self.final_norm(h)
+    def _project(self, x: Tensor) -> Tensor:
+        return self.input_norm(self.input_proj(x))
 
 
 class AttentionAdapter(BaseAdapter):
