@@ -70,6 +70,7 @@ from hidden_adapter import (
     draft_outputs,
     export_hf,
     level_config,
+    levels,
     load_adapter,
     rollout_problem,
     save_adapter,
@@ -111,8 +112,15 @@ DEFAULT_ROLLOUT_DECAY = 0.8
 DEFAULT_TOKEN_LOSS_WEIGHT = 0.1
 # EAGLE-3-grade training (docs/TRAINING.md, "EAGLE-3-grade training"): the weight of the regression terms
 # (EAGLE-3 drops them: 0) and of the distillation of the target's distribution through the frozen LM head.
+# The previous recipe (regression + token loss) stays the default of the levels that read EventGPT's states
+# (L5, L5F: not measured with distillation) and of every level without an LM head ...
 DEFAULT_REGRESSION_WEIGHT = 1.0
 DEFAULT_DISTILL_WEIGHT = 0.0
+# ... while the levels that draft from the target's own states (B1, L5E, E3, E3E) default to EAGLE-3's losses,
+# which measured better for B1 and for E3 at the same roll-out and epochs (distillation of the whole
+# distribution, no regression, no token loss; TRAINING.md's ablation table).
+EAGLE3_LOSS_LEVELS = levels(predicts="next", consumes="target")
+EAGLE3_LOSS_DEFAULTS = {"regression_weight": 0.0, "distill_weight": 1.0, "token_loss_weight": 0.0}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -159,15 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token_loss_weight", type=float, default=None,
                    help="weight of the cross-entropy of the target LM head's logits against the target's token at "
                         f"every roll-out step (EAGLE's classification term); default {DEFAULT_TOKEN_LOSS_WEIGHT} for "
-                        "next-position levels with --lm_head, else 0")
-    p.add_argument("--regression_weight", type=float, default=DEFAULT_REGRESSION_WEIGHT,
+                        f"next-position levels with --lm_head ({EAGLE3_LOSS_DEFAULTS['token_loss_weight']:g} for "
+                        f"{', '.join(EAGLE3_LOSS_LEVELS)}), else 0")
+    p.add_argument("--regression_weight", type=float, default=None,
                    help="next-position levels: weight of the state-regression terms (MSE + cosine against the target "
                         "states) at every roll-out step; 0 drops them, as EAGLE-3 does (then a token or distillation "
-                        "loss must be on)")
-    p.add_argument("--distill_weight", type=float, default=DEFAULT_DISTILL_WEIGHT,
+                        f"loss must be on); default {EAGLE3_LOSS_DEFAULTS['regression_weight']:g} for "
+                        f"{', '.join(EAGLE3_LOSS_LEVELS)} with --lm_head, else {DEFAULT_REGRESSION_WEIGHT:g}")
+    p.add_argument("--distill_weight", type=float, default=None,
                    help="next-position levels with --lm_head: weight of the distillation term at every roll-out step, "
                         "KL(target's next-token distribution || the head's), both through the frozen LM head "
-                        "(HASS / EAGLE-3's soft labels); 0 = off")
+                        f"(HASS / EAGLE-3's soft labels); 0 = off; default {EAGLE3_LOSS_DEFAULTS['distill_weight']:g} "
+                        f"for {', '.join(EAGLE3_LOSS_LEVELS)} with --lm_head, else {DEFAULT_DISTILL_WEIGHT:g}")
     p.add_argument("--distill_topk", type=int, default=0,
                    help="distill only the target's K most likely tokens (renormalised); 0 = its whole distribution")
     p.add_argument("--distill_temperature", type=float, default=1.0,
@@ -277,7 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--gamma_decode and --rollout_steps must be >= 1")
     if not 0 < args.rollout_decay <= 1 or (args.token_loss_weight is not None and args.token_loss_weight < 0):
         parser.error("--rollout_decay must lie in (0, 1] and --token_loss_weight be >= 0")
-    if args.regression_weight < 0 or args.distill_weight < 0 or args.distill_topk < 0 or args.distill_temperature <= 0:
+    if (args.regression_weight or 0) < 0 or (args.distill_weight or 0) < 0 or args.distill_topk < 0 \
+            or args.distill_temperature <= 0:
         parser.error("--regression_weight, --distill_weight and --distill_topk must be >= 0, --distill_temperature > 0")
     try:
         resolve_drafting(args)
@@ -398,9 +410,16 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                              f"not {args.level_name}")
         args.use_token_input = nxt and args.token_input != "off"
         args.steps = (args.rollout_steps or min(DEFAULT_ROLLOUT_STEPS, args.gamma_decode)) if nxt else 1
+        # every loss weight not given: EAGLE-3's for the target-reading levels with a head, else the previous ones
+        eagle3 = nxt and has_head(args) and canonical_name(args.level_name) in EAGLE3_LOSS_LEVELS
+        defaults = EAGLE3_LOSS_DEFAULTS if eagle3 else {
+            "regression_weight": DEFAULT_REGRESSION_WEIGHT, "distill_weight": DEFAULT_DISTILL_WEIGHT,
+            "token_loss_weight": DEFAULT_TOKEN_LOSS_WEIGHT if has_head(args) else 0.0}
+        for key in ("regression_weight", "distill_weight"):
+            if getattr(args, key) is None:
+                setattr(args, key, defaults[key])
         args.ce_weight = 0.0 if not nxt else (
-            args.token_loss_weight if args.token_loss_weight is not None
-            else (DEFAULT_TOKEN_LOSS_WEIGHT if has_head(args) else 0.0))
+            args.token_loss_weight if args.token_loss_weight is not None else defaults["token_loss_weight"])
     if args.use_token_input and not has_head(args):
         if args.token_input == "on":
             raise ValueError("the token input reads the target's input embeddings from the LM head file: pass "

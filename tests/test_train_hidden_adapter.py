@@ -305,8 +305,15 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     base = ["--train_data", str(data / "train"), "--val_data", str(data / "val"), "--output_dir", str(tmp_path)]
     head = ["--lm_head", str(data / "head.pt")]
     a = tha.parse_args([*base, *head, "--adapter_level", "B1"])
-    assert (a.use_token_input, a.steps, a.ce_weight, a.select) == (True, 3, tha.DEFAULT_TOKEN_LOSS_WEIGHT,
-                                                                    "rollout_accept")
+    assert (a.use_token_input, a.steps, a.select) == (True, 3, "rollout_accept")
+    # the target-reading levels default to EAGLE-3's losses, the EventGPT-reading ones to the previous recipe
+    assert (a.regression_weight, a.distill_weight, a.ce_weight) == (0.0, 1.0, 0.0)
+    for level in ("L5", "L5F"):
+        b = tha.parse_args([*base, *head, "--adapter_level", level])
+        assert (b.regression_weight, b.distill_weight, b.ce_weight) == (1.0, 0.0, tha.DEFAULT_TOKEN_LOSS_WEIGHT)
+    given = tha.parse_args([*base, *head, "--adapter_level", "E3", "--regression_weight", "0.5",
+                            "--token_loss_weight", "0.1"])  # a weight given wins; the others keep their default
+    assert (given.regression_weight, given.distill_weight, given.ce_weight) == (0.5, 1.0, 0.1)
     s = tha.parse_args([*base, *head, "--adapter_level", "B1", "--spec_loss"])
     assert (s.use_token_input, s.steps, s.ce_weight, s.prediction_weight, s.loss_mix, s.select) == (
         False, 1, 0.0, 0.5, "convex", "loss")
@@ -316,6 +323,9 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     assert (bare.use_token_input, bare.steps, bare.ce_weight, bare.select) == (False, 2, 0.0, "loss")
     spec = tha.parse_args([*base, "--adapter_level", "B1"])  # no LM head anywhere: the specification's head
     assert (spec.use_token_input, spec.ce_weight, spec.select) == (False, 0.0, "loss")
+    assert (spec.regression_weight, spec.distill_weight) == (1.0, 0.0)  # no head: no distillation either
+    b1_spec = tha.parse_args([*base, *head, "--adapter_level", "B1", "--spec_loss"])
+    assert (b1_spec.regression_weight, b1_spec.distill_weight, b1_spec.ce_weight) == (1.0, 0.0, 0.0)
     assert "no LM head" in spec.lm_head_note and "--lm_head FILE" in spec.lm_head_note
     for argv, message in (([*base, "--adapter_level", "B1", "--token_input", "on"], "--lm_head"),
                           ([*base, *head, "--adapter_level", "L2", "--token_input", "on"], "next-position"),
