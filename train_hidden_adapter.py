@@ -28,7 +28,7 @@ fuse are the data's (its manifest), recorded in the checkpoint's config.
 
 Writes {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/: best_model.pt (load_adapter), last.pt (the
 resume state), history.json, training_curves.png, config.yaml (the resolved flags) and hf/
-(config.json + model.safetensors, reload with hidden_adapter.load_hf). The test split is never
+(config.json + model.safetensors, reload with adapter_hub.load_hf). The test split is never
 read here. Choices and measurements: docs/TRAINING.md.
 """
 
@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adapter_hub import export_hf
 from cli import RunLog, add_config_flag, read_config, run_cli
 from common import (
     UserError,
@@ -68,7 +69,6 @@ from hidden_adapter import (
     canonical_name,
     create_adapter,
     draft_outputs,
-    export_hf,
     level_config,
     levels,
     load_adapter,
