@@ -239,7 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[Any]]:
     """{"prefill": [adapter], "decode": [adapter, ...]} for the configurations that need them."""
-    from hidden_adapter import create_adapter, level_config, load_adapter
+    from adapter_checkpoint import load_adapter
+    from hidden_adapter import create_adapter, level_config
 
     needed = sorted({role for c in args.configs for role in ADAPTER_CONFIGS.get(c, ())})
     out: dict[str, list[Any]] = {}

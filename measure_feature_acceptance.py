@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from adapter_checkpoint import load_adapter
 from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, save_figure
 from cost_model import REFERENCE_PREFILL_WINDOW
-from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
+from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, rollout_problem
 from hidden_data import (
     LAYERS_KEY,
     PAIRS,

@@ -77,7 +77,7 @@ $PY - "$OUT" "$ROWS" "$GAMMAS" "$DOC" "$COMMIT" <<'PY'
 import json, sys
 from pathlib import Path
 
-from hidden_adapter import read_adapter_config
+from adapter_checkpoint import read_adapter_config
 
 out, rows_file, gammas, doc, commit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5]
 lines = ["| row | level | features | roll-out steps | losses | epochs (best) | s (train + val) | "

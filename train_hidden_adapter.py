@@ -48,14 +48,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from adapter_hub import export_hf
+from adapter_checkpoint import load_adapter, save_adapter
+from adapter_hub import export_hf, push_hf
 from cli import RunLog, add_config_flag, read_config, run_cli
 from common import (
     UserError,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
-    first_line,
     read_json,
     resolve_device,
     safe_torch_load,
@@ -71,9 +71,7 @@ from hidden_adapter import (
     draft_outputs,
     level_config,
     levels,
-    load_adapter,
     rollout_problem,
-    save_adapter,
 )
 from hidden_data import (
     PAIRS,
@@ -87,13 +85,13 @@ from hidden_data import (
 )
 from losses import LOSS_MIXES, adapter_loss, drafting_loss
 from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
+from trackers import REPORT_TO, Trackers, resolve_trackers
 
 log = logging.getLogger("xmodal_sd.train")
 STATE_FORMAT = "xmodal_sd.train_state"
 # Flags that may differ on --resume without changing the result: where and how long this process runs.
 RUNTIME_FLAGS = ("resume", "config", "device", "stop_after_epoch", "no_progress", "no_prefetch", "override",
                  "report_to", "push_to_hub", "hub_model_id")
-REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 # Higher is better for every selection metric except the loss.
 SELECT_METRICS = ("auto", "loss", "cos_mean", "accept@0.90", "token_top1", "rollout_accept")
 # Measured on the toy world (docs/TRAINING.md, "Next-position loss"): convex beats sum, and w = 1
@@ -315,21 +313,6 @@ def resume_changes(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
 
     return {k: (parser.get_default(k), v) for k, v in vars(given).items()
             if k not in RUNTIME_FLAGS and not same(k, parser.get_default(k), v)}
-
-
-def resolve_trackers(report_to: str) -> list[str]:
-    """accelerate tracker names for --report_to; an explicit one that is not installed is refused."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    if report_to == "none":
-        return []
-    if report_to == "auto":
-        return ["tensorboard"] if available["tensorboard"] else []
-    if not available[report_to]:
-        raise ValueError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), "
-                         "or pass --report_to none")
-    return [report_to]
 
 
 LM_HEAD_NAME = "vl_lm_head.pt"  # what extract_vl_lm_head.py writes by default, beside the data folders
@@ -930,7 +913,7 @@ def train_in(run_dir: Path, args: argparse.Namespace, proc: Proc, train: ChunkSt
         state["initial_val"] = strict_json(validate(model, adapter, val, head, args, proc)[0])
     log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
              adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
-    trackers = Trackers(args.trackers, run_dir, config_values(args), proc)
+    trackers = Trackers(args.trackers, run_dir, config_values(args), proc.is_main)
     ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,
            "train": train, "val": val, "head": head, "data": data_record(train, val), "trackers": trackers}
     try:
@@ -965,11 +948,11 @@ def finish(state: dict[str, Any], run_dir: Path, args: argparse.Namespace, proc:
               f"({state['stop_reason']}): val loss {best['loss']:.4f}, Accept@0.90 {best['accept@0.90']:.3f}, "
               f"{top1_text} -> {run_dir / 'best_model.pt'}")
         if args.push_to_hub:
-            result["hub_url"] = push_to_hub(run_dir / "hf", args.hub_model_id or run_dir.name)
+            result["hub_url"] = push_hf(run_dir / "hf", args.hub_model_id or run_dir.name)
     return result
 
 
-# ----------------------------------------------------------------------------- trackers and the Hub
+# ----------------------------------------------------------------------------- trackers
 
 
 def tracker_values(entry: dict[str, Any], predicts: str) -> dict[str, float]:
@@ -982,52 +965,6 @@ def tracker_values(entry: dict[str, Any], predicts: str) -> dict[str, float]:
     for key in ("loss", "cos_mean", "accept@0.90", token_key(predicts), "rollout_accept"):
         values[f"val/{key}"] = val.get(key)
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
-
-
-class Trackers:
-    """accelerate's experiment trackers, as `Accelerator(log_with=...).init_trackers` would set them up, on the
-    main process only (this script owns its processes through PartialState, not an Accelerator)."""
-
-    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], proc: Proc):
-        self.trackers: list[Any] = []
-        if not names or not proc.is_main:
-            return
-        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-        hparams = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.items()}
-        for name in names:
-            cls = LOGGER_TYPE_TO_CLASS[name]
-            tracker = (cls("tensorboard", run_dir) if cls.requires_logging_directory
-                       else cls("xmodal-sd", name=run_dir.name, dir=str(run_dir)))
-            tracker.start()
-            tracker.store_init_configuration(hparams)
-            self.trackers.append(tracker)
-        log.info("reporting per-epoch metrics to %s", ", ".join(names))
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(values, step=step)
-
-    def finish(self) -> None:
-        for tracker in self.trackers:
-            tracker.finish()
-
-
-def push_to_hub(folder: Path, repo_id: str) -> str:
-    """Upload the hf/ export (config.json, model.safetensors) to a Hub model repository; returns its URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, repo_type="model",
-                          commit_message=f"xmodal-sd adapter from {folder.parent.name}")
-    except Exception as err:  # network, login, permissions: the export is kept either way
-        raise UserError(f"cannot push {folder} to the Hub as {repo_id}: {first_line(err)}; the export is kept, "
-                        f"upload it later with `hf upload {repo_id} {folder}`") from err
-    url = f"https://huggingface.co/{repo.repo_id}"
-    print(f"pushed {folder} to {url}")
-    return url
 
 
 if __name__ == "__main__":

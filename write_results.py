@@ -18,9 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adapter_checkpoint import load_adapter
 from cli import run_cli
 from common import UserError, atomic_write_bytes, markdown_table, read_json
-from hidden_adapter import ADAPTER_NAMES, count_parameters, load_adapter
+from hidden_adapter import ADAPTER_NAMES, count_parameters
 from metrics import acceptance_results
 from training_runs import newest_runs
 

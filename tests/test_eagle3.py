@@ -20,16 +20,9 @@ import extract_hidden_states as ehs
 import hidden_data
 import speculative_decoding as sd
 import train_hidden_adapter as tha
+from adapter_checkpoint import load_adapter, save_adapter
 from common import UserError
-from hidden_adapter import (
-    AdapterConfig,
-    adapter_inputs,
-    create_adapter,
-    level_config,
-    levels,
-    load_adapter,
-    save_adapter,
-)
+from hidden_adapter import AdapterConfig, adapter_inputs, create_adapter, level_config, levels
 from losses import distill_loss, drafting_loss
 from tests.conftest import ROOT
 from tests.test_hidden_data import make_split, write_head

@@ -127,7 +127,8 @@ def tiny_tasks(tmp_path_factory):
     of L1_free (the newer by its recorded start must be chosen, whatever the folders are called), and a
     folder that is not a run (ignored, counted). Level and pairing are read from the checkpoints, so the
     folder names say nothing."""
-    from hidden_adapter import create_adapter, save_adapter
+    from adapter_checkpoint import save_adapter
+    from hidden_adapter import create_adapter
     from tests.test_measure_feature_acceptance import MODELS, D, write_test_data
 
     root = tmp_path_factory.mktemp("tiny_eval")

@@ -6,16 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adapter_checkpoint import load_adapter, save_adapter
 from common import UserError
-from hidden_adapter import (
-    ADAPTER_NAMES,
-    canonical_name,
-    count_parameters,
-    create_adapter,
-    load_adapter,
-    save_adapter,
-    summary_rows,
-)
+from hidden_adapter import ADAPTER_NAMES, canonical_name, count_parameters, create_adapter, summary_rows
 from losses import adapter_loss, alignment_loss, masked_cosine_loss, masked_mse
 
 D = 32  # toy width: divisible by 8 heads

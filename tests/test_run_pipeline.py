@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS, load_adapter
+from adapter_checkpoint import load_adapter
+from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS
 from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"

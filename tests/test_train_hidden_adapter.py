@@ -15,12 +15,14 @@ import torch
 import yaml
 
 import train_hidden_adapter as tha
+from adapter_checkpoint import load_adapter
 from adapter_hub import load_hf
 from common import UserError
-from hidden_adapter import ADAPTER_NAMES, adapter_inputs, load_adapter
+from hidden_adapter import ADAPTER_NAMES, adapter_inputs
 from hidden_data import ChunkStream, chunk_name, load_chunk, select_pairs
 from tests.conftest import ROOT
 from tests.test_hidden_data import D, make_split, write_head
+from trackers import resolve_trackers
 
 CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
@@ -451,8 +453,8 @@ def test_metrics_reach_the_trackers(data, tmp_path, monkeypatch):
 def test_report_to_an_uninstalled_tracker_is_refused(data, tmp_path, capsys):
     from accelerate.utils import is_tensorboard_available
 
-    assert tha.resolve_trackers("none") == []
-    assert tha.resolve_trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
+    assert resolve_trackers("none") == []
+    assert resolve_trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
     if is_tensorboard_available():
         pytest.skip("tensorboard is installed")
     with pytest.raises(SystemExit):
