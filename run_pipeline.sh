@@ -41,7 +41,7 @@ MAX_QUESTIONS=${MAX_QUESTIONS:-10}  # questions per clip (the reference: 10)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}  # answer positions (the reference: 50)
 EXTRACT_BATCH=${EXTRACT_BATCH:-16}  # extraction batch size
 CHUNK_SIZE=${CHUNK_SIZE:-500}  # samples per chunk file
-LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E E3 E3E"}  # adapter levels to train
+LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E E3"}  # adapter levels to train (E3E too: LEVELS="... E3E")
 TARGET_LAYERS=${TARGET_LAYERS:-auto}  # target layer states stored for E3/E3E: auto (EAGLE-3's low/mid/high), i,j,k, none
 PAIRINGS=${PAIRINGS:-"free teacher_forced"}           # pairings of the same-position levels (prefill drafting)
 DECODE_PAIRINGS=${DECODE_PAIRINGS:-teacher_forced}    # next-position levels draft after verification: teacher-forced
@@ -57,6 +57,8 @@ E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, 
 E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}  # live benchmark: extra flags
 # live benchmark configurations; on real data 'assisted' (a second full copy of the target) is left out
 E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted on real data
+DEEP_GAMMA=${DEEP_GAMMA:-8}  # a second live run of B1 and E3 at this deeper window, beside the perfect drafter ("" = none)
+DEEP_LEVELS=${DEEP_LEVELS:-"B1 E3"}  # the decode levels of that run
 
 if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
 if [ "$E2E_CONFIGS" = auto ]; then
@@ -176,6 +178,22 @@ if fresh "$E2E_OUT/e2e_wallclock.json" || [ "$PREFILL_RUN/best_model.pt" -nt "$E
     --draft_stop "$DRAFT_STOP" --configs "$E2E_CONFIGS" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" \
     --gamma_decode "$GAMMA_DECODE" $E2E_ARGS --output_dir "$E2E_OUT"
 else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
+
+DEEP_RUNS=()
+for LEVEL in $DEEP_LEVELS; do r=$(newest_run "$LEVEL" teacher_forced); [ -n "$r" ] && DEEP_RUNS+=("$r/best_model.pt"); done
+DEEP_OUT=$RESULTS/e2e_deep
+if [ -n "$DEEP_GAMMA" ] && [ "${#DEEP_RUNS[@]}" -gt 0 ]; then
+  echo "-- the same heads at gamma $DEEP_GAMMA (EAGLE-3 drafts 7-8 deep): $DEEP_LEVELS beside the perfect drafter, one run"
+  if fresh "$DEEP_OUT/e2e_wallclock.json" || [ "${DEEP_RUNS[0]}" -nt "$DEEP_OUT/e2e_wallclock.json" ]; then
+    # shellcheck disable=SC2086
+    $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
+      --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
+      --max_new_tokens "$MAX_NEW_TOKENS" --decode_adapter "${DEEP_RUNS[@]}" --draft_stop fixed \
+      --configs target,decode,synthetic --synthetic_acceptance 1.0 \
+      --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" --gamma_decode "$DEEP_GAMMA" $E2E_ARGS \
+      --output_dir "$DEEP_OUT" > "$DEEP_OUT.log" 2>&1 || { tail -n 5 "$DEEP_OUT.log" >&2; exit 1; }
+  else echo "kept $DEEP_OUT/e2e_wallclock.json"; fi
+fi
 
 echo "-- offline acceptance of the same checkpoints on the live benchmark's samples (the first $E2E_SAMPLES of the test split)"
 for CKPT in "$PREFILL_RUN/best_model.pt" "${DECODE_RUNS[@]}"; do

@@ -3,10 +3,12 @@
 # trains one run on the train split (teacher-forced pairs, the pipeline's batch and learning rate), its
 # offline roll-out is scored on the validation split at every depth in GAMMAS (measure_feature_acceptance.py;
 # the test split is never read), and one table of all rows (layers, roll-out depth, losses, epochs, tokens per
-# verify pass) is written between the generated markers of DOC's "EAGLE-3-grade training" section.
+# verify pass) and the validation roll-out after each epoch are written between the `<!-- ablation: ... -->` and
+# `<!-- /ablation -->` markers of DOC's "EAGLE-3-grade training" section.
 # Finished runs and up-to-date scores are kept (a missing depth is scored from the kept run); FORCE=1 redoes them.
 #   bash run_training_ablation.sh                      # the toy world's table in docs/TRAINING.md
 #   ONLY="e3_r3_kd b1_r3_kd" bash run_training_ablation.sh   # some rows (the table lists every row done)
+#   TRAIN=0 DOC= bash run_training_ablation.sh           # print the table of the rows done, train nothing
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=shell_help.sh
@@ -17,19 +19,22 @@ DATA=${DATA:-data/toy}  # folder holding hidden/{train,val} (with the target's l
 OUT=${OUT:-results/toy/training_ablation}  # one folder per row: the run, val_g{G}/acceptance_metrics.json
 ROWS=${ROWS:-configs/training_ablation.txt}  # the rows: NAME LEVEL FLAGS... per line (# comments)
 ONLY=${ONLY:-}  # run only these row names (the table still lists every finished row)
-GAMMAS=${GAMMAS:-"5 6 8"}  # drafting depths of the validation roll-out (live schedule)
+GAMMAS=${GAMMAS:-"5 8"}  # drafting depths of the validation roll-out (live schedule)
 COMMON_ARGS=${COMMON_ARGS:-"--batch_size 64 --learning_rate 3e-3"}  # flags of every row (the pipeline's)
 JOBS=${JOBS:-2}  # rows trained side by side (one CPU thread each)
 DEVICE=${DEVICE:-auto}  # auto | cpu | cuda
-DOC=${DOC:-docs/TRAINING.md}  # the page whose generated block gets the table ("" = print it only)
+DOC=${DOC-docs/TRAINING.md}  # the page whose generated block gets the table ("" = print it only)
 FORCE=${FORCE:-0}  # 1: retrain and rescore every row
+TRAIN=${TRAIN:-1}  # 0: train and score nothing, only write the table of the rows already done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 fail() { echo "error: $*" >&2; exit 1; }
-for SPLIT in train val; do
-  [ -f "$DATA/hidden/$SPLIT/manifest.json" ] || fail "$DATA/hidden/$SPLIT is not extracted (run_pipeline.sh stage 3)"
-done
-[ -f "$DATA/vl_lm_head.pt" ] || fail "$DATA/vl_lm_head.pt is missing (run_pipeline.sh stage 4)"
+if [ "$TRAIN" = 1 ]; then
+  for SPLIT in train val; do
+    [ -f "$DATA/hidden/$SPLIT/manifest.json" ] || fail "$DATA/hidden/$SPLIT is not extracted (run_pipeline.sh stage 3)"
+  done
+  [ -f "$DATA/vl_lm_head.pt" ] || fail "$DATA/vl_lm_head.pt is missing (run_pipeline.sh stage 4)"
+fi
 [ -f "$ROWS" ] || fail "ROWS=$ROWS does not exist"
 mkdir -p "$OUT"
 
@@ -54,15 +59,15 @@ one_row() {  # NAME LEVEL FLAGS...: train (unless trained), then score on the va
     $PY measure_feature_acceptance.py --checkpoint "$ckpt" --test_data "$DATA/hidden/val" --lm_head "$DATA/vl_lm_head.pt" \
       --gamma_decode "$G" --device "$DEVICE" --output_dir "$dir/val_g$G" > /dev/null
   done
-  echo "-- $name done"
+  echo "-- $name done" >&2
 }
 STARTED=()
 
-while read -r name level flags; do
+while [ "$TRAIN" = 1 ] && read -r name level flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
   [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
-  echo "-- $name: $level $flags"
+  echo "-- $name: $level $flags" >&2
   rm -f "$OUT/$name.ok"
   # shellcheck disable=SC2086
   { one_row "$name" "$level" $flags && touch "$OUT/$name.ok"; } < /dev/null &
@@ -73,23 +78,30 @@ for name in "${STARTED[@]}"; do [ -f "$OUT/$name.ok" ] || fail "row $name failed
 
 # the table, from the rows' own files: each run's recorded training (best_model.pt's drafting record, history)
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-$PY - "$OUT" "$ROWS" "$GAMMAS" "$DOC" "$COMMIT" <<'PY'
+$PY - "$OUT" "$ROWS" "$GAMMAS" "$DOC" "$COMMIT" "$DATA" <<'PY'
 import json, sys
 from pathlib import Path
 
 from adapter_checkpoint import read_adapter_config
 
-out, rows_file, gammas, doc, commit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5]
+out, rows_file, gammas, doc, commit, data = (Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(), sys.argv[4],
+                                             sys.argv[5], sys.argv[6])
 lines = ["| row | level | features | roll-out steps | losses | epochs (best) | s (train + val) | "
          + " | ".join(f"tokens/verify, gamma {g}" for g in gammas) + f" | drafts 1..k all accepted, gamma {gammas[-1]} |",
          "|" + "---|" * (7 + len(gammas) + 1)]
+marks = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+curve = ["| row | gamma | " + " | ".join(f"epoch {k}" for k in marks) + " |", "|" + "---|" * (2 + len(marks))]
+missing = []
 for raw in rows_file.read_text().splitlines():
     name = raw.split()[0] if raw.strip() and not raw.startswith("#") else None
-    run = sorted((out / name).glob("*_teacher_forced_*/history.json")) if name else []
-    scores = [out / name / f"val_g{g}" / "acceptance_metrics.json" for g in gammas] if name else []
-    if not run or not all(s.is_file() for s in scores):
+    if not name:
         continue
-    history = json.loads(run[-1].read_text())
+    run = sorted((out / name).glob("*_teacher_forced_*/history.json"))
+    scores = [out / name / f"val_g{g}" / "acceptance_metrics.json" for g in gammas]
+    history = json.loads(run[-1].read_text()) if run else None
+    if not history or not history.get("finished") or not all(s.is_file() for s in scores):
+        missing.append(name)
+        continue
     config, extra = read_adapter_config(run[-1].parent / "best_model.pt")
     d = extra["drafting"]
     losses = [f"regression {d.get('regression_weight', 1.0):g}"]
@@ -106,13 +118,24 @@ for raw in rows_file.read_text().splitlines():
                  f"{', '.join(losses)} | {epochs} | {seconds:.0f} | "
                  + " | ".join(f"{r['live_tokens_per_verify']:.2f}" for r in rolls)
                  + " | " + ", ".join(f"{p:.2f}" for p in rolls[-1]["live_per_position"]) + " |")
-table = "\n".join(lines)
+    # the validation roll-out after every epoch (at the run's own --gamma_decode): tokens per verify vs epochs
+    by_epoch = {h["epoch"]: h["val"]["rollout"] for h in history["history"] if h["val"].get("rollout")}
+    if by_epoch:
+        gamma = next(iter(by_epoch.values()))["gamma"]
+        curve.append(f"| {name} | {gamma} | " + " | ".join(
+            f"{by_epoch[k]['live_tokens_per_verify']:.2f}" if k in by_epoch else "" for k in marks) + " |")
+table = "\n".join(lines) + "\n\nValidation roll-out (tokens per verify, live schedule) after each epoch of the same runs:\n\n" + "\n".join(curve)
+if missing:
+    table += f"\n\nRows of {rows_file} without finished results (not run yet): {', '.join(missing)}."
 print(table)
 if doc:
     page = Path(doc).read_text()
-    start = page.index("<!-- generated: bash run_training_ablation.sh")
-    end = page.index("<!-- /generated -->", start)
-    block = f"<!-- generated: bash run_training_ablation.sh @ {commit} -->\n{table}\n"
+    # its own markers, not docs/update_generated.py's: rerunning this command trains for hours
+    if "<!-- ablation: bash run_training_ablation.sh" not in page:
+        sys.exit(f"error: {doc} has no '<!-- ablation: bash run_training_ablation.sh' marker; pass DOC= to print only")
+    start = page.index("<!-- ablation: bash run_training_ablation.sh")
+    end = page.index("<!-- /ablation -->", start)
+    block = f"<!-- ablation: bash run_training_ablation.sh @ {commit} (DATA={data} OUT={out}) -->\n{table}\n"
     Path(doc).write_text(page[:start] + block + page[end:])
     print(f"wrote the table into {doc}")
 PY

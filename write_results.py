@@ -453,6 +453,35 @@ def eagle3_paragraph(page: Page, live: dict[str, Any], acc: dict) -> None:
              f"(speed-up here {num(sb)} and {num(se)}).", "")
 
 
+def depth_section(page: Page, live: dict[str, Any], results_dir: Path) -> None:
+    """B1 and E3 at the main run's window and at the deeper one of run_pipeline.sh's second live run (DEEP_GAMMA),
+    each beside the perfect drafter of its own run: the head's gain at equal depth, and what depth adds."""
+    f = results_dir / "e2e_deep" / "e2e_wallclock.json"
+    if not f.is_file():
+        return
+    deep = read_json(f, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
+    rows = []
+    for run in (live, deep):
+        perfect = ((run["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
+        for level in (d["level"] for c in deep["configs"].values() if (d := (c.get("drafting") or {}).get("decode"))):
+            c = live_fixed_decode(run, level)
+            if not c.get("tokens_per_verify"):
+                continue
+            share = c["speedup"]["median"] / perfect if perfect and c.get("speedup") else None
+            pos = list((c.get("per_position_acceptance") or {}).values())
+            rows.append([level, str(run["gamma_decode"]), num(c["tokens_per_verify"]),
+                         ", ".join(num(v) for v in pos) or "-", span(c.get("speedup")), num(share),
+                         num(c.get("modelled_speedup_reference"))])
+    page.add("## Draft depth: the decode heads at two windows", "",
+             f"The heads of `{f.parent.name}` drafted again in a second live run at gamma {deep['gamma_decode']} "
+             "(fixed windows, the same samples), each run with its own perfect drafter (synthetic_p1): at equal "
+             "depth the difference is the head's; between the windows, what depth adds.", "")
+    page.add(markdown_table(["level", "gamma", "tokens/verify", "drafts 1..k all accepted", "speed-up here (measured)",
+                             "share of the perfect drafter's", "modelled, H200 7B profile"], rows))
+    page.source(f, deep["command"])
+    page.add("")
+
+
 def same_file(a: str | None, b: str | None) -> bool:
     """Whether two recorded paths name one file (one may be relative to this folder, the other absolute)."""
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
@@ -523,6 +552,19 @@ def main(args: argparse.Namespace) -> Path:
                  f"{top[1]['tokens_per_verify']:.2f} tokens per verify pass, its first three drafts all accepted in "
                  f"{third} of iterations. Under the measured H200 7B profile the best trained configuration, "
                  f"`{modelled[0]}`, is modelled at {num(modelled[1].get('modelled_speedup_reference'))}x.", "")
+    deep_file = results_dir / "e2e_deep" / "e2e_wallclock.json"
+    if deep_file.is_file():
+        deep = read_json(deep_file, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
+        heads = [(k, c) for k, c in deep["configs"].items() if (c.get("drafting") or {}).get("kind") == "decode"
+                 and c.get("tokens_per_verify")]
+        best_deep = max(heads, key=lambda kc: kc[1]["tokens_per_verify"], default=None)
+        perfect = ((deep["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
+        if best_deep and perfect:
+            c = best_deep[1]
+            page.add(f"**At gamma {deep['gamma_decode']} (the second live run, \"Draft depth\"):** `{best_deep[0]}` at "
+                     f"{c['tokens_per_verify']:.2f} tokens per verify pass, {span(c['speedup'])} the target alone, "
+                     f"{c['speedup']['median'] / perfect:.2f} of the perfect drafter's speed-up in that run; "
+                     f"modelled under the H200 7B profile at {num(c.get('modelled_speedup_reference'))}x.", "")
     lookup = prompt_lookup_text(live)
     if lookup:
         page.add(lookup, "")
@@ -533,6 +575,7 @@ def main(args: argparse.Namespace) -> Path:
     two_phase_section(page, results_dir, args.world)
     live_section(page, results_dir)
     decode_section(page, live, acc)
+    depth_section(page, live, results_dir)
     gap_section(page, live, acc, results_dir)
     benchmarks_section(page, results_dir)
     atomic_write_bytes(("\n".join(page.lines).rstrip() + "\n").encode(), out)

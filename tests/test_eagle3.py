@@ -312,7 +312,8 @@ def test_e3_refuses_data_without_layers_and_the_loss_flags_are_checked(data: Pat
     with pytest.raises(UserError, match="--target_layers"):
         tha.main(tha.parse_args(flags(data, tmp_path, "E3", val="plain")))
     base = flags(data, tmp_path, "B1")
-    for extra, message in ((["--regression_weight", "0", "--token_loss_weight", "0"], "leaves no loss"),
+    for extra, message in ((["--regression_weight", "0", "--token_loss_weight", "0", "--distill_weight", "0"],
+                             "leaves no loss"),
                            (["--distill_weight", "-1"], "--distill_weight"),
                            (["--distill_temperature", "0"], "--distill_temperature")):
         with pytest.raises(SystemExit):

@@ -107,7 +107,7 @@ def test_decode_adapters_are_scored_by_their_rollout_unless_asked(tmp_path):
 
 def test_missing_inputs_and_bad_configs(tmp_path):
     profile = write_profile(tmp_path)
-    with pytest.raises(UserError, match="no acceptance result for B1, L1, L2, L3, L4, L5, L5E, L5F in"):
+    with pytest.raises(UserError, match="no acceptance result for B1, E3, L1, L2, L3, L4, L5, L5E, L5F in"):
         etp.main(etp.parse_args(["--acceptance_dir", str(tmp_path), "--timings", str(profile),
                                  "--output_dir", str(tmp_path / "o")]))
     assert etp.parse_config("L3+none") == ("L3", None)
