@@ -1,10 +1,11 @@
 """The Hugging Face form of an adapter: `config.json` + `model.safetensors` through huggingface_hub's
 `PyTorchModelHubMixin`, for sharing a trained adapter as a folder or a Hub repository. The project's own
-checkpoint (`best_model.pt`, hidden_adapter.save_adapter / load_adapter) stays the format the stages read.
+checkpoint (`best_model.pt`, adapter_checkpoint.py) stays the format the stages read.
 
     >>> from adapter_hub import export_hf, load_hf
     >>> export_hf(adapter, "tasks/toy/B1_run/hf")     # train_hidden_adapter.py does this after training
     >>> adapter = load_hf("tasks/toy/B1_run/hf")      # or a Hub repo id
+    >>> push_hf("tasks/toy/B1_run/hf", "me/eventgpt-B1")  # train_hidden_adapter.py --push_to_hub does this
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from common import UserError, first_line
 from hidden_adapter import AdapterConfig, BaseAdapter, build_adapter
 
-__all__ = ["export_hf", "load_hf"]
+__all__ = ["export_hf", "load_hf", "push_hf"]
 
 
 def _hub_class() -> type:
@@ -47,7 +48,7 @@ _HUB_CLASS: type | None = None
 
 def export_hf(adapter: BaseAdapter, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` (huggingface_hub's format) for sharing: reload with
-    `load_hf(out_dir)` or `HubAdapter.from_pretrained(repo_or_dir)`, or push with `push_to_hub`."""
+    `load_hf(out_dir)` or `HubAdapter.from_pretrained(repo_or_dir)`, or push with `push_hf`."""
     hub = _hub_class()(adapter_config=asdict(adapter.config))
     hub.adapter.load_state_dict(adapter.state_dict())
     hub.save_pretrained(out_dir)
@@ -61,3 +62,20 @@ def load_hf(path_or_repo: str | Path) -> BaseAdapter:
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise UserError(f"cannot load an exported adapter from {path_or_repo}: {first_line(err)}") from err
     return hub.adapter.eval()
+
+
+def push_hf(folder: str | Path, repo_id: str) -> str:
+    """Upload the hf/ export (config.json, model.safetensors) to a Hub model repository; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, repo_type="model",
+                          commit_message=f"xmodal-sd adapter from {Path(folder).parent.name}")
+    except Exception as err:  # network, login, permissions: the export is kept either way
+        raise UserError(f"cannot push {folder} to the Hub as {repo_id}: {first_line(err)}; the export is kept, "
+                        f"upload it later with `hf upload {repo_id} {folder}`") from err
+    url = f"https://huggingface.co/{repo.repo_id}"
+    print(f"pushed {folder} to {url}")
+    return url

@@ -83,7 +83,7 @@ def bench_level(name: str, args: argparse.Namespace, device: torch.device, dtype
     torch.manual_seed(0)
     adapter = create_adapter(name, args.hidden_dim).to(device=device, dtype=dtype).eval()
     d, t = args.hidden_dim, args.seq_len
-    x = torch.randn(1, t, d, device=device, dtype=dtype)
+    x = torch.randn(1, t, adapter.config.in_dim, device=device, dtype=dtype)  # E3: the target's K layer states
     v = torch.randn(1, t, d, device=device, dtype=dtype) if adapter.consumes == "both" else None
     # L5E's EventGPT context: raw for a whole answer; the drafting step reads it projected once per answer
     ctx = torch.randn(1, d, device=device, dtype=dtype) if adapter.config.context else None

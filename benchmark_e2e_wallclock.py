@@ -78,7 +78,7 @@ from hidden_adapter import NEXT_POSITION_LEVELS, canonical_name
 from model_builders import add_model_args, check_model_args, load_runners
 from preflight import preflight
 from timing import Stopwatch, spread
-from vlm_runners import VLMInputs, model_description
+from vlm_runners import VLMInputs, eagle3_layer_ids, model_description
 
 log = logging.getLogger("xmodal_sd.e2e")
 
@@ -239,7 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[Any]]:
     """{"prefill": [adapter], "decode": [adapter, ...]} for the configurations that need them."""
-    from hidden_adapter import create_adapter, load_adapter
+    from adapter_checkpoint import load_adapter
+    from hidden_adapter import create_adapter, level_config
 
     needed = sorted({role for c in args.configs for role in ADAPTER_CONFIGS.get(c, ())})
     out: dict[str, list[Any]] = {}
@@ -253,8 +254,11 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
         out[role] = []
         for spec in specs:
             if args.random_adapters:
-                try:
-                    adapter = create_adapter(spec, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size, dropout=0.0)
+                try:  # E3, E3E fuse EAGLE-3's layers of this target
+                    layers = ({"target_layers": list(eagle3_layer_ids(vl.num_layers))}
+                              if level_config(spec).reads_layers else {})
+                    adapter = create_adapter(spec, target_dim=vl.hidden_size, drafter_dim=eg.hidden_size, dropout=0.0,
+                                             **layers)
                 except ValueError as err:
                     raise UserError(f"--{role}_adapter {spec!r}: {err}") from err
                 adapter.extra = {}
@@ -264,6 +268,9 @@ def load_adapters(args: argparse.Namespace, vl: Any, eg: Any) -> dict[str, list[
                 adapter.extra = extra  # training record: the draft-length calibration lives here
                 adapter.source = str(spec)
             problem = drafter_problem(adapter.config, role)
+            if adapter.config.reads_layers and max(adapter.config.target_layers) > vl.num_layers:
+                problem = (f"it fuses the target's layers {adapter.config.target_layers}, but the target has "
+                           f"{vl.num_layers} decoder layers (an adapter of another target)")
             if problem:
                 raise UserError(f"--{role}_adapter {spec}: {problem}")
             adapter = adapter.to(vl.device, vl.dtype).eval()

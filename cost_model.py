@@ -58,8 +58,13 @@ EGPT_EVERY_ITERATION = set(levels(egpt_per_iteration=True))
 # Decode adapters that need EventGPT's prefill (run beside the target's vision + prefill).
 EGPT_PREFILL = set(levels(predicts="next", reads_drafter=True))
 # A level a profile may lack, costed as the level whose step it shares: L5E's step is B1's plus one add of
-# a vector projected once per answer (profiles measured before L5E existed have no entry for it).
-STEP_LIKE = {"L5E": "B1"}
+# a vector projected once per answer (profiles measured before L5E existed have no entry for it); a drafted
+# position of E3 and E3E reads the head's own output, so their draft step is B1's (their layer fusion runs on
+# verified positions only, once per verify pass).
+STEP_LIKE = {"L5E": "B1", "E3": "B1", "E3E": "B1"}
+# Decode adapters that read the target's layer states from every verify pass (E3, E3E): each pass costs
+# `verify_layers_extra_ms` more (0 in profiles that did not measure it).
+READS_LAYERS = set(levels(reads_layers=True))
 
 
 @dataclass
@@ -78,6 +83,9 @@ class TimingProfile:
     egpt_decode_ms: float
     adapter_step_ms: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    # ms a verify pass of gamma + 1 tokens takes more when the target also returns EAGLE-3's three layer states
+    # (runner.capture_layers; measured by the live benchmark when it drafts with E3 / E3E, else 0)
+    verify_layers_extra_ms: float = 0.0
 
     def verify_ms(self, k: float) -> float:
         """One target forward over k new tokens: linear between measured k, the nearest measured k
@@ -148,6 +156,7 @@ def _from_own(data: dict[str, Any], path: Path) -> TimingProfile:
         vl_verify_ms=verify_ms,
         adapter_step_ms={str(k): _num(adapters, k, path) for k in adapters},
         notes=list(data.get("notes", [])),
+        verify_layers_extra_ms=_num(data, "verify_layers_extra_ms", path) if "verify_layers_extra_ms" in data else 0.0,
     )
 
 
@@ -300,6 +309,8 @@ def estimate_two_phase(
         # a window cut short by a draft-length rule is verified with its own width (interpolated)
         verify = profile.verify_ms(gamma_decode + 1 if drafts_per_iter is None or reference
                                    else min(max(drafts_per_iter, 0.0), gamma_decode) + 1)
+        if decode_adapter in READS_LAYERS and not reference:
+            verify += profile.verify_layers_extra_ms
         if reference:
             adapter_iter, egpt_iter = profile.adapter_ms(decode_adapter), 0.0
         else:

@@ -13,6 +13,8 @@ Which drafter an adapter needs follows from its config's roles (`AdapterConfig.p
   - `RolloutDrafter`   (mode a) B1 (from verified target states), L5E (B1 plus EventGPT's prompt-end state,
                        computed once by EventGPT's prefill beside the target's) or L5 (from EventGPT's states
                        of the verified text, one EventGPT pass per iteration) rolled out on its own outputs;
+                       E3 and E3E as B1 and L5E, from the target's low/middle/high layer states of the verify
+                       pass (`target_layers`: the engine has the target return them from the same pass);
                        adapters with a token input read each verified or drafted token's embedding.
   - `FusedDrafter`     (mode b) L5F over EventGPT states and target states; EventGPT steps in
                        lockstep on the accepted text (not concurrently).
@@ -388,8 +390,12 @@ class Drafter(Protocol):
 
     begin(inputs): start a new answer (drafter prompt inputs, None for drafters without a model).
     draft(k, stop): up to k draft tokens for the next positions (fewer if `stop` gets set).
-    accept(tokens, states): the newly verified tokens (accepted drafts + the target's own token) and
-        the target states [n, D] that chose them; the drafter re-synchronises on them.
+    accept(tokens, states, layers): the newly verified tokens (accepted drafts + the target's own token) and
+        the target states [n, D] that chose them; the drafter re-synchronises on them. `layers` [n, K, D]:
+        the same positions' states at the layers the drafter's `target_layers` names (taken from the same
+        verify pass), None when it names none.
+    A drafter may set `target_layers` (hidden-state indices, vlm_runners.LAYER_IDS_MEANING): the engine then
+    has the target return those layers' states from every pass.
     """
 
     name: str
@@ -399,7 +405,7 @@ class Drafter(Protocol):
 
     def draft(self, k: int, stop: threading.Event | None = None) -> Draft: ...
 
-    def accept(self, tokens: list[int], states: Tensor) -> None: ...
+    def accept(self, tokens: list[int], states: Tensor, layers: Tensor | None = None) -> None: ...
 
 
 class DrafterLM:
@@ -527,7 +533,7 @@ class EventGPTDrafter:
                 break
         return Draft(tokens, torch.stack(probs) if probs else None)
 
-    def accept(self, tokens: list[int], states: Tensor) -> None:
+    def accept(self, tokens: list[int], states: Tensor, layers: Tensor | None = None) -> None:
         self.verified += tokens
 
 
@@ -546,6 +552,10 @@ class _AdapterDrafter:
         self.length = draft_length(length, min_confidence)
         self.cache: AdapterCache = DynamicAdapterCache(adapter)
         self._caches: dict[tuple[int, bool] | None, AdapterCache] = {None: self.cache}
+        # E3, E3E: the target layers whose states a verified position gives the adapter (the engine has the
+        # target return them from each verify pass)
+        self.target_layers: tuple[int, ...] = tuple(adapter.config.target_layers) \
+            if getattr(adapter.config, "reads_layers", False) else ()
 
     def use_static_cache(self, width: int, compile: bool = False) -> None:
         """Draft on a preallocated adapter cache: steps of one position (roll-out drafts) or `width` (one
@@ -572,8 +582,14 @@ class _AdapterDrafter:
         self.fed = 0  # verified positions inside the adapter's cache (rolled-out entries come after them)
         self.cache.reset()
 
-    def accept(self, tokens: list[int], states: Tensor) -> None:
+    def accept(self, tokens: list[int], states: Tensor, layers: Tensor | None = None) -> None:
         self.verified += tokens
+        if self.target_layers:  # E3: a verified position's input is its K layer states, [K * D]
+            if layers is None or layers.shape[-2] != len(self.target_layers):
+                raise ValueError(f"{self.adapter.config.name} reads the target's layer states "
+                                 f"{list(self.target_layers)} of every verified position: the target must return them "
+                                 "(runner.capture_layers)")
+            states = layers.flatten(-2)
         self.states += list(states)
 
     def _tokens(self, ids: list[int]) -> dict[str, Tensor]:
@@ -747,7 +763,7 @@ class SyntheticDrafter:
                     pass
         return Draft(tokens)
 
-    def accept(self, tokens: list[int], states: Tensor) -> None:
+    def accept(self, tokens: list[int], states: Tensor, layers: Tensor | None = None) -> None:
         self.n += len(tokens)
 
 
@@ -763,7 +779,7 @@ class NoDrafter:
     def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
         return Draft([])
 
-    def accept(self, tokens: list[int], states: Tensor) -> None:
+    def accept(self, tokens: list[int], states: Tensor, layers: Tensor | None = None) -> None:
         pass
 
 
@@ -841,6 +857,8 @@ def draft_step(adapter: Any, cached: int, path: str = "dynamic", head: Tensor | 
         StaticAdapterCache(adapter, width=1, compile=path == "compiled")
     cache(x[:, :cached], **inputs(slice(0, cached)))
     last, step_inputs = x[:, cached:], inputs(slice(cached, cached + 1))
+    if getattr(cfg, "reads_layers", False):  # E3: the cached positions hold layer states, a draft its own output
+        last = torch.randn(1, 1, cfg.target_dim, device=dev, dtype=dt)
 
     def once() -> Any:
         cache.crop(cached)

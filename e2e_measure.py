@@ -221,6 +221,18 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
     if static_only:
         note += f"; {', '.join(static_only)} on the static path (not compiled: this run does not draft with them)"
     notes = [note]
+    # E3 / E3E draft from the target's layer states: what returning them costs a verify pass of gamma + 1
+    layer_ids = next((tuple(a.config.target_layers) for a in decode_adapters or []
+                      if getattr(a.config, "reads_layers", False)), ())
+    extra_ms = 0.0
+    if layer_ids:
+        before = vl.layer_ids
+        plain = step_ms(vl, t_in, gamma + 1)
+        vl.capture_layers(layer_ids)
+        extra_ms = max(0.0, step_ms(vl, t_in, gamma + 1) - plain)
+        vl.capture_layers(before)
+        notes.append(f"verify of {gamma + 1} tokens returning the target's layers {list(layer_ids)}: "
+                     f"+{extra_ms:.3f} ms ({plain:.3f} ms without)")
     return TimingProfile(
         source=source,
         vl_vision_ms=_median_ms(lambda: vl.clip_features(split_dir, clip), dev, n=5, warmup=1),
@@ -232,4 +244,5 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         egpt_decode_ms=step_ms(eg, e_in, 1),
         adapter_step_ms=adapter_ms,
         notes=notes,
+        verify_layers_extra_ms=extra_ms,
     )

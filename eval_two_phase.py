@@ -45,7 +45,7 @@ from metrics import acceptance_results
 log = logging.getLogger("xmodal_sd.two_phase")
 RESULT_FORMAT = "xmodal_sd.two_phase_results"
 REFERENCE_CONFIGS = "L1+L5F,L2+L5F,L3+L5F,L4+L5F,L5F,B1"  # the reference's table (002)
-DEFAULT_CONFIGS = REFERENCE_CONFIGS + ",L5E,L5,L1+B1"
+DEFAULT_CONFIGS = REFERENCE_CONFIGS + ",L5E,L5,L1+B1,E3"
 
 # The reference's published token-level inputs (002): prefill free tokens within 7 slots and consecutive
 # shifted accepts per decode iteration, for 50-token answers. Used only with --reference_inputs.
@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timings", nargs="+", required=True,
                    help="timing profiles: timings/*.json and/or profiles of the live benchmark (JSON/YAML)")
     p.add_argument("--configs", default=None,
-                   help="comma-separated PREFILL+DECODE configurations (default: the reference's six, plus L5E, L5 "
-                        "and L1+B1 for measured acceptance)")
+                   help="comma-separated PREFILL+DECODE configurations (default: the reference's six, plus L5E, L5, "
+                        "L1+B1 and E3 for measured acceptance)")
     p.add_argument("--decode_acceptance", choices=("rollout", "one_step"), default="rollout",
                    help="accepted drafts per iteration of decode adapters: their roll-out on the live schedule "
                         "(as drafting runs) or one-step teacher-forced drafts (from every start; an upper estimate)")

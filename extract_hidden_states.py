@@ -4,6 +4,9 @@ For every (clip, question) both models answer greedily; for each generated posit
 post-norm last-layer state that produced token t, both models' tokens and their valid masks (up to
 and including EOS). With `--teacher_forced` EventGPT is also run on Video-LLaVA's answer, so that
 drafter and target states at t share the same text prefix, as in live speculative decoding.
+With `--target_layers` (default `auto`: EAGLE-3's low, middle and high layer for the target's depth) the
+target's states at those layers are stored too, from the same generation (`vl_layers`), for the heads that
+fuse them (E3, E3E); `--target_layers none` leaves them out.
 
     # toy world, CPU (minutes)
     python extract_hidden_states.py --split train --chunked --quant none \\
@@ -51,6 +54,7 @@ from hidden_data import (
     CHUNK_KEYS,
     FORMAT_VERSION,
     HASH_ON_SKIP_BYTES,
+    LAYERS_KEY,
     TEACHER_FORCED_KEY,
     chunk_name,
     chunk_problem,
@@ -61,7 +65,7 @@ from hidden_data import (
 )
 from model_builders import add_model_args, check_model_args, load_runners, resolve_compute
 from preflight import preflight
-from vlm_runners import model_description, to_drafter_vocab
+from vlm_runners import LAYER_IDS_MEANING, eagle3_layer_ids, model_description, to_drafter_vocab
 
 log = logging.getLogger("xmodal_sd.extract")
 
@@ -87,6 +91,7 @@ RUN_IDENTITY = (
     "egpt_dtype",
     "vl_dtype",
     "vision_tower",
+    "target_layers_flag",
 )
 # Identity facts recorded since fidelity to the released preprocessing (issue 19): a record without
 # them was made before, when the defaults were other ones, so resuming it is refused too.
@@ -132,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="split clips over this many processes (default: accelerate's process count, else 1)",
     )
     p.add_argument("--shard_index", type=int, default=None, help="this process's shard (default: accelerate rank)")
+    p.add_argument("--target_layers", default="auto",
+                   help="also store the target's states at these hidden-state indices (key vl_layers; 0 = the "
+                        "embeddings, i = the input of decoder layer i, L = the last layer after the final norm): "
+                        "auto = EAGLE-3's low, middle and high layer for the target's depth (2, 16, 29 of 32 layers), "
+                        "a comma list such as 2,16,29, or none")
     p.add_argument("--max_failures", type=int, default=10, help="stop (exit 1) once more clips than this failed")
     p.add_argument("--seed", type=int, default=0, help="random seed (generation is greedy; affects nothing else)")
     p.add_argument("--verify", action="store_true",
@@ -149,10 +159,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num_shards and --shard_index go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
         p.error("--shard_index must be in [0, --num_shards)")
+    try:
+        args.target_layers = target_layers_flag(args.target_layers)
+    except ValueError as err:
+        p.error(str(err))
     args.output_dir = Path(args.output_dir or f"data/hidden/{args.split}")
     args.dataset_dir = Path(args.dataset_dir)
     check_model_args(p, args)
     return args
+
+
+# ----------------------------------------------------------------------------- the target's layer states
+
+
+def target_layers_flag(value: str) -> str:
+    """--target_layers normalised: "auto", "none" or a comma list of distinct indices >= 0 ("2,16,29")."""
+    text = str(value).strip().lower()
+    if text in ("auto", "none"):
+        return text
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise ValueError(f"--target_layers takes auto, none or a comma list of distinct layer indices >= 0, "
+                         f"got {value!r}")
+    return ",".join(str(i) for i in ids)
+
+
+def resolve_target_layers(flag: str, num_layers: int) -> tuple[int, ...]:
+    """The hidden-state indices --target_layers names for a target of `num_layers` decoder layers (() for
+    none); an index past the last layer is one UserError line."""
+    if flag == "none":
+        return ()
+    ids = eagle3_layer_ids(num_layers) if flag == "auto" else tuple(int(x) for x in flag.split(","))
+    if max(ids) > num_layers:
+        raise UserError(f"--target_layers {flag}: the target has {num_layers} decoder layers, so indices go up to "
+                        f"{num_layers} (= its last layer after the final norm)")
+    return ids
+
+
+def layer_record(flag: str, ids: tuple[int, ...], num_layers: int) -> dict[str, Any] | None:
+    """What the manifest records about the stored layer states (hidden_data.manifest_layer_ids reads it)."""
+    if not ids:
+        return None
+    rule = "EAGLE-3's low, middle and high layer (vlm_runners.eagle3_layer_ids)" if flag == "auto" else "given"
+    return {"ids": list(ids), "num_layers": num_layers, "rule": rule, "meaning": LAYER_IDS_MEANING}
+
+
+def check_layers_recorded(out_dir: Path, flag: str) -> None:
+    """Refuse to add chunks with layer states to a folder whose earlier chunks were written without any record
+    of them (an extraction from before --target_layers): its finished chunks lack the key."""
+    if flag == "none":
+        return
+    for path in [out_dir / "manifest.json", *sorted(out_dir.glob("shard_*-of-*.json"))]:
+        if path.is_file():
+            old = read_json(path, "extraction record", "delete the folder")
+            if "target_layers_flag" not in old.get("settings", old):
+                raise UserError(f"{out_dir} holds data extracted without the target's layer states (see {path.name}); "
+                                "use a new --output_dir or delete that folder, or pass --target_layers none")
 
 
 def shard_samples(plan: list[tuple[int, int]], num_shards: int, shard: int) -> list[tuple[int, int]]:
@@ -220,6 +285,8 @@ def run_models(
         out[f"{key}_hidden"] = gen.hidden.half().cpu()
         out[f"{key}_tokens"] = gen.tokens.int().cpu()
         out[f"{key}_mask"] = gen.mask.cpu()
+        if key == "vl" and gen.layers is not None:  # vl.capture_layers: the same generation's layer states
+            out[LAYERS_KEY] = gen.layers.half().cpu()
     if teacher_forced:
         mask = out["vl_mask"]
         tokens, _ = to_drafter_vocab(out["vl_tokens"].long(), egpt.vocab_size)
@@ -339,6 +406,7 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
         "egpt_dtype": str(dtypes.get("eventgpt", args.egpt_dtype)).removeprefix("torch."),
         "vl_dtype": str(dtypes.get("video_llava", args.vl_dtype)).removeprefix("torch."),
         "vision_tower": getattr(args, "vision_tower", None),  # EventGPT's CLIP tower override (None: its config's)
+        "target_layers_flag": args.target_layers,  # the ids it resolved to: manifest["target_layers"]
         "num_clips": len(work.clips),
         "num_planned_samples": num_planned,
         "dtypes": {k: str(d).removeprefix("torch.") for k, (d, _) in CHUNK_KEYS.items()},
@@ -348,6 +416,9 @@ def run_settings(args: argparse.Namespace, work: ShardWork, num_planned: int, ch
     if args.teacher_forced:
         base["dtypes"].update({TEACHER_FORCED_KEY: "float16", FOREIGN_KEY: "int32"})
         base["shapes"].update({TEACHER_FORCED_KEY: "[N, T, D_drafter]", FOREIGN_KEY: "[N]"})
+    if args.target_layers != "none":
+        base["dtypes"][LAYERS_KEY] = "float16"
+        base["shapes"][LAYERS_KEY] = "[N, T, K, D_target]"
     return base
 
 
@@ -389,7 +460,8 @@ def load_progress(work: ShardWork, base: dict[str, Any], verify: bool = False
         if c.get("failed_clips"):
             continue
         hash_it = verify or c["bytes"] <= HASH_ON_SKIP_BYTES
-        why = chunk_problem(work.out_dir, c, hash_it, load=verify, teacher_forced=bool(base.get("teacher_forced")))
+        why = chunk_problem(work.out_dir, c, hash_it, load=verify, teacher_forced=bool(base.get("teacher_forced")),
+                            layers=base.get("target_layers_flag", "none") != "none")
         if why is None:
             finished[c["file"]] = c
         elif why != "missing":  # a missing one was never finished (or was deleted to redo it)
@@ -525,6 +597,7 @@ def extract(args: argparse.Namespace, num_shards: int, shard: int, state: Any) -
     device, dtypes = resolve_compute(args, str(state.device) if state is not None else None)
     base = run_settings(args, work, num_planned, chunk_size, dtypes)
     check_same_run(work.out_dir, base, RUN_IDENTITY)
+    check_layers_recorded(work.out_dir, args.target_layers)
     work.out_dir.mkdir(parents=True, exist_ok=True)
 
     progress, finished, damaged = load_progress(work, base, args.verify)
@@ -537,8 +610,12 @@ def extract(args: argparse.Namespace, num_shards: int, shard: int, state: Any) -
     if todo:
         egpt, vl, base["models"] = load_models(args, device, dtypes, work.out_dir)
         base["widths"] = {"drafter": egpt.hidden_size, "target": vl.hidden_size}
+        ids = resolve_target_layers(args.target_layers, vl.num_layers)
+        vl.capture_layers(ids)  # the same generation returns them (no second forward)
+        base["target_layers"] = layer_record(args.target_layers, ids, vl.num_layers)
         # Recorded per shard, so the merged manifest names the models even if a shard had no work.
         progress["models"], progress["widths"] = base["models"], base["widths"]
+        progress["target_layers"] = base["target_layers"]
 
     start = time.perf_counter()
     result = extract_chunks(egpt, vl, args, work, todo, progress)

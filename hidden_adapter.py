@@ -1,7 +1,8 @@
 """The adapter zoo: small networks that map drafter (EventGPT) hidden states into the target's
-(Video-LLaVA) hidden space, the roles of each level, and the checkpoint format every stage shares.
+(Video-LLaVA) hidden space, the roles of each level, and the factory that builds them.
 
-Its layers are in adapter_layers.py, its training losses in losses.py.
+Its layers are in adapter_layers.py, its training losses in losses.py, its checkpoint (`best_model.pt`:
+save_adapter / load_adapter) in adapter_checkpoint.py.
 
 Levels (see docs/ADAPTER_ARCHITECTURES.md for the full table):
 
@@ -13,6 +14,8 @@ Levels (see docs/ADAPTER_ARCHITECTURES.md for the full table):
     B1  L5 trained target->target  target  -> target, next position      ~103M
     L5F gated fusion, causal       drafter + target -> target, next      ~170M
     L5E B1 + EventGPT context      target (+ drafter prompt) -> target   ~120M
+    E3  B1 on EAGLE-3's features   target low/mid/high layers -> target  ~153M
+    E3E E3 + EventGPT context      E3 (+ drafter prompt) -> target       ~170M
 
 Usage:
     python hidden_adapter.py --summary                       # parameter table at width 4096
@@ -26,9 +29,11 @@ Every adapter takes `forward(x, mask=None, *, h_target=None, token_ids=None, con
 the state it consumes first (drafter states; target states for B1 and L5E), `h_target` the verified
 target states (L5F only), `mask` [B, T] bool marks valid positions, `token_ids` [B, T] the token each
 position's state chose (next-position levels with a token input), `context` [B, D_drafter] EventGPT's
-prompt-end state (L5E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
+prompt-end state (L5E, E3E). `adapter.consumes` / `adapter.predicts` / `adapter.config.context` say which
 states go in and whether output[t] estimates the target state at t ("same") or t+1 ("next"); `adapter.reads()`
-says it in words. An input the level does not read is refused (it is never silently dropped), and states
+says it in words. For E3 and E3E (`adapter.config.reads_layers`) `x` holds the target's states at the layers
+`config.target_layers` names, [B, T, K * D_target] (`adapter_inputs` builds it from a batch's `layers`
+[B, T, K, D_target]). An input the level does not read is refused (it is never silently dropped), and states
 are cast to the adapter's dtype (fp16 chunks into an fp32 adapter).
 
 Next-position levels can read the token of each position (EAGLE's shifted token): `token_input=True`
@@ -41,8 +46,7 @@ the adapter's own previous outputs (training on roll-outs, and offline drafting 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -57,31 +61,34 @@ from adapter_layers import (
     attention_mask,
     input_projection,
 )
-from common import UserError, atomic_torch_save, first_line, safe_torch_load
 
-CHECKPOINT_FORMAT = "xmodal_sd.adapter"
-CHECKPOINT_VERSION = 1
-
-# What each level reads and what it predicts: (consumes, predicts, context). Every role a stage asks about
-# (prefill or decode, roll-out or lockstep, what it costs EventGPT) is derived from this one table through
-# `AdapterConfig`'s properties and `levels(...)`.
+# What each level reads and what it predicts: (consumes, predicts, context, features). Every role a stage asks
+# about (prefill or decode, roll-out or lockstep, what it costs EventGPT, which target states it needs) is
+# derived from this one table through `AdapterConfig`'s properties and `levels(...)`.
 #   consumes: "drafter" (EventGPT's states), "target" (Video-LLaVA's verified states) or "both"
 #   predicts: "same" (output[t] estimates the target state at t) or "next" (at t + 1)
 #   context:  "drafter" when the level also reads EventGPT's prompt-end state, else None
-LEVEL_ROLES: dict[str, tuple[str, str, str | None]] = {
-    "L1": ("drafter", "same", None),
-    "L2": ("drafter", "same", None),
-    "L3": ("drafter", "same", None),
-    "L4": ("drafter", "same", None),
-    "L5": ("drafter", "next", None),
-    "B1": ("target", "next", None),
-    "L5F": ("both", "next", None),
-    "L5E": ("target", "next", "drafter"),
+#   features: which target states a verified position gives it: "last" (the last layer after the final norm)
+#             or "layers" (EAGLE-3's low, middle and high layer, `AdapterConfig.target_layers`)
+LEVEL_ROLES: dict[str, tuple[str, str, str | None, str]] = {
+    "L1": ("drafter", "same", None, "last"),
+    "L2": ("drafter", "same", None, "last"),
+    "L3": ("drafter", "same", None, "last"),
+    "L4": ("drafter", "same", None, "last"),
+    "L5": ("drafter", "next", None, "last"),
+    "B1": ("target", "next", None, "last"),
+    "L5F": ("both", "next", None, "last"),
+    "L5E": ("target", "next", "drafter", "last"),
+    "E3": ("target", "next", None, "layers"),
+    "E3E": ("target", "next", "drafter", "layers"),
 }
 # Canonical names; level numbers follow the reference (`--adapter_level 1..6`, 6 = L5F, B1 = 5 + vlm_only).
 ADAPTER_NAMES = tuple(LEVEL_ROLES)
-LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F", 7: "L5E"}
-NEXT_POSITION_LEVELS = tuple(name for name, (_, predicts, _) in LEVEL_ROLES.items() if predicts == "next")
+LEVEL_TO_NAME = {1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5", 6: "L5F", 7: "L5E", 8: "E3", 9: "E3E"}
+NEXT_POSITION_LEVELS = tuple(name for name, roles in LEVEL_ROLES.items() if roles[1] == "next")
+# The target layers a layer-fusing level reads when its config names none: EAGLE-3's choice for a 32-layer
+# LLaMA (vlm_runners.eagle3_layer_ids(32)); training sets them from the data's manifest.
+DEFAULT_TARGET_LAYERS = (2, 16, 29)
 
 
 def canonical_name(level: int | str, vlm_only: bool = False) -> str:
@@ -99,7 +106,8 @@ def canonical_name(level: int | str, vlm_only: bool = False) -> str:
             name = text
     if name is None:
         valid = ", ".join(ADAPTER_NAMES)
-        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-7 (6 = L5F, 7 = L5E)")
+        raise ValueError(f"unknown adapter level {level!r}; valid: {valid} or levels 1-9 (6 = L5F, 7 = L5E, 8 = E3, "
+                         "9 = E3E)")
     if vlm_only:
         if name not in ("L5", "B1"):
             raise ValueError(f"vlm_only (target->target training) applies to the EAGLE level L5 only, not {name}")
@@ -131,6 +139,9 @@ class AdapterConfig:
     # EAGLE's token input from the target's frozen input embeddings (attach_token_table); only the fusion
     # layer is trained, so the embedding table is stored once (with the LM head), not in each adapter.
     token_input: bool = False
+    # E3, E3E: the target's hidden-state indices they fuse (vlm_runners.LAYER_IDS_MEANING), from the data's
+    # manifest; None = DEFAULT_TARGET_LAYERS for those levels, [] for the others.
+    target_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
@@ -147,6 +158,21 @@ class AdapterConfig:
         if (self.token_input or self.use_token_embed) and self.predicts != "next":
             raise ValueError(f"a token input belongs to the next-position levels {NEXT_POSITION_LEVELS}, "
                              f"not {self.name}")
+        self._check_target_layers()
+
+    def _check_target_layers(self) -> None:
+        """target_layers: a list of >= 2 distinct indices >= 0 for the layer-fusing levels, [] for the others."""
+        if not self.reads_layers:
+            if self.target_layers:
+                raise ValueError(f"{self.name} reads the target's last-layer state only; target_layers is for "
+                                 f"{', '.join(levels(reads_layers=True))}")
+            self.target_layers = []
+            return
+        ids = list(DEFAULT_TARGET_LAYERS if self.target_layers is None else self.target_layers)
+        if len(ids) < 2 or len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError(f"{self.name} fuses two or more distinct target layers (hidden-state indices >= 0), "
+                             f"got {ids}")
+        self.target_layers = [int(i) for i in ids]
 
     @property
     def consumes(self) -> str:
@@ -162,6 +188,12 @@ class AdapterConfig:
     def context(self) -> str | None:
         """ "drafter" when the adapter also reads EventGPT's prompt-end state (L5E), else None."""
         return LEVEL_ROLES[self.name][2]
+
+    @property
+    def reads_layers(self) -> bool:
+        """Whether a verified position gives the level the target's states at several layers (E3, E3E: EAGLE-3's
+        features, `target_layers`) instead of its last-layer state alone."""
+        return LEVEL_ROLES[self.name][3] == "layers"
 
     @property
     def rolls_out(self) -> bool:
@@ -191,7 +223,9 @@ class AdapterConfig:
 
     @property
     def in_dim(self) -> int:
-        """Width of the primary input `x`."""
+        """Width of the primary input `x` at a verified position (K * D_target for the layer-fusing levels)."""
+        if self.reads_layers:
+            return len(self.target_layers) * self.target_dim
         return self.target_dim if self.consumes == "target" else self.drafter_dim
 
 
@@ -210,7 +244,7 @@ def level_config(level: int | str) -> AdapterConfig:
 
 def levels(**roles: Any) -> tuple[str, ...]:
     """The level names whose config has every given role, in ADAPTER_NAMES order:
-    `levels(predicts="same")` -> L1-L4 (prefill), `levels(rolls_out=True)` -> L5, B1, L5E."""
+    `levels(predicts="same")` -> L1-L4 (prefill), `levels(rolls_out=True)` -> L5, B1, L5E, E3, E3E."""
     configs = [level_config(name) for name in ADAPTER_NAMES]
     return tuple(c.name for c in configs if all(getattr(c, key) == value for key, value in roles.items()))
 
@@ -285,6 +319,9 @@ class BaseAdapter(nn.Module):
         c = self.config
         states = "Video-LLaVA's (the target's)" if c.consumes == "target" else "EventGPT's (the drafter's)"
         parts = [f"x = {states} states [B, T, {c.in_dim}]", "mask [B, T]"]
+        if c.reads_layers:  # E3, E3E: the K layer states at a verified position, the head's own output at a draft
+            parts[0] = (f"x = Video-LLaVA's (the target's) states at layers {c.target_layers} [B, T, {c.in_dim}] "
+                        f"(at a drafted position its own output states [B, T, {c.target_dim}])")
         if c.consumes == "both":
             parts.append(f"h_target = Video-LLaVA's states [B, T, {c.target_dim}]")
         if c.uses_tokens:
@@ -687,6 +724,50 @@ class ProjectedContext:
     vector: Tensor
 
 
+# ----------------------------------------------------------------------------- EAGLE-3's features: E3, E3E
+
+
+class LayerFusionAdapter(EAGLEStyleAdapter):
+    """E3: the B1 head on EAGLE-3's features. At a verified position t it reads the target's states at a low,
+    a middle and a high layer (`config.target_layers`, K of them; EAGLE-3's rule scaled to the target's depth),
+    concatenated [B, T, K * D] and fused into the head's width by one bias-free linear layer (EAGLE-3's `fc`,
+    K*D -> D); at a drafted position it reads its own previous output [B, T, D], as B1 does, so every draft
+    step costs what B1's does. Then B1's path: LayerNorm, the token input, learned positions, the causal
+    layer, output LayerNorm, a zero-initialised output projection scaled by alpha, and a residual from the
+    fused input. Output[t] estimates the target's last-layer state at t+1 (the frozen LM head reads it).
+
+    The fusion starts as the identity on the highest layer (its block of the weight is I, the others 0), so
+    an untrained E3 is B1 fed that layer's state: on a 2-layer target, whose highest index is its last layer,
+    exactly the untrained B1."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        # AttentionAdapter built input_proj as Linear(K * D -> D, no bias): EAGLE-3's fc
+        with torch.no_grad():
+            d = config.target_dim
+            self.input_proj.weight.zero_()
+            self.input_proj.weight[:, -d:] = torch.eye(d)
+
+    def _encode(self, x, mask, h_target, token_ids, offset, context=None):
+        """Layer states [.., K * D] (a verified position) are fused; a [.., D] input is the head's own output."""
+        if x.dim() == 3 and x.shape[-1] == self.config.in_dim:
+            residual = self.input_proj(x)
+        elif x.dim() == 3 and x.shape[-1] == self.config.target_dim:
+            residual = x
+        else:
+            raise ValueError(f"{self.config.name} expects the target's {len(self.config.target_layers)} layer states "
+                             f"[B, T, {self.config.in_dim}] or its own outputs [B, T, {self.config.target_dim}], got "
+                             f"{tuple(x.shape)}; was the adapter built for another model width or layer set?")
+        h = self._add_context(self._fuse_tokens(self.input_norm(residual), token_ids), context)
+        return self._positions(h, offset), residual
+
+
+class LayerContextAdapter(LayerFusionAdapter, EventContextAdapter):
+    """E3E: E3 plus L5E's context, EventGPT's prompt-end state through LayerNorm and a zero-initialised
+    projection added to every position's input (so an untrained E3E is E3), computed once per answer by
+    EventGPT's prefill beside the target's: the cross-modal variant of the EAGLE-3 head."""
+
+
 _CLASSES: dict[str, type[BaseAdapter]] = {
     "L1": HiddenStateAdapter,
     "L2": MultiLayerBottleneckAdapter,
@@ -696,6 +777,8 @@ _CLASSES: dict[str, type[BaseAdapter]] = {
     "B1": EAGLEStyleAdapter,
     "L5F": FusedEAGLEAdapter,
     "L5E": EventContextAdapter,
+    "E3": LayerFusionAdapter,
+    "E3E": LayerContextAdapter,
 }
 
 
@@ -708,7 +791,7 @@ def create_adapter(
     vlm_only: bool = False,
     **overrides: Any,
 ) -> BaseAdapter:
-    """Build an adapter by level (1-7) or name (L1..L5, B1, L5F, L5E; any case).
+    """Build an adapter by level (1-9) or name (L1..L5, B1, L5F, L5E, E3, E3E; any case).
 
     `hidden_dim` sets both widths; `drafter_dim` / `target_dim` override them separately when the
     two models differ. Inner widths follow the reference's ratios to the target width (bottleneck
@@ -733,12 +816,19 @@ def build_adapter(config: AdapterConfig) -> BaseAdapter:
 
 
 def adapter_inputs(
-    adapter: BaseAdapter, drafter: Tensor | None, target: Tensor, tokens: Tensor | None = None
+    adapter: BaseAdapter, drafter: Tensor | None, target: Tensor, tokens: Tensor | None = None,
+    layers: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(x, keyword arguments) to call `adapter(x, mask, **kwargs)` (or `adapter.rollout`) with, from what
-    it consumes: drafter states (L1-L5), target states (B1, L5E) or both (L5F); token ids when it reads
-    tokens; EventGPT's prompt-end state (`drafter[:, 0]`, the state before its first answer token) for L5E."""
+    it consumes: drafter states (L1-L5), target states (B1, L5E) or both (L5F), the target's layer states
+    `layers` [B, T, K, D] flattened to [B, T, K * D] (E3, E3E); token ids when it reads tokens; EventGPT's
+    prompt-end state (`drafter[:, 0]`, the state before its first answer token) for L5E and E3E."""
     x = target if adapter.consumes == "target" else drafter
+    if adapter.config.reads_layers:
+        if layers is None:
+            raise ValueError(f"{adapter.config.name} fuses the target's layer states {adapter.config.target_layers}; "
+                             "none were given (extract with --target_layers)")
+        x = layers.flatten(-2)
     if x is None:
         raise ValueError(f"{adapter.config.name} consumes drafter states, none were given")
     kwargs: dict[str, Tensor] = {}
@@ -768,100 +858,6 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _plain(obj: Any, where: str = "extra") -> Any:
-    """Convert to types `torch.load(weights_only=True)` accepts; Paths become strings."""
-    if obj is None or isinstance(obj, bool | int | float | str | Tensor):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, list | tuple):
-        return [_plain(v, where) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, argparse.Namespace):
-        return _plain(vars(obj), where)
-    raise TypeError(f"{where}: {type(obj).__name__} cannot be stored in a checkpoint (plain types only)")
-
-
-def save_adapter(path: str | Path, adapter: BaseAdapter, **extra: Any) -> None:
-    """Write a self-describing checkpoint: format tag, adapter config, weights, and `extra` (e.g.
-    the training args and metrics; plain types only). Atomic."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "config": asdict(adapter.config),
-        "state_dict": {k: v.detach().cpu() for k, v in adapter.state_dict().items()},
-        "extra": _plain(extra),
-    }
-    atomic_torch_save(payload, path)
-
-
-_CHECKPOINT_FIX = "pass a best_model.pt written by train_hidden_adapter.py"
-
-
-def _read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> tuple[dict, AdapterConfig]:
-    """The checkpoint dict and its config, checked (format tag, version, config fields); one UserError line."""
-    ckpt = safe_torch_load(path, "adapter checkpoint", _CHECKPOINT_FIX, map_location=map_location, mmap=mmap)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not an adapter checkpoint (no '{CHECKPOINT_FORMAT}' tag); {_CHECKPOINT_FIX}")
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise UserError(
-            f"{path} has adapter format version {ckpt.get('format_version')}, "
-            f"this code reads version {CHECKPOINT_VERSION}; retrain or use a matching release"
-        )
-    try:
-        return ckpt, AdapterConfig(**ckpt["config"])
-    except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{path} holds an unusable adapter config: {err}") from err
-
-
-def read_adapter_config(path: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
-    """(config, extra) of an adapter checkpoint without building the adapter or reading its weights (the
-    tensors are memory-mapped): the quick look of a check before loading. Problems as in load_adapter."""
-    ckpt, config = _read_checkpoint(path, mmap=True)
-    return config, ckpt.get("extra", {})
-
-
-def load_adapter(
-    path: str | Path,
-    *,
-    expected_level: int | str | None = None,
-    drafter_dim: int | None = None,
-    target_dim: int | None = None,
-    map_location: Any = "cpu",
-) -> tuple[BaseAdapter, dict[str, Any]]:
-    """Rebuild an adapter from its checkpoint; returns (adapter in eval mode, the `extra` dict).
-
-    Any problem (missing, corrupt, not an adapter checkpoint, another level or width than expected)
-    raises UserError with one line naming the file.
-    """
-    ckpt, config = _read_checkpoint(path, map_location)
-    try:
-        adapter = build_adapter(config)
-    except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{path} holds an unusable adapter config: {err}") from err
-    if expected_level is not None and canonical_name(expected_level) != config.name:
-        raise UserError(
-            f"{path} is a {config.name} adapter but {canonical_name(expected_level)} was expected; "
-            "pass the checkpoint of the right level"
-        )
-    for what, want, have in (("drafter", drafter_dim, config.drafter_dim), ("target", target_dim, config.target_dim)):
-        if want is not None and want != have:
-            raise UserError(
-                f"{path} was trained for {what} width {have} but the data/model has width {want}; "
-                "use an adapter trained on hidden states of these models"
-            )
-    try:
-        adapter.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as err:
-        raise UserError(f"{path}: weights do not match its own config ({first_line(err)})") from err
-    adapter.eval()
-    return adapter, ckpt.get("extra", {})
-
-
 # ----------------------------------------------------------------------------- summary CLI
 
 
@@ -879,7 +875,7 @@ def summary_rows(hidden_dim: int = 4096) -> list[dict[str, Any]]:
                 "level": name,
                 "class": type(adapter).__name__,
                 "params": count_parameters(adapter),
-                "consumes": adapter.consumes,
+                "consumes": "layers" if adapter.config.reads_layers else adapter.consumes,  # E3: target layers
                 "predicts": adapter.predicts,
                 "attention": attn,
             }
@@ -940,6 +936,8 @@ __all__ = [
     "EventContextAdapter",
     "FusedEAGLEAdapter",
     "HiddenStateAdapter",
+    "LayerContextAdapter",
+    "LayerFusionAdapter",
     "MultiLayerBottleneckAdapter",
     "ProjectedContext",
     "WideBottleneckAdapter",
@@ -950,7 +948,5 @@ __all__ = [
     "draft_outputs",
     "level_config",
     "levels",
-    "load_adapter",
     "rollout_problem",
-    "save_adapter",
 ]

@@ -51,6 +51,9 @@ CHUNK_KEYS: dict[str, tuple[torch.dtype, str]] = {
     "question_idx": (torch.int32, "[N]"),
 }
 TEACHER_FORCED_KEY = "egpt_hidden_tf"  # drafter states on the target's tokens, [N, T, D_drafter] fp16
+# The target's states at the layers the manifest's `target_layers` names (EAGLE-3's low, middle, high), from the
+# same generation as vl_hidden, [N, T, K, D_target] fp16 (extract_hidden_states.py --target_layers).
+LAYERS_KEY = "vl_layers"
 
 FIX_RERUN = ("rerun extract_hidden_states.py with the same flags plus --verify: it redoes unfinished and damaged "
              "chunks")
@@ -93,12 +96,13 @@ def write_chunk(path: Path, tensors: dict[str, Tensor], sample_ids: list[str], c
 
 
 def load_chunk(path: str | Path, expect_teacher_forced: bool = False, *, mmap: bool = False,
-               expect_samples: int | None = None) -> dict[str, Any]:
+               expect_samples: int | None = None, expect_layers: bool = False) -> dict[str, Any]:
     """Load and validate a chunk; a truncated, foreign or inconsistent file raises one UserError line.
 
     mmap=True maps the file instead of reading it: tensors are read from disk when first touched, so
     a caller that needs some keys only reads those bytes (checks here look at shapes and dtypes only).
     `expect_samples`: the manifest's count for this chunk; a chunk holding another count is refused.
+    `expect_layers`: the chunk must hold the target's layer states (LAYERS_KEY).
     """
     path = Path(path)
     chunk = _mmap_load(path) if mmap else safe_torch_load(path, "hidden-state chunk", FIX_RERUN)
@@ -109,13 +113,16 @@ def load_chunk(path: str | Path, expect_teacher_forced: bool = False, *, mmap: b
     keys = dict(CHUNK_KEYS)
     if expect_teacher_forced:
         keys[TEACHER_FORCED_KEY] = (torch.float16, "[N, T, D_drafter]")
+    if expect_layers:
+        keys[LAYERS_KEY] = (torch.float16, "[N, T, K, D_target]")
     n = len(chunk.get("sample_ids", []))
     if expect_samples is not None and n != expect_samples:
         raise UserError(f"{path} holds {n} samples but the manifest says {expect_samples}; {FIX_RERUN}")
     for key, (dtype, _) in keys.items():
         value = chunk.get(key)
         if not isinstance(value, Tensor):
-            fix = "extract with --teacher_forced" if key == TEACHER_FORCED_KEY else FIX_RERUN
+            fix = ("extract with --teacher_forced" if key == TEACHER_FORCED_KEY
+                   else "extract with --target_layers" if key == LAYERS_KEY else FIX_RERUN)
             raise UserError(f"{path} lacks '{key}' ({fix})")
         if value.dtype != dtype or value.shape[0] != n:
             raise UserError(f"{path}: '{key}' is {value.dtype} with {value.shape[0]} rows, expected {dtype} with {n}")
@@ -139,7 +146,8 @@ def merge_manifest(out_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
     chunks = [c for s in shards.values() for c in s["chunks"]]
     described = [s for s in shards.values() if s.get("models")]
     if described:  # a shard that had nothing to do never loaded the models
-        base = {**base, "models": described[0]["models"], "widths": described[0].get("widths")}
+        base = {**base, "models": described[0]["models"], "widths": described[0].get("widths"),
+                "target_layers": described[0].get("target_layers")}
     failed = [x for s in shards.values() for x in s["failed"]]
     manifest = {
         **base,
@@ -180,15 +188,17 @@ def load_manifest(data_dir: str | Path, require_complete: bool = True, check_fil
     return manifest
 
 
-def iter_chunks(data_dir: str | Path, expect_teacher_forced: bool = False) -> Iterator[dict[str, Any]]:
+def iter_chunks(data_dir: str | Path, expect_teacher_forced: bool = False, expect_layers: bool = False
+                ) -> Iterator[dict[str, Any]]:
     """Yield validated chunks of a finished data folder in manifest order."""
     data_dir = Path(data_dir)
     for c in load_manifest(data_dir)["chunks"]:
-        yield load_chunk(data_dir / c["file"], expect_teacher_forced, expect_samples=int(c["num_samples"]))
+        yield load_chunk(data_dir / c["file"], expect_teacher_forced, expect_samples=int(c["num_samples"]),
+                         expect_layers=expect_layers)
 
 
 def chunk_problem(data_dir: Path, entry: dict[str, Any], hash_it: bool, load: bool = False,
-                  teacher_forced: bool = False) -> str | None:
+                  teacher_forced: bool = False, layers: bool = False) -> str | None:
     """Why the chunk a manifest or shard entry describes is not as recorded (None when it is): missing,
     another size, (with `hash_it`) no recorded SHA-256 or another one, (with `load`) unreadable or another
     sample count. Every entry `write_chunk` makes has a SHA-256: one without cannot be checked, so it counts."""
@@ -203,7 +213,7 @@ def chunk_problem(data_dir: Path, entry: dict[str, Any], hash_it: bool, load: bo
         return "SHA-256 differs from the recorded one (damaged)"
     if load:
         try:
-            load_chunk(f, teacher_forced, mmap=True, expect_samples=int(entry["num_samples"]))
+            load_chunk(f, teacher_forced, mmap=True, expect_samples=int(entry["num_samples"]), expect_layers=layers)
         except UserError as err:
             return first_line(err, 400).removeprefix(str(f)).removeprefix(":").strip()
     return None
@@ -232,7 +242,8 @@ def verify_folder(data_dir: str | Path) -> list[str]:
             continue
         sound.append(entry)
         why = chunk_problem(data_dir, entry, hash_it=True, load=True,
-                            teacher_forced=bool(manifest.get("teacher_forced")))
+                            teacher_forced=bool(manifest.get("teacher_forced")),
+                            layers=manifest_layer_ids(manifest) is not None)
         if why:
             problems.append(f"{data_dir / entry['file']}: {why}")
     counted = sum(int(c["num_samples"]) for c in sound)
@@ -346,6 +357,33 @@ def check_lm_head(head: Any, path: str | Path, hidden_dim: int | None = None, ne
 # ----------------------------------------------------------------------------- pairs and streaming
 
 
+# ----------------------------------------------------------------------------- the target's layer states
+# What a data folder records about the extra layers (EAGLE-3 features): manifest["target_layers"] =
+# {"ids": [...], "num_layers": L, "rule": ..., "meaning": ...}; absent when extracted without them.
+
+
+def manifest_layer_ids(manifest: dict[str, Any]) -> tuple[int, ...] | None:
+    """The hidden-state indices of the target's layer states a data folder holds (LAYERS_KEY), None when
+    it holds none."""
+    record = manifest.get("target_layers")
+    if not isinstance(record, dict) or not record.get("ids"):
+        return None
+    return tuple(int(i) for i in record["ids"])
+
+
+def check_layer_ids(manifest: dict[str, Any], want: tuple[int, ...] | list[int], data_dir: str | Path,
+                    fix: str) -> None:
+    """Refuse (one UserError line) a data folder without the target's layer states, or with other layers than
+    `want` (an adapter that fuses layers is trained, evaluated and drafted on one set)."""
+    have = manifest_layer_ids(manifest)
+    if have is None:
+        raise UserError(f"{data_dir} holds no target layer states ('{LAYERS_KEY}'); re-extract with "
+                        f"extract_hidden_states.py --target_layers auto, or {fix}")
+    if tuple(have) != tuple(want):
+        raise UserError(f"{data_dir} holds the target's layers {list(have)} but the adapter fuses layers {list(want)}; "
+                        f"{fix}")
+
+
 PAIRS = ("free", "teacher_forced")
 
 
@@ -359,11 +397,13 @@ def select_pairs(chunk: dict[str, Any], pairs: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"unknown pairs {pairs!r}; valid: {', '.join(PAIRS)}")
 
 
-def pair_keys(pairs: str, need_drafter: bool = True) -> tuple[str, ...]:
-    """The chunk keys a pairing reads (drafter states left out when the adapter reads target states only)."""
+def pair_keys(pairs: str, need_drafter: bool = True, need_layers: bool = False) -> tuple[str, ...]:
+    """The chunk keys a pairing reads (drafter states left out when the adapter reads target states only; the
+    target's layer states only for an adapter that fuses them)."""
     drafter = ("egpt_hidden",) if pairs == "free" else (TEACHER_FORCED_KEY,)
     masks = ("egpt_mask", "vl_mask") if pairs == "free" else ("vl_mask",)
-    return (*(drafter if need_drafter else ()), "vl_hidden", "vl_tokens", *masks)
+    return (*(drafter if need_drafter else ()), "vl_hidden", *((LAYERS_KEY,) if need_layers else ()), "vl_tokens",
+            *masks)
 
 
 class ChunkStream:
@@ -377,7 +417,8 @@ class ChunkStream:
 
     A batch is a dict: `x` drafter states [B, T, D_drafter] (absent when need_drafter=False), `target`
     target states [B, T, D_target], `mask` [B, T] bool (the pairing's valid positions), `tokens` the
-    target's greedy tokens [B, T] int64, all on the CPU as stored (fp16); `to_device` moves them.
+    target's greedy tokens [B, T] int64, with need_layers=True `layers` the target's layer states
+    [B, T, K, D_target], all on the CPU as stored (fp16); `to_device` moves them.
     """
 
     def __init__(
@@ -395,6 +436,7 @@ class ChunkStream:
         target_dim: int | None = None,
         prefetch: bool = True,
         pin_memory: bool = False,
+        need_layers: bool = False,
     ):
         if pairs not in PAIRS:
             raise ValueError(f"unknown pairs {pairs!r}; valid: {', '.join(PAIRS)}")
@@ -407,8 +449,11 @@ class ChunkStream:
         self.sizes = [int(c["num_samples"]) for c in self.manifest["chunks"]]
         # Cheap (headers only, memory mapped), so a chunk that holds other than the manifest's count stops
         # the run before any output is written instead of hours in.
+        if need_layers and manifest_layer_ids(self.manifest) is None:
+            raise UserError(f"{self.data_dir} holds no target layer states ('{LAYERS_KEY}'); re-extract it with "
+                            "extract_hidden_states.py --target_layers auto")
         for path, n in zip(self.files, self.sizes, strict=True):
-            load_chunk(path, pairs == "teacher_forced", mmap=True, expect_samples=n)
+            load_chunk(path, pairs == "teacher_forced", mmap=True, expect_samples=n, expect_layers=need_layers)
         if not self.files or sum(self.sizes) == 0:
             raise UserError(f"{self.data_dir} holds no samples; extract this split first")
         if world_size > len(self.files):
@@ -417,8 +462,9 @@ class ChunkStream:
         self.pairs, self.batch_size, self.seed, self.shuffle = pairs, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.need_drafter, self.prefetch, self.pin_memory = need_drafter, prefetch, pin_memory
+        self.need_layers = need_layers
         self.dims = {"drafter": drafter_dim, "target": target_dim}
-        self.keys = pair_keys(pairs, need_drafter)
+        self.keys = pair_keys(pairs, need_drafter, need_layers)
         self.wait_s = 0.0  # time the consumer spent blocked on chunk reads (summed over epochs)
 
     @property
@@ -460,7 +506,7 @@ class ChunkStream:
     def _read(self, index: int) -> dict[str, Tensor]:
         path = self.files[index]
         chunk = load_chunk(path, expect_teacher_forced=self.pairs == "teacher_forced", mmap=True,
-                           expect_samples=self.sizes[index])
+                           expect_samples=self.sizes[index], expect_layers=self.need_layers)
         drafter, mask = select_pairs(chunk, self.pairs)
         for role, value in (("drafter", drafter), ("target", chunk["vl_hidden"])):
             want = self.dims[role]
@@ -470,6 +516,12 @@ class ChunkStream:
         out = {"target": chunk["vl_hidden"], "mask": mask, "tokens": chunk["vl_tokens"]}
         if self.need_drafter:
             out["x"] = drafter
+        if self.need_layers:
+            layers = chunk[LAYERS_KEY]
+            if layers.dim() != 4 or layers.shape[-1] != chunk["vl_hidden"].shape[-1]:
+                raise UserError(f"{path}: '{LAYERS_KEY}' is {list(layers.shape)}, expected [N, T, K, "
+                                f"{chunk['vl_hidden'].shape[-1]}]; {FIX_RERUN}")
+            out["layers"] = layers
         # reading happens here (the map is touched), in the background thread when prefetching
         return {k: v.clone() for k, v in out.items()}
 
@@ -516,12 +568,13 @@ def to_device(batch: dict[str, Tensor], device: torch.device, dtype: torch.dtype
     non_blocking = device.type == "cuda"
     out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
     keep = out["mask"].bool()[..., None]
-    for key in ("x", "target"):
+    for key in ("x", "target", "layers"):
         if key in out:
             value = out[key].to(dtype)
             if value is batch[key]:  # .to() was a no-op: do not write into the caller's tensor
                 value = value.clone()
-            out[key] = value.masked_fill_(~keep, 0.0)  # in place: 4x cheaper than masked_fill on CPU
+            where = ~keep if value.dim() == 3 else ~keep[..., None]  # layers: [B, T, K, D]
+            out[key] = value.masked_fill_(where, 0.0)  # in place: 4x cheaper than masked_fill on CPU
     out["mask"] = out["mask"].bool()
     out["tokens"] = out["tokens"].long()
     return out

@@ -34,12 +34,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from adapter_checkpoint import load_adapter
 from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, save_figure
 from cost_model import REFERENCE_PREFILL_WINDOW
-from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
+from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, rollout_problem
 from hidden_data import (
+    LAYERS_KEY,
     PAIRS,
+    check_layer_ids,
     differing_models,
     iter_chunks,
     load_lm_head,
@@ -114,11 +117,13 @@ def check_same_models(checkpoint: str, extra: dict[str, Any], manifest: dict[str
 
 
 def run_adapter(adapter: BaseAdapter, drafter: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                tokens: torch.Tensor, input_states: str = "trained", steps: int = 1) -> list[torch.Tensor]:
+                tokens: torch.Tensor, input_states: str = "trained", steps: int = 1,
+                layers: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The adapter's outputs, fed as in training (hidden_adapter.adapter_inputs): [B, T, D_target] for one
     step, or the `steps` outputs of a roll-out for next-position adapters (outs[0] is the one-step
-    output); `input_states="target"` feeds the target's states in place of the drafter's."""
-    x, kwargs = adapter_inputs(adapter, target if input_states == "target" else drafter, target, tokens)
+    output); `input_states="target"` feeds the target's states in place of the drafter's; `layers`
+    [B, T, K, D_target] the target's layer states (E3, E3E)."""
+    x, kwargs = adapter_inputs(adapter, target if input_states == "target" else drafter, target, tokens, layers)
     return draft_outputs(adapter, x, mask, steps, **kwargs)
 
 
@@ -157,7 +162,8 @@ def _evaluate_chunks(adapter: BaseAdapter, test_data: Path, pairs: str, head: to
     acc: AcceptanceAccumulator | None = None
     nxt = adapter.predicts == "next"
     limit = args.max_samples
-    for chunk in iter_chunks(test_data, expect_teacher_forced=pairs == "teacher_forced"):
+    layered = adapter.config.reads_layers
+    for chunk in iter_chunks(test_data, expect_teacher_forced=pairs == "teacher_forced", expect_layers=layered):
         drafter_all, mask_all = select_pairs(chunk, pairs)
         n = drafter_all.shape[0] if limit is None else min(drafter_all.shape[0], limit - counts["samples"])
         if acc is None:
@@ -170,8 +176,9 @@ def _evaluate_chunks(adapter: BaseAdapter, test_data: Path, pairs: str, head: to
             drafter = drafter_all[sl].to(device, torch.float32)
             target = chunk["vl_hidden"][sl].to(device, torch.float32)
             tokens = chunk["vl_tokens"][sl].to(device)
+            layers = chunk[LAYERS_KEY][sl].to(device, torch.float32) if layered else None
             outs = run_adapter(adapter, drafter, target, mask, tokens, args.input_states,
-                               steps=args.gamma_decode if nxt else 1)
+                               steps=args.gamma_decode if nxt else 1, layers=layers)
             acc.update(outs[0], target, mask, tokens)
             if nxt:
                 drafts, conf = draft_tokens(outs, head, mask, args.lm_head_batch)
@@ -348,6 +355,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{test_data} has no teacher-forced states; "
                         "extract it with --teacher_forced or pass --pairs free")
     check_same_models(args.checkpoint, extra, manifest, args.allow_model_mismatch)
+    if adapter.config.reads_layers:
+        check_layer_ids(manifest, adapter.config.target_layers, test_data,
+                        "evaluate on data extracted with the layers the adapter was trained on")
     widths = manifest.get("widths")
     if not isinstance(widths, dict) or not widths.get("target"):
         raise UserError(f"{test_data / 'manifest.json'} records no state widths (written by an older release); "

@@ -10,9 +10,10 @@ import argparse
 import os
 from pathlib import Path
 
+from adapter_checkpoint import read_adapter_config
 from clip_data import check_data_folder
 from common import UserError, check_device, read_json
-from hidden_adapter import levels, read_adapter_config
+from hidden_adapter import levels
 
 
 def check_dataset_split(dataset_dir: str | os.PathLike, split: str, questions_file: str | None = None,

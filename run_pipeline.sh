@@ -41,12 +41,14 @@ MAX_QUESTIONS=${MAX_QUESTIONS:-10}  # questions per clip (the reference: 10)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}  # answer positions (the reference: 50)
 EXTRACT_BATCH=${EXTRACT_BATCH:-16}  # extraction batch size
 CHUNK_SIZE=${CHUNK_SIZE:-500}  # samples per chunk file
-LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E"}  # adapter levels to train
+LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E E3"}  # adapter levels to train (E3E too: LEVELS="... E3E")
+TARGET_LAYERS=${TARGET_LAYERS:-auto}  # target layer states stored for E3/E3E: auto (EAGLE-3's low/mid/high), i,j,k, none
 PAIRINGS=${PAIRINGS:-"free teacher_forced"}           # pairings of the same-position levels (prefill drafting)
 DECODE_PAIRINGS=${DECODE_PAIRINGS:-teacher_forced}    # next-position levels draft after verification: teacher-forced
 TRAIN_ARGS=${TRAIN_ARGS:-"--num_epochs 4 --batch_size 64 --learning_rate 3e-3 --early_stopping 2"}  # extra flags of train_hidden_adapter.py for L1-L4
 # next-position levels train on roll-outs (a few passes per batch) and need more epochs to draft well
-DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}  # the same for L5, B1, L5F, L5E
+DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}  # the same for L5, B1, L5F, L5E, E3, E3E
+GAMMA_DECODE=${GAMMA_DECODE:-5}  # drafts per decode iteration: the decode levels' validation roll-out, evaluation, live
 TRAIN_JOBS=${TRAIN_JOBS:-2}                           # trainings side by side (one CPU thread each; 1 on GPUs)
 DRAFT_STOP=${DRAFT_STOP:-fixed,expected}              # draft-length rules of the live benchmark
 TOY_ARGS=${TOY_ARGS:-}                                # extra flags of make_toy_world.py (tests: --quick)
@@ -55,6 +57,8 @@ E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, 
 E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}  # live benchmark: extra flags
 # live benchmark configurations; on real data 'assisted' (a second full copy of the target) is left out
 E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted on real data
+DEEP_GAMMA=${DEEP_GAMMA:-8}  # a second live run of B1 and E3 at this deeper window, beside the perfect drafter ("" = none)
+DEEP_LEVELS=${DEEP_LEVELS:-"B1 E3"}  # the decode levels of that run
 
 if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
 if [ "$E2E_CONFIGS" = auto ]; then
@@ -87,11 +91,12 @@ PICKLE_FLAG=()
 [ "$ALLOW_PICKLE" = 1 ] && PICKLE_FLAG=(--allow_pickle)
 $PY preprocess_event_images.py --dataset_dir "$DATASET_DIR" "${PICKLE_FLAG[@]}"
 
-stage "3. paired hidden states of both models, every split (teacher-forced pairs included)"
+stage "3. paired hidden states of both models, every split (teacher-forced pairs and the target's E3 layers included)"
 for SPLIT in train val test; do
   launch extract_hidden_states.py --split "$SPLIT" --chunked --chunk_size "$CHUNK_SIZE" --batch_size "$EXTRACT_BATCH" \
     --quant "$QUANT" --device "$DEVICE" --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
-    --max_questions "$MAX_QUESTIONS" --max_new_tokens "$MAX_NEW_TOKENS" --teacher_forced --output_dir "$DATA/hidden/$SPLIT"
+    --max_questions "$MAX_QUESTIONS" --max_new_tokens "$MAX_NEW_TOKENS" --teacher_forced --target_layers "$TARGET_LAYERS" \
+    --output_dir "$DATA/hidden/$SPLIT"
 done
 
 stage "4. the target's LM head, for token-level metrics"
@@ -134,7 +139,7 @@ wait_one() {  # wait for the oldest running training; stop the pipeline if it fa
   else echo "error: training $name failed; see $TASKS/logs/$name.log" >&2; tail -n 5 "$TASKS/logs/$name.log" >&2; exit 1; fi
 }
 for LEVEL in $LEVELS; do
-  if is_decode_level "$LEVEL"; then LEVEL_PAIRINGS=$DECODE_PAIRINGS; LEVEL_ARGS=$DECODE_TRAIN_ARGS
+  if is_decode_level "$LEVEL"; then LEVEL_PAIRINGS=$DECODE_PAIRINGS; LEVEL_ARGS="--gamma_decode $GAMMA_DECODE $DECODE_TRAIN_ARGS"
   else LEVEL_PAIRINGS=$PAIRINGS; LEVEL_ARGS=$TRAIN_ARGS; fi
   for PAIRS in $LEVEL_PAIRINGS; do
     done_run=$(newest_run "$LEVEL" "$PAIRS")
@@ -153,7 +158,7 @@ while [ "${#PIDS[@]}" -gt 0 ]; do wait_one; done
 
 stage "8. offline acceptance of every adapter on the test split (hidden-state and token level)"
 PY=$PY TASKS=$TASKS LEVELS=$LEVELS TEST_DATA=$DATA/hidden/test LM_HEAD=$LM_HEAD OUT=$RESULTS/acceptance DEVICE=$DEVICE FORCE=$FORCE \
-  bash run_all_eval.sh
+  GAMMA_DECODE=$GAMMA_DECODE bash run_all_eval.sh
 
 stage "9. live lossless speculative decoding, measured against the target alone"
 list_runs
@@ -170,8 +175,25 @@ if fresh "$E2E_OUT/e2e_wallclock.json" || [ "$PREFILL_RUN/best_model.pt" -nt "$E
   $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
     --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
     --max_new_tokens "$MAX_NEW_TOKENS" --prefill_adapter "$PREFILL_RUN/best_model.pt" --decode_adapter "${DECODE_RUNS[@]}" \
-    --draft_stop "$DRAFT_STOP" --configs "$E2E_CONFIGS" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" $E2E_ARGS --output_dir "$E2E_OUT"
+    --draft_stop "$DRAFT_STOP" --configs "$E2E_CONFIGS" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" \
+    --gamma_decode "$GAMMA_DECODE" $E2E_ARGS --output_dir "$E2E_OUT"
 else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
+
+DEEP_RUNS=()
+for LEVEL in $DEEP_LEVELS; do r=$(newest_run "$LEVEL" teacher_forced); [ -n "$r" ] && DEEP_RUNS+=("$r/best_model.pt"); done
+DEEP_OUT=$RESULTS/e2e_deep
+if [ -n "$DEEP_GAMMA" ] && [ "${#DEEP_RUNS[@]}" -gt 0 ]; then
+  echo "-- the same heads at gamma $DEEP_GAMMA (EAGLE-3 drafts 7-8 deep): $DEEP_LEVELS beside the perfect drafter, one run"
+  if fresh "$DEEP_OUT/e2e_wallclock.json" || [ "${DEEP_RUNS[0]}" -nt "$DEEP_OUT/e2e_wallclock.json" ]; then
+    # shellcheck disable=SC2086
+    $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
+      --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
+      --max_new_tokens "$MAX_NEW_TOKENS" --decode_adapter "${DEEP_RUNS[@]}" --draft_stop fixed \
+      --configs target,decode,synthetic --synthetic_acceptance 1.0 \
+      --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" --gamma_decode "$DEEP_GAMMA" $E2E_ARGS \
+      --output_dir "$DEEP_OUT" > "$DEEP_OUT.log" 2>&1 || { tail -n 5 "$DEEP_OUT.log" >&2; exit 1; }
+  else echo "kept $DEEP_OUT/e2e_wallclock.json"; fi
+fi
 
 echo "-- offline acceptance of the same checkpoints on the live benchmark's samples (the first $E2E_SAMPLES of the test split)"
 for CKPT in "$PREFILL_RUN/best_model.pt" "${DECODE_RUNS[@]}"; do
@@ -179,7 +201,7 @@ for CKPT in "$PREFILL_RUN/best_model.pt" "${DECODE_RUNS[@]}"; do
   DEST=$RESULTS/acceptance_e2e_samples/$KEY
   if fresh "$DEST/acceptance_metrics.json" || [ "$CKPT" -nt "$DEST/acceptance_metrics.json" ]; then
     $PY measure_feature_acceptance.py --checkpoint "$CKPT" --test_data "$DATA/hidden/test" --lm_head "$LM_HEAD" \
-      --max_samples "$E2E_SAMPLES" --device "$DEVICE" --output_dir "$DEST" > /dev/null
+      --max_samples "$E2E_SAMPLES" --gamma_decode "$GAMMA_DECODE" --device "$DEVICE" --output_dir "$DEST" > /dev/null
   fi
 done
 

@@ -153,6 +153,8 @@ class SpeculativeDecoder:
         # may serve several engines).
         self._adapter_path = (gamma_decode + 1, compile) if static_cache or compile else None
         self._select_adapter_path(decode_drafter, prefill_drafter)
+        # E3's drafter reads the target's low/middle/high layer states: every target pass returns them too
+        self._layers = tuple(getattr(decode_drafter, "target_layers", ()))
         self.target, self.drafter, self.gamma = target, decode_drafter, gamma_decode
         self.prefill_drafter, self.gamma_prefill = prefill_drafter, gamma_prefill
         self.temperature, self.generator = temperature, generator
@@ -242,6 +244,8 @@ class SpeculativeDecoder:
         trace = Trace()
         target, drafter = self.target, self.drafter
         self._select_adapter_path(drafter, self.prefill_drafter)
+        if self._layers or getattr(target, "layer_ids", ()):  # per answer: engines may share the target
+            target.capture_layers(self._layers)
         out, prompt_len, pre = self._phase1(target_prompt, drafter_prompt, clock, trace.phase1)
         if out.logits.shape[0] != 1:
             raise ValueError("the engine is batch 1: pass one prompt")
@@ -251,7 +255,7 @@ class SpeculativeDecoder:
         tokens = [pre.tokens[0] if first is None else first]
         pending = pre.cut(1) if n0 else Draft([])
         trace.phase1.update(drafted=len(pre.tokens), first_accepted=n0)
-        drafter.accept(tokens, out.hidden[0, -1:])
+        drafter.accept(tokens, out.hidden[0, -1:], layers=_rows(out.layers, -1, None))
         cache = out.cache
         while tokens[-1] != self.eos and len(tokens) < max_new_tokens:
             it = Iteration(0, 0, from_prefill=bool(pending.tokens))
@@ -267,7 +271,7 @@ class SpeculativeDecoder:
             new = [*draft.tokens[:n], nxt]
             with clock.lap(it.ms, "crop"):
                 target.crop_cache(cache, prompt_len + len(tokens) + n)  # prompt + every token but the newest
-                drafter.accept(new, step.hidden[0, : n + 1])
+                drafter.accept(new, step.hidden[0, : n + 1], layers=_rows(step.layers, 0, n + 1))
             if self.eos in new:  # the answer ends at EOS: drafts accepted after it are neither kept nor counted
                 new = new[: new.index(self.eos) + 1]
             it.drafted, it.accepted, it.draft = len(draft.tokens), min(n, len(new)), draft.tokens
@@ -279,6 +283,11 @@ class SpeculativeDecoder:
         lms = {id(d.lm): d.lm for d in (drafter, self.prefill_drafter) if getattr(d, "lm", None) is not None}
         trace.foreign_tokens = sum(lm.foreign_tokens for lm in lms.values())
         return SpecOutput(tokens[:max_new_tokens], trace)
+
+
+def _rows(layers: Tensor | None, start: int, stop: int | None) -> Tensor | None:
+    """Positions [start, stop) of a pass's layer states [1, T, K, D] (None when the target returned none)."""
+    return None if layers is None else layers[0, start:stop]
 
 
 # ----------------------------------------------------------------------------------------------

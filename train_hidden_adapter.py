@@ -14,11 +14,17 @@
     python train_hidden_adapter.py --resume tasks/L5F_teacher_forced_20260101_120000
     # the specification's training of a next-position level (one teacher-forced step, no token input)
     python train_hidden_adapter.py ... --adapter_level B1 --spec_loss
+    # the EAGLE-3 head on the target's low/middle/high layers, trained EAGLE-3's way (7-step roll-out,
+    # distillation of the target's distribution, no regression)
+    python train_hidden_adapter.py ... --adapter_level E3 --rollout_steps 7 --gamma_decode 7 \
+        --regression_weight 0 --distill_weight 1
 
 Next-position levels (L5, B1, L5F, L5E) are trained by default as they draft: with the token input
 (the embedding of each position's token, from the target's frozen table in the --lm_head file), on
 roll-outs of --rollout_steps drafting steps fed their own outputs, with the LM head's cross-entropy
 beside the regression loss, and selected on the validation roll-out's accepted drafts per iteration.
+E3 and E3E read the target's layer states that extraction stored (`--target_layers`); the layers they
+fuse are the data's (its manifest), recorded in the checkpoint's config.
 
 Writes {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/: best_model.pt (load_adapter), last.pt (the
 resume state), history.json, training_curves.png, config.yaml (the resolved flags) and hf/
@@ -42,14 +48,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from adapter_hub import export_hf
+from adapter_checkpoint import load_adapter, save_adapter
+from adapter_hub import export_hf, push_hf
 from cli import RunLog, add_config_flag, read_config, run_cli
 from common import (
     UserError,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
-    first_line,
     read_json,
     resolve_device,
     safe_torch_load,
@@ -63,20 +69,29 @@ from hidden_adapter import (
     canonical_name,
     create_adapter,
     draft_outputs,
-    load_adapter,
+    level_config,
+    levels,
     rollout_problem,
-    save_adapter,
 )
-from hidden_data import PAIRS, ChunkStream, check_lm_head, differing_models, load_lm_head, model_hashes, to_device
+from hidden_data import (
+    PAIRS,
+    ChunkStream,
+    check_lm_head,
+    differing_models,
+    load_lm_head,
+    manifest_layer_ids,
+    model_hashes,
+    to_device,
+)
 from losses import LOSS_MIXES, adapter_loss, drafting_loss
 from metrics import AcceptanceAccumulator, RolloutAccumulator, draft_tokens, strict_json
+from trackers import REPORT_TO, Trackers, resolve_trackers
 
 log = logging.getLogger("xmodal_sd.train")
 STATE_FORMAT = "xmodal_sd.train_state"
 # Flags that may differ on --resume without changing the result: where and how long this process runs.
 RUNTIME_FLAGS = ("resume", "config", "device", "stop_after_epoch", "no_progress", "no_prefetch", "override",
                  "report_to", "push_to_hub", "hub_model_id")
-REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 # Higher is better for every selection metric except the loss.
 SELECT_METRICS = ("auto", "loss", "cos_mean", "accept@0.90", "token_top1", "rollout_accept")
 # Measured on the toy world (docs/TRAINING.md, "Next-position loss"): convex beats sum, and w = 1
@@ -87,10 +102,23 @@ DEFAULT_PREDICTION_WEIGHT = 1.0
 # "Training as drafting runs"): each of token input, roll-out training and the token loss adds
 # accepted drafts per iteration; these are the defaults, --spec_loss turns all of them off.
 # What a run folder written before the drafting flags existed was trained with (its config.yaml lacks them).
-PRE_DRAFTING_DEFAULTS = {"token_input": "off", "rollout_steps": 1, "token_loss_weight": 0.0}
+PRE_DRAFTING_DEFAULTS = {"token_input": "off", "rollout_steps": 1, "token_loss_weight": 0.0,
+                         "regression_weight": 1.0, "distill_weight": 0.0, "distill_topk": 0,
+                         "distill_temperature": 1.0}
 DEFAULT_ROLLOUT_STEPS = 3  # as good as 5 on the toy world at 12 epochs, for 3/5 of the cost (TRAINING.md)
 DEFAULT_ROLLOUT_DECAY = 0.8
 DEFAULT_TOKEN_LOSS_WEIGHT = 0.1
+# EAGLE-3-grade training (docs/TRAINING.md, "EAGLE-3-grade training"): the weight of the regression terms
+# (EAGLE-3 drops them: 0) and of the distillation of the target's distribution through the frozen LM head.
+# The previous recipe (regression + token loss) stays the default of the levels that read EventGPT's states
+# (L5, L5F: not measured with distillation) and of every level without an LM head ...
+DEFAULT_REGRESSION_WEIGHT = 1.0
+DEFAULT_DISTILL_WEIGHT = 0.0
+# ... while the levels that draft from the target's own states (B1, L5E, E3, E3E) default to EAGLE-3's losses,
+# which measured better for B1 and for E3 at the same roll-out and epochs (distillation of the whole
+# distribution, no regression, no token loss; TRAINING.md's ablation table).
+EAGLE3_LOSS_LEVELS = levels(predicts="next", consumes="target")
+EAGLE3_LOSS_DEFAULTS = {"regression_weight": 0.0, "distill_weight": 1.0, "token_loss_weight": 0.0}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -103,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_data", default=None, help="train split folder written by extract_hidden_states.py")
     p.add_argument("--val_data", default=None, help="validation split folder (model selection and early stopping)")
     p.add_argument("--adapter_level", default=None,
-                   help="1-7 or L1, L2, L3, L4, L5, B1, L5F, L5E (6 = L5F, 7 = L5E)")
+                   help="1-9 or L1, L2, L3, L4, L5, B1, L5F, L5E, E3, E3E (6 = L5F, 7 = L5E, 8 = E3, 9 = E3E)")
     p.add_argument("--vlm_only", action="store_true", help="train level 5 on target states only (= B1)")
     p.add_argument("--pairs", choices=PAIRS, default="teacher_forced",
                    help="drafter input: egpt_hidden (free) or egpt_hidden_tf (teacher_forced); docs/DATA_FORMAT.md")
@@ -137,7 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token_loss_weight", type=float, default=None,
                    help="weight of the cross-entropy of the target LM head's logits against the target's token at "
                         f"every roll-out step (EAGLE's classification term); default {DEFAULT_TOKEN_LOSS_WEIGHT} for "
-                        "next-position levels with --lm_head, else 0")
+                        f"next-position levels with --lm_head ({EAGLE3_LOSS_DEFAULTS['token_loss_weight']:g} for "
+                        f"{', '.join(EAGLE3_LOSS_LEVELS)}), else 0")
+    p.add_argument("--regression_weight", type=float, default=None,
+                   help="next-position levels: weight of the state-regression terms (MSE + cosine against the target "
+                        "states) at every roll-out step; 0 drops them, as EAGLE-3 does (then a token or distillation "
+                        f"loss must be on); default {EAGLE3_LOSS_DEFAULTS['regression_weight']:g} for "
+                        f"{', '.join(EAGLE3_LOSS_LEVELS)} with --lm_head, else {DEFAULT_REGRESSION_WEIGHT:g}")
+    p.add_argument("--distill_weight", type=float, default=None,
+                   help="next-position levels with --lm_head: weight of the distillation term at every roll-out step, "
+                        "KL(target's next-token distribution || the head's), both through the frozen LM head "
+                        f"(HASS / EAGLE-3's soft labels); 0 = off; default {EAGLE3_LOSS_DEFAULTS['distill_weight']:g} "
+                        f"for {', '.join(EAGLE3_LOSS_LEVELS)} with --lm_head, else {DEFAULT_DISTILL_WEIGHT:g}")
+    p.add_argument("--distill_topk", type=int, default=0,
+                   help="distill only the target's K most likely tokens (renormalised); 0 = its whole distribution")
+    p.add_argument("--distill_temperature", type=float, default=1.0,
+                   help="temperature of both distributions in the distillation term")
     p.add_argument("--gamma_decode", type=int, default=5,
                    help="drafts per iteration scored by the validation roll-out (and the most --rollout_steps "
                         "defaults to)")
@@ -243,6 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--gamma_decode and --rollout_steps must be >= 1")
     if not 0 < args.rollout_decay <= 1 or (args.token_loss_weight is not None and args.token_loss_weight < 0):
         parser.error("--rollout_decay must lie in (0, 1] and --token_loss_weight be >= 0")
+    if (args.regression_weight or 0) < 0 or (args.distill_weight or 0) < 0 or args.distill_topk < 0 \
+            or args.distill_temperature <= 0:
+        parser.error("--regression_weight, --distill_weight and --distill_topk must be >= 0, --distill_temperature > 0")
     try:
         resolve_drafting(args)
     except ValueError as err:
@@ -267,21 +313,6 @@ def resume_changes(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
 
     return {k: (parser.get_default(k), v) for k, v in vars(given).items()
             if k not in RUNTIME_FLAGS and not same(k, parser.get_default(k), v)}
-
-
-def resolve_trackers(report_to: str) -> list[str]:
-    """accelerate tracker names for --report_to; an explicit one that is not installed is refused."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    if report_to == "none":
-        return []
-    if report_to == "auto":
-        return ["tensorboard"] if available["tensorboard"] else []
-    if not available[report_to]:
-        raise ValueError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), "
-                         "or pass --report_to none")
-    return [report_to]
 
 
 LM_HEAD_NAME = "vl_lm_head.pt"  # what extract_vl_lm_head.py writes by default, beside the data folders
@@ -353,6 +384,7 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                              f"{args.level_name} always trains with the specification's alignment loss")
         args.use_token_input, args.steps, args.ce_weight = False, 1, 0.0
         args.prediction_weight, args.loss_mix = 0.5, "convex"
+        args.regression_weight, args.distill_weight = 1.0, 0.0
         if args.select_metric == "auto":  # the specification selects on the validation loss
             args.select_metric = "loss"
     else:
@@ -361,9 +393,16 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                              f"not {args.level_name}")
         args.use_token_input = nxt and args.token_input != "off"
         args.steps = (args.rollout_steps or min(DEFAULT_ROLLOUT_STEPS, args.gamma_decode)) if nxt else 1
+        # every loss weight not given: EAGLE-3's for the target-reading levels with a head, else the previous ones
+        eagle3 = nxt and has_head(args) and canonical_name(args.level_name) in EAGLE3_LOSS_LEVELS
+        defaults = EAGLE3_LOSS_DEFAULTS if eagle3 else {
+            "regression_weight": DEFAULT_REGRESSION_WEIGHT, "distill_weight": DEFAULT_DISTILL_WEIGHT,
+            "token_loss_weight": DEFAULT_TOKEN_LOSS_WEIGHT if has_head(args) else 0.0}
+        for key in ("regression_weight", "distill_weight"):
+            if getattr(args, key) is None:
+                setattr(args, key, defaults[key])
         args.ce_weight = 0.0 if not nxt else (
-            args.token_loss_weight if args.token_loss_weight is not None
-            else (DEFAULT_TOKEN_LOSS_WEIGHT if has_head(args) else 0.0))
+            args.token_loss_weight if args.token_loss_weight is not None else defaults["token_loss_weight"])
     if args.use_token_input and not has_head(args):
         if args.token_input == "on":
             raise ValueError("the token input reads the target's input embeddings from the LM head file: pass "
@@ -373,6 +412,12 @@ def resolve_drafting(args: argparse.Namespace) -> None:
                               "FILE (extract_vl_lm_head.py) for the head with the token input, which drafts better")
     if args.ce_weight > 0 and not has_head(args):
         raise ValueError("--token_loss_weight > 0 needs --lm_head")
+    if not nxt:  # same-position levels train on the alignment loss alone
+        args.regression_weight, args.distill_weight = 1.0, 0.0
+    if args.distill_weight > 0 and not has_head(args):
+        raise ValueError("--distill_weight > 0 distils the target's distribution through its LM head: pass --lm_head")
+    if nxt and args.regression_weight == 0 and args.ce_weight == 0 and args.distill_weight == 0:
+        raise ValueError("--regression_weight 0 leaves no loss: add --distill_weight or --token_loss_weight")
     if args.select_metric == "auto":
         args.select = "rollout_accept" if nxt and has_head(args) else "loss"
     else:
@@ -387,7 +432,9 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
 def drafting_record(args: argparse.Namespace) -> dict[str, Any]:
     """How a next-position level was trained, as resolved from the flags (stored in best_model.pt)."""
     return {"token_input": args.use_token_input, "rollout_steps": args.steps, "rollout_decay": args.rollout_decay,
-            "token_loss_weight": args.ce_weight, "loss_mix": args.loss_mix,
+            "token_loss_weight": args.ce_weight, "regression_weight": args.regression_weight,
+            "distill_weight": args.distill_weight, "distill_topk": args.distill_topk,
+            "distill_temperature": args.distill_temperature, "loss_mix": args.loss_mix,
             "prediction_weight": args.prediction_weight, "spec_loss": args.spec_loss, "select_metric": args.select,
             "lm_head": args.lm_head}
 
@@ -438,13 +485,16 @@ def broadcast(obj: Any, proc: Proc) -> Any:
 # ----------------------------------------------------------------------------- data and model
 
 
-def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple[ChunkStream, ChunkStream]:
-    """Streams over the train and val folders, after checking they come from the same models."""
+def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool, need_layers: bool = False
+              ) -> tuple[ChunkStream, ChunkStream]:
+    """Streams over the train and val folders, after checking they come from the same models (and, for the
+    layer-fusing levels, hold the same target layers)."""
     manifests = {}
     streams = []
     for split, folder, shuffle in (("train", args.train_data, True), ("val", args.val_data, False)):
         stream = ChunkStream(folder, pairs=args.pairs, batch_size=args.batch_size, seed=args.seed, shuffle=shuffle,
                              rank=proc.rank, world_size=proc.world_size, need_drafter=need_drafter,
+                             need_layers=need_layers,
                              prefetch=not args.no_prefetch, pin_memory=proc.device.type == "cuda")
         manifests[split] = stream.manifest
         streams.append(stream)
@@ -456,17 +506,24 @@ def open_data(args: argparse.Namespace, proc: Proc, need_drafter: bool) -> tuple
     if differing_models(train.manifest, val.manifest):
         raise UserError(f"{args.train_data} and {args.val_data} were extracted with different models "
                         f"({model_hashes(train.manifest)} vs {model_hashes(val.manifest)}); re-extract one of them")
+    if need_layers and manifest_layer_ids(train.manifest) != manifest_layer_ids(val.manifest):
+        raise UserError(f"{args.train_data} holds the target's layers {manifest_layer_ids(train.manifest)} but "
+                        f"{args.val_data} holds {manifest_layer_ids(val.manifest)}; extract both with the same "
+                        "--target_layers")
     for stream in streams:  # every chunk is checked against the manifest's widths as it is read
         stream.dims = {"drafter": tw.get("drafter"), "target": tw.get("target")}
     return train, val
 
 
-def build_adapter_for(args: argparse.Namespace, widths: dict[str, int], vocab_size: int | None = None) -> BaseAdapter:
+def build_adapter_for(args: argparse.Namespace, widths: dict[str, int], vocab_size: int | None = None,
+                      target_layers: tuple[int, ...] | None = None) -> BaseAdapter:
     if not widths.get("drafter") or not widths.get("target"):
         raise UserError(f"{args.train_data}/manifest.json records no state widths; re-extract with this release")
     extra: dict[str, Any] = {}
     if args.use_token_input:
         extra = {"token_input": True, "vocab_size": vocab_size}
+    if target_layers:  # E3, E3E fuse the layers the data holds
+        extra["target_layers"] = list(target_layers)
     return create_adapter(args.level_name, drafter_dim=widths["drafter"], target_dim=widths["target"],
                           dropout=args.dropout, prediction_weight=args.prediction_weight, **extra)
 
@@ -505,7 +562,7 @@ class Drafting(nn.Module):
 
 
 def forward(model: nn.Module, adapter: BaseAdapter, batch: dict[str, Tensor]) -> list[Tensor]:
-    x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
+    x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"], batch.get("layers"))
     return model(x, batch["mask"], **kwargs)
 
 
@@ -519,7 +576,9 @@ def loss_of(adapter: BaseAdapter, outs: list[Tensor], batch: dict[str, Tensor], 
                             prediction_weight=args.prediction_weight)
     return drafting_loss(adapter, outs[: args.steps], batch["target"], batch["mask"], tokens=batch["tokens"],
                          lm_head=head, decay=args.rollout_decay, token_loss_weight=args.ce_weight, mix=args.loss_mix,
-                         prediction_weight=args.prediction_weight)
+                         prediction_weight=args.prediction_weight, regression_weight=args.regression_weight,
+                         distill_weight=args.distill_weight, distill_topk=args.distill_topk,
+                         distill_temperature=args.distill_temperature)
 
 
 def token_key(predicts: str) -> str:
@@ -604,7 +663,7 @@ def validate(model: nn.Module, adapter: BaseAdapter, stream: ChunkStream, head: 
     steps = max(args.steps, args.gamma_decode) if roll is not None else args.steps
     for raw in stream.batches(0):
         batch = to_device(raw, proc.device)
-        x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"])
+        x, kwargs = adapter_inputs(adapter, batch.get("x"), batch["target"], batch["tokens"], batch.get("layers"))
         with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=autocast):
             outs = draft_outputs(adapter, x, batch["mask"], steps, **kwargs)
         outs = [o.float() for o in outs]
@@ -806,11 +865,12 @@ def run_epochs(ctx: dict[str, Any], args: argparse.Namespace, proc: Proc) -> dic
 def main(args: argparse.Namespace) -> dict[str, Any]:
     proc = setup_processes(args)
     set_seed(args.seed)
-    need_drafter = canonical_name(args.level_name) != "B1"
-    train, val = open_data(args, proc, need_drafter)
+    roles = level_config(args.level_name)  # what the level reads decides which keys are read
+    train, val = open_data(args, proc, roles.reads_drafter, roles.reads_layers)
     widths = train.manifest.get("widths") or {}
     head_file = load_head(args, int(widths.get("target") or 0) or None, train.manifest)
-    adapter = build_adapter_for(args, widths, head_file["vocab_size"] if head_file else None).to(proc.device)
+    adapter = build_adapter_for(args, widths, head_file["vocab_size"] if head_file else None,
+                                manifest_layer_ids(train.manifest) if roles.reads_layers else None).to(proc.device)
     problem = rollout_problem(adapter.config) if adapter.predicts == "next" else None
     if problem:  # training rolls it out (validation always does) and the engine would draft that way
         raise UserError(f"{args.train_data}: {problem}")
@@ -853,7 +913,7 @@ def train_in(run_dir: Path, args: argparse.Namespace, proc: Proc, train: ChunkSt
         state["initial_val"] = strict_json(validate(model, adapter, val, head, args, proc)[0])
     log.info("%s on %s pairs: %d train / %d val samples, %d process(es) on %s, %d steps planned, run folder %s",
              adapter, args.pairs, train.num_samples, val.num_samples, proc.world_size, proc.device, total, run_dir)
-    trackers = Trackers(args.trackers, run_dir, config_values(args), proc)
+    trackers = Trackers(args.trackers, run_dir, config_values(args), proc.is_main)
     ctx = {"adapter": adapter, "model": model, "opt": opt, "sched": sched, "state": state, "run_dir": run_dir,
            "train": train, "val": val, "head": head, "data": data_record(train, val), "trackers": trackers}
     try:
@@ -888,11 +948,11 @@ def finish(state: dict[str, Any], run_dir: Path, args: argparse.Namespace, proc:
               f"({state['stop_reason']}): val loss {best['loss']:.4f}, Accept@0.90 {best['accept@0.90']:.3f}, "
               f"{top1_text} -> {run_dir / 'best_model.pt'}")
         if args.push_to_hub:
-            result["hub_url"] = push_to_hub(run_dir / "hf", args.hub_model_id or run_dir.name)
+            result["hub_url"] = push_hf(run_dir / "hf", args.hub_model_id or run_dir.name)
     return result
 
 
-# ----------------------------------------------------------------------------- trackers and the Hub
+# ----------------------------------------------------------------------------- trackers
 
 
 def tracker_values(entry: dict[str, Any], predicts: str) -> dict[str, float]:
@@ -905,52 +965,6 @@ def tracker_values(entry: dict[str, Any], predicts: str) -> dict[str, float]:
     for key in ("loss", "cos_mean", "accept@0.90", token_key(predicts), "rollout_accept"):
         values[f"val/{key}"] = val.get(key)
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
-
-
-class Trackers:
-    """accelerate's experiment trackers, as `Accelerator(log_with=...).init_trackers` would set them up, on the
-    main process only (this script owns its processes through PartialState, not an Accelerator)."""
-
-    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], proc: Proc):
-        self.trackers: list[Any] = []
-        if not names or not proc.is_main:
-            return
-        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-        hparams = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.items()}
-        for name in names:
-            cls = LOGGER_TYPE_TO_CLASS[name]
-            tracker = (cls("tensorboard", run_dir) if cls.requires_logging_directory
-                       else cls("xmodal-sd", name=run_dir.name, dir=str(run_dir)))
-            tracker.start()
-            tracker.store_init_configuration(hparams)
-            self.trackers.append(tracker)
-        log.info("reporting per-epoch metrics to %s", ", ".join(names))
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(values, step=step)
-
-    def finish(self) -> None:
-        for tracker in self.trackers:
-            tracker.finish()
-
-
-def push_to_hub(folder: Path, repo_id: str) -> str:
-    """Upload the hf/ export (config.json, model.safetensors) to a Hub model repository; returns its URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, repo_type="model",
-                          commit_message=f"xmodal-sd adapter from {folder.parent.name}")
-    except Exception as err:  # network, login, permissions: the export is kept either way
-        raise UserError(f"cannot push {folder} to the Hub as {repo_id}: {first_line(err)}; the export is kept, "
-                        f"upload it later with `hf upload {repo_id} {folder}`") from err
-    url = f"https://huggingface.co/{repo.repo_id}"
-    print(f"pushed {folder} to {url}")
-    return url
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from adapter_checkpoint import read_adapter_config
 from cli import run_cli
 from common import UserError, read_json
-from hidden_adapter import AdapterConfig, canonical_name, read_adapter_config
+from hidden_adapter import AdapterConfig, canonical_name
 
 log = logging.getLogger("xmodal_sd.runs")
 

@@ -13,7 +13,10 @@ runner (checkpoints, quantisation, tokenizer, random weights) is in model_builde
 
 Low-level steps: `prefill`, `decode` (KV cache, dynamic or static), `crop_cache`, `lm_head_weight`,
 `teacher_forced_hidden`. Hidden states are always the last decoder layer AFTER the final RMSNorm,
-so `logits = hidden @ lm_head_weight().T` (transformers' `LlamaModel.last_hidden_state`). Also here:
+so `logits = hidden @ lm_head_weight().T` (transformers' `LlamaModel.last_hidden_state`). After
+`capture_layers(ids)` every pass (prefill, decode, verify; dynamic, static or compiled) also returns the
+decoder's states at those hidden-state indices (`StepOutput.layers`, `GenerationOutput.layers`) from the
+same forward; `eagle3_layer_ids(depth)` is EAGLE-3's low / middle / high choice. Also here:
 the release prompts and their constants, `model_description` (what manifests record about a runner)
 and `to_drafter_vocab` (target tokens made safe for the drafter's vocabulary). See docs/MODELS.md.
 
@@ -96,6 +99,7 @@ class StepOutput:
     logits: Tensor  # [B, T, V] float32 (T=1 when only the last position was asked for)
     hidden: Tensor  # [B, T, D] float32, last decoder layer after the final norm
     cache: Any  # transformers Cache (DynamicCache)
+    layers: Tensor | None = None  # [B, T, K, D] float32 at runner.layer_ids (capture_layers), else None
 
 
 @dataclass
@@ -118,6 +122,33 @@ class GenerationOutput:
     tokens: Tensor  # [B, N] long, pad_token_id after EOS (N = max_new_tokens)
     hidden: Tensor  # [B, N, D] float32; hidden[t] produced the logits that chose tokens[t]; 0 where masked
     mask: Tensor  # [B, N] bool, True up to and including EOS
+    layers: Tensor | None = None  # [B, N, K, D] float32: the states at runner.layer_ids of the same positions
+
+
+# ----------------------------------------------------------------------------------------------
+# Which layers: EAGLE-3's low, middle and high layer, scaled to a model's depth
+# ----------------------------------------------------------------------------------------------
+
+# EAGLE-3 fuses the inputs of decoder layers 2, L/2 and L-3 (for a 32-layer LLaMA: 2, 16 and 29). As fractions
+# of the depth these are 2/32, 1/2 and 29/32; `eagle3_layer_ids` applies them to any depth (rounded half up).
+EAGLE3_LAYER_FRACTIONS = (2 / 32, 1 / 2, 29 / 32)
+LAYER_IDS_MEANING = ("hidden-state index i of the target's decoder: 0 = the token embeddings (the input of layer 0), "
+                     "i = the output of decoder layer i-1 (the input of layer i), num_layers = the last layer after "
+                     "the final norm (the state the LM head reads)")
+
+
+def eagle3_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low, middle and high hidden-state indices for a decoder of `num_layers` layers (see
+    LAYER_IDS_MEANING): (2, 16, 29) at 32 layers, (0, 1, 2) for the toy world's 2. Always three distinct,
+    increasing indices in [0, num_layers] (needs num_layers >= 2)."""
+    if num_layers < 2:
+        raise ValueError(f"EAGLE-3's three layers need a decoder of at least 2 layers, got {num_layers}")
+    ids = [min(num_layers, int(f * num_layers + 0.5)) for f in EAGLE3_LAYER_FRACTIONS]
+    for i in range(1, 3):  # shallow models: keep them distinct and increasing
+        ids[i] = max(ids[i], ids[i - 1] + 1)
+    for i in (1, 0):
+        ids[i] = min(ids[i], ids[i + 1] - 1)
+    return ids[0], ids[1], ids[2]
 
 
 def spatio_temporal_pool(features: Tensor) -> Tensor:
@@ -187,6 +218,8 @@ class VLMRunner:
         self.compiled = False
         self._static: StaticKV | None = None
         self._step = self._decode_step
+        self.num_layers = int(decoder.config.num_hidden_layers)
+        self.layer_ids: tuple[int, ...] = ()  # capture_layers: extra states every pass returns
 
     # -- visual front end (subclasses) ---------------------------------------------------------
     def clip_features(self, split_dir: Path, clip: dict) -> Tensor:
@@ -233,6 +266,29 @@ class VLMRunner:
             mask[row, length - seq.shape[0]:] = 1
         return VLMInputs(inputs_embeds=embeds, attention_mask=mask)
 
+    # -- layer states from the same passes (EAGLE-3 features) ------------------------------------
+    def capture_layers(self, ids: tuple[int, ...] | list[int] = ()) -> None:
+        """From now on every pass also returns the decoder's states at hidden-state indices `ids`
+        (LAYER_IDS_MEANING) as `layers` [B, T, K, D] float32 in `ids`' order, taken from the same forward
+        through transformers' output capture (`output_hidden_states=[...]`, which also traces under
+        torch.compile); `()` stops it. Cheap to switch: the engine sets it per answer (a compiled step keeps
+        one graph per setting)."""
+        ids = tuple(int(i) for i in ids)
+        bad = [i for i in ids if not 0 <= i <= self.num_layers]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(f"layer ids must be distinct hidden-state indices in [0, {self.num_layers}] "
+                             f"({self.name} has {self.num_layers} decoder layers), got {list(ids)}")
+        self.layer_ids = ids
+
+    def _capture_kwargs(self) -> dict[str, Any]:
+        return {"output_hidden_states": list(self.layer_ids)} if self.layer_ids else {}
+
+    def _layer_states(self, out: Any) -> Tensor | None:
+        """[B, T, K, D] float32 of the captured indices from a decoder output, or None."""
+        if not self.layer_ids:
+            return None
+        return torch.stack([out.hidden_states[i] for i in self.layer_ids], dim=2).float()
+
     # -- the decoder steps -----------------------------------------------------------------------
     def _forward(
         self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any, logits_for: str
@@ -243,6 +299,7 @@ class VLMRunner:
             position_ids=position_ids,
             cache=cache,  # transformers >= 5.24 (`past_key_values=` is deprecated there, removed in 5.40)
             use_cache=cache is not None or logits_for != "none",
+            **self._capture_kwargs(),
         )
         hidden = out.last_hidden_state  # post final norm (LlamaModel applies self.norm)
         if logits_for == "all":
@@ -251,7 +308,7 @@ class VLMRunner:
             logits = self._lm_head(hidden[:, -1:]).float()
         else:
             logits = hidden.new_zeros(hidden.shape[0], 0, self.vocab_size, dtype=torch.float32)
-        return StepOutput(logits=logits, hidden=hidden.float(), cache=out.cache)
+        return StepOutput(logits=logits, hidden=hidden.float(), cache=out.cache, layers=self._layer_states(out))
 
     @staticmethod
     def _positions(attention_mask: Tensor) -> Tensor:
@@ -290,12 +347,14 @@ class VLMRunner:
                 "dtype": str(self.dtype).removeprefix("torch."), "quant": self.quant,
                 "name": ("compiled" if self.compiled else "static" if self.max_cache_len else "eager")}
 
-    def _decode_step(self, token_ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Tensor]:
-        """(logits [B, T, V] float32, hidden [B, T, D] float32) of one static-cache step; compiled as a unit."""
+    def _decode_step(self, token_ids: Tensor, mask: Tensor, positions: Tensor, cache: Any
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(logits [B, T, V] float32, hidden [B, T, D] float32, layers [B, T, K, D] float32 or None) of one
+        static-cache step; compiled as a unit (the captured layers are outputs of the same graph)."""
         out = self._decoder(inputs_embeds=self._embed(token_ids).to(self.dtype), attention_mask=mask,
-                            position_ids=positions, cache=cache, use_cache=True)
+                            position_ids=positions, cache=cache, use_cache=True, **self._capture_kwargs())
         hidden = out.last_hidden_state
-        return self._lm_head(hidden).float(), hidden.float()
+        return self._lm_head(hidden).float(), hidden.float(), self._layer_states(out)
 
     def _static_prefill(self, inputs: VLMInputs, logits_for: str) -> StepOutput:
         from transformers import StaticCache
@@ -316,7 +375,7 @@ class VLMRunner:
         kv.length, kv.pad = length, length - int(mask.sum())  # one host sync per answer
         out = self._forward(inputs.inputs_embeds.to(self.device, self.dtype), kv.mask, self._positions(mask),
                             kv.cache, logits_for)
-        return StepOutput(logits=out.logits, hidden=out.hidden, cache=kv)
+        return StepOutput(logits=out.logits, hidden=out.hidden, cache=kv, layers=out.layers)
 
     def _static_decode(self, token_ids: Tensor, kv: StaticKV) -> StepOutput:
         n = token_ids.shape[1]
@@ -326,20 +385,23 @@ class VLMRunner:
             parts = [self._static_decode(token_ids[:, i:i + self.verify_width], kv)
                      for i in range(0, n, self.verify_width)]
             return StepOutput(logits=torch.cat([p.logits for p in parts], dim=1),
-                              hidden=torch.cat([p.hidden for p in parts], dim=1), cache=kv)
+                              hidden=torch.cat([p.hidden for p in parts], dim=1), cache=kv,
+                              layers=None if parts[0].layers is None else torch.cat([p.layers for p in parts], dim=1))
         width = self.verify_width if 1 < n < self.verify_width else n
         if width > n:  # pad to the one verify shape; the pad positions are rolled back below
             token_ids = torch.cat([token_ids, token_ids.new_full((1, width - n), self.pad_token_id)], dim=1)
         if kv.length + width > self.max_cache_len:
             raise UserError(f"the static cache of {self.max_cache_len} positions is full (raise --max_cache_len)")
         positions = torch.arange(kv.length - kv.pad, kv.length - kv.pad + width, device=self.device)[None]
-        logits, hidden = self._step(token_ids, kv.mask, positions, kv.cache)
+        logits, hidden, layers = self._step(token_ids, kv.mask, positions, kv.cache)
         if self.compiled:  # CUDA-graph outputs are overwritten by the next replay; callers keep these
             logits, hidden = logits.clone(), hidden.clone()
+            layers = None if layers is None else layers.clone()
         if width > n:
             kv.cache.crop(n - width)
         kv.length += n
-        return StepOutput(logits=logits[:, :n], hidden=hidden[:, :n], cache=kv)
+        return StepOutput(logits=logits[:, :n], hidden=hidden[:, :n], cache=kv,
+                          layers=None if layers is None else layers[:, :n])
 
     @torch.no_grad()
     def prefill(self, inputs: VLMInputs, logits_for: str = "all") -> StepOutput:
@@ -412,8 +474,10 @@ class VLMRunner:
         tokens = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=self.device)
         hidden = torch.zeros(batch, max_new_tokens, self.hidden_size, device=self.device)
         valid = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=self.device)
+        layers = (torch.zeros(batch, max_new_tokens, len(self.layer_ids), self.hidden_size, device=self.device)
+                  if self.layer_ids else None)
         if max_new_tokens <= 0:
-            return GenerationOutput(tokens=tokens, hidden=hidden, mask=valid)
+            return GenerationOutput(tokens=tokens, hidden=hidden, mask=valid, layers=layers)
         step = self.prefill(inputs, logits_for="last")
         mask = inputs.attention_mask.to(self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -422,13 +486,15 @@ class VLMRunner:
             next_tok = step.logits[:, -1].argmax(-1)
             tokens[:, t] = torch.where(alive, next_tok, self.pad_token_id)
             hidden[:, t] = step.hidden[:, -1] * alive[:, None]
+            if layers is not None:
+                layers[:, t] = step.layers[:, -1] * alive[:, None, None]
             valid[:, t] = alive
             done |= next_tok == self.eos_token_id
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
             step = self.decode(tokens[:, t : t + 1], step.cache, mask)
-        return GenerationOutput(tokens=tokens, hidden=hidden, mask=valid)
+        return GenerationOutput(tokens=tokens, hidden=hidden, mask=valid, layers=layers)
 
     @torch.no_grad()
     def teacher_forced_hidden(self, inputs: VLMInputs, tokens: Tensor, mask: Tensor) -> Tensor:

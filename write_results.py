@@ -18,9 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adapter_checkpoint import load_adapter
 from cli import run_cli
 from common import UserError, atomic_write_bytes, markdown_table, read_json
-from hidden_adapter import ADAPTER_NAMES, count_parameters, load_adapter
+from hidden_adapter import ADAPTER_NAMES, count_parameters
 from metrics import acceptance_results
 from training_runs import newest_runs
 
@@ -400,15 +401,19 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
              "of every drafted position (one EventGPT 7B step per draft, the specification's lockstep); L5 reads "
              "EventGPT's states of the verified text.", "")
     rows = []
+    perfect = (live["configs"].get("synthetic_p1") or {}).get("speedup") or {}
     for name, c in live["configs"].items():
         if (c.get("drafting") or {}).get("kind") != "decode" or "tokens_per_verify" not in c:
             continue
         pos = list((c.get("per_position_acceptance") or {}).values())
+        share = c["speedup"]["median"] / perfect["median"] if perfect.get("median") and c.get("speedup") else None
         rows.append([name, num(c["tokens_per_verify"]), ", ".join(num(v) for v in pos) or "-",
-                     num(c.get("drafted_per_iteration")), span(c.get("speedup")),
+                     num(c.get("drafted_per_iteration")), span(c.get("speedup")), num(share),
                      num(c.get("modelled_speedup_reference"))])
     page.add(markdown_table(["config", "tokens/verify", "drafts 1..k all accepted, k = 1..gamma", "drafted/iter",
-                             "speed-up here (measured)", "modelled, H200 7B profile"], rows), "")
+                             "speed-up here (measured)", "share of the perfect drafter's (synthetic_p1)",
+                             "modelled, H200 7B profile"], rows), "")
+    eagle3_paragraph(page, live, acc)
     b1, l5e = acc.get(("B1", "teacher_forced")), acc.get(("L5E", "teacher_forced"))
     if b1 and l5e:
         def fig(entry: tuple[Path, dict[str, Any]]) -> float | None:
@@ -421,6 +426,60 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
                  f"per iteration ({'-' if fb is None or fe is None else f'{fe - fb:+.2f}'}); live on the benchmark's "
                  f"samples: B1 {num(lb)}, L5E {num(le)} "
                  f"({'-' if lb is None or le is None else f'{le - lb:+.2f}'}).", "")
+
+
+def eagle3_paragraph(page: Page, live: dict[str, Any], acc: dict) -> None:
+    """E3 beside B1: the EAGLE-3 features against the last-layer state, offline (whole test split) and live
+    (the benchmark's samples, the same depth), with the training each checkpoint records."""
+    b1, e3 = acc.get(("B1", "teacher_forced")), acc.get(("E3", "teacher_forced"))
+    if not (b1 and e3):
+        return
+
+    def offline(entry: tuple[Path, dict[str, Any]]) -> float | None:
+        return ((entry[1].get("drafting") or {}).get("rollout") or {}).get("live_tokens_per_verify")
+
+    def recipe(entry: tuple[Path, dict[str, Any]]) -> str:
+        d = (entry[1].get("trained") or {}).get("drafting") or {}
+        return (f"{d.get('rollout_steps')}-step roll-out, regression {d.get('regression_weight', 1.0) or 0:g}, "
+                f"distillation {d.get('distill_weight') or 0:g}, token loss {d.get('token_loss_weight') or 0:g}")
+
+    lb, le = (live_fixed_decode(live, lv).get("tokens_per_verify") for lv in ("B1", "E3"))
+    sb, se = ((live_fixed_decode(live, lv).get("speedup") or {}).get("median") for lv in ("B1", "E3"))
+    fb, fe = offline(b1), offline(e3)
+    page.add("Does the EAGLE-3 head add acceptance? E3 reads the target's low, middle and high layer states where "
+             f"B1 reads its last-layer state; B1 trained with {recipe(b1)}; E3 with {recipe(e3)}. Tokens per verify "
+             f"pass, offline roll-out on the whole test split at gamma {e3[1].get('gamma_decode')}: B1 {num(fb)}, E3 "
+             f"{num(fe)}; live on the benchmark's samples at gamma {live['gamma_decode']}: B1 {num(lb)}, E3 {num(le)} "
+             f"(speed-up here {num(sb)} and {num(se)}).", "")
+
+
+def depth_section(page: Page, live: dict[str, Any], results_dir: Path) -> None:
+    """B1 and E3 at the main run's window and at the deeper one of run_pipeline.sh's second live run (DEEP_GAMMA),
+    each beside the perfect drafter of its own run: the head's gain at equal depth, and what depth adds."""
+    f = results_dir / "e2e_deep" / "e2e_wallclock.json"
+    if not f.is_file():
+        return
+    deep = read_json(f, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
+    rows = []
+    for run in (live, deep):
+        perfect = ((run["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
+        for level in (d["level"] for c in deep["configs"].values() if (d := (c.get("drafting") or {}).get("decode"))):
+            c = live_fixed_decode(run, level)
+            if not c.get("tokens_per_verify"):
+                continue
+            share = c["speedup"]["median"] / perfect if perfect and c.get("speedup") else None
+            pos = list((c.get("per_position_acceptance") or {}).values())
+            rows.append([level, str(run["gamma_decode"]), num(c["tokens_per_verify"]),
+                         ", ".join(num(v) for v in pos) or "-", span(c.get("speedup")), num(share),
+                         num(c.get("modelled_speedup_reference"))])
+    page.add("## Draft depth: the decode heads at two windows", "",
+             f"The heads of `{f.parent.name}` drafted again in a second live run at gamma {deep['gamma_decode']} "
+             "(fixed windows, the same samples), each run with its own perfect drafter (synthetic_p1): at equal "
+             "depth the difference is the head's; between the windows, what depth adds.", "")
+    page.add(markdown_table(["level", "gamma", "tokens/verify", "drafts 1..k all accepted", "speed-up here (measured)",
+                             "share of the perfect drafter's", "modelled, H200 7B profile"], rows))
+    page.source(f, deep["command"])
+    page.add("")
 
 
 def same_file(a: str | None, b: str | None) -> bool:
@@ -493,6 +552,19 @@ def main(args: argparse.Namespace) -> Path:
                  f"{top[1]['tokens_per_verify']:.2f} tokens per verify pass, its first three drafts all accepted in "
                  f"{third} of iterations. Under the measured H200 7B profile the best trained configuration, "
                  f"`{modelled[0]}`, is modelled at {num(modelled[1].get('modelled_speedup_reference'))}x.", "")
+    deep_file = results_dir / "e2e_deep" / "e2e_wallclock.json"
+    if deep_file.is_file():
+        deep = read_json(deep_file, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
+        heads = [(k, c) for k, c in deep["configs"].items() if (c.get("drafting") or {}).get("kind") == "decode"
+                 and c.get("tokens_per_verify")]
+        best_deep = max(heads, key=lambda kc: kc[1]["tokens_per_verify"], default=None)
+        perfect = ((deep["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
+        if best_deep and perfect:
+            c = best_deep[1]
+            page.add(f"**At gamma {deep['gamma_decode']} (the second live run, \"Draft depth\"):** `{best_deep[0]}` at "
+                     f"{c['tokens_per_verify']:.2f} tokens per verify pass, {span(c['speedup'])} the target alone, "
+                     f"{c['speedup']['median'] / perfect:.2f} of the perfect drafter's speed-up in that run; "
+                     f"modelled under the H200 7B profile at {num(c.get('modelled_speedup_reference'))}x.", "")
     lookup = prompt_lookup_text(live)
     if lookup:
         page.add(lookup, "")
@@ -503,6 +575,7 @@ def main(args: argparse.Namespace) -> Path:
     two_phase_section(page, results_dir, args.world)
     live_section(page, results_dir)
     decode_section(page, live, acc)
+    depth_section(page, live, results_dir)
     gap_section(page, live, acc, results_dir)
     benchmarks_section(page, results_dir)
     atomic_write_bytes(("\n".join(page.lines).rstrip() + "\n").encode(), out)

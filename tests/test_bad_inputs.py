@@ -92,7 +92,8 @@ def test_a_missing_video_stops_the_live_benchmark_in_one_line(world, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty"])
 def test_a_damaged_best_model_is_one_clear_line(world, tmp_path, damage):
-    from hidden_adapter import create_adapter, save_adapter
+    from adapter_checkpoint import save_adapter
+    from hidden_adapter import create_adapter
 
     good = tmp_path / "good.pt"
     save_adapter(good, create_adapter("B1", 64))

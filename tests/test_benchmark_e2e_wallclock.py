@@ -15,8 +15,9 @@ import torch
 
 import benchmark_e2e_wallclock as bench
 import speculative_decoding as sd
+from adapter_checkpoint import save_adapter
 from common import UserError
-from hidden_adapter import create_adapter, save_adapter
+from hidden_adapter import create_adapter
 from vlm_runners import video_llava_prompt
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,10 +19,11 @@ import extract_hidden_states as ehs
 import extract_vl_lm_head as evl
 import measure_feature_acceptance as mfa
 import preprocess_event_images as pei
+from adapter_checkpoint import save_adapter
 from cli import parse_with_config
 from common import UserError
 from cost_model import PREFILL_WINDOW_CAP, REFERENCE_PREFILL_WINDOW
-from hidden_adapter import create_adapter, save_adapter
+from hidden_adapter import create_adapter
 from preflight import preflight
 from tests.conftest import ROOT
 

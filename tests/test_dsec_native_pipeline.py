@@ -16,8 +16,8 @@ import make_toy_world
 import prepare_dsec_index as prep
 import preprocess_event_images as pei
 import train_hidden_adapter as tha
+from adapter_checkpoint import load_adapter
 from clip_data import check_data_folder, load_index, load_questions
-from hidden_adapter import load_adapter
 from hidden_data import load_manifest
 from toy_dataset import question_texts
 

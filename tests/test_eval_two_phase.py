@@ -107,7 +107,7 @@ def test_decode_adapters_are_scored_by_their_rollout_unless_asked(tmp_path):
 
 def test_missing_inputs_and_bad_configs(tmp_path):
     profile = write_profile(tmp_path)
-    with pytest.raises(UserError, match="no acceptance result for B1, L1, L2, L3, L4, L5, L5E, L5F in"):
+    with pytest.raises(UserError, match="no acceptance result for B1, E3, L1, L2, L3, L4, L5, L5E, L5F in"):
         etp.main(etp.parse_args(["--acceptance_dir", str(tmp_path), "--timings", str(profile),
                                  "--output_dir", str(tmp_path / "o")]))
     assert etp.parse_config("L3+none") == ("L3", None)
@@ -127,7 +127,8 @@ def tiny_tasks(tmp_path_factory):
     of L1_free (the newer by its recorded start must be chosen, whatever the folders are called), and a
     folder that is not a run (ignored, counted). Level and pairing are read from the checkpoints, so the
     folder names say nothing."""
-    from hidden_adapter import create_adapter, save_adapter
+    from adapter_checkpoint import save_adapter
+    from hidden_adapter import create_adapter
     from tests.test_measure_feature_acceptance import MODELS, D, write_test_data
 
     root = tmp_path_factory.mktemp("tiny_eval")

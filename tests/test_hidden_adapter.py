@@ -6,16 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adapter_checkpoint import load_adapter, save_adapter
 from common import UserError
-from hidden_adapter import (
-    ADAPTER_NAMES,
-    canonical_name,
-    count_parameters,
-    create_adapter,
-    load_adapter,
-    save_adapter,
-    summary_rows,
-)
+from hidden_adapter import ADAPTER_NAMES, canonical_name, count_parameters, create_adapter, summary_rows
 from losses import adapter_loss, alignment_loss, masked_cosine_loss, masked_mse
 
 D = 32  # toy width: divisible by 8 heads
@@ -81,7 +74,7 @@ def test_factory_accepts_levels_and_names(level, name):
     assert create_adapter(level, D).config.name == name
 
 
-@pytest.mark.parametrize("bad", ["L7", 0, 8, "foo", "", None, True, 2.0])
+@pytest.mark.parametrize("bad", ["L7", 0, 10, "foo", "", None, True, 2.0])
 def test_factory_rejects_unknown_levels_and_lists_valid_names(bad):
     with pytest.raises(ValueError, match="L1, L2, L3, L4, L5, B1, L5F, L5E"):
         create_adapter(bad)
@@ -138,6 +131,8 @@ def test_what_each_level_reads_is_said_in_words():
     assert "h_target = Video-LLaVA's states" in make("L5F").reads()
     assert "context = EventGPT's prompt-end state" in make("L5E").reads()
     assert "token_ids" in make("B1", token_input=True).reads()
+    assert "states at layers [2, 16, 29]" in make("E3").reads()
+    assert "context = EventGPT's prompt-end state" in make("E3E").reads()
 
 
 @pytest.mark.parametrize("name", ADAPTER_NAMES)

@@ -25,9 +25,11 @@ D, T, V = 16, 6, 20
 
 
 def make_split(out: Path, num_samples: int, chunk_size: int, *, seed: int = 0, dim: int = D, t: int = T,
-               pad_value: float = 0.0, target_hash: str = "bbbb") -> Path:
+               pad_value: float = 0.0, target_hash: str = "bbbb", layers: bool = True) -> Path:
     """A finished data folder in the extraction format: target states are a fixed nonlinear map of the
-    drafter states (learnable), tokens are the argmax of the `write_head` LM head, answers of varied length."""
+    drafter states (learnable), tokens are the argmax of the `write_head` LM head, answers of varied length.
+    With `layers` also the target's states at three layers (ids 0, 1, 2 of a 2-layer target: the drafter-like
+    input, a middle map, and the last state itself), as extraction's --target_layers stores them."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(dim, dim, generator=torch.Generator().manual_seed(99)) / dim**0.5
     head = torch.randn(V, dim, generator=torch.Generator().manual_seed(98))
@@ -51,6 +53,9 @@ def make_split(out: Path, num_samples: int, chunk_size: int, *, seed: int = 0, d
             "egpt_mask": eg_mask, "vl_mask": vl_mask,
             "question_idx": torch.zeros(n, dtype=torch.int32),
         }
+        if layers:
+            stack = torch.stack([egpt, torch.tanh(egpt @ mix), vl], dim=2)  # [n, t, 3, dim]
+            tensors["vl_layers"] = stack.masked_fill(~vl_mask[..., None, None], pad_value).half()
         ids = [f"seq/{done + i}#q0" for i in range(n)]
         entries.append(write_chunk(out / chunk_name(0, len(entries)), tensors, ids, [i.split("#")[0] for i in ids]))
         done += n
@@ -60,6 +65,7 @@ def make_split(out: Path, num_samples: int, chunk_size: int, *, seed: int = 0, d
         "widths": {"drafter": dim, "target": dim},
         "models": {"drafter": {"config_hash": "aaaa", "hidden_size": dim},
                    "target": {"config_hash": target_hash, "hidden_size": dim}},
+        **({"target_layers": {"ids": [0, 1, 2], "num_layers": 2}} if layers else {}),
     }, out / "manifest.json")
     return out
 

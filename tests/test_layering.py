@@ -15,11 +15,11 @@ from tests.conftest import ROOT
 # Library modules by layer: a module may import only from lower layers (docs/ARCHITECTURE.md draws this).
 LAYERS: dict[str, int] = {
     "common": 0,
-    "cli": 1, "timing": 1,
+    "cli": 1, "timing": 1, "trackers": 1,
     "clip_data": 2, "adapter_layers": 2, "losses": 2, "metrics": 2,
     "event_frames": 3, "hidden_adapter": 3,
-    "hidden_data": 4, "adapter_hub": 4, "cost_model": 4, "preflight": 4, "training_runs": 4,
-    "vlm_runners": 5,
+    "hidden_data": 4, "adapter_checkpoint": 4, "adapter_hub": 4, "cost_model": 4,
+    "preflight": 5, "training_runs": 5, "vlm_runners": 5,
     "model_builders": 6,
     "drafters": 7,
     "speculative_decoding": 8,

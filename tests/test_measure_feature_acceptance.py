@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import measure_feature_acceptance as mfa
+from adapter_checkpoint import save_adapter
 from common import UserError, atomic_torch_save, atomic_write_json
-from hidden_adapter import create_adapter, save_adapter
+from hidden_adapter import create_adapter
 from hidden_data import FORMAT_VERSION, MANIFEST_FORMAT, differing_models, model_hashes, write_chunk
 from tests.conftest import ROOT
 

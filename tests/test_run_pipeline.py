@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS, load_adapter
+from adapter_checkpoint import load_adapter
+from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS
 from tests.conftest import ROOT
+
+# the levels run_pipeline.sh trains by default (its LEVELS line)
+LEVELS = tuple(re.search(r'^LEVELS=\$\{LEVELS:-"([^"]+)"\}', (ROOT / "run_pipeline.sh").read_text(), re.M)
+               .group(1).split())
+assert set(LEVELS) <= set(ADAPTER_NAMES), LEVELS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +56,7 @@ def pairings(level: str) -> tuple[str, ...]:
 @pytest.mark.slow
 def test_every_adapter_is_trained_and_evaluated(pipeline):
     tmp, _ = pipeline
-    for level in ADAPTER_NAMES:
+    for level in LEVELS:
         for pairs in pairings(level):
             runs = sorted((tmp / "tasks").glob(f"{level}_{pairs}_*"))
             assert len(runs) == 1, (level, pairs, runs)
@@ -84,7 +91,7 @@ def test_live_benchmark_two_phase_and_report(pipeline):
     assert {"target", "synthetic_p1"} <= set(live["configs"])
     assert any(k.startswith("two_phase[") for k in live["configs"])
     # every decode drafter under both draft-length rules, with the H200 7B profile's modelled speed-up beside
-    for level in ("B1", "L5E", "L5F", "L5"):
+    for level in ("B1", "L5E", "L5F", "L5", "E3"):
         for name in (f"decode[{level}]", f"decode[{level},expected]"):
             assert finite_in(live["configs"][name]["modelled_speedup_reference"], 0.01, 100.0), name
     for name, c in live["configs"].items():
@@ -92,21 +99,26 @@ def test_live_benchmark_two_phase_and_report(pipeline):
     assert live["configs"]["synthetic_p1"]["accepted_per_iteration"] > live["configs"]["synthetic_p0.5"][
         "accepted_per_iteration"]
     assert (res / "e2e" / "e2e_wallclock.png").read_bytes()[:8] == PNG
+    deep = json.loads((res / "e2e_deep" / "e2e_wallclock.json").read_text())  # B1 and E3 at DEEP_GAMMA
+    assert deep["gamma_decode"] == 8 and deep["lossless_checked"] is True
+    assert {c["drafting"]["decode"]["level"] for c in deep["configs"].values()
+            if c["drafting"]["kind"] == "decode"} == {"B1", "E3"}
     for label in ("toy", "toy_concurrent", "reference_inputs"):
         two = json.loads((res / "two_phase" / f"two_phase_results_{label}.json").read_text())
         assert len(two["profiles"]) == 4  # the three shipped profiles + the one measured live
         for profile in two["profiles"]:
-            assert len(profile["configs"]) == (6 if label == "reference_inputs" else 9)
+            assert len(profile["configs"]) == (6 if label == "reference_inputs" else 10)  # + E3
             for cfg in profile["configs"]:
                 assert finite_in(cfg["honest"]["speedup"], 0.01, 100.0)
                 assert finite_in(cfg["reference"]["speedup"], 0.01, 100.0)
     report = (res / "RESULTS.md").read_text()
     for heading in ("## Data", "## Adapters: offline acceptance", "## Free pairs vs teacher-forced pairs",
                     "## Training", "## Two-phase estimates", "## Live speculative decoding (measured)",
-                    "## Decode drafters", "## Offline vs live acceptance", "Do the events add acceptance?"):
+                    "## Decode drafters", "## Offline vs live acceptance", "Do the events add acceptance?",
+                    "## Draft depth: the decode heads at two windows", "Does the EAGLE-3 head add acceptance?"):
         assert heading in report
     assert "nan" not in report.lower().split() and "None" not in report
-    for level in ADAPTER_NAMES:
+    for level in LEVELS:
         assert f"| {level} " in report
     for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (res / link).is_file(), link
@@ -117,10 +129,10 @@ def test_rerun_skips_finished_work(pipeline):
     tmp, _ = pipeline
     again = run_pipeline(tmp)
     assert again.returncode == 0, again.stderr[-3000:]
-    trained = sum(len(pairings(level)) for level in ADAPTER_NAMES)
+    trained = sum(len(pairings(level)) for level in LEVELS)
     assert again.stdout.count("kept ") >= trained + 3  # every trained run, two benchmarks, the live benchmark
     assert "up to date" in again.stdout
-    for level in ADAPTER_NAMES:
+    for level in LEVELS:
         for pairs in pairings(level):
             assert len(list((tmp / "tasks").glob(f"{level}_{pairs}_*"))) == 1
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hidden_adapter import read_adapter_config
+from adapter_checkpoint import read_adapter_config
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -15,12 +15,14 @@ import torch
 import yaml
 
 import train_hidden_adapter as tha
+from adapter_checkpoint import load_adapter
 from adapter_hub import load_hf
 from common import UserError
-from hidden_adapter import ADAPTER_NAMES, adapter_inputs, load_adapter
+from hidden_adapter import ADAPTER_NAMES, adapter_inputs
 from hidden_data import ChunkStream, chunk_name, load_chunk, select_pairs
 from tests.conftest import ROOT
 from tests.test_hidden_data import D, make_split, write_head
+from trackers import resolve_trackers
 
 CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
@@ -85,7 +87,9 @@ def test_run_folder_files_and_checkpoint_description(data, tmp_path):
     # the validation roll-out; the checkpoint says so and carries the draft-length calibration
     assert adapter.config.token_input and extra["drafting"] == {
         "token_input": True, "rollout_steps": tha.DEFAULT_ROLLOUT_STEPS, "rollout_decay": tha.DEFAULT_ROLLOUT_DECAY,
-        "token_loss_weight": tha.DEFAULT_TOKEN_LOSS_WEIGHT, "loss_mix": tha.DEFAULT_LOSS_MIX,
+        "token_loss_weight": tha.DEFAULT_TOKEN_LOSS_WEIGHT, "regression_weight": tha.DEFAULT_REGRESSION_WEIGHT,
+        "distill_weight": tha.DEFAULT_DISTILL_WEIGHT, "distill_topk": 0, "distill_temperature": 1.0,
+        "loss_mix": tha.DEFAULT_LOSS_MIX,
         "prediction_weight": tha.DEFAULT_PREDICTION_WEIGHT, "spec_loss": False, "select_metric": "rollout_accept",
         "lm_head": str(data / "head.pt")}
     cal = extra["draft_calibration"]
@@ -304,8 +308,15 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     base = ["--train_data", str(data / "train"), "--val_data", str(data / "val"), "--output_dir", str(tmp_path)]
     head = ["--lm_head", str(data / "head.pt")]
     a = tha.parse_args([*base, *head, "--adapter_level", "B1"])
-    assert (a.use_token_input, a.steps, a.ce_weight, a.select) == (True, 3, tha.DEFAULT_TOKEN_LOSS_WEIGHT,
-                                                                    "rollout_accept")
+    assert (a.use_token_input, a.steps, a.select) == (True, 3, "rollout_accept")
+    # the target-reading levels default to EAGLE-3's losses, the EventGPT-reading ones to the previous recipe
+    assert (a.regression_weight, a.distill_weight, a.ce_weight) == (0.0, 1.0, 0.0)
+    for level in ("L5", "L5F"):
+        b = tha.parse_args([*base, *head, "--adapter_level", level])
+        assert (b.regression_weight, b.distill_weight, b.ce_weight) == (1.0, 0.0, tha.DEFAULT_TOKEN_LOSS_WEIGHT)
+    given = tha.parse_args([*base, *head, "--adapter_level", "E3", "--regression_weight", "0.5",
+                            "--token_loss_weight", "0.1"])  # a weight given wins; the others keep their default
+    assert (given.regression_weight, given.distill_weight, given.ce_weight) == (0.5, 1.0, 0.1)
     s = tha.parse_args([*base, *head, "--adapter_level", "B1", "--spec_loss"])
     assert (s.use_token_input, s.steps, s.ce_weight, s.prediction_weight, s.loss_mix, s.select) == (
         False, 1, 0.0, 0.5, "convex", "loss")
@@ -315,6 +326,9 @@ def test_drafting_flags_resolve_per_level_and_spec_loss_restores_the_specificati
     assert (bare.use_token_input, bare.steps, bare.ce_weight, bare.select) == (False, 2, 0.0, "loss")
     spec = tha.parse_args([*base, "--adapter_level", "B1"])  # no LM head anywhere: the specification's head
     assert (spec.use_token_input, spec.ce_weight, spec.select) == (False, 0.0, "loss")
+    assert (spec.regression_weight, spec.distill_weight) == (1.0, 0.0)  # no head: no distillation either
+    b1_spec = tha.parse_args([*base, *head, "--adapter_level", "B1", "--spec_loss"])
+    assert (b1_spec.regression_weight, b1_spec.distill_weight, b1_spec.ce_weight) == (1.0, 0.0, 0.0)
     assert "no LM head" in spec.lm_head_note and "--lm_head FILE" in spec.lm_head_note
     for argv, message in (([*base, "--adapter_level", "B1", "--token_input", "on"], "--lm_head"),
                           ([*base, *head, "--adapter_level", "L2", "--token_input", "on"], "next-position"),
@@ -439,8 +453,8 @@ def test_metrics_reach_the_trackers(data, tmp_path, monkeypatch):
 def test_report_to_an_uninstalled_tracker_is_refused(data, tmp_path, capsys):
     from accelerate.utils import is_tensorboard_available
 
-    assert tha.resolve_trackers("none") == []
-    assert tha.resolve_trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
+    assert resolve_trackers("none") == []
+    assert resolve_trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
     if is_tensorboard_available():
         pytest.skip("tensorboard is installed")
     with pytest.raises(SystemExit):

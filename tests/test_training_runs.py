@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import training_runs
-from hidden_adapter import create_adapter, save_adapter
+from adapter_checkpoint import save_adapter
+from hidden_adapter import create_adapter
 from tests.conftest import ROOT
 
 

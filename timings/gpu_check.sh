@@ -8,8 +8,9 @@
 # failed. STEPS picks the steps, run in the order below whatever order STEPS names them. One device
 # command may run 10 minutes and a session has 15 device minutes, machine start included, so one call
 # holds STEPS="compile tests" (the issue's done-when figures; typically 6-8 min) and the rest waits for
-# a later session: STEPS="adapters int4_ao", then STEPS="eager static int8_ao". On the lent GPU machine
-# first run timings/gpu_wheels.sh here and carry .whl with the checkout.
+# a later session: STEPS="adapters int4_ao", then STEPS="eager static int8_ao". STEPS="eagle3" runs the
+# EAGLE-3 heads' steps (eagle3_step, eagle3_live, eagle3_tests: about 8 min, one call of its own). On the lent
+# GPU machine first run timings/gpu_wheels.sh here and carry .whl with the checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=../shell_help.sh
@@ -18,7 +19,7 @@ source ./shell_help.sh && shell_help timings/gpu_check.sh "${1:-}"  # --help: se
 # torch and an older transformers; the wheels from timings/gpu_wheels.sh, carried as .whl/, go on top).
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # the venv's python, else python3
 RESULTS=${RESULTS:-${1:-results/gpu_check}}  # results folder (also the first argument)
-STEPS=${STEPS:-"compile tests adapters int4_ao eager static int8_ao"}  # steps to run (see the header)
+STEPS=${STEPS:-"compile tests adapters int4_ao eager static int8_ao eagle3"}  # steps to run (see the header)
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check: installing the carried wheels failed"; exit 1; }
@@ -44,7 +45,7 @@ pack() {  # the profiles measured so far into timings/ and RESULTS/profiles/, th
 
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
-  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  case " $STEPS " in *" $name "*|*" ${name%%_*} "*) ;; *) return 0 ;; esac  # eagle3 = eagle3_*
   echo "== $name (timeout ${limit}s): $*"
   local start=$SECONDS
   if timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"; then echo "== $name ok in $((SECONDS - start)) s"
@@ -87,6 +88,17 @@ step eager 180 "${BENCH[@]}" "${PLAIN[@]}" --synthetic_cost_ms 1.3 --output_dir 
 step static 180 "${BENCH[@]}" "${PLAIN[@]}" --static_cache --synthetic_cost_ms 1.3 --output_dir "$RESULTS/fp16_static"
 step int8_ao 240 "${BENCH[@]}" "${PLAIN[@]}" --compile --quant int8_ao --synthetic_cost_ms B1 \
   --output_dir "$RESULTS/fp16_int8_ao_compiled"
+
+# 8. the EAGLE-3 heads (issue 27), one call: E3's draft step against B1's at width 4096 on the compiled path
+# (a drafted position reads the head's own output, so it should cost B1's); E3 and B1 drafting live at 7B
+# shape on the compiled path (random weights: read the rows as costs), whose profile records what returning the
+# target's three layer states (2, 16, 29) adds to a verify pass (verify_layers_extra_ms, in its notes too); and
+# the CUDA tests of the layer states (compiled CUDA-graph step equal to a full forward; E3 lossless there).
+step eagle3_step 150 $PY benchmark_adapter_latency.py --device cuda --dtype fp16 --levels B1 E3 E3E --compile \
+  --output "$RESULTS/eagle3_adapter_latency_compiled.json"
+step eagle3_live 300 "${BENCH[@]}" --compile --random_adapters --decode_adapter B1 E3 --configs target,decode \
+  --max_samples 2 --repeats 1 --warmup 1 --output_dir "$RESULTS/fp16_compiled_eagle3"
+step eagle3_tests 120 $PY -m pytest -q -x tests/test_eagle3.py -k cuda
 
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed steps: ${failed[*]}"; exit 1; fi
 echo "gpu_check: all steps passed; results in $RESULTS and $RESULTS.tar.gz, profiles in timings/"
