@@ -49,6 +49,7 @@ STEP_KIND = {
     "L4": "full 6-position rerun (bidirectional)",
     "L5": "incremental step after 5 cached positions", "B1": "incremental step after 5 cached positions",
     "L5F": "incremental step after 5 cached positions", "L5E": "incremental step after 5 cached positions",
+    "E3": "incremental step after 5 cached positions", "E3E": "incremental step after 5 cached positions",
 }
 
 
