@@ -390,6 +390,12 @@ def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) 
              "rows: free tokens within the window.", "")
 
 
+def share_of_perfect(run: dict[str, Any], c: dict[str, Any]) -> float | None:
+    """A configuration's measured speed-up as a share of its own run's perfect drafter's (synthetic_p1)."""
+    perfect = ((run["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
+    return c["speedup"]["median"] / perfect if perfect and c.get("speedup") else None
+
+
 def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
     """The decode drafters side by side: what they accept along the window, what it buys, events or not."""
     page.add("## Decode drafters", "",
@@ -401,14 +407,12 @@ def decode_section(page: Page, live: dict[str, Any], acc: dict) -> None:
              "of every drafted position (one EventGPT 7B step per draft, the specification's lockstep); L5 reads "
              "EventGPT's states of the verified text.", "")
     rows = []
-    perfect = (live["configs"].get("synthetic_p1") or {}).get("speedup") or {}
     for name, c in live["configs"].items():
         if (c.get("drafting") or {}).get("kind") != "decode" or "tokens_per_verify" not in c:
             continue
         pos = list((c.get("per_position_acceptance") or {}).values())
-        share = c["speedup"]["median"] / perfect["median"] if perfect.get("median") and c.get("speedup") else None
         rows.append([name, num(c["tokens_per_verify"]), ", ".join(num(v) for v in pos) or "-",
-                     num(c.get("drafted_per_iteration")), span(c.get("speedup")), num(share),
+                     num(c.get("drafted_per_iteration")), span(c.get("speedup")), num(share_of_perfect(live, c)),
                      num(c.get("modelled_speedup_reference"))])
     page.add(markdown_table(["config", "tokens/verify", "drafts 1..k all accepted, k = 1..gamma", "drafted/iter",
                              "speed-up here (measured)", "share of the perfect drafter's (synthetic_p1)",
@@ -453,25 +457,21 @@ def eagle3_paragraph(page: Page, live: dict[str, Any], acc: dict) -> None:
              f"(speed-up here {num(sb)} and {num(se)}).", "")
 
 
-def depth_section(page: Page, live: dict[str, Any], results_dir: Path) -> None:
+def depth_section(page: Page, live: dict[str, Any], deep: dict[str, Any] | None, f: Path) -> None:
     """B1 and E3 at the main run's window and at the deeper one of run_pipeline.sh's second live run (DEEP_GAMMA),
     each beside the perfect drafter of its own run: the head's gain at equal depth, and what depth adds."""
-    f = results_dir / "e2e_deep" / "e2e_wallclock.json"
-    if not f.is_file():
+    if deep is None:
         return
-    deep = read_json(f, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
     rows = []
     for run in (live, deep):
-        perfect = ((run["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
         for level in (d["level"] for c in deep["configs"].values() if (d := (c.get("drafting") or {}).get("decode"))):
             c = live_fixed_decode(run, level)
             if not c.get("tokens_per_verify"):
                 continue
-            share = c["speedup"]["median"] / perfect if perfect and c.get("speedup") else None
             pos = list((c.get("per_position_acceptance") or {}).values())
             rows.append([level, str(run["gamma_decode"]), num(c["tokens_per_verify"]),
-                         ", ".join(num(v) for v in pos) or "-", span(c.get("speedup")), num(share),
-                         num(c.get("modelled_speedup_reference"))])
+                         ", ".join(num(v) for v in pos) or "-", span(c.get("speedup")),
+                         num(share_of_perfect(run, c)), num(c.get("modelled_speedup_reference"))])
     page.add("## Draft depth: the decode heads at two windows", "",
              f"The heads of `{f.parent.name}` drafted again in a second live run at gamma {deep['gamma_decode']} "
              "(fixed windows, the same samples), each run with its own perfect drafter (synthetic_p1): at equal "
@@ -552,18 +552,19 @@ def main(args: argparse.Namespace) -> Path:
                  f"{top[1]['tokens_per_verify']:.2f} tokens per verify pass, its first three drafts all accepted in "
                  f"{third} of iterations. Under the measured H200 7B profile the best trained configuration, "
                  f"`{modelled[0]}`, is modelled at {num(modelled[1].get('modelled_speedup_reference'))}x.", "")
-    deep_file = results_dir / "e2e_deep" / "e2e_wallclock.json"
-    if deep_file.is_file():
-        deep = read_json(deep_file, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
+    deep_file = results_dir / "e2e_deep" / "e2e_wallclock.json"  # run_pipeline.sh's second live run (DEEP_GAMMA)
+    deep = (read_json(deep_file, "live benchmark result", "rerun run_pipeline.sh (DEEP_GAMMA)")
+            if deep_file.is_file() else None)
+    if deep:
         heads = [(k, c) for k, c in deep["configs"].items() if (c.get("drafting") or {}).get("kind") == "decode"
                  and c.get("tokens_per_verify")]
         best_deep = max(heads, key=lambda kc: kc[1]["tokens_per_verify"], default=None)
-        perfect = ((deep["configs"].get("synthetic_p1") or {}).get("speedup") or {}).get("median")
-        if best_deep and perfect:
+        share = share_of_perfect(deep, best_deep[1]) if best_deep else None
+        if share is not None:
             c = best_deep[1]
             page.add(f"**At gamma {deep['gamma_decode']} (the second live run, \"Draft depth\"):** `{best_deep[0]}` at "
                      f"{c['tokens_per_verify']:.2f} tokens per verify pass, {span(c['speedup'])} the target alone, "
-                     f"{c['speedup']['median'] / perfect:.2f} of the perfect drafter's speed-up in that run; "
+                     f"{share:.2f} of the perfect drafter's speed-up in that run; "
                      f"modelled under the H200 7B profile at {num(c.get('modelled_speedup_reference'))}x.", "")
     lookup = prompt_lookup_text(live)
     if lookup:
@@ -575,7 +576,7 @@ def main(args: argparse.Namespace) -> Path:
     two_phase_section(page, results_dir, args.world)
     live_section(page, results_dir)
     decode_section(page, live, acc)
-    depth_section(page, live, results_dir)
+    depth_section(page, live, deep, deep_file)
     gap_section(page, live, acc, results_dir)
     benchmarks_section(page, results_dir)
     atomic_write_bytes(("\n".join(page.lines).rstrip() + "\n").encode(), out)
