@@ -70,6 +70,7 @@ from drafters import (
     ExpectedGainStop,
     NoDrafter,
     SyntheticDrafter,
+    TreeSpec,
     drafter_problem,
     make_drafter,
 )
@@ -110,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of draft-length rules, each decode adapter is run under every one: fixed "
                         "(gamma_decode drafts), confidence (--draft_confidence), expected (calibrated expected "
                         "gain at the measured costs; needs checkpoints from train_hidden_adapter.py)")
+    p.add_argument("--tree_budget", type=int, default=15,
+                   help="nodes of each roll-out head's dynamic draft tree: config decode[LEVEL,tree] runs beside "
+                        "decode[LEVEL] (greedy only: sampling drafts chains); 0 = chains only")
+    p.add_argument("--tree_topk", type=int, default=4,
+                   help="a draft tree's branching: frontier nodes expanded per depth, and children per node")
+    p.add_argument("--tree_depth", type=int, default=0, help="a draft tree's deepest level (0 = --gamma_decode)")
     p.add_argument("--reference_profile", type=Path, default=Path("timings/h200_fp16_eager_7b.json"),
                    help="a second timing profile (default: the measured H200 7B one shipped in timings/) under which "
                         "every configuration's speed-up is also modelled at the acceptance measured here "
@@ -179,6 +186,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 args.left_out.append(f"{name} (needs {' and '.join(missing)})")
     if "target" not in args.configs:
         args.configs.insert(0, "target")  # every speed-up is measured against it
+    if args.tree_budget < 0 or args.tree_topk < 1 or args.tree_depth < 0:
+        p.error("--tree_budget and --tree_depth must be >= 0, --tree_topk >= 1")
+    args.tree_depth = args.tree_depth or args.gamma_decode
+    if args.tree_budget and args.temperature > 0 and "decode" in args.configs:
+        args.left_out.append("decode[LEVEL,tree] (sampling drafts chains)")
     for name in ("max_samples", "max_new_tokens", "gamma_decode", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -338,6 +350,14 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
                 levels[f"decode[{d_name}{suffix}]"] = (None, d_name)
                 drafting[f"decode[{d_name}{suffix}]"] = {"kind": "decode", "decode": adapter_record(adapter),
                                                          "draft_stop": stop}
+            tree = tree_spec(args)
+            if tree is not None and "decode" in args.configs and adapter.config.rolls_out and stop == "fixed":
+                name = f"decode[{d_name},tree]"  # beside its chain: same adapter, one tree per window
+                engines[name] = sd.SpeculativeDecoder(vl, make_drafter(adapter, head, lm=lm, generator=gen, tree=tree),
+                                                      gamma_decode=tree.depth, **common)
+                levels[name] = (None, d_name)
+                drafting[name] = {"kind": "decode", "decode": adapter_record(adapter), "draft_stop": "fixed",
+                                  "tree": asdict(tree)}
             if "two_phase" in args.configs:
                 name = f"two_phase[{p_name}+{d_name}{suffix}]"
                 engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
@@ -352,6 +372,22 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
             levels[f"synthetic_p{p:g}"] = (None, None)
             drafting[f"synthetic_p{p:g}"] = {"kind": "synthetic", "p": p}
     return engines, levels, drafting
+
+
+def tree_spec(args: argparse.Namespace) -> TreeSpec | None:
+    """The roll-out heads' draft tree of this run, None where it drafts chains only (sampling, or no budget)."""
+    if not args.tree_budget or args.temperature > 0:
+        return None
+    return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget)
+
+
+def trees_beside_chains(configs: dict[str, Any]) -> dict[str, str]:
+    """{tree configuration: the chain configuration of the same adapter (fixed draft length)}."""
+    chains = {str(c["drafting"].get("decode")): n for n, c in configs.items()
+              if c.get("drafting", {}).get("kind") == "decode" and c["drafting"].get("draft_stop") == "fixed"
+              and not c["drafting"].get("tree")}
+    return {n: chains[str(c["drafting"]["decode"])] for n, c in configs.items()
+            if c.get("drafting", {}).get("tree") and str(c["drafting"]["decode"]) in chains}
 
 
 def lookup_configs(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
@@ -467,6 +503,7 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
                 tokens_per_verify=(accepted + verify_passes) / max(verify_passes, 1),
                 acceptance_rate=accepted / drafted if drafted else None,
                 per_position_acceptance={k: hits.get(k, 0) / tries[k] for k in sorted(tries)},
+                nodes_per_verify=sum(r.get("nodes", 0) for r in flat) / max(verify_passes, 1),
                 prefill_drafted=statistics.mean(r["phase1"].get("drafted", 0) for r in flat),
                 prefill_accepted=statistics.mean(r["prefill_accepted"] for r in flat),
                 stage_ms_median_per_answer=stages,
@@ -518,11 +555,14 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
     pre, dec = levels
     if dec is not None and dec not in DECODE_ADAPTERS:
         return None  # mode c (EventGPT + per-position adapter while decoding) is not in the cost model
+    tree = res.get("drafting", {}).get("tree")  # a tree: verify at its width, one adapter step per depth
     est = estimate_two_phase(profile, num_tokens=res["tokens_per_answer"],
                              free_tokens=res["prefill_accepted"],
-                             accept_len=res["accepted_per_iteration"], gamma_decode=args.gamma_decode,
+                             accept_len=res["accepted_per_iteration"],
+                             gamma_decode=tree["depth"] if tree else args.gamma_decode,
                              gamma_prefill=max(args.gamma_prefill, 1), prefill_adapter=pre, decode_adapter=dec,
-                             drafts_per_iter=res.get("drafted_per_iteration"))
+                             drafts_per_iter=res.get("drafted_per_iteration"),
+                             verify_width=1 + res["nodes_per_verify"] if tree else None)
     return float(est["speedup"])
 
 
@@ -611,6 +651,27 @@ def format_report(result: dict[str, Any]) -> str:
     if pos:
         lines += ["## Per-position acceptance (decode drafts 1..gamma)", "",
                   markdown_table(["config", "rate"], pos), ""]
+    trees = [(n, r) for n, r in result["configs"].items() if r.get("chain")]
+    if trees:
+        def depths(r: dict[str, Any]) -> str:
+            return ", ".join(f"{v:.2f}" for v in r["per_position_acceptance"].values())
+
+        rows = []
+        for name, r in trees:
+            c, t = result["configs"][r["chain"]], r["drafting"]["tree"]
+            rows.append([name, f"d{t['depth']} k{t['topk']} n{t['budget']}", f"{r['nodes_per_verify']:.1f}",
+                         f"{c['tokens_per_verify']:.2f} -> {r['tokens_per_verify']:.2f}", depths(c), depths(r),
+                         f"{c['speedup']['median']:.3f} -> {r['speedup']['median']:.3f}",
+                         "{median:.3f} ({min:.3f}-{max:.3f})".format(**r["tree_over_chain"]),
+                         "-" if r.get("modelled_speedup_reference") is None else
+                         f"{c['modelled_speedup_reference']:.3f} -> {r['modelled_speedup_reference']:.3f}"])
+        lines += ["## Draft trees beside their chains (same adapter, same samples)", "",
+                  "Tree = depth d, k frontier nodes expanded per depth into k children each, the best n nodes "
+                  "verified in one pass (ancestor mask); 'by depth' = share of iterations whose path held to depth "
+                  "1, 2, ...; 'tree/chain' = chain time per token / tree time per token, paired per repeat.", "",
+                  markdown_table(["tree config", "shape", "nodes/verify", "tokens/verify chain -> tree",
+                                  "by depth (chain)", "by depth (tree)", "speed-up chain -> tree", "tree/chain",
+                                  "modelled ref chain -> tree"], rows), ""]
     if result.get("assisted"):
         a = result["assisted"]
         lines += ["## Against transformers' assisted generation (text-only, target LM + perturbed copy)", "",
@@ -697,7 +758,8 @@ def main(args: argparse.Namespace) -> int:
     used = {a.config.name for a in adapters.get("decode", [])}
     used |= {args.synthetic_cost_ms} if isinstance(args.synthetic_cost_ms, str) else set()
     profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source,
-                              decode_adapters=adapters.get("decode"), compiled_levels=used)
+                              decode_adapters=adapters.get("decode"), compiled_levels=used,
+                              verify_widths=(args.tree_budget + 1,) if tree_spec(args) else ())
     args.synthetic_cost_level = None
     if isinstance(args.synthetic_cost_ms, str):  # a level: its roll-out draft step as just measured on this path
         args.synthetic_cost_level = args.synthetic_cost_ms
@@ -751,6 +813,13 @@ def main(args: argparse.Namespace) -> int:
         res["modelled_speedup"] = modelled(name, res, profile, args, levels.get(name, (None, None)))
         if reference is not None:
             res["modelled_speedup_reference"] = modelled(name, res, reference, args, levels.get(name, (None, None)))
+    for name, chain in trees_beside_chains(configs).items():  # paired per repeat, as every speed-up
+        def ms_per_token(rep: list[dict[str, Any]]) -> float:
+            return sum(r["ms"] for r in rep) / sum(r["tokens"] for r in rep)
+
+        configs[name]["tree_over_chain"] = spread([ms_per_token(c) / ms_per_token(t)
+                                                   for c, t in zip(runs[chain], runs[name], strict=True)])
+        configs[name]["chain"] = chain
 
     assisted = None
     if "assisted" in args.configs:
