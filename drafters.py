@@ -955,6 +955,35 @@ class NoDrafter:
 
 
 
+@torch.no_grad()
+def replay_schedule(drafter: Drafter, states: Tensor, tokens: list[int], gamma: int,
+                    max_new_tokens: int) -> list[tuple[int, int]]:
+    """The live engine's decode schedule replayed offline on a recorded greedy answer: `tokens` [N] the
+    target's answer (up to and including EOS), `states` [N, D] the target states that chose them (a chunk's
+    vl_hidden). Each window drafts min(gamma, max_new_tokens - done - 1) positions (a chain or a tree), is
+    scored as the greedy verify would score it (the target's argmax after a verified prefix is the recorded
+    next token) and the drafter re-syncs on the accepted tokens plus the target's own, with their recorded
+    states. Returns (depth drafted, drafts accepted) per verify pass, so chains and trees compare on the
+    same samples and the same schedule (accepted + 1 per pass: tokens per verify)."""
+    drafter.begin(None)
+    drafter.accept(tokens[:1], states[:1])
+    done, passes = 1, []
+    while done < len(tokens):
+        draft = drafter.draft(min(gamma, max_new_tokens - done - 1))
+        parents = draft.parents if draft.parents is not None else list(range(-1, len(draft.tokens) - 1))
+        node, n = -1, 0
+        while done + n < len(tokens):
+            node = next((c for c, p in enumerate(parents) if p == node and draft.tokens[c] == tokens[done + n]), None)
+            if node is None:
+                break
+            n += 1
+        passes.append((max(draft.depths(), default=0), n))
+        n = min(n, len(tokens) - done - 1)  # the target's own token follows the accepted drafts
+        drafter.accept(tokens[done : done + n + 1], states[done : done + n + 1])
+        done += n + 1
+    return passes
+
+
 # ----------------------------------------------------------------------------------------------
 # One constructor, and one drafting step for the benchmarks' timers
 # ----------------------------------------------------------------------------------------------
@@ -1076,5 +1105,6 @@ __all__ = [
     "drafter_for",
     "drafter_problem",
     "make_drafter",
+    "replay_schedule",
     "roll_out",
 ]

@@ -319,3 +319,43 @@ def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, c
         oracle = sd.TargetRecompute(static, prompt, MAX_NEW, engine=a)  # replays the tree passes on this path
         assert sd.check_lossless(a.tokens, ref, "static tree", oracle) == []
         assert [layer.keys.data_ptr() for layer in kv.cache.layers] == before
+
+
+@pytest.mark.parametrize("spec", [None, dr.TreeSpec(4, 3, 12)])
+def test_offline_schedule_replay_matches_live(world: SimpleNamespace, spec: dr.TreeSpec | None) -> None:
+    """replay_schedule on the recorded greedy answers and their states gives the live engine's passes:
+    the same depth drafted and drafts accepted per verify pass, chain and tree."""
+    head = world.vl.lm_head_weight()
+    adapter = random_b1(world.vl, seed=1)
+    engine = sd.SpeculativeDecoder(world.vl, dr.make_drafter(adapter, head, tree=spec), gamma_decode=4)
+    same = 0
+    for prompt, ref in zip(world.prompts, world.refs, strict=True):
+        live = [(it.drafted, it.accepted) for it in engine.generate(prompt, None, MAX_NEW).trace.iterations]
+        states = world.vl.generate(prompt, MAX_NEW).hidden[0, : len(ref)]
+        offline = dr.replay_schedule(dr.make_drafter(adapter, head, tree=spec), states, ref, 4, MAX_NEW)
+        same += offline == live
+    assert same >= 0.95 * len(world.prompts)
+
+
+def test_offline_replay_in_measure_feature_acceptance(tmp_path: Any) -> None:
+    """measure_feature_acceptance --tree_budget: the chain's replay of the live schedule equals the offline
+    roll-out's live-schedule figure (two implementations of one schedule), and a one-branch tree is the chain."""
+    import measure_feature_acceptance as mfa
+    from tests.test_measure_feature_acceptance import checkpoint, write_test_data
+
+    _, _, head = write_test_data(tmp_path / "test")
+    _, ckpt = checkpoint(tmp_path, "B1", "teacher_forced")
+    common = ["--checkpoint", str(ckpt), "--test_data", str(tmp_path / "test"), "--lm_head", str(head),
+              "--device", "cpu", "--gamma_decode", "3"]
+    for topk, budget in ((1, 3), (3, 8)):
+        result = mfa.main(mfa.parse_args([*common, "--output_dir", str(tmp_path / f"out{topk}"), "--tree_budget",
+                                          str(budget), "--tree_topk", str(topk)]))
+        replay = result["schedule_replay"]
+        assert replay["tree_spec"] == {"depth": 3, "topk": topk, "budget": budget}
+        live = result["drafting"]["rollout"]["live_tokens_per_verify"]
+        assert replay["chain"]["tokens_per_verify"] == pytest.approx(live, abs=1e-6)
+        assert replay["chain"]["verify_passes"] == result["drafting"]["rollout"]["live_iterations"]
+        if topk == 1:
+            assert replay["tree"] == replay["chain"]
+        else:
+            assert replay["tree"]["tokens_per_verify"] >= replay["chain"]["tokens_per_verify"]
