@@ -64,6 +64,7 @@ from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill
 from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
 from drafters import (
+    AutoTreeBudget,
     ConfidenceStop,
     DrafterLM,
     DraftLength,
@@ -88,6 +89,7 @@ DRAFT_STOPS = ("fixed", "confidence", "expected")
 # 2: every configuration records what it drafts with (`drafting`), and the result the configurations left out
 E2E_FORMAT_VERSION = 2
 ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
+AUTO_TREE_MAX = 31  # --tree_budget auto verifies at most this many nodes (the profile times width 32)
 TIE_MARGIN_MIN = 2  # a configuration may exceed the target-alone run's ties by max(this, --tie_margin x outputs)
 
 
@@ -111,9 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of draft-length rules, each decode adapter is run under every one: fixed "
                         "(gamma_decode drafts), confidence (--draft_confidence), expected (calibrated expected "
                         "gain at the measured costs; needs checkpoints from train_hidden_adapter.py)")
-    p.add_argument("--tree_budget", type=int, default=15,
+    p.add_argument("--tree_budget", default="15",
                    help="nodes of each roll-out head's dynamic draft tree: config decode[LEVEL,tree] runs beside "
-                        "decode[LEVEL] (greedy only: sampling drafts chains); 0 = chains only")
+                        "decode[LEVEL] (greedy only: sampling drafts chains); 0 = chains only; auto = per window the "
+                        "budget of most expected tokens per ms at this run's measured verify cost by width and the "
+                        "checkpoint's calibrated acceptance (EAGLE-2's total_token=-1; at most 31 nodes)")
     p.add_argument("--tree_topk", type=int, default=4,
                    help="a draft tree's branching: frontier nodes expanded per depth, and children per node")
     p.add_argument("--tree_depth", type=int, default=0, help="a draft tree's deepest level (0 = --gamma_decode)")
@@ -186,9 +190,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 args.left_out.append(f"{name} (needs {' and '.join(missing)})")
     if "target" not in args.configs:
         args.configs.insert(0, "target")  # every speed-up is measured against it
-    if args.tree_budget < 0 or args.tree_topk < 1 or args.tree_depth < 0:
-        p.error("--tree_budget and --tree_depth must be >= 0, --tree_topk >= 1")
+    args.tree_auto = args.tree_budget == "auto"
+    if args.tree_topk < 1 or args.tree_depth < 0:
+        p.error("--tree_depth must be >= 0, --tree_topk >= 1")
     args.tree_depth = args.tree_depth or args.gamma_decode
+    try:
+        args.tree_budget = (min(args.tree_topk + (args.tree_depth - 1) * args.tree_topk**2, AUTO_TREE_MAX)
+                            if args.tree_auto else int(args.tree_budget))
+    except ValueError:
+        args.tree_budget = -1
+    if args.tree_budget < 0:
+        p.error("--tree_budget takes a node count >= 0 or auto")
+    if args.tree_auto and args.random_adapters:
+        p.error("--tree_budget auto reads the calibration stored in trained checkpoints, not random adapters")
     if args.tree_budget and args.temperature > 0 and "decode" in args.configs:
         args.left_out.append("decode[LEVEL,tree] (sampling drafts chains)")
     for name in ("max_samples", "max_new_tokens", "gamma_decode", "repeats"):
@@ -350,14 +364,14 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
                 levels[f"decode[{d_name}{suffix}]"] = (None, d_name)
                 drafting[f"decode[{d_name}{suffix}]"] = {"kind": "decode", "decode": adapter_record(adapter),
                                                          "draft_stop": stop}
-            tree = tree_spec(args)
+            tree = tree_spec(args, adapter, profile, draft_ms or {})
             if tree is not None and "decode" in args.configs and adapter.config.rolls_out and stop == "fixed":
                 name = f"decode[{d_name},tree]"  # beside its chain: same adapter, one tree per window
                 engines[name] = sd.SpeculativeDecoder(vl, make_drafter(adapter, head, lm=lm, generator=gen, tree=tree),
                                                       gamma_decode=tree.depth, **common)
                 levels[name] = (None, d_name)
                 drafting[name] = {"kind": "decode", "decode": adapter_record(adapter), "draft_stop": "fixed",
-                                  "tree": asdict(tree)}
+                                  "tree": tree.record()}
             if "two_phase" in args.configs:
                 name = f"two_phase[{p_name}+{d_name}{suffix}]"
                 engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
@@ -374,11 +388,20 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
     return engines, levels, drafting
 
 
-def tree_spec(args: argparse.Namespace) -> TreeSpec | None:
-    """The roll-out heads' draft tree of this run, None where it drafts chains only (sampling, or no budget)."""
+def tree_spec(args: argparse.Namespace, adapter: Any = None, profile: Any = None,
+              draft_ms: dict[str, float] | None = None) -> TreeSpec | None:
+    """The draft tree of this run (None where it drafts chains only: sampling, or no budget); with --tree_budget
+    auto, `adapter`'s per-window budget rule at `profile`'s verify costs and its measured draft step."""
     if not args.tree_budget or args.temperature > 0:
         return None
-    return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget)
+    auto = None
+    if args.tree_auto and adapter is not None:
+        calibration = (getattr(adapter, "extra", None) or {}).get("draft_calibration")
+        if not calibration:
+            raise UserError(f"--tree_budget auto: the {adapter.config.name} checkpoint holds no draft_calibration "
+                            "(train it with this release of train_hidden_adapter.py and --lm_head)")
+        auto = AutoTreeBudget.from_calibration(calibration, profile.verify_ms, (draft_ms or {})[adapter.config.name])
+    return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget, auto=auto)
 
 
 def trees_beside_chains(configs: dict[str, Any]) -> dict[str, str]:
@@ -388,6 +411,14 @@ def trees_beside_chains(configs: dict[str, Any]) -> dict[str, str]:
               and not c["drafting"].get("tree")}
     return {n: chains[str(c["drafting"]["decode"])] for n, c in configs.items()
             if c.get("drafting", {}).get("tree") and str(c["drafting"]["decode"]) in chains}
+
+
+def tree_widths(args: argparse.Namespace) -> tuple[int, ...]:
+    """Verify widths the profile times for the trees: the largest tree's, and for auto every 8 up to it."""
+    if tree_spec(args) is None:
+        return ()
+    top = args.tree_budget + 1
+    return (*range(8, top, 8), top) if args.tree_auto else (top,)
 
 
 def lookup_configs(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
@@ -759,7 +790,7 @@ def main(args: argparse.Namespace) -> int:
     used |= {args.synthetic_cost_ms} if isinstance(args.synthetic_cost_ms, str) else set()
     profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source,
                               decode_adapters=adapters.get("decode"), compiled_levels=used,
-                              verify_widths=(args.tree_budget + 1,) if tree_spec(args) else ())
+                              verify_widths=tree_widths(args))
     args.synthetic_cost_level = None
     if isinstance(args.synthetic_cost_ms, str):  # a level: its roll-out draft step as just measured on this path
         args.synthetic_cost_level = args.synthetic_cost_ms

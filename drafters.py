@@ -36,10 +36,11 @@ static and compiled paths). `draft_step` sets up one roll-out draft on either, f
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -254,16 +255,50 @@ def _path(parents: list[int], node: int) -> list[int]:
     return path[::-1]
 
 
+class AutoTreeBudget:
+    """EAGLE-2's `total_token=-1`: each window's node budget chosen for the most expected tokens per
+    millisecond. A node is accepted iff its whole path is, so the expected accepted drafts of a tree is the
+    sum over its nodes of the product of the calibrated acceptance of each token's own draft probability
+    along its path (`accept_by_bin`: equal-width bins over [0, 1], a checkpoint's draft_calibration, measured
+    on top-1 roll-out drafts and read here for every candidate). Keeping the n best nodes costs one verify
+    of n + 1 positions (`verify_ms`, the run's measured costs) plus one adapter step per depth (`draft_ms`)."""
+
+    def __init__(self, accept_by_bin: list[float], verify_ms: Callable[[float], float], draft_ms: float) -> None:
+        if not accept_by_bin or any(not 0.0 <= a <= 1.0 for a in accept_by_bin) or draft_ms < 0:
+            raise ValueError("accept_by_bin must hold acceptance rates in [0, 1] and draft_ms must be >= 0")
+        self.accept, self.verify_ms, self.draft_ms = list(accept_by_bin), verify_ms, draft_ms
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any], verify_ms: Callable[[float], float],
+                         draft_ms: float) -> AutoTreeBudget:
+        return cls([0.0 if a is None else float(a) for a in calibration["accept"]], verify_ms, draft_ms)
+
+    def calibrated(self, prob: float) -> float:
+        return self.accept[min(int(prob * len(self.accept)), len(self.accept) - 1)]
+
+    def choose(self, path_accept: list[float], depth: int) -> int:
+        """The n (>= 1) of most (1 + sum of the n best nodes' path acceptance) / cost(n), nodes best first."""
+        best, best_n, expected = -1.0, 1, 1.0
+        for n, p in enumerate(path_accept, 1):
+            expected += p
+            rate = expected / (self.verify_ms(n + 1) + depth * self.draft_ms)
+            if rate > best:
+                best, best_n = rate, n
+        return best_n
+
+
 @dataclass(frozen=True)
 class TreeSpec:
     """The shape of an EAGLE-2-style dynamic draft tree: at most `depth` levels (the engine's gamma caps
     it); at each depth the `topk` frontier nodes of highest cumulative log-probability are expanded, each
     into its `topk` most likely tokens; then every candidate is reranked and the `budget` best nodes (by
-    cumulative log-probability, ancestors always kept) are verified."""
+    cumulative log-probability, ancestors always kept) are verified. With `auto` the budget is chosen per
+    window (AutoTreeBudget), at most `budget` nodes."""
 
     depth: int = 5
     topk: int = 4
     budget: int = 16
+    auto: AutoTreeBudget | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.topk < 1 or self.budget < 1:
@@ -271,7 +306,11 @@ class TreeSpec:
 
     @property
     def name(self) -> str:
-        return f"tree(d{self.depth},k{self.topk},n{self.budget})"
+        return f"tree(d{self.depth},k{self.topk},n{'auto<=' if self.auto else ''}{self.budget})"
+
+    def record(self) -> dict[str, Any]:
+        """What a result records of the tree: its shape, and whether the budget is chosen per window."""
+        return {"depth": self.depth, "topk": self.topk, "budget": self.budget, "auto": self.auto is not None}
 
     def max_nodes(self, depth: int) -> int:
         """The most nodes a tree of at most `depth` levels verifies (topk at depth 1, topk^2 below)."""
@@ -292,6 +331,7 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
+    local: list[float] = []  # each candidate's own draft log-probability
     level: list[int] = []  # the current depth's candidates
     inputs: dict[int, Tensor] = {}  # a candidate's adapter input: its parent's output [D]
 
@@ -304,6 +344,7 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
             tokens.append(tok)
             parents.append(parent)
             scores.append(base + lp)
+            local.append(lp)
 
     add(-1, h[0, 0].float() @ head.T, 0.0, h[0, 0])
     for _ in range(depth - 1):
@@ -316,7 +357,15 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
         for j, node in enumerate(frontier):
             add(node, logits[j], scores[node], out[j])
     depth_of = Draft(tokens, parents=parents).depths()
-    keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget])
+    ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
+    budget = spec.budget
+    if spec.auto is not None:  # a node's chance to be accepted: its path's calibrated acceptance
+        path_accept: dict[int, float] = {}
+        for i in range(len(tokens)):  # parents come first
+            up = path_accept[parents[i]] if parents[i] >= 0 else 1.0
+            path_accept[i] = up * spec.auto.calibrated(math.exp(local[i]))
+        budget = spec.auto.choose([path_accept[i] for i in ranked], max(depth_of, default=1))
+    keep = sorted(ranked[:budget])
     index = {old: new for new, old in enumerate(keep)}
     return Draft([tokens[i] for i in keep], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in keep])
 
@@ -1082,6 +1131,7 @@ __all__ = [
     "PER_POSITION_LEVELS",
     "ROLLOUT_LEVELS",
     "AdapterCache",
+    "AutoTreeBudget",
     "ConfidenceStop",
     "Draft",
     "DraftLength",

@@ -113,7 +113,7 @@ def schedule_replay(adapter: BaseAdapter, test_data: Path, head: torch.Tensor, a
     if not args.tree_budget or not cfg.rolls_out or cfg.reads_drafter:
         return None
     tree = TreeSpec(args.tree_depth or args.gamma_decode, args.tree_topk, args.tree_budget)
-    out: dict[str, Any] = {"tree_spec": {"depth": tree.depth, "topk": tree.topk, "budget": tree.budget}}
+    out: dict[str, Any] = {"tree_spec": tree.record()}
     passes: dict[str, list[tuple[int, int]]] = {"chain": [], "tree": []}
     done = 0
     for chunk in iter_chunks(test_data, expect_teacher_forced=False):

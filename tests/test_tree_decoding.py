@@ -351,7 +351,7 @@ def test_offline_replay_in_measure_feature_acceptance(tmp_path: Any) -> None:
         result = mfa.main(mfa.parse_args([*common, "--output_dir", str(tmp_path / f"out{topk}"), "--tree_budget",
                                           str(budget), "--tree_topk", str(topk)]))
         replay = result["schedule_replay"]
-        assert replay["tree_spec"] == {"depth": 3, "topk": topk, "budget": budget}
+        assert replay["tree_spec"] == {"depth": 3, "topk": topk, "budget": budget, "auto": False}
         live = result["drafting"]["rollout"]["live_tokens_per_verify"]
         assert replay["chain"]["tokens_per_verify"] == pytest.approx(live, abs=1e-6)
         assert replay["chain"]["verify_passes"] == result["drafting"]["rollout"]["live_iterations"]
@@ -359,3 +359,28 @@ def test_offline_replay_in_measure_feature_acceptance(tmp_path: Any) -> None:
             assert replay["tree"] == replay["chain"]
         else:
             assert replay["tree"]["tokens_per_verify"] >= replay["chain"]["tokens_per_verify"]
+
+
+def test_auto_budget_picks_the_most_tokens_per_ms() -> None:
+    # verify costs 1 ms up to 8 positions, then 1 ms more per position; draft steps free
+    auto = dr.AutoTreeBudget([0.0, 0.5, 1.0], lambda k: 1.0 if k <= 8 else k - 7.0, 0.0)
+    assert auto.calibrated(0.1) == 0.0 and auto.calibrated(0.5) == 0.5 and auto.calibrated(1.0) == 1.0
+    assert auto.choose([0.9] * 20, 3) == 7  # free width up to 8 positions, then each node costs more than it adds
+    assert auto.choose([0.9, 0.0, 0.0], 3) == 1  # ties keep the smallest tree
+    costly = dr.AutoTreeBudget([1.0], lambda k: float(k), 0.0)  # every position costs a verify step
+    assert costly.choose([0.9, 0.5, 0.1], 2) == 1
+
+
+def test_auto_budget_trees_are_lossless_and_vary_per_window(world: SimpleNamespace) -> None:
+    head = world.vl.lm_head_weight()
+    adapter = random_b1(world.vl)
+    auto = dr.AutoTreeBudget([0.1 * i for i in range(11)], lambda k: 1.0 + 0.05 * k, 0.1)
+    spec = dr.TreeSpec(4, 3, 20, auto=auto)
+    assert spec.name == "tree(d4,k3,nauto<=20)" and spec.record()["auto"]
+    engine = sd.SpeculativeDecoder(world.vl, dr.make_drafter(adapter, head, tree=spec), gamma_decode=4)
+    sizes = set()
+    for prompt, ref in zip(world.prompts, world.refs, strict=True):
+        out = engine.generate(prompt, None, MAX_NEW)
+        assert out.tokens == ref
+        sizes |= {it.nodes for it in out.trace.iterations if it.draft}
+    assert len(sizes) > 1 and max(sizes) <= 20
