@@ -76,7 +76,7 @@ def default_cpu_threads(device: str | None) -> int | None:
     if not on_cpu:
         return None
     torch.set_num_threads(1)
-    log.info("cpu: 1 torch thread, the fastest for these models on a shared machine (OMP_NUM_THREADS=N for N)")
+    log.debug("cpu: 1 torch thread, the fastest for these models on a shared machine (OMP_NUM_THREADS=N for N)")
     return 1
 
 

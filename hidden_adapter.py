@@ -350,21 +350,24 @@ class HiddenStateAdapter(BaseAdapter):
     ) -> Tensor:
         x = self._inputs(x, mask, h_target, token_ids, context)[0]
         self._check(x, self.config.drafter_dim, "drafter states")
-        h = self.input_proj(x)
+        h = self._project(x)
         for block in self.blocks:
             h = block(h)
         return self.final_norm(h)
+
+    def _project(self, x: Tensor) -> Tensor:
+        return self.input_proj(x)
 
 
 class MultiLayerBottleneckAdapter(HiddenStateAdapter):
     """L2: three stacked L1 blocks (each with its own alpha) and one final LayerNorm."""
 
 
-class WideBottleneckAdapter(BaseAdapter):
+class WideBottleneckAdapter(HiddenStateAdapter):
     """L3: input LayerNorm, two wide (1024) residual blocks with a mid LayerNorm, final LayerNorm."""
 
     def __init__(self, config: AdapterConfig):
-        super().__init__(config)
+        BaseAdapter.__init__(self, config)  # its own blocks, not L1's
         dim = config.target_dim
         self.input_proj = input_projection(config.drafter_dim, dim)
         self.input_norm = nn.LayerNorm(dim)
@@ -373,16 +376,8 @@ class WideBottleneckAdapter(BaseAdapter):
         )
         self.final_norm = nn.LayerNorm(dim)
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, *, h_target: Tensor | None = None,
-        token_ids: Tensor | None = None, context: Tensor | None = None,
-    ) -> Tensor:
-        x = self._inputs(x, mask, h_target, token_ids, context)[0]
-        self._check(x, self.config.drafter_dim, "drafter states")
-        h = self.input_norm(self.input_proj(x))
-        for block in self.blocks:
-            h = block(h)
-        return self.final_norm(h)
+    def _project(self, x: Tensor) -> Tensor:
+        return self.input_norm(self.input_proj(x))
 
 
 class AttentionAdapter(BaseAdapter):
@@ -867,51 +862,6 @@ def load_adapter(
     return adapter, ckpt.get("extra", {})
 
 
-# ----------------------------------------------------------------------------- Hugging Face export
-
-
-def _hub_class() -> type:
-    """`HubAdapter`: an nn.Module with huggingface_hub's PyTorchModelHubMixin, built on first use so
-    importing this module does not import huggingface_hub."""
-    global _HUB_CLASS
-    if _HUB_CLASS is None:
-        from huggingface_hub import PyTorchModelHubMixin
-
-        class HubAdapter(nn.Module, PyTorchModelHubMixin, library_name="xmodal-sd", tags=["speculative-decoding"]):
-            """Wraps one adapter; `config.json` holds `adapter_config` (an AdapterConfig as a dict)."""
-
-            def __init__(self, adapter_config: dict[str, Any]):
-                super().__init__()
-                self.adapter = build_adapter(AdapterConfig(**adapter_config))
-
-            def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-                return self.adapter(*args, **kwargs)
-
-        _HUB_CLASS = HubAdapter
-    return _HUB_CLASS
-
-
-_HUB_CLASS: type | None = None
-
-
-def export_hf(adapter: BaseAdapter, out_dir: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` (huggingface_hub's format) for sharing: reload with
-    `load_hf(out_dir)` or `HubAdapter.from_pretrained(repo_or_dir)`, or push with `push_to_hub`."""
-    hub = _hub_class()(adapter_config=asdict(adapter.config))
-    hub.adapter.load_state_dict(adapter.state_dict())
-    hub.save_pretrained(out_dir)
-    return Path(out_dir)
-
-
-def load_hf(path_or_repo: str | Path) -> BaseAdapter:
-    """Rebuild an adapter exported by `export_hf` (a local folder or a Hub repo id), in eval mode."""
-    try:
-        hub = _hub_class().from_pretrained(str(path_or_repo))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"cannot load an exported adapter from {path_or_repo}: {first_line(err)}") from err
-    return hub.adapter.eval()
-
-
 # ----------------------------------------------------------------------------- summary CLI
 
 
@@ -998,11 +948,9 @@ __all__ = [
     "count_parameters",
     "create_adapter",
     "draft_outputs",
-    "export_hf",
     "level_config",
     "levels",
     "load_adapter",
-    "load_hf",
     "rollout_problem",
     "save_adapter",
 ]

@@ -22,7 +22,7 @@ beside the regression loss, and selected on the validation roll-out's accepted d
 
 Writes {output_dir}/{LEVEL}_{pairs}_{YYYYmmdd_HHMMSS}/: best_model.pt (load_adapter), last.pt (the
 resume state), history.json, training_curves.png, config.yaml (the resolved flags) and hf/
-(config.json + model.safetensors, reload with hidden_adapter.load_hf). The test split is never
+(config.json + model.safetensors, reload with adapter_hub.load_hf). The test split is never
 read here. Choices and measurements: docs/TRAINING.md.
 """
 
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adapter_hub import export_hf
 from cli import RunLog, add_config_flag, read_config, run_cli
 from common import (
     UserError,
@@ -62,7 +63,6 @@ from hidden_adapter import (
     canonical_name,
     create_adapter,
     draft_outputs,
-    export_hf,
     load_adapter,
     rollout_problem,
     save_adapter,

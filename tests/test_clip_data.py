@@ -62,8 +62,12 @@ def test_native_clips_hold_the_toy_worlds_events_and_frames(native: Path) -> Non
         for key in ("x", "y", "t", "p"):
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{clip_id} {key}")
         assert rec["num_video_frames"] == toy_rec["num_video_frames"] == 10
-        np.testing.assert_array_equal(sample_video_frames(native / "cut" / split / rec["video"], 8),
-                                      sample_video_frames(native / "dataset" / toy_split / toy_rec["video"], 8))
+        ours_rgb = sample_video_frames(native / "cut" / split / rec["video"], 8).astype(np.int16)
+        theirs_rgb = sample_video_frames(native / "dataset" / toy_split / toy_rec["video"], 8).astype(np.int16)
+        # two H.264 encodes of the same frames: equal on an idle machine, once a few levels apart under load
+        # (seen in a full suite on 2 busy cores); another frame or window would differ by tens of levels
+        assert ours_rgb.shape == theirs_rgb.shape
+        assert np.abs(ours_rgb - theirs_rgb).mean() < 2.0, clip_id
     summary = json.loads((native / "cut" / "clip_index.json").read_text())
     assert summary["counts"]["windows"] == 8 and summary["counts"]["dropped_few_frames"] == 0
     val = {r["sequence"] for r in load_index(native / "cut", "val")}

@@ -491,7 +491,7 @@ def test_run_and_encode_take_arguments_in_one_order():
 
 @pytest.mark.parametrize("name", ADAPTER_NAMES)
 def test_hf_export_reloads_to_identical_outputs(tmp_path, name):
-    from hidden_adapter import export_hf, load_hf
+    from adapter_hub import export_hf, load_hf
 
     adapter = make(name)
     randomize(adapter)

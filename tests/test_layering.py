@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "cli": 1, "timing": 1,
     "clip_data": 2, "adapter_layers": 2, "losses": 2, "metrics": 2,
     "event_frames": 3, "hidden_adapter": 3,
-    "hidden_data": 4, "cost_model": 4, "preflight": 4, "training_runs": 4,
+    "hidden_data": 4, "adapter_hub": 4, "cost_model": 4, "preflight": 4, "training_runs": 4,
     "vlm_runners": 5,
     "model_builders": 6,
     "drafters": 7,

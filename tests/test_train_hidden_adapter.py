@@ -15,8 +15,9 @@ import torch
 import yaml
 
 import train_hidden_adapter as tha
+from adapter_hub import load_hf
 from common import UserError
-from hidden_adapter import ADAPTER_NAMES, adapter_inputs, load_adapter, load_hf
+from hidden_adapter import ADAPTER_NAMES, adapter_inputs, load_adapter
 from hidden_data import ChunkStream, chunk_name, load_chunk, select_pairs
 from tests.conftest import ROOT
 from tests.test_hidden_data import D, make_split, write_head
