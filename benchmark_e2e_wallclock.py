@@ -63,15 +63,14 @@ import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
+from draft_trees import AutoTreeBudget, TreeSpec, tree_drafter
 from drafters import (
-    AutoTreeBudget,
     ConfidenceStop,
     DrafterLM,
     DraftLength,
     ExpectedGainStop,
     NoDrafter,
     SyntheticDrafter,
-    TreeSpec,
     drafter_problem,
     make_drafter,
 )
@@ -367,7 +366,7 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
             tree = tree_spec(args, adapter, profile, draft_ms or {})
             if tree is not None and "decode" in args.configs and adapter.config.rolls_out and stop == "fixed":
                 name = f"decode[{d_name},tree]"  # beside its chain: same adapter, one tree per window
-                engines[name] = sd.SpeculativeDecoder(vl, make_drafter(adapter, head, lm=lm, generator=gen, tree=tree),
+                engines[name] = sd.SpeculativeDecoder(vl, tree_drafter(adapter, head, tree, lm=lm, generator=gen),
                                                       gamma_decode=tree.depth, **common)
                 levels[name] = (None, d_name)
                 drafting[name] = {"kind": "decode", "decode": adapter_record(adapter), "draft_stop": "fixed",

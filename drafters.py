@@ -22,6 +22,8 @@ Which drafter an adapter needs follows from its config's roles (`AdapterConfig.p
   - `SyntheticDrafter` the controlled drafter: the target's own greedy continuation, each draft
                        corrupted with probability 1 - p, with a chosen cost per draft step.
   - `NoDrafter`        drafts nothing: the engine is then the target alone on the same code path.
+A `Draft` is a chain or a tree (`parents`); the roll-out levels' dynamic trees, their budget rule and the
+controlled tree drafter are draft_trees.py's.
 
 How many drafts a window holds (at most gamma_decode) is a `DraftLength`: fixed, transformers' confidence
 stop (`ConfidenceStop`), or `ExpectedGainStop`, which drafts on while the calibrated acceptance estimate
@@ -36,18 +38,16 @@ static and compiled paths). `draft_step` sets up one roll-out draft on either, f
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common import log
 from hidden_adapter import (
     NEXT_POSITION_LEVELS,
     AdapterConfig,
@@ -247,128 +247,6 @@ def roll_out(h: Tensor, k: int, head: Tensor, temperature: float, generator: tor
     return Draft(tokens, torch.stack(probs) if probs else None)
 
 
-def _path(parents: list[int], node: int) -> list[int]:
-    """Node indices from the root's child down to `node`."""
-    path = [node]
-    while parents[path[-1]] >= 0:
-        path.append(parents[path[-1]])
-    return path[::-1]
-
-
-class AutoTreeBudget:
-    """EAGLE-2's `total_token=-1`: each window's node budget chosen for the most expected tokens per
-    millisecond. A node is accepted iff its whole path is, so the expected accepted drafts of a tree is the
-    sum over its nodes of the product of the calibrated acceptance of each token's own draft probability
-    along its path (`accept_by_bin`: equal-width bins over [0, 1], a checkpoint's draft_calibration, measured
-    on top-1 roll-out drafts and read here for every candidate). Keeping the n best nodes costs one verify
-    of n + 1 positions (`verify_ms`, the run's measured costs) plus one adapter step per depth (`draft_ms`)."""
-
-    def __init__(self, accept_by_bin: list[float], verify_ms: Callable[[float], float], draft_ms: float) -> None:
-        if not accept_by_bin or any(not 0.0 <= a <= 1.0 for a in accept_by_bin) or draft_ms < 0:
-            raise ValueError("accept_by_bin must hold acceptance rates in [0, 1] and draft_ms must be >= 0")
-        self.accept, self.verify_ms, self.draft_ms = list(accept_by_bin), verify_ms, draft_ms
-
-    @classmethod
-    def from_calibration(cls, calibration: dict[str, Any], verify_ms: Callable[[float], float],
-                         draft_ms: float) -> AutoTreeBudget:
-        return cls([0.0 if a is None else float(a) for a in calibration["accept"]], verify_ms, draft_ms)
-
-    def calibrated(self, prob: float) -> float:
-        return self.accept[min(int(prob * len(self.accept)), len(self.accept) - 1)]
-
-    def choose(self, path_accept: list[float], depth: int) -> int:
-        """The n (>= 1) of most (1 + sum of the n best nodes' path acceptance) / cost(n), nodes best first."""
-        best, best_n, expected = -1.0, 1, 1.0
-        for n, p in enumerate(path_accept, 1):
-            expected += p
-            rate = expected / (self.verify_ms(n + 1) + depth * self.draft_ms)
-            if rate > best:
-                best, best_n = rate, n
-        return best_n
-
-
-@dataclass(frozen=True)
-class TreeSpec:
-    """The shape of an EAGLE-2-style dynamic draft tree: at most `depth` levels (the engine's gamma caps
-    it); at each depth the `topk` frontier nodes of highest cumulative log-probability are expanded, each
-    into its `topk` most likely tokens; then every candidate is reranked and the `budget` best nodes (by
-    cumulative log-probability, ancestors always kept) are verified. With `auto` the budget is chosen per
-    window (AutoTreeBudget), at most `budget` nodes."""
-
-    depth: int = 5
-    topk: int = 4
-    budget: int = 16
-    auto: AutoTreeBudget | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.depth < 1 or self.topk < 1 or self.budget < 1:
-            raise ValueError(f"a draft tree needs depth, topk and budget >= 1, got {self}")
-
-    @property
-    def name(self) -> str:
-        return f"tree(d{self.depth},k{self.topk},n{'auto<=' if self.auto else ''}{self.budget})"
-
-    def record(self) -> dict[str, Any]:
-        """What a result records of the tree: its shape, and whether the budget is chosen per window."""
-        return {"depth": self.depth, "topk": self.topk, "budget": self.budget, "auto": self.auto is not None}
-
-    def max_nodes(self, depth: int) -> int:
-        """The most nodes a tree of at most `depth` levels verifies (topk at depth 1, topk^2 below)."""
-        d = min(depth, self.depth)
-        return min(self.budget, self.topk + max(d - 1, 0) * self.topk**2)
-
-
-def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
-               expand: Callable[[Tensor, Tensor, list[list[int]]], Tensor]) -> Draft:
-    """A dynamic draft tree (greedy: no distribution kept) from the estimate h [1, 1, D] of the state after
-    the root. Candidates are scored by cumulative log-probability of `head`'s softmax along their path;
-    per depth the best `spec.topk` frontier candidates are expanded through `expand(inputs [1, K, D],
-    token_ids [1, K], paths)` (one batched adapter step; paths[j]: node j's candidate indices from depth 1
-    down to itself, its ancestors all expanded earlier), which returns their outputs [1, K, D]. Then the
-    `spec.budget` best candidates are kept; a parent's score is never below its child's, ties go to the
-    shallower, so the kept set holds every kept node's ancestors. Nodes come out in creation order
-    (parents first)."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    scores: list[float] = []
-    local: list[float] = []  # each candidate's own draft log-probability
-    level: list[int] = []  # the current depth's candidates
-    inputs: dict[int, Tensor] = {}  # a candidate's adapter input: its parent's output [D]
-
-    def add(parent: int, logits: Tensor, base: float, h_in: Tensor) -> None:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top = logp.topk(min(spec.topk, logp.shape[-1]))
-        for lp, tok in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            inputs[len(tokens)] = h_in
-            level.append(len(tokens))
-            tokens.append(tok)
-            parents.append(parent)
-            scores.append(base + lp)
-            local.append(lp)
-
-    add(-1, h[0, 0].float() @ head.T, 0.0, h[0, 0])
-    for _ in range(depth - 1):
-        frontier = sorted(level, key=lambda i: -scores[i])[: spec.topk]
-        level.clear()
-        x = torch.stack([inputs[i] for i in frontier])[None]
-        ids = torch.tensor([[tokens[i] for i in frontier]], dtype=torch.long, device=h.device)
-        out = expand(x, ids, [_path(parents, i) for i in frontier])[0]
-        logits = out.float() @ head.T  # [K, V]
-        for j, node in enumerate(frontier):
-            add(node, logits[j], scores[node], out[j])
-    depth_of = Draft(tokens, parents=parents).depths()
-    ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
-    budget = spec.budget
-    if spec.auto is not None:  # a node's chance to be accepted: its path's calibrated acceptance
-        path_accept: dict[int, float] = {}
-        for i in range(len(tokens)):  # parents come first
-            up = path_accept[parents[i]] if parents[i] >= 0 else 1.0
-            path_accept[i] = up * spec.auto.calibrated(math.exp(local[i]))
-        budget = spec.auto.choose([path_accept[i] for i in ranked], max(depth_of, default=1))
-    keep = sorted(ranked[:budget])
-    index = {old: new for new, old in enumerate(keep)}
-    return Draft([tokens[i] for i in keep], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in keep])
-
 
 # ----------------------------------------------------------------------------------------------
 # Adapter caches: one interface, grown per step or preallocated
@@ -428,27 +306,6 @@ class DynamicAdapterCache:
         out, self.past = self.adapter.step(x, self.past, h_target=h_target, token_ids=token_ids, context=context)
         self.length += x.shape[1]
         return out
-
-    @torch.no_grad()
-    def tree_step(self, x: Tensor, positions: Tensor, allowed: Tensor, *, token_ids: Tensor | None = None,
-                  context: Tensor | ProjectedContext | None = None) -> Tensor:
-        """One batched step over K draft-tree nodes of one depth: x [1, K, D_in] at adapter positions
-        `positions` [K], query j attending to the cached positions `allowed` [1, 1, K, length + K] lets it
-        (the verified prefix, its own ancestors' entries, itself); their keys/values are appended. The
-        adapter's own layers and encoding (`EAGLEStyleAdapter.step` with explicit positions and mask), so
-        a one-node step equals `__call__`'s. Outputs [1, K, D_target]."""
-        a = self.adapter
-        if int(positions.max()) >= a.config.max_seq_len:
-            raise ValueError(f"{a.config.name} has learned positions for {a.config.max_seq_len} steps, got "
-                             f"{int(positions.max()) + 1}; rebuild with a larger max_seq_len")
-        x, _, _, token_ids, context = a._inputs(x, None, None, token_ids, context)
-        h, residual = a._encode(x, None, None, token_ids, positions, context)
-        past: list = []
-        for i, layer in enumerate(a.layers):
-            h, kv = layer(h, allowed, self.past[i] if self.past else None)
-            past.append(kv)
-        self.past, self.length = past, self.length + x.shape[1]
-        return a._output(h, residual)
 
 
 class StaticAdapterCache:
@@ -763,7 +620,7 @@ class RolloutDrafter(_AdapterDrafter):
 
     def __init__(self, adapter: Any, head: Tensor, temperature: float = 0.0,
                  generator: torch.Generator | None = None, lm: DrafterLM | None = None,
-                 min_confidence: float = 0.0, length: DraftLength | None = None, tree: TreeSpec | None = None) -> None:
+                 min_confidence: float = 0.0, length: DraftLength | None = None) -> None:
         cfg = adapter.config
         if not cfg.rolls_out:
             raise _refuse(cfg, "RolloutDrafter", f"a level that rolls out ({', '.join(ROLLOUT_LEVELS)})")
@@ -777,8 +634,7 @@ class RolloutDrafter(_AdapterDrafter):
         self._setup(adapter, head, temperature, generator, min_confidence, length)
         self.lm = lm
         self.uses_drafter_model = lm is not None
-        self.tree = tree
-        self.name = f"rollout+{cfg.name}" + (f"+{tree.name}" if tree is not None else "")
+        self.name = f"rollout+{cfg.name}"
 
     def begin(self, inputs: VLMInputs | None) -> None:
         self.context: dict[str, Tensor] = {}
@@ -800,16 +656,20 @@ class RolloutDrafter(_AdapterDrafter):
             ctx = torch.stack(self.states[self.fed : n])
         return ctx[None].to(self.head.device, _dtype(self.adapter))
 
-    @torch.no_grad()
-    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
-        if k == 0:
-            return Draft([])
+    def _feed(self) -> Tensor:
+        """The verified positions the cache lacks go in (the previous window's rolled-out entries cropped
+        off first); the adapter's outputs for them [1, n - fed, D], the last estimating the next state."""
         n = len(self.states)
         self.cache.crop(self.fed)  # drop the previous window's rolled-out positions
         out = self.cache(self._context(n), **self._tokens(self.verified[self.fed : n]), **self.context)
         self.fed = n
-        if self.tree is not None:
-            return self._tree_window(out[:, -1:], min(k, self.tree.depth))
+        return out
+
+    @torch.no_grad()
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        if k == 0:
+            return Draft([])
+        out = self._feed()
         if self.temperature <= 0 and not self.length.needs_prob:
             return self._greedy_window(out[:, -1:], k)
 
@@ -819,26 +679,6 @@ class RolloutDrafter(_AdapterDrafter):
         # out[:, -1:] estimates the target state at the next position
         return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.length)
 
-    def _tree_window(self, h: Tensor, depth: int) -> Draft:
-        """A dynamic draft tree (build_tree) from h [1, 1, D], the estimate of the state after the last
-        verified token: each depth's expanded nodes go through the adapter in one step at position
-        fed + depth - 1, each attending to the verified positions and its own ancestors' entries only
-        (`DynamicAdapterCache.tree_step`). The next window crops those entries off again (the verified
-        positions are re-fed from the target's own states), which is the adapter cache's compaction."""
-        slots: dict[int, int] = {}  # candidate -> its entry in the adapter cache
-
-        def expand(x: Tensor, ids: Tensor, paths: list[list[int]]) -> Tensor:
-            start, width = self.cache.length, len(paths)
-            allowed = torch.zeros(1, 1, width, start + width, dtype=torch.bool, device=x.device)
-            allowed[..., : self.fed] = True
-            for j, path in enumerate(paths):
-                allowed[0, 0, j, [slots[a] for a in path[:-1]] + [start + j]] = True
-                slots[path[-1]] = start + j
-            positions = torch.tensor([self.fed + len(p) - 1 for p in paths], device=x.device)
-            return self.cache.tree_step(x.to(_dtype(self.adapter)), positions, allowed,
-                                        **self._tokens(ids[0].tolist()), **self.context)
-
-        return build_tree(h, depth, self.tree, self.head, expand)
 
     def _greedy_window(self, h: Tensor, k: int) -> Draft:
         """`roll_out` for a greedy fixed-length window with the tokens kept on the device: each draft's
@@ -942,50 +782,6 @@ class SyntheticDrafter:
         self.n += len(tokens)
 
 
-class SyntheticTreeDrafter(SyntheticDrafter):
-    """The controlled drafter as a tree: at each depth `width` siblings under the node on the reference
-    path, each independently right with probability p (the first right one holds the reference token, the
-    others distinct wrong tokens); the next depth grows under the right sibling (under the first when none
-    is), so a depth holds with probability 1 - (1 - p)^width and `width` 1 is SyntheticDrafter's chain."""
-
-    def __init__(self, p: float, vocab_size: int, width: int = 2, cost_ms: float = 0.0, seed: int = 0) -> None:
-        super().__init__(p, vocab_size, cost_ms, seed)
-        if not 1 <= width < vocab_size:
-            raise ValueError(f"width must lie in [1, vocab_size), got {width}")
-        # one node expanded per depth: at most width nodes a depth (the engine sizes static verify passes by it)
-        self.width, self.tree = width, TreeSpec(depth=64, topk=width, budget=64 * width)
-        self.name = f"synthetic-tree(p={p:g},w{width},{cost_ms:g}ms)"
-
-    def _wrong(self, avoid: set[int]) -> int:
-        while True:
-            tok = int(torch.randint(self.vocab_size, (), generator=self.rng))
-            if tok not in avoid:
-                return tok
-
-    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
-        tokens: list[int] = []
-        parents: list[int] = []
-        parent = -1
-        for depth in range(k):
-            pos = self.n + depth
-            true = self.reference[pos] if pos < len(self.reference) else 0
-            right = [float(torch.rand((), generator=self.rng)) < self.p for _ in range(self.width)]
-            hit = right.index(True) if any(right) else None
-            row = [true if j == hit else -1 for j in range(self.width)]
-            for j in range(self.width):
-                if row[j] < 0:
-                    row[j] = self._wrong({true, *row})
-            first = len(tokens)
-            tokens += row
-            parents += [parent] * self.width
-            parent = first + (hit or 0)
-            if self.cost_ms > 0:
-                end = time.perf_counter() + self.cost_ms / 1e3
-                while time.perf_counter() < end:
-                    pass
-        return Draft(tokens, parents=parents)
-
-
 class NoDrafter:
     """Drafts nothing: every iteration is one ordinary decode step of the target."""
 
@@ -1052,30 +848,18 @@ def drafter_problem(config: Any | None, phase: str) -> str | None:
 
 def make_drafter(adapter: Any | None, head: Tensor, *, lm: DrafterLM | None = None, phase: str = "decode",
                  temperature: float = 0.0, generator: torch.Generator | None = None,
-                 length: DraftLength | None = None, min_confidence: float = 0.0,
-                 tree: TreeSpec | None = None) -> Drafter:
+                 length: DraftLength | None = None, min_confidence: float = 0.0) -> Drafter:
     """The drafter `adapter` drafts with in `phase`, chosen from its config's roles (`drafter_for`):
     a per-position level -> EventGPTDrafter (mode c; the prefill drafter), a level that rolls out ->
     RolloutDrafter (mode a; given `lm` only where it reads EventGPT), a lockstep level -> FusedDrafter
     (mode b). No adapter: EventGPT's own states through `head` with `lm` (two-model drafting, `head` then
     EventGPT's own LM head), or NoDrafter without. `head` [V, D] is the target's LM head; `lm` is EventGPT's
     DrafterLM (share one between the drafters of an answer); `length` (or `min_confidence`) the draft-length
-    rule. `tree` makes a roll-out level draft dynamic trees (greedy only: sampling drafts chains, logged in one
-    line; the tree's budget replaces the draft-length rule); other levels keep chains. A level the phase cannot
-    run, or a missing `lm`, is one ValueError line naming what it needs."""
+    rule (draft_trees.tree_drafter makes a roll-out level draft trees). A level the phase cannot run, or a
+    missing `lm`, is one ValueError line naming what it needs."""
     problem = drafter_problem(None if adapter is None else adapter.config, phase)
     if problem:
         raise ValueError(problem)
-    if tree is not None:
-        if adapter is None or not adapter.config.rolls_out or phase != "decode":
-            raise ValueError(f"draft trees are for the roll-out levels ({', '.join(ROLLOUT_LEVELS)}) while decoding; "
-                             f"{'no adapter' if adapter is None else adapter.config.name} keeps chains")
-        if temperature > 0:
-            log.warning("temperature %g: %s drafts chains (trees are verified greedily only)", temperature,
-                     adapter.config.name)
-            tree = None
-        elif (length is not None and type(length) is not DraftLength) or min_confidence > 0:
-            raise ValueError("a draft tree's size is its budget: drop the draft-length rule (--draft_stop fixed)")
     opts = {"temperature": temperature, "generator": generator, "length": length, "min_confidence": min_confidence}
     if adapter is None:
         return EventGPTDrafter(lm, None, head, **opts) if lm is not None else NoDrafter()
@@ -1087,7 +871,7 @@ def make_drafter(adapter: Any | None, head: Tensor, *, lm: DrafterLM | None = No
     if cfg.predicts == "same":
         return EventGPTDrafter(lm, adapter, head, **opts)
     if cfg.rolls_out:
-        return RolloutDrafter(adapter, head, lm=lm if cfg.reads_drafter else None, tree=tree, **opts)
+        return RolloutDrafter(adapter, head, lm=lm if cfg.reads_drafter else None, **opts)
     return FusedDrafter(lm, adapter, head, **opts)
 
 
@@ -1131,7 +915,6 @@ __all__ = [
     "PER_POSITION_LEVELS",
     "ROLLOUT_LEVELS",
     "AdapterCache",
-    "AutoTreeBudget",
     "ConfidenceStop",
     "Draft",
     "DraftLength",
@@ -1145,9 +928,6 @@ __all__ = [
     "RolloutDrafter",
     "StaticAdapterCache",
     "SyntheticDrafter",
-    "SyntheticTreeDrafter",
-    "TreeSpec",
-    "build_tree",
     "choose",
     "draft_length",
     "draft_prob",

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, save_figure
 from cost_model import REFERENCE_PREFILL_WINDOW
-from drafters import TreeSpec, make_drafter, replay_schedule
+from draft_trees import TreeSpec, tree_drafter
+from drafters import make_drafter, replay_schedule
 from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, load_adapter, rollout_problem
 from hidden_data import (
     PAIRS,
@@ -125,7 +126,8 @@ def schedule_replay(adapter: BaseAdapter, test_data: Path, head: torch.Tensor, a
             if n:
                 for name, spec in (("chain", None), ("tree", tree)):
                     gamma = tree.depth if spec else args.gamma_decode
-                    passes[name] += replay_schedule(make_drafter(adapter, head, tree=spec), states, tokens, gamma,
+                    drafter = make_drafter(adapter, head) if spec is None else tree_drafter(adapter, head, spec)
+                    passes[name] += replay_schedule(drafter, states, tokens, gamma,
                                                     chunk["vl_tokens"].shape[1])
             done += 1
     for name, ps in passes.items():

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import draft_trees as dt
 import drafters as dr
 import speculative_decoding as sd
 from hidden_adapter import create_adapter
@@ -85,7 +86,7 @@ def test_tree_verify_rows_equal_each_paths_own_pass(attn: str) -> None:
     tree = vl.verify_tree(torch.tensor([[4, *tokens]]), PARENTS, step.cache,
                           torch.ones(1, length + 2 + len(tokens), dtype=torch.long))
     for row in range(len(tokens) + 1):
-        path = [] if row == 0 else dr._path(PARENTS, row - 1)
+        path = [] if row == 0 else dt._path(PARENTS, row - 1)
         fresh = vl.prefill(prompt, logits_for="last")
         ids = [7, 4, *(tokens[i] for i in path)]
         chain = vl.decode(torch.tensor([ids]), fresh.cache, torch.ones(1, length + len(ids), dtype=torch.long))
@@ -135,7 +136,7 @@ class ScriptedTreeDrafter:
 
     uses_drafter_model = False
     name = "scripted-tree"
-    tree = dr.TreeSpec()
+    tree = dt.TreeSpec()
 
     def __init__(self, width: int, right: int, hits: int, vocab: int = VOCAB) -> None:
         self.width, self.right, self.hits, self.vocab = width, right, hits, vocab
@@ -187,7 +188,7 @@ def test_scripted_trees_are_lossless_with_known_acceptance(world: SimpleNamespac
 def test_synthetic_trees_are_lossless_and_hold_as_designed(world: SimpleNamespace, p: float, width: int) -> None:
     """The controlled tree drafter: every answer the target's; the first depth of a window holds with
     probability 1 - (1 - p)^width (windows the answer's end does not cut)."""
-    drafter = dr.SyntheticTreeDrafter(p, VOCAB, width=width, seed=3)
+    drafter = dt.SyntheticTreeDrafter(p, VOCAB, width=width, seed=3)
     engine = sd.SpeculativeDecoder(world.vl, drafter, gamma_decode=4)
     first_held = windows = 0
     for prompt, ref in zip(world.prompts, world.refs, strict=True):
@@ -213,14 +214,14 @@ def random_b1(vl: VLMRunner, seed: int = 0) -> Any:
     return adapter.attach_token_table(vl.decoder.get_input_embeddings().weight).eval()
 
 
-@pytest.mark.parametrize("spec", [dr.TreeSpec(4, 1, 4), dr.TreeSpec(4, 3, 10), dr.TreeSpec(5, 4, 24),
-                                  dr.TreeSpec(3, 2, 2)])
-def test_rollout_trees_are_lossless(world: SimpleNamespace, spec: dr.TreeSpec) -> None:
+@pytest.mark.parametrize("spec", [dt.TreeSpec(4, 1, 4), dt.TreeSpec(4, 3, 10), dt.TreeSpec(5, 4, 24),
+                                  dt.TreeSpec(3, 2, 2)])
+def test_rollout_trees_are_lossless(world: SimpleNamespace, spec: dt.TreeSpec) -> None:
     """B1's dynamic trees (one batched adapter step per depth) on every prompt: the target's greedy answer;
     topk 1 with the budget at the depth is the chain, same drafts and acceptance as the chain drafter."""
     head = world.vl.lm_head_weight()
     adapter = random_b1(world.vl)
-    tree = sd.SpeculativeDecoder(world.vl, dr.make_drafter(adapter, head, tree=spec), gamma_decode=spec.depth)
+    tree = sd.SpeculativeDecoder(world.vl, dt.tree_drafter(adapter, head, spec), gamma_decode=spec.depth)
     chain = sd.SpeculativeDecoder(world.vl, dr.make_drafter(adapter, head), gamma_decode=spec.depth)
     for prompt, ref in zip(world.prompts, world.refs, strict=True):
         out = tree.generate(prompt, None, MAX_NEW)
@@ -239,7 +240,7 @@ def test_tree_nodes_see_only_their_ancestors() -> None:
     vl = tiny_runner()
     head = vl.lm_head_weight()
     adapter = random_b1(vl, seed=2)
-    drafter = dr.make_drafter(adapter, head, tree=dr.TreeSpec(3, 3, 27))
+    drafter = dt.tree_drafter(adapter, head, dt.TreeSpec(3, 3, 27))
     prompt = prompts(vl, 1)[0]
     step = vl.prefill(prompt, logits_for="last")
     drafter.begin(None)
@@ -255,14 +256,14 @@ def test_tree_nodes_see_only_their_ancestors() -> None:
             continue
         cache.crop(1)  # a chain roll-out along the node's own path, one step per token
         h = h0[:, -1:]
-        for a in ([] if node < 0 else dr._path(draft.parents, node)):
+        for a in ([] if node < 0 else dt._path(draft.parents, node)):
             h = cache(h, token_ids=torch.tensor([[draft.tokens[a]]]))
         assert children == set((h[0, 0] @ head.T).topk(3).indices.tolist())
 
 
 def test_tree_trace_replays_for_the_lossless_check(world: SimpleNamespace) -> None:
     """verify_logits replays a tree answer's passes (ancestor mask, compaction): its rows are the target's."""
-    drafter = dr.SyntheticTreeDrafter(0.7, VOCAB, width=3, seed=0)
+    drafter = dt.SyntheticTreeDrafter(0.7, VOCAB, width=3, seed=0)
     engine = sd.SpeculativeDecoder(world.vl, drafter, gamma_decode=4)
     prompt, ref = world.prompts[3], world.refs[3]
     drafter.set_reference(ref)
@@ -278,16 +279,14 @@ def test_sampling_and_other_levels_keep_chains(world: SimpleNamespace, caplog: p
     head = world.vl.lm_head_weight()
     adapter = random_b1(world.vl)
     with caplog.at_level(logging.WARNING, logger="xmodal_sd"):
-        sampled = dr.make_drafter(adapter, head, temperature=1.0, tree=dr.TreeSpec())
-    assert sampled.tree is None and "drafts chains" in caplog.text
-    engine = sd.SpeculativeDecoder(world.vl, dr.SyntheticTreeDrafter(1.0, VOCAB), temperature=1.0)
+        sampled = dt.tree_drafter(adapter, head, dt.TreeSpec(), temperature=1.0)
+    assert isinstance(sampled, dr.RolloutDrafter) and not hasattr(sampled, "tree") and "drafts chains" in caplog.text
+    engine = sd.SpeculativeDecoder(world.vl, dt.SyntheticTreeDrafter(1.0, VOCAB), temperature=1.0)
     with pytest.raises(ValueError, match="greedily"):
         engine.generate(world.prompts[0], None, MAX_NEW)
-    with pytest.raises(ValueError, match="budget"):
-        dr.make_drafter(adapter, head, tree=dr.TreeSpec(), min_confidence=0.5)
     l5f = create_adapter("L5F", world.vl.hidden_size, dropout=0.0)
     with pytest.raises(ValueError, match="keeps chains"):
-        dr.make_drafter(l5f, head, lm=object(), tree=dr.TreeSpec())
+        dt.tree_drafter(l5f, head, dt.TreeSpec(), lm=object())
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -298,16 +297,16 @@ def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, c
     static = tiny_runner()  # the same weights as world.vl (seed 0), on its own static cache
     head = world.vl.lm_head_weight()
     adapter = random_b1(world.vl)
-    spec = dr.TreeSpec(4, 3, 9)
+    spec = dt.TreeSpec(4, 3, 9)
     n = 3 if compile else 16
-    for make in (lambda: dr.make_drafter(adapter, head, tree=spec), lambda: dr.SyntheticTreeDrafter(0.6, VOCAB, 2)):
+    for make in (lambda: dt.tree_drafter(adapter, head, spec), lambda: dt.SyntheticTreeDrafter(0.6, VOCAB, 2)):
         fast = sd.SpeculativeDecoder(static, make(), gamma_decode=4, static_cache=True, compile=compile,
                                      max_cache_len=64)
         slow = sd.SpeculativeDecoder(world.vl, make(), gamma_decode=4)
-        assert static.tree_width == min(9, 3 + 3 * 9) + 1 or isinstance(fast.drafter, dr.SyntheticTreeDrafter)
+        assert static.tree_width == min(9, 3 + 3 * 9) + 1 or isinstance(fast.drafter, dt.SyntheticTreeDrafter)
         for prompt, ref in list(zip(world.prompts, world.refs, strict=True))[:n]:
             for engine in (fast, slow):
-                if isinstance(engine.drafter, dr.SyntheticTreeDrafter):
+                if isinstance(engine.drafter, dt.SyntheticTreeDrafter):
                     engine.drafter.rng.manual_seed(0)
                     engine.drafter.set_reference(ref)
             a, b = fast.generate(prompt, None, MAX_NEW), slow.generate(prompt, None, MAX_NEW)
@@ -321,18 +320,22 @@ def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, c
         assert [layer.keys.data_ptr() for layer in kv.cache.layers] == before
 
 
-@pytest.mark.parametrize("spec", [None, dr.TreeSpec(4, 3, 12)])
-def test_offline_schedule_replay_matches_live(world: SimpleNamespace, spec: dr.TreeSpec | None) -> None:
+@pytest.mark.parametrize("spec", [None, dt.TreeSpec(4, 3, 12)])
+def test_offline_schedule_replay_matches_live(world: SimpleNamespace, spec: dt.TreeSpec | None) -> None:
     """replay_schedule on the recorded greedy answers and their states gives the live engine's passes:
     the same depth drafted and drafts accepted per verify pass, chain and tree."""
     head = world.vl.lm_head_weight()
     adapter = random_b1(world.vl, seed=1)
-    engine = sd.SpeculativeDecoder(world.vl, dr.make_drafter(adapter, head, tree=spec), gamma_decode=4)
+
+    def make() -> dr.Drafter:
+        return dr.make_drafter(adapter, head) if spec is None else dt.tree_drafter(adapter, head, spec)
+
+    engine = sd.SpeculativeDecoder(world.vl, make(), gamma_decode=4)
     same = 0
     for prompt, ref in zip(world.prompts, world.refs, strict=True):
         live = [(it.drafted, it.accepted) for it in engine.generate(prompt, None, MAX_NEW).trace.iterations]
         states = world.vl.generate(prompt, MAX_NEW).hidden[0, : len(ref)]
-        offline = dr.replay_schedule(dr.make_drafter(adapter, head, tree=spec), states, ref, 4, MAX_NEW)
+        offline = dr.replay_schedule(make(), states, ref, 4, MAX_NEW)
         same += offline == live
     assert same >= 0.95 * len(world.prompts)
 
@@ -363,21 +366,21 @@ def test_offline_replay_in_measure_feature_acceptance(tmp_path: Any) -> None:
 
 def test_auto_budget_picks_the_most_tokens_per_ms() -> None:
     # verify costs 1 ms up to 8 positions, then 1 ms more per position; draft steps free
-    auto = dr.AutoTreeBudget([0.0, 0.5, 1.0], lambda k: 1.0 if k <= 8 else k - 7.0, 0.0)
+    auto = dt.AutoTreeBudget([0.0, 0.5, 1.0], lambda k: 1.0 if k <= 8 else k - 7.0, 0.0)
     assert auto.calibrated(0.1) == 0.0 and auto.calibrated(0.5) == 0.5 and auto.calibrated(1.0) == 1.0
     assert auto.choose([0.9] * 20, 3) == 7  # free width up to 8 positions, then each node costs more than it adds
     assert auto.choose([0.9, 0.0, 0.0], 3) == 1  # ties keep the smallest tree
-    costly = dr.AutoTreeBudget([1.0], lambda k: float(k), 0.0)  # every position costs a verify step
+    costly = dt.AutoTreeBudget([1.0], lambda k: float(k), 0.0)  # every position costs a verify step
     assert costly.choose([0.9, 0.5, 0.1], 2) == 1
 
 
 def test_auto_budget_trees_are_lossless_and_vary_per_window(world: SimpleNamespace) -> None:
     head = world.vl.lm_head_weight()
     adapter = random_b1(world.vl)
-    auto = dr.AutoTreeBudget([0.1 * i for i in range(11)], lambda k: 1.0 + 0.05 * k, 0.1)
-    spec = dr.TreeSpec(4, 3, 20, auto=auto)
+    auto = dt.AutoTreeBudget([0.1 * i for i in range(11)], lambda k: 1.0 + 0.05 * k, 0.1)
+    spec = dt.TreeSpec(4, 3, 20, auto=auto)
     assert spec.name == "tree(d4,k3,nauto<=20)" and spec.record()["auto"]
-    engine = sd.SpeculativeDecoder(world.vl, dr.make_drafter(adapter, head, tree=spec), gamma_decode=4)
+    engine = sd.SpeculativeDecoder(world.vl, dt.tree_drafter(adapter, head, spec), gamma_decode=4)
     sizes = set()
     for prompt, ref in zip(world.prompts, world.refs, strict=True):
         out = engine.generate(prompt, None, MAX_NEW)
