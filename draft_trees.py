@@ -38,6 +38,7 @@ from drafters import (
     DrafterLM,
     DynamicAdapterCache,
     RolloutDrafter,
+    StaticAdapterCache,
     SyntheticDrafter,
     _dtype,
     make_drafter,
@@ -135,29 +136,31 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
     scores: list[float] = []
     local: list[float] = []  # each candidate's own draft log-probability
     level: list[int] = []  # the current depth's candidates
-    inputs: dict[int, Tensor] = {}  # a candidate's adapter input: its parent's output [D]
+    src: list[int] = []  # a candidate's adapter input: its parent's row of the outputs it was drafted from
 
-    def add(parent: int, logits: Tensor, base: float, h_in: Tensor) -> None:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top = logp.topk(min(spec.topk, logp.shape[-1]))
-        for lp, tok in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            inputs[len(tokens)] = h_in
-            level.append(len(tokens))
-            tokens.append(tok)
-            parents.append(parent)
-            scores.append(base + lp)
-            local.append(lp)
+    def add(nodes: list[int], logits: Tensor) -> None:
+        """Each node's (-1: the root) topk children, from the nodes' logits [K, V]: one softmax, one top-k
+        and one host read per depth."""
+        top = torch.log_softmax(logits.float(), dim=-1).topk(min(spec.topk, logits.shape[-1]), dim=-1)
+        level.clear()
+        for j, (node, lps, toks) in enumerate(zip(nodes, top.values.tolist(), top.indices.tolist(), strict=True)):
+            base = scores[node] if node >= 0 else 0.0
+            for lp, tok in zip(lps, toks, strict=True):
+                level.append(len(tokens))
+                src.append(j)
+                tokens.append(tok)
+                parents.append(node)
+                scores.append(base + lp)
+                local.append(lp)
 
-    add(-1, h[0, 0].float() @ head.T, 0.0, h[0, 0])
+    rows = h[0]  # [1, D]: the root's children are drafted from the estimate after the root
+    add([-1], rows.float() @ head.T)
     for _ in range(depth - 1):
         frontier = sorted(level, key=lambda i: -scores[i])[: spec.topk]
-        level.clear()
-        x = torch.stack([inputs[i] for i in frontier])[None]
+        x = rows[[src[i] for i in frontier]][None]
         ids = torch.tensor([[tokens[i] for i in frontier]], dtype=torch.long, device=h.device)
-        out = expand(x, ids, [_path(parents, i) for i in frontier])[0]
-        logits = out.float() @ head.T  # [K, V]
-        for j, node in enumerate(frontier):
-            add(node, logits[j], scores[node], out[j])
+        rows = expand(x, ids, [_path(parents, i) for i in frontier])[0]  # [K, D]
+        add(frontier, rows.float() @ head.T)
     depth_of = Draft(tokens, parents=parents).depths()
     ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
     budget = spec.budget
@@ -180,24 +183,37 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
 @torch.no_grad()
 def tree_step(cache: Any, x: Tensor, positions: Tensor, allowed: Tensor, *, token_ids: Tensor | None = None,
               context: Tensor | ProjectedContext | None = None) -> Tensor:
-    """One batched step over K draft-tree nodes of one depth on an adapter cache: x [1, K, D_in] at adapter
-    positions `positions` [K], query j attending to the cached entries `allowed` [1, 1, K, length + K] lets
-    it (the verified prefix, its own ancestors' entries, itself); their keys/values are appended after the
-    cache's `length`. The adapter's own layers and encoding (`EAGLEStyleAdapter.step` with explicit positions
-    and mask), so a one-node step equals the cache's own step. Outputs [1, K, D_target]."""
-    if not isinstance(cache, DynamicAdapterCache):
-        raise ValueError(f"draft trees run on the dynamic adapter cache, got the {cache.path} one")
-    a = cache.adapter
-    if int(positions.max()) >= a.config.max_seq_len:
-        raise ValueError(f"{a.config.name} has learned positions for {a.config.max_seq_len} steps, got "
-                         f"{int(positions.max()) + 1}; rebuild with a larger max_seq_len")
+    """One batched step over K draft-tree nodes of one depth on an adapter cache, dynamic or static: x
+    [1, K, D_in] at adapter positions `positions` [K], query j attending to the cached entries `allowed`
+    [1, 1, K, length + K] lets it (the verified prefix, its own ancestors' entries, itself); their
+    keys/values go after the cache's `length` (appended to a DynamicAdapterCache; written in place into a
+    StaticAdapterCache's buffers, the mask then spanning all its slots, those past the new length False).
+    The adapter's own layers and encoding (`EAGLEStyleAdapter.step` / `static_step` with explicit positions
+    and mask), so a one-node step equals the cache's own step. Eager on a compiled cache too (the nodes of
+    a depth are a third shape; the buffers keep their addresses). Outputs [1, K, D_target]."""
+    if not isinstance(cache, DynamicAdapterCache | StaticAdapterCache):
+        raise ValueError(f"a draft tree steps an adapter's DynamicAdapterCache or StaticAdapterCache, "
+                         f"got {type(cache).__name__}")
+    a, start, k = cache.adapter, cache.length, x.shape[1]
+    limit = a.config.max_seq_len
+    if int(positions.max()) >= limit or (isinstance(cache, StaticAdapterCache) and start + k > limit):
+        raise ValueError(f"{a.config.name} has learned positions (and static cache slots) for {limit} steps, got "
+                         f"{max(int(positions.max()) + 1, start + k)}; rebuild with a larger max_seq_len")
     x, _, _, token_ids, context = a._inputs(x, None, None, token_ids, context)
     h, residual = a._encode(x, None, None, token_ids, positions, context)
+    if isinstance(cache, StaticAdapterCache):
+        full = allowed.new_zeros(1, 1, k, limit)
+        full[..., : start + k] = allowed
+        slots = torch.arange(start, start + k, device=x.device)
+        for layer, keys, values in zip(a.layers, cache.keys, cache.values, strict=True):
+            h = layer.static_forward(h, full, slots, keys, values)
+        cache.length = start + k
+        return a._output(h, residual)
     past: list = []
     for i, layer in enumerate(a.layers):
         h, kv = layer(h, allowed, cache.past[i] if cache.past else None)
         past.append(kv)
-    cache.past, cache.length = past, cache.length + x.shape[1]
+    cache.past, cache.length = past, start + k
     return a._output(h, residual)
 
 
@@ -205,8 +221,9 @@ class TreeRolloutDrafter(RolloutDrafter):
     """A roll-out level (B1, L5, L5E: `RolloutDrafter`) drafting one dynamic tree per window (`build_tree`,
     greedy): the verified positions go into the adapter's cache as for a chain, then each depth's expanded
     nodes go through the adapter in one step (`tree_step`) at position fed + depth - 1, each attending to the
-    verified positions and its own ancestors' entries only. The next window crops those entries off again (the
-    verified positions are re-fed from the target's own states), which is the adapter cache's compaction."""
+    verified positions and its own ancestors' entries only, on the adapter cache of the engine's path (dynamic,
+    or static on the static and compiled paths). The next window crops those entries off again (the verified
+    positions are re-fed from the target's own states), which is the adapter cache's compaction."""
 
     def __init__(self, adapter: Any, head: Tensor, tree: TreeSpec, lm: DrafterLM | None = None) -> None:
         super().__init__(adapter, head, lm=lm)
@@ -222,14 +239,19 @@ class TreeRolloutDrafter(RolloutDrafter):
 
         def expand(x: Tensor, ids: Tensor, paths: list[list[int]]) -> Tensor:
             start, width = self.cache.length, len(paths)
+            rows: list[int] = []
+            cols: list[int] = []
+            for j, path in enumerate(paths):  # each node: its ancestors' entries and its own
+                entries = [slots[a] for a in path[:-1]] + [start + j]
+                rows += [j] * len(entries)
+                cols += entries
+                slots[path[-1]] = start + j
             allowed = torch.zeros(1, 1, width, start + width, dtype=torch.bool, device=x.device)
             allowed[..., : self.fed] = True
-            for j, path in enumerate(paths):
-                allowed[0, 0, j, [slots[a] for a in path[:-1]] + [start + j]] = True
-                slots[path[-1]] = start + j
+            allowed[0, 0, rows, cols] = True
             positions = torch.tensor([self.fed + len(p) - 1 for p in paths], device=x.device)
-            return tree_step(self.cache, x.to(_dtype(self.adapter)), positions, allowed,
-                             **self._tokens(ids[0].tolist()), **self.context)
+            tokens = {"token_ids": ids} if self.adapter.config.uses_tokens else {}
+            return tree_step(self.cache, x.to(_dtype(self.adapter)), positions, allowed, **tokens, **self.context)
 
         return build_tree(h, min(k, self.tree.depth), self.tree, self.head, expand)
 

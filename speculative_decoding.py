@@ -192,7 +192,7 @@ class SpeculativeDecoder:
     def _select_adapter_path(self, *drafters: Drafter | None) -> None:
         for d in drafters:
             if hasattr(d, "use_static_cache"):
-                if self._adapter_path is None or getattr(d, "tree", None) is not None:  # trees: dynamic adapter cache
+                if self._adapter_path is None:
                     d.use_dynamic_cache()
                 else:
                     d.use_static_cache(*self._adapter_path)

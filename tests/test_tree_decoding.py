@@ -235,12 +235,18 @@ def test_rollout_trees_are_lossless(world: SimpleNamespace, spec: dt.TreeSpec) -
             assert [it.accepted for it in out.trace.iterations] == [it.accepted for it in base.trace.iterations]
 
 
-def test_tree_nodes_see_only_their_ancestors() -> None:
-    """Each tree node's adapter output equals a chain roll-out along that node's own path."""
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_tree_nodes_see_only_their_ancestors(path: str) -> None:
+    """Each tree node's adapter output equals a chain roll-out along that node's own path (on a dynamic
+    cache), whether the tree was drafted on the adapter's dynamic or its static cache."""
     vl = tiny_runner()
     head = vl.lm_head_weight()
     adapter = random_b1(vl, seed=2)
     drafter = dt.tree_drafter(adapter, head, dt.TreeSpec(3, 3, 27))
+    if path == "static":
+        drafter.use_static_cache(4)
+        buffers = [k.data_ptr() for k in drafter.cache.keys]
+    assert drafter.decode_path == path
     prompt = prompts(vl, 1)[0]
     step = vl.prefill(prompt, logits_for="last")
     drafter.begin(None)
@@ -259,6 +265,8 @@ def test_tree_nodes_see_only_their_ancestors() -> None:
         for a in ([] if node < 0 else dt._path(draft.parents, node)):
             h = cache(h, token_ids=torch.tensor([[draft.tokens[a]]]))
         assert children == set((h[0, 0] @ head.T).topk(3).indices.tolist())
+    if path == "static":  # written in place after the verified position, 3 nodes expanded per depth
+        assert [k.data_ptr() for k in drafter.cache.keys] == buffers and drafter.cache.length == 1 + 3 * 2
 
 
 def test_tree_trace_replays_for_the_lossless_check(world: SimpleNamespace) -> None:
@@ -304,6 +312,9 @@ def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, c
                                      max_cache_len=64)
         slow = sd.SpeculativeDecoder(world.vl, make(), gamma_decode=4)
         assert static.tree_width == min(9, 3 + 3 * 9) + 1 or isinstance(fast.drafter, dt.SyntheticTreeDrafter)
+        if isinstance(fast.drafter, dt.TreeRolloutDrafter):  # B1 drafts its trees on its own static cache
+            assert fast.drafter.decode_path == ("compiled" if compile else "static")
+            assert slow.drafter.decode_path == "dynamic"
         for prompt, ref in list(zip(world.prompts, world.refs, strict=True))[:n]:
             for engine in (fast, slow):
                 if isinstance(engine.drafter, dt.SyntheticTreeDrafter):
