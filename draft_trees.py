@@ -135,33 +135,34 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
     parents: list[int] = []
     scores: list[float] = []
     local: list[float] = []  # each candidate's own draft log-probability
-    level: list[int] = []  # the current depth's candidates
     src: list[int] = []  # a candidate's adapter input: its parent's row of the outputs it was drafted from
 
-    def add(nodes: list[int], logits: Tensor) -> None:
-        """Each node's (-1: the root) topk children, from the nodes' logits [K, V]: one softmax, one top-k
-        and one host read per depth."""
+    depth_of: list[int] = []
+    level: range = range(0)  # the current depth's candidates
+
+    def add(nodes: list[int], logits: Tensor, d: int) -> range:
+        """Each node's (-1: the root) topk children at depth d, from the nodes' logits [K, V]: one softmax,
+        one top-k and one host read per depth. Returns the new candidates' indices."""
         top = torch.log_softmax(logits.float(), dim=-1).topk(min(spec.topk, logits.shape[-1]), dim=-1)
-        level.clear()
+        first = len(tokens)
         for j, (node, lps, toks) in enumerate(zip(nodes, top.values.tolist(), top.indices.tolist(), strict=True)):
-            base = scores[node] if node >= 0 else 0.0
-            for lp, tok in zip(lps, toks, strict=True):
-                level.append(len(tokens))
-                src.append(j)
-                tokens.append(tok)
-                parents.append(node)
-                scores.append(base + lp)
-                local.append(lp)
+            base, n = (scores[node] if node >= 0 else 0.0), len(toks)
+            src.extend([j] * n)
+            tokens.extend(toks)
+            parents.extend([node] * n)
+            scores.extend([base + lp for lp in lps])
+            local.extend(lps)
+        depth_of.extend([d] * (len(tokens) - first))
+        return range(first, len(tokens))
 
     rows = h[0]  # [1, D]: the root's children are drafted from the estimate after the root
-    add([-1], rows.float() @ head.T)
-    for _ in range(depth - 1):
-        frontier = sorted(level, key=lambda i: -scores[i])[: spec.topk]
+    level = add([-1], rows.float() @ head.T, 1)
+    for d in range(2, depth + 1):
+        frontier = sorted(level, key=scores.__getitem__, reverse=True)[: spec.topk]
         x = rows[[src[i] for i in frontier]][None]
         ids = torch.tensor([[tokens[i] for i in frontier]], dtype=torch.long, device=h.device)
         rows = expand(x, ids, [_path(parents, i) for i in frontier])[0]  # [K, D]
-        add(frontier, rows.float() @ head.T)
-    depth_of = Draft(tokens, parents=parents).depths()
+        level = add(frontier, rows.float() @ head.T, d)
     ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
     budget = spec.budget
     if spec.auto is not None:  # a node's chance to be accepted: its path's calibrated acceptance
@@ -181,10 +182,10 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
 
 
 @torch.no_grad()
-def tree_step(cache: Any, x: Tensor, positions: Tensor, allowed: Tensor, *, token_ids: Tensor | None = None,
+def tree_step(cache: Any, x: Tensor, positions: list[int], allowed: Tensor, *, token_ids: Tensor | None = None,
               context: Tensor | ProjectedContext | None = None) -> Tensor:
     """One batched step over K draft-tree nodes of one depth on an adapter cache, dynamic or static: x
-    [1, K, D_in] at adapter positions `positions` [K], query j attending to the cached entries `allowed`
+    [1, K, D_in] at adapter positions `positions` (K ints), query j attending to the cached entries `allowed`
     [1, 1, K, length + K] lets it (the verified prefix, its own ancestors' entries, itself); their
     keys/values go after the cache's `length` (appended to a DynamicAdapterCache; written in place into a
     StaticAdapterCache's buffers, the mask then spanning all its slots, those past the new length False).
@@ -196,11 +197,11 @@ def tree_step(cache: Any, x: Tensor, positions: Tensor, allowed: Tensor, *, toke
                          f"got {type(cache).__name__}")
     a, start, k = cache.adapter, cache.length, x.shape[1]
     limit = a.config.max_seq_len
-    if int(positions.max()) >= limit or (isinstance(cache, StaticAdapterCache) and start + k > limit):
+    if max(positions) >= limit or (isinstance(cache, StaticAdapterCache) and start + k > limit):
         raise ValueError(f"{a.config.name} has learned positions (and static cache slots) for {limit} steps, got "
-                         f"{max(int(positions.max()) + 1, start + k)}; rebuild with a larger max_seq_len")
+                         f"{max(max(positions) + 1, start + k)}; rebuild with a larger max_seq_len")
     x, _, _, token_ids, context = a._inputs(x, None, None, token_ids, context)
-    h, residual = a._encode(x, None, None, token_ids, positions, context)
+    h, residual = a._encode(x, None, None, token_ids, torch.tensor(positions, device=x.device), context)
     if isinstance(cache, StaticAdapterCache):
         full = allowed.new_zeros(1, 1, k, limit)
         full[..., : start + k] = allowed
@@ -249,7 +250,7 @@ class TreeRolloutDrafter(RolloutDrafter):
             allowed = torch.zeros(1, 1, width, start + width, dtype=torch.bool, device=x.device)
             allowed[..., : self.fed] = True
             allowed[0, 0, rows, cols] = True
-            positions = torch.tensor([self.fed + len(p) - 1 for p in paths], device=x.device)
+            positions = [self.fed + len(p) - 1 for p in paths]
             tokens = {"token_ids": ids} if self.adapter.config.uses_tokens else {}
             return tree_step(self.cache, x.to(_dtype(self.adapter)), positions, allowed, **tokens, **self.context)
 
