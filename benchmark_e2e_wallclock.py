@@ -63,7 +63,7 @@ import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
-from draft_trees import AutoTreeBudget, TreeSpec, tree_drafter
+from draft_trees import AutoTreeBudget, SyntheticTreeDrafter, TreeSpec, tree_drafter
 from drafters import (
     ConfidenceStop,
     DrafterLM,
@@ -140,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the controlled drafter's cost per draft: milliseconds, or a causal level (B1, L5, L5F, L5E) "
                         "for that level's roll-out draft step as this run measures it on its decode path "
                         "(compiled with --compile)")
+    p.add_argument("--synthetic_tree_width", type=int, default=0,
+                   help="with config synthetic, also the controlled drafter as a tree at every p: this many siblings "
+                        "per depth, each right with probability p (config synthetic_tree_pP_wW; 0 = chains only)")
+    p.add_argument("--verify_widths", default="",
+                   help="comma list of extra verify widths the timing profile measures (e.g. 32,64: the cost of "
+                        "wide trees)")
     p.add_argument("--prompt_lookup_tokens", default="3,5,10",
                    help="config prompt_lookup: comma list of K, transformers' prompt_lookup_num_tokens (candidate "
                         "tokens copied per step); every K is run with every N of --prompt_lookup_ngram")
@@ -240,6 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
     if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
         p.error("--synthetic_acceptance values must be in [0, 1]")
+    try:
+        args.verify_widths = tuple(int(x) for x in args.verify_widths.split(",") if x.strip())
+    except ValueError:
+        p.error("--verify_widths takes a comma list of widths >= 1")
+    if args.synthetic_tree_width < 0 or any(w < 1 for w in args.verify_widths):
+        p.error("--synthetic_tree_width must be >= 0 and --verify_widths >= 1")
     for name in ("prompt_lookup_tokens", "prompt_lookup_ngram"):
         try:
             values = [int(x) for x in getattr(args, name).split(",") if x.strip()]
@@ -384,6 +396,12 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
             engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
             levels[f"synthetic_p{p:g}"] = (None, None)
             drafting[f"synthetic_p{p:g}"] = {"kind": "synthetic", "p": p}
+            if args.synthetic_tree_width:  # the same p per sibling, as a tree: the engine's tree path measured
+                name, w = f"synthetic_tree_p{p:g}_w{args.synthetic_tree_width}", args.synthetic_tree_width
+                tree = SyntheticTreeDrafter(p, vl.vocab_size, w, args.synthetic_cost_ms, seed=args.seed)
+                engines[name] = sd.SpeculativeDecoder(vl, tree, gamma_decode=args.gamma_decode, **common)
+                levels[name] = (None, None)
+                drafting[name] = {"kind": "synthetic", "p": p, "tree_width": w}
     return engines, levels, drafting
 
 
@@ -413,11 +431,14 @@ def trees_beside_chains(configs: dict[str, Any]) -> dict[str, str]:
 
 
 def tree_widths(args: argparse.Namespace) -> tuple[int, ...]:
-    """Verify widths the profile times for the trees: the largest tree's, and for auto every 8 up to it."""
+    """Verify widths the profile times for the trees: the largest tree's, and for auto every 8 up to it; the
+    controlled tree's (gamma x width + 1); and --verify_widths."""
+    extra = (*args.verify_widths, *((args.gamma_decode * args.synthetic_tree_width + 1,)
+                                    if args.synthetic_tree_width and "synthetic" in args.configs else ()))
     if tree_spec(args) is None:
-        return ()
+        return extra
     top = args.tree_budget + 1
-    return (*range(8, top, 8), top) if args.tree_auto else (top,)
+    return (*range(8, top, 8), top, *extra) if args.tree_auto else (top, *extra)
 
 
 def lookup_configs(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
@@ -579,9 +600,10 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
     if "accepted_per_iteration" not in res or kind not in (*ADAPTER_CONFIGS, "synthetic"):
         return None  # the target itself, and transformers' loops: no configuration of the cost model
     if name.startswith("synthetic"):  # decode phase only: (alpha + 1) x t_step / (t_verify + gamma x t_draft)
-        g = args.gamma_decode
+        g = args.gamma_decode  # a tree verifies its nodes (g x width) in one pass, one draft step per depth
+        width = 1 + res["nodes_per_verify"] if res.get("drafting", {}).get("tree_width") else g + 1
         return (res["tokens_per_verify"] * profile.vl_decode_ms
-                / (profile.verify_ms(g + 1) + g * args.synthetic_cost_ms))
+                / (profile.verify_ms(width) + g * args.synthetic_cost_ms))
     pre, dec = levels
     if dec is not None and dec not in DECODE_ADAPTERS:
         return None  # mode c (EventGPT + per-position adapter while decoding) is not in the cost model

@@ -278,6 +278,20 @@ def tree_drafter(adapter: Any, head: Tensor, tree: TreeSpec, *, lm: DrafterLM | 
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SiblingTree:
+    """SyntheticTreeDrafter's shape: `width` siblings per depth, one of them grown on, so `depth` levels
+    verify depth x width nodes (the engine sizes the static path's tree passes by `max_nodes`)."""
+
+    width: int
+
+    def max_nodes(self, depth: int) -> int:
+        return depth * self.width
+
+    def record(self) -> dict[str, Any]:
+        return {"width": self.width}
+
+
 class SyntheticTreeDrafter(SyntheticDrafter):
     """The controlled drafter as a tree: at each depth `width` siblings under the node on the reference
     path, each independently right with probability p (the first right one holds the reference token, the
@@ -288,8 +302,7 @@ class SyntheticTreeDrafter(SyntheticDrafter):
         super().__init__(p, vocab_size, cost_ms, seed)
         if not 1 <= width < vocab_size:
             raise ValueError(f"width must lie in [1, vocab_size), got {width}")
-        # one node expanded per depth: at most width nodes a depth (the engine sizes static verify passes by it)
-        self.width, self.tree = width, TreeSpec(depth=64, topk=width, budget=64 * width)
+        self.width, self.tree = width, SiblingTree(width)
         self.name = f"synthetic-tree(p={p:g},w{width},{cost_ms:g}ms)"
 
     def _wrong(self, avoid: set[int]) -> int:
@@ -324,6 +337,7 @@ class SyntheticTreeDrafter(SyntheticDrafter):
 
 __all__ = [
     "AutoTreeBudget",
+    "SiblingTree",
     "SyntheticTreeDrafter",
     "TreeRolloutDrafter",
     "TreeSpec",

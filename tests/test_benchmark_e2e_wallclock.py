@@ -200,10 +200,16 @@ def test_static_cache_run_records_its_path_and_the_generate_baseline(quick_world
                              "--synthetic_acceptance", "1", "--gamma_decode", "3", "--max_samples", "2",
                              "--max_new_tokens", "6", "--repeats", "1", "--warmup", "1", "--device", "cpu",
                              "--static_cache", "--max_cache_len", "1024", "--reference_profile", "none",
-                             "--synthetic_cost_ms", "B1", "--output_dir", str(tmp_path)])
+                             "--synthetic_cost_ms", "B1", "--synthetic_tree_width", "2", "--verify_widths", "32",
+                             "--output_dir", str(tmp_path)])
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "e2e_wallclock.json").read_text())
     assert result["decode_path"]["cache"] == "static" and result["decode_path"]["verify_width"] == 4  # gamma_decode + 1
+    # the controlled drafter as a tree on the static path: two siblings a depth, lossless, its width timed
+    tree = result["configs"]["synthetic_tree_p1_w2"]
+    assert tree["drafting"]["tree_width"] == 2 and tree["tokens_per_verify"] > 1
+    assert 0 < tree["nodes_per_verify"] <= 3 * 2 and tree["modelled_speedup"] > 0
+    assert {"7", "32"} <= set(map(str, result["profile"]["vl_verify_ms"]))
     assert result["decode_path"]["adapter_steps"] == "static"
     # the controlled drafter costs the B1 draft step this run measured on its (static) path
     assert result["synthetic_cost_level"] == "B1"
