@@ -63,6 +63,7 @@ import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
+from draft_trees import AutoTreeBudget, SyntheticTreeDrafter, TreeSpec, tree_drafter
 from drafters import (
     ConfidenceStop,
     DrafterLM,
@@ -87,6 +88,7 @@ DRAFT_STOPS = ("fixed", "confidence", "expected")
 # 2: every configuration records what it drafts with (`drafting`), and the result the configurations left out
 E2E_FORMAT_VERSION = 2
 ADAPTER_CONFIGS = {"prefill": ("prefill",), "decode": ("decode",), "two_phase": ("prefill", "decode")}
+AUTO_TREE_MAX = 31  # --tree_budget auto verifies at most this many nodes (the profile times width 32)
 TIE_MARGIN_MIN = 2  # a configuration may exceed the target-alone run's ties by max(this, --tie_margin x outputs)
 
 
@@ -110,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of draft-length rules, each decode adapter is run under every one: fixed "
                         "(gamma_decode drafts), confidence (--draft_confidence), expected (calibrated expected "
                         "gain at the measured costs; needs checkpoints from train_hidden_adapter.py)")
+    p.add_argument("--tree_budget", default="15",
+                   help="nodes of each roll-out head's dynamic draft tree: config decode[LEVEL,tree] runs beside "
+                        "decode[LEVEL] (greedy only: sampling drafts chains); 0 = chains only; auto = per window the "
+                        "budget of most expected tokens per ms at this run's measured verify cost by width and the "
+                        "checkpoint's calibrated acceptance (EAGLE-2's total_token=-1; at most 31 nodes)")
+    p.add_argument("--tree_topk", type=int, default=4,
+                   help="a draft tree's branching: frontier nodes expanded per depth, and children per node")
+    p.add_argument("--tree_depth", type=int, default=0, help="a draft tree's deepest level (0 = --gamma_decode)")
     p.add_argument("--reference_profile", type=Path, default=Path("timings/h200_fp16_eager_7b.json"),
                    help="a second timing profile (default: the measured H200 7B one shipped in timings/) under which "
                         "every configuration's speed-up is also modelled at the acceptance measured here "
@@ -130,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the controlled drafter's cost per draft: milliseconds, or a causal level (B1, L5, L5F, L5E) "
                         "for that level's roll-out draft step as this run measures it on its decode path "
                         "(compiled with --compile)")
+    p.add_argument("--synthetic_tree_width", type=int, default=0,
+                   help="with config synthetic, also the controlled drafter as a tree at every p: this many siblings "
+                        "per depth, each right with probability p (config synthetic_tree_pP_wW; 0 = chains only)")
+    p.add_argument("--verify_widths", default="",
+                   help="comma list of extra verify widths the timing profile measures (e.g. 32,64: the cost of "
+                        "wide trees)")
     p.add_argument("--prompt_lookup_tokens", default="3,5,10",
                    help="config prompt_lookup: comma list of K, transformers' prompt_lookup_num_tokens (candidate "
                         "tokens copied per step); every K is run with every N of --prompt_lookup_ngram")
@@ -179,6 +195,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 args.left_out.append(f"{name} (needs {' and '.join(missing)})")
     if "target" not in args.configs:
         args.configs.insert(0, "target")  # every speed-up is measured against it
+    args.tree_auto = args.tree_budget == "auto"
+    if args.tree_topk < 1 or args.tree_depth < 0:
+        p.error("--tree_depth must be >= 0, --tree_topk >= 1")
+    args.tree_depth = args.tree_depth or args.gamma_decode
+    try:
+        args.tree_budget = (min(args.tree_topk + (args.tree_depth - 1) * args.tree_topk**2, AUTO_TREE_MAX)
+                            if args.tree_auto else int(args.tree_budget))
+    except ValueError:
+        args.tree_budget = -1
+    if args.tree_budget < 0:
+        p.error("--tree_budget takes a node count >= 0 or auto")
+    if args.tree_auto and args.random_adapters:
+        p.error("--tree_budget auto reads the calibration stored in trained checkpoints, not random adapters")
+    if args.tree_budget and args.temperature > 0 and "decode" in args.configs:
+        args.left_out.append("decode[LEVEL,tree] (sampling drafts chains)")
     for name in ("max_samples", "max_new_tokens", "gamma_decode", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -215,6 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_acceptance takes a comma list of numbers in [0, 1]")
     if not all(0 <= x <= 1 for x in args.synthetic_acceptance):
         p.error("--synthetic_acceptance values must be in [0, 1]")
+    try:
+        args.verify_widths = tuple(int(x) for x in args.verify_widths.split(",") if x.strip())
+    except ValueError:
+        p.error("--verify_widths takes a comma list of widths >= 1")
+    if args.synthetic_tree_width < 0 or any(w < 1 for w in args.verify_widths):
+        p.error("--synthetic_tree_width must be >= 0 and --verify_widths >= 1")
     for name in ("prompt_lookup_tokens", "prompt_lookup_ngram"):
         try:
             values = [int(x) for x in getattr(args, name).split(",") if x.strip()]
@@ -345,6 +382,14 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
                 levels[f"decode[{d_name}{suffix}]"] = (None, d_name)
                 drafting[f"decode[{d_name}{suffix}]"] = {"kind": "decode", "decode": adapter_record(adapter),
                                                          "draft_stop": stop}
+            tree = tree_spec(args, adapter, profile, draft_ms or {})
+            if tree is not None and "decode" in args.configs and adapter.config.rolls_out and stop == "fixed":
+                name = f"decode[{d_name},tree]"  # beside its chain: same adapter, one tree per window
+                engines[name] = sd.SpeculativeDecoder(vl, tree_drafter(adapter, head, tree, lm=lm, generator=gen),
+                                                      gamma_decode=tree.depth, **common)
+                levels[name] = (None, d_name)
+                drafting[name] = {"kind": "decode", "decode": adapter_record(adapter), "draft_stop": "fixed",
+                                  "tree": tree.record()}
             if "two_phase" in args.configs:
                 name = f"two_phase[{p_name}+{d_name}{suffix}]"
                 engines[name] = sd.SpeculativeDecoder(vl, dec, gamma_decode=args.gamma_decode, prefill_drafter=pre,
@@ -358,7 +403,49 @@ def build_engines(args: argparse.Namespace, vl: Any, eg: Any, adapters: dict[str
             engines[f"synthetic_p{p:g}"] = sd.SpeculativeDecoder(vl, drafter, gamma_decode=args.gamma_decode, **common)
             levels[f"synthetic_p{p:g}"] = (None, None)
             drafting[f"synthetic_p{p:g}"] = {"kind": "synthetic", "p": p}
+            if args.synthetic_tree_width:  # the same p per sibling, as a tree: the engine's tree path measured
+                name, w = f"synthetic_tree_p{p:g}_w{args.synthetic_tree_width}", args.synthetic_tree_width
+                tree = SyntheticTreeDrafter(p, vl.vocab_size, w, args.synthetic_cost_ms, seed=args.seed)
+                engines[name] = sd.SpeculativeDecoder(vl, tree, gamma_decode=args.gamma_decode, **common)
+                levels[name] = (None, None)
+                drafting[name] = {"kind": "synthetic", "p": p, "tree_width": w}
     return engines, levels, drafting
+
+
+def tree_spec(args: argparse.Namespace, adapter: Any = None, profile: Any = None,
+              draft_ms: dict[str, float] | None = None) -> TreeSpec | None:
+    """The draft tree of this run (None where it drafts chains only: sampling, or no budget); with --tree_budget
+    auto, `adapter`'s per-window budget rule at `profile`'s verify costs and its measured draft step."""
+    if not args.tree_budget or args.temperature > 0:
+        return None
+    auto = None
+    if args.tree_auto and adapter is not None:
+        calibration = (getattr(adapter, "extra", None) or {}).get("draft_calibration")
+        if not calibration:
+            raise UserError(f"--tree_budget auto: the {adapter.config.name} checkpoint holds no draft_calibration "
+                            "(train it with this release of train_hidden_adapter.py and --lm_head)")
+        auto = AutoTreeBudget.from_calibration(calibration, profile.verify_ms, (draft_ms or {})[adapter.config.name])
+    return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget, auto=auto)
+
+
+def trees_beside_chains(configs: dict[str, Any]) -> dict[str, str]:
+    """{tree configuration: the chain configuration of the same adapter (fixed draft length)}."""
+    chains = {str(c["drafting"].get("decode")): n for n, c in configs.items()
+              if c.get("drafting", {}).get("kind") == "decode" and c["drafting"].get("draft_stop") == "fixed"
+              and not c["drafting"].get("tree")}
+    return {n: chains[str(c["drafting"]["decode"])] for n, c in configs.items()
+            if c.get("drafting", {}).get("tree") and str(c["drafting"]["decode"]) in chains}
+
+
+def tree_widths(args: argparse.Namespace) -> tuple[int, ...]:
+    """Verify widths the profile times for the trees: the largest tree's, and for auto every 8 up to it; the
+    controlled tree's (gamma x width + 1); and --verify_widths."""
+    extra = (*args.verify_widths, *((args.gamma_decode * args.synthetic_tree_width + 1,)
+                                    if args.synthetic_tree_width and "synthetic" in args.configs else ()))
+    if tree_spec(args) is None:
+        return extra
+    top = args.tree_budget + 1
+    return (*range(8, top, 8), top, *extra) if args.tree_auto else (top, *extra)
 
 
 def lookup_configs(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
@@ -474,6 +561,7 @@ def aggregate(runs: dict[str, list[list[dict[str, Any]]]], gamma: int) -> dict[s
                 tokens_per_verify=(accepted + verify_passes) / max(verify_passes, 1),
                 acceptance_rate=accepted / drafted if drafted else None,
                 per_position_acceptance={k: hits.get(k, 0) / tries[k] for k in sorted(tries)},
+                nodes_per_verify=sum(r.get("nodes", 0) for r in flat) / max(verify_passes, 1),
                 prefill_drafted=statistics.mean(r["phase1"].get("drafted", 0) for r in flat),
                 prefill_accepted=statistics.mean(r["prefill_accepted"] for r in flat),
                 stage_ms_median_per_answer=stages,
@@ -519,17 +607,21 @@ def modelled(name: str, res: dict[str, Any], profile: Any, args: argparse.Namesp
     if "accepted_per_iteration" not in res or kind not in (*ADAPTER_CONFIGS, "synthetic"):
         return None  # the target itself, and transformers' loops: no configuration of the cost model
     if name.startswith("synthetic"):  # decode phase only: (alpha + 1) x t_step / (t_verify + gamma x t_draft)
-        g = args.gamma_decode
+        g = args.gamma_decode  # a tree verifies its nodes (g x width) in one pass, one draft step per depth
+        width = 1 + res["nodes_per_verify"] if res.get("drafting", {}).get("tree_width") else g + 1
         return (res["tokens_per_verify"] * profile.vl_decode_ms
-                / (profile.verify_ms(g + 1) + g * args.synthetic_cost_ms))
+                / (profile.verify_ms(width) + g * args.synthetic_cost_ms))
     pre, dec = levels
     if dec is not None and dec not in DECODE_ADAPTERS:
         return None  # mode c (EventGPT + per-position adapter while decoding) is not in the cost model
+    tree = res.get("drafting", {}).get("tree")  # a tree: verify at its width, one adapter step per depth
     est = estimate_two_phase(profile, num_tokens=res["tokens_per_answer"],
                              free_tokens=res["prefill_accepted"],
-                             accept_len=res["accepted_per_iteration"], gamma_decode=args.gamma_decode,
+                             accept_len=res["accepted_per_iteration"],
+                             gamma_decode=tree["depth"] if tree else args.gamma_decode,
                              gamma_prefill=max(args.gamma_prefill, 1), prefill_adapter=pre, decode_adapter=dec,
-                             drafts_per_iter=res.get("drafted_per_iteration"))
+                             drafts_per_iter=res.get("drafted_per_iteration"),
+                             verify_width=1 + res["nodes_per_verify"] if tree else None)
     return float(est["speedup"])
 
 
@@ -618,6 +710,27 @@ def format_report(result: dict[str, Any]) -> str:
     if pos:
         lines += ["## Per-position acceptance (decode drafts 1..gamma)", "",
                   markdown_table(["config", "rate"], pos), ""]
+    trees = [(n, r) for n, r in result["configs"].items() if r.get("chain")]
+    if trees:
+        def depths(r: dict[str, Any]) -> str:
+            return ", ".join(f"{v:.2f}" for v in r["per_position_acceptance"].values())
+
+        rows = []
+        for name, r in trees:
+            c, t = result["configs"][r["chain"]], r["drafting"]["tree"]
+            rows.append([name, f"d{t['depth']} k{t['topk']} n{t['budget']}", f"{r['nodes_per_verify']:.1f}",
+                         f"{c['tokens_per_verify']:.2f} -> {r['tokens_per_verify']:.2f}", depths(c), depths(r),
+                         f"{c['speedup']['median']:.3f} -> {r['speedup']['median']:.3f}",
+                         "{median:.3f} ({min:.3f}-{max:.3f})".format(**r["tree_over_chain"]),
+                         "-" if r.get("modelled_speedup_reference") is None else
+                         f"{c['modelled_speedup_reference']:.3f} -> {r['modelled_speedup_reference']:.3f}"])
+        lines += ["## Draft trees beside their chains (same adapter, same samples)", "",
+                  "Tree = depth d, k frontier nodes expanded per depth into k children each, the best n nodes "
+                  "verified in one pass (ancestor mask); 'by depth' = share of iterations whose path held to depth "
+                  "1, 2, ...; 'tree/chain' = chain time per token / tree time per token, paired per repeat.", "",
+                  markdown_table(["tree config", "shape", "nodes/verify", "tokens/verify chain -> tree",
+                                  "by depth (chain)", "by depth (tree)", "speed-up chain -> tree", "tree/chain",
+                                  "modelled ref chain -> tree"], rows), ""]
     if result.get("assisted"):
         a = result["assisted"]
         lines += ["## Against transformers' assisted generation (text-only, target LM + perturbed copy)", "",
@@ -704,7 +817,8 @@ def main(args: argparse.Namespace) -> int:
     used = {a.config.name for a in adapters.get("decode", [])}
     used |= {args.synthetic_cost_ms} if isinstance(args.synthetic_cost_ms, str) else set()
     profile = measure_profile(vl, eg, split_dir, clips[c0], questions[q0], args.gamma_decode, source,
-                              decode_adapters=adapters.get("decode"), compiled_levels=used)
+                              decode_adapters=adapters.get("decode"), compiled_levels=used,
+                              verify_widths=tree_widths(args))
     args.synthetic_cost_level = None
     if isinstance(args.synthetic_cost_ms, str):  # a level: its roll-out draft step as just measured on this path
         args.synthetic_cost_level = args.synthetic_cost_ms
@@ -758,6 +872,13 @@ def main(args: argparse.Namespace) -> int:
         res["modelled_speedup"] = modelled(name, res, profile, args, levels.get(name, (None, None)))
         if reference is not None:
             res["modelled_speedup_reference"] = modelled(name, res, reference, args, levels.get(name, (None, None)))
+    for name, chain in trees_beside_chains(configs).items():  # paired per repeat, as every speed-up
+        def ms_per_token(rep: list[dict[str, Any]]) -> float:
+            return sum(r["ms"] for r in rep) / sum(r["tokens"] for r in rep)
+
+        configs[name]["tree_over_chain"] = spread([ms_per_token(c) / ms_per_token(t)
+                                                   for c, t in zip(runs[chain], runs[name], strict=True)])
+        configs[name]["chain"] = chain
 
     assisted = None
     if "assisted" in args.configs:

@@ -254,6 +254,7 @@ def estimate_two_phase(
     concurrent_drafter: bool = False,
     reference: bool = False,
     drafts_per_iter: float | None = None,
+    verify_width: float | None = None,
 ) -> dict[str, Any]:
     """Modelled latency (ms) of one answer of `num_tokens` tokens, baseline vs two-phase SD.
 
@@ -264,6 +265,8 @@ def estimate_two_phase(
         token (ignored without a decode adapter). Iterations are expected values (fractional).
         drafts_per_iter: adapter steps per decode iteration when a draft-length rule ends windows early
         (default gamma_decode); the honest model only.
+        verify_width: positions of each decode verify pass when it is not the chain's (a draft tree: its
+        nodes + 1; its adapter steps stay one batched step per depth, `drafts_per_iter`); honest model only.
     """
     if prefill_adapter is not None and prefill_adapter not in PREFILL_ADAPTERS:
         raise ValueError(f"prefill adapter must be one of {PREFILL_ADAPTERS} or None, got {prefill_adapter!r}")
@@ -309,6 +312,8 @@ def estimate_two_phase(
         # a window cut short by a draft-length rule is verified with its own width (interpolated)
         verify = profile.verify_ms(gamma_decode + 1 if drafts_per_iter is None or reference
                                    else min(max(drafts_per_iter, 0.0), gamma_decode) + 1)
+        if verify_width is not None and not reference:
+            verify = profile.verify_ms(verify_width)
         if decode_adapter in READS_LAYERS and not reference:
             verify += profile.verify_layers_extra_ms
         if reference:

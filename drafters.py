@@ -24,6 +24,8 @@ Which drafter an adapter needs follows from its config's roles (`AdapterConfig.p
   - `SyntheticDrafter` the controlled drafter: the target's own greedy continuation, each draft
                        corrupted with probability 1 - p, with a chosen cost per draft step.
   - `NoDrafter`        drafts nothing: the engine is then the target alone on the same code path.
+A `Draft` is a chain or a tree (`parents`); the roll-out levels' dynamic trees, their budget rule and the
+controlled tree drafter are draft_trees.py's.
 
 How many drafts a window holds (at most gamma_decode) is a `DraftLength`: fixed, transformers' confidence
 stop (`ConfidenceStop`), or `ExpectedGainStop`, which drafts on while the calibrated acceptance estimate
@@ -70,12 +72,33 @@ PHASES = ("prefill", "decode")
 
 @dataclass
 class Draft:
+    """One window's drafts: a chain (`parents` None: token i follows token i - 1) or a tree, node i a child
+    of node parents[i] (-1: the root, i.e. the last verified token; parents[i] < i). A chain is the tree
+    with one branch, so a drafter that returns chains needs no tree code."""
+
     tokens: list[int]
-    probs: Tensor | None = None  # [k, V] float32 draft distribution (sampling only)
+    probs: Tensor | None = None  # [k, V] float32 draft distribution (sampling only; chains only)
+    parents: list[int] | None = None
 
     def cut(self, start: int, stop: int | None = None) -> Draft:
-        """Drafts [start, stop) (Python slice semantics)."""
-        return Draft(self.tokens[start:stop], None if self.probs is None else self.probs[start:stop])
+        """Drafts [start, stop) (Python slice semantics); of a tree (start 0), the nodes at depth <= stop."""
+        if self.parents is None:
+            return Draft(self.tokens[start:stop], None if self.probs is None else self.probs[start:stop])
+        if start != 0:
+            raise ValueError("a draft tree is cut from its root")
+        depth = self.depths()
+        keep = [i for i, d in enumerate(depth) if stop is None or d <= stop]
+        index = {old: new for new, old in enumerate(keep)}
+        return Draft([self.tokens[i] for i in keep], None, [index.get(self.parents[i], -1) for i in keep])
+
+    def depths(self) -> list[int]:
+        """Each node's depth (the root's children: 1); a chain's node i lies at depth i + 1."""
+        if self.parents is None:
+            return list(range(1, len(self.tokens) + 1))
+        depth: list[int] = []
+        for parent in self.parents:
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+        return depth
 
 
 def choose(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[int, Tensor | None]:
@@ -224,6 +247,7 @@ def roll_out(h: Tensor, k: int, head: Tensor, temperature: float, generator: tor
             break
         h = step(i, tokens, h)
     return Draft(tokens, torch.stack(probs) if probs else None)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,14 +672,20 @@ class RolloutDrafter(_AdapterDrafter):
             ctx = torch.stack(self.states[self.fed : n])
         return ctx[None].to(self.head.device, _dtype(self.adapter))
 
-    @torch.no_grad()
-    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
-        if k == 0:
-            return Draft([])
+    def _feed(self) -> Tensor:
+        """The verified positions the cache lacks go in (the previous window's rolled-out entries cropped
+        off first); the adapter's outputs for them [1, n - fed, D], the last estimating the next state."""
         n = len(self.states)
         self.cache.crop(self.fed)  # drop the previous window's rolled-out positions
         out = self.cache(self._context(n), **self._tokens(self.verified[self.fed : n]), **self.context)
         self.fed = n
+        return out
+
+    @torch.no_grad()
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        if k == 0:
+            return Draft([])
+        out = self._feed()
         if self.temperature <= 0 and not self.length.needs_prob:
             return self._greedy_window(out[:, -1:], k)
 
@@ -664,6 +694,7 @@ class RolloutDrafter(_AdapterDrafter):
 
         # out[:, -1:] estimates the target state at the next position
         return roll_out(out[:, -1:], k, self.head, self.temperature, self.generator, step, self.length)
+
 
     def _greedy_window(self, h: Tensor, k: int) -> Draft:
         """`roll_out` for a greedy fixed-length window with the tokens kept on the device: each draft's
@@ -785,6 +816,35 @@ class NoDrafter:
 
 
 
+@torch.no_grad()
+def replay_schedule(drafter: Drafter, states: Tensor, tokens: list[int], gamma: int,
+                    max_new_tokens: int) -> list[tuple[int, int]]:
+    """The live engine's decode schedule replayed offline on a recorded greedy answer: `tokens` [N] the
+    target's answer (up to and including EOS), `states` [N, D] the target states that chose them (a chunk's
+    vl_hidden). Each window drafts min(gamma, max_new_tokens - done - 1) positions (a chain or a tree), is
+    scored as the greedy verify would score it (the target's argmax after a verified prefix is the recorded
+    next token) and the drafter re-syncs on the accepted tokens plus the target's own, with their recorded
+    states. Returns (depth drafted, drafts accepted) per verify pass, so chains and trees compare on the
+    same samples and the same schedule (accepted + 1 per pass: tokens per verify)."""
+    drafter.begin(None)
+    drafter.accept(tokens[:1], states[:1])
+    done, passes = 1, []
+    while done < len(tokens):
+        draft = drafter.draft(min(gamma, max_new_tokens - done - 1))
+        parents = draft.parents if draft.parents is not None else list(range(-1, len(draft.tokens) - 1))
+        node, n = -1, 0
+        while done + n < len(tokens):
+            node = next((c for c, p in enumerate(parents) if p == node and draft.tokens[c] == tokens[done + n]), None)
+            if node is None:
+                break
+            n += 1
+        passes.append((max(draft.depths(), default=0), n))
+        n = min(n, len(tokens) - done - 1)  # the target's own token follows the accepted drafts
+        drafter.accept(tokens[done : done + n + 1], states[done : done + n + 1])
+        done += n + 1
+    return passes
+
+
 # ----------------------------------------------------------------------------------------------
 # One constructor, and one drafting step for the benchmarks' timers
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +871,8 @@ def make_drafter(adapter: Any | None, head: Tensor, *, lm: DrafterLM | None = No
     (mode b). No adapter: EventGPT's own states through `head` with `lm` (two-model drafting, `head` then
     EventGPT's own LM head), or NoDrafter without. `head` [V, D] is the target's LM head; `lm` is EventGPT's
     DrafterLM (share one between the drafters of an answer); `length` (or `min_confidence`) the draft-length
-    rule. A level the phase cannot run, or a missing `lm`, is one ValueError line naming what it needs."""
+    rule (draft_trees.tree_drafter makes a roll-out level draft trees). A level the phase cannot run, or a
+    missing `lm`, is one ValueError line naming what it needs."""
     problem = drafter_problem(None if adapter is None else adapter.config, phase)
     if problem:
         raise ValueError(problem)
@@ -892,5 +953,6 @@ __all__ = [
     "drafter_for",
     "drafter_problem",
     "make_drafter",
+    "replay_schedule",
     "roll_out",
 ]

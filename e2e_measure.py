@@ -179,12 +179,13 @@ def draft_step_ms(adapter: Any, vl: Any, path: str = "dynamic") -> float:
 @torch.no_grad()
 def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str, gamma: int,
                     source: str, decode_adapters: list[Any] | None = None,
-                    compiled_levels: set[str] | None = None) -> Any:
+                    compiled_levels: set[str] | None = None, verify_widths: tuple[int, ...] = ()) -> Any:
     """Per-operation medians (ms) in the cost model's TimingProfile format, batch 1. Adapter steps are
     roll-out drafts (`draft_step_ms`, on the decode path of `vl`): every level at random weights, then the run's
     own decode adapters. On the compiled path only the levels in `compiled_levels` (the ones the run drafts
     with or costs the controlled drafter at; None = all) are compiled, each compile taking seconds to
-    a minute; the others are timed on the static path, and the profile's notes say so."""
+    a minute; the others are timed on the static path, and the profile's notes say so. Verify passes are
+    timed at PROFILE_VERIFY_K, gamma + 1 and `verify_widths` (a draft tree's width)."""
     from cost_model import TimingProfile
     from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS, create_adapter
 
@@ -240,7 +241,7 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         vl_prefill_ms=_median_ms(lambda: vl.prefill(t_in, logits_for="last"), dev, n=5, warmup=1),
         egpt_prefill_ms=_median_ms(lambda: eg.prefill(e_in, logits_for="last"), dev, n=5, warmup=1),
         vl_decode_ms=step_ms(vl, t_in, 1),
-        vl_verify_ms={k: step_ms(vl, t_in, k) for k in sorted({*PROFILE_VERIFY_K, gamma + 1})},
+        vl_verify_ms={k: step_ms(vl, t_in, k) for k in sorted({*PROFILE_VERIFY_K, gamma + 1, *verify_widths})},
         egpt_decode_ms=step_ms(eg, e_in, 1),
         adapter_step_ms=adapter_ms,
         notes=notes,

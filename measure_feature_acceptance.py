@@ -38,6 +38,8 @@ from adapter_checkpoint import load_adapter
 from cli import add_config_flag, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_bytes, atomic_write_json, markdown_table, resolve_device, save_figure
 from cost_model import REFERENCE_PREFILL_WINDOW
+from draft_trees import TreeSpec, tree_drafter
+from drafters import make_drafter, replay_schedule
 from hidden_adapter import BaseAdapter, adapter_inputs, draft_outputs, rollout_problem
 from hidden_data import (
     LAYERS_KEY,
@@ -82,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input_states", choices=("trained", "target"), default="trained",
                    help="trained: the states the adapter was trained to read; target: feed the target's states to "
                    "an adapter trained on the drafter's (how the live engine rolls out L5; widths must match)")
+    p.add_argument("--tree_budget", type=int, default=0,
+                   help="> 0: also replay the live engine's decode schedule on each recorded answer with this draft "
+                        "tree and with the chain (B1: a level that reads only the target's states), tokens per "
+                        "verify pass beside the live benchmark's (docs/LIVE_DECODING.md, draft trees)")
+    p.add_argument("--tree_topk", type=int, default=4, help="the replayed tree's branching (as the live benchmark's)")
+    p.add_argument("--tree_depth", type=int, default=0, help="the replayed tree's depth (0 = --gamma_decode)")
     p.add_argument("--lm_head_batch", type=int, default=4096, help="rows projected through the LM head at a time")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples (quick checks)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -95,7 +103,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max_samples must be >= 1")
+    if args.tree_budget < 0 or args.tree_topk < 1 or args.tree_depth < 0:
+        p.error("--tree_budget and --tree_depth must be >= 0, --tree_topk >= 1")
     return args
+
+
+def schedule_replay(adapter: BaseAdapter, test_data: Path, head: torch.Tensor, args: argparse.Namespace,
+                    device: torch.device) -> dict[str, Any] | None:
+    """The live schedule replayed on every recorded answer (drafters.replay_schedule) by the chain drafter and
+    by the --tree_budget tree: tokens per verify pass and acceptance by depth of each, on the same samples.
+    None for a level that reads EventGPT (the chunks do not hold what its live drafter reads per iteration)."""
+    cfg = adapter.config
+    if not args.tree_budget or not cfg.rolls_out or cfg.reads_drafter:
+        return None
+    tree = TreeSpec(args.tree_depth or args.gamma_decode, args.tree_topk, args.tree_budget)
+    out: dict[str, Any] = {"tree_spec": tree.record()}
+    passes: dict[str, list[tuple[int, int]]] = {"chain": [], "tree": []}
+    done = 0
+    for chunk in iter_chunks(test_data, expect_teacher_forced=False):
+        for i in range(chunk["vl_tokens"].shape[0]):
+            if args.max_samples is not None and done >= args.max_samples:
+                break
+            n = int(chunk["vl_mask"][i].sum())
+            tokens, states = chunk["vl_tokens"][i, :n].tolist(), chunk["vl_hidden"][i, :n].to(device, torch.float32)
+            if n:
+                for name, spec in (("chain", None), ("tree", tree)):
+                    gamma = tree.depth if spec else args.gamma_decode
+                    drafter = make_drafter(adapter, head) if spec is None else tree_drafter(adapter, head, spec)
+                    passes[name] += replay_schedule(drafter, states, tokens, gamma,
+                                                    chunk["vl_tokens"].shape[1])
+            done += 1
+    for name, ps in passes.items():
+        depth = max((d for d, _ in ps), default=0)
+        tries = [sum(d > j for d, _ in ps) for j in range(depth)]
+        out[name] = {"verify_passes": len(ps), "tokens_per_verify": sum(a + 1 for _, a in ps) / max(len(ps), 1),
+                     "by_depth": [sum(a > j for _, a in ps) / t if t else None for j, t in enumerate(tries)]}
+    return out
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -386,6 +429,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     with torch.inference_mode():
         acc, rolls, counts = evaluate(adapter, test_data, pairs, head_file["weight"], args, device)
+        replay = schedule_replay(adapter, test_data, head_file["weight"].to(device, torch.float32), args, device)
     metrics = acc.compute()
     result = {
         "format": RESULT_FORMAT, "format_version": 1,
@@ -401,6 +445,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "per_position": acc.per_position(),
         "drafting": {name: r.compute() for name, r in rolls.items()} or None,
         "calibration": rolls["rollout"].calibration() if rolls else None,
+        "schedule_replay": replay,
         "trained": {k: extra.get(k) for k in ("pairs", "data", "drafting") if k in extra},
     }
     result = strict_json(result)

@@ -55,6 +55,7 @@ TOY_ARGS=${TOY_ARGS:-}                                # extra flags of make_toy_
 BENCH_ARGS=${BENCH_ARGS:-"--max_clips 12 --repeats 3"}   # extraction benchmark size
 E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, question) samples of the test split
 E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}  # live benchmark: extra flags
+E2E_TREE=${E2E_TREE:-"--tree_budget 15 --tree_topk 4"}  # live benchmark: each roll-out head's draft tree beside its chain (--tree_budget 0: chains only)
 # live benchmark configurations; on real data 'assisted' (a second full copy of the target) is left out
 E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted on real data
 DEEP_GAMMA=${DEEP_GAMMA:-8}  # a second live run of B1 and E3 at this deeper window, beside the perfect drafter ("" = none)
@@ -176,7 +177,7 @@ if fresh "$E2E_OUT/e2e_wallclock.json" || [ "$PREFILL_RUN/best_model.pt" -nt "$E
     --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
     --max_new_tokens "$MAX_NEW_TOKENS" --prefill_adapter "$PREFILL_RUN/best_model.pt" --decode_adapter "${DECODE_RUNS[@]}" \
     --draft_stop "$DRAFT_STOP" --configs "$E2E_CONFIGS" --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" \
-    --gamma_decode "$GAMMA_DECODE" $E2E_ARGS --output_dir "$E2E_OUT"
+    --gamma_decode "$GAMMA_DECODE" $E2E_TREE $E2E_ARGS --output_dir "$E2E_OUT"
 else echo "kept $E2E_OUT/e2e_wallclock.json"; fi
 
 DEEP_RUNS=()
@@ -201,7 +202,7 @@ for CKPT in "$PREFILL_RUN/best_model.pt" "${DECODE_RUNS[@]}"; do
   DEST=$RESULTS/acceptance_e2e_samples/$KEY
   if fresh "$DEST/acceptance_metrics.json" || [ "$CKPT" -nt "$DEST/acceptance_metrics.json" ]; then
     $PY measure_feature_acceptance.py --checkpoint "$CKPT" --test_data "$DATA/hidden/test" --lm_head "$LM_HEAD" \
-      --max_samples "$E2E_SAMPLES" --gamma_decode "$GAMMA_DECODE" --device "$DEVICE" --output_dir "$DEST" > /dev/null
+      --max_samples "$E2E_SAMPLES" --gamma_decode "$GAMMA_DECODE" --device "$DEVICE" $E2E_TREE --output_dir "$DEST" > /dev/null
   fi
 done
 

@@ -94,6 +94,26 @@ def accept_drafts(logits: Tensor, draft: Draft, temperature: float,
     return k, None
 
 
+def accept_tree(logits: Tensor, draft: Draft) -> tuple[list[int], int]:
+    """Greedy verify of a draft tree against target logits [1 + nodes, V] (row 0: the root, row i + 1: node
+    i; each row scores the position after it). Returns (the accepted path, node indices from the root's
+    child down: the longest root path whose every token is the target's argmax at its parent, the target's
+    own token after it). Siblings hold different tokens, so at most one child can match. A chain's path
+    is 0..n-1, the n that accept_drafts returns."""
+    target = logits.argmax(-1).tolist()
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(draft.parents if draft.parents is not None else range(-1, len(draft.tokens) - 1)):
+        children.setdefault(parent, []).append(i)
+    path: list[int] = []
+    node = -1
+    while True:
+        want = target[node + 1]
+        node = next((c for c in children.get(node, ()) if draft.tokens[c] == want), None)
+        if node is None:
+            return path, want
+        path.append(node)
+
+
 # ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +126,9 @@ class Iteration:
     from_prefill: bool = False  # verified drafts written during the target's prefill (phase 1)
     ms: dict[str, float] = field(default_factory=dict)  # draft, verify, crop (crop includes drafter re-sync)
     draft: list[int] = field(default_factory=list)  # the drafts verified (the lossless check replays the pass)
+    parents: list[int] | None = None  # a draft tree's parents (None: a chain); `drafted` is then its depth
+    path: list[int] = field(default_factory=list)  # a tree's accepted nodes (compaction keeps them)
+    nodes: int = 0  # a tree's node count (the verify pass's width minus one)
 
 
 @dataclass
@@ -145,10 +168,13 @@ class SpeculativeDecoder:
         also compiles its decode/verify step (CUDA graphs on CUDA). The loop is the same on every path."""
         if gamma_decode < 0 or gamma_prefill < 0:
             raise ValueError("gamma_decode and gamma_prefill must be >= 0")
+        tree = getattr(decode_drafter, "tree", None)
         if static_cache or compile:  # the prefill window's wider verify runs in gamma_decode + 1 pieces
             # None keeps a cache the caller sized with runner.use_static_cache (4096 positions if none).
             size = max_cache_len or getattr(target, "max_cache_len", None) or 4096
             target.use_static_cache(size, verify_width=gamma_decode + 1, compile=compile)
+            if tree is not None:  # every tree pass padded to the largest tree: one graph
+                target.use_tree_width(tree.max_nodes(gamma_decode) + 1)
         # The roll-out adapters' steps take the target's path (selected again at every answer: a drafter
         # may serve several engines).
         self._adapter_path = (gamma_decode + 1, compile) if static_cache or compile else None
@@ -172,6 +198,27 @@ class SpeculativeDecoder:
                     d.use_dynamic_cache()
                 else:
                     d.use_static_cache(*self._adapter_path)
+
+    def _verify(self, root: int, draft: Draft, cache: Any, mask: Tensor) -> tuple[Any, list[int], int | None]:
+        """One target pass over [root, drafts] (a chain, or a tree with its ancestor mask): (the step, the
+        accepted drafts' indices, the target's own next token)."""
+        ids = torch.tensor([[root, *draft.tokens]], device=self.target.device)
+        if draft.parents is None:
+            step = self.target.decode(ids, cache, mask)  # row i scores position len(tokens) + i
+            n, nxt = accept_drafts(step.logits[0], draft, self.temperature, self.generator)
+            return step, list(range(n)), nxt
+        if self.temperature > 0:
+            raise ValueError("draft trees are verified greedily; sampling drafts chains (docs/LIVE_DECODING.md)")
+        step = self.target.verify_tree(ids, draft.parents, cache, mask)
+        return step, *accept_tree(step.logits[0], draft)
+
+    def _roll_back(self, cache: Any, start: int, rows: list[int]) -> None:
+        """Keep the cached rows `rows` of the last verify pass (from cache position `start`): a crop when they
+        are its first rows (every chain), else a tree's compaction (runner.compact_cache)."""
+        if rows == list(range(len(rows))):
+            self.target.crop_cache(cache, start + len(rows))
+        else:
+            self.target.compact_cache(cache, start, rows)
 
     def _mask(self, width: int) -> Tensor:
         if self._ones.shape[1] < width:
@@ -255,7 +302,7 @@ class SpeculativeDecoder:
         tokens = [pre.tokens[0] if first is None else first]
         pending = pre.cut(1) if n0 else Draft([])
         trace.phase1.update(drafted=len(pre.tokens), first_accepted=n0)
-        drafter.accept(tokens, out.hidden[0, -1:], layers=_rows(out.layers, -1, None))
+        drafter.accept(tokens, out.hidden[0, -1:], layers=_rows(out.layers, slice(-1, None)))
         cache = out.cache
         while tokens[-1] != self.eos and len(tokens) < max_new_tokens:
             it = Iteration(0, 0, from_prefill=bool(pending.tokens))
@@ -263,18 +310,19 @@ class SpeculativeDecoder:
             with clock.lap(it.ms, "draft"):
                 draft = (pending if pending.tokens else drafter.draft(k)).cut(0, k)
             pending = Draft([])
-            ids = torch.tensor([[tokens[-1], *draft.tokens]], device=target.device)
             mask = self._mask(prompt_len + len(tokens) + len(draft.tokens))
             with clock.lap(it.ms, "verify"):
-                step = target.decode(ids, cache, mask)  # row i scores position len(tokens) + i
-                n, nxt = accept_drafts(step.logits[0], draft, self.temperature, self.generator)
-            new = [*draft.tokens[:n], nxt]
-            with clock.lap(it.ms, "crop"):
-                target.crop_cache(cache, prompt_len + len(tokens) + n)  # prompt + every token but the newest
-                drafter.accept(new, step.hidden[0, : n + 1], layers=_rows(step.layers, 0, n + 1))
+                step, path, nxt = self._verify(tokens[-1], draft, cache, mask)
+            n, rows = len(path), [0, *(i + 1 for i in path)]  # the root's row and the accepted nodes'
+            new = [*(draft.tokens[i] for i in path), nxt]
+            with clock.lap(it.ms, "crop"):  # keep prompt + every token but the newest
+                self._roll_back(cache, prompt_len + len(tokens) - 1, rows)
+                drafter.accept(new, step.hidden[0, rows], layers=_rows(step.layers, rows))
             if self.eos in new:  # the answer ends at EOS: drafts accepted after it are neither kept nor counted
                 new = new[: new.index(self.eos) + 1]
-            it.drafted, it.accepted, it.draft = len(draft.tokens), min(n, len(new)), draft.tokens
+            it.drafted, it.accepted, it.draft = max(draft.depths(), default=0), min(n, len(new)), draft.tokens
+            if draft.parents is not None:
+                it.parents, it.path, it.nodes = draft.parents, path, len(draft.tokens)
             trace.iterations.append(it)
             tokens += new
         sync_stream(target.device)
@@ -285,9 +333,9 @@ class SpeculativeDecoder:
         return SpecOutput(tokens[:max_new_tokens], trace)
 
 
-def _rows(layers: Tensor | None, start: int, stop: int | None) -> Tensor | None:
-    """Positions [start, stop) of a pass's layer states [1, T, K, D] (None when the target returned none)."""
-    return None if layers is None else layers[0, start:stop]
+def _rows(layers: Tensor | None, rows: slice | list[int]) -> Tensor | None:
+    """Rows `rows` of a pass's layer states [1, T, K, D] (None when the target returned none)."""
+    return None if layers is None else layers[0, rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,8 +372,9 @@ def greedy_continuation(target: Any, inputs: VLMInputs, prefix: list[int], max_n
 def verify_logits(target: Any, inputs: VLMInputs, out: SpecOutput, position: int) -> Tensor:
     """The target's logits [V] at `position` of the engine's answer `out` as the engine's own passes
     computed them: the same prefill, then the trace's verify passes replayed (each [last token, drafts]
-    at its width, the cache cropped as the engine cropped it), on the runner's current path (dynamic,
-    static or compiled), so the rows come from the kernels and shapes the engine ran."""
+    at its width, or a tree's pass with its ancestor mask; the cache cropped or compacted as the engine did)
+    on the runner's current path (dynamic, static or compiled), so the rows come from the kernels and shapes
+    the engine ran."""
     tokens = out.tokens
     step = target.prefill(inputs, logits_for="last")
     if position == 0:
@@ -334,11 +383,17 @@ def verify_logits(target: Any, inputs: VLMInputs, out: SpecOutput, position: int
     done, cache = 1, step.cache  # tokens verified so far (the prefill's own is the first)
     for it in out.trace.iterations:
         ids = torch.tensor([[tokens[done - 1], *it.draft]], device=target.device)
-        step = target.decode(ids, cache, torch.ones(1, length + done + len(it.draft), dtype=torch.long,
-                                                    device=target.device))  # row i scores position done + i
+        mask = torch.ones(1, length + done + len(it.draft), dtype=torch.long, device=target.device)
+        if it.parents is None:
+            step, rows = target.decode(ids, cache, mask), list(range(it.accepted + 1))  # row i: position done + i
+        else:  # a tree: the accepted path's rows, in order
+            step, rows = target.verify_tree(ids, it.parents, cache, mask), [0, *(i + 1 for i in it.path)]
         if position <= done + it.accepted:
-            return step.logits[0, position - done]
-        target.crop_cache(cache, length + done + it.accepted)
+            return step.logits[0, rows[position - done]]
+        if it.parents is None:
+            target.crop_cache(cache, length + done + it.accepted)
+        else:
+            target.compact_cache(cache, length + done - 1, rows[: it.accepted + 1])
         done += it.accepted + 1
     raise ValueError(f"position {position} lies beyond the {done} tokens the trace verified")
 
@@ -498,6 +553,7 @@ def summarise_trace(trace: Trace) -> dict[str, Any]:
         "iterations": len(its),
         "drafted": sum(drafted),
         "accepted": sum(accepted),
+        "nodes": sum(it.nodes for it in its),  # draft-tree nodes verified (0 for chains)
         "per_position_tries": per_pos_tries,
         "per_position_hits": per_pos_hits,
         "stage_ms": ms,
@@ -514,6 +570,7 @@ __all__ = [
     "TieOracle",
     "Trace",
     "accept_drafts",
+    "accept_tree",
     "check_lossless",
     "greedy_continuation",
     "greedy_reference",

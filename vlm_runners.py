@@ -443,6 +443,87 @@ class VLMRunner:
             else:
                 cache.crop(length - current)  # negative = number of positions to remove (transformers 5.x)
 
+    # -- draft trees: one verify pass over a tree, then compaction ---------------------------------
+    @torch.no_grad()
+    def verify_tree(self, token_ids: Tensor, parents: list[int], cache: Any, attention_mask: Tensor) -> StepOutput:
+        """One target pass over a draft tree, through the model's own forward: `token_ids` [1, T] are the root
+        (the last verified token) and T - 1 nodes, node i (row i + 1) a child of node `parents[i]` (-1: the
+        root; parents[i] < i). Each row attends to every cached position `attention_mask` [1, cache + T]
+        allows and to its own ancestors in the tree (itself included), at position root + depth; row r's
+        logits score the position after it. The mask is 4D and additive (0 / the dtype's minimum): eager
+        attention adds it to the scores, so a bool mask would be silently wrong there; sdpa reads either.
+        The cache then holds all T rows (`compact_cache` keeps the accepted path). On the static and compiled
+        paths the pass is padded to `use_tree_width`'s width (one graph per width)."""
+        impl = getattr(self._decoder.config, "_attn_implementation", "eager") or "eager"
+        if impl not in ("eager", "sdpa"):
+            raise UserError(f"tree verify needs eager or sdpa attention (a 4D mask), the target runs {impl}")
+        token_ids = token_ids.to(self.device)
+        width, past = token_ids.shape[1], cache.get_seq_length()
+        if token_ids.shape[0] != 1 or len(parents) != width - 1:
+            raise ValueError(f"a tree verify is batch 1 with one parent per node: {width - 1} nodes, "
+                             f"{len(parents)} parents")
+        if attention_mask.shape[1] != past + width:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, cache+new is {past + width}")
+        if isinstance(cache, StaticKV):
+            return self._static_verify_tree(token_ids, parents, cache)
+        ancestors, depth = tree_ancestors(parents, self.device)
+        mask = attention_mask.to(self.device)
+        allowed = torch.cat([mask[:, None, None, :past].bool().expand(1, 1, width, past), ancestors[None, None]], -1)
+        additive = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        positions = self._positions(mask)[:, past:past + 1] + depth[None]
+        return self._forward(self.embed_ids(token_ids), additive, positions, cache, "all")
+
+    def use_tree_width(self, width: int) -> None:
+        """On the static and compiled paths, pad every tree verify pass to `width` positions (root + nodes), so
+        one compiled graph serves every tree (widths only grow when several engines share this runner)."""
+        if width < 2:
+            raise ValueError("a tree verify pass holds the root and at least one node")
+        self.tree_width = max(getattr(self, "tree_width", 0), width)
+
+    def _static_verify_tree(self, token_ids: Tensor, parents: list[int], kv: StaticKV) -> StepOutput:
+        """verify_tree on the preallocated cache: padded to `tree_width` rows (each pad row sees only itself and
+        is cropped at once), the mask over all max_cache_len slots (the static cache's keys are its whole
+        buffer): cached slots as the prompt's mask says, the new rows as the ancestor mask says, nothing beyond."""
+        n = token_ids.shape[1]
+        width = max(getattr(self, "tree_width", 0), n)
+        if kv.length + width > self.max_cache_len:
+            raise UserError(f"the static cache of {self.max_cache_len} positions is full (raise --max_cache_len)")
+        ancestors, depth = tree_ancestors(parents, self.device)
+        rows = torch.eye(width, dtype=torch.bool, device=self.device)
+        rows[:n, :n] = ancestors
+        allowed = torch.zeros(1, 1, width, self.max_cache_len, dtype=torch.bool, device=self.device)
+        allowed[..., : kv.length] = kv.mask[:, None, None, : kv.length].bool()
+        allowed[0, 0, :, kv.length : kv.length + width] = rows
+        additive = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        positions = torch.full((1, width), kv.length - kv.pad, dtype=torch.long, device=self.device)
+        positions[0, :n] += depth
+        if width > n:
+            token_ids = torch.cat([token_ids, token_ids.new_full((1, width - n), self.pad_token_id)], dim=1)
+        logits, hidden, layers = self._step(token_ids, additive, positions, kv.cache)
+        if self.compiled:  # CUDA-graph outputs are overwritten by the next replay; callers keep these
+            logits, hidden = logits.clone(), hidden.clone()
+            layers = None if layers is None else layers.clone()
+        if width > n:
+            kv.cache.crop(n - width)
+        kv.length += n
+        return StepOutput(logits=logits[:, :n], hidden=hidden[:, :n], cache=kv,
+                          layers=None if layers is None else layers[:, :n])
+
+    def compact_cache(self, cache: Any, start: int, keep: list[int]) -> None:
+        """Roll back a tree verify: of the rows cached from `start` on, keep rows `keep` (ascending, the
+        accepted path) at consecutive positions start, start + 1, ... and drop the rest. The kept keys move
+        in place (their rotary positions are already the path's: root + depth), so the cache's tensors keep
+        their addresses (CUDA graphs captured on a static cache stay valid); then the cache is cropped to
+        start + len(keep)."""
+        if keep != list(range(len(keep))):
+            rows = torch.tensor(keep, device=self.device) + start
+            for layer in (cache.cache if isinstance(cache, StaticKV) else cache).layers:
+                layer.keys[:, :, start:start + len(keep)] = layer.keys.index_select(2, rows)
+                layer.values[:, :, start:start + len(keep)] = layer.values.index_select(2, rows)
+        self.crop_cache(cache, start + len(keep))
+
     @torch.no_grad()
     def lm_head_weight(self) -> Tensor:
         """The LM head as a dense float32 [V, D] matrix on the model device (dequantised if needed).
@@ -644,6 +725,20 @@ class VideoLlavaRunner(VLMRunner):
 # ----------------------------------------------------------------------------------------------
 # What a runner is, and tokens between the two vocabularies
 # ----------------------------------------------------------------------------------------------
+
+
+def tree_ancestors(parents: list[int], device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """A draft tree's (ancestor mask [T, T] bool, depth [T] long) over its root (row 0) and nodes (node i at
+    row i + 1, child of node parents[i], -1 = the root): row r may see row c iff c is r or an ancestor of r."""
+    width = len(parents) + 1
+    allowed = torch.eye(width, dtype=torch.bool)
+    depth = torch.zeros(width, dtype=torch.long)
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i}'s parent {parent} is not the root (-1) or an earlier node")
+        allowed[i + 1] |= allowed[parent + 1]
+        depth[i + 1] = depth[parent + 1] + 1
+    return allowed.to(device), depth.to(device)
 
 
 def model_description(runner: VLMRunner) -> dict[str, Any]:

@@ -354,8 +354,8 @@ def gap_section(page: Page, live: dict[str, Any], acc: dict, results_dir: Path) 
     for name, c in live["configs"].items():
         roles = c.get("drafting") or {}
         kind = roles.get("kind")
-        if kind not in ("prefill", "decode") or roles.get("draft_stop", "fixed") != "fixed":
-            continue
+        if kind not in ("prefill", "decode") or roles.get("draft_stop", "fixed") != "fixed" or roles.get("tree"):
+            continue  # trees: their offline replay is in the draft-tree section
         adapter = roles[kind] or {}
         key = (adapter.get("level"), adapter.get("pairs"))
         entry = acc.get(key)
@@ -490,7 +490,50 @@ def same_file(a: str | None, b: str | None) -> bool:
 def live_fixed_decode(live: dict[str, Any], level: str) -> dict[str, Any]:
     """The live result of the fixed-window decode configuration of `level`, found by what it drafted with."""
     return next((c for c in live["configs"].values() if (d := c.get("drafting") or {}).get("kind") == "decode"
-                 and d.get("draft_stop") == "fixed" and (d.get("decode") or {}).get("level") == level), {})
+                 and d.get("draft_stop") == "fixed" and not d.get("tree")
+                 and (d.get("decode") or {}).get("level") == level), {})
+
+
+def tree_section(page: Page, live: dict[str, Any], results_dir: Path) -> None:
+    """Each roll-out head's draft tree beside its chain, from one live run (same adapter, same samples), with
+    the offline replay of the live schedule on the same samples (measure_feature_acceptance --tree_budget)."""
+    trees = [(n, c) for n, c in live["configs"].items() if c.get("chain") in live["configs"]]
+    if not trees:
+        return
+    same = acceptance_results(results_dir / "acceptance_e2e_samples")
+
+    def replay(t: dict[str, Any], which: str) -> str:
+        adapter = t["drafting"]["decode"] or {}
+        entry = same.get((adapter.get("level"), adapter.get("pairs")))
+        if entry is None or not same_file(entry[1].get("checkpoint"), adapter.get("checkpoint")):
+            return "-"
+        rep = entry[1].get("schedule_replay") or {}
+        if rep.get("tree_spec") != t["drafting"]["tree"]:
+            return "-"  # replayed with another tree (or none)
+        return num((rep.get(which) or {}).get("tokens_per_verify"))
+    page.add("## Draft trees beside chains (measured, live)", "",
+             "Each roll-out head drafts a dynamic tree (docs/LIVE_DECODING.md, draft trees): per depth the best "
+             "k frontier nodes by cumulative log-probability are expanded in one batched adapter step, then the best "
+             "n nodes are verified in one target pass with an ancestor mask, and the accepted path is compacted in "
+             "the cache. `by depth`: share of iterations whose accepted path reached depth 1, 2, ...; `tree/chain`: "
+             "the chain's time per token over the tree's on the same samples, median (min-max) over repeats; "
+             "`offline replay`: the live schedule replayed on the recorded answers of the same samples "
+             "(tokens/verify, chain / tree); every greedy output checked equal to the target's.", "")
+    rows = []
+    for name, t in trees:
+        c, shape = live["configs"][t["chain"]], t["drafting"]["tree"]
+        rows.append([f"{t['chain']} / {name}", f"d{shape['depth']} k{shape['topk']} n{shape['budget']}",
+                     num(t.get("nodes_per_verify"), 1),
+                     f"{num(c.get('tokens_per_verify'))} / {num(t.get('tokens_per_verify'))}",
+                     f"{replay(t, 'chain')} / {replay(t, 'tree')}",
+                     ", ".join(num(v) for v in (c.get("per_position_acceptance") or {}).values()),
+                     ", ".join(num(v) for v in (t.get("per_position_acceptance") or {}).values()),
+                     f"{span(c.get('speedup'))} / {span(t.get('speedup'))}", span(t.get("tree_over_chain")),
+                     f"{num(c.get('modelled_speedup_reference'))} / {num(t.get('modelled_speedup_reference'))}"])
+    ref = profile_name(live["reference_profile"]) if live.get("reference_profile") else "no reference profile"
+    page.add(markdown_table(["chain / tree", "tree shape", "nodes/verify", "tokens/verify",
+                             "offline replay, same samples", "by depth (chain)",
+                             "by depth (tree)", "speed-up here", "tree/chain", f"modelled {ref}"], rows), "")
 
 
 def _window(values: list[float] | None, g: int) -> float | None:
@@ -576,6 +619,7 @@ def main(args: argparse.Namespace) -> Path:
     two_phase_section(page, results_dir, args.world)
     live_section(page, results_dir)
     decode_section(page, live, acc)
+    tree_section(page, live, results_dir)
     depth_section(page, live, deep, deep_file)
     gap_section(page, live, acc, results_dir)
     benchmarks_section(page, results_dir)

@@ -132,10 +132,10 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
     lookups = {"prompt_lookup[K3,N2]", "prompt_lookup[K5,N2]"}
     assert set(result["configs"]) == {"target", "hf_generate", "prefill[L1]", *(f"decode[{d}]" for d in decode),
                                       *(f"two_phase[L1+{d}]" for d in decode), "synthetic_p0", "synthetic_p1",
-                                      *lookups}
+                                      *lookups, "decode[B1,tree]", "decode[L5E,tree]"}
     assert result["lossless_checked"] and result["draft_stop"] == ["fixed", "expected"]
-    # 19 configs x (2 samples x 2 repeats + 1 warm-up), then ours and transformers' on 2 x 2 + 1 text prompts
-    assert result["lossless_outputs_checked"] == 19 * (2 * 2 + 1) + 2 * (2 * 2 + 1)
+    # 21 configs x (2 samples x 2 repeats + 1 warm-up), then ours and transformers' on 2 x 2 + 1 text prompts
+    assert result["lossless_outputs_checked"] == 21 * (2 * 2 + 1) + 2 * (2 * 2 + 1)
     assert result["lossless_passed"] and result["lossless_failures"] == [] and result["numeric_tie_count"] == 0
     assert result["tie_margin"] == {"fraction": 0.01, "minimum": 2}
     for name, res in result["configs"].items():  # every configuration's own count, warm-up included
@@ -147,7 +147,12 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
         assert res["speedup_vs_hf_generate"]["median"] > 0 and res["modelled_speedup"] is None
         assert result["runs"][name][0][0]["forwards"] >= 1
     assert result["decode_modes"] == {f"decode[{d}]": {"L5F": "fused+L5F", "B1": "rollout+B1",
-                                                        "L5E": "rollout+L5E"}[d.split(",")[0]] for d in decode}
+                                                        "L5E": "rollout+L5E"}[d.split(",")[0]] for d in decode} | {
+        f"decode[{lv},tree]": f"rollout+{lv}+tree(d3,k4,n15)" for lv in ("B1", "L5E")}  # the roll-out heads only
+    tree = result["configs"]["decode[B1,tree]"]
+    assert tree["drafting"]["tree"] == {"depth": 3, "topk": 4, "budget": 15, "auto": False}
+    assert 0 < tree["nodes_per_verify"] <= 15 and len(tree["per_position_acceptance"]) <= 3
+    assert tree["modelled_speedup_reference"] > 0 and "Draft trees" in (out / "e2e_wallclock.md").read_text()
     assert result["adapters"] == {"prefill": ["L1"], "decode": ["L5F", "B1", "L5E"]}
     # the expected-gain stop drafts fewer than gamma where this untrained head is unsure; fixed always gamma
     b1, b1_gain = result["configs"]["decode[B1]"], result["configs"]["decode[B1,expected]"]
@@ -196,10 +201,16 @@ def test_static_cache_run_records_its_path_and_the_generate_baseline(quick_world
                              "--synthetic_acceptance", "1", "--gamma_decode", "3", "--max_samples", "2",
                              "--max_new_tokens", "6", "--repeats", "1", "--warmup", "1", "--device", "cpu",
                              "--static_cache", "--max_cache_len", "1024", "--reference_profile", "none",
-                             "--synthetic_cost_ms", "B1", "--output_dir", str(tmp_path)])
+                             "--synthetic_cost_ms", "B1", "--synthetic_tree_width", "2", "--verify_widths", "32",
+                             "--output_dir", str(tmp_path)])
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "e2e_wallclock.json").read_text())
     assert result["decode_path"]["cache"] == "static" and result["decode_path"]["verify_width"] == 4  # gamma_decode + 1
+    # the controlled drafter as a tree on the static path: two siblings a depth, lossless, its width timed
+    tree = result["configs"]["synthetic_tree_p1_w2"]
+    assert tree["drafting"]["tree_width"] == 2 and tree["tokens_per_verify"] > 1
+    assert 0 < tree["nodes_per_verify"] <= 3 * 2 and tree["modelled_speedup"] > 0
+    assert {"7", "32"} <= set(map(str, result["profile"]["vl_verify_ms"]))
     assert result["decode_path"]["adapter_steps"] == "static"
     # the controlled drafter costs the B1 draft step this run measured on its (static) path
     assert result["synthetic_cost_level"] == "B1"

@@ -424,6 +424,34 @@ def test_e3_drafts_losslessly_on_many_prompts(runners: SimpleNamespace, path: st
         drafter.accept([1], torch.zeros(1, vl.hidden_size, device=vl.device))
 
 
+def test_e3_drafts_the_same_trees_on_both_paths_losslessly(runners: SimpleNamespace) -> None:
+    """E3 among the roll-out heads that draft trees (issue 26): the layer states of the tree pass's accepted
+    rows feed it, on the dynamic and the static path alike; the same trees, the target's own answers."""
+    import draft_trees as dt
+    import model_builders as mb
+
+    vl = runners.vl
+    static = mb.load_video_llava(runners.world / "models" / "video_llava", device="cpu", dtype="fp32")
+    longest = max(p.attention_mask.shape[1] for p in runners.prompts)
+    static.use_static_cache(longest + MAX_NEW + 16, verify_width=4)
+    ids = list(eagle3_layer_ids(vl.num_layers))
+    e3 = noisy(create_adapter("E3", vl.hidden_size, target_layers=ids, dropout=0.0), seed=1)
+    spec = dt.TreeSpec(depth=3, topk=3, budget=8)
+    engines = [sd.SpeculativeDecoder(r, dt.tree_drafter(e3, r.lm_head_weight(), spec), gamma_decode=3,
+                                     static_cache=r is static) for r in (vl, static)]
+    assert isinstance(engines[1].drafter, dt.TreeRolloutDrafter) and engines[1].drafter.decode_path == "static"
+    branched = 0
+    for i, (inputs, ref) in enumerate(zip(runners.prompts, runners.refs, strict=True)):
+        dyn, stat = (e.generate(inputs, None, MAX_NEW) for e in engines)
+        sd.check_lossless(dyn.tokens, ref, f"E3 trees, dynamic path, prompt {i}")
+        assert stat.tokens == dyn.tokens
+        trees = [[(it.draft, it.parents, it.path) for it in o.trace.iterations] for o in (dyn, stat)]
+        assert trees[0] == trees[1]
+        branched += sum(it.parents is not None and len(set(it.parents)) < len(it.parents)
+                        for it in dyn.trace.iterations)
+    assert branched > 0  # real trees were drafted, not chains
+
+
 @CUDA
 def test_compiled_cuda_path_returns_the_same_layer_states(quick_world: Path, runners: SimpleNamespace) -> None:
     import model_builders as mb

@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "preflight": 5, "training_runs": 5, "vlm_runners": 5,
     "model_builders": 6,
     "drafters": 7,
-    "speculative_decoding": 8,
+    "speculative_decoding": 8, "draft_trees": 8,
     "e2e_measure": 9,
     "toy_dataset": 10, "toy_models": 10,
 }

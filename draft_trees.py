@@ -1,0 +1,347 @@
+"""Draft trees (issue 26): EAGLE-2-style dynamic trees from the roll-out heads, their budget rule, and the
+controlled tree drafter. A tree is a `drafters.Draft` with `parents`; the engine verifies it in one target
+pass (speculative_decoding, runner.verify_tree) and keeps the longest accepted root path.
+
+    from draft_trees import TreeSpec, tree_drafter
+    drafter = tree_drafter(b1_adapter, head, TreeSpec(depth=5, topk=4, budget=16))
+    engine = SpeculativeDecoder(vl, drafter, gamma_decode=5)       # greedy: every answer the target's own
+
+  - `TreeSpec`             the tree's shape: depth, branching (topk) and node budget, or `auto`.
+  - `AutoTreeBudget`       EAGLE-2's `total_token=-1`: per window the budget of most expected tokens per ms,
+                           from the calibrated acceptance and the run's measured verify cost by width.
+  - `build_tree`           the EAGLE-2 builder: expand the best frontier nodes by cumulative log-probability,
+                           one batched adapter step per depth, then rerank every candidate to the budget.
+  - `tree_step`            that batched step on an adapter cache: each node attends to the verified positions
+                           and its own ancestors' entries only.
+  - `TreeRolloutDrafter`   a roll-out level (B1, L5, L5E) drafting trees; `tree_drafter` makes one (sampling
+                           drafts chains: trees are verified greedily).
+  - `SyntheticTreeDrafter` the controlled drafter as a tree, at a known acceptance per sibling.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from common import log
+from drafters import (
+    ROLLOUT_LEVELS,
+    Draft,
+    Drafter,
+    DrafterLM,
+    DynamicAdapterCache,
+    RolloutDrafter,
+    StaticAdapterCache,
+    SyntheticDrafter,
+    _dtype,
+    make_drafter,
+)
+from hidden_adapter import ProjectedContext
+
+# ----------------------------------------------------------------------------------------------
+# The tree's shape, its budget rule and the builder
+# ----------------------------------------------------------------------------------------------
+
+
+def _path(parents: list[int], node: int) -> list[int]:
+    """Node indices from the root's child down to `node`."""
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+class AutoTreeBudget:
+    """EAGLE-2's `total_token=-1`: each window's node budget chosen for the most expected tokens per
+    millisecond. A node is accepted iff its whole path is, so the expected accepted drafts of a tree is the
+    sum over its nodes of the product of the calibrated acceptance of each token's own draft probability
+    along its path (`accept_by_bin`: equal-width bins over [0, 1], a checkpoint's draft_calibration, measured
+    on top-1 roll-out drafts and read here for every candidate). Keeping the n best nodes costs one verify
+    of n + 1 positions (`verify_ms`, the run's measured costs) plus one adapter step per depth (`draft_ms`)."""
+
+    def __init__(self, accept_by_bin: list[float], verify_ms: Callable[[float], float], draft_ms: float) -> None:
+        if not accept_by_bin or any(not 0.0 <= a <= 1.0 for a in accept_by_bin) or draft_ms < 0:
+            raise ValueError("accept_by_bin must hold acceptance rates in [0, 1] and draft_ms must be >= 0")
+        self.accept, self.verify_ms, self.draft_ms = list(accept_by_bin), verify_ms, draft_ms
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any], verify_ms: Callable[[float], float],
+                         draft_ms: float) -> AutoTreeBudget:
+        return cls([0.0 if a is None else float(a) for a in calibration["accept"]], verify_ms, draft_ms)
+
+    def calibrated(self, prob: float) -> float:
+        return self.accept[min(int(prob * len(self.accept)), len(self.accept) - 1)]
+
+    def choose(self, path_accept: list[float], depth: int) -> int:
+        """The n (>= 1) of most (1 + sum of the n best nodes' path acceptance) / cost(n), nodes best first."""
+        best, best_n, expected = -1.0, 1, 1.0
+        for n, p in enumerate(path_accept, 1):
+            expected += p
+            rate = expected / (self.verify_ms(n + 1) + depth * self.draft_ms)
+            if rate > best:
+                best, best_n = rate, n
+        return best_n
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The shape of an EAGLE-2-style dynamic draft tree: at most `depth` levels (the engine's gamma caps
+    it); at each depth the `topk` frontier nodes of highest cumulative log-probability are expanded, each
+    into its `topk` most likely tokens; then every candidate is reranked and the `budget` best nodes (by
+    cumulative log-probability, ancestors always kept) are verified. With `auto` the budget is chosen per
+    window (AutoTreeBudget), at most `budget` nodes."""
+
+    depth: int = 5
+    topk: int = 4
+    budget: int = 16
+    auto: AutoTreeBudget | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.topk < 1 or self.budget < 1:
+            raise ValueError(f"a draft tree needs depth, topk and budget >= 1, got {self}")
+
+    @property
+    def name(self) -> str:
+        return f"tree(d{self.depth},k{self.topk},n{'auto<=' if self.auto else ''}{self.budget})"
+
+    def record(self) -> dict[str, Any]:
+        """What a result records of the tree: its shape, and whether the budget is chosen per window."""
+        return {"depth": self.depth, "topk": self.topk, "budget": self.budget, "auto": self.auto is not None}
+
+    def max_nodes(self, depth: int) -> int:
+        """The most nodes a tree of at most `depth` levels verifies (topk at depth 1, topk^2 below)."""
+        d = min(depth, self.depth)
+        return min(self.budget, self.topk + max(d - 1, 0) * self.topk**2)
+
+
+def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
+               expand: Callable[[Tensor, Tensor, list[list[int]]], Tensor]) -> Draft:
+    """A dynamic draft tree (greedy: no distribution kept) from the estimate h [1, 1, D] of the state after
+    the root. Candidates are scored by cumulative log-probability of `head`'s softmax along their path;
+    per depth the best `spec.topk` frontier candidates are expanded through `expand(inputs [1, K, D],
+    token_ids [1, K], paths)` (one batched adapter step; paths[j]: node j's candidate indices from depth 1
+    down to itself, its ancestors all expanded earlier), which returns their outputs [1, K, D]. Then the
+    `spec.budget` best candidates are kept; a parent's score is never below its child's, ties go to the
+    shallower, so the kept set holds every kept node's ancestors. Nodes come out in creation order
+    (parents first)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    local: list[float] = []  # each candidate's own draft log-probability
+    src: list[int] = []  # a candidate's adapter input: its parent's row of the outputs it was drafted from
+
+    depth_of: list[int] = []
+    level: range = range(0)  # the current depth's candidates
+
+    def add(nodes: list[int], logits: Tensor, d: int) -> range:
+        """Each node's (-1: the root) topk children at depth d, from the nodes' logits [K, V]: one softmax,
+        one top-k and one host read per depth. Returns the new candidates' indices."""
+        top = torch.log_softmax(logits.float(), dim=-1).topk(min(spec.topk, logits.shape[-1]), dim=-1)
+        first = len(tokens)
+        for j, (node, lps, toks) in enumerate(zip(nodes, top.values.tolist(), top.indices.tolist(), strict=True)):
+            base, n = (scores[node] if node >= 0 else 0.0), len(toks)
+            src.extend([j] * n)
+            tokens.extend(toks)
+            parents.extend([node] * n)
+            scores.extend([base + lp for lp in lps])
+            local.extend(lps)
+        depth_of.extend([d] * (len(tokens) - first))
+        return range(first, len(tokens))
+
+    rows = h[0]  # [1, D]: the root's children are drafted from the estimate after the root
+    level = add([-1], rows.float() @ head.T, 1)
+    for d in range(2, depth + 1):
+        frontier = sorted(level, key=scores.__getitem__, reverse=True)[: spec.topk]
+        x = rows[[src[i] for i in frontier]][None]
+        ids = torch.tensor([[tokens[i] for i in frontier]], dtype=torch.long, device=h.device)
+        rows = expand(x, ids, [_path(parents, i) for i in frontier])[0]  # [K, D]
+        level = add(frontier, rows.float() @ head.T, d)
+    ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
+    budget = spec.budget
+    if spec.auto is not None:  # a node's chance to be accepted: its path's calibrated acceptance
+        path_accept: dict[int, float] = {}
+        for i in range(len(tokens)):  # parents come first
+            up = path_accept[parents[i]] if parents[i] >= 0 else 1.0
+            path_accept[i] = up * spec.auto.calibrated(math.exp(local[i]))
+        budget = spec.auto.choose([path_accept[i] for i in ranked], max(depth_of, default=1))
+    keep = sorted(ranked[:budget])
+    index = {old: new for new, old in enumerate(keep)}
+    return Draft([tokens[i] for i in keep], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in keep])
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter's tree step, and the roll-out heads drafting trees
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def tree_step(cache: Any, x: Tensor, positions: list[int], allowed: Tensor, *, token_ids: Tensor | None = None,
+              context: Tensor | ProjectedContext | None = None) -> Tensor:
+    """One batched step over K draft-tree nodes of one depth on an adapter cache, dynamic or static: x
+    [1, K, D_in] at adapter positions `positions` (K ints), query j attending to the cached entries `allowed`
+    [1, 1, K, length + K] lets it (the verified prefix, its own ancestors' entries, itself); their
+    keys/values go after the cache's `length` (appended to a DynamicAdapterCache; written in place into a
+    StaticAdapterCache's buffers, the mask then spanning all its slots, those past the new length False).
+    The adapter's own layers and encoding (`EAGLEStyleAdapter.step` / `static_step` with explicit positions
+    and mask), so a one-node step equals the cache's own step. Eager on a compiled cache too (the nodes of
+    a depth are a third shape; the buffers keep their addresses). Outputs [1, K, D_target]."""
+    if not isinstance(cache, DynamicAdapterCache | StaticAdapterCache):
+        raise ValueError(f"a draft tree steps an adapter's DynamicAdapterCache or StaticAdapterCache, "
+                         f"got {type(cache).__name__}")
+    a, start, k = cache.adapter, cache.length, x.shape[1]
+    limit = a.config.max_seq_len
+    if max(positions) >= limit or (isinstance(cache, StaticAdapterCache) and start + k > limit):
+        raise ValueError(f"{a.config.name} has learned positions (and static cache slots) for {limit} steps, got "
+                         f"{max(max(positions) + 1, start + k)}; rebuild with a larger max_seq_len")
+    x, _, _, token_ids, context = a._inputs(x, None, None, token_ids, context)
+    h, residual = a._encode(x, None, None, token_ids, torch.tensor(positions, device=x.device), context)
+    if isinstance(cache, StaticAdapterCache):
+        full = allowed.new_zeros(1, 1, k, limit)
+        full[..., : start + k] = allowed
+        slots = torch.arange(start, start + k, device=x.device)
+        for layer, keys, values in zip(a.layers, cache.keys, cache.values, strict=True):
+            h = layer.static_forward(h, full, slots, keys, values)
+        cache.length = start + k
+        return a._output(h, residual)
+    past: list = []
+    for i, layer in enumerate(a.layers):
+        h, kv = layer(h, allowed, cache.past[i] if cache.past else None)
+        past.append(kv)
+    cache.past, cache.length = past, start + k
+    return a._output(h, residual)
+
+
+class TreeRolloutDrafter(RolloutDrafter):
+    """A roll-out level (B1, L5, L5E: `RolloutDrafter`) drafting one dynamic tree per window (`build_tree`,
+    greedy): the verified positions go into the adapter's cache as for a chain, then each depth's expanded
+    nodes go through the adapter in one step (`tree_step`) at position fed + depth - 1, each attending to the
+    verified positions and its own ancestors' entries only, on the adapter cache of the engine's path (dynamic,
+    or static on the static and compiled paths). The next window crops those entries off again (the verified
+    positions are re-fed from the target's own states), which is the adapter cache's compaction."""
+
+    def __init__(self, adapter: Any, head: Tensor, tree: TreeSpec, lm: DrafterLM | None = None) -> None:
+        super().__init__(adapter, head, lm=lm)
+        self.tree = tree
+        self.name = f"rollout+{adapter.config.name}+{tree.name}"
+
+    @torch.no_grad()
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        if k == 0:
+            return Draft([])
+        h = self._feed()[:, -1:]  # the estimate of the state after the last verified token
+        slots: dict[int, int] = {}  # candidate -> its entry in the adapter cache
+
+        def expand(x: Tensor, ids: Tensor, paths: list[list[int]]) -> Tensor:
+            start, width = self.cache.length, len(paths)
+            rows: list[int] = []
+            cols: list[int] = []
+            for j, path in enumerate(paths):  # each node: its ancestors' entries and its own
+                entries = [slots[a] for a in path[:-1]] + [start + j]
+                rows += [j] * len(entries)
+                cols += entries
+                slots[path[-1]] = start + j
+            allowed = torch.zeros(1, 1, width, start + width, dtype=torch.bool, device=x.device)
+            allowed[..., : self.fed] = True
+            allowed[0, 0, rows, cols] = True
+            positions = [self.fed + len(p) - 1 for p in paths]
+            tokens = {"token_ids": ids} if self.adapter.config.uses_tokens else {}
+            return tree_step(self.cache, x.to(_dtype(self.adapter)), positions, allowed, **tokens, **self.context)
+
+        return build_tree(h, min(k, self.tree.depth), self.tree, self.head, expand)
+
+
+def tree_drafter(adapter: Any, head: Tensor, tree: TreeSpec, *, lm: DrafterLM | None = None,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> Drafter:
+    """The drafter of a roll-out level drafting `tree`s while decoding (TreeRolloutDrafter; `lm` as for
+    make_drafter, given where the level reads EventGPT). Trees are verified greedily, so with a temperature
+    the level drafts chains (make_drafter's, logged in one line). Any other level is one ValueError line:
+    L5F and the prefill drafters keep chains."""
+    if adapter is None or not adapter.config.rolls_out:
+        raise ValueError(f"draft trees are for the roll-out levels ({', '.join(ROLLOUT_LEVELS)}) while decoding; "
+                         f"{'no adapter' if adapter is None else adapter.config.name} keeps chains")
+    if temperature > 0:
+        log.warning("temperature %g: %s drafts chains (trees are verified greedily only)", temperature,
+                    adapter.config.name)
+        return make_drafter(adapter, head, lm=lm, temperature=temperature, generator=generator)
+    return TreeRolloutDrafter(adapter, head, tree, lm=lm if adapter.config.reads_drafter else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The controlled drafter as a tree
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiblingTree:
+    """SyntheticTreeDrafter's shape: `width` siblings per depth, one of them grown on, so `depth` levels
+    verify depth x width nodes (the engine sizes the static path's tree passes by `max_nodes`)."""
+
+    width: int
+
+    def max_nodes(self, depth: int) -> int:
+        return depth * self.width
+
+    def record(self) -> dict[str, Any]:
+        return {"width": self.width}
+
+
+class SyntheticTreeDrafter(SyntheticDrafter):
+    """The controlled drafter as a tree: at each depth `width` siblings under the node on the reference
+    path, each independently right with probability p (the first right one holds the reference token, the
+    others distinct wrong tokens); the next depth grows under the right sibling (under the first when none
+    is), so a depth holds with probability 1 - (1 - p)^width and `width` 1 is SyntheticDrafter's chain."""
+
+    def __init__(self, p: float, vocab_size: int, width: int = 2, cost_ms: float = 0.0, seed: int = 0) -> None:
+        super().__init__(p, vocab_size, cost_ms, seed)
+        if not 1 <= width < vocab_size:
+            raise ValueError(f"width must lie in [1, vocab_size), got {width}")
+        self.width, self.tree = width, SiblingTree(width)
+        self.name = f"synthetic-tree(p={p:g},w{width},{cost_ms:g}ms)"
+
+    def _wrong(self, avoid: set[int]) -> int:
+        while True:
+            tok = int(torch.randint(self.vocab_size, (), generator=self.rng))
+            if tok not in avoid:
+                return tok
+
+    def draft(self, k: int, stop: threading.Event | None = None) -> Draft:
+        tokens: list[int] = []
+        parents: list[int] = []
+        parent = -1
+        for depth in range(k):
+            pos = self.n + depth
+            true = self.reference[pos] if pos < len(self.reference) else 0
+            right = [float(torch.rand((), generator=self.rng)) < self.p for _ in range(self.width)]
+            hit = right.index(True) if any(right) else None
+            row = [true if j == hit else -1 for j in range(self.width)]
+            for j in range(self.width):
+                if row[j] < 0:
+                    row[j] = self._wrong({true, *row})
+            first = len(tokens)
+            tokens += row
+            parents += [parent] * self.width
+            parent = first + (hit or 0)
+            if self.cost_ms > 0:
+                end = time.perf_counter() + self.cost_ms / 1e3
+                while time.perf_counter() < end:
+                    pass
+        return Draft(tokens, parents=parents)
+
+
+__all__ = [
+    "AutoTreeBudget",
+    "SiblingTree",
+    "SyntheticTreeDrafter",
+    "TreeRolloutDrafter",
+    "TreeSpec",
+    "build_tree",
+    "tree_drafter",
+    "tree_step",
+]
