@@ -1,7 +1,8 @@
 """The layers the adapter zoo is built from (hidden_adapter.py): residual bottleneck blocks (L1-L3) and a
-pre-norm transformer layer (L4, L5 and the EAGLE-style heads) whose attention runs three ways: a full or
-cached forward, one drafting step on a preallocated cache (`static_forward`, the engine's static path),
-and one roll-out training step (`rollout_step`). Shapes are [B, T, D]; masks are bool, True = may attend.
+pre-norm transformer layer (L4, L5 and the EAGLE-style heads) whose attention runs four ways: a full or
+cached forward, a drafting step on growing buffers (`buffer_forward`, the engine's eager path) or on a
+preallocated cache (`static_forward`, the static path), and one roll-out training step (`rollout_step`).
+Shapes are [B, T, D]; masks are bool, True = may attend.
 
     >>> layer = TransformerLayer(dim=64, num_heads=8, ffn_dim=32, dropout=0.0)
     >>> y, (k, v) = layer(torch.randn(2, 5, 64), attention_mask(None, 5, causal=True, device=torch.device("cpu")))
@@ -105,6 +106,19 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
+    def buffer_forward(self, x: Tensor, allowed: Tensor | None, start: int, keys: Tensor, values: Tensor) -> Tensor:
+        """A drafting step on growing buffers (the eager path): the T new keys/values go into slots
+        start..start+T-1 of `keys`/`values` [1, H, S, Dh] and the queries attend over slots 0..start+T-1 only,
+        as `allowed` [1, 1, T, start + T] lets them (None: every one, a single new position)."""
+        b, t, d = x.shape
+        end = start + t
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=allowed)
+        return F.linear(out.transpose(1, 2).reshape(b, t, d), self.out_proj.weight, self.out_proj.bias)
+
     def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
                      diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Attention of one roll-out step: query t attends to the true keys the mask allows [B, 1, T, T]
@@ -148,6 +162,16 @@ class TransformerLayer(nn.Module):
         """`forward` for one step on a preallocated cache (see SelfAttention.static_forward)."""
         x = x + self.attn.static_forward(self.attn_norm(x), allowed, pos, keys, values)
         return x + self.ffn(self.ffn_norm(x))
+
+    def buffer_forward(self, x: Tensor, allowed: Tensor | None, start: int, keys: Tensor, values: Tensor) -> Tensor:
+        """`forward` for a drafting step on growing buffers (see SelfAttention.buffer_forward), in eval mode:
+        the functional ops without the modules' call overhead (a draft step on CPU is mostly overhead)."""
+        an, fn, (up, _, _, down, _) = self.attn_norm, self.ffn_norm, self.ffn
+        x = x + self.attn.buffer_forward(F.layer_norm(x, an.normalized_shape, an.weight, an.bias, an.eps),
+                                         allowed, start, keys, values)
+        y = F.linear(F.gelu(F.linear(F.layer_norm(x, fn.normalized_shape, fn.weight, fn.bias, fn.eps),
+                                     up.weight, up.bias)), down.weight, down.bias)
+        return x + y
 
     def rollout_step(self, x: Tensor, true_kv: tuple[Tensor, Tensor], true_mask: Tensor,
                      diag_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:

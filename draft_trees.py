@@ -122,50 +122,42 @@ class TreeSpec:
 
 
 def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
-               expand: Callable[[Tensor, Tensor, list[list[int]]], Tensor]) -> Draft:
+               expand: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Draft:
     """A dynamic draft tree (greedy: no distribution kept) from the estimate h [1, 1, D] of the state after
     the root. Candidates are scored by cumulative log-probability of `head`'s softmax along their path;
-    per depth the best `spec.topk` frontier candidates are expanded through `expand(inputs [1, K, D],
-    token_ids [1, K], paths)` (one batched adapter step; paths[j]: node j's candidate indices from depth 1
-    down to itself, its ancestors all expanded earlier), which returns their outputs [1, K, D]. Then the
-    `spec.budget` best candidates are kept; a parent's score is never below its child's, ties go to the
-    shallower, so the kept set holds every kept node's ancestors. Nodes come out in creation order
-    (parents first)."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    scores: list[float] = []
-    local: list[float] = []  # each candidate's own draft log-probability
-    src: list[int] = []  # a candidate's adapter input: its parent's row of the outputs it was drafted from
-
-    depth_of: list[int] = []
-    level: range = range(0)  # the current depth's candidates
-
-    def add(nodes: list[int], logits: Tensor, d: int) -> range:
-        """Each node's (-1: the root) topk children at depth d, from the nodes' logits [K, V]: one softmax,
-        one top-k and one host read per depth. Returns the new candidates' indices."""
-        top = torch.log_softmax(logits.float(), dim=-1).topk(min(spec.topk, logits.shape[-1]), dim=-1)
-        first = len(tokens)
-        for j, (node, lps, toks) in enumerate(zip(nodes, top.values.tolist(), top.indices.tolist(), strict=True)):
-            base, n = (scores[node] if node >= 0 else 0.0), len(toks)
-            src.extend([j] * n)
-            tokens.extend(toks)
-            parents.extend([node] * n)
-            scores.extend([base + lp for lp in lps])
-            local.extend(lps)
-        depth_of.extend([d] * (len(tokens) - first))
-        return range(first, len(tokens))
-
-    rows = h[0]  # [1, D]: the root's children are drafted from the estimate after the root
-    level = add([-1], rows.float() @ head.T, 1)
-    for d in range(2, depth + 1):
-        frontier = sorted(level, key=scores.__getitem__, reverse=True)[: spec.topk]
-        x = rows[[src[i] for i in frontier]][None]
-        ids = torch.tensor([[tokens[i] for i in frontier]], dtype=torch.long, device=h.device)
-        rows = expand(x, ids, [_path(parents, i) for i in frontier])[0]  # [K, D]
-        level = add(frontier, rows.float() @ head.T, d)
+    per depth the best `spec.topk` candidates (the frontier) are expanded through `expand(inputs [1, K, D],
+    token_ids [1, K], parent_rows)` (one batched adapter step; parent_rows [K]: the row of each node's parent
+    in the previous call's batch, None at the first call, whose nodes are the root's children), which returns
+    their outputs [1, K, D]. The per-depth work stays on the device (one softmax, two top-k, no host read);
+    the candidates are read once at the end. Then the `spec.budget` best candidates are kept; a parent's
+    score is never below its child's, ties go to the shallower, so the kept set holds every kept node's
+    ancestors. Nodes come out in creation order (parents first)."""
+    rows, score = h[0], h.new_zeros(1, dtype=torch.float32)  # the expanded nodes' outputs and path scores
+    found: list[tuple[Tensor, Tensor, Tensor]] = []  # per depth: tokens [R, k], scores [R, k], own log-probs
+    frontiers: list[Tensor] = []  # per depth below the first: the expanded nodes, as indices of the depth above
+    parent_rows = None
+    for d in range(1, depth + 1):
+        top = torch.log_softmax(rows.float() @ head.T, dim=-1).topk(min(spec.topk, head.shape[0]), dim=-1)
+        cum = score[:, None] + top.values
+        found.append((top.indices, cum, top.values))
+        if d == depth:
+            break
+        flat = cum.view(-1)
+        best = flat.topk(min(spec.topk, flat.numel())).indices  # the frontier of depth d
+        src = torch.div(best, cum.shape[1], rounding_mode="floor")  # its parents' rows of `rows`
+        rows = expand(rows[src][None], top.indices.view(-1)[best][None], parent_rows)[0]
+        score, parent_rows = flat[best], src
+        frontiers.append(best)
+    tokens, scores = (torch.cat([f[c].view(-1) for f in found]).tolist() for c in range(2))
+    parents, base = [-1] * found[0][0].numel(), 0  # a candidate's parent: the frontier node it was drafted from
+    for above, f, best in zip(found, found[1:], frontiers, strict=False):
+        parents += [base + b for b in best.tolist() for _ in range(f[0].shape[1])]
+        base += above[0].numel()
+    depth_of = [d for d, f in enumerate(found, 1) for _ in range(f[0].numel())]
     ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
     budget = spec.budget
     if spec.auto is not None:  # a node's chance to be accepted: its path's calibrated acceptance
+        local = torch.cat([f[2].view(-1) for f in found]).tolist()  # each candidate's own draft log-probability
         path_accept: dict[int, float] = {}
         for i in range(len(tokens)):  # parents come first
             up = path_accept[parents[i]] if parents[i] >= 0 else 1.0
@@ -187,11 +179,10 @@ def tree_step(cache: Any, x: Tensor, positions: list[int], allowed: Tensor, *, t
     """One batched step over K draft-tree nodes of one depth on an adapter cache, dynamic or static: x
     [1, K, D_in] at adapter positions `positions` (K ints), query j attending to the cached entries `allowed`
     [1, 1, K, length + K] lets it (the verified prefix, its own ancestors' entries, itself); their
-    keys/values go after the cache's `length` (appended to a DynamicAdapterCache; written in place into a
-    StaticAdapterCache's buffers, the mask then spanning all its slots, those past the new length False).
-    The adapter's own layers and encoding (`EAGLEStyleAdapter.step` / `static_step` with explicit positions
-    and mask), so a one-node step equals the cache's own step. Eager on a compiled cache too (the nodes of
-    a depth are a third shape; the buffers keep their addresses). Outputs [1, K, D_target]."""
+    keys/values go after the cache's `length`, written in place into either cache's buffers, and the queries
+    attend over the slots written so far (`EAGLEStyleAdapter.buffer_step` with explicit positions and mask),
+    so a one-node step equals the cache's own step. Eager on a compiled cache too (the nodes of a depth are
+    a third shape; the buffers keep their addresses). Outputs [1, K, D_target]."""
     if not isinstance(cache, DynamicAdapterCache | StaticAdapterCache):
         raise ValueError(f"a draft tree steps an adapter's DynamicAdapterCache or StaticAdapterCache, "
                          f"got {type(cache).__name__}")
@@ -200,22 +191,14 @@ def tree_step(cache: Any, x: Tensor, positions: list[int], allowed: Tensor, *, t
     if max(positions) >= limit or (isinstance(cache, StaticAdapterCache) and start + k > limit):
         raise ValueError(f"{a.config.name} has learned positions (and static cache slots) for {limit} steps, got "
                          f"{max(max(positions) + 1, start + k)}; rebuild with a larger max_seq_len")
-    x, _, _, token_ids, context = a._inputs(x, None, None, token_ids, context)
-    h, residual = a._encode(x, None, None, token_ids, torch.tensor(positions, device=x.device), context)
-    if isinstance(cache, StaticAdapterCache):
-        full = allowed.new_zeros(1, 1, k, limit)
-        full[..., : start + k] = allowed
-        slots = torch.arange(start, start + k, device=x.device)
-        for layer, keys, values in zip(a.layers, cache.keys, cache.values, strict=True):
-            h = layer.static_forward(h, full, slots, keys, values)
-        cache.length = start + k
-        return a._output(h, residual)
-    past: list = []
-    for i, layer in enumerate(a.layers):
-        h, kv = layer(h, allowed, cache.past[i] if cache.past else None)
-        past.append(kv)
-    cache.past, cache.length = past, start + k
-    return a._output(h, residual)
+    same = min(positions) == positions[0] == max(positions)  # one depth's nodes: one position, a view
+    pos = slice(positions[0], positions[0] + 1) if same else torch.tensor(positions, device=x.device)
+    if isinstance(cache, DynamicAdapterCache):  # into its buffers, attending over the slots written so far
+        return cache(x, token_ids=token_ids, context=context, positions=pos, allowed=allowed)
+    out = a.buffer_step(x, cache.keys, cache.values, start, positions=pos, allowed=allowed, token_ids=token_ids,
+                        context=context)  # in place into the static buffers, over the slots written so far
+    cache.length = start + k
+    return out
 
 
 class TreeRolloutDrafter(RolloutDrafter):
@@ -236,23 +219,21 @@ class TreeRolloutDrafter(RolloutDrafter):
         if k == 0:
             return Draft([])
         h = self._feed()[:, -1:]  # the estimate of the state after the last verified token
-        slots: dict[int, int] = {}  # candidate -> its entry in the adapter cache
+        fed, tree = self.fed, [h.new_zeros(0, 0, dtype=torch.bool)]  # the last batch's mask over the cache
+        depth = [fed]  # the adapter position of the next batch: one batch per depth, from fed on
 
-        def expand(x: Tensor, ids: Tensor, paths: list[list[int]]) -> Tensor:
-            start, width = self.cache.length, len(paths)
-            rows: list[int] = []
-            cols: list[int] = []
-            for j, path in enumerate(paths):  # each node: its ancestors' entries and its own
-                entries = [slots[a] for a in path[:-1]] + [start + j]
-                rows += [j] * len(entries)
-                cols += entries
-                slots[path[-1]] = start + j
-            allowed = torch.zeros(1, 1, width, start + width, dtype=torch.bool, device=x.device)
-            allowed[..., : self.fed] = True
-            allowed[0, 0, rows, cols] = True
-            positions = [self.fed + len(p) - 1 for p in paths]
+        def expand(x: Tensor, ids: Tensor, parent_rows: Tensor | None) -> Tensor:
+            width = x.shape[1]
+            if parent_rows is None:  # the root's children: each sees the verified positions and itself
+                own = torch.eye(width, dtype=torch.bool, device=x.device)
+                tree[0] = torch.cat([own.new_ones(width, fed), own], dim=1)
+            else:  # a node sees what its parent saw, and itself
+                tree[0] = torch.cat([tree[0][parent_rows], tree[0][:, -width:]], dim=1)
+            allowed = tree[0][None, None]
             tokens = {"token_ids": ids} if self.adapter.config.uses_tokens else {}
-            return tree_step(self.cache, x.to(_dtype(self.adapter)), positions, allowed, **tokens, **self.context)
+            depth[0] += 1
+            return tree_step(self.cache, x.to(_dtype(self.adapter)), [depth[0] - 1] * width, allowed, **tokens,
+                             **self.context)
 
         return build_tree(h, min(k, self.tree.depth), self.tree, self.head, expand)
 

@@ -274,8 +274,10 @@ class AdapterCache(Protocol):
 
 
 class DynamicAdapterCache:
-    """`adapter.step` on a cache grown per step (a list of (k, v) [1, H, T, Dh] per layer): the engine's
-    eager path. Rolling back slices the list; any step width runs as it comes.
+    """The adapter's drafting steps on the engine's eager path: keys/values in per-layer buffers [1, H, S, Dh]
+    grown by doubling (`EAGLEStyleAdapter.buffer_step`: nothing copied per step, attention over the slots
+    written so far only); another adapter, or one in training mode, keeps `adapter.step` on a (k, v) list.
+    Rolling back moves the length; any step width runs as it comes.
 
         cache = DynamicAdapterCache(adapter)
         out = cache(x)                 # adapter.step(x, past) with the past held here
@@ -287,10 +289,12 @@ class DynamicAdapterCache:
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
         self.reset()
 
     def reset(self) -> None:
-        """Start a new answer."""
+        """Start a new answer (the buffers are kept)."""
         self.past: list | None = None
         self.length = 0
 
@@ -301,12 +305,37 @@ class DynamicAdapterCache:
         self.past = [(k[:, :, :length], v[:, :, :length]) for k, v in self.past] if self.past and length else None
         self.length = length
 
+    def _buffered(self, n: int) -> bool:
+        """Whether this step goes into the buffers (grown to hold `n` more positions)."""
+        a = self.adapter
+        if not isinstance(a, EAGLEStyleAdapter) or a.training:
+            return False
+        need = self.length + n
+        if not self.keys or self.keys[0].shape[2] < need:
+            cfg, ref = a.config, a.pos_embed
+            size = max(need, 2 * self.keys[0].shape[2] if self.keys else 64)
+            shape = (1, cfg.num_heads, size, cfg.target_dim // cfg.num_heads)
+            grown = [[torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in a.layers] for _ in range(2)]
+            for new, old in zip(grown[0] + grown[1], self.keys + self.values, strict=False):
+                new[:, :, : old.shape[2]] = old
+            self.keys, self.values = grown
+        return True
+
     @torch.no_grad()
     def __call__(self, x: Tensor, *, h_target: Tensor | None = None, token_ids: Tensor | None = None,
-                 context: Tensor | ProjectedContext | None = None) -> Tensor:
-        """Outputs [1, T, D_target] for the T new positions of x [1, T, D_in] (as `adapter.step`)."""
-        out, self.past = self.adapter.step(x, self.past, h_target=h_target, token_ids=token_ids, context=context)
-        self.length += x.shape[1]
+                 context: Tensor | ProjectedContext | None = None, positions: Tensor | slice | None = None,
+                 allowed: Tensor | None = None) -> Tensor:
+        """Outputs [1, T, D_target] for the T new positions of x [1, T, D_in] (as `adapter.step`); a draft tree's
+        nodes give their `positions` [T] and `allowed` [1, 1, T, length + T] (EAGLEStyleAdapter.buffer_step)."""
+        n = x.shape[1]
+        if self._buffered(n):
+            out = self.adapter.buffer_step(x, self.keys, self.values, self.length, positions=positions,
+                                           allowed=allowed, h_target=h_target, token_ids=token_ids, context=context)
+        elif positions is not None or allowed is not None:
+            raise ValueError(f"tree steps need an EAGLE-style adapter in eval mode, got {self.adapter.config.name}")
+        else:
+            out, self.past = self.adapter.step(x, self.past, h_target=h_target, token_ids=token_ids, context=context)
+        self.length += n
         return out
 
 

@@ -530,7 +530,7 @@ class EAGLEStyleAdapter(AttentionAdapter):
         return self
 
     def _positions(self, h: Tensor, offset: int | Tensor) -> Tensor:
-        if isinstance(offset, Tensor):  # the static step's positions [T] (range checked by its cache)
+        if isinstance(offset, Tensor | slice):  # the static step's positions [T], a tree depth's one position
             return h + self.pos_embed[:, offset]
         end = offset + h.shape[1]
         if end > self.config.max_seq_len:
@@ -587,6 +587,26 @@ class EAGLEStyleAdapter(AttentionAdapter):
         allowed = (slots[None, :] <= pos[:, None])[None, None]  # causal over the slots written so far
         for layer, k, v in zip(self.layers, keys, values, strict=True):
             h = layer.static_forward(h, allowed, pos, k, v)
+        return self._output(h, residual)
+
+    def buffer_step(
+        self, x: Tensor, keys: list[Tensor], values: list[Tensor], start: int, *,
+        positions: Tensor | slice | None = None,
+        allowed: Tensor | None = None, h_target: Tensor | None = None, token_ids: Tensor | None = None,
+        context: Tensor | ProjectedContext | None = None,
+    ) -> Tensor:
+        """`step` on growing buffers (drafters.DynamicAdapterCache, which calls it; eval mode): x [1, T, D] goes
+        into slots start..start+T-1 of `keys[i]`/`values[i]` [1, H, S, Dh] at positions start.. (or `positions`
+        [T], or slice(p, p + 1): every node of one draft-tree depth at p)
+        and attends over slots 0..start+T-1: causally, or as `allowed` [1, 1, T,
+        start + T] says. No cache copied per step: a CPU draft step is mostly per-op overhead."""
+        x, _, h_target, token_ids, context = self._inputs(x, None, h_target, token_ids, context)
+        t = x.shape[1]
+        h, residual = self._encode(x, None, h_target, token_ids, start if positions is None else positions, context)
+        if allowed is None and t > 1:
+            allowed = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)[None, None]
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
+            h = layer.buffer_forward(h, allowed, start, k, v)
         return self._output(h, residual)
 
     # -- roll-outs: several drafting steps from every start position at once -------------------------

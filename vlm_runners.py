@@ -731,14 +731,15 @@ def tree_ancestors(parents: list[int], device: torch.device | None = None) -> tu
     """A draft tree's (ancestor mask [T, T] bool, depth [T] long) over its root (row 0) and nodes (node i at
     row i + 1, child of node parents[i], -1 = the root): row r may see row c iff c is r or an ancestor of r."""
     width = len(parents) + 1
-    allowed = torch.eye(width, dtype=torch.bool)
-    depth = torch.zeros(width, dtype=torch.long)
+    seen: list[list[int]] = [[0]]  # each row's ancestors (itself included), built on the host: one tensor op
     for i, parent in enumerate(parents):
         if not -1 <= parent < i:
             raise ValueError(f"node {i}'s parent {parent} is not the root (-1) or an earlier node")
-        allowed[i + 1] |= allowed[parent + 1]
-        depth[i + 1] = depth[parent + 1] + 1
-    return allowed.to(device), depth.to(device)
+        seen.append([*seen[parent + 1], i + 1])
+    rows = [r for r, cols in enumerate(seen) for _ in cols]
+    allowed = torch.zeros(width, width, dtype=torch.bool)
+    allowed[rows, [c for cols in seen for c in cols]] = True
+    return allowed.to(device), torch.tensor([len(cols) - 1 for cols in seen]).to(device)
 
 
 def model_description(runner: VLMRunner) -> dict[str, Any]:
