@@ -9,8 +9,10 @@
 # command may run 10 minutes and a session has 15 device minutes, machine start included, so one call
 # holds STEPS="compile tests" (the issue's done-when figures; typically 6-8 min) and the rest waits for
 # a later session: STEPS="adapters int4_ao", then STEPS="eager static int8_ao". STEPS="eagle3" runs the
-# EAGLE-3 heads' steps (eagle3_step, eagle3_live, eagle3_tests: about 8 min, one call of its own). On the lent
-# GPU machine first run timings/gpu_wheels.sh here and carry .whl with the checkout.
+# EAGLE-3 heads' steps (eagle3_step, eagle3_live, eagle3_tests: about 8 min, one call of its own). STEPS="trees"
+# runs the draft trees' steps (trees_compiled, trees_eager, trees_widths: at most TREES_S = 500 s, one call of its
+# own, the last in the default list). On the lent GPU machine first run timings/gpu_wheels.sh here and carry .whl
+# with the checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=../shell_help.sh
@@ -19,7 +21,8 @@ source ./shell_help.sh && shell_help timings/gpu_check.sh "${1:-}"  # --help: se
 # torch and an older transformers; the wheels from timings/gpu_wheels.sh, carried as .whl/, go on top).
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # the venv's python, else python3
 RESULTS=${RESULTS:-${1:-results/gpu_check}}  # results folder (also the first argument)
-STEPS=${STEPS:-"compile tests adapters int4_ao eager static int8_ao eagle3"}  # steps to run (see the header)
+STEPS=${STEPS:-"compile tests adapters int4_ao eager static int8_ao eagle3 trees"}  # steps to run (see the header)
+TREES_S=${TREES_S:-500}  # seconds the trees steps take together at most (trees_widths gets what is left)
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check: installing the carried wheels failed"; exit 1; }
@@ -99,6 +102,32 @@ step eagle3_step 150 $PY benchmark_adapter_latency.py --device cuda --dtype fp16
 step eagle3_live 300 "${BENCH[@]}" --compile --random_adapters --decode_adapter B1 E3 --configs target,decode \
   --max_samples 2 --repeats 1 --warmup 1 --output_dir "$RESULTS/fp16_compiled_eagle3"
 step eagle3_tests 120 $PY -m pytest -q -x tests/test_eagle3.py -k cuda
+
+# 9. draft trees (issue 26), one call: the controlled drafter as a tree (3 siblings per depth, gamma 5: 15 nodes,
+# a verify pass 16 wide) against the controlled chain at the same p=0.7, both costing the B1 draft step this run
+# measures per depth, on the compiled path, then on the eager path, whose profile also times verify widths 32 and 64
+# (the eager path runs every width as one pass: 1, 2, 4, 6, 8, 16, 32, 64). The static and compiled paths pad every
+# verify pass to gamma_decode + 1 and run a wider one in pieces of it, so there a profile's widths other than 1 and
+# gamma + 1 are not one pass: trees_widths runs the target alone with --gamma_decode W-1 for each width W, compiled
+# (16, 32, 64; width 6 is trees_compiled's) then static (6, 16, 32, 64), each run under its own timeout and none past
+# TREES_S, into RESULTS/trees_widths/fp16_<path>_w<W>/ (read vl_verify_ms at 1 and W only; not copied to timings/).
+trees_start=$SECONDS
+TREES=("${BENCH[@]}" --configs target,synthetic --synthetic_tree_width 3 --synthetic_cost_ms B1)
+step trees_compiled 200 "${TREES[@]}" --compile --output_dir "$RESULTS/fp16_compiled_trees"
+step trees_eager 100 "${TREES[@]}" --verify_widths 32,64 --output_dir "$RESULTS/fp16_eager_trees"
+WIDTHS='out=$1 end=$((SECONDS + $2)) rc=0; shift 2  # $2: seconds for all the runs; then the benchmark command
+for run in compiled:16 compiled:32 compiled:64 static:6 static:16 static:32 static:64; do
+  path=${run%:*} w=${run#*:}; dir=$out/fp16_${path}_w$w
+  flag=--static_cache cap=45; [ "$path" = compiled ] && flag=--compile cap=90
+  t=$((end - SECONDS < cap ? end - SECONDS : cap))
+  if [ "$t" -lt 20 ]; then echo "-- $dir: skipped, $t s left"; rc=1; continue; fi
+  echo "-- $dir (timeout $t s)"
+  timeout "$t" "$@" "$flag" --gamma_decode $((w - 1)) --output_dir "$dir" || { echo "-- $dir FAILED"; rc=1; }
+done
+grep -H "^verify k" "$out"/*/e2e_wallclock.md; exit $rc'
+left=$((TREES_S - (SECONDS - trees_start)))
+step trees_widths $((left > 1 ? left : 1)) bash -c "$WIDTHS" trees_widths "$RESULTS/trees_widths" $((left - 5)) \
+  "${BENCH[@]}" --configs target --max_samples 1 --warmup 0 --repeats 1 --max_new_tokens 8
 
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed steps: ${failed[*]}"; exit 1; fi
 echo "gpu_check: all steps passed; results in $RESULTS and $RESULTS.tar.gz, profiles in timings/"
