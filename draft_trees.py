@@ -50,14 +50,6 @@ from hidden_adapter import ProjectedContext
 # ----------------------------------------------------------------------------------------------
 
 
-def _path(parents: list[int], node: int) -> list[int]:
-    """Node indices from the root's child down to `node`."""
-    path = [node]
-    while parents[path[-1]] >= 0:
-        path.append(parents[path[-1]])
-    return path[::-1]
-
-
 class AutoTreeBudget:
     """EAGLE-2's `total_token=-1`: each window's node budget chosen for the most expected tokens per
     millisecond. A node is accepted iff its whole path is, so the expected accepted drafts of a tree is the

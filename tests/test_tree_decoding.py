@@ -56,6 +56,14 @@ def world() -> SimpleNamespace:
     return SimpleNamespace(vl=vl, prompts=ps, refs=[sd.greedy_reference(vl, p, MAX_NEW) for p in ps])
 
 
+def _path(parents: list[int], node: int) -> list[int]:
+    """Node indices from the root's child down to `node`."""
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
 # a tree over the root (row 0): nodes 0 1 2 at depth 1, 3 4 under 0, 5 under 4, 6 under 2
 PARENTS = [-1, -1, -1, 0, 0, 4, 2]
 
@@ -86,7 +94,7 @@ def test_tree_verify_rows_equal_each_paths_own_pass(attn: str) -> None:
     tree = vl.verify_tree(torch.tensor([[4, *tokens]]), PARENTS, step.cache,
                           torch.ones(1, length + 2 + len(tokens), dtype=torch.long))
     for row in range(len(tokens) + 1):
-        path = [] if row == 0 else dt._path(PARENTS, row - 1)
+        path = [] if row == 0 else _path(PARENTS, row - 1)
         fresh = vl.prefill(prompt, logits_for="last")
         ids = [7, 4, *(tokens[i] for i in path)]
         chain = vl.decode(torch.tensor([ids]), fresh.cache, torch.ones(1, length + len(ids), dtype=torch.long))
@@ -262,7 +270,7 @@ def test_tree_nodes_see_only_their_ancestors(path: str) -> None:
             continue
         cache.crop(1)  # a chain roll-out along the node's own path, one step per token
         h = h0[:, -1:]
-        for a in ([] if node < 0 else dt._path(draft.parents, node)):
+        for a in ([] if node < 0 else _path(draft.parents, node)):
             h = cache(h, token_ids=torch.tensor([[draft.tokens[a]]]))
         assert children == set((h[0, 0] @ head.T).topk(3).indices.tolist())
     if path == "static":  # written in place after the verified position, 3 nodes expanded per depth
