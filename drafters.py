@@ -847,16 +847,17 @@ class NoDrafter:
 
 @torch.no_grad()
 def replay_schedule(drafter: Drafter, states: Tensor, tokens: list[int], gamma: int,
-                    max_new_tokens: int) -> list[tuple[int, int]]:
+                    max_new_tokens: int, layers: Tensor | None = None) -> list[tuple[int, int]]:
     """The live engine's decode schedule replayed offline on a recorded greedy answer: `tokens` [N] the
     target's answer (up to and including EOS), `states` [N, D] the target states that chose them (a chunk's
     vl_hidden). Each window drafts min(gamma, max_new_tokens - done - 1) positions (a chain or a tree), is
     scored as the greedy verify would score it (the target's argmax after a verified prefix is the recorded
     next token) and the drafter re-syncs on the accepted tokens plus the target's own, with their recorded
     states. Returns (depth drafted, drafts accepted) per verify pass, so chains and trees compare on the
-    same samples and the same schedule (accepted + 1 per pass: tokens per verify)."""
+    same samples and the same schedule (accepted + 1 per pass: tokens per verify). `layers` [N, K, D]: the
+    same positions' states at the target layers an E3/E3E drafter reads (a chunk's vl_layers)."""
     drafter.begin(None)
-    drafter.accept(tokens[:1], states[:1])
+    drafter.accept(tokens[:1], states[:1], layers=None if layers is None else layers[:1])
     done, passes = 1, []
     while done < len(tokens):
         draft = drafter.draft(min(gamma, max_new_tokens - done - 1))
@@ -869,7 +870,8 @@ def replay_schedule(drafter: Drafter, states: Tensor, tokens: list[int], gamma: 
             n += 1
         passes.append((max(draft.depths(), default=0), n))
         n = min(n, len(tokens) - done - 1)  # the target's own token follows the accepted drafts
-        drafter.accept(tokens[done : done + n + 1], states[done : done + n + 1])
+        cut = slice(done, done + n + 1)
+        drafter.accept(tokens[cut], states[cut], layers=None if layers is None else layers[cut])
         done += n + 1
     return passes
 

@@ -120,18 +120,20 @@ def schedule_replay(adapter: BaseAdapter, test_data: Path, head: torch.Tensor, a
     out: dict[str, Any] = {"tree_spec": tree.record()}
     passes: dict[str, list[tuple[int, int]]] = {"chain": [], "tree": []}
     done = 0
-    for chunk in iter_chunks(test_data, expect_teacher_forced=False):
+    reads_layers = bool(getattr(cfg, "reads_layers", False))  # E3, E3E: the chunks' layer states feed it
+    for chunk in iter_chunks(test_data, expect_teacher_forced=False, expect_layers=reads_layers):
         for i in range(chunk["vl_tokens"].shape[0]):
             if args.max_samples is not None and done >= args.max_samples:
                 break
             n = int(chunk["vl_mask"][i].sum())
             tokens, states = chunk["vl_tokens"][i, :n].tolist(), chunk["vl_hidden"][i, :n].to(device, torch.float32)
+            layers = chunk[LAYERS_KEY][i, :n].to(device, torch.float32) if reads_layers else None
             if n:
                 for name, spec in (("chain", None), ("tree", tree)):
                     gamma = tree.depth if spec else args.gamma_decode
                     drafter = make_drafter(adapter, head) if spec is None else tree_drafter(adapter, head, spec)
                     passes[name] += replay_schedule(drafter, states, tokens, gamma,
-                                                    chunk["vl_tokens"].shape[1])
+                                                    chunk["vl_tokens"].shape[1], layers)
             done += 1
     for name, ps in passes.items():
         depth = max((d for d, _ in ps), default=0)

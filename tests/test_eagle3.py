@@ -337,10 +337,16 @@ def test_offline_acceptance_of_an_e3_checkpoint(quick_hidden: Path, tmp_path: Pa
         "--no_progress", "--device", "cpu", "--report_to", "none", "--gamma_decode", "3"]))
     ckpt = Path(run["run_dir"]) / "best_model.pt"
     result = mfa.main(mfa.parse_args(["--checkpoint", str(ckpt), "--test_data", str(quick_hidden / "test"),
-                                      "--lm_head", str(head), "--gamma_decode", "3",
-                                      "--output_dir", str(tmp_path / "acc")]))
+                                      "--lm_head", str(head), "--gamma_decode", "3", "--tree_budget", "21",
+                                      "--tree_topk", "3", "--output_dir", str(tmp_path / "acc")]))
     roll = result["drafting"]["rollout"]
     assert result["level"] == "E3" and roll["samples"] > 0 and 0 <= roll["live_accepted_per_iteration"] <= 3
+    # the live schedule replayed on the chunks' layer states (as the pipeline runs it): chain = roll-out's figure;
+    # the tree keeps all 3 + 9 + 9 candidates, so it holds the chain's path (a smaller budget may prune it from
+    # a one-epoch head's flat distributions)
+    replay = result["schedule_replay"]
+    assert replay["chain"]["tokens_per_verify"] == pytest.approx(roll["live_tokens_per_verify"], abs=1e-6)
+    assert replay["tree"]["tokens_per_verify"] >= replay["chain"]["tokens_per_verify"]
     # a checkpoint of other layers than the test data's is refused in one line
     adapter, extra = load_adapter(ckpt)
     other = create_adapter("E3", 64, target_layers=[0, 2], token_input=adapter.config.token_input,
