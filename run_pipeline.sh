@@ -58,7 +58,7 @@ E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}  # live benchmark: extra flags
 E2E_TREE=${E2E_TREE:-"--tree_budget 15 --tree_topk 4"}  # live benchmark: each roll-out head's draft tree beside its chain (--tree_budget 0: chains only)
 # live benchmark configurations; on real data 'assisted' (a second full copy of the target) is left out
 E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted on real data
-DEEP_GAMMA=${DEEP_GAMMA:-8}  # a second live run of B1 and E3 at this deeper window, beside the perfect drafter ("" = none)
+DEEP_GAMMA=${DEEP_GAMMA:-8}  # a second live run of B1 and E3 chains at this deeper window, beside the perfect drafter ("" = none)
 DEEP_LEVELS=${DEEP_LEVELS:-"B1 E3"}  # the decode levels of that run
 
 if [ -z "$DATASET_DIR" ]; then DATASET_DIR=$DATA/dataset; TOY=1; else TOY=0; fi
@@ -190,7 +190,7 @@ if [ -n "$DEEP_GAMMA" ] && [ "${#DEEP_RUNS[@]}" -gt 0 ]; then
     $PY benchmark_e2e_wallclock.py --dataset_dir "$DATASET_DIR" --egpt_model "$EGPT_MODEL" --vl_model "$VL_MODEL" \
       --quant "$QUANT" --device "$DEVICE" --max_questions "$MAX_QUESTIONS" --max_samples "$E2E_SAMPLES" \
       --max_new_tokens "$MAX_NEW_TOKENS" --decode_adapter "${DEEP_RUNS[@]}" --draft_stop fixed \
-      --configs target,decode,synthetic --synthetic_acceptance 1.0 \
+      --configs target,decode,synthetic --synthetic_acceptance 1.0 --tree_budget 0 \
       --reference_profile "$TIMINGS_DIR/h200_fp16_eager_7b.json" --gamma_decode "$DEEP_GAMMA" $E2E_ARGS \
       --output_dir "$DEEP_OUT" > "$DEEP_OUT.log" 2>&1 || { tail -n 5 "$DEEP_OUT.log" >&2; exit 1; }
   else echo "kept $DEEP_OUT/e2e_wallclock.json"; fi

@@ -464,7 +464,8 @@ def depth_section(page: Page, live: dict[str, Any], deep: dict[str, Any] | None,
         return
     rows = []
     for run in (live, deep):
-        for level in (d["level"] for c in deep["configs"].values() if (d := (c.get("drafting") or {}).get("decode"))):
+        levels = (d["level"] for c in deep["configs"].values() if (d := (c.get("drafting") or {}).get("decode")))
+        for level in dict.fromkeys(levels):  # a level's chain and tree configs name it twice; its row is the chain's
             c = live_fixed_decode(run, level)
             if not c.get("tokens_per_verify"):
                 continue

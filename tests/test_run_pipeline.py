@@ -103,6 +103,7 @@ def test_live_benchmark_two_phase_and_report(pipeline):
     assert deep["gamma_decode"] == 8 and deep["lossless_checked"] is True
     assert {c["drafting"]["decode"]["level"] for c in deep["configs"].values()
             if c["drafting"]["kind"] == "decode"} == {"B1", "E3"}
+    assert not [name for name in deep["configs"] if "tree" in name]  # the deep run compares the heads' chains
     for label in ("toy", "toy_concurrent", "reference_inputs"):
         two = json.loads((res / "two_phase" / f"two_phase_results_{label}.json").read_text())
         assert len(two["profiles"]) == 4  # the three shipped profiles + the one measured live
