@@ -63,7 +63,7 @@ import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
-from draft_trees import AutoTreeBudget, SyntheticTreeDrafter, TreeSpec, tree_drafter
+from draft_trees import AutoTreeBudget, SyntheticTreeDrafter, TreeSpec, tree_drafter, tree_shape
 from drafters import (
     ConfidenceStop,
     DrafterLM,
@@ -118,7 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "budget of most expected tokens per ms at this run's measured verify cost by width and the "
                         "checkpoint's calibrated acceptance (EAGLE-2's total_token=-1; at most 31 nodes)")
     p.add_argument("--tree_topk", type=int, default=4,
-                   help="a draft tree's branching: frontier nodes expanded per depth, and children per node")
+                   help="a draft tree's branching: children per expanded node (and frontier nodes per depth unless "
+                        "--tree_frontier)")
+    p.add_argument("--tree_frontier", type=int, default=0,
+                   help="nodes expanded per depth (0 = --tree_topk, EAGLE-2's); 1 = the greedy chain with each "
+                        "depth's runners-up as leaves, drafted at the chain's cost")
     p.add_argument("--tree_depth", type=int, default=0, help="a draft tree's deepest level (0 = --gamma_decode)")
     p.add_argument("--reference_profile", type=Path, default=Path("timings/h200_fp16_eager_7b.json"),
                    help="a second timing profile (default: the measured H200 7B one shipped in timings/) under which "
@@ -196,11 +200,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "target" not in args.configs:
         args.configs.insert(0, "target")  # every speed-up is measured against it
     args.tree_auto = args.tree_budget == "auto"
-    if args.tree_topk < 1 or args.tree_depth < 0:
-        p.error("--tree_depth must be >= 0, --tree_topk >= 1")
+    if args.tree_topk < 1 or args.tree_depth < 0 or args.tree_frontier < 0:
+        p.error("--tree_depth and --tree_frontier must be >= 0, --tree_topk >= 1")
     args.tree_depth = args.tree_depth or args.gamma_decode
     try:
-        args.tree_budget = (min(args.tree_topk + (args.tree_depth - 1) * args.tree_topk**2, AUTO_TREE_MAX)
+        frontier = args.tree_frontier or args.tree_topk
+        args.tree_budget = (min(args.tree_topk + (args.tree_depth - 1) * frontier * args.tree_topk, AUTO_TREE_MAX)
                             if args.tree_auto else int(args.tree_budget))
     except ValueError:
         args.tree_budget = -1
@@ -425,7 +430,8 @@ def tree_spec(args: argparse.Namespace, adapter: Any = None, profile: Any = None
             raise UserError(f"--tree_budget auto: the {adapter.config.name} checkpoint holds no draft_calibration "
                             "(train it with this release of train_hidden_adapter.py and --lm_head)")
         auto = AutoTreeBudget.from_calibration(calibration, profile.verify_ms, (draft_ms or {})[adapter.config.name])
-    return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget, auto=auto)
+    return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget, auto=auto,
+                    frontier=args.tree_frontier)
 
 
 def trees_beside_chains(configs: dict[str, Any]) -> dict[str, str]:
@@ -718,7 +724,7 @@ def format_report(result: dict[str, Any]) -> str:
         rows = []
         for name, r in trees:
             c, t = result["configs"][r["chain"]], r["drafting"]["tree"]
-            rows.append([name, f"d{t['depth']} k{t['topk']} n{t['budget']}", f"{r['nodes_per_verify']:.1f}",
+            rows.append([name, tree_shape(t), f"{r['nodes_per_verify']:.1f}",
                          f"{c['tokens_per_verify']:.2f} -> {r['tokens_per_verify']:.2f}", depths(c), depths(r),
                          f"{c['speedup']['median']:.3f} -> {r['speedup']['median']:.3f}",
                          "{median:.3f} ({min:.3f}-{max:.3f})".format(**r["tree_over_chain"]),

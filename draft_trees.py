@@ -85,65 +85,105 @@ class AutoTreeBudget:
 @dataclass(frozen=True)
 class TreeSpec:
     """The shape of an EAGLE-2-style dynamic draft tree: at most `depth` levels (the engine's gamma caps
-    it); at each depth the `topk` frontier nodes of highest cumulative log-probability are expanded, each
-    into its `topk` most likely tokens; then every candidate is reranked and the `budget` best nodes (by
-    cumulative log-probability, ancestors always kept) are verified. With `auto` the budget is chosen per
-    window (AutoTreeBudget), at most `budget` nodes."""
+    it); at each depth the `frontier` nodes of highest cumulative log-probability (0: `topk`, EAGLE-2's
+    choice) are expanded, each into its `topk` most likely tokens; then every candidate is reranked and the
+    `budget` best nodes (by cumulative log-probability, ancestors always kept) are verified. With `auto` the
+    budget is chosen per window (AutoTreeBudget), at most `budget` nodes. Frontier 1 is the greedy chain with
+    each depth's runners-up as leaves: it drafts at the chain's cost (one position per step, no tree mask)."""
 
     depth: int = 5
     topk: int = 4
     budget: int = 16
     auto: AutoTreeBudget | None = field(default=None, compare=False)
+    frontier: int = 0
 
     def __post_init__(self) -> None:
-        if self.depth < 1 or self.topk < 1 or self.budget < 1:
-            raise ValueError(f"a draft tree needs depth, topk and budget >= 1, got {self}")
+        if self.depth < 1 or self.topk < 1 or self.budget < 1 or self.frontier < 0:
+            raise ValueError(f"a draft tree needs depth, topk and budget >= 1 and frontier >= 0, got {self}")
+        if not self.frontier:
+            object.__setattr__(self, "frontier", self.topk)
 
     @property
     def name(self) -> str:
-        return f"tree(d{self.depth},k{self.topk},n{'auto<=' if self.auto else ''}{self.budget})"
+        f = f"f{self.frontier}," if self.frontier != self.topk else ""
+        return f"tree(d{self.depth},k{self.topk},{f}n{'auto<=' if self.auto else ''}{self.budget})"
 
     def record(self) -> dict[str, Any]:
         """What a result records of the tree: its shape, and whether the budget is chosen per window."""
-        return {"depth": self.depth, "topk": self.topk, "budget": self.budget, "auto": self.auto is not None}
+        return {"depth": self.depth, "topk": self.topk, "frontier": self.frontier, "budget": self.budget,
+                "auto": self.auto is not None}
 
     def max_nodes(self, depth: int) -> int:
-        """The most nodes a tree of at most `depth` levels verifies (topk at depth 1, topk^2 below)."""
+        """The most nodes a tree of at most `depth` levels verifies (topk at depth 1, frontier x topk below)."""
         d = min(depth, self.depth)
-        return min(self.budget, self.topk + max(d - 1, 0) * self.topk**2)
+        return min(self.budget, self.topk + max(d - 1, 0) * self.frontier * self.topk)
+
+
+def tree_shape(record: dict[str, Any]) -> str:
+    """A tree's shape (TreeSpec.record) in a table cell: d5 k4 n15, or d5 k5 f1 n25 where the frontier is
+    not topk (records written before the frontier existed expanded topk nodes)."""
+    frontier = record.get("frontier", record["topk"])
+    f = f" f{frontier}" if frontier != record["topk"] else ""
+    return f"d{record['depth']} k{record['topk']}{f} n{'auto<=' if record.get('auto') else ''}{record['budget']}"
 
 
 def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
                expand: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Draft:
     """A dynamic draft tree (greedy: no distribution kept) from the estimate h [1, 1, D] of the state after
     the root. Candidates are scored by cumulative log-probability of `head`'s softmax along their path;
-    per depth the best `spec.topk` candidates (the frontier) are expanded through `expand(inputs [1, K, D],
-    token_ids [1, K], parent_rows)` (one batched adapter step; parent_rows [K]: the row of each node's parent
-    in the previous call's batch, None at the first call, whose nodes are the root's children), which returns
-    their outputs [1, K, D]. The per-depth work stays on the device (one softmax, two top-k, no host read);
-    the candidates are read once at the end. Then the `spec.budget` best candidates are kept; a parent's
-    score is never below its child's, ties go to the shallower, so the kept set holds every kept node's
-    ancestors. Nodes come out in creation order (parents first)."""
-    rows, score = h[0], h.new_zeros(1, dtype=torch.float32)  # the expanded nodes' outputs and path scores
+    per depth the best `spec.frontier` candidates are expanded through `expand(inputs [1, K, D], token_ids
+    [1, K], parent_rows)` (one batched adapter step; parent_rows [K]: the row of each node's parent in the
+    previous call's batch, None at the first call, whose nodes are the root's children), which returns
+    their outputs [1, K, D]. The per-depth work stays on the device (one softmax, one or two top-k, no host
+    read); the candidates are read once at the end. Then the `spec.budget` best candidates are kept; a
+    parent's score is never below its child's, ties go to the shallower, so the kept set holds every kept
+    node's ancestors. Nodes come out parents first: the greedy path (from the root, each node's best-scored
+    kept child) leads, then the rest in creation order, so when the target accepts a prefix of the greedy
+    path the engine's roll-back is a crop. A frontier of one that keeps every candidate (the greedy chain and
+    each depth's runners-up) needs no scores: the top-k of the raw logits, nothing reranked."""
+    k = min(spec.topk, head.shape[0])
+    sizes, r = [], 1  # candidates per depth: each expanded node's k children
+    for _ in range(depth):
+        sizes.append(r * k)
+        r = min(spec.frontier, r * k)
+    # scores are needed to pick a frontier among several parents or to rerank to a budget; a frontier of one
+    # keeping every candidate (the greedy chain and its runners-up) reads the top-k of the raw logits only
+    scored = spec.frontier > 1 or spec.budget < sum(sizes) or spec.auto is not None
+    rows, score = h[0], None  # the expanded nodes' outputs and path scores (None: the root, 0)
     found: list[tuple[Tensor, Tensor, Tensor]] = []  # per depth: tokens [R, k], scores [R, k], own log-probs
-    frontiers: list[Tensor] = []  # per depth below the first: the expanded nodes, as indices of the depth above
-    parent_rows = None
+    frontiers: list[Tensor | None] = []  # per depth below the first: the expanded nodes as indices of the
+    parent_rows = None                   # depth above's candidates (None: its first ones, from one parent)
+    first = torch.zeros(min(spec.frontier, k), dtype=torch.long, device=h.device)  # one parent's rows
     for d in range(1, depth + 1):
-        top = torch.log_softmax(rows.float() @ head.T, dim=-1).topk(min(spec.topk, head.shape[0]), dim=-1)
-        cum = score[:, None] + top.values
+        logits = rows.float() @ head.T
+        top = (torch.log_softmax(logits, dim=-1) if scored else logits).topk(k, dim=-1)
+        cum = top.values if score is None or not scored else score[:, None] + top.values
         found.append((top.indices, cum, top.values))
         if d == depth:
             break
-        flat = cum.view(-1)
-        best = flat.topk(min(spec.topk, flat.numel())).indices  # the frontier of depth d
-        src = torch.div(best, cum.shape[1], rounding_mode="floor")  # its parents' rows of `rows`
-        rows = expand(rows[src][None], top.indices.view(-1)[best][None], parent_rows)[0]
-        score, parent_rows = flat[best], src
+        n = min(spec.frontier, cum.numel())
+        if cum.shape[0] == 1:  # one parent: its children come sorted, so the frontier is the first n
+            best, score, ids, src = None, cum[0, :n], top.indices[0, :n], first[:n]
+            x = rows[:1] if n == 1 else rows[:1].expand(n, -1)
+        else:
+            score, best = cum.view(-1).topk(n)
+            src = torch.div(best, k, rounding_mode="floor")  # its parents' rows of `rows`
+            x, ids = rows[src], top.indices.view(-1)[best]
+        rows = expand(x[None], ids[None], parent_rows)[0]
+        parent_rows = src
         frontiers.append(best)
+    if not scored:  # every candidate kept; the greedy path is each depth's first, then the rest in order
+        tokens = torch.cat([f[0].view(-1) for f in found]).tolist()
+        starts = [sum(sizes[:d]) for d in range(len(found))]
+        order = starts + [i for i in range(len(tokens)) if i not in starts]
+        index = {old: new for new, old in enumerate(order)}
+        parents = [starts[j - 1] if j else -1 for j, size in enumerate(sizes[:len(found)]) for _ in range(size)]
+        return Draft([tokens[i] for i in order], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in order])
     tokens, scores = (torch.cat([f[c].view(-1) for f in found]).tolist() for c in range(2))
     parents, base = [-1] * found[0][0].numel(), 0  # a candidate's parent: the frontier node it was drafted from
     for above, f, best in zip(found, found[1:], frontiers, strict=False):
-        parents += [base + b for b in best.tolist() for _ in range(f[0].shape[1])]
+        picks = range(f[0].shape[0]) if best is None else best.tolist()
+        parents += [base + b for b in picks for _ in range(f[0].shape[1])]
         base += above[0].numel()
     depth_of = [d for d, f in enumerate(found, 1) for _ in range(f[0].numel())]
     ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth_of[i]))[: spec.budget]
@@ -155,9 +195,19 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
             up = path_accept[parents[i]] if parents[i] >= 0 else 1.0
             path_accept[i] = up * spec.auto.calibrated(math.exp(local[i]))
         budget = spec.auto.choose([path_accept[i] for i in ranked], max(depth_of, default=1))
-    keep = sorted(ranked[:budget])
-    index = {old: new for new, old in enumerate(keep)}
-    return Draft([tokens[i] for i in keep], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in keep])
+    keep = sorted(ranked[:budget])  # creation order: parents first
+    best_child: dict[int, int] = {}
+    for i in keep:
+        if parents[i] not in best_child or scores[i] > scores[best_child[parents[i]]]:
+            best_child[parents[i]] = i
+    path, node = [], -1
+    while node in best_child:
+        node = best_child[node]
+        path.append(node)
+    on_path = set(path)
+    order = path + [i for i in keep if i not in on_path]
+    index = {old: new for new, old in enumerate(order)}
+    return Draft([tokens[i] for i in order], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in order])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +249,8 @@ class TreeRolloutDrafter(RolloutDrafter):
     nodes go through the adapter in one step (`tree_step`) at position fed + depth - 1, each attending to the
     verified positions and its own ancestors' entries only, on the adapter cache of the engine's path (dynamic,
     or static on the static and compiled paths). The next window crops those entries off again (the verified
-    positions are re-fed from the target's own states), which is the adapter cache's compaction."""
+    positions are re-fed from the target's own states), which is the adapter cache's compaction. While each
+    depth expands one node (frontier 1) the step is the chain's own: one position, no tree mask."""
 
     def __init__(self, adapter: Any, head: Tensor, tree: TreeSpec, lm: DrafterLM | None = None) -> None:
         super().__init__(adapter, head, lm=lm)
@@ -211,20 +262,23 @@ class TreeRolloutDrafter(RolloutDrafter):
         if k == 0:
             return Draft([])
         h = self._feed()[:, -1:]  # the estimate of the state after the last verified token
-        fed, tree = self.fed, [h.new_zeros(0, 0, dtype=torch.bool)]  # the last batch's mask over the cache
+        fed, dtype = self.fed, _dtype(self.adapter)
+        tree: list[Tensor | None] = [None]  # the last batch's mask over the cache (None: every batch one node)
         depth = [fed]  # the adapter position of the next batch: one batch per depth, from fed on
 
         def expand(x: Tensor, ids: Tensor, parent_rows: Tensor | None) -> Tensor:
             width = x.shape[1]
-            if parent_rows is None:  # the root's children: each sees the verified positions and itself
-                own = torch.eye(width, dtype=torch.bool, device=x.device)
-                tree[0] = torch.cat([own.new_ones(width, fed), own], dim=1)
-            else:  # a node sees what its parent saw, and itself
-                tree[0] = torch.cat([tree[0][parent_rows], tree[0][:, -width:]], dim=1)
-            allowed = tree[0][None, None]
             tokens = {"token_ids": ids} if self.adapter.config.uses_tokens else {}
             depth[0] += 1
-            return tree_step(self.cache, x.to(_dtype(self.adapter)), [depth[0] - 1] * width, allowed, **tokens,
+            if width == 1 and tree[0] is None:  # one node per depth so far: the window's entries are all its
+                return self.cache(x.to(dtype), **tokens, **self.context)  # ancestors, the chain's own step
+            own = torch.eye(width, dtype=torch.bool, device=x.device)
+            if parent_rows is None:  # the root's children: each sees the verified positions and itself
+                tree[0] = torch.cat([own.new_ones(width, fed), own], dim=1)
+            else:  # a node sees what its parent saw, and itself
+                above = own.new_ones(1, self.cache.length) if tree[0] is None else tree[0]
+                tree[0] = torch.cat([above[parent_rows], own], dim=1)
+            return tree_step(self.cache, x.to(dtype), [depth[0] - 1] * width, tree[0][None, None], **tokens,
                              **self.context)
 
         return build_tree(h, min(k, self.tree.depth), self.tree, self.head, expand)
@@ -316,5 +370,6 @@ __all__ = [
     "TreeSpec",
     "build_tree",
     "tree_drafter",
+    "tree_shape",
     "tree_step",
 ]

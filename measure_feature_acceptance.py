@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "verify pass beside the live benchmark's (docs/LIVE_DECODING.md, draft trees)")
     p.add_argument("--tree_topk", type=int, default=4, help="the replayed tree's branching (as the live benchmark's)")
     p.add_argument("--tree_depth", type=int, default=0, help="the replayed tree's depth (0 = --gamma_decode)")
+    p.add_argument("--tree_frontier", type=int, default=0,
+                   help="the replayed tree's nodes expanded per depth (0 = --tree_topk; as the live benchmark's)")
     p.add_argument("--lm_head_batch", type=int, default=4096, help="rows projected through the LM head at a time")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples (quick checks)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -103,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max_samples must be >= 1")
-    if args.tree_budget < 0 or args.tree_topk < 1 or args.tree_depth < 0:
-        p.error("--tree_budget and --tree_depth must be >= 0, --tree_topk >= 1")
+    if args.tree_budget < 0 or args.tree_topk < 1 or args.tree_depth < 0 or args.tree_frontier < 0:
+        p.error("--tree_budget, --tree_depth and --tree_frontier must be >= 0, --tree_topk >= 1")
     return args
 
 
@@ -116,7 +118,8 @@ def schedule_replay(adapter: BaseAdapter, test_data: Path, head: torch.Tensor, a
     cfg = adapter.config
     if not args.tree_budget or not cfg.rolls_out or cfg.reads_drafter:
         return None
-    tree = TreeSpec(args.tree_depth or args.gamma_decode, args.tree_topk, args.tree_budget)
+    tree = TreeSpec(args.tree_depth or args.gamma_decode, args.tree_topk, args.tree_budget,
+                    frontier=args.tree_frontier)
     out: dict[str, Any] = {"tree_spec": tree.record()}
     passes: dict[str, list[tuple[int, int]]] = {"chain": [], "tree": []}
     done = 0

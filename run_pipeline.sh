@@ -47,7 +47,9 @@ PAIRINGS=${PAIRINGS:-"free teacher_forced"}           # pairings of the same-pos
 DECODE_PAIRINGS=${DECODE_PAIRINGS:-teacher_forced}    # next-position levels draft after verification: teacher-forced
 TRAIN_ARGS=${TRAIN_ARGS:-"--num_epochs 4 --batch_size 64 --learning_rate 3e-3 --early_stopping 2"}  # extra flags of train_hidden_adapter.py for L1-L4
 # next-position levels train on roll-outs (a few passes per batch) and need more epochs to draft well
-DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}  # the same for L5, B1, L5F, L5E, E3, E3E
+DECODE_TRAIN_ARGS=${DECODE_TRAIN_ARGS:-"--num_epochs 16 --batch_size 64 --learning_rate 3e-3 --early_stopping 4"}  # the same for L5, L5F, L5E, E3E
+HEAD_LEVELS=${HEAD_LEVELS:-"B1 E3"}  # the roll-out heads compared at equal budget (docs/TRAINING.md): trained with HEAD_TRAIN_ARGS
+HEAD_TRAIN_ARGS=${HEAD_TRAIN_ARGS:-"--num_epochs 32 --batch_size 64 --learning_rate 3e-3 --early_stopping 6"}  # their epoch curve still rises at 32
 GAMMA_DECODE=${GAMMA_DECODE:-5}  # drafts per decode iteration: the decode levels' validation roll-out, evaluation, live
 TRAIN_JOBS=${TRAIN_JOBS:-2}                           # trainings side by side (one CPU thread each; 1 on GPUs)
 DRAFT_STOP=${DRAFT_STOP:-fixed,expected}              # draft-length rules of the live benchmark
@@ -55,7 +57,7 @@ TOY_ARGS=${TOY_ARGS:-}                                # extra flags of make_toy_
 BENCH_ARGS=${BENCH_ARGS:-"--max_clips 12 --repeats 3"}   # extraction benchmark size
 E2E_SAMPLES=${E2E_SAMPLES:-12}                         # live benchmark: (clip, question) samples of the test split
 E2E_ARGS=${E2E_ARGS:-"--warmup 2 --repeats 3"}  # live benchmark: extra flags
-E2E_TREE=${E2E_TREE:-"--tree_budget 15 --tree_topk 4"}  # live benchmark: each roll-out head's draft tree beside its chain (--tree_budget 0: chains only)
+E2E_TREE=${E2E_TREE:-"--tree_budget 25 --tree_topk 5 --tree_frontier 1"}  # live benchmark: each roll-out head's draft tree beside its chain (--tree_budget 0: chains only; EAGLE-2's: --tree_budget 15 --tree_topk 4)
 # live benchmark configurations; on real data 'assisted' (a second full copy of the target) is left out
 E2E_CONFIGS=${E2E_CONFIGS:-auto}  # auto: all on the toy world, all but assisted on real data
 DEEP_GAMMA=${DEEP_GAMMA:-8}  # a second live run of B1 and E3 chains at this deeper window, beside the perfect drafter ("" = none)
@@ -140,7 +142,9 @@ wait_one() {  # wait for the oldest running training; stop the pipeline if it fa
   else echo "error: training $name failed; see $TASKS/logs/$name.log" >&2; tail -n 5 "$TASKS/logs/$name.log" >&2; exit 1; fi
 }
 for LEVEL in $LEVELS; do
-  if is_decode_level "$LEVEL"; then LEVEL_PAIRINGS=$DECODE_PAIRINGS; LEVEL_ARGS="--gamma_decode $GAMMA_DECODE $DECODE_TRAIN_ARGS"
+  if [[ " $HEAD_LEVELS " == *" $LEVEL "* ]] && is_decode_level "$LEVEL"; then
+    LEVEL_PAIRINGS=$DECODE_PAIRINGS; LEVEL_ARGS="--gamma_decode $GAMMA_DECODE $HEAD_TRAIN_ARGS"
+  elif is_decode_level "$LEVEL"; then LEVEL_PAIRINGS=$DECODE_PAIRINGS; LEVEL_ARGS="--gamma_decode $GAMMA_DECODE $DECODE_TRAIN_ARGS"
   else LEVEL_PAIRINGS=$PAIRINGS; LEVEL_ARGS=$TRAIN_ARGS; fi
   for PAIRS in $LEVEL_PAIRINGS; do
     done_run=$(newest_run "$LEVEL" "$PAIRS")

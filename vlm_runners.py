@@ -517,11 +517,13 @@ class VLMRunner:
         in place (their rotary positions are already the path's: root + depth), so the cache's tensors keep
         their addresses (CUDA graphs captured on a static cache stay valid); then the cache is cropped to
         start + len(keep)."""
-        if keep != list(range(len(keep))):
-            rows = torch.tensor(keep, device=self.device) + start
+        moved = next((i for i, row in enumerate(keep) if row != i), len(keep))  # rows before it are in place
+        if moved < len(keep):
+            rows = torch.tensor(keep[moved:], device=self.device) + start
+            at = slice(start + moved, start + len(keep))
             for layer in (cache.cache if isinstance(cache, StaticKV) else cache).layers:
-                layer.keys[:, :, start:start + len(keep)] = layer.keys.index_select(2, rows)
-                layer.values[:, :, start:start + len(keep)] = layer.values.index_select(2, rows)
+                layer.keys[:, :, at] = layer.keys.index_select(2, rows)
+                layer.values[:, :, at] = layer.values.index_select(2, rows)
         self.crop_cache(cache, start + len(keep))
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from typing import Any
 from adapter_checkpoint import load_adapter
 from cli import run_cli
 from common import UserError, atomic_write_bytes, markdown_table, read_json
+from draft_trees import tree_shape
 from hidden_adapter import ADAPTER_NAMES, count_parameters
 from metrics import acceptance_results
 from training_runs import newest_runs
@@ -514,7 +515,8 @@ def tree_section(page: Page, live: dict[str, Any], results_dir: Path) -> None:
         return num((rep.get(which) or {}).get("tokens_per_verify"))
     page.add("## Draft trees beside chains (measured, live)", "",
              "Each roll-out head drafts a dynamic tree (docs/LIVE_DECODING.md, draft trees): per depth the best "
-             "k frontier nodes by cumulative log-probability are expanded in one batched adapter step, then the best "
+             "f frontier nodes by cumulative log-probability are expanded in one batched adapter step into their k "
+             "likeliest tokens (f1: the greedy chain with each depth's runners-up as leaves), then the best "
              "n nodes are verified in one target pass with an ancestor mask, and the accepted path is compacted in "
              "the cache. `by depth`: share of iterations whose accepted path reached depth 1, 2, ...; `tree/chain`: "
              "the chain's time per token over the tree's on the same samples, median (min-max) over repeats; "
@@ -523,7 +525,7 @@ def tree_section(page: Page, live: dict[str, Any], results_dir: Path) -> None:
     rows = []
     for name, t in trees:
         c, shape = live["configs"][t["chain"]], t["drafting"]["tree"]
-        rows.append([f"{t['chain']} / {name}", f"d{shape['depth']} k{shape['topk']} n{shape['budget']}",
+        rows.append([f"{t['chain']} / {name}", tree_shape(shape),
                      num(t.get("nodes_per_verify"), 1),
                      f"{num(c.get('tokens_per_verify'))} / {num(t.get('tokens_per_verify'))}",
                      f"{replay(t, 'chain')} / {replay(t, 'tree')}",

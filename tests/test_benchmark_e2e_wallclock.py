@@ -150,7 +150,7 @@ def test_cli_runs_every_config_on_quick_world(quick_world: Path, checkpoints: li
                                                         "L5E": "rollout+L5E"}[d.split(",")[0]] for d in decode} | {
         f"decode[{lv},tree]": f"rollout+{lv}+tree(d3,k4,n15)" for lv in ("B1", "L5E")}  # the roll-out heads only
     tree = result["configs"]["decode[B1,tree]"]
-    assert tree["drafting"]["tree"] == {"depth": 3, "topk": 4, "budget": 15, "auto": False}
+    assert tree["drafting"]["tree"] == {"depth": 3, "topk": 4, "frontier": 4, "budget": 15, "auto": False}
     assert 0 < tree["nodes_per_verify"] <= 15 and len(tree["per_position_acceptance"]) <= 3
     assert tree["modelled_speedup_reference"] > 0 and "Draft trees" in (out / "e2e_wallclock.md").read_text()
     assert result["adapters"] == {"prefill": ["L1"], "decode": ["L5F", "B1", "L5E"]}

@@ -223,7 +223,8 @@ def random_b1(vl: VLMRunner, seed: int = 0) -> Any:
 
 
 @pytest.mark.parametrize("spec", [dt.TreeSpec(4, 1, 4), dt.TreeSpec(4, 3, 10), dt.TreeSpec(5, 4, 24),
-                                  dt.TreeSpec(3, 2, 2)])
+                                  dt.TreeSpec(3, 2, 2), dt.TreeSpec(5, 4, 20, frontier=1),
+                                  dt.TreeSpec(4, 3, 7, frontier=1), dt.TreeSpec(4, 3, 20, frontier=2)])
 def test_rollout_trees_are_lossless(world: SimpleNamespace, spec: dt.TreeSpec) -> None:
     """B1's dynamic trees (one batched adapter step per depth) on every prompt: the target's greedy answer;
     topk 1 with the budget at the depth is the chain, same drafts and acceptance as the chain drafter."""
@@ -241,6 +242,43 @@ def test_rollout_trees_are_lossless(world: SimpleNamespace, spec: dt.TreeSpec) -
             base = chain.generate(prompt, None, MAX_NEW)
             assert [it.draft for it in out.trace.iterations] == [it.draft for it in base.trace.iterations]
             assert [it.accepted for it in out.trace.iterations] == [it.accepted for it in base.trace.iterations]
+
+
+@pytest.mark.parametrize("budget", [20, 9])
+def test_frontier_one_is_the_chain_with_its_runners_up(world: SimpleNamespace, budget: int) -> None:
+    """Frontier 1: the draft's first nodes are the greedy path, and with every candidate kept (budget 20: no
+    scores read) that path is exactly the chain drafter's window; every other node is a leaf under a path
+    node, one of the k likeliest tokens there. With budget 9 the rerank keeps a prefix of the path and the
+    best leaves. The engine's answers are the target's, and a window accepted along the path is a crop."""
+    head = world.vl.lm_head_weight()
+    adapter = random_b1(world.vl, seed=3)
+    spec = dt.TreeSpec(5, 4, budget, frontier=1)
+    tree, chain = dt.tree_drafter(adapter, head, spec), dr.make_drafter(adapter, head)
+    assert spec.max_nodes(5) == budget and spec.name == f"tree(d5,k4,f1,n{budget})"
+    for prompt, ref in list(zip(world.prompts, world.refs, strict=True))[:6]:
+        states = world.vl.generate(prompt, MAX_NEW).hidden[0, : len(ref)]
+        for d in (tree, chain):
+            d.begin(None)
+            d.accept(ref[:1], states[:1])
+        for done in range(1, len(ref) - 2, 2):
+            t, c = tree.draft(5), chain.draft(5)
+            n = next((i for i, p in enumerate(t.parents) if p != i - 1), len(t.parents))  # the leading path
+            assert (n == 5) if budget == 20 else (1 <= n <= 5)
+            assert t.tokens[:n] == c.tokens[:n] and len(t.tokens) == budget
+            assert all(0 <= p < n or p == -1 for p in t.parents[n:])  # the rest are leaves under the path
+            assert not set(range(n, budget)) & set(t.parents)
+            for i in range(n, budget):  # a leaf is a runner-up at its depth: not the path's own token there
+                if t.parents[i] + 1 < n:
+                    assert t.tokens[i] != t.tokens[t.parents[i] + 1]
+            for d in (tree, chain):
+                d.accept(ref[done:done + 2], states[done:done + 2])
+    engine = sd.SpeculativeDecoder(world.vl, tree, gamma_decode=5)
+    crops = 0
+    for prompt, ref in zip(world.prompts, world.refs, strict=True):
+        out = engine.generate(prompt, None, MAX_NEW)
+        assert out.tokens == ref
+        crops += sum(bool(it.path) and it.path == list(range(len(it.path))) for it in out.trace.iterations)
+    assert crops > 0
 
 
 @pytest.mark.parametrize("path", ["dynamic", "static"])
@@ -305,21 +343,23 @@ def test_sampling_and_other_levels_keep_chains(world: SimpleNamespace, caplog: p
         dt.tree_drafter(l5f, head, dt.TreeSpec(), lm=object())
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, compile: bool) -> None:
+@pytest.mark.parametrize("compile,spec", [(False, dt.TreeSpec(4, 3, 9)), (True, dt.TreeSpec(4, 3, 9)),
+                                          (False, dt.TreeSpec(4, 2, 8, frontier=1))])
+def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, compile: bool,
+                                                       spec: dt.TreeSpec) -> None:
     """The static (and compiled) path: every tree pass padded to one width over the full-width mask, the
     compaction in place (the cache's buffers keep their addresses); same drafts, acceptance and answers as
-    the dynamic path, for B1's trees and the controlled tree drafter."""
+    the dynamic path, for B1's trees (EAGLE-2's frontier, and frontier 1 on the chain's own static step) and
+    the controlled tree drafter."""
     static = tiny_runner()  # the same weights as world.vl (seed 0), on its own static cache
     head = world.vl.lm_head_weight()
     adapter = random_b1(world.vl)
-    spec = dt.TreeSpec(4, 3, 9)
     n = 3 if compile else 16
     for make in (lambda: dt.tree_drafter(adapter, head, spec), lambda: dt.SyntheticTreeDrafter(0.6, VOCAB, 2)):
         fast = sd.SpeculativeDecoder(static, make(), gamma_decode=4, static_cache=True, compile=compile,
                                      max_cache_len=64)
         slow = sd.SpeculativeDecoder(world.vl, make(), gamma_decode=4)
-        assert static.tree_width == 9 + 1  # B1's tree; the controlled tree's 4 x 2 nodes fit the same width
+        assert static.tree_width == 9 + 1 - (spec.frontier == 1)  # B1's tree; the controlled tree's 4 x 2 fit
         if isinstance(fast.drafter, dt.TreeRolloutDrafter):  # B1 drafts its trees on its own static cache
             assert fast.drafter.decode_path == ("compiled" if compile else "static")
             assert slow.drafter.decode_path == "dynamic"
@@ -339,7 +379,7 @@ def test_static_path_drafts_the_same_trees_and_answers(world: SimpleNamespace, c
         assert [layer.keys.data_ptr() for layer in kv.cache.layers] == before
 
 
-@pytest.mark.parametrize("spec", [None, dt.TreeSpec(4, 3, 12)])
+@pytest.mark.parametrize("spec", [None, dt.TreeSpec(4, 3, 12), dt.TreeSpec(4, 4, 16, frontier=1)])
 def test_offline_schedule_replay_matches_live(world: SimpleNamespace, spec: dt.TreeSpec | None) -> None:
     """replay_schedule on the recorded greedy answers and their states gives the live engine's passes:
     the same depth drafted and drafts accepted per verify pass, chain and tree."""
@@ -373,7 +413,7 @@ def test_offline_replay_in_measure_feature_acceptance(tmp_path: Any) -> None:
         result = mfa.main(mfa.parse_args([*common, "--output_dir", str(tmp_path / f"out{topk}"), "--tree_budget",
                                           str(budget), "--tree_topk", str(topk)]))
         replay = result["schedule_replay"]
-        assert replay["tree_spec"] == {"depth": 3, "topk": topk, "budget": budget, "auto": False}
+        assert replay["tree_spec"] == {"depth": 3, "topk": topk, "frontier": topk, "budget": budget, "auto": False}
         live = result["drafting"]["rollout"]["live_tokens_per_verify"]
         assert replay["chain"]["tokens_per_verify"] == pytest.approx(live, abs=1e-6)
         assert replay["chain"]["verify_passes"] == result["drafting"]["rollout"]["live_iterations"]
