@@ -185,7 +185,10 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
     own decode adapters. On the compiled path only the levels in `compiled_levels` (the ones the run drafts
     with or costs the controlled drafter at; None = all) are compiled, each compile taking seconds to
     a minute; the others are timed on the static path, and the profile's notes say so. Verify passes are
-    timed at PROFILE_VERIFY_K, gamma + 1 and `verify_widths` (a draft tree's width)."""
+    timed at PROFILE_VERIFY_K and gamma + 1 as the chain's `decode` runs them, and at `verify_widths` (a draft
+    tree's widths, the chain's gamma + 1 excepted) as one tree pass (`verify_tree`): on the static and compiled
+    paths `decode` pads or splits a pass to gamma + 1, so a width-16 decode there is three passes, while a
+    tree is one pass at its width (the engine pads every tree to its largest, the width a fixed budget sets)."""
     from cost_model import TimingProfile
     from hidden_adapter import ADAPTER_NAMES, NEXT_POSITION_LEVELS, create_adapter
 
@@ -202,6 +205,19 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         def once() -> None:
             runner.decode(ids, out.cache, mask)
             runner.crop_cache(out.cache, length)
+        return _median_ms(once, dev)
+
+    def tree_ms(k: int) -> float:
+        """One tree verify pass of k rows (the root and k - 1 nodes, here one branch) as `verify_tree` runs it:
+        one pass of width k on every path, where `decode` pads or splits a static path's pass to gamma + 1."""
+        out = vl.prefill(t_in, logits_for="last")
+        length = t_in.attention_mask.shape[1]
+        ids = torch.full((1, k), 5, device=dev)
+        mask = torch.ones(1, length + k, dtype=torch.long, device=dev)
+
+        def once() -> None:
+            vl.verify_tree(ids, list(range(-1, k - 2)), out.cache, mask)
+            vl.crop_cache(out.cache, length)
         return _median_ms(once, dev)
 
     adapter_ms = {}
@@ -241,7 +257,8 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         vl_prefill_ms=_median_ms(lambda: vl.prefill(t_in, logits_for="last"), dev, n=5, warmup=1),
         egpt_prefill_ms=_median_ms(lambda: eg.prefill(e_in, logits_for="last"), dev, n=5, warmup=1),
         vl_decode_ms=step_ms(vl, t_in, 1),
-        vl_verify_ms={k: step_ms(vl, t_in, k) for k in sorted({*PROFILE_VERIFY_K, gamma + 1, *verify_widths})},
+        vl_verify_ms=dict(sorted({**{k: step_ms(vl, t_in, k) for k in {*PROFILE_VERIFY_K, gamma + 1}},
+                                  **{k: tree_ms(k) for k in verify_widths if k > 1 and k != gamma + 1}}.items())),
         egpt_decode_ms=step_ms(eg, e_in, 1),
         adapter_step_ms=adapter_ms,
         notes=notes,

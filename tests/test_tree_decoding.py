@@ -446,3 +446,29 @@ def test_auto_budget_trees_are_lossless_and_vary_per_window(world: SimpleNamespa
         assert out.tokens == ref
         sizes |= {it.nodes for it in out.trace.iterations if it.draft}
     assert len(sizes) > 1 and max(sizes) <= 20
+
+
+def test_a_tree_pass_is_one_pass_at_its_width_on_the_static_path() -> None:
+    """Why the timing profile times a tree's width with verify_tree (e2e_measure.measure_profile): on the
+    static path `decode` runs 16 positions as passes of gamma + 1 = 6, while a tree of 16 rows is one pass."""
+    vl = tiny_runner()
+    vl.use_static_cache(64, 6, False)
+    prompt = prompts(vl, 1)[0]
+    widths: list[int] = []
+    step = vl._step
+
+    def counted(token_ids: torch.Tensor, *args: Any) -> Any:
+        widths.append(token_ids.shape[1])
+        return step(token_ids, *args)
+
+    vl._step = counted
+    out = vl.prefill(prompt, logits_for="last")
+    length = prompt.attention_mask.shape[1]
+    ids, mask = torch.full((1, 16), 5), torch.ones(1, length + 16, dtype=torch.long)
+    widths.clear()
+    vl.decode(ids, out.cache, mask)
+    assert widths == [6, 6, 6]
+    vl.crop_cache(out.cache, length)
+    widths.clear()
+    vl.verify_tree(ids, list(range(-1, 14)), out.cache, mask)
+    assert widths == [16]
