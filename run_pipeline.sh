@@ -41,7 +41,7 @@ MAX_QUESTIONS=${MAX_QUESTIONS:-10}  # questions per clip (the reference: 10)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-50}  # answer positions (the reference: 50)
 EXTRACT_BATCH=${EXTRACT_BATCH:-16}  # extraction batch size
 CHUNK_SIZE=${CHUNK_SIZE:-500}  # samples per chunk file
-LEVELS=${LEVELS:-"L1 L2 L3 L4 L5 B1 L5F L5E E3"}  # adapter levels to train (E3E too: LEVELS="... E3E")
+LEVELS=${LEVELS:-"L1 L2 L3 L4 B1 E3 L5 L5F L5E"}  # adapter levels to train, in this order (the longest, HEAD_LEVELS, first: two slots pack best); E3E too: LEVELS="... E3E"
 TARGET_LAYERS=${TARGET_LAYERS:-auto}  # target layer states stored for E3/E3E: auto (EAGLE-3's low/mid/high), i,j,k, none
 PAIRINGS=${PAIRINGS:-"free teacher_forced"}           # pairings of the same-position levels (prefill drafting)
 DECODE_PAIRINGS=${DECODE_PAIRINGS:-teacher_forced}    # next-position levels draft after verification: teacher-forced
