@@ -107,8 +107,8 @@ step eagle3_tests 120 $PY -m pytest -q -x tests/test_eagle3.py -k cuda
 # a verify pass 16 wide) against the controlled chain at the same p=0.7, both costing the B1 draft step this run
 # measures per depth, on the compiled path, then on the eager path, whose profile also times verify widths 32 and 64
 # (the eager path runs every width as one pass: 1, 2, 4, 6, 8, 16, 32, 64). The static and compiled paths pad every
-# verify pass to gamma_decode + 1 and run a wider one in pieces of it, so there a profile's widths other than 1 and
-# gamma + 1 are not one pass: trees_widths runs the target alone with --gamma_decode W-1 for each width W, compiled
+# verify pass to gamma_decode + 1 and run a wider one in pieces of it, so there a profile's chain widths other than 1
+# and gamma + 1 are not one pass (its tree widths, since 7d7a15b, are one verify_tree pass): trees_widths runs the target alone with --gamma_decode W-1 for each width W, compiled
 # (16, 32, 64; width 6 is trees_compiled's) then static (6, 16, 32, 64), each run under its own timeout and none past
 # TREES_S, into RESULTS/trees_widths/fp16_<path>_w<W>/ (read vl_verify_ms at 1 and W only; not copied to timings/).
 trees_start=$SECONDS
