@@ -63,7 +63,7 @@ import speculative_decoding as sd
 from cli import add_config_flag, add_dry_run_flag, dry_run_report, gamma_prefill_arg, parse_with_config, run_cli
 from common import UserError, atomic_write_json, markdown_table, set_seed
 from cost_model import PREFILL_WINDOW_CAP
-from draft_trees import AutoTreeBudget, SyntheticTreeDrafter, TreeSpec, tree_drafter, tree_shape
+from draft_trees import AutoTreeBudget, SyntheticTreeDrafter, TreeSpec, tree_drafter, tree_shape, tree_sizes
 from drafters import (
     ConfidenceStop,
     DrafterLM,
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tree_depth = args.tree_depth or args.gamma_decode
     try:
         frontier = args.tree_frontier or args.tree_topk
-        args.tree_budget = (min(args.tree_topk + (args.tree_depth - 1) * frontier * args.tree_topk, AUTO_TREE_MAX)
+        args.tree_budget = (min(sum(tree_sizes(args.tree_depth, args.tree_topk, frontier)), AUTO_TREE_MAX)
                             if args.tree_auto else int(args.tree_budget))
     except ValueError:
         args.tree_budget = -1

@@ -114,9 +114,19 @@ class TreeSpec:
                 "auto": self.auto is not None}
 
     def max_nodes(self, depth: int) -> int:
-        """The most nodes a tree of at most `depth` levels verifies (topk at depth 1, frontier x topk below)."""
-        d = min(depth, self.depth)
-        return min(self.budget, self.topk + max(d - 1, 0) * self.frontier * self.topk)
+        """The most nodes a tree of at most `depth` levels verifies: its candidates (`tree_sizes`), at most the
+        budget."""
+        return min(self.budget, sum(tree_sizes(min(depth, self.depth), self.topk, self.frontier)))
+
+
+def tree_sizes(depth: int, topk: int, frontier: int) -> list[int]:
+    """Candidates per depth of a tree expanding `frontier` nodes per depth into `topk` children each: topk at
+    depth 1 (one parent, the root), then topk x the nodes the depth above could expand."""
+    sizes, parents = [], 1
+    for _ in range(depth):
+        sizes.append(parents * topk)
+        parents = min(frontier, parents * topk)
+    return sizes
 
 
 def tree_shape(record: dict[str, Any]) -> str:
@@ -142,10 +152,7 @@ def build_tree(h: Tensor, depth: int, spec: TreeSpec, head: Tensor,
     path the engine's roll-back is a crop. A frontier of one that keeps every candidate (the greedy chain and
     each depth's runners-up) needs no scores: the top-k of the raw logits, nothing reranked."""
     k = min(spec.topk, head.shape[0])
-    sizes, r = [], 1  # candidates per depth: each expanded node's k children
-    for _ in range(depth):
-        sizes.append(r * k)
-        r = min(spec.frontier, r * k)
+    sizes = tree_sizes(depth, k, spec.frontier)  # candidates per depth
     # scores are needed to pick a frontier among several parents or to rerank to a budget; a frontier of one
     # keeping every candidate (the greedy chain and its runners-up) reads the top-k of the raw logits only
     scored = spec.frontier > 1 or spec.budget < sum(sizes) or spec.auto is not None
@@ -371,5 +378,6 @@ __all__ = [
     "build_tree",
     "tree_drafter",
     "tree_shape",
+    "tree_sizes",
     "tree_step",
 ]

@@ -196,28 +196,21 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
     fv, fe = vl.clip_features(split_dir, clip), eg.clip_features(split_dir, clip)
     t_in, e_in = vl.build_inputs([fv], [question]), eg.build_inputs([fe], [question])
 
-    def step_ms(runner: Any, inputs: VLMInputs, k: int) -> float:
+    def step_ms(runner: Any, inputs: VLMInputs, k: int, tree: bool = False) -> float:
+        """One verify pass of k positions after the prompt, rolled back each time: as the chain's `decode` runs
+        it, or with `tree` as one `verify_tree` pass of the root and k - 1 nodes (here one branch), which is one
+        pass of width k on every path where `decode` pads or splits a static path's pass to gamma + 1."""
         out = runner.prefill(inputs, logits_for="last")
         length = inputs.attention_mask.shape[1]
         ids = torch.full((1, k), 5, device=dev)
         mask = torch.ones(1, length + k, dtype=torch.long, device=dev)
 
         def once() -> None:
-            runner.decode(ids, out.cache, mask)
+            if tree:
+                runner.verify_tree(ids, list(range(-1, k - 2)), out.cache, mask)
+            else:
+                runner.decode(ids, out.cache, mask)
             runner.crop_cache(out.cache, length)
-        return _median_ms(once, dev)
-
-    def tree_ms(k: int) -> float:
-        """One tree verify pass of k rows (the root and k - 1 nodes, here one branch) as `verify_tree` runs it:
-        one pass of width k on every path, where `decode` pads or splits a static path's pass to gamma + 1."""
-        out = vl.prefill(t_in, logits_for="last")
-        length = t_in.attention_mask.shape[1]
-        ids = torch.full((1, k), 5, device=dev)
-        mask = torch.ones(1, length + k, dtype=torch.long, device=dev)
-
-        def once() -> None:
-            vl.verify_tree(ids, list(range(-1, k - 2)), out.cache, mask)
-            vl.crop_cache(out.cache, length)
         return _median_ms(once, dev)
 
     adapter_ms = {}
@@ -258,7 +251,8 @@ def measure_profile(vl: Any, eg: Any, split_dir: Path, clip: dict, question: str
         egpt_prefill_ms=_median_ms(lambda: eg.prefill(e_in, logits_for="last"), dev, n=5, warmup=1),
         vl_decode_ms=step_ms(vl, t_in, 1),
         vl_verify_ms=dict(sorted({**{k: step_ms(vl, t_in, k) for k in {*PROFILE_VERIFY_K, gamma + 1}},
-                                  **{k: tree_ms(k) for k in verify_widths if k > 1 and k != gamma + 1}}.items())),
+                                  **{k: step_ms(vl, t_in, k, tree=True)
+                                     for k in verify_widths if k > 1 and k != gamma + 1}}.items())),
         egpt_decode_ms=step_ms(eg, e_in, 1),
         adapter_step_ms=adapter_ms,
         notes=notes,
